@@ -1,0 +1,651 @@
+"""Model backends for the torch side: one loaded model behind one interface.
+
+A backend wraps a model and its preprocessing so that the dump tool and the
+live benchmark can drive any drafter or target the same way:
+
+* `prompt_inputs(sample)` turns one sample (question + this model's media)
+  into batch-1 model inputs, `collate` left-pads several into a batch;
+* `forward(...)` returns the FINAL post-norm last-layer states (never all
+  layers), the LM-head logits of the positions asked for, and the KV cache.
+
+Convention (docs/DESIGN.md): h[t] is the state whose LM-head argmax is
+generated token t; h[0] is the last prompt position.
+
+Specs accepted by `load_backend`:
+
+* `causal_lm:PATH_OR_ID` - any HF causal LM + its tokenizer;
+* `video_llava:PATH_OR_ID` - `VideoLlavaForConditionalGeneration` + its
+  processor, frames sampled uniformly (np.linspace) from a video file or from
+  image files;
+* `module.path:factory[:ARG]` - a plugin (e.g. EventGPT, which is not in
+  transformers): `factory(ARG, device=..., dtype=...)` returns a `Backend`.
+  See docs/PLUGINS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+DTYPES = {
+  "float32": torch.float32,
+  "bfloat16": torch.bfloat16,
+  "float16": torch.float16,
+}
+
+VICUNA_TEMPLATE = "USER: {question} ASSISTANT:"
+# The reference extraction prompt (REFERENCE.md B.3 / E9); kept exactly.
+VIDEO_LLAVA_TEMPLATE = "USER: <video>\n{question} ASSISTANT:"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+  """Maps 'float32' | 'bfloat16' | 'float16' (or a torch dtype) to torch."""
+  if isinstance(dtype, torch.dtype):
+    return dtype
+  if dtype not in DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
+  return DTYPES[dtype]
+
+
+def positions_from_mask(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
+  """Position ids of the last `new` columns of a left-padded [B, T] mask."""
+  # Same rule as HF generate: count valid tokens; padding gets position 0
+  # (its value is irrelevant because padding is masked out as a key).
+  pos = attention_mask.long().cumsum(-1) - 1
+  pos = pos.clamp(min=0)
+  return pos[:, -new:]
+
+
+def crop_cache(past_key_values, length: int):
+  """Rolls a KV cache back to its first `length` positions (in place if able)."""
+  if past_key_values is None:
+    return None
+  if hasattr(past_key_values, "crop"):
+    past_key_values.crop(length)
+    return past_key_values
+  # Legacy tuple-of-tuples cache: ((k [B, H, T, Dh], v), ...) per layer.
+  return tuple(
+    tuple(t[..., :length, :] for t in layer) for layer in past_key_values
+  )
+
+
+def cache_length(past_key_values) -> int:
+  """Number of positions held in a KV cache (0 for None)."""
+  if past_key_values is None:
+    return 0
+  if hasattr(past_key_values, "get_seq_length"):
+    return int(past_key_values.get_seq_length())
+  return int(past_key_values[0][0].shape[-2])
+
+
+def left_pad(seqs: Sequence[torch.Tensor], pad_value: int) -> torch.Tensor:
+  """Stacks 1-D tensors into [B, T], padding on the LEFT with `pad_value`."""
+  width = max(int(s.shape[-1]) for s in seqs)
+  out = seqs[0].new_full((len(seqs), width), pad_value)
+  for i, s in enumerate(seqs):
+    if s.shape[-1]:
+      out[i, width - s.shape[-1] :] = s
+  return out
+
+
+class Backend:
+  """One loaded model. Subclasses fill the attributes and the methods below.
+
+  Attributes:
+    name: backend kind ('causal_lm', 'video_llava', or a plugin's name).
+    model_id: checkpoint path or hub id.
+    device: torch device the model runs on.
+    dtype: torch compute dtype of the model.
+    eos_token_id: the id that ends greedy generation.
+    eos_token_ids: every id that ends generation (eos_token_id included).
+    pad_token_id: the id used for left padding (masked out, value irrelevant).
+    hidden_size: D of the returned states.
+    vocab_size: V of the LM head.
+    prompt_template: how a question becomes the text prompt.
+  """
+
+  name: str = "backend"
+  model_id: str = ""
+  device: torch.device = torch.device("cpu")
+  dtype: torch.dtype = torch.float32
+  eos_token_id: int = 2
+  eos_token_ids: tuple[int, ...] = (2,)
+  pad_token_id: int = 0
+  hidden_size: int = 0
+  vocab_size: int = 0
+  prompt_template: str = "{question}"
+
+  def provenance(self) -> dict:
+    """What produced the states: model id, template, media policy, dtype."""
+    return {
+      "backend": self.name,
+      "model_id": self.model_id,
+      "prompt_template": self.prompt_template,
+      "dtype": str(self.dtype).replace("torch.", ""),
+      "hidden_size": self.hidden_size,
+      "vocab_size": self.vocab_size,
+      "eos_token_id": self.eos_token_id,
+      "states": "last layer, post final norm",
+    }
+
+  def prompt_inputs(self, sample: dict) -> dict:
+    """Batch-1 model inputs for the prompt of `sample`.
+
+    `sample` = {'id': str, 'question': str, 'media': dict} where `media` is
+    this model's media entry from the samples file ({} if it has none).
+    Returns {'input_ids': [1, P] long, 'attention_mask': [1, P], ...media
+    tensors with a leading batch dim of 1}.
+    """
+    raise NotImplementedError
+
+  def collate(self, inputs_list: Sequence[dict]) -> dict:
+    """Batches prompt inputs: ids/mask LEFT padded, media concatenated."""
+    if not inputs_list:
+      raise ValueError("collate() needs at least one input")
+    keys = set(inputs_list[0])
+    for i, x in enumerate(inputs_list):
+      if set(x) != keys:
+        raise ValueError(
+          f"collate(): input {i} has keys {sorted(x)}, input 0 has "
+          f"{sorted(keys)}"
+        )
+    ids = [x["input_ids"].reshape(-1) for x in inputs_list]
+    masks = [
+      x.get("attention_mask", torch.ones_like(x["input_ids"])).reshape(-1)
+      for x in inputs_list
+    ]
+    out = {
+      "input_ids": left_pad(ids, self.pad_token_id).to(self.device),
+      "attention_mask": left_pad(masks, 0).to(self.device),
+    }
+    for k in sorted(keys - {"input_ids", "attention_mask"}):
+      vals = [x[k] for x in inputs_list]
+      if not all(isinstance(v, torch.Tensor) for v in vals):
+        raise ValueError(f"collate(): input field {k!r} is not a tensor")
+      out[k] = torch.cat(vals, dim=0).to(self.device)
+    return out
+
+  def forward(
+    self,
+    inputs: dict | None = None,
+    *,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    position_ids: torch.Tensor | None = None,
+    use_cache: bool = True,
+    logits_to_keep: int = 0,
+  ):
+    """Runs the model; returns (hidden_BTD, logits_BTV, past_key_values).
+
+    The first call passes the prompt `inputs` (incl. media); later calls pass
+    the new `input_ids` [B, T] and the cache. `attention_mask` always covers
+    cache + new tokens ([B, past + T]). `hidden` is the final post-norm
+    last-layer state of the T new positions; `logits` = lm_head(hidden) for
+    the last `logits_to_keep` of them (0 = all).
+    """
+    raise NotImplementedError
+
+  def lm_head_weight(self) -> torch.Tensor:
+    """The LM head as a [V, D] tensor."""
+    raise NotImplementedError
+
+
+class HFBackend(Backend):
+  """Shared forward for HF models split into a decoder and an lm_head."""
+
+  def __init__(self, model, decoder, lm_head, *, model_id: str, name: str):
+    self.model = model.eval()
+    self.decoder = decoder
+    self.lm_head = lm_head
+    self.model_id = model_id
+    self.name = name
+    param = next(model.parameters())
+    self.device = param.device
+    self.dtype = param.dtype
+    weight = lm_head.weight
+    self.vocab_size, self.hidden_size = (
+      int(weight.shape[0]),
+      int(weight.shape[1]),
+    )
+    params = inspect.signature(decoder.forward).parameters
+    # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
+    self._cache_kw = "cache" if "cache" in params else "past_key_values"
+    self._accepts_position_ids = "position_ids" in params
+
+  def _set_special_ids(self, model, tokenizer) -> None:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+      eos = tokenizer.eos_token_id
+    if eos is None:
+      eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+      raise ValueError(
+        f"{self.model_id}: no eos_token_id in the model/tokenizer"
+      )
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    self.eos_token_id, self.eos_token_ids = eos_ids[0], eos_ids
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer else None
+    if pad is None:
+      pad = getattr(gen, "pad_token_id", None)
+    self.pad_token_id = int(pad if pad is not None else self.eos_token_id)
+
+  @torch.inference_mode()
+  def forward(
+    self,
+    inputs=None,
+    *,
+    input_ids=None,
+    attention_mask=None,
+    past_key_values=None,
+    position_ids=None,
+    use_cache=True,
+    logits_to_keep=0,
+  ):
+    kw = dict(inputs or {})
+    if input_ids is not None:
+      kw["input_ids"] = input_ids
+    if attention_mask is not None:
+      kw["attention_mask"] = attention_mask
+    if "input_ids" not in kw:
+      raise ValueError("forward() needs input_ids (in `inputs` or as keyword)")
+    kw = {
+      k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+      for k, v in kw.items()
+    }
+    new = kw["input_ids"].shape[1]
+    if position_ids is None and kw.get("attention_mask") is not None:
+      position_ids = positions_from_mask(kw["attention_mask"], new)
+    if position_ids is not None and self._accepts_position_ids:
+      kw["position_ids"] = position_ids.to(self.device)
+    kw[self._cache_kw] = past_key_values
+    out = self.decoder(**kw, use_cache=use_cache, return_dict=True)
+    hidden = out.last_hidden_state
+    cache = getattr(out, "cache", None)
+    if cache is None:
+      cache = getattr(out, "past_key_values", None)
+    h_keep = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    logits = self.lm_head(h_keep)
+    return hidden, logits, cache
+
+  def lm_head_weight(self) -> torch.Tensor:
+    return self.lm_head.weight
+
+
+class CausalLMBackend(HFBackend):
+  """Any HF causal LM (Vicuna, Llama, ...) prompted with a text template."""
+
+  def __init__(
+    self,
+    model,
+    tokenizer,
+    *,
+    model_id: str = "",
+    prompt_template: str = VICUNA_TEMPLATE,
+  ):
+    super().__init__(
+      model,
+      model.get_decoder(),
+      model.get_output_embeddings(),
+      model_id=model_id or getattr(model.config, "_name_or_path", ""),
+      name="causal_lm",
+    )
+    self.tokenizer = tokenizer
+    self.prompt_template = prompt_template
+    self._set_special_ids(model, tokenizer)
+
+  def prompt_inputs(self, sample: dict) -> dict:
+    if not isinstance(sample.get("question"), str):
+      raise ValueError(f"sample {sample.get('id')!r}: 'question' must be a str")
+    text = self.prompt_template.format(question=sample["question"])
+    enc = self.tokenizer(text, return_tensors="pt")
+    return {
+      "input_ids": enc["input_ids"],
+      "attention_mask": enc.get(
+        "attention_mask", torch.ones_like(enc["input_ids"])
+      ),
+    }
+
+
+def _read_image(path: str) -> np.ndarray:
+  from PIL import Image
+
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def _decode_video(path: str) -> list[np.ndarray]:
+  """All frames of a video file as RGB arrays (PyAV, then imageio)."""
+  try:
+    import av  # type: ignore
+
+    with av.open(path) as container:
+      return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+  except ImportError:
+    pass
+  try:
+    import imageio.v3 as iio  # type: ignore
+
+    return list(iio.imiter(path))
+  except ImportError:
+    pass
+  raise RuntimeError(
+    f"cannot decode video {path!r}: neither PyAV (`av`) nor imageio is "
+    "installed; install one, or give the frames as image files "
+    "(media 'video': DIR of images, or 'frames': [paths])"
+  )
+
+
+def uniform_indices(num_available: int, num_frames: int) -> np.ndarray:
+  """Frame indices sampled uniformly like the reference (np.linspace)."""
+  return np.linspace(0, num_available - 1, num_frames).astype(int)
+
+
+def load_frames(media: dict, num_frames: int, *, sample_id: str = "?") -> list:
+  """`num_frames` RGB frames sampled uniformly from a video or image files.
+
+  `media` is {'video': FILE_OR_DIR} or {'frames': [image paths]}. A directory
+  is read as its image files in sorted name order.
+  """
+  if "frames" in media:
+    paths = list(media["frames"])
+    if not paths or not all(isinstance(p, str) for p in paths):
+      raise ValueError(
+        f"sample {sample_id}: media 'frames' must be a list of paths"
+      )
+    picked = [paths[i] for i in uniform_indices(len(paths), num_frames)]
+    return [_read_image(p) for p in picked]
+  if "video" not in media:
+    raise ValueError(
+      f"sample {sample_id}: video_llava needs media {{'video': FILE_OR_DIR}} "
+      f"or {{'frames': [paths]}}, got keys {sorted(media)}"
+    )
+  path = media["video"]
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"sample {sample_id}: video {path!r} does not exist"
+    )
+  if os.path.isdir(path):
+    names = sorted(
+      n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES)
+    )
+    if not names:
+      raise ValueError(f"sample {sample_id}: no image files in {path!r}")
+    picked = [names[i] for i in uniform_indices(len(names), num_frames)]
+    return [_read_image(os.path.join(path, n)) for n in picked]
+  frames = _decode_video(path)
+  if not frames:
+    raise ValueError(f"sample {sample_id}: video {path!r} has no frames")
+  return [frames[i] for i in uniform_indices(len(frames), num_frames)]
+
+
+class VideoLlavaBackend(HFBackend):
+  """`VideoLlavaForConditionalGeneration` + processor, uniform frame sampling."""
+
+  def __init__(
+    self,
+    model,
+    processor,
+    *,
+    model_id: str = "",
+    num_frames: int = 8,
+    prompt_template: str = VIDEO_LLAVA_TEMPLATE,
+  ):
+    # `model.model` merges the video features into the embeddings and runs
+    # the language model, whose last_hidden_state is already post-norm; the
+    # lm_head is then applied only where logits are needed.
+    super().__init__(
+      model,
+      model.model,
+      model.get_output_embeddings(),
+      model_id=model_id or getattr(model.config, "_name_or_path", ""),
+      name="video_llava",
+    )
+    self.processor = processor
+    self.num_frames = int(num_frames)
+    self.prompt_template = prompt_template
+    self._set_special_ids(model, processor.tokenizer)
+
+  def provenance(self) -> dict:
+    prov = super().provenance()
+    prov["frame_policy"] = {
+      "num_frames": self.num_frames,
+      "sampling": "uniform: np.linspace(0, n - 1, num_frames).astype(int)",
+    }
+    return prov
+
+  def prompt_inputs(self, sample: dict) -> dict:
+    sid = sample.get("id", "?")
+    if not isinstance(sample.get("question"), str):
+      raise ValueError(f"sample {sid!r}: 'question' must be a str")
+    frames = load_frames(
+      sample.get("media") or {}, self.num_frames, sample_id=sid
+    )
+    shapes = {f.shape for f in frames}
+    if len(shapes) != 1:
+      raise ValueError(
+        f"sample {sid}: frames differ in shape: {sorted(shapes)}"
+      )
+    text = self.prompt_template.format(question=sample["question"])
+    enc = self.processor(
+      text=[text], videos=[np.stack(frames)], return_tensors="pt"
+    )
+    out = {
+      "input_ids": enc["input_ids"],
+      "attention_mask": enc["attention_mask"],
+    }
+    out["pixel_values_videos"] = enc["pixel_values_videos"].to(self.dtype)
+    return out
+
+
+def _load_causal_lm(path: str, *, device, dtype, **options) -> Backend:
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  tok = AutoTokenizer.from_pretrained(path)
+  model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+  return CausalLMBackend(model.to(device), tok, model_id=path, **options)
+
+
+def _load_video_llava(path: str, *, device, dtype, **options) -> Backend:
+  from transformers import (
+    VideoLlavaForConditionalGeneration,
+    VideoLlavaProcessor,
+  )
+
+  processor = VideoLlavaProcessor.from_pretrained(path)
+  model = VideoLlavaForConditionalGeneration.from_pretrained(
+    path, dtype=torch_dtype(dtype)
+  )
+  return VideoLlavaBackend(
+    model.to(device), processor, model_id=path, **options
+  )
+
+
+BUILTIN = {"causal_lm": _load_causal_lm, "video_llava": _load_video_llava}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A parsed model spec."""
+
+  kind: str  # 'causal_lm' | 'video_llava' | 'plugin'
+  target: str  # checkpoint for built-ins, 'module:factory' for plugins
+  arg: str | None = None
+
+
+def parse_spec(spec: str) -> Spec:
+  """Parses 'causal_lm:PATH', 'video_llava:PATH' or 'module:factory[:ARG]'."""
+  if not isinstance(spec, str) or ":" not in spec:
+    raise ValueError(
+      f"bad model spec {spec!r}: expected 'causal_lm:PATH_OR_ID', "
+      "'video_llava:PATH_OR_ID' or 'module.path:factory[:ARG]'"
+    )
+  head, rest = spec.split(":", 1)
+  if head in BUILTIN:
+    if not rest:
+      raise ValueError(f"bad model spec {spec!r}: missing the checkpoint path")
+    return Spec(head, rest)
+  factory, _, arg = rest.partition(":")
+  if not head or not factory.isidentifier():
+    raise ValueError(
+      f"bad plugin spec {spec!r}: expected 'module.path:factory[:ARG]' "
+      f"(built-in backends: {sorted(BUILTIN)})"
+    )
+  return Spec("plugin", f"{head}:{factory}", arg or None)
+
+
+def load_backend(
+  spec: str,
+  *,
+  device: str | torch.device = "cpu",
+  dtype: str = "float32",
+  **options: Any,
+) -> Backend:
+  """Loads a model backend from a spec (see module docstring).
+
+  `options` go to the built-in backend constructors (e.g. prompt_template,
+  num_frames for video_llava); plugins get them as keyword arguments too.
+  """
+  s = parse_spec(spec)
+  device = torch.device(device)
+  if s.kind in BUILTIN:
+    return BUILTIN[s.kind](s.target, device=device, dtype=dtype, **options)
+  module_name, factory_name = s.target.split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(
+      f"plugin spec {spec!r}: cannot import {module_name!r}: {e}"
+    ) from e
+  factory = getattr(module, factory_name, None)
+  if not callable(factory):
+    raise ValueError(
+      f"plugin spec {spec!r}: {module_name} has no callable {factory_name!r}"
+    )
+  backend = factory(s.arg, device=device, dtype=dtype, **options)
+  missing = [
+    m
+    for m in (
+      "prompt_inputs",
+      "collate",
+      "forward",
+      "lm_head_weight",
+      "provenance",
+    )
+    if not callable(getattr(backend, m, None))
+  ]
+  attrs = ("eos_token_id", "pad_token_id", "hidden_size", "vocab_size")
+  missing += [a for a in attrs if getattr(backend, a, None) is None]
+  if missing:
+    raise ValueError(f"plugin {spec!r} returned an object without {missing}")
+  if not getattr(backend, "eos_token_ids", None):
+    backend.eos_token_ids = (int(backend.eos_token_id),)
+  return backend
+
+
+@dataclasses.dataclass
+class Generation:
+  """Result of `greedy_generate` for a batch of B prompts.
+
+  tokens: [B, N] long, generated ids (positions >= lengths are padding).
+  lengths: [B] long, tokens generated per row, the stop token included.
+  hidden: [B, N, D] states h[t] that predicted tokens[:, t] (model dtype).
+  prompt_mask: [B, P] the collated prompt attention mask.
+  past_key_values: the cache after the last step (covers P + N - 1).
+  """
+
+  tokens: torch.Tensor
+  lengths: torch.Tensor
+  hidden: torch.Tensor
+  prompt_mask: torch.Tensor
+  past_key_values: Any = None
+
+
+@torch.inference_mode()
+def greedy_generate(
+  backend: Backend,
+  batch: dict,
+  max_new_tokens: int,
+  *,
+  stop_at_eos: bool = True,
+  suppress_tokens: Sequence[int] = (),
+) -> Generation:
+  """Batched greedy decoding over left-padded prompts with a KV cache.
+
+  Equivalent to HF `generate(do_sample=False)` per row: a row stops at its
+  first stop token (included in its length); finished rows keep running on
+  padding until all rows are done, and their extra tokens are masked out.
+  `suppress_tokens` get -inf logits (benchmarks use it to disable EOS).
+  """
+  mask = batch["attention_mask"].to(backend.device)
+  bsz = mask.shape[0]
+  hidden, logits, cache = backend.forward(batch, logits_to_keep=1)
+  hs, toks = [], []
+  done = torch.zeros(bsz, dtype=torch.bool, device=mask.device)
+  lengths = torch.zeros(bsz, dtype=torch.long, device=mask.device)
+  eos = torch.tensor(list(backend.eos_token_ids), device=mask.device)
+  suppress = list(suppress_tokens)
+  for step in range(max_new_tokens):
+    last = logits[:, -1].float()
+    if suppress:
+      last[:, suppress] = -float("inf")
+    nxt = last.argmax(-1)
+    hs.append(hidden[:, -1])
+    toks.append(torch.where(done, backend.pad_token_id, nxt))
+    lengths += (~done).long()
+    if stop_at_eos:
+      done = done | torch.isin(nxt, eos)
+    if bool(done.all()) or step == max_new_tokens - 1:
+      break
+    mask = torch.cat([mask, (~done).long()[:, None].to(mask.dtype)], dim=1)
+    hidden, logits, cache = backend.forward(
+      input_ids=toks[-1][:, None],
+      attention_mask=mask,
+      past_key_values=cache,
+      logits_to_keep=1,
+    )
+  return Generation(
+    tokens=torch.stack(toks, 1),
+    lengths=lengths,
+    hidden=torch.stack(hs, 1),
+    prompt_mask=batch["attention_mask"],
+    past_key_values=cache,
+  )
+
+
+@torch.inference_mode()
+def teacher_forced_states(
+  backend: Backend, batch: dict, tokens: torch.Tensor, lengths: torch.Tensor
+):
+  """States h[t] predicting `tokens[:, t]`, with the model fed the tokens.
+
+  One prefill over the left-padded prompts plus one forward over the given
+  tokens (right padding at the end is harmless for a causal model). Returns
+  (hidden [B, N, D], argmax ids [B, N] of the model's own LM head).
+  """
+  n = tokens.shape[1]
+  mask = batch["attention_mask"].to(backend.device)
+  h0, l0, cache = backend.forward(batch, logits_to_keep=1)
+  if n == 1:
+    return h0[:, -1:], l0[:, -1:].argmax(-1)
+  steps = torch.arange(n - 1, device=mask.device)[None]
+  valid = (steps < (lengths.to(mask.device)[:, None] - 1)).to(mask.dtype)
+  full = torch.cat([mask, valid], dim=1)
+  h1, l1, _ = backend.forward(
+    input_ids=tokens[:, :-1].to(backend.device),
+    attention_mask=full,
+    past_key_values=cache,
+    use_cache=False,
+  )
+  hidden = torch.cat([h0[:, -1:], h1], dim=1)
+  ids = torch.cat([l0[:, -1:].argmax(-1), l1.argmax(-1)], dim=1)
+  return hidden, ids
