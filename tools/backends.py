@@ -65,7 +65,7 @@ def positions_from_mask(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
 
 
 def crop_cache(past_key_values, length: int):
-  """Rolls a KV cache back to its first `length` positions (in place if able)."""
+  """Rolls a KV cache back to its first `length` positions (in place)."""
   if past_key_values is None:
     return None
   if hasattr(past_key_values, "crop"):
@@ -389,7 +389,7 @@ def load_frames(media: dict, num_frames: int, *, sample_id: str = "?") -> list:
 
 
 class VideoLlavaBackend(HFBackend):
-  """`VideoLlavaForConditionalGeneration` + processor, uniform frame sampling."""
+  """VideoLlavaForConditionalGeneration + processor, uniform frames."""
 
   def __init__(
     self,
