@@ -1,0 +1,420 @@
+"""InputPipeline: shuffled, length-bucketed, sharded, prefetched batches.
+
+Order of one epoch (all of it a pure function of seed, epoch and the
+process's position, so iteration resumes exactly from any step):
+
+1. The selected samples are assigned to length buckets (static shapes).
+2. They are dealt to processes: within each bucket, sorted by index, the
+   r-th sample goes to process r % process_count. Each process reads (and
+   caches) only its share.
+3. Each process permutes its share of every bucket with a numpy Generator
+   seeded by (seed, epoch, process) -- a shuffle over the whole share, not
+   chunk-local -- and cuts it into local batches of
+   global_batch_size / process_count.
+4. The sequence of buckets over the epoch's steps is a permutation seeded by
+   (seed, epoch) alone, so every process pads step k to the same length.
+
+With drop_remainder=False the last batch of each bucket is filled with
+padding rows (index -1, mask all False), so every sample is seen exactly
+once.
+"""
+
+import concurrent.futures
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from egpt_align.data.reader import HiddenStateDataset
+
+CACHE_MODES = ("auto", "device", "host", "none")
+
+
+def default_bucket_lengths(
+  lengths: np.ndarray, *, multiple: int = 8, max_buckets: int = 8
+) -> tuple[int, ...]:
+  """A few bucket lengths (multiples of `multiple`) from length quantiles."""
+  if len(lengths) == 0:
+    return (multiple,)
+  q = np.quantile(lengths, np.linspace(0, 1, max_buckets + 1)[1:])
+  q = np.ceil(q / multiple).astype(np.int64) * multiple
+  return tuple(int(x) for x in np.unique(q))
+
+
+def _host_memory_bytes() -> int:
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return 0
+
+
+def _device_memory_bytes(device) -> int:
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 -- backends without stats
+    stats = None
+  if not stats:
+    return 0
+  limit = stats.get("bytes_limit", 0)
+  return max(0, limit - stats.get("bytes_in_use", 0))
+
+
+@jax.jit
+def _gather(cache: dict, rows):
+  """Gathers rows [B, S] of every flat cached field (last row is zeros)."""
+  return {k: jnp.take(v, rows, axis=0) for k, v in cache.items()}
+
+
+class InputPipeline:
+  """Batches of a HiddenStateDataset for training and evaluation.
+
+  Attributes:
+    steps_per_epoch: number of batches per epoch (the same for every epoch).
+    bucket_lengths: the static sequence lengths batches are padded to.
+    cache: the resolved cache mode ('device', 'host' or 'none').
+  """
+
+  def __init__(
+    self,
+    dataset: HiddenStateDataset,
+    indices: Sequence[int] | None = None,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    bucket_lengths: Sequence[int] | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    cache: str = "auto",
+    prefetch: int = 2,
+    fields: Sequence[str] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 4,
+    device_budget_bytes: int | None = None,
+    host_budget_bytes: int | None = None,
+    progress: bool = True,
+  ):
+    self.dataset = dataset
+    if indices is None:
+      indices = np.arange(dataset.num_samples)
+    indices = np.asarray(indices, np.int64)
+    if indices.ndim != 1:
+      raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
+    if indices.size and (
+      indices.min() < 0 or indices.max() >= dataset.num_samples
+    ):
+      raise IndexError(
+        f"{dataset.path}: indices must be in [0, {dataset.num_samples})"
+      )
+    if not 0 <= process_index < process_count:
+      raise ValueError(
+        f"process_index {process_index} not in [0, {process_count})"
+      )
+    if global_batch_size % process_count:
+      raise ValueError(
+        f"global_batch_size {global_batch_size} is not divisible by "
+        f"process_count {process_count}"
+      )
+    if cache not in CACHE_MODES:
+      raise ValueError(f"cache={cache!r}; expected one of {CACHE_MODES}")
+    self.global_batch_size = int(global_batch_size)
+    self.local_batch_size = self.global_batch_size // process_count
+    self.seed = int(seed)
+    self.shuffle = shuffle
+    self.drop_remainder = drop_remainder
+    self.sharding = sharding
+    self.prefetch = max(1, int(prefetch))
+    self.num_workers = max(1, int(num_workers))
+    self.process_index = process_index
+    self.process_count = process_count
+    self.progress = progress
+    self.fields = tuple(fields or dataset.fields)
+    for f in self.fields:
+      dataset.field_spec(f)  # raises naming the field if absent
+
+    lengths = dataset.lengths[indices]
+    if bucket_lengths is None:
+      bucket_lengths = default_bucket_lengths(lengths)
+    self.bucket_lengths = tuple(sorted(int(b) for b in set(bucket_lengths)))
+    if lengths.size and lengths.max() > self.bucket_lengths[-1]:
+      j = int(np.argmax(lengths))
+      raise ValueError(
+        f"{dataset.path}: sample {indices[j]} has length {lengths[j]}, "
+        f"longer than the largest bucket {self.bucket_lengths[-1]}"
+      )
+    bucket = np.searchsorted(self.bucket_lengths, lengths, side="left")
+
+    # Deal each bucket's samples round-robin over processes.
+    order = np.lexsort((indices, bucket))
+    bucket_sorted = bucket[order]
+    rank = np.arange(order.size) - np.searchsorted(
+      bucket_sorted, bucket_sorted, side="left"
+    )
+    mine = order[rank % process_count == process_index]
+    self.share = indices[mine]  # dataset indices, sorted by (bucket, index)
+    self.share_lengths = lengths[mine].astype(np.int32)
+    self._share_bucket = bucket[mine]
+    counts = np.bincount(bucket, minlength=len(self.bucket_lengths))
+    per_proc_min = counts // process_count
+    per_proc_max = -(-counts // process_count)
+    bl = self.local_batch_size
+    if drop_remainder:
+      self._bucket_steps = per_proc_min // bl
+    else:
+      self._bucket_steps = -(-per_proc_max // bl)
+    self.steps_per_epoch = int(self._bucket_steps.sum())
+    self._bucket_members = [
+      np.flatnonzero(self._share_bucket == b)
+      for b in range(len(self.bucket_lengths))
+    ]
+
+    self._row_start = np.zeros(self.share.size, np.int64)
+    self.num_positions = int(self.share_lengths.sum())
+    self.cache = self._resolve_cache(
+      cache, device_budget_bytes, host_budget_bytes
+    )
+    self._host_cache = None
+    self._device_caches = None
+    if self.cache in ("host", "device"):
+      self._build_host_cache()
+    if self.cache == "device":
+      self._build_device_cache()
+      self._host_cache = None  # the device copy is all that is needed
+
+  # ---------------------------------------------------------------- caches
+
+  def _bytes_per_position(self) -> int:
+    total = 0
+    for f in self.fields:
+      trailing, dtype = self.dataset.field_spec(f)
+      total += int(np.prod(trailing, dtype=np.int64)) * dtype.itemsize
+    return total
+
+  def _output_devices(self) -> list:
+    if self.sharding is None:
+      return [jax.local_devices()[0]]
+    return sorted(self.sharding.addressable_devices, key=lambda d: d.id)
+
+  def _resolve_cache(self, cache, device_budget, host_budget) -> str:
+    need = (self.num_positions + 1) * self._bytes_per_position()
+    self.cache_bytes = need
+    if cache != "auto":
+      return cache
+    devices = self._output_devices()
+    if device_budget is None:
+      if devices[0].platform == "cpu":
+        device_budget = 0  # host memory anyway; numpy gathers are as good
+      else:
+        device_budget = int(0.5 * min(_device_memory_bytes(d) for d in devices))
+    if need <= device_budget:
+      return "device"
+    if host_budget is None:
+      host_budget = int(0.5 * _host_memory_bytes())
+    return "host" if need <= host_budget else "none"
+
+  def _build_host_cache(self) -> None:
+    """Copies this process's share into flat arrays (+ one zero row)."""
+    ds = self.dataset
+    self._row_start[1:] = np.cumsum(self.share_lengths[:-1])
+    cache = {}
+    for f in self.fields:
+      trailing, dtype = ds.field_spec(f)
+      cache[f] = np.zeros((self.num_positions + 1,) + trailing, dtype)
+    # Read in dataset order so memory-mapped shards stream sequentially.
+    it = tqdm(
+      np.argsort(self.share, kind="stable"),
+      desc=f"cache {self.cache}",
+      unit="sample",
+      disable=not self.progress,
+      mininterval=2.0,
+    )
+    for j in it:
+      a = self._row_start[j]
+      n = self.share_lengths[j]
+      for f in self.fields:
+        cache[f][a : a + n] = ds._slice(int(self.share[j]), f)
+    self._host_cache = cache
+
+  def _build_device_cache(self) -> None:
+    self._device_caches = {
+      d: jax.device_put(self._host_cache, d) for d in self._output_devices()
+    }
+
+  # ------------------------------------------------------------------ plan
+
+  def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """[(bucket length, share positions [local_batch] or -1)] of an epoch."""
+    nb = len(self.bucket_lengths)
+    schedule = np.repeat(np.arange(nb), self._bucket_steps)
+    if self.shuffle:
+      schedule = np.random.default_rng([self.seed, epoch, 1]).permutation(
+        schedule
+      )
+      rng = np.random.default_rng([self.seed, epoch, 2, self.process_index])
+    bl = self.local_batch_size
+    chunks = []
+    for b in range(nb):
+      members = self._bucket_members[b]
+      if self.shuffle:
+        members = rng.permutation(members)
+      need = self._bucket_steps[b] * bl
+      members = members[:need]
+      padded = np.full(need, -1, np.int64)
+      padded[: members.size] = members
+      chunks.append(padded.reshape(-1, bl))
+    taken = np.zeros(nb, np.int64)
+    out = []
+    for b in schedule:
+      out.append((self.bucket_lengths[b], chunks[b][taken[b]]))
+      taken[b] += 1
+    return out
+
+  # --------------------------------------------------------------- batches
+
+  def _host_batch(self, seq_len: int, pos: np.ndarray) -> dict:
+    """A process-local numpy batch from share positions (-1 = padding)."""
+    valid = pos >= 0
+    safe = np.where(valid, pos, 0)
+    lengths = np.where(valid, self.share_lengths[safe], 0).astype(np.int32)
+    index = np.where(valid, self.share[safe], -1).astype(np.int32)
+    mask = np.arange(seq_len)[None, :] < lengths[:, None]
+    batch = {"mask": mask, "lengths": lengths, "index": index}
+    if self.cache == "none":
+      out = self.dataset.read_batch(index, seq_len, fields=self.fields)
+      for f in self.fields:
+        batch[f] = out[f]
+    else:
+      rows = self._rows(seq_len, pos, lengths)
+      if self.cache == "host":
+        for f in self.fields:
+          batch[f] = np.take(self._host_cache[f], rows, axis=0)
+      else:
+        batch["rows"] = rows
+    return batch
+
+  def _rows(self, seq_len, pos, lengths) -> np.ndarray:
+    start = self._row_start[np.where(pos >= 0, pos, 0)]
+    t = np.arange(seq_len)[None, :]
+    rows = start[:, None] + t
+    # Padding positions read the extra all-zero row at the end.
+    return np.where(t < lengths[:, None], rows, self.num_positions).astype(
+      np.int32
+    )
+
+  def numpy_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+    """Process-local numpy batches (no device placement, no prefetch)."""
+    saved = self.cache
+    if saved == "device":
+      raise ValueError("numpy_batches needs cache 'host' or 'none'")
+    for seq_len, pos in self.plan(epoch)[start_step:]:
+      yield self._host_batch(seq_len, pos)
+
+  def _to_device(self, batch: dict) -> dict:
+    if self.cache == "device":
+      rows = batch.pop("rows")
+      gathered = self._device_gather(rows)
+      out = {k: self._put(v) for k, v in batch.items()}
+      out.update(gathered)
+      return out
+    return {k: self._put(v) for k, v in batch.items()}
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    if self.sharding is None:
+      return jax.device_put(x, self._output_devices()[0])
+    global_shape = (self.global_batch_size,) + x.shape[1:]
+    return jax.make_array_from_process_local_data(
+      self.sharding, x, global_shape
+    )
+
+  def _device_gather(self, rows: np.ndarray) -> dict:
+    if self.sharding is None:
+      d = self._output_devices()[0]
+      return _gather(self._device_caches[d], jax.device_put(rows, d))
+    global_shape = (self.global_batch_size,) + rows.shape[1:]
+    index_map = self.sharding.addressable_devices_indices_map(global_shape)
+    base = self.process_index * self.local_batch_size
+    pieces = {f: [] for f in self.fields}
+    devices = []
+    for d, idx in index_map.items():
+      sl = idx[0]
+      start = (sl.start or 0) - base
+      stop = (self.global_batch_size if sl.stop is None else sl.stop) - base
+      if start < 0 or stop > self.local_batch_size:
+        raise ValueError(
+          "cache='device' needs each process's devices to hold only that "
+          f"process's batch rows; device {d} holds rows {sl}"
+        )
+      if any(s != slice(None) for s in idx[1:]):
+        raise ValueError("cache='device' supports batch-only sharding")
+      got = _gather(self._device_caches[d], jax.device_put(rows[start:stop], d))
+      for f in self.fields:
+        pieces[f].append(got[f])
+      devices.append(d)
+    out = {}
+    for f in self.fields:
+      trailing, _ = self.dataset.field_spec(f)
+      out[f] = jax.make_array_from_single_device_arrays(
+        (self.global_batch_size, rows.shape[1]) + trailing,
+        self.sharding,
+        pieces[f],
+      )
+    return out
+
+  def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+    """Device batches of an epoch from start_step, prefetched in a thread."""
+    plan = self.plan(epoch)[start_step:]
+    q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          pass
+      return False
+
+    def produce():
+      try:
+        workers = self.num_workers if self.cache == "none" else 1
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+          pending = []
+          it = iter(plan)
+          while not stop.is_set():
+            while len(pending) < workers + self.prefetch:
+              step = next(it, None)
+              if step is None:
+                break
+              pending.append(pool.submit(self._host_batch, *step))
+            if not pending:
+              break
+            batch = pending.pop(0).result()
+            if not put(self._to_device(batch)):
+              break
+          for fut in pending:
+            fut.cancel()
+        put(done)
+      except BaseException as e:  # noqa: BLE001 -- re-raised by the consumer
+        put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+      while True:
+        item = q.get()
+        if item is done:
+          return
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      stop.set()
+      thread.join(timeout=10)

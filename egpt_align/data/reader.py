@@ -1,0 +1,304 @@
+"""open_dataset: memory-mapped random access to a hidden-state dataset."""
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from egpt_align.data import format as fmt
+
+
+class _Shard:
+  """One shard's memory-mapped arrays."""
+
+  def __init__(self, root: str, info: dict, header: dict, first: int):
+    self.name = info["name"]
+    self.dir = os.path.join(root, self.name)
+    self.first = first  # global index of its first sample
+    self.num_samples = info["num_samples"]
+    self.info = info
+    if not os.path.isdir(self.dir):
+      raise fmt.DatasetFormatError(
+        f"{self.dir}: shard listed in header.json is missing"
+      )
+    for fname, finfo in info["files"].items():
+      fpath = os.path.join(self.dir, fname)
+      if not os.path.exists(fpath):
+        raise fmt.DatasetFormatError(f"{fpath}: file missing")
+      size = os.path.getsize(fpath)
+      if size != finfo["size"]:
+        raise fmt.DatasetFormatError(
+          f"{fpath}: {size} bytes but header.json records {finfo['size']}; "
+          "the shard is truncated or was modified"
+        )
+    self.offsets = self._load(fmt.OFFSETS_FILE, (self.num_samples + 1,))
+    self.lengths = self._load(fmt.LENGTHS_FILE, (self.num_samples,))
+    self.offsets = np.asarray(self.offsets, np.int64)
+    self.lengths = np.asarray(self.lengths, np.int32)
+    rows = int(self.offsets[-1])
+    if self.offsets[0] != 0 or np.any(np.diff(self.offsets) < 0):
+      raise fmt.DatasetFormatError(
+        f"{self.dir}/{fmt.OFFSETS_FILE}: offsets must start at 0 and "
+        "never decrease"
+      )
+    stored = np.diff(self.offsets)
+    bad = np.flatnonzero((self.lengths > stored) | (self.lengths < 1))
+    if bad.size:
+      i = int(bad[0])
+      raise fmt.DatasetFormatError(
+        f"{self.dir}/{fmt.LENGTHS_FILE}: sample {first + i} (shard sample "
+        f"{i}) has length {self.lengths[i]} but {stored[i]} stored positions"
+      )
+    disk = fmt.disk_dtype(header["dtype"])
+    mem = fmt.memory_dtype(header["dtype"])
+    self.states = {}
+    for stream in fmt.STATE_STREAMS:
+      dim = header[f"{stream}_dim"]
+      arr = self._load(fmt.stream_file(stream), None)
+      if arr.ndim != 2 or arr.shape[1] != dim:
+        raise fmt.DatasetFormatError(
+          f"{self.dir}/{fmt.stream_file(stream)}: shape {arr.shape}, expected"
+          f" [{rows}, {dim}] ({stream}_dim {dim} in header.json)"
+        )
+      if arr.shape[0] != rows:
+        raise fmt.DatasetFormatError(
+          f"{self.dir}/{fmt.stream_file(stream)}: {arr.shape[0]} rows but "
+          f"offsets say {rows}"
+        )
+      if arr.dtype != disk:
+        raise fmt.DatasetFormatError(
+          f"{self.dir}/{fmt.stream_file(stream)}: dtype {arr.dtype}, "
+          f"expected {disk} for {header['dtype']}"
+        )
+      self.states[stream] = arr.view(mem)
+    self.tokens = {}
+    for stream in fmt.TOKEN_STREAMS:
+      if header[f"has_{stream}"]:
+        arr = self._load(fmt.stream_file(stream), (rows,))
+        if arr.dtype != np.int32:
+          raise fmt.DatasetFormatError(
+            f"{self.dir}/{fmt.stream_file(stream)}: dtype {arr.dtype}, "
+            "expected int32"
+          )
+        self.tokens[stream] = arr
+    self._meta = None
+
+  def _load(self, fname: str, shape) -> np.ndarray:
+    fpath = os.path.join(self.dir, fname)
+    try:
+      arr = np.load(fpath, mmap_mode="r")
+    except FileNotFoundError as e:
+      raise fmt.DatasetFormatError(f"{fpath}: file missing") from e
+    except (ValueError, OSError) as e:
+      raise fmt.DatasetFormatError(
+        f"{fpath}: unreadable or truncated .npy ({e})"
+      ) from e
+    if shape is not None and arr.shape != shape:
+      raise fmt.DatasetFormatError(
+        f"{fpath}: shape {arr.shape}, expected {shape}"
+      )
+    return arr
+
+  @property
+  def meta(self) -> list[dict]:
+    if self._meta is None:
+      path = os.path.join(self.dir, fmt.META_FILE)
+      with open(path) as f:
+        self._meta = [json.loads(line) for line in f]
+      if len(self._meta) != self.num_samples:
+        raise fmt.DatasetFormatError(
+          f"{path}: {len(self._meta)} lines for {self.num_samples} samples"
+        )
+    return self._meta
+
+
+class HiddenStateDataset:
+  """Random access to the samples of a dataset directory (memory-mapped)."""
+
+  def __init__(self, path: str):
+    self.path = os.fspath(path)
+    self.header = fmt.read_header(self.path)
+    h = self.header
+    self.source_dim = h["source_dim"]
+    self.target_dim = h["target_dim"]
+    self.dtype = fmt.memory_dtype(h["dtype"])
+    self.has_target_tokens = h["has_target_tokens"]
+    self.has_draft_tokens = h["has_draft_tokens"]
+    self.shards: list[_Shard] = []
+    first = 0
+    for info in h["shards"]:
+      self.shards.append(_Shard(self.path, info, h, first))
+      first += info["num_samples"]
+    self.num_samples = first
+    self._starts = np.array([s.first for s in self.shards], np.int64)
+    if self.shards:
+      self.lengths = np.concatenate([s.lengths for s in self.shards])
+      # Global sample -> (shard, first row in that shard's packed arrays).
+      self.shard_of = np.concatenate(
+        [np.full(s.num_samples, k, np.int32) for k, s in enumerate(self.shards)]
+      )
+      self.row_of = np.concatenate([s.offsets[:-1] for s in self.shards])
+    else:
+      self.lengths = np.zeros(0, np.int32)
+      self.shard_of = np.zeros(0, np.int32)
+      self.row_of = np.zeros(0, np.int64)
+
+  @property
+  def token_fields(self) -> tuple[str, ...]:
+    """The token-id streams this dataset stores."""
+    return tuple(n for n in fmt.TOKEN_STREAMS if self.header[f"has_{n}"])
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    """All per-position streams: states first, then token ids."""
+    return fmt.STATE_STREAMS + self.token_fields
+
+  def field_spec(self, field: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Per-position (trailing shape, dtype) of a stream."""
+    if field in fmt.STATE_STREAMS:
+      return (self.header[f"{field}_dim"],), self.dtype
+    if field in self.token_fields:
+      return (), np.dtype(np.int32)
+    raise KeyError(
+      f"{self.path}: no field {field!r}; it has {list(self.fields)}"
+    )
+
+  def __len__(self) -> int:
+    return self.num_samples
+
+  def _check_index(self, i) -> int:
+    i = int(i)
+    if i < 0:
+      i += self.num_samples
+    if not 0 <= i < self.num_samples:
+      raise IndexError(
+        f"{self.path}: sample {i} out of range [0, {self.num_samples})"
+      )
+    return i
+
+  def _slice(self, i: int, field: str) -> np.ndarray:
+    shard = self.shards[self.shard_of[i]]
+    row = self.row_of[i]
+    length = self.lengths[i]
+    src = shard.states if field in fmt.STATE_STREAMS else shard.tokens
+    return src[field][row : row + length]
+
+  def __getitem__(self, i) -> dict:
+    i = self._check_index(i)
+    out = {f: np.asarray(self._slice(i, f)) for f in self.fields}
+    shard = self.shards[self.shard_of[i]]
+    out["meta"] = shard.meta[i - shard.first]
+    return out
+
+  def meta(self, i) -> dict:
+    """Per-sample metadata (texts, ids) of sample i."""
+    i = self._check_index(i)
+    shard = self.shards[self.shard_of[i]]
+    return shard.meta[i - shard.first]
+
+  def read_batch(
+    self,
+    indices: Sequence[int],
+    pad_to: int,
+    fields: Sequence[str] | None = None,
+  ) -> dict:
+    """Zero-padded numpy batch of samples; index -1 gives an empty row."""
+    indices = np.asarray(indices, np.int64)
+    n = len(indices)
+    fields = tuple(fields or self.fields)
+    valid = indices >= 0
+    if np.any(indices >= self.num_samples):
+      raise IndexError(
+        f"{self.path}: index {indices.max()} out of range "
+        f"[0, {self.num_samples})"
+      )
+    lengths = np.where(valid, self.lengths[np.where(valid, indices, 0)], 0)
+    lengths = lengths.astype(np.int32)
+    if n and lengths.max() > pad_to:
+      j = int(np.argmax(lengths))
+      raise ValueError(
+        f"{self.path}: sample {indices[j]} has length {lengths[j]} > "
+        f"pad_to={pad_to}"
+      )
+    out = {}
+    for f in fields:
+      trailing, dtype = self.field_spec(f)
+      buf = np.zeros((n, pad_to) + trailing, dtype)
+      for j in np.flatnonzero(valid):
+        buf[j, : lengths[j]] = self._slice(int(indices[j]), f)
+      out[f] = buf
+    out["mask"] = np.arange(pad_to)[None, :] < lengths[:, None]
+    out["lengths"] = lengths
+    out["index"] = indices.astype(np.int32)
+    return out
+
+  def validate(self, *, check_values: bool = True, progress: bool = True):
+    """Full check: checksums and NaN/Inf; returns per-shard statistics."""
+    stats = []
+    it = tqdm(self.shards, desc="validate", disable=not progress, unit="shard")
+    for shard in it:
+      for fname, finfo in shard.info["files"].items():
+        fpath = os.path.join(shard.dir, fname)
+        if "crc32" in finfo and fmt.file_crc32(fpath) != finfo["crc32"]:
+          raise fmt.DatasetFormatError(
+            f"{fpath}: checksum mismatch (corrupted shard)"
+          )
+      shard.meta  # noqa: B018 -- parses and checks the metadata file
+      entry = {"name": shard.name, "num_samples": shard.num_samples}
+      if check_values:
+        for stream, arr in shard.states.items():
+          s = shard_value_stats(arr, shard.offsets)
+          entry[stream] = s
+          if s["nonfinite"]:
+            i = shard.first + s["first_bad_sample"]
+            raise fmt.DatasetFormatError(
+              f"{shard.dir}/{fmt.stream_file(stream)}: {s['nonfinite']} "
+              f"NaN/Inf values, first in sample {i}"
+            )
+      stats.append(entry)
+    return stats
+
+  def __repr__(self):
+    return (
+      f"HiddenStateDataset({self.path!r}, samples={self.num_samples}, "
+      f"source_dim={self.source_dim}, target_dim={self.target_dim}, "
+      f"dtype={self.header['dtype']})"
+    )
+
+
+def shard_value_stats(
+  arr: np.ndarray, offsets: np.ndarray, rows_per_chunk: int = 65536
+) -> dict:
+  """NaN/Inf count and per-position L2-norm statistics of packed states."""
+  nonfinite = 0
+  first_bad_row = -1
+  norms = []
+  for a in range(0, arr.shape[0], rows_per_chunk):
+    x = np.asarray(arr[a : a + rows_per_chunk], np.float32)
+    finite = np.isfinite(x)
+    bad = ~finite.all(axis=1)
+    if bad.any():
+      nonfinite += int(x.size - finite.sum())
+      if first_bad_row < 0:
+        first_bad_row = a + int(np.argmax(bad))
+    norms.append(np.linalg.norm(np.where(finite, x, 0.0), axis=1))
+  norms = np.concatenate(norms) if norms else np.zeros(0)
+  out = {
+    "nonfinite": nonfinite,
+    "norm_mean": float(norms.mean()) if norms.size else float("nan"),
+    "norm_std": float(norms.std()) if norms.size else float("nan"),
+    "norm_min": float(norms.min()) if norms.size else float("nan"),
+    "norm_max": float(norms.max()) if norms.size else float("nan"),
+  }
+  if first_bad_row >= 0:
+    out["first_bad_sample"] = int(
+      np.searchsorted(offsets, first_bad_row, side="right") - 1
+    )
+  return out
+
+
+def open_dataset(path: str) -> HiddenStateDataset:
+  """Opens a dataset directory (validates header and shard structure)."""
+  return HiddenStateDataset(path)
