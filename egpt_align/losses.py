@@ -1,0 +1,99 @@
+"""Adapter training losses (masked, vectorised, float32, jit-friendly).
+
+`objective='reference'` is the reference's `compute_loss` (REFERENCE.md C.1):
+  align = MSE_m + cos_weight * (1 - cos_m)
+  L1-L4:         loss = align
+  L5 / B1 / L5F: loss = (1 - w) * align + w * next_mse,
+                 next_mse = MSE_m of pred[:, :-1] vs target[:, 1:].
+MSE_m = sum over valid positions and dims of (pred - target)^2 divided by
+(#valid * D); cos_m = mean per-position cosine over valid positions.
+
+The reference masks next_mse with mask[:, 1:] only. We do the same; for
+right-padded (contiguous) masks that equals requiring both t and t+1 valid.
+With no valid position a term is 0 here (the reference gives NaN).
+
+`objective='next'` (EAGLE variants only) fixes E12, where one output vector is
+pulled toward both target[t] and target[t+1]: the output predicts only the
+next target state,
+  loss = MSE_m + cos_weight * (1 - cos_m) over pred[t] vs target[t+1],
+valid where both t and t+1 are valid.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from egpt_align import metrics
+
+OBJECTIVES = ("reference", "next")
+
+
+def _masked_terms(pred_BSD, target_BSD, mask_BS):
+  """(mse, cos_sim) over valid positions, as the reference reduces them."""
+  m = mask_BS.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  sq_BS = jnp.sum(jnp.square(pred_BSD - target_BSD), axis=-1)
+  mse = jnp.sum(sq_BS * m) / (n * pred_BSD.shape[-1])
+  cos_sim = jnp.sum(metrics.cosine(pred_BSD, target_BSD) * m) / n
+  return mse, cos_sim
+
+
+def adapter_loss(
+  pred_BSD: jax.Array,
+  target_BSD: jax.Array,
+  mask_BS: jax.Array | None = None,
+  *,
+  predicts_next: bool,
+  objective: str = "reference",
+  prediction_weight: float = 0.5,
+  cos_weight: float = 0.5,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Returns (loss, aux) with aux mse, cos_loss, cos_sim [, next_mse, ...]."""
+  if objective not in OBJECTIVES:
+    raise ValueError(
+      f"loss objective {objective!r} is unknown; expected one of {OBJECTIVES}"
+    )
+  if objective == "next" and not predicts_next:
+    raise ValueError(
+      "loss objective 'next' needs an adapter that predicts the next state "
+      "(l5, b1, l5f); this adapter has predicts_next=False"
+    )
+  pred_BSD = jnp.asarray(pred_BSD, jnp.float32)
+  target_BSD = jnp.asarray(target_BSD, jnp.float32)
+  if pred_BSD.shape != target_BSD.shape or pred_BSD.ndim != 3:
+    raise ValueError(
+      f"pred and target must both be [B, S, D]; got {pred_BSD.shape} and "
+      f"{target_BSD.shape}"
+    )
+  if mask_BS is None:
+    mask_BS = jnp.ones(pred_BSD.shape[:2], bool)
+  mask_BS = jnp.asarray(mask_BS)
+  if mask_BS.shape != pred_BSD.shape[:2]:
+    raise ValueError(
+      f"mask must be [B, S] = {pred_BSD.shape[:2]}, got {mask_BS.shape}"
+    )
+  mask_BS = mask_BS.astype(bool)
+
+  mse, cos_sim = _masked_terms(pred_BSD, target_BSD, mask_BS)
+  cos_loss = 1.0 - cos_sim
+  align = mse + cos_weight * cos_loss
+  aux = {"mse": mse, "cos_loss": cos_loss, "cos_sim": cos_sim}
+  if not predicts_next:
+    aux["loss"] = align
+    return align, aux
+
+  pred_prev = pred_BSD[:, :-1]
+  target_next = target_BSD[:, 1:]
+  pair_mask = mask_BS[:, :-1] & mask_BS[:, 1:]
+  if objective == "reference":
+    ref_mask = mask_BS[:, 1:]  # The reference's mask for the next-MSE term.
+    next_mse, _ = _masked_terms(pred_prev, target_next, ref_mask)
+    _, next_cos_sim = _masked_terms(pred_prev, target_next, pair_mask)
+    loss = (1.0 - prediction_weight) * align + prediction_weight * next_mse
+    aux["align_loss"] = align
+  else:
+    next_mse, next_cos_sim = _masked_terms(pred_prev, target_next, pair_mask)
+    loss = next_mse + cos_weight * (1.0 - next_cos_sim)
+  aux["next_mse"] = next_mse
+  aux["next_cos_sim"] = next_cos_sim
+  aux["loss"] = loss
+  return loss, aux
