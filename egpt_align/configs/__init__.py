@@ -1,0 +1,1 @@
+"""Configs: `base.get_config()` declares every key; experiments/ override."""

@@ -1,0 +1,104 @@
+"""Base config: every key the trainer reads, each with what it means.
+
+Experiments (`experiments/*.py`) import this, override a few keys and return
+it. The trainer loads them with `lock_config=True`, so `--config.x=...` for a
+key declared nowhere here is an error, not a silent no-op.
+
+Optional paths and adapter overrides are `placeholder`s (typed, None when
+unset). `data.train` is required for every experiment but the demo; it is a
+plain placeholder rather than `required_placeholder` because ml_collections
+refuses to lock a config holding an unset required placeholder, which would
+make `--help`-style loading and `--config.batch_size=...` fail before the
+user could pass the path. The trainer raises a clear error instead.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The reference recipe (REFERENCE.md §C) with every key declared."""
+  config = ml_collections.ConfigDict()
+
+  config.seed = 0  # init, dropout, data order and the val hold-out
+  config.batch_size = 64  # global batch (all devices); reference 64
+  config.num_epochs = 50  # reference 50; also the cosine T_max
+  config.early_stopping_patience = 10  # epochs w/o strict val-loss gain; 0=off
+  config.log_every_steps = 50  # train metrics to host/JSONL every N steps
+  config.eval_at_start = True  # validate the untrained adapter once (baseline)
+  config.stop_after_steps = 0  # save and return after N global steps; 0=never
+  config.tensorboard = False  # also write TensorBoard (tensorboardX only)
+  config.multihost = False  # call jax.distributed.initialize() at start
+  config.progress_bar = True  # tqdm bar per epoch (process 0)
+
+  # The adapter. `name` picks it from egpt_align.models.ADAPTERS; every other
+  # key that is not None is passed to create_adapter as an override, so None
+  # means "the adapter's own (reference) default".
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "l1"  # l1 l2 l3 l4 l5 b1 l5f
+  config.model.dtype = "auto"  # compute dtype: auto=bf16 on GPU else fp32
+  config.model.hidden_dim = config_dict.placeholder(int)  # None = from data
+  config.model.bottleneck_dim = config_dict.placeholder(int)  # L1-L3
+  config.model.num_blocks = config_dict.placeholder(int)  # L2, L3
+  config.model.num_layers = config_dict.placeholder(int)  # L1, L4, L5, L5F
+  config.model.num_heads = config_dict.placeholder(int)  # L4, L5, L5F
+  config.model.ffn_dim = config_dict.placeholder(int)  # L4, L5, L5F
+  config.model.dropout = config_dict.placeholder(float)  # reference 0.1
+  config.model.alpha_init = config_dict.placeholder(float)  # reference 0.1
+  config.model.max_seq_len = config_dict.placeholder(int)  # L5 pos table
+
+  config.data = ml_collections.ConfigDict()
+  config.data.train = config_dict.placeholder(str)  # REQUIRED dataset dir
+  config.data.val = config_dict.placeholder(str)  # optional val dataset dir
+  # With no data.val: hold out this fraction of train samples (fixed
+  # permutation seeded by data.split_seed). A test split never goes here.
+  config.data.val_fraction = 0.05
+  config.data.split_seed = 0  # the hold-out permutation's seed
+  config.data.cache = "auto"  # InputPipeline device cache: auto|none|device
+  config.data.buckets = config_dict.placeholder(tuple)  # seq-len buckets
+  config.data.prefetch = 2  # batches prepared ahead
+  # Built-in synthetic pairs (the demo): written to WORKDIR/data/synthetic
+  # on first use and used instead of data.train when enabled.
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.enabled = False  # use synthetic data
+  config.data.synthetic.num_samples = 512  # sequences written
+  config.data.synthetic.hidden_dim = 64  # their D
+  config.data.synthetic.min_len = 8  # shortest sequence
+  config.data.synthetic.max_len = 32  # longest sequence
+  config.data.synthetic.seed = 0  # generator seed
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.objective = "reference"  # reference | next (see losses.py)
+  config.loss.prediction_weight = 0.5  # L5/B1/L5F next-step MSE weight
+  config.loss.cos_weight = 0.5  # weight of (1 - cos) next to the MSE
+  config.loss.token_ce_weight = 0.0  # >0: + w * token CE via lm_head
+  config.loss.token_ce_soft = True  # EAGLE-style soft targets (else argmax)
+
+  # Target LM head (NAME.npy + NAME.json, tools/extract_lm_head.py): enables
+  # token top-1 agreement in validation and the token CE loss.
+  config.lm_head = config_dict.placeholder(str)
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-3  # peak lr; reference 1e-3
+  config.optim.end_learning_rate = 1e-6  # cosine floor (eta_min)
+  config.optim.schedule = "cosine"  # cosine | constant
+  # epoch: torch CosineAnnealingLR(T_max=num_epochs) stepped per epoch, as
+  # the reference; step: per-step cosine over the run after warmup.
+  config.optim.schedule_unit = "epoch"
+  config.optim.warmup_steps = 0  # linear warmup (schedule_unit=step only)
+  config.optim.weight_decay = 0.01  # decoupled (AdamW); reference 0.01
+  # all: decay every parameter (reference); matrices: skip norms, biases,
+  # alphas and pos_embed.
+  config.optim.decay_mask = "all"
+  config.optim.clip_norm = 1.0  # global grad-norm clip; 0 = off
+  config.optim.b1 = 0.9  # Adam beta1 (torch default)
+  config.optim.b2 = 0.999  # Adam beta2 (torch default)
+  config.optim.eps = 1e-8  # Adam eps (torch default)
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.enabled = True  # orbax checkpoints in WORKDIR/checkpoints
+  config.checkpoint.every_steps = 0  # also save mid-epoch; 0 = epoch ends
+  config.checkpoint.resume = True  # resume from WORKDIR if it has one
+  config.checkpoint.async_save = True  # save in the background
+
+  return config
