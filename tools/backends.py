@@ -394,7 +394,8 @@ class VideoLlavaBackend(HFBackend):
   def __init__(
     self,
     model,
-    processor,
+    tokenizer,
+    image_processor,
     *,
     model_id: str = "",
     num_frames: int = 8,
@@ -410,41 +411,79 @@ class VideoLlavaBackend(HFBackend):
       model_id=model_id or getattr(model.config, "_name_or_path", ""),
       name="video_llava",
     )
-    self.processor = processor
+    self.tokenizer = tokenizer
+    self.image_processor = image_processor
     self.num_frames = int(num_frames)
     self.prompt_template = prompt_template
-    self._set_special_ids(model, processor.tokenizer)
+    self.video_token = "<video>"
+    self.video_token_id = int(model.config.video_token_index)
+    if tokenizer.convert_tokens_to_ids(self.video_token) != self.video_token_id:
+      raise ValueError(
+        f"{self.model_id}: tokenizer id of {self.video_token!r} is "
+        f"{tokenizer.convert_tokens_to_ids(self.video_token)}, the model's "
+        f"video_token_index is {self.video_token_id}"
+      )
+    self.patch_size = int(model.config.vision_config.patch_size)
+    self._set_special_ids(model, tokenizer)
 
   def provenance(self) -> dict:
     prov = super().provenance()
+    ip = self.image_processor
     prov["frame_policy"] = {
       "num_frames": self.num_frames,
       "sampling": "uniform: np.linspace(0, n - 1, num_frames).astype(int)",
+      "preprocess": {
+        "size": dict(getattr(ip, "size", {}) or {}),
+        "crop_size": dict(getattr(ip, "crop_size", {}) or {}),
+        "image_mean": list(getattr(ip, "image_mean", []) or []),
+        "image_std": list(getattr(ip, "image_std", []) or []),
+      },
     }
     return prov
+
+  def video_tokens(self, height: int, width: int) -> int:
+    """Placeholder tokens per video: frames x (patches + CLS), as HF does."""
+    per_frame = (height // self.patch_size) * (width // self.patch_size) + 1
+    return self.num_frames * per_frame
 
   def prompt_inputs(self, sample: dict) -> dict:
     sid = sample.get("id", "?")
     if not isinstance(sample.get("question"), str):
       raise ValueError(f"sample {sid!r}: 'question' must be a str")
-    frames = load_frames(
-      sample.get("media") or {}, self.num_frames, sample_id=sid
-    )
-    shapes = {f.shape for f in frames}
-    if len(shapes) != 1:
+    media = sample.get("media") or {}
+    frames = load_frames(media, self.num_frames, sample_id=sid)
+    # Frames go through the (PIL/numpy) image processor one by one, which is
+    # what VideoLlavaProcessor does for videos, without needing torchvision.
+    enc = self.image_processor(images=frames, return_tensors="pt")
+    # The key is 'pixel_values' or, in some 5.x releases, the legacy
+    # 'pixel_values_images'.
+    key = "pixel_values" if "pixel_values" in enc else "pixel_values_images"
+    pix = enc[key]
+    if pix.ndim != 4 or pix.shape[0] != self.num_frames:
       raise ValueError(
-        f"sample {sid}: frames differ in shape: {sorted(shapes)}"
+        f"sample {sid}: image processor gave pixel_values {tuple(pix.shape)}"
+        f", expected [{self.num_frames}, 3, H, W]"
       )
     text = self.prompt_template.format(question=sample["question"])
-    enc = self.processor(
-      text=[text], videos=[np.stack(frames)], return_tensors="pt"
-    )
-    out = {
-      "input_ids": enc["input_ids"],
-      "attention_mask": enc["attention_mask"],
+    if text.count(self.video_token) != 1:
+      raise ValueError(
+        f"prompt template must contain {self.video_token!r} exactly once: "
+        f"{self.prompt_template!r}"
+      )
+    n = self.video_tokens(int(pix.shape[-2]), int(pix.shape[-1]))
+    text = text.replace(self.video_token, self.video_token * n)
+    enc = self.tokenizer(text, return_tensors="pt")
+    ids = enc["input_ids"]
+    got = int((ids == self.video_token_id).sum())
+    if got != n:
+      raise ValueError(
+        f"sample {sid}: tokenized prompt holds {got} video tokens, expected {n}"
+      )
+    return {
+      "input_ids": ids,
+      "attention_mask": enc.get("attention_mask", torch.ones_like(ids)),
+      "pixel_values_videos": pix[None].to(self.dtype),
     }
-    out["pixel_values_videos"] = enc["pixel_values_videos"].to(self.dtype)
-    return out
 
 
 def _load_causal_lm(path: str, *, device, dtype, **options) -> Backend:
