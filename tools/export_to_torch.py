@@ -1,0 +1,269 @@
+r"""Exports trained egpt_align adapter params to PyTorch.
+
+Writes (a) PATH.pt, a checkpoint dict in the reference's format
+(`model_state_dict`, `adapter_type`, a plain-dict `config`, `epoch`, `metrics`)
+that loads with `torch.load(..., weights_only=True)` (L1 included: its config
+is a plain dict here, not the reference's pickled dataclass), plus our own keys
+`egpt_align_adapter`, `egpt_align_config` and `vlm_only`; and (b)
+PATH.safetensors + PATH.config.json.
+
+Examples:
+  python tools/export_to_torch.py --workdir runs/l5 --which best \
+      --out exports/l5.pt
+  python tools/export_to_torch.py --params l1.npz --adapter l1 \
+      --config '{"hidden_dim": 64, "bottleneck_dim": 16}' --out /tmp/l1.pt
+
+A params file is an .npz of float32 arrays keyed by '/'-joined Flax paths
+(`tools.torch_adapters.save_params_npz`); `import_from_torch.py` writes one,
+with its config beside it as NAME.config.json (picked up automatically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # Run as a script: make `tools` importable.
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from tools import torch_adapters as ta  # noqa: E402
+
+FORMAT = "egpt_align.torch_adapter"
+FORMAT_VERSION = 1
+
+
+def output_paths(out: str | os.PathLike) -> dict[str, Path]:
+  """PATH.pt / PATH.safetensors / PATH.config.json for --out PATH[.pt]."""
+  out = Path(out)
+  if out.suffix in (".pt", ".safetensors"):
+    out = out.with_suffix("")
+  return {
+    "pt": out.with_name(out.name + ".pt"),
+    "safetensors": out.with_name(out.name + ".safetensors"),
+    "config": out.with_name(out.name + ".config.json"),
+  }
+
+
+def _plain(value: Any) -> Any:
+  # Only types torch.load(weights_only=True) and JSON both accept.
+  if value is None or isinstance(value, bool | int | float | str):
+    return value
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_plain(v) for v in value]
+  if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+    return value.item()
+  return str(value)
+
+
+def model_config_of(config: Any) -> dict[str, Any]:
+  """The `model.*` fields of a run config (ConfigDict or dict), or flat."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  config = dict(config or {})
+  if "model" in config and isinstance(config["model"], Mapping):
+    config = dict(config["model"])
+  return _plain(config)
+
+
+def export(
+  params: Mapping,
+  name: str,
+  model_config: Mapping[str, Any] | None,
+  out: str | os.PathLike,
+  *,
+  fmt: str = "both",
+  epoch: int = 0,
+  step: int | None = None,
+  metrics: Mapping[str, float] | None = None,
+) -> list[Path]:
+  """Writes the torch export of `params`; returns the files written."""
+  name = ta.check_name(name)
+  if fmt not in ("pt", "safetensors", "both"):
+    raise ValueError(f"--format must be pt, safetensors or both, not {fmt!r}.")
+  model_config = dict(model_config or {})
+  cfg_name = model_config.pop("name", None)
+  if cfg_name is not None and ta.check_name(cfg_name) != name:
+    raise ValueError(
+      f"adapter {name!r} disagrees with the config's model.name {cfg_name!r}."
+    )
+  state_dict = ta.flax_to_state_dict(name, params)
+  cfg = ta.resolve_config(name, state_dict, model_config)
+  ref_config = ta.reference_config(name, **cfg)
+  extra = {k: v for k, v in _plain(model_config).items() if v is not None}
+  ours = {"name": name, **extra, **cfg}
+  metrics = _plain(dict(metrics)) if metrics else None
+  paths = output_paths(out)
+  paths["pt"].parent.mkdir(parents=True, exist_ok=True)
+  written = []
+  if fmt in ("pt", "both"):
+    ckpt = {
+      "model_state_dict": state_dict,
+      "adapter_type": ta.REF_TYPES[name],
+      "config": ref_config,
+      "epoch": int(epoch),
+      "egpt_align_adapter": name,
+      "egpt_align_config": ours,
+      "vlm_only": name == "b1",
+    }
+    if step is not None:
+      ckpt["egpt_align_step"] = int(step)
+    if metrics:
+      ckpt["metrics"] = metrics
+    _atomic(paths["pt"], lambda f: torch.save(ckpt, f))
+    written.append(paths["pt"])
+  if fmt in ("safetensors", "both"):
+    from safetensors.torch import save_file
+
+    meta = {
+      "format": "pt",
+      "egpt_align_adapter": name,
+      "adapter_type": ta.REF_TYPES[name],
+    }
+    tmp = paths["safetensors"].with_name(paths["safetensors"].name + ".tmp")
+    save_file(dict(state_dict), str(tmp), metadata=meta)
+    os.replace(tmp, paths["safetensors"])
+    sidecar = {
+      "format": FORMAT,
+      "version": FORMAT_VERSION,
+      "adapter": name,
+      "adapter_type": ta.REF_TYPES[name],
+      "vlm_only": name == "b1",
+      "config": ref_config,
+      "model": ours,
+      "epoch": int(epoch),
+      "step": step,
+      "metrics": metrics,
+    }
+    text = json.dumps(sidecar, indent=2) + "\n"
+    _atomic(paths["config"], lambda f: f.write(text.encode()))
+    written += [paths["safetensors"], paths["config"]]
+  return written
+
+
+def _atomic(path: Path, write) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def _load_json_arg(value: str, flag: str) -> dict:
+  try:
+    if value.lstrip().startswith("{"):
+      return json.loads(value)
+    with open(value) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise SystemExit(
+      f"{flag} {value!r}: not a JSON object or file ({e})."
+    ) from e
+
+
+def _which(value: str) -> str | int:
+  if value in ("best", "latest"):
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"--which must be best, latest or a step number, not {value!r}"
+    ) from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Command-line flags."""
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="training run dir (orbax checkpoints)")
+  src.add_argument("--params", help=".npz params file ('/'-joined keys)")
+  parser.add_argument(
+    "--which",
+    type=_which,
+    default="best",
+    help="with --workdir: best | latest | STEP (default best)",
+  )
+  parser.add_argument(
+    "--adapter",
+    choices=ta.ADAPTER_NAMES,
+    help="adapter name (default: the config's model.name)",
+  )
+  parser.add_argument(
+    "--config",
+    help="with --params: JSON file or inline JSON with the model fields "
+    "(flat or under 'model'); default PARAMS.config.json if present",
+  )
+  parser.add_argument(
+    "--out", required=True, help="output PATH.pt (siblings share the stem)"
+  )
+  parser.add_argument(
+    "--format", default="both", choices=("pt", "safetensors", "both")
+  )
+  parser.add_argument("--epoch", type=int, default=0, help="stored as epoch")
+  parser.add_argument(
+    "--metrics", help="JSON file or inline JSON dict stored as metrics"
+  )
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[Path]:
+  """CLI entry point."""
+  args = parse_args(argv)
+  step = None
+  if args.workdir:
+    try:
+      from egpt_align import checkpoint
+    except ImportError as e:
+      raise SystemExit(
+        f"--workdir needs egpt_align.checkpoint, which failed to import ({e})."
+        " Use --params instead."
+      ) from e
+    params, config = checkpoint.load_params(args.workdir, args.which)
+    model_cfg = model_config_of(config)
+    step = args.which if isinstance(args.which, int) else None
+  else:
+    params = ta.load_params_npz(args.params)
+    config_arg = args.config
+    sibling = Path(str(Path(args.params).with_suffix("")) + ".config.json")
+    if config_arg is None and sibling.exists():
+      config_arg = str(sibling)
+    model_cfg = (
+      model_config_of(_load_json_arg(config_arg, "--config"))
+      if config_arg
+      else {}
+    )
+  name = args.adapter or model_cfg.get("name")
+  if name is None:
+    raise SystemExit(
+      "No adapter name: pass --adapter or a config with model.name."
+    )
+  if args.adapter:
+    model_cfg.pop("name", None)
+  metrics = _load_json_arg(args.metrics, "--metrics") if args.metrics else None
+  written = export(
+    params,
+    name,
+    model_cfg,
+    args.out,
+    fmt=args.format,
+    epoch=args.epoch,
+    step=step,
+    metrics=metrics,
+  )
+  for path in written:
+    print(f"wrote {path}")
+  return written
+
+
+if __name__ == "__main__":
+  main()
