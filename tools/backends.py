@@ -68,12 +68,21 @@ def crop_cache(past_key_values, length: int):
   """Rolls a KV cache back to its first `length` positions (in place)."""
   if past_key_values is None:
     return None
+  remove = cache_length(past_key_values) - int(length)
+  if remove < 0:
+    raise ValueError(
+      f"crop_cache: the cache holds {cache_length(past_key_values)} "
+      f"positions, cannot crop to {length}"
+    )
   if hasattr(past_key_values, "crop"):
-    past_key_values.crop(length)
+    # A negative argument means "remove that many" in every transformers
+    # 4.4x-5.x release (5.2x rejects positive, absolute lengths).
+    if remove:
+      past_key_values.crop(-remove)
     return past_key_values
   # Legacy tuple-of-tuples cache: ((k [B, H, T, Dh], v), ...) per layer.
   return tuple(
-    tuple(t[..., :length, :] for t in layer) for layer in past_key_values
+    tuple(t[..., : int(length), :] for t in layer) for layer in past_key_values
   )
 
 
