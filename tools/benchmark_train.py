@@ -1,0 +1,461 @@
+r"""Train-step benchmark: our jitted JAX step against the torch twins.
+
+Times, in one process on one card, for each adapter level:
+  * ours: the trainer's jitted train step (forward + backward + clip + AdamW),
+    bf16 compute with float32 params, donated state;
+  * torch, the reference recipe: fp32 eager, torch.optim.AdamW, clip 1.0;
+  * torch, the best a careful user gets: bf16 autocast + torch.compile +
+    fused AdamW.
+All at the reference's shapes (batch 64, sequence 50, hidden 4096) unless told
+otherwise. It reports ms/step (median of timing windows), tokens/s, achieved
+TFLOP/s of the matmuls, the fraction of the measured bf16 matmul ceiling, and
+compile time separately. `--scaling` adds data-parallel runs over 1, 2, 4 ...
+devices with the global batch fixed and scaled.
+
+  # GPU, full size (about 5 minutes on an H100):
+  python tools/benchmark_train.py --out runs/bench_train
+  # CPU smoke test:
+  python tools/benchmark_train.py --small --out /tmp/bench_train
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from egpt_align import losses, models, optim, sharding  # noqa: E402
+
+LEVELS = ("l1", "l2", "l3", "l4", "l5", "l5f")
+
+
+def _optim_config():
+  """The reference recipe's optimizer block, from the trainer's base config."""
+  from egpt_align.configs import base
+
+  return base.get_config().optim
+
+
+def matmul_flops_per_step(params, tokens):
+  """6 x (matmul parameters) x tokens: forward + both backward matmuls."""
+  n = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    if leaf.ndim == 2 and "pos_embed" not in name:
+      n += leaf.size
+  return 6 * n * tokens
+
+
+def attention_flops_per_step(name, batch, seq, hidden):
+  """QK^T and PV: 4*B*S^2*D forward, x3 with the backward."""
+  if name in ("l4", "l5", "b1", "l5f"):
+    return 12 * batch * seq * seq * hidden
+  return 0
+
+
+def _time_windows(run, sync, steps, windows):
+  """Median per-step seconds over `windows` windows of `steps` steps."""
+  per_step = []
+  for _ in range(windows):
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      run()
+    sync()
+    per_step.append((time.perf_counter() - t0) / steps)
+  return statistics.median(per_step), per_step
+
+
+def measure_ceiling(n, dtype=jnp.bfloat16, iters=20):
+  """Measured matmul ceiling (TFLOP/s) of an n^3 matmul in JAX."""
+  key = jax.random.PRNGKey(0)
+  a = jax.random.normal(key, (n, n), dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  out = [None]
+
+  def run():
+    out[0] = f(a, b)
+
+  sec, _ = _time_windows(
+    run, lambda: out[0] is not None and out[0].block_until_ready(), iters, 3
+  )
+  return 2 * n**3 / sec / 1e12
+
+
+def make_batch(name, batch, seq, hidden, rng):
+  """A full-length random batch (all positions valid) on the host."""
+  src = rng.standard_normal((batch, seq, hidden), np.float32)
+  tgt = rng.standard_normal((batch, seq, hidden), np.float32)
+  return {
+    "source": src,
+    "target": tgt,
+    "mask": np.ones((batch, seq), bool),
+  }
+
+
+def build_jax_step(name, hidden, dtype, mesh, batch_example):
+  """Initial state and the jitted train step, as the trainer builds them."""
+  model = models.create_adapter(name, hidden_dim=hidden, dtype=dtype)
+  spec = models.get_spec(name)
+  tx, _ = optim.create_optimizer(
+    _optim_config(), steps_per_epoch=1000, num_epochs=50
+  )
+  inputs = models.adapter_inputs(name, batch_example)
+  params = jax.jit(
+    lambda k: model.init(
+      k, *[jnp.zeros(x.shape, jnp.float32) for x in inputs], deterministic=True
+    )["params"]
+  )(jax.random.PRNGKey(0))
+  opt_state = tx.init(params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt_state}
+
+  def loss_fn(params, batch, rng):
+    pred = model.apply(
+      {"params": params},
+      *models.adapter_inputs(name, batch),
+      mask=batch["mask"],
+      deterministic=False,
+      rngs={"dropout": rng},
+    )
+    loss, aux = losses.adapter_loss(
+      pred, batch["target"], batch["mask"], predicts_next=spec.predicts_next
+    )
+    return loss, aux
+
+  def train_step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state["step"])
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["params"], batch, rng
+    )
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt": opt}
+    return new_state, {"loss": loss, **aux}
+
+  rep = sharding.replicated(mesh)
+  bsh = sharding.batch_sharding(mesh)
+  state = jax.device_put(state, rep)
+  step = jax.jit(
+    train_step,
+    in_shardings=(rep, bsh, rep),
+    out_shardings=(rep, rep),
+    donate_argnums=(0,),
+  )
+  return model, state, step
+
+
+def bench_jax(name, batch, seq, hidden, dtype, devices, steps, windows):
+  """Times our jitted step on `devices`; returns a result dict."""
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  host = make_batch(name, batch, seq, hidden, np.random.default_rng(0))
+  model, state, step = build_jax_step(name, hidden, dtype, mesh, host)
+  bsh = sharding.batch_sharding(mesh)
+  dev_batch = jax.device_put(host, bsh)
+  rng = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(mesh))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, dev_batch, rng).compile()
+  compile_s = time.perf_counter() - t0
+  xla_flops = None
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0]
+    xla_flops = float(cost.get("flops", 0.0)) or None
+  except Exception:  # cost analysis is best effort
+    pass
+  holder = {"state": state, "metrics": None}
+
+  def run():
+    holder["state"], holder["metrics"] = compiled(
+      holder["state"], dev_batch, rng
+    )
+
+  for _ in range(3):
+    run()
+  jax.block_until_ready(holder["state"])
+
+  def sync():
+    jax.block_until_ready(holder["state"])
+
+  sec, windows_s = _time_windows(run, sync, steps, windows)
+  params = holder["state"]["params"]
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  tokens = batch * seq
+  flops = matmul_flops_per_step(params, tokens) + attention_flops_per_step(
+    name, batch, seq, hidden
+  )
+  loss = float(holder["metrics"]["loss"])
+  return {
+    "impl": f"jax {jnp.dtype(dtype).name} compute",
+    "level": name,
+    "devices": len(devices),
+    "batch": batch,
+    "params": int(n_params),
+    "ms": sec * 1e3,
+    "windows_ms": [w * 1e3 for w in windows_s],
+    "tokens_per_s": tokens / sec,
+    "model_flops": flops,
+    "xla_flops": xla_flops,
+    "tflops": flops / sec / 1e12,
+    "compile_s": compile_s,
+    "final_loss": loss,
+  }
+
+
+def bench_torch(name, batch, seq, hidden, mode, steps, windows):
+  """Times a torch twin: mode 'fp32' (reference) or 'compile' (bf16)."""
+  import torch
+
+  from tools import torch_adapters
+
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  torch.manual_seed(0)
+  model = torch_adapters.build_torch_adapter(name, hidden_dim=hidden).to(dev)
+  model.train()
+  spec = models.get_spec(name)
+  rng = np.random.default_rng(0)
+  host = make_batch(name, batch, seq, hidden, rng)
+  src = torch.from_numpy(host["source"]).to(dev)
+  tgt = torch.from_numpy(host["target"]).to(dev)
+  mask = torch.ones(batch, seq, device=dev)
+  fused = mode == "compile" and dev.type == "cuda"
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=1e-3, weight_decay=0.01, fused=fused
+  )
+
+  def ref_loss(pred, target, m):
+    mf = m.unsqueeze(-1)
+    n = m.sum().clamp_min(1)
+    mse = (((pred - target) ** 2) * mf).sum() / (n * pred.shape[-1])
+    cos = torch.nn.functional.cosine_similarity(pred, target, dim=-1)
+    align = mse + 0.5 * (1 - (cos * m).sum() / n)
+    if not spec.predicts_next:
+      return align
+    mn = m[:, 1:].unsqueeze(-1)
+    nmse = (((pred[:, :-1] - target[:, 1:]) ** 2) * mn).sum() / (
+      mn.sum().clamp_min(1) * pred.shape[-1]
+    )
+    return 0.5 * align + 0.5 * nmse
+
+  def fwd_loss(src, tgt, m):
+    if name == "l5f":
+      pred = model(src, tgt, m.bool())
+    elif name == "b1":
+      pred = model(tgt, m.bool())
+    else:
+      pred = model(src, m.bool())
+    return ref_loss(pred.float(), tgt, m)
+
+  if mode == "compile":
+    compiled = torch.compile(fwd_loss)
+
+    def loss_call():
+      with torch.autocast(dev.type, dtype=torch.bfloat16):
+        return compiled(src, tgt, mask)
+  else:
+
+    def loss_call():
+      return fwd_loss(src, tgt, mask)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_call()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  def sync():
+    if dev.type == "cuda":
+      torch.cuda.synchronize()
+
+  prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+  torch.backends.cuda.matmul.allow_tf32 = False  # reference: no TF32
+  try:
+    t0 = time.perf_counter()
+    for _ in range(3):
+      run()
+    sync()
+    warm_s = time.perf_counter() - t0
+    sec, windows_s = _time_windows(run, sync, steps, windows)
+  finally:
+    torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+  n_params = sum(p.numel() for p in model.parameters())
+  tokens = batch * seq
+  del model, opt
+  if dev.type == "cuda":
+    torch.cuda.empty_cache()
+  return {
+    "impl": "torch fp32 eager (reference)"
+    if mode == "fp32"
+    else "torch bf16 autocast + compile + fused AdamW",
+    "level": name,
+    "devices": 1,
+    "batch": batch,
+    "params": int(n_params),
+    "ms": sec * 1e3,
+    "windows_ms": [w * 1e3 for w in windows_s],
+    "tokens_per_s": tokens / sec,
+    "warmup_s": warm_s,
+  }
+
+
+def versions():
+  out = {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "device": str(jax.devices()[0].device_kind),
+    "backend": jax.default_backend(),
+    "num_devices": jax.device_count(),
+  }
+  try:
+    import flax
+    import optax
+
+    out["flax"] = flax.__version__
+    out["optax"] = optax.__version__
+  except ImportError:
+    pass
+  try:
+    import torch
+
+    out["torch"] = torch.__version__
+  except ImportError:
+    pass
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--levels", default=",".join(LEVELS))
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--seq", type=int, default=50)
+  p.add_argument("--hidden", type=int, default=4096)
+  p.add_argument("--dtype", default="bfloat16", help="JAX compute dtype")
+  p.add_argument("--steps", type=int, default=20, help="steps per window")
+  p.add_argument("--windows", type=int, default=5)
+  p.add_argument(
+    "--torch",
+    default="fp32,compile",
+    help="torch variants to run: fp32, compile (empty: none)",
+  )
+  p.add_argument(
+    "--torch_levels",
+    default="",
+    help="levels to run the torch variants on (default: all --levels)",
+  )
+  p.add_argument(
+    "--scaling",
+    default="",
+    help="levels for the multi-device scaling table (e.g. l4,l5f)",
+  )
+  p.add_argument("--ceiling_n", type=int, default=8192)
+  p.add_argument("--small", action="store_true", help="CPU smoke test sizes")
+  p.add_argument("--out", default=None, help="directory for results.json")
+  args = p.parse_args(argv)
+  if args.small:
+    args.batch, args.seq, args.hidden = 8, 16, 64
+    args.steps, args.windows, args.ceiling_n = 2, 2, 256
+  levels = [x for x in args.levels.split(",") if x]
+  dtype = jnp.dtype(args.dtype)
+  info = versions()
+  info["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  print(f"# {info}", flush=True)
+  ceiling = measure_ceiling(args.ceiling_n)
+  info["bf16_matmul_ceiling_tflops"] = ceiling
+  print(f"# bf16 {args.ceiling_n}^3 matmul ceiling: {ceiling:.0f} TFLOP/s")
+  rows = []
+  torch_modes = [m for m in args.torch.split(",") if m]
+  for name in levels:
+    r = bench_jax(
+      name,
+      args.batch,
+      args.seq,
+      args.hidden,
+      dtype,
+      jax.devices()[:1],
+      args.steps,
+      args.windows,
+    )
+    r["ceiling_frac"] = r["tflops"] / ceiling
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+    for mode in torch_modes:
+      if args.torch_levels and name not in args.torch_levels.split(","):
+        continue
+      try:
+        t = bench_torch(
+          name, args.batch, args.seq, args.hidden, mode, args.steps, 3
+        )
+      except Exception as e:  # report, keep going
+        t = {"impl": f"torch {mode}", "level": name, "error": repr(e)}
+      rows.append(t)
+      print(json.dumps(t), flush=True)
+  scaling = []
+  n_dev = jax.device_count()
+  for name in [x for x in args.scaling.split(",") if x]:
+    counts = [n for n in (1, 2, 4, 8) if n <= n_dev]
+    for n in counts:
+      for label, b in (("fixed", args.batch), ("scaled", args.batch * n)):
+        if label == "scaled" and n == 1:
+          continue
+        r = bench_jax(
+          name,
+          b,
+          args.seq,
+          args.hidden,
+          dtype,
+          jax.devices()[:n],
+          args.steps,
+          args.windows,
+        )
+        r["batch_mode"] = label
+        scaling.append(r)
+        print(json.dumps(r), flush=True)
+  # The table.
+  print()
+  print("| level | impl | ms/step | tokens/s | TFLOP/s | of ceiling |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    if "error" in r:
+      print(f"| {r['level']} | {r['impl']} | error: {r['error'][:60]} |||")
+      continue
+    tf = f"{r['tflops']:.0f}" if "tflops" in r else "-"
+    frac = f"{r['ceiling_frac']:.0%}" if "ceiling_frac" in r else "-"
+    print(
+      f"| {r['level']} | {r['impl']} | {r['ms']:.2f} | "
+      f"{r['tokens_per_s']:,.0f} | {tf} | {frac} |"
+    )
+  if scaling:
+    print()
+    print("| level | devices | batch | ms/step | tokens/s | speedup vs 1 |")
+    print("|---|---|---|---|---|---|")
+    base = {r["level"]: r for r in scaling if r["devices"] == 1}
+    for r in scaling:
+      sp = r["tokens_per_s"] / base[r["level"]]["tokens_per_s"]
+      print(
+        f"| {r['level']} | {r['devices']} | {r['batch']} | {r['ms']:.2f} | "
+        f"{r['tokens_per_s']:,.0f} | {sp:.2f}x |"
+      )
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "benchmark_train.json"), "w") as f:
+      json.dump({"info": info, "rows": rows, "scaling": scaling}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
