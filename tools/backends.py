@@ -505,16 +505,19 @@ def _load_causal_lm(path: str, *, device, dtype, **options) -> Backend:
 
 def _load_video_llava(path: str, *, device, dtype, **options) -> Backend:
   from transformers import (
+    AutoTokenizer,
     VideoLlavaForConditionalGeneration,
-    VideoLlavaProcessor,
+    VideoLlavaImageProcessor,
   )
 
-  processor = VideoLlavaProcessor.from_pretrained(path)
+  # The slow image processor needs no torchvision (the video processor does).
+  image_processor = VideoLlavaImageProcessor.from_pretrained(path)
+  tokenizer = AutoTokenizer.from_pretrained(path)
   model = VideoLlavaForConditionalGeneration.from_pretrained(
     path, dtype=torch_dtype(dtype)
   )
   return VideoLlavaBackend(
-    model.to(device), processor, model_id=path, **options
+    model.to(device), tokenizer, image_processor, model_id=path, **options
   )
 
 

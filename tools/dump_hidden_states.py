@@ -1,0 +1,501 @@
+r"""Dumps paired, token-aligned last-layer hidden states of two models.
+
+For every sample (question + each model's media) the TARGET generates
+greedily; then the DRAFTER is run over its own prompt plus the target's
+tokens (`--pairing teacher_forced`, the default), so for each generated
+position t both stored states predict token t from the same token context
+(REFERENCE.md E3 fix). Stored per sample:
+
+  source         [L, Ds]  drafter states h_d[t] (final, post-norm)
+  target         [L, Dt]  target states h_t[t]
+  target_tokens  [L]      the target's greedy tokens (EOS included)
+  draft_tokens   [L]      the drafter's own argmax at each position
+
+`--pairing free_running` reproduces the reference: both models generate on
+their own and the states are paired by step index, truncated to the shorter
+(draft_tokens are then the drafter's own generated tokens).
+
+Only the last layer's post-norm state at the needed positions is kept;
+generation and forward passes are batched over left-padded prompts. The
+output is an egpt_align dataset (egpt_align.data.DatasetWriter), resumable:
+restart the same command and finished samples are skipped. Failing samples
+are reported (stderr and OUT/failures.jsonl) with id and reason.
+
+Exit status: 0 all done; 1 some samples failed; 130 interrupted (finished
+samples are kept); 2 bad arguments or input file.
+
+Example (tiny CPU run with two HF causal LMs):
+
+  python tools/dump_hidden_states.py --target causal_lm:PATH_A \
+    --draft causal_lm:PATH_B --samples samples.jsonl --out /tmp/ds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+if __package__ in (None, ""):
+  # Run as a script: make `tools` and `egpt_align` importable from the repo,
+  # and plugins importable from the working directory.
+  sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
+  sys.path.insert(0, os.getcwd())
+
+import numpy as np
+import torch
+import tqdm
+
+from tools import backends as bk
+
+SAMPLES_HELP = """\
+samples file (JSONL), one object per line:
+  {"id": "scene1_q0", "question": "What is in the scene?",
+   "media": {"target": {"video": "mp4/scene1.mp4"},
+             "draft": {"image": "event_image/scene1.png"}}}
+'id' (unique str) and 'question' (str) are required. media.target /
+media.draft are handed to that model's backend: video_llava reads
+{"video": FILE_OR_DIR} or {"frames": [image paths]}; causal_lm reads
+nothing; a plugin reads the keys it documents. Relative paths are resolved
+against --media_root (default: the samples file's directory).
+"""
+
+ROLES = ("target", "draft")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _resolve(value, root: str):
+  """Joins relative path strings (that exist under `root`) onto `root`."""
+  if isinstance(value, str):
+    if not os.path.isabs(value) and os.path.exists(os.path.join(root, value)):
+      return os.path.join(root, value)
+    return value
+  if isinstance(value, list):
+    return [_resolve(v, root) for v in value]
+  if isinstance(value, dict):
+    return {k: _resolve(v, root) for k, v in value.items()}
+  return value
+
+
+def read_samples(path: str, media_root: str | None = None) -> list[dict]:
+  """Reads and validates the samples JSONL; errors name the line and field."""
+  root = media_root or os.path.dirname(os.path.abspath(path))
+  samples, seen = [], {}
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from e
+      if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object per line")
+      sid = obj.get("id")
+      if not isinstance(sid, (str, int)) or isinstance(sid, bool):
+        raise ValueError(f"{where}: 'id' must be a string, got {sid!r}")
+      sid = str(sid)
+      if sid in seen:
+        raise ValueError(f"{where}: id {sid!r} repeats line {seen[sid]}")
+      seen[sid] = lineno
+      if not isinstance(obj.get("question"), str):
+        raise ValueError(f"{where} (id {sid!r}): 'question' must be a string")
+      media = obj.get("media", {})
+      if not isinstance(media, dict) or any(
+        not isinstance(media.get(r, {}), dict) for r in ROLES
+      ):
+        raise ValueError(
+          f"{where} (id {sid!r}): 'media' must be "
+          '{"target": {...}, "draft": {...}}'
+        )
+      unknown = sorted(set(media) - set(ROLES))
+      if unknown:
+        raise ValueError(
+          f"{where} (id {sid!r}): unknown media roles {unknown}; "
+          f"expected {list(ROLES)}"
+        )
+      samples.append(
+        {
+          "id": sid,
+          "question": obj["question"],
+          "media": {r: _resolve(media.get(r, {}), root) for r in ROLES},
+        }
+      )
+  return samples
+
+
+def _view(sample: dict, role: str) -> dict:
+  return {
+    "id": sample["id"],
+    "question": sample["question"],
+    "media": sample["media"][role],
+  }
+
+
+def _np32(x: torch.Tensor) -> np.ndarray:
+  return x.detach().float().cpu().numpy()
+
+
+class Failure(Exception):
+  """A sample-level failure with a reason meant for the report."""
+
+
+def run_batch(
+  target: bk.Backend,
+  draft: bk.Backend,
+  items: Sequence[tuple[dict, dict, dict]],
+  *,
+  pairing: str,
+  max_new_tokens: int,
+) -> list[tuple[dict, dict | str]]:
+  """Processes prepared (sample, target_inputs, draft_inputs) together.
+
+  Returns, per item, (sample, record) where record is the dict to write or
+  a string saying why the sample failed.
+  """
+  t_batch = target.collate([t for _, t, _ in items])
+  gen = bk.greedy_generate(target, t_batch, max_new_tokens)
+  t_len = gen.lengths.cpu()
+  results: list = [None] * len(items)
+  if pairing == "teacher_forced":
+    keep = []
+    for i in range(len(items)):
+      toks = gen.tokens[i, : t_len[i]]
+      if int(toks.max()) >= draft.vocab_size:
+        bad = int(toks.max())
+        results[i] = (
+          f"target token id {bad} is outside the drafter's vocabulary "
+          f"(size {draft.vocab_size}); the models must share token ids"
+        )
+      else:
+        keep.append(i)
+    if keep:
+      d_batch = draft.collate([items[i][2] for i in keep])
+      lengths = t_len[keep]
+      n = int(lengths.max())
+      toks = gen.tokens[keep, :n].clone()
+      cols = torch.arange(n)[None]
+      toks[cols >= lengths[:, None].to(toks.device)] = draft.pad_token_id
+      d_hidden, d_ids = bk.teacher_forced_states(draft, d_batch, toks, lengths)
+      for j, i in enumerate(keep):
+        n_i = int(t_len[i])
+        results[i] = {
+          "source": _np32(d_hidden[j, :n_i]),
+          "target": _np32(gen.hidden[i, :n_i]),
+          "target_tokens": gen.tokens[i, :n_i].cpu().numpy(),
+          "draft_tokens": d_ids[j, :n_i].cpu().numpy(),
+          "meta": {
+            "id": items[i][0]["id"],
+            "question": items[i][0]["question"],
+          },
+        }
+  elif pairing == "free_running":
+    d_batch = draft.collate([d for _, _, d in items])
+    d_gen = bk.greedy_generate(draft, d_batch, max_new_tokens)
+    d_len = d_gen.lengths.cpu()
+    for i, (s, _, _) in enumerate(items):
+      n_i = int(min(t_len[i], d_len[i]))
+      results[i] = {
+        "source": _np32(d_gen.hidden[i, :n_i]),
+        "target": _np32(gen.hidden[i, :n_i]),
+        "target_tokens": gen.tokens[i, :n_i].cpu().numpy(),
+        "draft_tokens": d_gen.tokens[i, :n_i].cpu().numpy(),
+        "meta": {
+          "id": s["id"],
+          "question": s["question"],
+          "target_length": int(t_len[i]),
+          "draft_length": int(d_len[i]),
+        },
+      }
+  else:
+    raise ValueError(f"unknown pairing {pairing!r}")
+  return [(items[i][0], results[i]) for i in range(len(items))]
+
+
+class Dumper:
+  """Runs the dump loop: batching, failures, progress and the summary."""
+
+  def __init__(
+    self,
+    target: bk.Backend,
+    draft: bk.Backend,
+    writer,
+    *,
+    pairing: str = "teacher_forced",
+    max_new_tokens: int = 50,
+    batch_size: int = 8,
+    failures_path: str | None = None,
+    progress: bool = True,
+  ):
+    self.target, self.draft, self.writer = target, draft, writer
+    self.pairing = pairing
+    self.max_new_tokens = int(max_new_tokens)
+    self.batch_size = int(batch_size)
+    self.failures_path = failures_path
+    self.progress = progress
+    self.written = 0
+    self.positions = 0
+    self.failed: list[dict] = []
+
+  def fail(self, sample: dict, stage: str, reason: str) -> None:
+    """Reports a failed sample on stderr and in failures.jsonl."""
+    rec = {"id": sample["id"], "stage": stage, "reason": reason}
+    rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    self.failed.append(rec)
+    msg = f"FAILED sample {sample['id']!r} ({stage}): {reason}"
+    tqdm.tqdm.write(msg, file=sys.stderr)
+    if self.failures_path:
+      with open(self.failures_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+  def _prepare(self, sample: dict):
+    try:
+      t_in = self.target.prompt_inputs(_view(sample, "target"))
+    except Exception as e:  # noqa: BLE001 - reported, never dropped
+      self.fail(sample, "target inputs", f"{type(e).__name__}: {e}")
+      return None
+    try:
+      d_in = self.draft.prompt_inputs(_view(sample, "draft"))
+    except Exception as e:  # noqa: BLE001
+      self.fail(sample, "draft inputs", f"{type(e).__name__}: {e}")
+      return None
+    return sample, t_in, d_in
+
+  def _run(self, items):
+    kw = {"pairing": self.pairing, "max_new_tokens": self.max_new_tokens}
+    try:
+      return run_batch(self.target, self.draft, items, **kw)
+    except Exception as e:  # noqa: BLE001
+      if len(items) == 1:
+        return [(items[0][0], f"{type(e).__name__}: {e}")]
+    # Retry one by one so that only the culprit fails.
+    out = []
+    for item in items:
+      try:
+        out += run_batch(self.target, self.draft, [item], **kw)
+      except Exception as e:  # noqa: BLE001
+        out.append((item[0], f"{type(e).__name__}: {e}"))
+    return out
+
+  def process(self, batch: Sequence[dict]) -> None:
+    """Processes and writes one batch of samples."""
+    items = [p for p in map(self._prepare, batch) if p is not None]
+    if not items:
+      return
+    for sample, rec in self._run(items):
+      if isinstance(rec, str):
+        self.fail(sample, "model", rec)
+        continue
+      try:
+        self.writer.append(
+          rec["source"],
+          rec["target"],
+          target_tokens=rec["target_tokens"],
+          draft_tokens=rec["draft_tokens"],
+          meta=rec["meta"],
+        )
+      except ValueError as e:
+        self.fail(sample, "write", str(e))
+        continue
+      self.written += 1
+      self.positions += len(rec["target_tokens"])
+
+  def run(self, samples: Sequence[dict]) -> None:
+    """Processes every sample not yet in the dataset."""
+    done = set(self.writer.done_ids)
+    todo = [s for s in samples if s["id"] not in done]
+    self.skipped = len(samples) - len(todo)
+    bar = tqdm.tqdm(
+      total=len(todo), unit="sample", disable=not self.progress, smoothing=0.1
+    )
+    with bar:
+      for k in range(0, len(todo), self.batch_size):
+        batch = todo[k : k + self.batch_size]
+        self.process(batch)
+        bar.update(len(batch))
+        bar.set_postfix(failed=len(self.failed), pos=self.positions)
+
+
+def _positive(x: str) -> int:
+  v = int(x)
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+  return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line interface."""
+  p = argparse.ArgumentParser(
+    prog="dump_hidden_states.py",
+    description=__doc__,
+    epilog=SAMPLES_HELP + "\nmodel SPEC: causal_lm:PATH_OR_ID | "
+    "video_llava:PATH_OR_ID | module.path:factory[:ARG] (a plugin, see "
+    "docs/PLUGINS.md)",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("--target", required=True, metavar="SPEC", help="target model")
+  p.add_argument("--draft", required=True, metavar="SPEC", help="drafter model")
+  p.add_argument("--samples", required=True, help="samples JSONL (see below)")
+  p.add_argument("--out", required=True, help="output dataset directory")
+  p.add_argument(
+    "--pairing",
+    default="teacher_forced",
+    choices=("teacher_forced", "free_running"),
+    help="teacher_forced (default): drafter fed the target's tokens; "
+    "free_running: the reference's step-index pairing",
+  )
+  p.add_argument("--max_new_tokens", type=_positive, default=50)
+  p.add_argument("--batch_size", type=_positive, default=8)
+  p.add_argument(
+    "--dtype",
+    default=None,
+    choices=sorted(bk.DTYPES),
+    help="model compute dtype (default: bfloat16 on GPU, float32 on CPU)",
+  )
+  p.add_argument(
+    "--store_dtype",
+    default="bfloat16",
+    choices=("bfloat16", "float16", "float32"),
+    help="dtype of the stored states (default bfloat16)",
+  )
+  p.add_argument("--device", default=None, help="default: cuda if available")
+  p.add_argument("--samples_per_shard", type=_positive, default=1024)
+  p.add_argument("--max_samples", type=int, default=-1, help="-1: all")
+  p.add_argument(
+    "--media_root", default=None, help="base of relative media paths"
+  )
+  p.add_argument(
+    "--num_frames", type=_positive, default=None, help="video_llava frames (8)"
+  )
+  p.add_argument("--target_prompt", default=None, help="target template")
+  p.add_argument("--draft_prompt", default=None, help="drafter template")
+  p.add_argument("--no_progress", action="store_true")
+  return p
+
+
+def _options(spec: str, template: str | None, num_frames: int | None) -> dict:
+  opts = {}
+  if template is not None:
+    opts["prompt_template"] = template.replace("\\n", "\n")
+  if num_frames is not None and spec.startswith("video_llava:"):
+    opts["num_frames"] = num_frames
+  return opts
+
+
+def _raise_interrupt(signum, frame):
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point; returns the process exit status."""
+  args = build_parser().parse_args(argv)
+  try:
+    from egpt_align.data import DatasetWriter
+  except ImportError:  # the package may not re-export it
+    from egpt_align.data.writer import DatasetWriter
+
+  try:
+    samples = read_samples(args.samples, args.media_root)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  if args.max_samples >= 0:
+    samples = samples[: args.max_samples]
+  device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+  dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+  torch.set_grad_enabled(False)
+  print(f"loading target {args.target} ({device}, {dtype})", file=sys.stderr)
+  target = bk.load_backend(
+    args.target,
+    device=device,
+    dtype=dtype,
+    **_options(args.target, args.target_prompt, args.num_frames),
+  )
+  print(f"loading draft {args.draft}", file=sys.stderr)
+  draft = bk.load_backend(
+    args.draft,
+    device=device,
+    dtype=dtype,
+    **_options(args.draft, args.draft_prompt, args.num_frames),
+  )
+  provenance = {
+    "tool": "tools/dump_hidden_states.py",
+    "pairing": args.pairing,
+    "max_new_tokens": args.max_new_tokens,
+    "samples_file": os.path.abspath(args.samples),
+    "source": draft.provenance(),
+    "target": target.provenance(),
+    "states": "last layer, post final norm, at the positions predicting "
+    "each generated token",
+  }
+  writer = DatasetWriter(
+    args.out,
+    source_dim=draft.hidden_size,
+    target_dim=target.hidden_size,
+    dtype=args.store_dtype,
+    samples_per_shard=args.samples_per_shard,
+    provenance=provenance,
+    resume=True,
+  )
+  dumper = Dumper(
+    target,
+    draft,
+    writer,
+    pairing=args.pairing,
+    max_new_tokens=args.max_new_tokens,
+    batch_size=args.batch_size,
+    failures_path=os.path.join(args.out, "failures.jsonl"),
+    progress=not args.no_progress,
+  )
+  old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
+  start = time.perf_counter()
+  interrupted = False
+  try:
+    with writer:  # closing flushes every finished sample, also on interrupt
+      dumper.run(samples)
+  except KeyboardInterrupt:
+    interrupted = True
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  elapsed = time.perf_counter() - start
+  summary = {
+    "out": args.out,
+    "pairing": args.pairing,
+    "samples_written": dumper.written,
+    "samples_already_done": getattr(dumper, "skipped", 0),
+    "samples_failed": len(dumper.failed),
+    "dataset_samples": writer.num_samples,
+    "positions_written": dumper.positions,
+    "mean_length": dumper.positions / max(dumper.written, 1),
+    "seconds": round(elapsed, 3),
+    "samples_per_s": dumper.written / max(elapsed, 1e-9),
+    "interrupted": interrupted,
+  }
+  print("summary: " + json.dumps(summary), file=sys.stderr)
+  if interrupted:
+    print(
+      "interrupted: finished samples are kept; rerun the same command to "
+      "resume",
+      file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+  if dumper.failed:
+    print(
+      f"{len(dumper.failed)} sample(s) failed, see "
+      f"{os.path.join(args.out, 'failures.jsonl')}; rerun to retry them",
+      file=sys.stderr,
+    )
+    return EXIT_FAILED
+  return EXIT_OK
+
+
+if __name__ == "__main__":
+  sys.exit(main())
