@@ -159,6 +159,18 @@ def test_device_cache_equals_host_cache_equals_streaming(ds, sharded):
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
 
 
+@pytest.mark.parametrize("cache", ["none", "host"])
+def test_recycled_buffers_give_the_same_batches(ds, cache):
+  fresh = _pipe(ds, cache=cache, drop_remainder=False, seed=9)
+  reused = _pipe(ds, cache=cache, drop_remainder=False, seed=9, num_workers=3)
+  reused.recycle_buffers = True
+  a, b = list(fresh.batches(0)), list(reused.batches(0))
+  assert len(a) == len(b)
+  for x, y in zip(a, b, strict=True):
+    for key in x:
+      np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]))
+
+
 def test_auto_cache_respects_budget(ds):
   assert _pipe(ds, cache="auto", host_budget_bytes=0).cache == "none"
   assert _pipe(ds, cache="auto", host_budget_bytes=1 << 40).cache == "host"

@@ -181,6 +181,8 @@ class InputPipeline:
     )
     self._host_cache = None
     self._device_caches = None
+    # None = reuse host batch buffers except on CPU (tests may force True).
+    self.recycle_buffers: bool | None = None
     if self.cache in ("host", "device"):
       self._build_host_cache()
     if self.cache == "device":
@@ -224,8 +226,10 @@ class InputPipeline:
     self._row_start[1:] = np.cumsum(self.share_lengths[:-1])
     cache = {}
     for f in self.fields:
-      trailing, dtype = ds.field_spec(f)
-      cache[f] = np.zeros((self.num_positions + 1,) + trailing, dtype)
+      trailing, _ = ds.field_spec(f)
+      cache[f] = np.zeros(
+        (self.num_positions + 1,) + trailing, ds.disk_dtype(f)
+      )
     # Read in dataset order so memory-mapped shards stream sequentially.
     it = tqdm(
       np.argsort(self.share, kind="stable"),
@@ -234,17 +238,24 @@ class InputPipeline:
       disable=not self.progress,
       mininterval=2.0,
     )
+    starts = self._row_start.tolist()
+    lens = self.share_lengths.tolist()
+    share = self.share.tolist()
     for j in it:
-      a = self._row_start[j]
-      n = self.share_lengths[j]
+      a, n = starts[j], lens[j]
       for f in self.fields:
-        cache[f][a : a + n] = ds._slice(int(self.share[j]), f)
+        cache[f][a : a + n] = ds._slice(share[j], f, raw=True)
+    # Kept as the on-disk bits: np.take on uint16 is a fast memcpy gather.
     self._host_cache = cache
 
   def _build_device_cache(self) -> None:
+    views = {f: self._as_memory(f, v) for f, v in self._host_cache.items()}
     self._device_caches = {
-      d: jax.device_put(self._host_cache, d) for d in self._output_devices()
+      d: jax.device_put(views, d) for d in self._output_devices()
     }
+
+  def _as_memory(self, field: str, x: np.ndarray) -> np.ndarray:
+    return x.view(self.dataset.field_spec(field)[1])
 
   # ------------------------------------------------------------------ plan
 
@@ -277,7 +288,9 @@ class InputPipeline:
 
   # --------------------------------------------------------------- batches
 
-  def _host_batch(self, seq_len: int, pos: np.ndarray) -> dict:
+  def _host_batch(
+    self, seq_len: int, pos: np.ndarray, buffers: dict | None = None
+  ) -> dict:
     """A process-local numpy batch from share positions (-1 = padding)."""
     valid = pos >= 0
     safe = np.where(valid, pos, 0)
@@ -285,18 +298,44 @@ class InputPipeline:
     index = np.where(valid, self.share[safe], -1).astype(np.int32)
     mask = np.arange(seq_len)[None, :] < lengths[:, None]
     batch = {"mask": mask, "lengths": lengths, "index": index}
-    if self.cache == "none":
-      out = self.dataset.read_batch(index, seq_len, fields=self.fields)
+    out = None
+    if buffers is not None:
+      out = {}
       for f in self.fields:
-        batch[f] = out[f]
+        trailing, _ = self.dataset.field_spec(f)
+        shape = (len(pos), seq_len) + trailing
+        out[f] = buffers[f][: int(np.prod(shape))].reshape(shape)
+    if self.cache == "none":
+      got = self.dataset.read_batch(index, seq_len, fields=self.fields, out=out)
+      for f in self.fields:
+        batch[f] = got[f]
     else:
       rows = self._rows(seq_len, pos, lengths)
       if self.cache == "host":
         for f in self.fields:
-          batch[f] = np.take(self._host_cache[f], rows, axis=0)
+          x = np.take(
+            self._host_cache[f],
+            rows,
+            axis=0,
+            out=None if out is None else out[f],
+          )
+          batch[f] = self._as_memory(f, x)
       else:
         batch["rows"] = rows
     return batch
+
+  def _new_buffers(self) -> dict:
+    """Flat host buffers big enough for a local batch at the longest bucket."""
+    out = {}
+    for f in self.fields:
+      trailing, _ = self.dataset.field_spec(f)
+      size = (
+        self.local_batch_size
+        * self.bucket_lengths[-1]
+        * int(np.prod(trailing, dtype=np.int64))
+      )
+      out[f] = np.empty(size, self.dataset.disk_dtype(f))
+    return out
 
   def _rows(self, seq_len, pos, lengths) -> np.ndarray:
     start = self._row_start[np.where(pos >= 0, pos, 0)]
@@ -382,22 +421,46 @@ class InputPipeline:
           pass
       return False
 
+    workers = 1 if self.cache == "device" else self.num_workers
+    lookahead = workers + self.prefetch
+    # Host buffers are recycled once their transfer has finished: a fresh
+    # 30-60 MB allocation per batch costs page faults and munmap TLB
+    # shootdowns that stall every assembling thread. On CPU, device_put may
+    # alias the numpy memory, so buffers are never reused there.
+    on_cpu = self._output_devices()[0].platform == "cpu"
+    recycle = self.cache != "device" and (
+      not on_cpu if self.recycle_buffers is None else self.recycle_buffers
+    )
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    if recycle:
+      for _ in range(lookahead + 1):
+        free.put(self._new_buffers())
+
+    def assemble(seq_len, pos):
+      buffers = free.get() if recycle else None
+      return buffers, self._host_batch(seq_len, pos, buffers)
+
     def produce():
       try:
-        workers = self.num_workers if self.cache == "none" else 1
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
           pending = []
           it = iter(plan)
           while not stop.is_set():
-            while len(pending) < workers + self.prefetch:
+            while len(pending) < lookahead:
               step = next(it, None)
               if step is None:
                 break
-              pending.append(pool.submit(self._host_batch, *step))
+              pending.append(pool.submit(assemble, *step))
             if not pending:
               break
-            batch = pending.pop(0).result()
-            if not put(self._to_device(batch)):
+            buffers, batch = pending.pop(0).result()
+            if buffers is not None and on_cpu:
+              batch = {k: np.array(v) for k, v in batch.items()}  # no alias
+            device_batch = self._to_device(batch)
+            if buffers is not None:
+              jax.block_until_ready(device_batch)
+              free.put(buffers)
+            if not put(device_batch):
               break
           for fut in pending:
             fut.cancel()

@@ -54,6 +54,7 @@ class _Shard:
     disk = fmt.disk_dtype(header["dtype"])
     mem = fmt.memory_dtype(header["dtype"])
     self.states = {}
+    self.raw = {}
     for stream in fmt.STATE_STREAMS:
       dim = header[f"{stream}_dim"]
       arr = self._load(fmt.stream_file(stream), None)
@@ -73,6 +74,9 @@ class _Shard:
           f"expected {disk} for {header['dtype']}"
         )
       self.states[stream] = arr.view(mem)
+      # Plain ndarray views of the on-disk bits: cheap to slice, and copies
+      # of uint16 stay in numpy's fast (GIL-free) paths.
+      self.raw[stream] = np.asarray(arr)
     self.tokens = {}
     for stream in fmt.TOKEN_STREAMS:
       if header[f"has_{stream}"]:
@@ -83,6 +87,7 @@ class _Shard:
             "expected int32"
           )
         self.tokens[stream] = arr
+        self.raw[stream] = np.asarray(arr)
     self._meta = None
 
   def _load(self, fname: str, shape) -> np.ndarray:
@@ -132,7 +137,7 @@ class HiddenStateDataset:
       self.shards.append(_Shard(self.path, info, h, first))
       first += info["num_samples"]
     self.num_samples = first
-    self._starts = np.array([s.first for s in self.shards], np.int64)
+    self._lists = None  # python lists of the index arrays, for fast loops
     if self.shards:
       self.lengths = np.concatenate([s.lengths for s in self.shards])
       # Global sample -> (shard, first row in that shard's packed arrays).
@@ -154,6 +159,12 @@ class HiddenStateDataset:
   def fields(self) -> tuple[str, ...]:
     """All per-position streams: states first, then token ids."""
     return fmt.STATE_STREAMS + self.token_fields
+
+  def disk_dtype(self, field: str) -> np.dtype:
+    """dtype of a stream's bits on disk (uint16 for bfloat16 states)."""
+    if field in fmt.STATE_STREAMS:
+      return fmt.disk_dtype(self.header["dtype"])
+    return self.field_spec(field)[1]
 
   def field_spec(self, field: str) -> tuple[tuple[int, ...], np.dtype]:
     """Per-position (trailing shape, dtype) of a stream."""
@@ -178,10 +189,12 @@ class HiddenStateDataset:
       )
     return i
 
-  def _slice(self, i: int, field: str) -> np.ndarray:
+  def _slice(self, i: int, field: str, raw: bool = False) -> np.ndarray:
     shard = self.shards[self.shard_of[i]]
     row = self.row_of[i]
     length = self.lengths[i]
+    if raw:
+      return shard.raw[field][row : row + length]
     src = shard.states if field in fmt.STATE_STREAMS else shard.tokens
     return src[field][row : row + length]
 
@@ -203,8 +216,15 @@ class HiddenStateDataset:
     indices: Sequence[int],
     pad_to: int,
     fields: Sequence[str] | None = None,
+    out: dict | None = None,
   ) -> dict:
-    """Zero-padded numpy batch of samples; index -1 gives an empty row."""
+    """Zero-padded numpy batch of samples; index -1 gives an empty row.
+
+    `out` optionally maps fields to reusable buffers [n, pad_to, ...] of the
+    on-disk dtype (see `disk_dtype`); reusing them avoids a fresh allocation
+    (page faults, munmap) per batch, which is what limits multi-threaded
+    assembly.
+    """
     indices = np.asarray(indices, np.int64)
     n = len(indices)
     fields = tuple(fields or self.fields)
@@ -222,13 +242,39 @@ class HiddenStateDataset:
         f"{self.path}: sample {indices[j]} has length {lengths[j]} > "
         f"pad_to={pad_to}"
       )
-    out = {}
+    bufs = {}
     for f in fields:
-      trailing, dtype = self.field_spec(f)
-      buf = np.zeros((n, pad_to) + trailing, dtype)
-      for j in np.flatnonzero(valid):
-        buf[j, : lengths[j]] = self._slice(int(indices[j]), f)
-      out[f] = buf
+      trailing, _ = self.field_spec(f)
+      shape = (n, pad_to) + trailing
+      if out is None:
+        bufs[f] = np.zeros(shape, self.disk_dtype(f))
+      else:
+        bufs[f] = out[f]
+        if bufs[f].shape != shape or bufs[f].dtype != self.disk_dtype(f):
+          raise ValueError(
+            f"out[{f!r}] is {bufs[f].shape} {bufs[f].dtype}, expected "
+            f"{shape} {self.disk_dtype(f)}"
+          )
+    if self._lists is None:
+      self._lists = (
+        self.shard_of.tolist(),
+        self.row_of.tolist(),
+        self.lengths.tolist(),
+      )
+    shard_of, row_of, lens = self._lists
+    raws = [s.raw for s in self.shards]
+    for j, i in enumerate(indices.tolist()):
+      if i < 0:
+        if out is not None:
+          for f in fields:
+            bufs[f][j] = 0
+        continue
+      raw, r, length = raws[shard_of[i]], row_of[i], lens[i]
+      for f in fields:
+        bufs[f][j, :length] = raw[f][r : r + length]
+        if out is not None and length < pad_to:
+          bufs[f][j, length:] = 0
+    out = {f: bufs[f].view(self.field_spec(f)[1]) for f in fields}
     out["mask"] = np.arange(pad_to)[None, :] < lengths[:, None]
     out["lengths"] = lengths
     out["index"] = indices.astype(np.int32)

@@ -1,0 +1,362 @@
+r"""Input-pipeline throughput: valid tokens/s delivered to the device.
+
+Writes a dataset of N samples at hidden D with reference-like lengths
+(mean 34, std 10.4, min 5, max 50) to a temporary directory and measures,
+with `block_until_ready` on every batch:
+
+  stream_cold  cache='none' (memory-mapped), page cache dropped for the
+               shard files first (posix_fadvise DONTNEED; 'hot' if that fails)
+  stream_hot   cache='none', files in the page cache
+  host         cache='host' (this process's share in RAM, numpy gathers)
+  device       cache='device' (dataset in accelerator memory, jitted gather)
+  reference    the reference loader's approach (REFERENCE.md C.3, P1, P2):
+               fp32 torch.save chunks of 1000 samples padded to 50,
+               chunk-order shuffle + in-chunk randperm, per-sample Python
+               batch assembly with padding to the batch maximum and a float
+               mask, one-chunk prefetch thread, then device_put
+
+Full size (GPU machine):
+  python tools/benchmark_data.py --out bench_data.json
+CPU smoke test:
+  python tools/benchmark_data.py --num_samples 256 --hidden_dim 64 \
+    --ref_chunks 1 --out /tmp/bench_data.json
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from egpt_align import data  # noqa: E402
+
+
+def reference_lengths(n, rng, *, mean=34.3, std=10.4, lo=5, hi=50):
+  """Lengths like the reference's test set (B.1: mean 34.3, std 10.4)."""
+  return np.clip(np.rint(rng.normal(mean, std, n)), lo, hi).astype(np.int32)
+
+
+def write_dataset(path, lengths, dim, rng, *, samples_per_shard):
+  """Writes random bf16 states fast (rows copied from a random pool)."""
+  pool = rng.standard_normal((4096 + 64, dim), dtype=np.float32)
+  with data.DatasetWriter(
+    path,
+    source_dim=dim,
+    target_dim=dim,
+    samples_per_shard=samples_per_shard,
+    provenance={"source_model": "benchmark-random"},
+    resume=False,
+  ) as w:
+    for i, n in enumerate(data_progress(lengths, "write dataset")):
+      a, b = rng.integers(0, 4096, 2)
+      w.append(pool[a : a + n], pool[b : b + n] * 0.5, meta={"id": str(i)})
+
+
+def data_progress(it, desc):
+  from tqdm import tqdm
+
+  return tqdm(it, desc=desc, unit="sample", mininterval=2.0)
+
+
+def write_reference_chunks(path, lengths, dim, rng, chunk_size=1000):
+  """The reference layout: fp32 [n, 50, D] zero-padded chunks + index.json."""
+  import torch
+
+  os.makedirs(os.path.join(path, "chunks"))
+  pool = rng.standard_normal((4096 + 64, dim), dtype=np.float32)
+  chunks = []
+  for start in range(0, len(lengths), chunk_size):
+    lens = lengths[start : start + chunk_size]
+    egpt = np.zeros((len(lens), 50, dim), np.float32)
+    vl = np.zeros_like(egpt)
+    for i, n in enumerate(lens):
+      a, b = rng.integers(0, 4096, 2)
+      egpt[i, :n] = pool[a : a + n]
+      vl[i, :n] = pool[b : b + n]
+    name = f"chunk_{start:06d}.pt"
+    torch.save(
+      {
+        "egpt_hidden": torch.from_numpy(egpt),
+        "vl_hidden": torch.from_numpy(vl),
+        "seq_lens": torch.from_numpy(lens.astype(np.int64)),
+        "metadata": [{"seq_len": int(n)} for n in lens],
+      },
+      os.path.join(path, "chunks", name),
+    )
+    chunks.append({"path": name, "start_idx": start, "n_samples": len(lens)})
+  with open(os.path.join(path, "index.json"), "w") as f:
+    json.dump({"total_samples": len(lengths), "chunks": chunks}, f)
+
+
+def drop_page_cache(paths) -> bool:
+  """Asks the kernel to forget the files' cached pages (no root needed)."""
+  ok = True
+  for p in paths:
+    try:
+      fd = os.open(p, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      finally:
+        os.close(fd)
+    except (OSError, AttributeError):
+      ok = False
+  return ok
+
+
+def dataset_files(path):
+  out = []
+  for root, _, files in os.walk(path):
+    out += [os.path.join(root, f) for f in files if f.endswith(".npy")]
+  return out
+
+
+def time_pipeline(pipe, epochs, max_steps):
+  """Valid tokens/s over `epochs` epochs (at most max_steps batches each)."""
+  tokens = steps = padded = 0
+  t0 = time.perf_counter()
+  for epoch in range(epochs):
+    plan = pipe.plan(epoch)[:max_steps]
+    for (seq_len, pos), batch in zip(plan, pipe.batches(epoch), strict=False):
+      jax.block_until_ready(batch)
+      tokens += int(pipe.share_lengths[pos[pos >= 0]].sum())
+      padded += len(pos) * seq_len
+      steps += 1
+      if steps >= max_steps * (epoch + 1):
+        break
+  dt = time.perf_counter() - t0
+  return {
+    "tokens": tokens,
+    "steps": steps,
+    "seconds": dt,
+    "tokens_per_s": tokens / dt,
+    "batches_per_s": steps / dt,
+    "padding_fraction": 1 - tokens / max(padded, 1),
+  }
+
+
+def reference_loader(path, batch_size, device):
+  """A re-implementation of the reference's chunked loader (C.3, P2)."""
+  import torch
+
+  with open(os.path.join(path, "index.json")) as f:
+    index = json.load(f)
+  order = list(index["chunks"])
+  random.shuffle(order)
+
+  def load(c):
+    return torch.load(
+      os.path.join(path, "chunks", c["path"]), weights_only=True
+    )
+
+  nxt = {}
+
+  def prefetch(k):
+    nxt[k] = load(order[k])
+
+  thread = threading.Thread(target=prefetch, args=(0,))
+  thread.start()
+  for k in range(len(order)):
+    thread.join()
+    chunk = nxt.pop(k)
+    if k + 1 < len(order):
+      thread = threading.Thread(target=prefetch, args=(k + 1,))
+      thread.start()
+    n = chunk["egpt_hidden"].shape[0]
+    perm = torch.randperm(n)
+    for start in range(0, n, batch_size):
+      items = []
+      for idx in perm[start : start + batch_size]:
+        length = chunk["seq_lens"][idx].item()
+        items.append(
+          {
+            "egpt": chunk["egpt_hidden"][idx, :length],
+            "vl": chunk["vl_hidden"][idx, :length],
+            "seq_len": length,
+          }
+        )
+      max_len = max(it["seq_len"] for it in items)
+      egpt, vl, mask = [], [], []
+      for it in items:
+        pad = max_len - it["seq_len"]
+        dim = it["egpt"].shape[-1]
+        egpt.append(torch.cat([it["egpt"], torch.zeros(pad, dim)]))
+        vl.append(torch.cat([it["vl"], torch.zeros(pad, dim)]))
+        m = torch.zeros(max_len)
+        m[: it["seq_len"]] = 1.0
+        mask.append(m)
+      batch = {
+        "egpt": torch.stack(egpt).numpy(),
+        "vl": torch.stack(vl).numpy(),
+        "mask": torch.stack(mask).numpy(),
+      }
+      tokens = int(sum(it["seq_len"] for it in items))
+      yield jax.device_put(batch, device), tokens
+
+
+def time_reference(path, batch_size, max_steps, device):
+  tokens = steps = 0
+  t0 = time.perf_counter()
+  for batch, n in reference_loader(path, batch_size, device):
+    jax.block_until_ready(batch)
+    tokens += n
+    steps += 1
+    if steps >= max_steps:
+      break
+  dt = time.perf_counter() - t0
+  return {
+    "tokens": tokens,
+    "steps": steps,
+    "seconds": dt,
+    "tokens_per_s": tokens / dt,
+    "batches_per_s": steps / dt,
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+    description=(
+      "Measure valid tokens/s delivered to the device by the input "
+      "pipeline (streaming, host cache, device cache) against the "
+      "reference loader's approach. Prints a table, writes JSON to --out."
+    )
+  )
+  parser.add_argument("--num_samples", type=int, default=12000)
+  parser.add_argument("--hidden_dim", type=int, default=4096)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--samples_per_shard", type=int, default=2048)
+  parser.add_argument(
+    "--ref_chunks",
+    type=int,
+    default=4,
+    help="1000-sample fp32 chunks for the reference baseline (0 = skip)",
+  )
+  parser.add_argument(
+    "--modes",
+    default="stream_cold,stream_hot,host,device,reference",
+    help="comma-separated subset of the modes to run",
+  )
+  parser.add_argument("--num_workers", type=int, default=8)
+  parser.add_argument("--prefetch", type=int, default=4)
+  parser.add_argument(
+    "--max_steps", type=int, default=10**9, help="cap on batches per epoch"
+  )
+  parser.add_argument(
+    "--device_epochs",
+    type=int,
+    default=5,
+    help="epochs timed in device mode (one epoch is short there)",
+  )
+  parser.add_argument("--dir", help="work dir (default: a temporary one)")
+  parser.add_argument("--keep", action="store_true", help="keep the files")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", help="write the results as JSON here")
+  args = parser.parse_args(argv)
+  modes = args.modes.split(",")
+
+  work = args.dir or tempfile.mkdtemp(prefix="egpt_bench_data_")
+  os.makedirs(work, exist_ok=True)
+  rng = np.random.default_rng(args.seed)
+  lengths = reference_lengths(args.num_samples, rng)
+  device = jax.local_devices()[0]
+  results = {
+    "device": str(device),
+    "platform": device.platform,
+    "num_samples": args.num_samples,
+    "hidden_dim": args.hidden_dim,
+    "batch_size": args.batch_size,
+    "mean_length": float(lengths.mean()),
+    "max_length": int(lengths.max()),
+    "modes": {},
+  }
+  try:
+    ds_path = os.path.join(work, "dataset")
+    t0 = time.perf_counter()
+    write_dataset(
+      ds_path,
+      lengths,
+      args.hidden_dim,
+      rng,
+      samples_per_shard=args.samples_per_shard,
+    )
+    results["write_seconds"] = time.perf_counter() - t0
+    ds = data.open_dataset(ds_path)
+    common = dict(
+      global_batch_size=args.batch_size,
+      seed=args.seed,
+      num_workers=args.num_workers,
+      prefetch=args.prefetch,
+    )
+    for mode in ("stream_cold", "stream_hot", "host", "device"):
+      if mode not in modes:
+        continue
+      cache = {"stream_cold": "none", "stream_hot": "none"}.get(mode, mode)
+      t0 = time.perf_counter()
+      pipe = data.InputPipeline(ds, cache=cache, **common)
+      build = time.perf_counter() - t0
+      note = ""
+      if mode == "stream_cold":
+        note = (
+          "cold (page cache dropped)"
+          if drop_page_cache(dataset_files(ds_path))
+          else "could not drop page cache: hot"
+        )
+      elif mode == "stream_hot":
+        time_pipeline(pipe, 1, min(args.max_steps, 20))  # warm + compile
+        note = "files in page cache"
+      else:
+        time_pipeline(pipe, 1, 3)  # compile every bucket shape once
+        time_pipeline(pipe, 1, args.max_steps)
+      epochs = args.device_epochs if mode == "device" else 1
+      r = time_pipeline(pipe, epochs, args.max_steps)
+      r["cache_build_seconds"] = build
+      r["note"] = note
+      results["modes"][mode] = r
+      print(f"{mode}: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
+      del pipe
+    if "reference" in modes and args.ref_chunks > 0:
+      ref_path = os.path.join(work, "reference")
+      n_ref = min(args.ref_chunks * 1000, args.num_samples)
+      write_reference_chunks(ref_path, lengths[:n_ref], args.hidden_dim, rng)
+      time_reference(ref_path, args.batch_size, 2, device)  # warm
+      r = time_reference(ref_path, args.batch_size, args.max_steps, device)
+      r["note"] = "fp32 .pt chunks in page cache, as baseline-h100.md"
+      results["modes"]["reference"] = r
+      print(f"reference: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
+  finally:
+    if not args.keep and not args.dir:
+      shutil.rmtree(work, ignore_errors=True)
+
+  print()
+  print(
+    f"hidden {args.hidden_dim}, batch {args.batch_size}, "
+    f"{args.num_samples} samples, mean length {lengths.mean():.1f}, "
+    f"device {device}"
+  )
+  print(
+    f"{'mode':12s} {'tokens/s':>14s} {'batches/s':>10s} {'steps':>7s} "
+    f"{'pad %':>6s} {'build s':>8s}  note"
+  )
+  for mode, r in results["modes"].items():
+    print(
+      f"{mode:12s} {r['tokens_per_s']:14,.0f} {r['batches_per_s']:10.1f} "
+      f"{r['steps']:7d} {100 * r.get('padding_fraction', 0):6.1f} "
+      f"{r.get('cache_build_seconds', 0):8.2f}  {r.get('note', '')}"
+    )
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+  return results
+
+
+if __name__ == "__main__":
+  main()
