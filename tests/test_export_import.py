@@ -306,6 +306,21 @@ def test_reference_checkpoint_imports_and_runs_the_same(name, tmp_path):
   assert rel_err(got[valid], want[valid]) <= 1e-5
 
 
+def test_bare_safetensors_needs_adapter(tmp_path):
+  from safetensors.torch import save_file
+
+  model = ta.build_torch_adapter("l3", **SMALL["l3"])
+  save_file(dict(model.state_dict()), str(tmp_path / "bare.safetensors"))
+  argv = [str(tmp_path / "bare.safetensors"), "--out", str(tmp_path / "o")]
+  with pytest.raises(SystemExit, match="pass --adapter"):
+    import_from_torch.main(argv)
+  import_from_torch.main(argv + ["--adapter", "l3"])
+  assert_same_params(
+    ta.load_params_npz(tmp_path / "o.npz"),
+    ta.state_dict_to_flax("l3", model.state_dict()),
+  )
+
+
 def test_l5_eagle_as_b1_and_wrong_adapter(tmp_path):
   reference_checkpoint("l5", tmp_path / "b1.pt")
   path = str(tmp_path / "b1.pt")

@@ -46,6 +46,9 @@ FROM_REF_TYPE = {
 }
 
 
+UNKNOWN = "<unknown: bare .safetensors>"
+
+
 class RefHiddenAdapterConfig:
   """Stand-in for the reference's pickled L1 `HiddenAdapterConfig`."""
 
@@ -121,23 +124,37 @@ def load_torch_checkpoint(path, trust_pickle: bool = False) -> dict:
 
 def load_safetensors_checkpoint(path) -> dict:
   """Loads our .safetensors export plus its NAME.config.json sidecar."""
+  from safetensors import safe_open
   from safetensors.torch import load_file
 
   path = Path(path)
   state_dict = load_file(str(path))
+  with safe_open(str(path), framework="pt") as f:
+    meta = f.metadata() or {}
   sidecar = path.with_name(path.name[: -len(".safetensors")] + ".config.json")
-  ckpt: dict[str, Any] = {"model_state_dict": state_dict}
+  # Without a type the reference convention would mean L1; here it means
+  # "unknown", so the name must come from the header, the sidecar or --adapter.
+  ckpt: dict[str, Any] = {
+    "model_state_dict": state_dict,
+    "adapter_type": meta.get("adapter_type", UNKNOWN),
+    "egpt_align_adapter": meta.get("egpt_align_adapter"),
+  }
   if sidecar.exists():
-    with open(sidecar) as f:
-      info = json.load(f)
-    ckpt.update(
-      egpt_align_adapter=info.get("adapter"),
-      egpt_align_config=info.get("model"),
-      adapter_type=info.get("adapter_type"),
-      config=info.get("config"),
-      vlm_only=info.get("vlm_only"),
-      epoch=info.get("epoch"),
-    )
+    try:
+      with open(sidecar) as f:
+        info = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{sidecar}: not valid JSON ({e}).") from None
+    fields = {
+      "egpt_align_adapter": info.get("adapter"),
+      "egpt_align_config": info.get("model"),
+      "adapter_type": info.get("adapter_type"),
+      "config": info.get("config"),
+      "vlm_only": info.get("vlm_only"),
+      "epoch": info.get("epoch"),
+      "metrics": info.get("metrics"),
+    }
+    ckpt.update({k: v for k, v in fields.items() if v is not None})
   return ckpt
 
 
@@ -168,6 +185,13 @@ def adapter_name(ckpt: Mapping, adapter: str | None = None) -> str:
       name = "l1"
     elif ref_type in FROM_REF_TYPE:
       name = FROM_REF_TYPE[ref_type]
+    elif ref_type == UNKNOWN and adapter is not None:
+      return ta.check_name(adapter)
+    elif ref_type == UNKNOWN:
+      raise ValueError(
+        "this .safetensors file names no adapter (no metadata, no "
+        "NAME.config.json beside it): pass --adapter."
+      )
     else:
       raise ValueError(
         f"unknown adapter_type {ref_type!r}; expected one of "
