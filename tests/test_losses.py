@@ -1,0 +1,173 @@
+"""Tests for egpt_align.losses against a straightforward numpy version."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from egpt_align import losses
+
+B, S, D = 3, 6, 16
+
+
+def _np_cos(a, b):
+  a = a / max(np.linalg.norm(a), 1e-12)
+  b = b / max(np.linalg.norm(b), 1e-12)
+  return float(np.dot(a, b))
+
+
+def _np_terms(pred, target, valid):
+  """(mse, cos) over the (b, t) pairs in `valid`, with explicit loops."""
+  sq, cos, n = 0.0, 0.0, 0
+  for b, t_pred, t_tgt in valid:
+    diff = pred[b, t_pred] - target[b, t_tgt]
+    sq += float(np.sum(diff * diff))
+    cos += _np_cos(pred[b, t_pred], target[b, t_tgt])
+    n += 1
+  if n == 0:
+    return 0.0, 0.0
+  return sq / (n * pred.shape[-1]), cos / n
+
+
+def np_reference_loss(pred, target, mask, predicts_next, objective, w, cw):
+  pred = pred.astype(np.float64)
+  target = target.astype(np.float64)
+  b_, s_ = mask.shape
+  same = [(b, t, t) for b in range(b_) for t in range(s_) if mask[b, t]]
+  mse, cos = _np_terms(pred, target, same)
+  align = mse + cw * (1 - cos)
+  if not predicts_next:
+    return align, {"mse": mse, "cos_sim": cos}
+  # The reference masks the next-state term with mask[:, 1:] only.
+  ref_pairs = [
+    (b, t, t + 1) for b in range(b_) for t in range(s_ - 1) if mask[b, t + 1]
+  ]
+  pairs = [
+    (b, t, t + 1)
+    for b in range(b_)
+    for t in range(s_ - 1)
+    if mask[b, t] and mask[b, t + 1]
+  ]
+  next_cos = _np_terms(pred, target, pairs)[1]
+  if objective == "reference":
+    next_mse = _np_terms(pred, target, ref_pairs)[0]
+    loss = (1 - w) * align + w * next_mse
+  else:
+    next_mse = _np_terms(pred, target, pairs)[0]
+    loss = next_mse + cw * (1 - next_cos)
+  aux = {"mse": mse, "cos_sim": cos, "next_mse": next_mse}
+  aux["next_cos_sim"] = next_cos
+  return loss, aux
+
+
+def _data(seed=0):
+  rng = np.random.default_rng(seed)
+  target = rng.normal(size=(B, S, D)).astype(np.float32)
+  pred = (target + 0.7 * rng.normal(size=(B, S, D))).astype(np.float32)
+  lengths = np.array([6, 3, 1])
+  mask = np.arange(S)[None] < lengths[:, None]
+  return pred, target, mask
+
+
+@pytest.mark.parametrize(
+  "predicts_next,objective",
+  [(False, "reference"), (True, "reference"), (True, "next")],
+)
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (0.3, 0.8)])
+def test_matches_numpy(predicts_next, objective, weights):
+  pred, target, mask = _data()
+  w, cw = weights
+  loss, aux = losses.adapter_loss(
+    pred,
+    target,
+    mask,
+    predicts_next=predicts_next,
+    objective=objective,
+    prediction_weight=w,
+    cos_weight=cw,
+  )
+  ref, ref_aux = np_reference_loss(
+    pred, target, mask, predicts_next, objective, w, cw
+  )
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  for k, v in ref_aux.items():
+    np.testing.assert_allclose(float(aux[k]), v, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(aux["cos_loss"]), 1 - ref_aux["cos_sim"])
+  assert loss.dtype == jnp.float32
+
+
+def test_padding_values_do_not_matter():
+  pred, target, mask = _data(1)
+  garbage = np.where(mask[..., None], pred, 1e3)
+  for kw in (
+    dict(predicts_next=False),
+    dict(predicts_next=True),
+    dict(predicts_next=True, objective="next"),
+  ):
+    a = losses.adapter_loss(pred, target, mask, **kw)[0]
+    b = losses.adapter_loss(garbage, target, mask, **kw)[0]
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+def test_reference_next_mask_semantics_noted():
+  # A hole in the mask: the reference's mask[:, 1:] still counts pred[t] at an
+  # invalid t; the 'next' objective requires both t and t+1 valid.
+  pred, target, _ = _data(2)
+  mask = np.ones((B, S), bool)
+  mask[0, 2] = False
+  for obj in ("reference", "next"):
+    loss, aux = losses.adapter_loss(
+      pred, target, mask, predicts_next=True, objective=obj
+    )
+    ref, ref_aux = np_reference_loss(pred, target, mask, True, obj, 0.5, 0.5)
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    np.testing.assert_allclose(
+      float(aux["next_mse"]), ref_aux["next_mse"], rtol=1e-5
+    )
+
+
+def test_no_mask_equals_all_valid_and_single_position():
+  pred, target, _ = _data(3)
+  a = losses.adapter_loss(pred, target, None, predicts_next=True)[0]
+  b = losses.adapter_loss(
+    pred, target, np.ones((B, S), bool), predicts_next=True
+  )[0]
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+  # S == 1: no next pair; the reference's pred_loss is 0 there too.
+  loss, aux = losses.adapter_loss(
+    pred[:, :1], target[:, :1], None, predicts_next=True
+  )
+  assert float(aux["next_mse"]) == 0.0
+  np.testing.assert_allclose(
+    float(loss),
+    0.5 * (float(aux["mse"]) + 0.5 * float(aux["cos_loss"])),
+    rtol=1e-6,
+  )
+
+
+def test_jit_grad_and_empty_mask_finite():
+  pred, target, mask = _data(4)
+  mask[1] = False  # An all-padding row (pipeline remainder batches).
+  f = jax.jit(
+    lambda p: losses.adapter_loss(p, target, mask, predicts_next=True)[0]
+  )
+  g = jax.grad(f)(jnp.asarray(pred))
+  assert np.all(np.isfinite(np.asarray(g)))
+  assert not np.any(np.asarray(g)[1])  # No gradient into padding.
+  empty = np.zeros((B, S), bool)
+  loss, _ = losses.adapter_loss(pred, target, empty, predicts_next=True)
+  assert np.isfinite(float(loss))
+
+
+def test_errors():
+  pred, target, mask = _data()
+  with pytest.raises(ValueError, match="'next'.*predicts_next=False"):
+    losses.adapter_loss(
+      pred, target, mask, predicts_next=False, objective="next"
+    )
+  with pytest.raises(ValueError, match="unknown"):
+    losses.adapter_loss(pred, target, mask, predicts_next=True, objective="foo")
+  with pytest.raises(ValueError, match="mask"):
+    losses.adapter_loss(pred, target, mask[:, :3], predicts_next=False)
+  with pytest.raises(ValueError, match="pred and target"):
+    losses.adapter_loss(pred, target[:, :3], None, predicts_next=False)
