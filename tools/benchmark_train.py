@@ -105,8 +105,13 @@ def make_batch(name, batch, seq, hidden, rng):
   }
 
 
-def build_jax_step(name, hidden, dtype, mesh, batch_example):
-  """Initial state and the jitted train step, as the trainer builds them."""
+def build_jax_step(name, hidden, dtype, mesh, batch_example, variant="full"):
+  """Initial state and the jitted train step, as the trainer builds them.
+
+  `variant` ablates the step to see where the time goes: 'full', 'nodrop'
+  (dropout off), 'grad' (forward + backward, no optimizer), 'fwd' (loss only),
+  'opt' (clip + AdamW on fixed gradients).
+  """
   model = models.create_adapter(name, hidden_dim=hidden, dtype=dtype)
   spec = models.get_spec(name)
   tx, _ = optim.create_optimizer(
@@ -126,7 +131,7 @@ def build_jax_step(name, hidden, dtype, mesh, batch_example):
       {"params": params},
       *models.adapter_inputs(name, batch),
       mask=batch["mask"],
-      deterministic=False,
+      deterministic=variant == "nodrop",
       rngs={"dropout": rng},
     )
     loss, aux = losses.adapter_loss(
@@ -136,6 +141,21 @@ def build_jax_step(name, hidden, dtype, mesh, batch_example):
 
   def train_step(state, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
+    if variant == "fwd":
+      loss, aux = loss_fn(state["params"], batch, rng)
+      return {**state, "step": state["step"] + 1}, {"loss": loss, **aux}
+    if variant == "grad":
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch, rng
+      )
+      gsum = sum(jnp.sum(g) for g in jax.tree.leaves(grads))
+      return {**state, "step": state["step"] + 1}, {"loss": loss + 0 * gsum}
+    if variant == "opt":
+      grads = jax.tree.map(lambda p: p * 1e-3, state["params"])
+      updates, opt = tx.update(grads, state["opt"], state["params"])
+      params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+      new_state = {"step": state["step"] + 1, "params": params, "opt": opt}
+      return new_state, {"loss": jnp.zeros(())}
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"], batch, rng
     )
@@ -156,11 +176,17 @@ def build_jax_step(name, hidden, dtype, mesh, batch_example):
   return model, state, step
 
 
-def bench_jax(name, batch, seq, hidden, dtype, devices, steps, windows):
+def bench_jax(
+  name, batch, seq, hidden, dtype, devices, steps, windows, variant="full"
+):
   """Times our jitted step on `devices`; returns a result dict."""
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   host = make_batch(name, batch, seq, hidden, np.random.default_rng(0))
-  model, state, step = build_jax_step(name, hidden, dtype, mesh, host)
+  host = {
+    k: v.astype(jnp.bfloat16) if v.dtype == np.float32 else v
+    for k, v in host.items()
+  }  # The input pipeline delivers states in the storage dtype (bf16).
+  model, state, step = build_jax_step(name, hidden, dtype, mesh, host, variant)
   bsh = sharding.batch_sharding(mesh)
   dev_batch = jax.device_put(host, bsh)
   rng = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(mesh))
@@ -198,7 +224,8 @@ def bench_jax(name, batch, seq, hidden, dtype, devices, steps, windows):
   )
   loss = float(holder["metrics"]["loss"])
   return {
-    "impl": f"jax {jnp.dtype(dtype).name} compute",
+    "impl": f"jax {jnp.dtype(dtype).name} compute"
+    + ("" if variant == "full" else f" [{variant}]"),
     "level": name,
     "devices": len(devices),
     "batch": batch,
@@ -362,13 +389,25 @@ def main(argv=None):
     default="",
     help="levels for the multi-device scaling table (e.g. l4,l5f)",
   )
+  p.add_argument(
+    "--ablate",
+    default="",
+    help="levels to time ablated steps for (fwd, grad, nodrop, opt)",
+  )
   p.add_argument("--ceiling_n", type=int, default=8192)
+  p.add_argument(
+    "--prng",
+    default=None,
+    help="jax_default_prng_impl for dropout (threefry2x32, rbg, unsafe_rbg)",
+  )
   p.add_argument("--small", action="store_true", help="CPU smoke test sizes")
   p.add_argument("--out", default=None, help="directory for results.json")
   args = p.parse_args(argv)
   if args.small:
     args.batch, args.seq, args.hidden = 8, 16, 64
     args.steps, args.windows, args.ceiling_n = 2, 2, 256
+  if args.prng:
+    jax.config.update("jax_default_prng_impl", args.prng)
   levels = [x for x in args.levels.split(",") if x]
   dtype = jnp.dtype(args.dtype)
   info = versions()
@@ -404,6 +443,21 @@ def main(argv=None):
         t = {"impl": f"torch {mode}", "level": name, "error": repr(e)}
       rows.append(t)
       print(json.dumps(t), flush=True)
+  for name in [x for x in args.ablate.split(",") if x]:
+    for variant in ("fwd", "grad", "nodrop", "opt"):
+      r = bench_jax(
+        name,
+        args.batch,
+        args.seq,
+        args.hidden,
+        dtype,
+        jax.devices()[:1],
+        args.steps,
+        args.windows,
+        variant,
+      )
+      rows.append(r)
+      print(json.dumps(r), flush=True)
   scaling = []
   n_dev = jax.device_count()
   for name in [x for x in args.scaling.split(",") if x]:
