@@ -20,6 +20,7 @@ once.
 """
 
 import concurrent.futures
+import functools
 import os
 import queue
 import threading
@@ -64,10 +65,27 @@ def _device_memory_bytes(device) -> int:
   return max(0, limit - stats.get("bytes_in_use", 0))
 
 
-@jax.jit
-def _gather(cache: dict, rows):
-  """Gathers rows [B, S] of every flat cached field (last row is zeros)."""
-  return {k: jnp.take(v, rows, axis=0) for k, v in cache.items()}
+@functools.partial(jax.jit, static_argnums=(2,))
+def _device_batch(cache: dict, pos, seq_len: int) -> dict:
+  """A batch assembled on device from share positions pos [B] (-1 = pad).
+
+  `cache` holds each field flat ([T + 1, ...], the last row zeros) and the
+  per-sample `_start`, `_length`, `_index` arrays of the share.
+  """
+  valid = pos >= 0
+  safe = jnp.where(valid, pos, 0)
+  lengths = jnp.where(valid, cache["_length"][safe], 0)
+  index = jnp.where(valid, cache["_index"][safe], -1)
+  t = jnp.arange(seq_len, dtype=jnp.int32)
+  mask = t[None, :] < lengths[:, None]
+  out = {"mask": mask, "lengths": lengths, "index": index}
+  for k, v in cache.items():
+    if k.startswith("_"):
+      continue
+    zero_row = v.shape[0] - 1
+    rows = jnp.where(mask, cache["_start"][safe][:, None] + t, zero_row)
+    out[k] = jnp.take(v, rows, axis=0, mode="clip")
+  return out
 
 
 class InputPipeline:
@@ -181,6 +199,7 @@ class InputPipeline:
     )
     self._host_cache = None
     self._device_caches = None
+    self._pieces = None
     # None = reuse host batch buffers except on CPU (tests may force True).
     self.recycle_buffers: bool | None = None
     if self.cache in ("host", "device"):
@@ -250,6 +269,9 @@ class InputPipeline:
 
   def _build_device_cache(self) -> None:
     views = {f: self._as_memory(f, v) for f, v in self._host_cache.items()}
+    views["_start"] = self._row_start.astype(np.int32)
+    views["_length"] = self.share_lengths.astype(np.int32)
+    views["_index"] = self.share.astype(np.int32)
     self._device_caches = {
       d: jax.device_put(views, d) for d in self._output_devices()
     }
@@ -305,23 +327,22 @@ class InputPipeline:
         trailing, _ = self.dataset.field_spec(f)
         shape = (len(pos), seq_len) + trailing
         out[f] = buffers[f][: int(np.prod(shape))].reshape(shape)
+    if self.cache == "device":
+      raise ValueError("cache='device' batches are assembled on device")
     if self.cache == "none":
       got = self.dataset.read_batch(index, seq_len, fields=self.fields, out=out)
       for f in self.fields:
         batch[f] = got[f]
     else:
       rows = self._rows(seq_len, pos, lengths)
-      if self.cache == "host":
-        for f in self.fields:
-          x = np.take(
-            self._host_cache[f],
-            rows,
-            axis=0,
-            out=None if out is None else out[f],
-          )
-          batch[f] = self._as_memory(f, x)
-      else:
-        batch["rows"] = rows
+      for f in self.fields:
+        x = np.take(
+          self._host_cache[f],
+          rows,
+          axis=0,
+          out=None if out is None else out[f],
+        )
+        batch[f] = self._as_memory(f, x)
     return batch
 
   def _new_buffers(self) -> dict:
@@ -348,19 +369,12 @@ class InputPipeline:
 
   def numpy_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """Process-local numpy batches (no device placement, no prefetch)."""
-    saved = self.cache
-    if saved == "device":
+    if self.cache == "device":
       raise ValueError("numpy_batches needs cache 'host' or 'none'")
     for seq_len, pos in self.plan(epoch)[start_step:]:
       yield self._host_batch(seq_len, pos)
 
   def _to_device(self, batch: dict) -> dict:
-    if self.cache == "device":
-      rows = batch.pop("rows")
-      gathered = self._device_gather(rows)
-      out = {k: self._put(v) for k, v in batch.items()}
-      out.update(gathered)
-      return out
     return {k: self._put(v) for k, v in batch.items()}
 
   def _put(self, x: np.ndarray) -> jax.Array:
@@ -371,43 +385,63 @@ class InputPipeline:
       self.sharding, x, global_shape
     )
 
-  def _device_gather(self, rows: np.ndarray) -> dict:
-    if self.sharding is None:
-      d = self._output_devices()[0]
-      return _gather(self._device_caches[d], jax.device_put(rows, d))
-    global_shape = (self.global_batch_size,) + rows.shape[1:]
-    index_map = self.sharding.addressable_devices_indices_map(global_shape)
-    base = self.process_index * self.local_batch_size
-    pieces = {f: [] for f in self.fields}
-    devices = []
-    for d, idx in index_map.items():
-      sl = idx[0]
-      start = (sl.start or 0) - base
-      stop = (self.global_batch_size if sl.stop is None else sl.stop) - base
-      if start < 0 or stop > self.local_batch_size:
-        raise ValueError(
-          "cache='device' needs each process's devices to hold only that "
-          f"process's batch rows; device {d} holds rows {sl}"
+  def _device_pieces(self):
+    """[(device, local batch rows)] of the output sharding (cached)."""
+    if self._pieces is None:
+      if self.sharding is None:
+        self._pieces = [(self._output_devices()[0], 0, self.local_batch_size)]
+      else:
+        index_map = self.sharding.addressable_devices_indices_map(
+          (self.global_batch_size,)
         )
-      if any(s != slice(None) for s in idx[1:]):
-        raise ValueError("cache='device' supports batch-only sharding")
-      got = _gather(self._device_caches[d], jax.device_put(rows[start:stop], d))
-      for f in self.fields:
-        pieces[f].append(got[f])
-      devices.append(d)
+        base = self.process_index * self.local_batch_size
+        pieces = []
+        for d, idx in index_map.items():
+          sl = idx[0]
+          start = (sl.start or 0) - base
+          stop = (self.global_batch_size if sl.stop is None else sl.stop) - base
+          if start < 0 or stop > self.local_batch_size:
+            raise ValueError(
+              "cache='device' needs each process's devices to hold only "
+              f"that process's batch rows; device {d} holds rows {sl}"
+            )
+          pieces.append((d, start, stop))
+        self._pieces = pieces
+    return self._pieces
+
+  def _device_batch(self, seq_len: int, pos: np.ndarray) -> dict:
+    """Gathers a batch from the device-resident cache (one small upload)."""
+    pos = pos.astype(np.int32)
+    if self.sharding is None:
+      d, _, _ = self._device_pieces()[0]
+      return _device_batch(
+        self._device_caches[d], jax.device_put(pos, d), seq_len
+      )
+    parts = []
+    for d, start, stop in self._device_pieces():
+      parts.append(
+        _device_batch(
+          self._device_caches[d], jax.device_put(pos[start:stop], d), seq_len
+        )
+      )
     out = {}
-    for f in self.fields:
-      trailing, _ = self.dataset.field_spec(f)
-      out[f] = jax.make_array_from_single_device_arrays(
-        (self.global_batch_size, rows.shape[1]) + trailing,
+    for k, x in parts[0].items():
+      out[k] = jax.make_array_from_single_device_arrays(
+        (self.global_batch_size,) + x.shape[1:],
         self.sharding,
-        pieces[f],
+        [p[k] for p in parts],
       )
     return out
 
   def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """Device batches of an epoch from start_step, prefetched in a thread."""
     plan = self.plan(epoch)[start_step:]
+    if self.cache == "device":
+      # Dispatch is asynchronous and the gather shares the device's stream
+      # with the train step, so a prefetch thread would only add overhead.
+      for seq_len, pos in plan:
+        yield self._device_batch(seq_len, pos)
+      return
     q: queue.Queue = queue.Queue(maxsize=self.prefetch)
     stop = threading.Event()
     done = object()
@@ -421,14 +455,14 @@ class InputPipeline:
           pass
       return False
 
-    workers = 1 if self.cache == "device" else self.num_workers
+    workers = self.num_workers
     lookahead = workers + self.prefetch
     # Host buffers are recycled once their transfer has finished: a fresh
     # 30-60 MB allocation per batch costs page faults and munmap TLB
     # shootdowns that stall every assembling thread. On CPU, device_put may
     # alias the numpy memory, so buffers are never reused there.
     on_cpu = self._output_devices()[0].platform == "cpu"
-    recycle = self.cache != "device" and (
+    recycle = (
       not on_cpu if self.recycle_buffers is None else self.recycle_buffers
     )
     free: queue.SimpleQueue = queue.SimpleQueue()

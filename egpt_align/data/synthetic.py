@@ -52,10 +52,15 @@ class Mapping:
 
 
 def synthetic_lm_head(
-  hidden_dim: int, *, vocab_size: int = 256, mapping_seed: int = 0
+  hidden_dim: int,
+  *,
+  target_dim: int | None = None,
+  vocab_size: int = 256,
+  mapping_seed: int = 0,
 ) -> np.ndarray:
-  """The LM head [V, D] whose argmax gives the synthetic token ids."""
-  return Mapping(hidden_dim, hidden_dim, vocab_size, mapping_seed).lm_head
+  """The LM head [V, Dt] whose argmax gives the synthetic token ids."""
+  target_dim = target_dim or hidden_dim
+  return Mapping(hidden_dim, target_dim, vocab_size, mapping_seed).lm_head
 
 
 def make_pairs(
