@@ -202,6 +202,11 @@ def test_export_formats_and_errors(tmp_path):
   with pytest.raises(ValueError, match="blocks_0"):
     export_to_torch.export(params, "l1", {}, tmp_path / "y")
   ta.save_params_npz(tmp_path / "p.npz", params)
+  with pytest.raises(SystemExit, match="hidden_dim=40"):
+    export_to_torch.main(
+      ["--params", str(tmp_path / "p.npz"), "--adapter", "l2",
+       "--config", '{"hidden_dim": 40}', "--out", str(tmp_path / "z.pt")]
+    )  # fmt: skip
   with pytest.raises(SystemExit, match="--adapter"):
     export_to_torch.main(
       ["--params", str(tmp_path / "p.npz"), "--out", str(tmp_path / "z.pt")]

@@ -219,6 +219,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[Path]:
   """CLI entry point."""
   args = parse_args(argv)
+  try:
+    return run(args)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from e
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+  """Exports according to parsed flags; returns the files written."""
   step = None
   if args.workdir:
     try:
