@@ -526,3 +526,29 @@ def test_params_npz_round_trip(tmp_path):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
     assert a[k].shape == b[k].shape
+
+
+@pytest.mark.parametrize("name", ["l4", "l5f"])
+def test_bfloat16_twin_runs_and_stays_close(name):
+  model = random_twin(name)
+  xs, mask = batch(name, lengths=(7, 3))
+  want = run(model, xs, mask)
+  model = model.to(torch.bfloat16)
+  inputs = [torch.from_numpy(x).bfloat16() for x in xs]
+  with torch.no_grad():
+    got = model(*inputs, mask=torch.from_numpy(mask))
+    assert got.dtype == torch.bfloat16
+    got = got.float().numpy()
+    assert rel_err(got[mask], want[mask]) < 3e-2
+    if name == "l5f":
+      cache = model.init_cache(2, 7)
+      steps = []
+      for t in range(7):
+        y, cache = model.decode_step(
+          *[x[:, t : t + 1] for x in inputs], cache,
+          mask=torch.from_numpy(mask[:, t : t + 1]),
+        )  # fmt: skip
+        steps.append(y.float().numpy())
+      got = np.concatenate(steps, 1)
+      assert np.all(np.isfinite(got))
+      assert rel_err(got[mask], want[mask]) < 3e-2
