@@ -470,9 +470,18 @@ class InputPipeline:
       for _ in range(lookahead + 1):
         free.put(self._new_buffers())
 
-    def assemble(seq_len, pos):
+    def work(seq_len, pos):
+      # Assembly and transfer both run in the worker, so several batches
+      # are copied and uploaded concurrently.
       buffers = free.get() if recycle else None
-      return buffers, self._host_batch(seq_len, pos, buffers)
+      batch = self._host_batch(seq_len, pos, buffers)
+      if buffers is not None and on_cpu:
+        batch = {k: np.array(v) for k, v in batch.items()}  # no aliasing
+      device_batch = self._to_device(batch)
+      if buffers is not None:
+        jax.block_until_ready(device_batch)
+        free.put(buffers)
+      return device_batch
 
     def produce():
       try:
@@ -484,17 +493,10 @@ class InputPipeline:
               step = next(it, None)
               if step is None:
                 break
-              pending.append(pool.submit(assemble, *step))
+              pending.append(pool.submit(work, *step))
             if not pending:
               break
-            buffers, batch = pending.pop(0).result()
-            if buffers is not None and on_cpu:
-              batch = {k: np.array(v) for k, v in batch.items()}  # no alias
-            device_batch = self._to_device(batch)
-            if buffers is not None:
-              jax.block_until_ready(device_batch)
-              free.put(buffers)
-            if not put(device_batch):
+            if not put(pending.pop(0).result()):
               break
           for fut in pending:
             fut.cancel()
