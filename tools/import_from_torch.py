@@ -307,8 +307,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     "--trust_pickle",
     action="store_true",
-    help="allow the pickled config of reference L1 files (weights_only=False "
-    "semantics; only for files you trust)",
+    help="allow pickled objects: reference L1's HiddenAdapterConfig is "
+    "read by the weights-only unpickler through a shim; any other pickled "
+    "global falls back to a full unpickle (only for files you trust)",
   )
   return parser.parse_args(argv)
 
