@@ -1,0 +1,1085 @@
+"""Live, lossless, measured speculative decoding with trained adapters.
+
+Runs every method on every sample (interleaved, so drift and noise hit all
+methods alike), checks each method's tokens against the target's own greedy
+output, and times everything with device synchronisation:
+
+  python tools/benchmark_sd.py \\
+    --target video_llava:LanguageBind/Video-LLaVA-7B-hf \\
+    --draft my_eventgpt_plugin:make_backend:/ckpt/EventGPT-7b \\
+    --samples test.jsonl --adapter l4=exports/l4.pt \\
+    --adapter b1=exports/b1.pt --methods \\
+    baseline,draft_tokens,prefill_hiding:l4,decode:b1,two_phase:l4+b1 \\
+    --gamma 5 --max_new_tokens 50 --warmup 2 --device cuda --dtype float16 \\
+    --out runs/bench
+
+No weights at hand? `--random_models vicuna7b` builds a random-weight
+Vicuna-7B-shaped target and drafter (and random adapters with
+`--adapter l5=random`): acceptance is meaningless then, the costs are real.
+
+Methods (see tools/sd_engine.py for the exact algorithms):
+  baseline                 target greedy decoding with its KV cache
+  draft_tokens             the drafter's own greedy tokens, verified
+  prefill_hiding:A         (A in l1..l4) drafter prefill + K drafts run while
+                           the target prefills (2nd GPU or 2nd CUDA stream);
+                           verified once, then plain decoding
+  decode:A                 (A in l5, b1, l5f) gamma adapter drafts per
+                           iteration with the adapter's KV cache
+  two_phase:A+B            prefill_hiding:A, then decode:B
+
+Outputs in --out: results.json (per sample, aggregates, and a `costs` block
+read by `python -m egpt_align.evaluate --bench_json`), report.md, and plots
+speedup.png, breakdown.png, acceptance.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools import backends as bk  # noqa: E402
+from tools import sd_engine as sd  # noqa: E402
+
+ADAPTER_KINDS = sd.PREFILL_ADAPTERS + sd.DECODE_ADAPTERS
+
+# Random-weight model shapes (LlamaConfig fields).
+SHAPES = {
+  "tiny": dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+  ),
+  "vicuna7b": dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+  ),
+}
+
+
+# ----------------------------------------------------------------------------
+# Models.
+
+
+class TokenPromptBackend(bk.HFBackend):
+  """A causal LM whose samples carry their prompt as token ids."""
+
+  def __init__(self, model, *, model_id: str, eos_token_id: int = 2):
+    super().__init__(
+      model,
+      model.get_decoder(),
+      model.get_output_embeddings(),
+      model_id=model_id,
+      name="random_llama",
+    )
+    self.eos_token_id = int(eos_token_id)
+    self.eos_token_ids = (self.eos_token_id,)
+    self.pad_token_id = 0
+    self.prompt_template = "(token ids)"
+
+  def prompt_inputs(self, sample: dict) -> dict:
+    ids = sample.get("input_ids")
+    if not isinstance(ids, list) or not ids:
+      raise ValueError(
+        f"sample {sample.get('id')!r}: random-model samples need a non-empty "
+        "'input_ids' list"
+      )
+    if max(ids) >= self.vocab_size or min(ids) < 0:
+      raise ValueError(
+        f"sample {sample.get('id')!r}: input_ids outside [0, {self.vocab_size})"
+      )
+    t = torch.tensor([ids], dtype=torch.long)
+    return {"input_ids": t, "attention_mask": torch.ones_like(t)}
+
+
+def random_llama(
+  shape: str | dict,
+  *,
+  seed: int,
+  device: str | torch.device = "cpu",
+  dtype: str | torch.dtype = "float32",
+  **overrides,
+):
+  """A random-weight LlamaForCausalLM of a named shape (see SHAPES)."""
+  from transformers import LlamaConfig, LlamaForCausalLM
+
+  if isinstance(shape, str):
+    if shape not in SHAPES:
+      raise ValueError(
+        f"unknown --random_models shape {shape!r}; expected one of "
+        f"{sorted(SHAPES)}"
+      )
+    shape = SHAPES[shape]
+  config = LlamaConfig(**{**shape, **overrides})
+  dtype = bk.torch_dtype(dtype)
+  torch.manual_seed(seed)
+  old = torch.get_default_dtype()
+  torch.set_default_dtype(dtype)
+  try:
+    with torch.device(device):
+      model = LlamaForCausalLM(config)
+  finally:
+    torch.set_default_dtype(old)
+  return model.eval()
+
+
+def random_prompts(
+  num: int, prompt_len: int, vocab_size: int, seed: int
+) -> list[dict]:
+  """Samples of random prompt token ids (ids 3.. avoid the special ids)."""
+  g = torch.Generator().manual_seed(seed)
+  return [
+    {
+      "id": f"random{i:04d}",
+      "question": "",
+      "input_ids": torch.randint(
+        3, vocab_size, (prompt_len,), generator=g
+      ).tolist(),
+    }
+    for i in range(num)
+  ]
+
+
+def _adapter_config(cfg: dict, kind: str) -> dict:
+  """Our model config fields of `kind` from an exported config dict."""
+  from tools.torch_adapters import CONFIG_FIELDS
+
+  fields = CONFIG_FIELDS[kind]
+  src = cfg.get("model", cfg) if isinstance(cfg, dict) else {}
+  return {k: src[k] for k in fields if k in src}
+
+
+def load_adapter(
+  name: str,
+  value: str,
+  *,
+  hidden_dim: int,
+  device: torch.device,
+  dtype: torch.dtype,
+  seed: int = 0,
+) -> tuple[sd.Adapter, dict]:
+  """Builds adapter `name` from 'random[:KIND]' or an exported file."""
+  from tools.torch_adapters import build_torch_adapter
+
+  info: dict[str, Any] = {"source": value}
+  if value == "random" or value.startswith("random:"):
+    kind = value.split(":", 1)[1] if ":" in value else name
+    if kind not in ADAPTER_KINDS:
+      raise ValueError(
+        f"--adapter {name}={value}: cannot tell the adapter kind; name it "
+        f"one of {ADAPTER_KINDS} or write {name}=random:KIND"
+      )
+    torch.manual_seed(seed)
+    module = build_torch_adapter(kind, hidden_dim=hidden_dim)
+    info["config"] = {"hidden_dim": hidden_dim}
+  else:
+    if not os.path.exists(value):
+      raise FileNotFoundError(f"--adapter {name}={value}: no such file")
+    if value.endswith(".safetensors"):
+      from safetensors.torch import load_file
+
+      side = value[: -len(".safetensors")] + ".config.json"
+      if not os.path.exists(side):
+        raise FileNotFoundError(
+          f"--adapter {name}={value}: missing sidecar {side}"
+        )
+      with open(side) as f:
+        meta = json.load(f)
+      state = load_file(value)
+    else:
+      meta = torch.load(value, map_location="cpu", weights_only=True)
+      if not isinstance(meta, dict) or "model_state_dict" not in meta:
+        raise ValueError(
+          f"--adapter {name}={value}: expected a dict with "
+          "'model_state_dict' (written by tools/export_to_torch.py)"
+        )
+      state = meta["model_state_dict"]
+    kind = meta.get("egpt_align_adapter")
+    if kind not in ADAPTER_KINDS:
+      raise ValueError(
+        f"--adapter {name}={value}: field 'egpt_align_adapter' is {kind!r}; "
+        f"expected one of {ADAPTER_KINDS}"
+      )
+    cfg = _adapter_config(meta.get("config") or {}, kind)
+    module = build_torch_adapter(kind, **cfg)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+      raise ValueError(
+        f"--adapter {name}={value}: state dict does not fit a {kind} "
+        f"with {cfg}: missing {missing}, unexpected {unexpected}"
+      )
+    info["config"] = cfg
+  width = getattr(module, "hidden_dim", None)
+  if width is None and hasattr(module, "config"):
+    width = module.config.hidden_dim
+  if width is not None and int(width) != hidden_dim:
+    raise ValueError(
+      f"--adapter {name}={value}: hidden_dim {width} != the models' "
+      f"{hidden_dim}"
+    )
+  module = module.to(device=device, dtype=dtype).eval()
+  info.update(kind=kind, params=sum(p.numel() for p in module.parameters()))
+  return sd.Adapter(name, kind, module, device, dtype), info
+
+
+def parse_adapters(items: Sequence[str]) -> dict[str, str]:
+  """['l4=FILE', 'b1=random'] -> {'l4': 'FILE', 'b1': 'random'}."""
+  out = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+      raise ValueError(f"--adapter {item!r}: expected NAME=FILE or NAME=random")
+    if name in out:
+      raise ValueError(f"--adapter {name!r} given twice")
+    out[name] = value
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Aggregation.
+
+
+def bootstrap_ci(
+  stat, arrays: Sequence[np.ndarray], n: int, seed: int, level: float = 0.95
+) -> list[float] | None:
+  """Percentile CI of stat(*arrays) over paired resamples of the samples."""
+  size = len(arrays[0])
+  if size < 2 or n < 1:
+    return None
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, size, size=(n, size))
+  vals = np.array([stat(*(a[i] for a in arrays)) for i in idx], np.float64)
+  vals = vals[np.isfinite(vals)]
+  if not len(vals):
+    return None
+  lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
+  return [float(lo), float(hi)]
+
+
+def _ratio(a, b):
+  return float(np.mean(a) / np.mean(b)) if np.mean(b) > 0 else float("nan")
+
+
+def _phase_ms(rec: dict, prefix: str) -> float:
+  return sum(
+    v["ms"]
+    for k, v in rec["phases"].items()
+    if k.startswith(prefix) and not k.startswith("prefill_")
+  )
+
+
+def breakdown(rec: dict) -> dict[str, float]:
+  """Per-sample time split: prefill wall, decode-loop parts, overhead (ms)."""
+  target = _phase_ms(rec, "target_decode") + _phase_ms(rec, "target_verify")
+  drafter = _phase_ms(rec, "draft_decode") + _phase_ms(rec, "draft_catchup")
+  adapter = _phase_ms(rec, "adapter:")
+  return {
+    "prefill": rec["prefill_ms"],
+    "target_forward": target,
+    "drafter": drafter,
+    "adapter": adapter,
+    "overhead": rec["decode_ms"] - target - drafter - adapter,
+  }
+
+
+def aggregate(
+  method: str,
+  recs: list[dict],
+  base: list[dict],
+  *,
+  n_boot: int,
+  seed: int,
+) -> dict:
+  """Aggregates of one method over the measured samples it completed."""
+  ok = [(r, b) for r, b in zip(recs, base, strict=True) if "error" not in r]
+  out: dict[str, Any] = {"n": len(ok), "failed": len(recs) - len(ok)}
+  if not ok:
+    return out
+  rs, bs = [r for r, _ in ok], [b for _, b in ok]
+  tot = np.array([r["total_ms"] for r in rs])
+  btot = np.array([b["total_ms"] for b in bs])
+  dec = np.array([r["decode_ms"] for r in rs])
+  bdec = np.array([b["decode_ms"] for b in bs])
+  ntok = np.array([len(r["tokens"]) for r in rs])
+  out.update(
+    mean_prefill_ms=float(np.mean([r["prefill_ms"] for r in rs])),
+    mean_decode_ms=float(np.mean(dec)),
+    mean_total_ms=float(np.mean(tot)),
+    mean_tokens=float(np.mean(ntok)),
+    ms_per_token=float(np.sum(tot) / max(np.sum(ntok), 1)),
+    # Ratio of mean totals (never the mean of per-sample ratios, E8).
+    speedup=_ratio(btot, tot),
+    speedup_ci95=bootstrap_ci(_ratio, [btot, tot], n_boot, seed),
+    decode_speedup=_ratio(bdec, dec),
+    decode_speedup_ci95=bootstrap_ci(_ratio, [bdec, dec], n_boot, seed),
+  )
+  drafted = np.array([r["drafted"] for r in rs], np.float64)
+  accepted = np.array([r["accepted"] for r in rs], np.float64)
+  iters = np.array([r["verify_iterations"] for r in rs], np.float64)
+  if drafted.sum() > 0:
+    out.update(
+      drafted=int(drafted.sum()),
+      accepted=int(accepted.sum()),
+      verify_iterations=int(iters.sum()),
+      alpha=float(accepted.sum() / drafted.sum()),
+      alpha_ci95=bootstrap_ci(
+        lambda a, d: a.sum() / max(d.sum(), 1),
+        [accepted, drafted],
+        n_boot,
+        seed,
+      ),
+      # Tokens per verification: accepted drafts + the target's own token.
+      tau=float((accepted.sum() + iters.sum()) / iters.sum()),
+      tau_ci95=bootstrap_ci(
+        lambda a, i: (a.sum() + i.sum()) / max(i.sum(), 1),
+        [accepted, iters],
+        n_boot,
+        seed,
+      ),
+    )
+    for phase in ("prefill", "decode"):
+      it = [x for r in rs for x in r["per_iteration"] if x[0] == phase]
+      if it:
+        d = sum(x[1] for x in it)
+        out[f"alpha_{phase}"] = sum(x[2] for x in it) / d
+        out[f"drafted_{phase}"] = d
+  parts = [breakdown(r) for r in rs]
+  out["breakdown_ms"] = {
+    k: float(np.mean([p[k] for p in parts])) for k in parts[0]
+  }
+  names = sorted({k for r in rs for k in r["phases"]})
+  out["phases_ms"] = {
+    k: float(np.mean([r["phases"].get(k, {}).get("ms", 0.0) for r in rs]))
+    for k in names
+  }
+  ov = [r["overlap"] for r in rs if r.get("overlap")]
+  if ov:
+    out["prefill_overlap"] = {
+      k: float(np.mean([o[k] for o in ov]))
+      for k in ("target_ms", "drafter_ms", "wall_ms", "overlap_ms")
+    }
+    out["prefill_overlap"]["concurrent"] = bool(ov[0]["concurrent"])
+  fm = [
+    r["first_draft_match"] for r in rs if r["first_draft_match"] is not None
+  ]
+  if fm:
+    out["prefill_first_token_agree"] = float(np.mean(fm))
+  out["mismatched_samples"] = int(sum(not r["match"] for r in rs))
+  out["near_tie_flips"] = int(sum(bool(r.get("near_tie")) for r in rs))
+  return out
+
+
+def _span_rate(records, name_fn, per: str = "calls") -> float | None:
+  ms = cnt = 0.0
+  for rec in records:
+    for k, v in rec["phases"].items():
+      if name_fn(k):
+        ms += v["ms"]
+        cnt += v[per]
+  return ms / cnt if cnt else None
+
+
+def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
+  """Measured per-phase costs; keys read by egpt_align (speedup.py)."""
+  ok = {m: [r for r in per_sample[m] if "error" not in r] for m in methods}
+  base = _span_rate(ok.get("baseline", []), lambda k: k == "target_decode")
+  verify_by_len: dict[int, list[float]] = {}
+  for m in methods:
+    for rec in ok[m]:
+      for k, v in rec["phases"].items():
+        if k.startswith("target_verify["):
+          length = int(k[len("target_verify[") : -1])
+          acc = verify_by_len.setdefault(length, [0.0, 0])
+          acc[0] += v["ms"]
+          acc[1] += v["calls"]
+  verify = {L: a[0] / a[1] for L, a in sorted(verify_by_len.items()) if a[1]}
+  draft_model = _span_rate(
+    [r for m in methods for r in ok[m]],
+    lambda k: k == "draft_decode",
+    per="units",
+  )
+  adapter_step: dict[str, float] = {}
+  for m in methods:
+    names = {
+      k.split(":", 1)[1]
+      for r in ok[m]
+      for k in r["phases"]
+      if k.startswith("adapter:")
+    }
+    for a in names:
+      adapter_step[a] = _span_rate(
+        [r for mm in methods for r in ok[mm]],
+        lambda k, a=a: k == f"adapter:{a}",
+      )
+  # Drafting cost per drafted token in the decode loop, per method.
+  per_token: dict[str, float] = {}
+  for m in methods:
+    drafted = sum(r["drafted"] for r in ok[m])
+    drafted -= sum(
+      x[1] for r in ok[m] for x in r["per_iteration"] if x[0] == "prefill"
+    )
+    if drafted <= 0:
+      continue
+    ms = sum(
+      v["ms"]
+      for r in ok[m]
+      for k, v in r["phases"].items()
+      if k.startswith(("draft_decode", "draft_catchup", "adapter:"))
+    )
+    per_token[m] = ms / drafted
+  prefill_overlap = {}
+  for m in methods:
+    ov = [r["overlap"] for r in ok[m] if r.get("overlap")]
+    if ov:
+      prefill_overlap[m] = float(np.mean([o["overlap_ms"] for o in ov]))
+  out: dict[str, Any] = {
+    "gamma": gamma,
+    "target_decode_ms": base,
+    "target_verify_ms": {
+      "gamma+1": verify.get(gamma + 1),
+      **{f"{L}": t for L, t in verify.items()},
+    },
+    "draft_model_decode_ms": draft_model,
+    "adapter_step_ms": adapter_step,
+    "prefill_overlap_ms": prefill_overlap,
+    "draft_ms_per_token_by_method": per_token,
+  }
+  if base:
+    out["relative"] = {
+      "c": {m: t / base for m, t in per_token.items()},
+      "v": (verify[gamma + 1] / base) if gamma + 1 in verify else None,
+    }
+    # egpt_align/speedup.py reads these three keys.
+    dpt = {}
+    if "draft_tokens" in per_token:
+      dpt["drafter"] = per_token["draft_tokens"]
+    for m, t in per_token.items():
+      kind, names = sd.parse_method(m)
+      if kind == "decode":
+        dpt[names[0]] = t
+    out["draft_ms_per_token"] = dpt
+    out["verify_ms"] = {str(L - 1): t for L, t in verify.items()}
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Report and plots.
+
+
+def _fmt(x, nd=2):
+  if x is None:
+    return "–"
+  if isinstance(x, float):
+    return f"{x:.{nd}f}"
+  return str(x)
+
+
+def _ci(v, ci, nd=3):
+  if v is None:
+    return "–"
+  if not ci:
+    return f"{v:.{nd}f}"
+  return f"{v:.{nd}f} [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def write_report(path: str, results: dict) -> None:
+  """report.md: settings, per-method table, correctness, costs."""
+  cfg, agg, costs = results["config"], results["aggregate"], results["costs"]
+  lines = [
+    "# Speculative decoding benchmark",
+    "",
+    f"- device: {results['environment'].get('device')}; dtype "
+    f"{cfg['dtype']}; gamma {cfg['gamma']}; prefill drafts "
+    f"{cfg['prefill_gamma']}; max_new_tokens {cfg['max_new_tokens']}",
+    f"- samples: {results['num_measured']} measured after "
+    f"{cfg['warmup']} warm-up; target `{cfg['target']}`, drafter "
+    f"`{cfg['draft']}`",
+    "- speedup = mean(baseline total) / mean(method total) over the same "
+    "samples (ratio of mean totals), 95% paired bootstrap CI; alpha = "
+    "accepted / drafted over all verifications; tau = tokens per "
+    "verification (accepted drafts + the target's own token)",
+    "",
+    "| method | n | prefill ms | decode ms | total ms | speedup | decode "
+    "speedup | alpha | tau | mismatches (near-tie) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for m, a in agg.items():
+    if not a.get("n"):
+      lines.append(f"| {m} | 0 | failed: {a.get('failed')} |||||||| |")
+      continue
+    lines.append(
+      f"| {m} | {a['n']} | {_fmt(a['mean_prefill_ms'], 1)} | "
+      f"{_fmt(a['mean_decode_ms'], 1)} | {_fmt(a['mean_total_ms'], 1)} | "
+      f"{_ci(a['speedup'], a['speedup_ci95'])} | "
+      f"{_ci(a['decode_speedup'], a['decode_speedup_ci95'])} | "
+      f"{_ci(a.get('alpha'), a.get('alpha_ci95'))} | "
+      f"{_ci(a.get('tau'), a.get('tau_ci95'), 2)} | "
+      f"{a['mismatched_samples']} ({a['near_tie_flips']}) |"
+    )
+  lines += [
+    "",
+    "## Where the time goes (mean ms per sample)",
+    "",
+    "| method | prefill (wall) | target forwards | drafter | adapter | "
+    "SD-loop overhead |",
+    "|---|---|---|---|---|---|",
+  ]
+  for m, a in agg.items():
+    b = a.get("breakdown_ms")
+    if b:
+      lines.append(
+        f"| {m} | {b['prefill']:.2f} | {b['target_forward']:.2f} | "
+        f"{b['drafter']:.2f} | {b['adapter']:.2f} | {b['overhead']:.2f} |"
+      )
+  ov = {
+    m: a["prefill_overlap"] for m, a in agg.items() if "prefill_overlap" in a
+  }
+  if ov:
+    lines += [
+      "",
+      "## Measured prefill overlap (mean ms)",
+      "",
+      "| method | target prefill | drafter work | wall | overlap | "
+      "concurrent |",
+      "|---|---|---|---|---|---|",
+    ]
+    for m, o in ov.items():
+      lines.append(
+        f"| {m} | {o['target_ms']:.2f} | {o['drafter_ms']:.2f} | "
+        f"{o['wall_ms']:.2f} | {o['overlap_ms']:.2f} | {o['concurrent']} |"
+      )
+  lines += [
+    "",
+    "## Measured costs",
+    "",
+    f"- target decode: {_fmt(costs.get('target_decode_ms'), 3)} ms/token",
+    "- target verify: "
+    + ", ".join(
+      f"{k} positions {_fmt(v, 3)} ms"
+      for k, v in costs["target_verify_ms"].items()
+      if k != "gamma+1"
+    ),
+    f"- drafter decode: {_fmt(costs.get('draft_model_decode_ms'), 3)} ms/token",
+    "- adapter step: "
+    + ", ".join(
+      f"{k} {_fmt(v, 3)} ms" for k, v in costs["adapter_step_ms"].items()
+    ),
+  ]
+  rel = costs.get("relative")
+  if rel:
+    lines.append(
+      f"- relative to one target decode step: v = {_fmt(rel['v'], 3)}, c = "
+      + ", ".join(f"{m} {_fmt(c, 3)}" for m, c in rel["c"].items())
+    )
+  bad = results.get("mismatches", [])
+  lines += ["", "## Correctness", ""]
+  if not bad:
+    lines.append("Every method's tokens equal the baseline's on every sample.")
+  else:
+    lines.append(
+      f"{len(bad)} (method, sample) pairs differ from the baseline; "
+      f"near-tie = baseline top-2 logit margin < {cfg['tie_margin']} at the "
+      "first differing token:"
+    )
+    lines.append("")
+    for x in bad[:50]:
+      lines.append(
+        f"- {x['method']} / {x['id']}: first difference at token "
+        f"{x['index']}, margin {_fmt(x['margin'], 4)}"
+        + (" (near-tie)" if x["near_tie"] else " (NOT a near-tie)")
+      )
+  lines += [
+    "",
+    "Plots: speedup.png, breakdown.png, acceptance.png.",
+    "",
+  ]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+
+
+def write_plots(out_dir: str, results: dict) -> list[str]:
+  """speedup.png, breakdown.png, acceptance.png."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  agg = {m: a for m, a in results["aggregate"].items() if a.get("n")}
+  methods = [m for m in agg if m != "baseline"]
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(methods) + 2), 3.5))
+  if methods:
+    vals = [agg[m]["speedup"] for m in methods]
+    err = np.array(
+      [
+        [
+          v - (agg[m]["speedup_ci95"] or [v, v])[0],
+          (agg[m]["speedup_ci95"] or [v, v])[1] - v,
+        ]
+        for m, v in zip(methods, vals, strict=True)
+      ]
+    ).T
+    ax.bar(range(len(methods)), vals, yerr=err, capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+  ax.axhline(1.0, color="k", lw=1, ls="--")
+  ax.set_ylabel("speedup vs baseline (ratio of mean totals)")
+  ax.set_title("End-to-end speedup, 95% bootstrap CI")
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "speedup.png"))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  names = list(agg)
+  parts = ["prefill", "target_forward", "drafter", "adapter", "overhead"]
+  fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.8))
+  bottom = np.zeros(len(names))
+  for p in parts:
+    v = np.array([max(agg[m]["breakdown_ms"][p], 0.0) for m in names])
+    ax.bar(range(len(names)), v, bottom=bottom, label=p)
+    bottom += v
+  ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+  ax.set_ylabel("mean ms per sample")
+  ax.set_title("Time per phase")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "breakdown.png"))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  sdm = [m for m in methods if "alpha" in agg[m]]
+  fig, axes = plt.subplots(1, 2, figsize=(max(6, 2 * len(sdm) + 3), 3.5))
+  for ax, key, title in (
+    (axes[0], "alpha", "acceptance alpha (accepted / drafted)"),
+    (axes[1], "tau", "tokens per verification tau"),
+  ):
+    if sdm:
+      vals = [agg[m][key] for m in sdm]
+      err = np.array(
+        [
+          [
+            v - (agg[m][f"{key}_ci95"] or [v, v])[0],
+            (agg[m][f"{key}_ci95"] or [v, v])[1] - v,
+          ]
+          for m, v in zip(sdm, vals, strict=True)
+        ]
+      ).T
+      ax.bar(range(len(sdm)), vals, yerr=err, capsize=4, color="tab:green")
+      ax.set_xticks(range(len(sdm)), sdm, rotation=30, ha="right")
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "acceptance.png"))
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+# ----------------------------------------------------------------------------
+# CLI.
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line interface."""
+  p = argparse.ArgumentParser(
+    prog="benchmark_sd.py",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  src = p.add_argument_group("models and samples")
+  src.add_argument("--target", metavar="SPEC", help="target model spec")
+  src.add_argument("--draft", metavar="SPEC", help="drafter model spec")
+  src.add_argument("--samples", help="samples JSONL (docs/PLUGINS.md)")
+  src.add_argument(
+    "--random_models",
+    metavar="SHAPE",
+    choices=sorted(SHAPES),
+    help="random-weight Llama target + drafter of this shape instead of "
+    "--target/--draft, with random-token prompts",
+  )
+  src.add_argument(
+    "--prompt_len", type=int, default=600, help="random prompt length"
+  )
+  src.add_argument(
+    "--num_samples",
+    type=int,
+    default=None,
+    help="measured samples (default: all of --samples; 20 random)",
+  )
+  src.add_argument("--media_root", default=None, help="base of media paths")
+  src.add_argument(
+    "--adapter",
+    action="append",
+    default=[],
+    metavar="NAME=FILE",
+    help="an adapter exported by tools/export_to_torch.py (.pt or "
+    ".safetensors), or NAME=random[:KIND]; repeatable",
+  )
+  run = p.add_argument_group("decoding")
+  run.add_argument(
+    "--methods",
+    default="baseline,draft_tokens",
+    help="comma list: baseline, draft_tokens, prefill_hiding:A, decode:A, "
+    "two_phase:A+B (baseline always runs)",
+  )
+  run.add_argument("--gamma", type=int, default=5, help="drafts per iteration")
+  run.add_argument(
+    "--prefill_gamma",
+    type=int,
+    default=None,
+    help="drafts made during the target prefill (default: --gamma)",
+  )
+  run.add_argument("--max_new_tokens", type=int, default=50)
+  run.add_argument(
+    "--ignore_eos",
+    action="store_true",
+    help="never stop at EOS (fixed-length runs for cost measurement)",
+  )
+  run.add_argument("--warmup", type=int, default=2, help="discarded samples")
+  run.add_argument("--device", default=None, help="default: cuda if present")
+  run.add_argument(
+    "--draft_device",
+    default=None,
+    help="drafter device (default: cuda:1 when 2+ GPUs, else --device)",
+  )
+  run.add_argument(
+    "--dtype", default=None, choices=sorted(bk.DTYPES), help="model dtype"
+  )
+  run.add_argument(
+    "--adapter_dtype",
+    default=None,
+    choices=sorted(bk.DTYPES),
+    help="adapter dtype (default: --dtype)",
+  )
+  run.add_argument(
+    "--overlap",
+    default="auto",
+    choices=("auto", "sequential"),
+    help="prefill overlap: auto = thread + 2nd GPU or CUDA stream",
+  )
+  out = p.add_argument_group("output")
+  out.add_argument("--out", required=True, help="output directory")
+  out.add_argument("--bootstrap", type=int, default=2000)
+  out.add_argument(
+    "--tie_margin",
+    type=float,
+    default=0.1,
+    help="logit margin below which a mismatch counts as a near-tie flip",
+  )
+  out.add_argument("--seed", type=int, default=0)
+  out.add_argument("--no_plots", action="store_true")
+  out.add_argument("--no_progress", action="store_true")
+  return p
+
+
+def _git_commit() -> str | None:
+  try:
+    return (
+      subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        capture_output=True,
+        text=True,
+        timeout=5,
+      ).stdout.strip()
+      or None
+    )
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def _environment(device: torch.device) -> dict:
+  import transformers
+
+  env = {
+    "python": platform.python_version(),
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "git_commit": _git_commit(),
+    "device": str(device),
+  }
+  if device.type == "cuda":
+    env["device"] = torch.cuda.get_device_name(device)
+    env["num_gpus"] = torch.cuda.device_count()
+  return env
+
+
+def _to_device(inputs: dict, device) -> dict:
+  return {
+    k: v.to(device) if isinstance(v, torch.Tensor) else v
+    for k, v in inputs.items()
+  }
+
+
+def _view(sample: dict, role: str) -> dict:
+  media = sample.get("media") or {}
+  return {
+    "id": sample["id"],
+    "question": sample.get("question", ""),
+    "media": media.get(role, {}) if isinstance(media, dict) else {},
+    **({"input_ids": sample["input_ids"]} if "input_ids" in sample else {}),
+  }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point; returns the process exit status."""
+  args = build_parser().parse_args(argv)
+  try:
+    results = run(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  _print_table(results)
+  return 1 if results["mismatches_not_near_tie"] else 0
+
+
+def _print_table(results: dict) -> None:
+  print(
+    f"\n{'method':32s} {'n':>3s} {'total ms':>9s} {'speedup':>8s} "
+    f"{'alpha':>6s} {'tau':>5s} {'mism':>4s}"
+  )
+  for m, a in results["aggregate"].items():
+    if not a.get("n"):
+      print(f"{m:32s}   0  (all samples failed)")
+      continue
+    print(
+      f"{m:32s} {a['n']:3d} {a['mean_total_ms']:9.2f} {a['speedup']:8.3f} "
+      f"{_fmt(a.get('alpha'), 3):>6s} {_fmt(a.get('tau'), 2):>5s} "
+      f"{a['mismatched_samples']:4d}"
+    )
+  c = results["costs"]
+  print(
+    f"target decode {_fmt(c.get('target_decode_ms'), 3)} ms/token, verify "
+    f"(gamma+1) {_fmt(c['target_verify_ms'].get('gamma+1'), 3)} ms, drafter "
+    f"{_fmt(c.get('draft_model_decode_ms'), 3)} ms/token; wrote "
+    f"{results['out']}"
+  )
+
+
+def run(args: argparse.Namespace) -> dict:
+  """Loads everything, runs every method on every sample, writes outputs."""
+  from tqdm import tqdm
+
+  if args.gamma < 1 or args.max_new_tokens < 1 or args.warmup < 0:
+    raise ValueError("--gamma and --max_new_tokens must be >= 1, --warmup >= 0")
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  methods = ["baseline"] + [m for m in methods if m != "baseline"]
+  if len(set(methods)) != len(methods):
+    raise ValueError(f"--methods lists a method twice: {args.methods}")
+  for m in methods:
+    sd.parse_method(m)
+  device = torch.device(
+    args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+  )
+  if device.type == "cuda" and device.index is None:
+    device = torch.device("cuda:0")
+  if args.draft_device:
+    ddev = torch.device(args.draft_device)
+  elif device.type == "cuda" and torch.cuda.device_count() > 1:
+    ddev = torch.device("cuda:1")
+  else:
+    ddev = device
+  dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
+  adtype = bk.torch_dtype(args.adapter_dtype or dtype)
+  needs_drafter = any(
+    sd.parse_method(m)[0] in ("draft_tokens", "prefill_hiding", "two_phase")
+    for m in methods
+  )
+  adapter_values = parse_adapters(args.adapter)
+
+  # ---- models and samples.
+  if args.random_models:
+    if args.target or args.draft or args.samples:
+      raise ValueError("--random_models replaces --target/--draft/--samples")
+    shape = SHAPES[args.random_models]
+    target = TokenPromptBackend(
+      random_llama(shape, seed=args.seed, device=device, dtype=dtype),
+      model_id=f"random:{args.random_models}:seed{args.seed}",
+    )
+    drafter = TokenPromptBackend(
+      random_llama(shape, seed=args.seed + 1, device=ddev, dtype=dtype),
+      model_id=f"random:{args.random_models}:seed{args.seed + 1}",
+    )
+    n = 20 if args.num_samples is None else args.num_samples
+    samples = random_prompts(
+      args.warmup + n, args.prompt_len, shape["vocab_size"], args.seed
+    )
+  else:
+    if not args.target or not args.samples:
+      raise ValueError("give --target and --samples (or --random_models)")
+    from tools.dump_hidden_states import read_samples
+
+    samples = read_samples(args.samples, args.media_root)
+    if args.num_samples is not None:
+      samples = samples[: args.warmup + args.num_samples]
+    target = bk.load_backend(args.target, device=device, dtype=dtype)
+    drafter = None
+    if args.draft:
+      drafter = bk.load_backend(args.draft, device=ddev, dtype=dtype)
+    elif needs_drafter:
+      raise ValueError(f"--methods {args.methods} need --draft")
+  if len(samples) <= args.warmup:
+    raise ValueError(
+      f"{len(samples)} samples but --warmup {args.warmup}: nothing to measure"
+    )
+
+  adapters, adapter_info = {}, {}
+  for i, (name, value) in enumerate(sorted(adapter_values.items())):
+    kind_guess = value.split(":", 1)[1] if value.startswith("random:") else name
+    on = ddev if kind_guess in sd.PREFILL_ADAPTERS else device
+    ad, info = load_adapter(
+      name,
+      value,
+      hidden_dim=target.hidden_size,
+      device=on,
+      dtype=adtype,
+      seed=args.seed + 100 + i,
+    )
+    if ad.kind in sd.PREFILL_ADAPTERS and ad.device != ddev:
+      ad.module.to(ddev)
+      ad.device = ddev
+    adapters[name] = ad
+    adapter_info[name] = info
+  models = sd.Models(target, drafter, adapters)
+  for m in methods:
+    sd.check_method(m, models)
+  max_pos = [
+    getattr(a.module, "max_seq_len", None)
+    for a in adapters.values()
+    if a.kind in sd.DECODE_ADAPTERS
+  ]
+  need = args.max_new_tokens + args.gamma + 1
+  if any(p is not None and need > p for p in max_pos):
+    raise ValueError(
+      f"--max_new_tokens + --gamma + 1 = {need} exceeds a decode adapter's "
+      f"max_seq_len ({min(p for p in max_pos if p)})"
+    )
+  cfg = sd.SDConfig(
+    gamma=args.gamma,
+    max_new_tokens=args.max_new_tokens,
+    prefill_gamma=args.prefill_gamma,
+    overlap=args.overlap,
+    eos_token_ids=() if args.ignore_eos else None,
+  )
+
+  # ---- run.
+  per_sample: dict[str, list[dict]] = {m: [] for m in methods}
+  mismatches = []
+  bar = tqdm(
+    samples, desc="samples", disable=args.no_progress, dynamic_ncols=True
+  )
+  for si, sample in enumerate(bar):
+    warm = si < args.warmup
+    t_in = _to_device(target.prompt_inputs(_view(sample, "target")), device)
+    d_in = None
+    if drafter is not None:
+      d_in = _to_device(drafter.prompt_inputs(_view(sample, "draft")), ddev)
+    base_tokens = None
+    margins = None
+    for m in methods:
+      try:
+        r = sd.run_method(m, models, t_in, d_in, cfg)
+      except sd.SDError as e:
+        if m == "baseline":
+          raise
+        if not warm:
+          per_sample[m].append({"id": sample["id"], "error": str(e)})
+        continue
+      rec = r.to_json()
+      rec["id"] = sample["id"]
+      if m == "baseline":
+        base_tokens = r.tokens
+        rec["match"] = True
+      else:
+        diff = sd.first_difference(r.tokens, base_tokens)
+        rec["match"] = diff is None
+        if diff is not None and not warm:
+          if margins is None:
+            margins = sd.token_margins(target, t_in, base_tokens)
+          margin = margins[diff] if diff < len(margins) else None
+          rec["first_difference"] = diff
+          rec["near_tie"] = margin is not None and margin < args.tie_margin
+          mismatches.append(
+            {
+              "method": m,
+              "id": sample["id"],
+              "index": diff,
+              "margin": margin,
+              "near_tie": rec["near_tie"],
+            }
+          )
+      if not warm:
+        per_sample[m].append(rec)
+  bar.close()
+
+  base = per_sample["baseline"]
+  aggregate_ = {
+    m: aggregate(m, per_sample[m], base, n_boot=args.bootstrap, seed=args.seed)
+    for m in methods
+  }
+  os.makedirs(args.out, exist_ok=True)
+  results = {
+    "format": "egpt_align.benchmark_sd",
+    "version": 1,
+    "config": {
+      "target": args.target or f"random:{args.random_models}",
+      "draft": args.draft or (f"random:{args.random_models}"),
+      "samples": args.samples,
+      "methods": methods,
+      "gamma": args.gamma,
+      "prefill_gamma": cfg.k_prefill,
+      "max_new_tokens": args.max_new_tokens,
+      "ignore_eos": args.ignore_eos,
+      "warmup": args.warmup,
+      "dtype": dtype,
+      "adapter_dtype": str(adtype).replace("torch.", ""),
+      "device": str(device),
+      "draft_device": str(ddev),
+      "overlap": args.overlap,
+      "prompt_len": args.prompt_len if args.random_models else None,
+      "bootstrap": args.bootstrap,
+      "tie_margin": args.tie_margin,
+      "seed": args.seed,
+    },
+    "environment": _environment(device),
+    "provenance": {
+      "target": target.provenance(),
+      "draft": None if drafter is None else drafter.provenance(),
+      "adapters": adapter_info,
+    },
+    "num_measured": len(base),
+    "aggregate": aggregate_,
+    "costs": costs_block(per_sample, methods, args.gamma),
+    "mismatches": mismatches,
+    "mismatches_not_near_tie": int(sum(not x["near_tie"] for x in mismatches)),
+    "per_sample": per_sample,
+    "out": args.out,
+  }
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  write_report(os.path.join(args.out, "report.md"), results)
+  if not args.no_plots:
+    write_plots(args.out, results)
+  return results
+
+
+if __name__ == "__main__":
+  sys.exit(main())

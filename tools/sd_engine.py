@@ -1,0 +1,873 @@
+"""Lossless greedy speculative decoding, batch size 1, as testable functions.
+
+One function per method (see `run_method`):
+
+* `baseline`: the target's own greedy decoding with its KV cache.
+* `draft_tokens`: the drafter's own greedy tokens, verified by the target.
+* `prefill_hiding:ADAPTER` (L1-L4): while the target prefills, the drafter
+  prefills and decodes K tokens; the adapter maps the drafter's states into
+  the target's space and the target's LM head turns them into K drafts, which
+  the target verifies in one forward; plain target decoding follows.
+* `decode:ADAPTER` (L5, B1, L5F): every iteration drafts gamma tokens with
+  the adapter's KV-cached incremental decoding, the target verifies them.
+* `two_phase:PREFILL+DECODE`: prefill hiding, then decode-adapter drafting.
+
+Indexing convention (docs/DESIGN.md): h[t] is the state whose LM-head argmax
+is generated token t; h[0] is the last prompt position, h[t] (t >= 1) is the
+state at the input position of token t-1. Drafts are always checked against
+the target's greedy token for the same index, so a correct drafter with an
+identity adapter reaches 100% acceptance (the tests prove it).
+
+Decode adapters predict the NEXT state (`predicts_next` in the registry): the
+adapter output at step position p is read as the target state h[p+1], i.e.
+it drafts token p+1. B1 is fed the target's true states h[0..n-1] and then
+its own predictions; L5 is fed the drafter's states h_d[p], with the drafter
+stepping in lockstep on the accepted and drafted tokens; L5F gets both (its
+target stream takes its own predictions beyond the accepted prefix).
+
+Verification is greedy exact match: the longest prefix of the drafts equal to
+the target's argmax is accepted, plus the target's own next token (the
+correction, or the bonus after a full accept). Generation stops at the first
+EOS anywhere in the new tokens (included) and never exceeds max_new_tokens
+(drafts are truncated to the remaining budget). After each verification the
+target's and drafter's KV caches are cropped to the accepted prefix and the
+adapter's cache is truncated to the positions whose inputs were true.
+
+Timing: every model call is a named span, timed with CUDA events on the
+stream it ran on (no extra host syncs inside the loop) or with perf_counter
+on CPU. Per sample: prefill (up to the first token on the host), decode, and
+total wall time with device synchronisation at both ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from tools.backends import Backend, cache_length, crop_cache
+
+PREFILL_ADAPTERS = ("l1", "l2", "l3", "l4")
+DECODE_ADAPTERS = ("l5", "b1", "l5f")
+# Which streams each decode adapter reads (registry `inputs`).
+DECODE_INPUTS = {
+  "l5": ("source",),
+  "b1": ("target",),
+  "l5f": ("source", "target"),
+}
+
+
+def crop_kv(cache, length: int):
+  """Rolls an HF KV cache back to `length` positions, on any transformers.
+
+  A negative `crop` argument removes that many positions both in the
+  transformers 4.x / <= 5.2x API (where a positive one is the new length)
+  and in later releases (which reject positive values).
+  """
+  current = cache_length(cache)
+  if current <= length:
+    return cache
+  if hasattr(cache, "crop"):
+    cache.crop(length - current)
+    return cache
+  return crop_cache(cache, length)
+
+
+class SDError(ValueError):
+  """A sample cannot be run (e.g. a token outside the drafter's vocab)."""
+
+
+# ----------------------------------------------------------------------------
+# Timing.
+
+
+class Timer:
+  """Named spans: CUDA events on the current stream, or perf_counter on CPU."""
+
+  def __init__(self, devices: Sequence[torch.device]):
+    self.cuda_devices = sorted(
+      {torch.device(d) for d in devices if torch.device(d).type == "cuda"},
+      key=str,
+    )
+    self._pending: list[tuple[str, int, Any, Any]] = []
+    self._lock = threading.Lock()
+    self.totals: dict[str, list[float]] = {}  # name -> [ms, units, calls]
+
+  def sync(self) -> None:
+    """Waits for every device this timer watches."""
+    for d in self.cuda_devices:
+      torch.cuda.synchronize(d)
+
+  def _add(self, name: str, ms: float, units: int) -> None:
+    t = self.totals.setdefault(name, [0.0, 0, 0])
+    t[0] += ms
+    t[1] += units
+    t[2] += 1
+
+  @contextlib.contextmanager
+  def span(self, name: str, device: torch.device, units: int = 1):
+    """Times the work enqueued inside the block (units: tokens or steps)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+      t0 = time.perf_counter()
+      yield
+      with self._lock:
+        self._add(name, (time.perf_counter() - t0) * 1e3, units)
+      return
+    stream = torch.cuda.current_stream(device)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record(stream)
+    yield
+    end.record(stream)
+    with self._lock:
+      self._pending.append((name, units, start, end))
+
+  def collect(self) -> dict[str, dict[str, float]]:
+    """Syncs, resolves the CUDA events and returns {name: ms, units, calls}."""
+    self.sync()
+    for name, units, start, end in self._pending:
+      self._add(name, start.elapsed_time(end), units)
+    self._pending.clear()
+    return {
+      k: {"ms": v[0], "units": int(v[1]), "calls": int(v[2])}
+      for k, v in self.totals.items()
+    }
+
+
+# ----------------------------------------------------------------------------
+# Results.
+
+
+@dataclasses.dataclass
+class SampleResult:
+  """One method on one sample."""
+
+  tokens: list[int]
+  prefill_ms: float
+  decode_ms: float
+  total_ms: float
+  drafted: int = 0  # draft tokens sent to verification (all iterations)
+  accepted: int = 0  # draft tokens accepted (kept in the output)
+  iterations: int = 0  # target forwards in the decode loop (verify or plain)
+  verify_iterations: int = 0  # of which verified >= 1 draft
+  # (phase, drafted, accepted) per verification ('prefill' or 'decode').
+  per_iteration: list[tuple[str, int, int]] = dataclasses.field(
+    default_factory=list
+  )
+  phases: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+  overlap: dict[str, float] | None = None  # measured prefill overlap (ms)
+  first_draft_match: bool | None = None  # prefill drafter's token 0 == y0
+
+  def to_json(self) -> dict:
+    """A JSON-able dict."""
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SDConfig:
+  """Knobs shared by all methods."""
+
+  gamma: int = 5  # drafts per decode iteration
+  max_new_tokens: int = 64
+  prefill_gamma: int | None = None  # drafts made while the target prefills
+  overlap: str = "auto"  # 'auto' (thread + stream/2nd GPU) | 'sequential'
+  eos_token_ids: tuple[int, ...] | None = None  # None: the target's
+
+  def __post_init__(self):
+    if self.gamma < 1:
+      raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+    if self.max_new_tokens < 1:
+      raise ValueError(
+        f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
+      )
+    if self.prefill_gamma is not None and self.prefill_gamma < 1:
+      raise ValueError(f"prefill_gamma must be >= 1, got {self.prefill_gamma}")
+    if self.overlap not in ("auto", "sequential"):
+      raise ValueError(
+        f"overlap must be 'auto' or 'sequential': {self.overlap}"
+      )
+
+  @property
+  def k_prefill(self) -> int:
+    return self.gamma if self.prefill_gamma is None else self.prefill_gamma
+
+
+@dataclasses.dataclass
+class Adapter:
+  """A torch adapter twin plus what the engine needs to drive it."""
+
+  name: str  # label used in method names
+  kind: str  # registry name: l1 .. l5f, b1
+  module: torch.nn.Module
+  device: torch.device
+  dtype: torch.dtype
+
+  def __post_init__(self):
+    if self.kind not in PREFILL_ADAPTERS + DECODE_ADAPTERS:
+      raise ValueError(
+        f"adapter {self.name!r}: unknown kind {self.kind!r}; expected one of "
+        f"{PREFILL_ADAPTERS + DECODE_ADAPTERS}"
+      )
+
+
+# ----------------------------------------------------------------------------
+# Model wrappers.
+
+
+def _argmax(logits: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+  if vocab is not None and logits.shape[-1] > vocab:
+    logits = logits[..., :vocab]
+  return logits.argmax(-1)
+
+
+class _Target:
+  """The target: prompt cache, generated tokens, true states h[0..n-1]."""
+
+  def __init__(self, backend: Backend, timer: Timer, max_states: int):
+    self.b = backend
+    self.timer = timer
+    self.device = torch.device(backend.device)
+    self.cache = None
+    self.base = 0
+    self.states = None  # [max_states, D]: true target states h[t]
+    self.max_states = max_states
+
+  def prefill(self, inputs: dict) -> torch.Tensor:
+    """Runs the prompt; returns token 0 (device tensor [1])."""
+    with self.timer.span("target_prefill", self.device):
+      h, logits, cache = self.b.forward(inputs, logits_to_keep=1)
+      y0 = _argmax(logits[0, -1:])
+    self.cache = cache
+    self.base = cache_length(cache)
+    self.states = h.new_empty((self.max_states, h.shape[-1]))
+    self.states[0] = h[0, -1]
+    return y0
+
+  def forward(self, ids: torch.Tensor, name: str):
+    """Feeds ids [1, T]; returns (hidden [T, D], argmax [T])."""
+    with self.timer.span(name, self.device, units=ids.shape[1]):
+      h, logits, self.cache = self.b.forward(
+        input_ids=ids, past_key_values=self.cache
+      )
+      g = _argmax(logits[0])
+    return h[0], g
+
+  def crop(self, num_fed_tokens: int) -> None:
+    """Keeps the prompt plus the first `num_fed_tokens` generated tokens."""
+    self.cache = crop_kv(self.cache, self.base + num_fed_tokens)
+
+
+class _Drafter:
+  """The drafter LM: its own cache, the tokens it was fed, its states h_d."""
+
+  def __init__(
+    self,
+    backend: Backend,
+    timer: Timer,
+    max_states: int,
+    target_vocab: int,
+  ):
+    self.b = backend
+    self.timer = timer
+    self.device = torch.device(backend.device)
+    self.max_states = max_states
+    self.vocab = min(int(backend.vocab_size), int(target_vocab))
+    self.cache = None
+    self.base = 0
+    self.fed: list[torch.Tensor] = []  # device tensors of fed token ids
+    self.num_fed = 0
+    self.states = None  # [max_states, D]; states[t] valid for t <= num_fed
+    self.last_logits = None  # logits after the last fed token
+    self.prefix = ""  # span-name prefix ('prefill_' inside the prefill)
+
+  def prefill(self, inputs: dict) -> None:
+    with self.timer.span("draft_prefill", self.device):
+      h, logits, cache = self.b.forward(inputs, logits_to_keep=1)
+    self.cache = cache
+    self.base = cache_length(cache)
+    self.states = h.new_empty((self.max_states, h.shape[-1]))
+    self.states[0] = h[0, -1]
+    self.fed, self.num_fed = [], 0
+    self.last_logits = logits[0, -1]
+
+  def feed(self, ids: torch.Tensor) -> torch.Tensor:
+    """Feeds ids [T] (device); returns the greedy next token [1]."""
+    ids = ids.to(self.device).reshape(1, -1)
+    steps = ids.shape[1]
+    name = self.prefix + ("draft_decode" if steps == 1 else "draft_catchup")
+    with self.timer.span(name, self.device, units=steps):
+      h, logits, self.cache = self.b.forward(
+        input_ids=ids, past_key_values=self.cache, logits_to_keep=1
+      )
+      self.states[self.num_fed + 1 : self.num_fed + 1 + steps] = h[0]
+      self.last_logits = logits[0, -1]
+      nxt = _argmax(self.last_logits[None], self.vocab)
+    self.fed.append(ids[0])
+    self.num_fed += steps
+    return nxt
+
+  def fed_ids(self) -> list[int]:
+    if not self.fed:
+      return []
+    ids = torch.cat(self.fed).tolist()
+    self.fed = [torch.tensor(ids, device=self.device)] if ids else []
+    return ids
+
+  def sync_to(self, accepted: Sequence[int]) -> None:
+    """Rolls back to the longest fed prefix that agrees with `accepted`.
+
+    At least the last accepted token is left unfed, so the next `feed` call
+    yields fresh logits for the next position.
+    """
+    fed = self.fed_ids()
+    keep = 0
+    limit = min(len(fed), len(accepted) - 1)
+    while keep < limit and fed[keep] == accepted[keep]:
+      keep += 1
+    if keep < len(fed):
+      self.cache = crop_kv(self.cache, self.base + keep)
+      self.fed = [torch.tensor(fed[:keep], device=self.device)] if keep else []
+      self.num_fed = keep
+      self.last_logits = None
+
+  def catch_up(self, accepted: Sequence[int], upto: int) -> torch.Tensor | None:
+    """Feeds accepted[num_fed:upto] so states[0..upto] exist; returns next."""
+    if upto > len(accepted):
+      raise AssertionError("catch_up beyond the accepted tokens")
+    if upto <= self.num_fed:
+      return None
+    ids = list(accepted[self.num_fed : upto])
+    if max(ids) >= self.b.vocab_size:
+      raise SDError(
+        f"target token {max(ids)} is outside the drafter's vocabulary "
+        f"(size {self.b.vocab_size}); the models must share a tokenizer"
+      )
+    return self.feed(torch.tensor(ids, device=self.device))
+
+
+# ----------------------------------------------------------------------------
+# Overlap of the target prefill with drafter work.
+
+
+def _overlapped(
+  target_fn: Callable[[], Any],
+  drafter_fn: Callable[[], Any] | None,
+  target_device: torch.device,
+  draft_device: torch.device | None,
+  mode: str,
+  side_streams: dict,
+):
+  """Runs target_fn and drafter_fn concurrently; returns outputs + timings.
+
+  On CUDA the drafter runs in a Python thread on its own stream (its own GPU
+  when it lives on another device); each side's time runs from the common
+  start to its own stream sync, the wall time to both. overlap = t_target +
+  t_drafter - wall, i.e. how much of the shorter side was hidden (0 when
+  run one after the other, as on CPU).
+  """
+  if drafter_fn is None:
+    return target_fn(), None, None
+  cuda = target_device.type == "cuda" and mode == "auto"
+  if not cuda:
+    t0 = time.perf_counter()
+    a = target_fn()
+    t1 = time.perf_counter()
+    b = drafter_fn()
+    t2 = time.perf_counter()
+    info = {
+      "target_ms": (t1 - t0) * 1e3,
+      "drafter_ms": (t2 - t1) * 1e3,
+      "wall_ms": (t2 - t0) * 1e3,
+      "overlap_ms": 0.0,
+      "concurrent": False,
+    }
+    return a, b, info
+  for d in {target_device, draft_device}:
+    torch.cuda.synchronize(d)
+  key = str(draft_device)
+  if key not in side_streams:
+    side_streams[key] = torch.cuda.Stream(device=draft_device)
+  side = side_streams[key]
+  out: dict[str, Any] = {}
+
+  def work():
+    try:
+      with torch.inference_mode(), torch.cuda.device(draft_device):
+        with torch.cuda.stream(side):
+          out["b"] = drafter_fn()
+        side.synchronize()
+    except BaseException as e:  # re-raised in the main thread
+      out["error"] = e
+    out["t_d"] = time.perf_counter()
+
+  t0 = time.perf_counter()
+  thread = threading.Thread(target=work, daemon=True)
+  thread.start()
+  a = target_fn()
+  torch.cuda.current_stream(target_device).synchronize()
+  t_t = time.perf_counter()
+  thread.join()
+  t_w = time.perf_counter()
+  if "error" in out:
+    raise out["error"]
+  # Later work on the default stream reads what the side stream wrote.
+  torch.cuda.current_stream(draft_device).wait_stream(side)
+  target_ms = (t_t - t0) * 1e3
+  drafter_ms = (out["t_d"] - t0) * 1e3
+  wall_ms = (max(t_w, out["t_d"]) - t0) * 1e3
+  info = {
+    "target_ms": target_ms,
+    "drafter_ms": drafter_ms,
+    "wall_ms": wall_ms,
+    "overlap_ms": max(0.0, target_ms + drafter_ms - wall_ms),
+    "concurrent": True,
+  }
+  return a, out["b"], info
+
+
+# ----------------------------------------------------------------------------
+# Draft proposers (one per decode-phase strategy).
+
+
+class _TokenProposer:
+  """draft_tokens: the drafter's own greedy continuation."""
+
+  def __init__(self, drafter: _Drafter):
+    self.d = drafter
+
+  def propose(self, tokens: list[int], k: int) -> torch.Tensor:
+    d = self.d
+    d.sync_to(tokens)
+    nxt = d.catch_up(tokens, len(tokens))
+    if nxt is None:  # everything fed already: reuse the last logits
+      nxt = _argmax(d.last_logits[None], d.vocab)
+    drafts = [nxt]
+    for _ in range(k - 1):
+      drafts.append(d.feed(drafts[-1]))
+    return torch.cat(drafts)
+
+  def after_verify(self, tokens, n, k, j) -> None:
+    self.d.sync_to(tokens)
+
+
+class _AdapterProposer:
+  """decode:ADAPTER: KV-cached next-state prediction through the LM head.
+
+  Adapter step position p reads inputs for state index p and predicts the
+  target state h[p+1], hence token p+1.
+  """
+
+  def __init__(
+    self,
+    adapter: Adapter,
+    target: _Target,
+    drafter: _Drafter | None,
+    lm_head: torch.Tensor,
+    timer: Timer,
+    max_len: int,
+  ):
+    self.a = adapter
+    self.t = target
+    self.d = drafter
+    self.w = lm_head
+    self.timer = timer
+    self.inputs = DECODE_INPUTS[adapter.kind]
+    if "source" in self.inputs and drafter is None:
+      raise ValueError(f"adapter {adapter.name!r} needs a drafter (--draft)")
+    self.cache = adapter.module.init_cache(
+      1, max_len, adapter.device, adapter.dtype
+    )
+    self.fed = 0  # leading adapter positions fed with true inputs
+    self.fed_total = 0
+
+  def _src(self, p: int) -> torch.Tensor:
+    return self.d.states[p].to(self.a.device, self.a.dtype).reshape(1, 1, -1)
+
+  def _step(self, p0: int, srcs, tgts) -> torch.Tensor:
+    """Decodes positions p0.. with the given [1, T, D] inputs; last output."""
+    args = []
+    if "source" in self.inputs:
+      args.append(srcs)
+    if "target" in self.inputs:
+      args.append(tgts)
+    steps = args[0].shape[1]
+    with self.timer.span(f"adapter:{self.a.name}", self.a.device, units=steps):
+      y, self.cache = self.a.module.decode_step(
+        *args, cache=self.cache, position=p0
+      )
+      y = y[:, -1:]
+      tok = _argmax((y[0, 0].to(self.w.dtype) @ self.w.T)[None])
+    return y, tok
+
+  def propose(self, tokens: list[int], k: int) -> torch.Tensor:
+    n = len(tokens)
+    a = self.a
+    # Catch up: positions fed..n-1 get true inputs (target states from the
+    # prefill / verify forwards, drafter states of accepted tokens).
+    p0 = self.fed
+    srcs = tgts = None
+    if "source" in self.inputs:
+      self.d.sync_to(tokens)
+      self.d.catch_up(tokens, n - 1)
+      srcs = self.d.states[p0:n].to(a.device, a.dtype)[None]
+    if "target" in self.inputs:
+      tgts = self.t.states[p0:n].to(a.device, a.dtype)[None]
+    y, tok = self._step(p0, srcs, tgts)
+    drafts = [tok]
+    for i in range(1, k):
+      p = n - 1 + i
+      src = None
+      if "source" in self.inputs:
+        # The drafter's state at index p is its state after feeding token
+        # p-1: the last accepted token for i = 1, else draft i-2.
+        fed_tok = (
+          torch.tensor([tokens[-1]], device=self.d.device)
+          if i == 1
+          else drafts[i - 2]
+        )
+        if self.d.num_fed != p - 1:
+          raise AssertionError("drafter out of lockstep")
+        self.d.feed(fed_tok)
+        src = self._src(p)
+      y, tok = self._step(p, src, y.to(a.dtype))
+      drafts.append(tok)
+    self.fed_total = n - 1 + k
+    return torch.cat(drafts).to(self.t.device)
+
+  def after_verify(self, tokens, n, k, j) -> None:
+    # Positions >= n were fed predicted target states (B1/L5F): never true.
+    # For L5 the source at position p is true iff p <= n + j.
+    # Position n + j is always re-fed so its output (the next draft) is
+    # computed afresh.
+    if "target" in self.inputs:
+      keep = n
+    else:
+      keep = min(self.fed_total, n + j)
+    self.cache = self.a.module.truncate(self.cache, keep)
+    self.fed = keep
+    if self.d is not None:
+      self.d.sync_to(tokens)
+
+
+class _FixedProposer:
+  """Serves precomputed drafts once (prefill hiding), then nothing."""
+
+  def __init__(self, drafts: torch.Tensor | None):
+    self.drafts = drafts
+
+  def take(self, k: int) -> torch.Tensor | None:
+    d, self.drafts = self.drafts, None
+    return None if d is None else d[:k]
+
+
+# ----------------------------------------------------------------------------
+# The decode loop shared by all methods.
+
+
+def _decode_loop(
+  target: _Target,
+  y0: int,
+  cfg: SDConfig,
+  eos: set[int],
+  result: SampleResult,
+  first: _FixedProposer | None,
+  proposer,
+) -> list[int]:
+  """Greedy SD from token 0 until EOS or max_new_tokens."""
+  tokens = [y0]
+  m = cfg.max_new_tokens
+  done = y0 in eos or m == 1
+  while not done:
+    n = len(tokens)
+    budget = m - n - 1  # drafts that can still be followed by a target token
+    drafts, phase = None, "decode"
+    if first is not None and first.drafts is not None:
+      drafts, phase = first.take(budget), "prefill"
+      if drafts is not None and drafts.numel() == 0:
+        drafts = None
+    elif proposer is not None and budget > 0:
+      drafts = proposer.propose(tokens, min(cfg.gamma, budget))
+    k = 0 if drafts is None else int(drafts.numel())
+    last = torch.tensor([[tokens[-1]]], device=target.device)
+    ids = last if k == 0 else torch.cat([last, drafts.view(1, -1)], dim=1)
+    h, g = target.forward(
+      ids, f"target_verify[{k + 1}]" if k else "target_decode"
+    )
+    host = ids[0, 1:].tolist() + g.tolist() if k else g.tolist()
+    d_host, g_host = host[:k], host[k:]
+    j = 0
+    while j < k and d_host[j] == g_host[j]:
+      j += 1
+    new = d_host[:j] + [g_host[j]]
+    for i, t in enumerate(new):
+      if t in eos:
+        new = new[: i + 1]
+        done = True
+        break
+    if len(new) > m - n:
+      raise AssertionError("budget overrun")  # k <= m - n - 1 prevents it
+    # States at the fed positions 0..j are the true h[n..n+j].
+    target.states[n : n + len(new)] = h[: len(new)]
+    tokens.extend(new)
+    result.iterations += 1
+    if k:
+      kept = min(j, len(new))
+      result.drafted += k
+      result.accepted += kept
+      result.verify_iterations += 1
+      result.per_iteration.append((phase, k, kept))
+    if len(tokens) >= m:
+      done = True
+    if done:
+      break
+    if j < k:  # after a full accept the cache already ends at n + k
+      target.crop(n + j)
+    if phase == "decode" and proposer is not None and k:
+      proposer.after_verify(tokens, n, k, j)
+  return tokens
+
+
+# ----------------------------------------------------------------------------
+# Methods.
+
+
+@dataclasses.dataclass
+class Models:
+  """Everything a method may need; adapters keyed by their label."""
+
+  target: Backend
+  drafter: Backend | None = None
+  adapters: dict[str, Adapter] = dataclasses.field(default_factory=dict)
+  side_streams: dict = dataclasses.field(default_factory=dict)
+  _heads: dict = dataclasses.field(default_factory=dict)
+
+  def head_on(self, device) -> torch.Tensor:
+    """The target's LM head [V, D] on `device` (one cached copy per device)."""
+    key = str(torch.device(device))
+    if key not in self._heads:
+      w = self.target.lm_head_weight().detach()
+      self._heads[key] = w.to(torch.device(device))
+    return self._heads[key]
+
+
+def parse_method(method: str) -> tuple[str, tuple[str, ...]]:
+  """'decode:b1' -> ('decode', ('b1',)); 'two_phase:l4+b1' -> (.., (l4, b1))."""
+  kind, _, arg = method.partition(":")
+  if kind in ("baseline", "draft_tokens"):
+    if arg:
+      raise ValueError(f"method {method!r}: {kind} takes no adapter")
+    return kind, ()
+  if kind in ("prefill_hiding", "decode"):
+    if not arg or "+" in arg:
+      raise ValueError(f"method {method!r}: expected {kind}:ADAPTER")
+    return kind, (arg,)
+  if kind == "two_phase":
+    parts = tuple(arg.split("+"))
+    if len(parts) != 2 or not all(parts):
+      raise ValueError(
+        f"method {method!r}: expected two_phase:PREFILL_ADAPTER+DECODE_ADAPTER"
+      )
+    return kind, parts
+  raise ValueError(
+    f"unknown method {method!r}; expected baseline, draft_tokens, "
+    "prefill_hiding:A, decode:A or two_phase:A+B"
+  )
+
+
+def check_method(method: str, models: Models) -> None:
+  """Raises a clear ValueError if `models` cannot run `method`."""
+  kind, names = parse_method(method)
+  needs_drafter = kind in ("draft_tokens", "prefill_hiding", "two_phase")
+  for i, name in enumerate(names):
+    if name not in models.adapters:
+      raise ValueError(
+        f"method {method!r}: no adapter named {name!r} (have "
+        f"{sorted(models.adapters)}; pass --adapter {name}=FILE)"
+      )
+    ad = models.adapters[name]
+    want = (
+      PREFILL_ADAPTERS
+      if kind == "prefill_hiding" or (kind == "two_phase" and i == 0)
+      else DECODE_ADAPTERS
+    )
+    if ad.kind not in want:
+      raise ValueError(
+        f"method {method!r}: adapter {name!r} is a {ad.kind}; this slot "
+        f"needs one of {want}"
+      )
+    if ad.kind in DECODE_ADAPTERS and "source" in DECODE_INPUTS[ad.kind]:
+      needs_drafter = True
+  if needs_drafter and models.drafter is None:
+    raise ValueError(f"method {method!r} needs a drafter model (--draft)")
+
+
+def run_method(
+  method: str,
+  models: Models,
+  target_inputs: dict,
+  draft_inputs: dict | None,
+  cfg: SDConfig,
+) -> SampleResult:
+  """Runs one method on one sample and times it."""
+  kind, names = parse_method(method)
+  check_method(method, models)
+  eos = set(
+    models.target.eos_token_ids
+    if cfg.eos_token_ids is None
+    else cfg.eos_token_ids
+  )
+  tdev = torch.device(models.target.device)
+  ddev = None if models.drafter is None else torch.device(models.drafter.device)
+  timer = Timer([tdev] + ([ddev] if ddev is not None else []))
+  m = cfg.max_new_tokens
+  slack = max(cfg.gamma, cfg.k_prefill) + 4
+  target = _Target(models.target, timer, m + slack)
+  uses_drafter = kind in ("draft_tokens", "prefill_hiding", "two_phase") or (
+    kind == "decode"
+    and "source" in DECODE_INPUTS[models.adapters[names[0]].kind]
+  )
+  drafter = None
+  if uses_drafter:
+    if draft_inputs is None:
+      raise ValueError(f"method {method!r} needs the drafter's prompt inputs")
+    drafter = _Drafter(
+      models.drafter, timer, m + slack, models.target.vocab_size
+    )
+  result = SampleResult([], 0.0, 0.0, 0.0)
+
+  with torch.inference_mode():
+    timer.sync()
+    t0 = time.perf_counter()
+    # ---- prefill (with drafter work overlapped where the method has any).
+    drafter_fn = None
+    if drafter is not None:
+      if kind in ("prefill_hiding", "two_phase"):
+        pre = models.adapters[names[0]]
+        k_pre = min(cfg.k_prefill, m - 2)
+
+        def drafter_fn():
+          return _prefill_drafts(
+            drafter,
+            draft_inputs,
+            pre,
+            models.head_on(pre.device),
+            k_pre,
+            timer,
+          )
+
+      else:
+
+        def drafter_fn():
+          drafter.prefill(draft_inputs)
+
+    y0_t, pre_out, overlap = _overlapped(
+      lambda: target.prefill(target_inputs),
+      drafter_fn,
+      tdev,
+      ddev,
+      cfg.overlap,
+      models.side_streams,
+    )
+    y0 = int(y0_t.item())
+    if drafter is not None:
+      timer.sync()
+    t1 = time.perf_counter()
+    first = None
+    if kind in ("prefill_hiding", "two_phase") and pre_out is not None:
+      drafts, e0 = pre_out
+      if drafts is not None:
+        first = _FixedProposer(drafts.to(tdev))
+        result.first_draft_match = int(e0.item()) == y0
+    proposer = None
+    if kind == "draft_tokens":
+      proposer = _TokenProposer(drafter)
+    elif kind in ("decode", "two_phase"):
+      ad = models.adapters[names[-1]]
+      proposer = _AdapterProposer(
+        ad,
+        target,
+        drafter if "source" in DECODE_INPUTS[ad.kind] else None,
+        models.head_on(ad.device),
+        timer,
+        max_len=m + cfg.gamma + 1,
+      )
+    tokens = _decode_loop(target, y0, cfg, eos, result, first, proposer)
+    timer.sync()
+    t2 = time.perf_counter()
+
+  result.tokens = tokens
+  result.prefill_ms = (t1 - t0) * 1e3
+  result.decode_ms = (t2 - t1) * 1e3
+  result.total_ms = (t2 - t0) * 1e3
+  result.phases = timer.collect()
+  result.overlap = overlap
+  return result
+
+
+def _prefill_drafts(
+  drafter: _Drafter,
+  draft_inputs: dict,
+  adapter: Adapter,
+  lm_head: torch.Tensor,
+  k: int,
+  timer: Timer,
+):
+  """Drafter prefill + k greedy steps; adapter + LM head -> drafts 1..k.
+
+  Returns (drafts [k] or None, e0 [1] or None): e_t = argmax(W a(h_d)[t])
+  predicts target token t. e_0 is not verified: the target's own prefill
+  yields token 0, so the k drafts are e_1..e_k, made from h_d[0..k].
+  """
+  drafter.prefill(draft_inputs)
+  if k < 1:
+    return None, None
+  nxt = _argmax(drafter.last_logits[None], drafter.vocab)
+  drafter.prefix = "prefill_"
+  try:
+    for _ in range(k):  # the drafter's own tokens 0..k-1 give h_d[1..k]
+      nxt = drafter.feed(nxt)
+  finally:
+    drafter.prefix = ""
+  hs = drafter.states[: k + 1].to(adapter.device, adapter.dtype)[None]
+  name = f"prefill_adapter:{adapter.name}"
+  with timer.span(name, adapter.device, units=k + 1):
+    y = adapter.module(hs)
+    e = _argmax(y[0].to(lm_head.dtype) @ lm_head.T)
+  return e[1:], e[:1]
+
+
+@torch.inference_mode()
+def token_margins(
+  backend: Backend, inputs: dict, tokens: Sequence[int]
+) -> list[float]:
+  """Top-1 minus top-2 logit of the target at each generated position.
+
+  Teacher-forced (one prompt forward + one forward over the tokens), used
+  only to tell near-tie argmax flips from real mismatches.
+  """
+  if not tokens:
+    return []
+  _, l0, cache = backend.forward(inputs, logits_to_keep=1)
+  logits = [l0[0, -1:]]
+  if len(tokens) > 1:
+    ids = torch.tensor([list(tokens[:-1])], device=backend.device)
+    _, l1, _ = backend.forward(input_ids=ids, past_key_values=cache)
+    logits.append(l1[0])
+  top2 = torch.cat(logits).float().topk(2, dim=-1).values
+  return (top2[:, 0] - top2[:, 1]).tolist()
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+  """Index of the first differing token (or length difference), else None."""
+  for i, (x, y) in enumerate(zip(a, b, strict=False)):
+    if x != y:
+      return i
+  if len(a) != len(b):
+    return min(len(a), len(b))
+  return None
