@@ -199,14 +199,16 @@ class DatasetWriter:
       raise ValueError(f"{where}: empty sequence")
     sample = {"length": length, "meta": meta}
     for name, x in (("source", source), ("target", target)):
-      x32 = x.astype(np.float32)
+      with np.errstate(over="ignore", invalid="ignore"):
+        x32 = x.astype(np.float32)
       if not np.isfinite(x32).all():
         bad = np.argwhere(~np.isfinite(x32))[0]
         raise ValueError(
           f"{where}: {name} has {np.size(x32) - np.isfinite(x32).sum()} "
           f"NaN/Inf values (first at position {bad[0]}, dim {bad[1]})"
         )
-      y = x.astype(self._memory_dtype)
+      with np.errstate(over="ignore", invalid="ignore"):
+        y = x.astype(self._memory_dtype)
       if not np.isfinite(y.astype(np.float32)).all():
         raise ValueError(
           f"{where}: {name} overflows {h['dtype']} (values up to "
