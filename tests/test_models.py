@@ -1,5 +1,6 @@
 """Tests for egpt_align.models: counts, trees, init, formulas, masks, cache."""
 
+import functools
 import json
 import math
 import pathlib
@@ -54,6 +55,23 @@ def _perturbed_params(name, seed=0):
     lambda a: a + 0.2 * rng.normal(size=a.shape).astype(np.float32), params
   )
   return model, params
+
+
+@functools.cache
+def _jitted(model, method=None, deterministic=True):
+  def fn(params, *xs, rngs=None, **kw):
+    if method is not None:
+      return model.apply(params, *xs, method=method, rngs=rngs, **kw)
+    return model.apply(
+      params, *xs, deterministic=deterministic, rngs=rngs, **kw
+    )
+
+  return jax.jit(fn)
+
+
+def _apply(model, params, *xs, method=None, deterministic=True, **kw):
+  """model.apply, jitted once per (module, method) to keep CPU compiles few."""
+  return _jitted(model, method, deterministic)(params, *xs, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +236,7 @@ def _init(name, **overrides):
   model = create_adapter(name, **overrides)
   n_in = len(ADAPTERS[name].inputs)
   x = jnp.zeros((1, 2, model.hidden_dim))
-  return model.init(jax.random.key(1), *([x] * n_in))["params"]
+  return jax.jit(model.init)(jax.random.key(1), *([x] * n_in))["params"]
 
 
 def test_init_bottlenecks():
@@ -384,7 +402,7 @@ def np_forward(name, params, inputs, mask):
 def test_forward_matches_numpy_reference(name, perturbed):
   model, params = perturbed[name]
   inputs = _inputs(name, seed=3)
-  y = model.apply(params, *inputs, mask=MASK)
+  y = _apply(model, params, *inputs, mask=MASK)
   assert y.shape == (B, S, D) and y.dtype == jnp.float32
   ref = np_forward(name, params, inputs, MASK)
   np.testing.assert_allclose(
@@ -445,13 +463,13 @@ def test_padding_never_changes_valid_outputs(name, perturbed):
     np.where(MASK[..., None], x, 50.0 * g)
     for x, g in zip(clean, _inputs(name, seed=5), strict=True)
   )
-  y0 = np.asarray(model.apply(params, *clean, mask=MASK))
-  y1 = np.asarray(model.apply(params, *garbage, mask=MASK))
+  y0 = np.asarray(_apply(model, params, *clean, mask=MASK))
+  y1 = np.asarray(_apply(model, params, *garbage, mask=MASK))
   np.testing.assert_allclose(y1[MASK], y0[MASK], rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(y1))
   if name == "l4":
     # Without the mask padding leaks into valid outputs (the reference's E15).
-    y2 = np.asarray(model.apply(params, *garbage))
+    y2 = np.asarray(_apply(model, params, *garbage))
     assert np.abs(y2[MASK] - y0[MASK]).max() > 1e-3
 
 
@@ -460,7 +478,7 @@ def test_causality(name, perturbed):
   model, params = perturbed[name]
   x = _inputs(name, seed=6)
   x2 = tuple(np.concatenate([a[:, :4], a[:, 4:] * -1.5], 1) for a in x)
-  y, y2 = model.apply(params, *x), model.apply(params, *x2)
+  y, y2 = _apply(model, params, *x), _apply(model, params, *x2)
   delta = np.abs(np.asarray(y2 - y))[:, :4].max()
   if ADAPTERS[name].causal:
     assert delta < 1e-6
@@ -473,7 +491,7 @@ def test_all_padding_rows_are_finite(name, perturbed):
   model, params = perturbed[name]
   mask = MASK.copy()
   mask[2] = False
-  y = model.apply(params, *_inputs(name), mask=mask)
+  y = _apply(model, params, *_inputs(name), mask=mask)
   assert np.all(np.isfinite(np.asarray(y)))
 
 
@@ -504,14 +522,14 @@ def test_errors():
 def test_dropout(name, perturbed):
   model, params = perturbed[name]
   x = _inputs(name)
-  y = model.apply(params, *x, mask=MASK)
+  y = _apply(model, params, *x, mask=MASK)
   kw = dict(mask=MASK, deterministic=False)
-  ya = model.apply(params, *x, **kw, rngs={"dropout": jax.random.key(1)})
-  yb = model.apply(params, *x, **kw, rngs={"dropout": jax.random.key(2)})
+  ya = _apply(model, params, *x, **kw, rngs={"dropout": jax.random.key(1)})
+  yb = _apply(model, params, *x, **kw, rngs={"dropout": jax.random.key(2)})
   assert np.abs(np.asarray(ya - y)).max() > 1e-4
   assert np.abs(np.asarray(ya - yb)).max() > 1e-4
   no_drop = create_adapter(name, **SMALL[name], dropout=0.0)
-  y0 = no_drop.apply(params, *x, **kw, rngs={"dropout": jax.random.key(1)})
+  y0 = _apply(no_drop, params, *x, **kw, rngs={"dropout": jax.random.key(1)})
   np.testing.assert_allclose(
     np.asarray(y0), np.asarray(y), rtol=1e-6, atol=1e-6
   )
@@ -532,9 +550,9 @@ def _all_eqns(jaxpr):
 def test_bfloat16_compute(name, perturbed):
   _, params = perturbed[name]
   x = _inputs(name)
-  y32 = create_adapter(name, **SMALL[name]).apply(params, *x, mask=MASK)
+  y32 = _apply(create_adapter(name, **SMALL[name]), params, *x, mask=MASK)
   bf = create_adapter(name, **SMALL[name], dtype="bfloat16")
-  y16 = bf.apply(params, *x, mask=MASK)
+  y16 = _apply(bf, params, *x, mask=MASK)
   assert y16.dtype == jnp.float32
   rel = np.linalg.norm(np.asarray(y16 - y32)[MASK]) / np.linalg.norm(
     np.asarray(y32)[MASK]
@@ -560,7 +578,7 @@ def test_bfloat16_compute(name, perturbed):
 def test_decode_matches_full_forward(name, perturbed):
   model, params = perturbed[name]
   x = _inputs(name, seed=7)
-  full = np.asarray(model.apply(params, *x, mask=MASK))
+  full = np.asarray(_apply(model, params, *x, mask=MASK))
   step = jax.jit(
     lambda p, c, *xs, m: model.apply(
       p, *xs, cache=c, mask=m, method=model.decode_step
@@ -579,7 +597,8 @@ def test_decode_matches_full_forward(name, perturbed):
   np.testing.assert_array_equal(cache["index"], [S] * B)
   # A prefill chunk, then single steps, with explicit positions.
   cache = model.init_cache(B, S)
-  y0, cache = model.apply(
+  y0, cache = _apply(
+    model,
     params,
     *(a[:, :3] for a in x),
     cache=cache,
@@ -589,7 +608,8 @@ def test_decode_matches_full_forward(name, perturbed):
   )
   rest = []
   for t in range(3, S):
-    y, cache = model.apply(
+    y, cache = _apply(
+      model,
       params,
       *(a[:, t : t + 1] for a in x),
       cache=cache,
@@ -608,10 +628,11 @@ def test_decode_rollback_and_per_row_positions(perturbed):
   x_alt = tuple(np.concatenate([a[:, :3], a[:, 3:] * -1.5], 1) for a in x)
   cache = model.init_cache(2, 8)
   # Draft 6 positions of x, then roll back to position 3 and decode x_alt.
-  _, cache = model.apply(params, *x, cache=cache, method="decode_step")
+  _, cache = _apply(model, params, *x, cache=cache, method="decode_step")
   outs = []
   for t in range(3, 6):
-    y, cache = model.apply(
+    y, cache = _apply(
+      model,
       params,
       *(a[:, t : t + 1] for a in x_alt),
       cache=cache,
@@ -619,12 +640,13 @@ def test_decode_rollback_and_per_row_positions(perturbed):
       method="decode_step",
     )
     outs.append(np.asarray(y))
-  full_alt = np.asarray(model.apply(params, *x_alt))
+  full_alt = np.asarray(_apply(model, params, *x_alt))
   np.testing.assert_allclose(
     np.concatenate(outs, 1), full_alt[:, 3:], rtol=1e-5, atol=1e-5
   )
   # Rows at different positions: row 0 at 5, row 1 at 2 (after a rollback).
-  y, _ = model.apply(
+  y, _ = _apply(
+    model,
     params,
     *(a[:, 5:6] for a in x_alt),
     cache=cache,
@@ -638,7 +660,7 @@ def test_decode_rollback_and_per_row_positions(perturbed):
     np.concatenate([a[1:, :2], b[1:, 5:6]], 1)
     for a, b in zip(x_alt, x_alt, strict=True)
   )
-  ref1 = np.asarray(model.apply(params, *x_row1))[0, 2]
+  ref1 = np.asarray(_apply(model, params, *x_row1))[0, 2]
   np.testing.assert_allclose(np.asarray(y)[1, 0], ref1, rtol=1e-5, atol=1e-5)
 
 
