@@ -338,6 +338,56 @@ def bench_torch(name, batch, seq, hidden, mode, steps, windows):
   }
 
 
+def profile_step(name, batch, seq, hidden, dtype, steps, out_dir):
+  """Traces `steps` steps and prints the device kernels by total time."""
+  import collections
+  import glob
+
+  from jax.profiler import ProfileData
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  host = make_batch(name, batch, seq, hidden, np.random.default_rng(0))
+  host = {
+    k: v.astype(jnp.bfloat16) if v.dtype == np.float32 else v
+    for k, v in host.items()
+  }
+  _, state, step = build_jax_step(name, hidden, dtype, mesh, host)
+  dev_batch = jax.device_put(host, sharding.batch_sharding(mesh))
+  rng = jax.random.PRNGKey(1)
+  for _ in range(3):
+    state, _ = step(state, dev_batch, rng)
+  jax.block_until_ready(state)
+  trace_dir = os.path.join(out_dir or "/tmp", f"trace_{name}")
+  jax.profiler.start_trace(trace_dir)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, _ = step(state, dev_batch, rng)
+  jax.block_until_ready(state)
+  wall = (time.perf_counter() - t0) / steps
+  jax.profiler.stop_trace()
+  path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+  data = ProfileData.from_file(path)
+  totals = collections.Counter()
+  counts = collections.Counter()
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      print(f"#  plane {plane.name} line {line.name}")
+      if "stream" not in line.name.lower() and "ops" not in line.name.lower():
+        continue
+      for ev in line.events:
+        totals[ev.name] += ev.duration_ns
+        counts[ev.name] += 1
+  busy = sum(totals.values()) / steps / 1e6
+  print(
+    f"# profile {name}: wall {wall * 1e3:.2f} ms/step, kernels busy "
+    f"{busy:.2f} ms/step, {sum(counts.values()) / steps:.0f} kernels/step"
+  )
+  for k, v in totals.most_common(30):
+    print(f"#  {v / steps / 1e3:8.1f} us  x{counts[k] / steps:4.1f}  {k[:110]}")
+
+
 def versions():
   out = {
     "python": platform.python_version(),
@@ -393,6 +443,9 @@ def main(argv=None):
     "--ablate",
     default="",
     help="levels to time ablated steps for (fwd, grad, nodrop, opt)",
+  )
+  p.add_argument(
+    "--profile", default="", help="levels to trace and list kernels for"
   )
   p.add_argument("--ceiling_n", type=int, default=8192)
   p.add_argument(
@@ -458,6 +511,10 @@ def main(argv=None):
       )
       rows.append(r)
       print(json.dumps(r), flush=True)
+  for name in [x for x in args.profile.split(",") if x]:
+    profile_step(
+      name, args.batch, args.seq, args.hidden, dtype, args.steps, args.out
+    )
   scaling = []
   n_dev = jax.device_count()
   for name in [x for x in args.scaling.split(",") if x]:
