@@ -224,18 +224,24 @@ def test_export_from_workdir(tmp_path):
   config.model.num_layers = 2
   ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
   state = {"step": np.int32(7), "params": params}
-  meta = {"config": json.loads(config.to_json_best_effort())}
+  val = {"loss": 1.0, "cos_sim": 0.5, "accept_90": 0.25}
+  meta = {
+    "config": json.loads(config.to_json_best_effort()),
+    "epoch": 2,
+    "epoch_step": 0,
+    "last_metrics": val,
+  }
   ckpt.save(7, state, meta, val_loss=1.0)
   ckpt.close()
   with open(tmp_path / "run" / "config.json", "w") as f:
     f.write(config.to_json_best_effort())
   export_to_torch.main(
-    ["--workdir", str(tmp_path / "run"), "--which", "7",
-     "--out", str(tmp_path / "w.pt")]
+    ["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "w.pt")]
   )  # fmt: skip
   got = torch.load(tmp_path / "w.pt", weights_only=True)
   assert got["egpt_align_adapter"] == "l4"
   assert got["egpt_align_step"] == 7
+  assert got["epoch"] == 2 and got["metrics"] == val
   assert got["config"]["num_heads"] == 4
   want = ta.flax_to_state_dict("l4", params)
   for k, v in want.items():

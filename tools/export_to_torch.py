@@ -156,6 +156,30 @@ def _atomic(path: Path, write) -> None:
   os.replace(tmp, path)
 
 
+def _run_info(checkpoint, workdir, which):
+  """(step, epoch, val metrics) of the chosen checkpoint, from its meta."""
+  try:
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+      if which == "best":
+        step = ckpt.best_step()
+      elif which == "latest":
+        step = ckpt.latest_step()
+      else:
+        step = int(which)
+      meta = ckpt.restore_meta(step)
+    finally:
+      ckpt.close()
+  except Exception as e:  # Optional metadata: never fail the export.
+    print(f"note: no run metadata for {workdir} ({e}); epoch/metrics unset")
+    return (which if isinstance(which, int) else None), 0, None
+  metrics = meta.get("last_metrics")
+  # Only an epoch-end checkpoint carries the validation metrics of its state.
+  if meta.get("epoch_step") != 0 or not isinstance(metrics, Mapping):
+    metrics = None
+  return step, int(meta.get("epoch") or 0), metrics
+
+
 def _load_json_arg(value: str, flag: str) -> dict:
   try:
     if value.lstrip().startswith("{"):
@@ -209,7 +233,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     "--format", default="both", choices=("pt", "safetensors", "both")
   )
-  parser.add_argument("--epoch", type=int, default=0, help="stored as epoch")
+  parser.add_argument(
+    "--epoch",
+    type=int,
+    help="stored as epoch (default: the run's completed epochs, else 0)",
+  )
   parser.add_argument(
     "--metrics", help="JSON file or inline JSON dict stored as metrics"
   )
@@ -238,7 +266,11 @@ def run(args: argparse.Namespace) -> list[Path]:
       ) from e
     params, config = checkpoint.load_params(args.workdir, args.which)
     model_cfg = model_config_of(config)
-    step = args.which if isinstance(args.which, int) else None
+    step, epoch, run_metrics = _run_info(checkpoint, args.workdir, args.which)
+    if args.epoch is None:
+      args.epoch = epoch
+    if args.metrics is None and run_metrics:
+      args.metrics = json.dumps(run_metrics)
   else:
     params = ta.load_params_npz(args.params)
     config_arg = args.config
@@ -264,7 +296,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     model_cfg,
     args.out,
     fmt=args.format,
-    epoch=args.epoch,
+    epoch=args.epoch or 0,
     step=step,
     metrics=metrics,
   )
