@@ -303,6 +303,11 @@ def main(argv=None):
       t0 = time.perf_counter()
       pipe = data.InputPipeline(ds, cache=cache, **common)
       build = time.perf_counter() - t0
+      if pipe.steps_per_epoch == 0:
+        raise SystemExit(
+          f"{args.num_samples} samples give no full batch of "
+          f"{args.batch_size} in any length bucket; raise --num_samples"
+        )
       note = ""
       if mode == "stream_cold":
         note = (
