@@ -89,8 +89,12 @@ def test_drop_remainder_and_bucket_shapes(ds):
 def test_default_buckets_are_few_multiples_of_8(ds):
   pipe = _pipe(ds, cache="none")
   assert 1 < len(pipe.bucket_lengths) <= 8
-  assert all(b % 8 == 0 for b in pipe.bucket_lengths)
-  assert pipe.bucket_lengths[-1] >= ds.lengths.max()
+  assert all(b % 8 == 0 for b in pipe.bucket_lengths[:-1])
+  assert pipe.bucket_lengths[-1] == ds.lengths.max()
+  # Reference-like lengths (capped at 50): the last bucket is exactly 50.
+  lengths = np.clip(np.random.default_rng(0).normal(34, 10, 1000), 5, 50)
+  buckets = data.pipeline.default_bucket_lengths(lengths.astype(int))
+  assert buckets == (24, 32, 40, 48, 50)
   with pytest.raises(ValueError, match="longer than the largest bucket 16"):
     _pipe(ds, bucket_lengths=[8, 16])
 

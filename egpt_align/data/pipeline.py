@@ -39,11 +39,17 @@ CACHE_MODES = ("auto", "device", "host", "none")
 def default_bucket_lengths(
   lengths: np.ndarray, *, multiple: int = 8, max_buckets: int = 8
 ) -> tuple[int, ...]:
-  """A few bucket lengths (multiples of `multiple`) from length quantiles."""
+  """A few bucket lengths from length quantiles.
+
+  Quantiles are rounded up to multiples of `multiple`, except that none
+  exceeds the longest sample: dumps capped at max_new_tokens pile up at the
+  maximum (50), which would otherwise all be padded to 56.
+  """
   if len(lengths) == 0:
     return (multiple,)
   q = np.quantile(lengths, np.linspace(0, 1, max_buckets + 1)[1:])
   q = np.ceil(q / multiple).astype(np.int64) * multiple
+  q = np.minimum(q, int(np.max(lengths)))
   return tuple(int(x) for x in np.unique(q))
 
 
