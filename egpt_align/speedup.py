@@ -115,9 +115,17 @@ def simulated_tokens_per_cycle(
 
 
 def costs_from_bench(
-  bench: str | os.PathLike | dict, name: str, gamma: int
+  bench: str | os.PathLike | dict,
+  name: str,
+  gamma: int,
+  *,
+  fallback: str | None = None,
 ) -> dict[str, Any]:
-  """Relative costs {draft_cost, verify_cost, source, ...} from bench JSON."""
+  """Relative costs {draft_cost, verify_cost, source, ...} from bench JSON.
+
+  The draft cost is draft_ms_per_token[name], else [fallback] when given
+  (e.g. 'drafter' for an adapter that needs one drafter decode per token).
+  """
   where = "bench JSON"
   if not isinstance(bench, dict):
     where = os.fspath(bench)
@@ -133,13 +141,16 @@ def costs_from_bench(
   if base <= 0:
     raise ValueError(f"{where}: costs.target_decode_ms must be > 0")
   draft = costs["draft_ms_per_token"]
+  draft_key = name
   if isinstance(draft, dict):
-    if name not in draft:
+    if name not in draft and fallback in draft:
+      draft_key = fallback
+    elif name not in draft:
       raise ValueError(
         f"{where}: costs.draft_ms_per_token has no entry {name!r} "
         f"(has {sorted(draft)})"
       )
-    draft = draft[name]
+    draft = draft[draft_key]
   verify = costs["verify_ms"]
   if isinstance(verify, dict):
     if str(gamma) not in verify:
@@ -152,6 +163,7 @@ def costs_from_bench(
     "draft_cost": float(draft) / base,
     "verify_cost": float(verify) / base,
     "source": where,
+    "draft_key": draft_key,
     "target_decode_ms": base,
     "draft_ms_per_token": float(draft),
     "verify_ms": float(verify),
@@ -165,10 +177,11 @@ def resolve_costs(
   bench_json: str | None = None,
   draft_cost: float | None = None,
   verify_cost: float | None = None,
+  fallback: str | None = None,
 ) -> dict[str, Any]:
   """Costs from the bench JSON if given, else flags, else the defaults."""
   if bench_json:
-    return costs_from_bench(bench_json, name, gamma)
+    return costs_from_bench(bench_json, name, gamma, fallback=fallback)
   c_default = DEFAULT_DRAFT_COST.get(name, DEFAULT_DRAFTER_COST)
   return {
     "draft_cost": float(c_default if draft_cost is None else draft_cost),

@@ -60,7 +60,7 @@ def _init(name, ov, seed):
   module = models.create_adapter(name, **ov)
   x = np.zeros((1, 4, D), np.float32)
   inputs = (x,) * len(models.get_spec(name).inputs)
-  return module, module.init(jax.random.key(seed), *inputs)["params"]
+  return module, jax.jit(module.init)(jax.random.key(seed), *inputs)["params"]
 
 
 def _perturb(params, seed):
@@ -72,6 +72,16 @@ def _perturb(params, seed):
     for x in leaves
   ]
   return jax.tree.unflatten(tree, new)
+
+
+def _apply_padded(module, params, sources):
+  """The adapter on all samples in one zero-padded, masked call."""
+  s = max(len(x) for x in sources)
+  x = np.zeros((len(sources), s, D), np.float32)
+  for i, src in enumerate(sources):
+    x[i, : len(src)] = src
+  mask = np.arange(s)[None] < np.array([len(v) for v in sources])[:, None]
+  return np.asarray(module.apply({"params": params}, x, mask=mask))
 
 
 def _head(tmp_path, seed=0):
@@ -120,9 +130,8 @@ def test_exact_same_position_l1(tmp_path):
   params = _perturb(params, 1)
   lengths = _lengths(rng, 13)  # 13 samples: the last batch has padding rows.
   sources = [rng.normal(size=(n, D)).astype(np.float32) for n in lengths]
-  targets = [
-    np.asarray(module.apply({"params": params}, s[None]))[0] for s in sources
-  ]
+  outs = _apply_padded(module, params, sources)
+  targets = [o[:n] for o, n in zip(outs, lengths, strict=True)]
   _, head = _head(tmp_path)
   path = _write(tmp_path / "ds", sources, targets)
   result = evaluate.evaluate(
@@ -135,6 +144,7 @@ def test_exact_same_position_l1(tmp_path):
     gamma=GAMMA,
     bootstrap=50,
     progress=False,
+    pad_multiple=64,
   )
   m = result.metrics
   assert m["primary_reading"] == "same"
@@ -157,8 +167,10 @@ def test_exact_next_position_l5(tmp_path):
   lengths = _lengths(rng, 10)
   sources = [rng.normal(size=(n, D)).astype(np.float32) for n in lengths]
   targets = []
-  for s in sources:
-    out = np.asarray(module.apply({"params": params}, s[None]))[0]
+  for s, out in zip(
+    sources, _apply_padded(module, params, sources), strict=True
+  ):
+    out = out[: len(s)]
     # target[t + 1] := output[t]; target[0] is arbitrary.
     t0 = rng.normal(size=(1, D)).astype(np.float32)
     targets.append(np.concatenate([t0, out[:-1]], 0))
@@ -175,6 +187,7 @@ def test_exact_next_position_l5(tmp_path):
     gamma=GAMMA,
     bootstrap=50,
     progress=False,
+    pad_multiple=64,
   )
   m = result.metrics
   assert m["primary_reading"] == "next"
@@ -316,6 +329,7 @@ def test_partial_agreement_matches_numpy(tmp_path):
     verify_cost=1.1,
     bootstrap=100,
     progress=False,
+    pad_multiple=64,
   )
   res = result.metrics["results"]
   pred32 = [p.astype(np.float32).astype(np.float64) for p in pred]
@@ -484,6 +498,7 @@ def test_report_render_b1_note(tmp_path):
     bootstrap=0,
     batch_size=8,
     progress=False,
+    pad_multiple=64,
   )
   m = result.metrics
   # No LM head and no stored tokens: hidden-state metrics only.
@@ -518,9 +533,12 @@ def test_errors(tmp_path):
       params=params,
       lm_head=str(tmp_path / "bad"),
       progress=False,
+      pad_multiple=64,
     )
   with pytest.raises(ValueError, match="unknown adapter"):
-    evaluate.evaluate(path, adapter="l9", params=params, progress=False)
+    evaluate.evaluate(
+      path, adapter="l9", params=params, progress=False, pad_multiple=64
+    )
   with pytest.raises(ValueError, match="needs params"):
-    evaluate.evaluate(path, adapter="l1", progress=False)
+    evaluate.evaluate(path, adapter="l1", progress=False, pad_multiple=64)
   assert speedup.tokens_per_cycle(1.0, 1) == 2.0

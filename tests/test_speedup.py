@@ -104,6 +104,8 @@ def test_costs_from_bench(tmp_path):
   assert (c["draft_cost"], c["verify_cost"]) == (0.5, 1.2)
   with pytest.raises(ValueError, match=r"no entry 'l1'.*drafter"):
     speedup.costs_from_bench(bench, "l1", 5)
+  c = speedup.costs_from_bench(bench, "l1", 5, fallback="drafter")
+  assert c["draft_cost"] == pytest.approx(0.7) and c["draft_key"] == "drafter"
   with pytest.raises(ValueError, match="gamma '4'"):
     speedup.costs_from_bench(bench, "l5", 4)
   with pytest.raises(ValueError, match="costs.verify_ms"):
