@@ -464,3 +464,21 @@ def _numbers(tree):
       yield from _numbers(v)
   elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
     yield tree
+
+
+def test_benchmark_dump_smoke(tmp_path, capsys):
+  from tools import benchmark_dump
+
+  out = tmp_path / "bench.json"
+  argv = ["--small", "--num_samples", "4", "--ref_samples", "2"]
+  argv += ["--max_new_tokens", "4", "--device", "cpu", "--out", str(out)]
+  assert benchmark_dump.main(argv) == 0
+  report = json.loads(out.read_text())
+  res = report["results"]
+  assert set(res) == {"reference", "teacher_forced", "free_running"}
+  # EOS is suppressed: every method stores max_new_tokens per sample.
+  assert res["reference"]["positions"] == 2 * 4
+  assert res["teacher_forced"]["positions"] == 4 * 4
+  assert res["free_running"]["positions"] == 4 * 4
+  assert res["reference"]["speedup_vs_reference"] == 1.0
+  assert "samples/s" in capsys.readouterr().out

@@ -277,11 +277,14 @@ class HFBackend(Backend):
     if position_ids is not None and self._accepts_position_ids:
       kw["position_ids"] = position_ids.to(self.device)
     kw[self._cache_kw] = past_key_values
-    out = self.decoder(**kw, use_cache=use_cache, return_dict=True)
-    hidden = out.last_hidden_state
-    cache = getattr(out, "cache", None)
-    if cache is None:
-      cache = getattr(out, "past_key_values", None)
+    out = self.decoder(**kw, use_cache=use_cache)
+    if isinstance(out, tuple):  # a model configured with return_dict=False
+      hidden, cache = out[0], (out[1] if len(out) > 1 else None)
+    else:
+      hidden = out.last_hidden_state
+      cache = getattr(out, "cache", None)
+      if cache is None:
+        cache = getattr(out, "past_key_values", None)
     h_keep = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
     logits = self.lm_head(h_keep)
     return hidden, logits, cache
@@ -695,7 +698,9 @@ def teacher_forced_states(
     input_ids=tokens[:, :-1].to(backend.device),
     attention_mask=full,
     past_key_values=cache,
-    use_cache=False,
+    # True so the cache is read in every transformers version (the new
+    # entries are discarded with it).
+    use_cache=True,
   )
   hidden = torch.cat([h0[:, -1:], h1], dim=1)
   ids = torch.cat([l0[:, -1:].argmax(-1), l1.argmax(-1)], dim=1)

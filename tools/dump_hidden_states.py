@@ -154,14 +154,18 @@ def run_batch(
   *,
   pairing: str,
   max_new_tokens: int,
+  suppress_tokens: Sequence[int] = (),
 ) -> list[tuple[dict, dict | str]]:
   """Processes prepared (sample, target_inputs, draft_inputs) together.
 
   Returns, per item, (sample, record) where record is the dict to write or
-  a string saying why the sample failed.
+  a string saying why the sample failed. `suppress_tokens` never get
+  generated (benchmarks suppress EOS so every sample has the same length).
   """
   t_batch = target.collate([t for _, t, _ in items])
-  gen = bk.greedy_generate(target, t_batch, max_new_tokens)
+  gen = bk.greedy_generate(
+    target, t_batch, max_new_tokens, suppress_tokens=suppress_tokens
+  )
   t_len = gen.lengths.cpu()
   results: list = [None] * len(items)
   if pairing == "teacher_forced":
@@ -198,7 +202,9 @@ def run_batch(
         }
   elif pairing == "free_running":
     d_batch = draft.collate([d for _, _, d in items])
-    d_gen = bk.greedy_generate(draft, d_batch, max_new_tokens)
+    d_gen = bk.greedy_generate(
+      draft, d_batch, max_new_tokens, suppress_tokens=suppress_tokens
+    )
     d_len = d_gen.lengths.cpu()
     for i, (s, _, _) in enumerate(items):
       n_i = int(min(t_len[i], d_len[i]))
