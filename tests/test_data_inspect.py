@@ -109,6 +109,7 @@ def test_benchmark_smoke(tmp_path):
   result = json.load(open(out))
   assert set(result["modes"]) == {
     "stream_cold",
+    "stream_cold_mmap",
     "stream_hot",
     "host",
     "device",

@@ -5,7 +5,9 @@ Writes a dataset of N samples at hidden D with reference-like lengths
 with `block_until_ready` on every batch:
 
   stream_cold  cache='none' (memory-mapped), page cache dropped for the
-               shard files first (posix_fadvise DONTNEED; 'hot' if that fails)
+               shard files first (posix_fadvise DONTNEED; 'hot' if that fails),
+               with the pipeline's background whole-file read-ahead
+  stream_cold_mmap  the same without read-ahead: random reads page-faulted in
   stream_hot   cache='none', files in the page cache
   host         cache='host' (this process's share in RAM, numpy gathers)
   device       cache='device' (dataset in accelerator memory, jitted gather)
@@ -242,7 +244,7 @@ def main(argv=None):
   )
   parser.add_argument(
     "--modes",
-    default="stream_cold,stream_hot,host,device,reference",
+    default="stream_cold,stream_cold_mmap,stream_hot,host,device,reference",
     help="comma-separated subset of the modes to run",
   )
   parser.add_argument("--num_workers", type=int, default=8)
@@ -296,10 +298,16 @@ def main(argv=None):
       num_workers=args.num_workers,
       prefetch=args.prefetch,
     )
-    for mode in ("stream_cold", "stream_hot", "host", "device"):
+    for mode in (
+      "stream_cold",
+      "stream_cold_mmap",
+      "stream_hot",
+      "host",
+      "device",
+    ):
       if mode not in modes:
         continue
-      cache = {"stream_cold": "none", "stream_hot": "none"}.get(mode, mode)
+      cache = mode if mode in ("host", "device") else "none"
       t0 = time.perf_counter()
       pipe = data.InputPipeline(ds, cache=cache, **common)
       build = time.perf_counter() - t0
@@ -309,12 +317,15 @@ def main(argv=None):
           f"{args.batch_size} in any length bucket; raise --num_samples"
         )
       note = ""
-      if mode == "stream_cold":
+      if mode.startswith("stream_cold"):
+        if mode == "stream_cold_mmap":
+          pipe.readahead = False
         note = (
           "cold (page cache dropped)"
           if drop_page_cache(dataset_files(ds_path))
           else "could not drop page cache: hot"
         )
+        note += ", read-ahead " + ("on" if pipe.readahead else "off")
       elif mode == "stream_hot":
         time_pipeline(pipe, 1, min(args.max_steps, 20))  # warm + compile
         note = "files in page cache"

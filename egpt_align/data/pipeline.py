@@ -208,6 +208,13 @@ class InputPipeline:
     self._pieces = None
     # None = reuse host batch buffers except on CPU (tests may force True).
     self.recycle_buffers: bool | None = None
+    if host_budget_bytes is None:
+      host_budget_bytes = int(0.5 * _host_memory_bytes())
+    # Background read-ahead of whole files in streaming mode (see batches).
+    self.readahead = (
+      self.cache == "none"
+      and dataset.file_bytes(self.fields) <= host_budget_bytes
+    )
     if self.cache in ("host", "device"):
       self._build_host_cache()
     if self.cache == "device":
@@ -448,6 +455,13 @@ class InputPipeline:
       for seq_len, pos in plan:
         yield self._device_batch(seq_len, pos)
       return
+    if self.cache == "none" and self.readahead:
+      # Warm the page cache with large sequential reads in the background
+      # (when the files fit comfortably in RAM); the random sample reads
+      # then mostly hit memory.
+      threading.Thread(
+        target=self.dataset.readahead, args=(self.fields,), daemon=True
+      ).start()
     q: queue.Queue = queue.Queue(maxsize=self.prefetch)
     stop = threading.Event()
     done = object()
