@@ -19,6 +19,7 @@ devices with the global batch fixed and scaled.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,67 +110,83 @@ def make_batch(name, batch, seq, hidden, rng):
 def build_jax_step(name, hidden, dtype, mesh, batch_example, variant="full"):
   """Initial state and the jitted train step, as the trainer builds them.
 
-  `variant` ablates the step to see where the time goes: 'full', 'nodrop'
-  (dropout off), 'grad' (forward + backward, no optimizer), 'fwd' (loss only),
-  'opt' (clip + AdamW on fixed gradients).
+  'full' is the trainer's own `train.train_step`. The other variants ablate
+  it to see where the time goes: 'nodrop' (dropout off), 'grad' (forward +
+  backward, no optimizer), 'fwd' (loss only), 'opt' (clip + AdamW on fixed
+  gradients).
   """
+  from egpt_align import train
+  from egpt_align.configs import base
+
+  config = base.get_config()
   model = models.create_adapter(name, hidden_dim=hidden, dtype=dtype)
   spec = models.get_spec(name)
-  tx, _ = optim.create_optimizer(
-    _optim_config(), steps_per_epoch=1000, num_epochs=50
+  tx, schedule = optim.create_optimizer(
+    config.optim, steps_per_epoch=1000, num_epochs=config.num_epochs
   )
   inputs = models.adapter_inputs(name, batch_example)
-  params = jax.jit(
-    lambda k: model.init(
-      k, *[jnp.zeros(x.shape, jnp.float32) for x in inputs], deterministic=True
-    )["params"]
+  example = tuple(jnp.zeros(x.shape, jnp.float32) for x in inputs)
+  state = jax.jit(
+    lambda k: train.init_state(k, model=model, tx=tx, example_inputs=example)
   )(jax.random.PRNGKey(0))
-  opt_state = tx.init(params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt_state}
 
   def loss_fn(params, batch, rng):
-    pred = model.apply(
-      {"params": params},
-      *models.adapter_inputs(name, batch),
-      mask=batch["mask"],
+    pred = train._forward(
+      model,
+      spec,
+      params,
+      batch,
       deterministic=variant == "nodrop",
-      rngs={"dropout": rng},
+      rng=rng,
     )
-    loss, aux = losses.adapter_loss(
-      pred, batch["target"], batch["mask"], predicts_next=spec.predicts_next
+    return losses.adapter_loss(
+      pred,
+      batch["target"].astype(jnp.float32),
+      batch["mask"],
+      predicts_next=spec.predicts_next,
     )
-    return loss, aux
 
-  def train_step(state, batch, rng):
-    rng = jax.random.fold_in(rng, state["step"])
+  def ablated_step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    params = state.params
+    opt_state = state.opt_state
     if variant == "fwd":
-      loss, aux = loss_fn(state["params"], batch, rng)
-      return {**state, "step": state["step"] + 1}, {"loss": loss, **aux}
-    if variant == "grad":
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch, rng
+      loss, _ = loss_fn(params, batch, rng)
+    elif variant == "grad":
+      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch, rng
       )
-      gsum = sum(jnp.sum(g) for g in jax.tree.leaves(grads))
-      return {**state, "step": state["step"] + 1}, {"loss": loss + 0 * gsum}
-    if variant == "opt":
-      grads = jax.tree.map(lambda p: p * 1e-3, state["params"])
-      updates, opt = tx.update(grads, state["opt"], state["params"])
-      params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-      new_state = {"step": state["step"] + 1, "params": params, "opt": opt}
-      return new_state, {"loss": jnp.zeros(())}
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state["params"], batch, rng
-    )
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-    new_state = {"step": state["step"] + 1, "params": params, "opt": opt}
-    return new_state, {"loss": loss, **aux}
+      loss = loss + 0 * sum(jnp.sum(g) for g in jax.tree.leaves(grads))
+    else:
+      if variant == "opt":
+        loss = jnp.zeros(())
+        grads = jax.tree.map(lambda p: p * 1e-3, params)
+      else:  # nodrop
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, batch, rng
+        )
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new, {"loss": loss}
 
+  if variant == "full":
+    step_fn = functools.partial(
+      train.train_step,
+      lm_weight=None,
+      model=model,
+      spec=spec,
+      tx=tx,
+      schedule=schedule,
+      loss_config=config.loss,
+    )
+  else:
+    step_fn = ablated_step
   rep = sharding.replicated(mesh)
   bsh = sharding.batch_sharding(mesh)
   state = jax.device_put(state, rep)
   step = jax.jit(
-    train_step,
+    step_fn,
     in_shardings=(rep, bsh, rep),
     out_shardings=(rep, rep),
     donate_argnums=(0,),
@@ -216,7 +234,7 @@ def bench_jax(
     jax.block_until_ready(holder["state"])
 
   sec, windows_s = _time_windows(run, sync, steps, windows)
-  params = holder["state"]["params"]
+  params = holder["state"].params
   n_params = sum(x.size for x in jax.tree.leaves(params))
   tokens = batch * seq
   flops = matmul_flops_per_step(params, tokens) + attention_flops_per_step(
