@@ -8,6 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+# Tiny models gain nothing from intra-op threads; on a shared, loaded CPU
+# spinning worker threads only slow the tests down.
+torch.set_num_threads(1)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

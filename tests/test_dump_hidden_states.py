@@ -9,6 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
+# Tiny models gain nothing from intra-op threads; on a shared, loaded CPU
+# spinning worker threads only slow the tests down.
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -137,6 +140,8 @@ def test_teacher_forced_equals_independent_forward(
   for i, ref in enumerate(reference):
     s = ds[i]
     assert s["meta"]["id"] == f"s{i}"
+    want_text = models["tok"].decode(ref["tokens"], skip_special_tokens=True)
+    assert s["meta"]["target_text"] == want_text
     np.testing.assert_array_equal(s["target_tokens"], ref["tokens"])
     np.testing.assert_allclose(s["target"], ref["target"], atol=1e-5)
     np.testing.assert_allclose(s["source"], ref["source"], atol=1e-5)
@@ -232,6 +237,10 @@ def test_interrupt_keeps_finished_samples_and_resume_completes(
   for i in range(NUM):
     for key in ("source", "target", "target_tokens", "draft_tokens"):
       np.testing.assert_allclose(ds[i][key], f32_dataset[i][key], atol=1e-6)
+  # A different setup must not be appended to the same dataset.
+  rc = _run(models, out, *extra, "--pairing", "free_running")
+  assert rc == dump.EXIT_USAGE
+  assert "cannot resume" in capsys.readouterr().err
 
 
 def test_failing_samples_are_reported_and_exit_nonzero_plugin(

@@ -143,8 +143,15 @@ def _np32(x: torch.Tensor) -> np.ndarray:
   return x.detach().float().cpu().numpy()
 
 
-class Failure(Exception):
-  """A sample-level failure with a reason meant for the report."""
+def _text(key: str, backend: bk.Backend, tokens: torch.Tensor) -> dict:
+  """{key: decoded text} when the backend has a tokenizer, else {}."""
+  tok = getattr(backend, "tokenizer", None)
+  if tok is None or not hasattr(tok, "decode"):
+    return {}
+  try:
+    return {key: tok.decode(tokens.tolist(), skip_special_tokens=True)}
+  except Exception:  # noqa: BLE001 - texts are informational only
+    return {}
 
 
 def run_batch(
@@ -198,6 +205,7 @@ def run_batch(
           "meta": {
             "id": items[i][0]["id"],
             "question": items[i][0]["question"],
+            **_text("target_text", target, gen.tokens[i, :n_i]),
           },
         }
   elif pairing == "free_running":
@@ -218,6 +226,8 @@ def run_batch(
           "question": s["question"],
           "target_length": int(t_len[i]),
           "draft_length": int(d_len[i]),
+          **_text("target_text", target, gen.tokens[i, : t_len[i]]),
+          **_text("draft_text", draft, d_gen.tokens[i, : d_len[i]]),
         },
       }
   else:
@@ -395,6 +405,36 @@ def _options(spec: str, template: str | None, num_frames: int | None) -> dict:
   return opts
 
 
+RESUME_KEYS = (
+  ("pairing",),
+  ("max_new_tokens",),
+  ("source", "model_id"),
+  ("source", "prompt_template"),
+  ("target", "model_id"),
+  ("target", "prompt_template"),
+  ("target", "frame_policy"),
+)
+
+
+def check_resume(out: str, provenance: dict) -> None:
+  """Refuses to append to a dataset that a different setup produced."""
+  path = os.path.join(out, "header.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f).get("provenance", {})
+  for keys in RESUME_KEYS:
+    a, b = old, provenance
+    for k in keys:
+      a = a.get(k) if isinstance(a, dict) else None
+      b = b.get(k) if isinstance(b, dict) else None
+    if a is not None and a != b:
+      raise ValueError(
+        f"{path}: cannot resume, the dataset was made with "
+        f"{'.'.join(keys)}={a!r} but this run has {b!r}; use another --out"
+      )
+
+
 def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt(f"signal {signum}")
 
@@ -417,20 +457,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
   dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
   torch.set_grad_enabled(False)
-  print(f"loading target {args.target} ({device}, {dtype})", file=sys.stderr)
-  target = bk.load_backend(
-    args.target,
-    device=device,
-    dtype=dtype,
-    **_options(args.target, args.target_prompt, args.num_frames),
-  )
-  print(f"loading draft {args.draft}", file=sys.stderr)
-  draft = bk.load_backend(
-    args.draft,
-    device=device,
-    dtype=dtype,
-    **_options(args.draft, args.draft_prompt, args.num_frames),
-  )
+  try:
+    print(f"loading target {args.target} ({device}, {dtype})", file=sys.stderr)
+    target = bk.load_backend(
+      args.target,
+      device=device,
+      dtype=dtype,
+      **_options(args.target, args.target_prompt, args.num_frames),
+    )
+    print(f"loading draft {args.draft}", file=sys.stderr)
+    draft = bk.load_backend(
+      args.draft,
+      device=device,
+      dtype=dtype,
+      **_options(args.draft, args.draft_prompt, args.num_frames),
+    )
+  except (ValueError, OSError) as e:
+    print(f"error: cannot load a model: {e}", file=sys.stderr)
+    return EXIT_USAGE
   provenance = {
     "tool": "tools/dump_hidden_states.py",
     "pairing": args.pairing,
@@ -441,15 +485,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     "states": "last layer, post final norm, at the positions predicting "
     "each generated token",
   }
-  writer = DatasetWriter(
-    args.out,
-    source_dim=draft.hidden_size,
-    target_dim=target.hidden_size,
-    dtype=args.store_dtype,
-    samples_per_shard=args.samples_per_shard,
-    provenance=provenance,
-    resume=True,
-  )
+  try:
+    check_resume(args.out, provenance)
+    writer = DatasetWriter(
+      args.out,
+      source_dim=draft.hidden_size,
+      target_dim=target.hidden_size,
+      dtype=args.store_dtype,
+      samples_per_shard=args.samples_per_shard,
+      provenance=provenance,
+      resume=True,
+    )
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
   dumper = Dumper(
     target,
     draft,
@@ -460,7 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures_path=os.path.join(args.out, "failures.jsonl"),
     progress=not args.no_progress,
   )
-  old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM,)}
+  sigs = [signal.SIGTERM] + (
+    [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
+  )
+  old = {s: signal.signal(s, _raise_interrupt) for s in sigs}
   start = time.perf_counter()
   interrupted = False
   try:
