@@ -1,0 +1,343 @@
+"""Tests of tools/sd_engine.py: lossless SD on tiny random Llamas (CPU)."""
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tools import sd_engine as sd  # noqa: E402
+from tools.backends import cache_length  # noqa: E402
+from tools.benchmark_sd import TokenPromptBackend, random_llama  # noqa: E402
+from tools.torch_adapters import build_torch_adapter  # noqa: E402
+
+D, V = 32, 64
+SHAPE = dict(
+  vocab_size=V,
+  hidden_size=D,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=256,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+  # Tiny models: thread fan-out only adds contention on a busy CPU.
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)
+
+
+def _backend(model, eos=2):
+  return TokenPromptBackend(model, model_id="tiny", eos_token_id=eos)
+
+
+@pytest.fixture(scope="module")
+def target_model():
+  return random_llama(SHAPE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def noisy_model(target_model):
+  """The target plus noise: agrees often, not always (partial accepts)."""
+  model = copy.deepcopy(target_model)
+  g = torch.Generator().manual_seed(5)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.01 * torch.randn(p.shape, generator=g))
+  return model
+
+
+def _prompt(seed, length=12):
+  g = torch.Generator().manual_seed(seed)
+  return {"input_ids": torch.randint(3, V, (length,), generator=g).tolist()}
+
+
+def _adapter(kind, alpha=None, seed=7, name=None):
+  torch.manual_seed(seed)
+  kw = (
+    dict(hidden_dim=D, bottleneck_dim=8)
+    if kind in ("l1", "l2", "l3")
+    else dict(hidden_dim=D, num_heads=4, ffn_dim=64)
+  )
+  if alpha is not None:
+    kw["alpha_init"] = alpha
+  module = build_torch_adapter(kind, **kw).eval()
+  return sd.Adapter(
+    name or kind, kind, module, torch.device("cpu"), torch.float32
+  )
+
+
+class OracleNext(torch.nn.Module):
+  """An exact next-state 'adapter' for the decode off-by-one test.
+
+  It reads the token its input state predicts (argmax through the LM head),
+  feeds that token to its own copy of the target's KV cache and returns the
+  target's next state: output at position p = h[p+1], exactly what a perfect
+  decode adapter must produce. `stream` picks the input it reads.
+  """
+
+  def __init__(self, backend, stream):
+    super().__init__()
+    self.b = backend
+    self.stream = stream
+    self.prompt = None
+    self.w = backend.lm_head_weight().detach()
+
+  def init_cache(self, batch_size, max_len, device=None, dtype=None):
+    _, _, kv = self.b.forward(self.prompt, logits_to_keep=1)
+    return {"kv": kv, "base": cache_length(kv), "length": 0}
+
+  def truncate(self, cache, length):
+    assert 0 <= length <= cache["length"]
+    cache["kv"] = sd.crop_kv(cache["kv"], cache["base"] + length)
+    cache["length"] = length
+    return cache
+
+  def decode_step(self, *inputs, cache, position):
+    assert position == cache["length"], (position, cache["length"])
+    x = inputs[0] if self.stream == "source" else inputs[-1]
+    toks = (x[0] @ self.w.T).argmax(-1)
+    h, _, cache["kv"] = self.b.forward(
+      input_ids=toks[None], past_key_values=cache["kv"]
+    )
+    cache["length"] += toks.numel()
+    return h, cache
+
+
+def _greedy_no_cache(model, ids, max_new, eos):
+  """Independent greedy reference: full recompute every step, no KV cache."""
+  ids = list(ids)
+  out = []
+  with torch.no_grad():
+    for _ in range(max_new):
+      logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+      t = int(logits.argmax())
+      out.append(t)
+      ids.append(t)
+      if t in eos:
+        break
+  return out
+
+
+PREFILL_METHODS = (
+  "prefill_hiding:l1",
+  "prefill_hiding:l2",
+  "prefill_hiding:l3",
+)
+
+
+def test_baseline_matches_uncached_greedy(target_model):
+  tb = _backend(target_model)
+  models = sd.Models(tb)
+  cfg = sd.SDConfig(gamma=3, max_new_tokens=12, eos_token_ids=())
+  s = _prompt(1)
+  r = sd.run_method("baseline", models, tb.prompt_inputs(s), None, cfg)
+  ref = _greedy_no_cache(target_model, s["input_ids"], 12, eos=())
+  assert r.tokens == ref
+  assert r.drafted == 0 and r.iterations == 11
+  assert r.phases["target_decode"]["calls"] == 11
+  assert r.total_ms == pytest.approx(r.prefill_ms + r.decode_ms)
+
+
+def test_every_method_equals_baseline_with_partial_accepts(
+  target_model, noisy_model
+):
+  tb, db = _backend(target_model), _backend(noisy_model)
+  adapters = {
+    k: _adapter(k, alpha=1.0)
+    for k in ("l1", "l2", "l3", "l4", "b1", "l5", "l5f")
+  }
+  models = sd.Models(tb, db, adapters)
+  methods = [
+    "draft_tokens",
+    "prefill_hiding:l4",
+    "prefill_hiding:l1",
+    "prefill_hiding:l3",
+    "decode:b1",
+    "decode:l5",
+    "decode:l5f",
+    "two_phase:l2+l5f",
+  ]
+  cfg = sd.SDConfig(gamma=4, max_new_tokens=16, eos_token_ids=())
+  partial = 0
+  for seed in (11, 12):
+    s = _prompt(seed)
+    ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+    base = sd.run_method("baseline", models, ti, None, cfg).tokens
+    assert len(base) == 16
+    for m in methods:
+      r = sd.run_method(m, models, ti, di, cfg)
+      assert r.tokens == base, (m, seed)
+      assert 0 <= r.accepted <= r.drafted
+      partial += sum(
+        0 < acc < k for phase, k, acc in r.per_iteration if m == "draft_tokens"
+      )
+  # Rollback after a partial accept happened and output still matched.
+  assert partial > 0
+
+
+def test_identity_adapters_accept_everything(target_model):
+  """Drafter == target + identity / exact adapters: 100% acceptance.
+
+  Identity for prefill: L4 with alpha = 0 returns its input exactly
+  (h + 0 * (out - h)), so the drafts are the drafter's own tokens. L1-L3
+  end in a LayerNorm and cannot be identities. For decode an identity is
+  wrong by design (B1 with alpha = 0 drafts the previous token again), so
+  the exact next-state oracle above stands in for a perfect L5/B1/L5F.
+  """
+  tb, db = _backend(target_model), _backend(copy.deepcopy(target_model))
+  oracles = {}
+  for kind, stream in (("b1", "target"), ("l5", "source"), ("l5f", "target")):
+    o = OracleNext(tb, stream)
+    oracles[kind] = o
+  adapters = {"l4": _adapter("l4", alpha=0.0)}
+  adapters.update(
+    {
+      f"o{k}": sd.Adapter(f"o{k}", k, o, torch.device("cpu"), torch.float32)
+      for k, o in oracles.items()
+    }
+  )
+  models = sd.Models(tb, db, adapters)
+  cfg = sd.SDConfig(gamma=4, max_new_tokens=18, eos_token_ids=())
+  s = _prompt(21)
+  ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+  for o in oracles.values():
+    o.prompt = ti
+  base = sd.run_method("baseline", models, ti, None, cfg).tokens
+  for m in (
+    "draft_tokens",
+    "prefill_hiding:l4",
+    "two_phase:l4+ob1",
+    "two_phase:l4+ol5",
+    "decode:ob1",
+    "decode:ol5",
+    "decode:ol5f",
+  ):
+    r = sd.run_method(m, models, ti, di, cfg)
+    assert r.tokens == base, m
+    assert r.drafted > 0 and r.accepted == r.drafted, (m, r.per_iteration)
+    if m.startswith(("prefill_hiding", "two_phase")):
+      assert r.per_iteration[0] == ("prefill", 4, 4)
+      assert r.first_draft_match is True
+  # Full accepts give gamma + 1 tokens per decode iteration.
+  r = sd.run_method("decode:ob1", models, ti, di, cfg)
+  assert r.verify_iterations == 4  # 1 + 5 + 5 + 5 tokens, then 2 left: 1 + 1
+  # B1 with alpha = 0 drafts "the previous token": still lossless.
+  models.adapters["b1"] = _adapter("b1", alpha=0.0)
+  assert sd.run_method("decode:b1", models, ti, di, cfg).tokens == base
+
+
+def test_eos_inside_accepted_prefix_stops(target_model):
+  """EOS accepted as a draft ends generation; later drafts are dropped."""
+  tb0 = _backend(target_model)
+  models0 = sd.Models(tb0)
+  cfg0 = sd.SDConfig(gamma=5, max_new_tokens=16, eos_token_ids=())
+  s = None
+  for seed in range(30, 60):
+    cand = _prompt(seed)
+    toks = sd.run_method(
+      "baseline", models0, tb0.prompt_inputs(cand), None, cfg0
+    ).tokens
+    # A token whose first occurrence is at index 2..4: a draft of iteration 1.
+    firsts = {t: toks.index(t) for t in toks}
+    hits = [(i, t) for t, i in firsts.items() if 2 <= i <= 4]
+    if hits:
+      s, (idx, eos) = cand, min(hits)
+      break
+  assert s is not None, "no prompt with a usable EOS candidate"
+  tb = _backend(target_model, eos=eos)
+  db = _backend(copy.deepcopy(target_model), eos=eos)
+  models = sd.Models(tb, db, {"l4": _adapter("l4", alpha=0.0)})
+  cfg = sd.SDConfig(gamma=5, max_new_tokens=16)
+  ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+  base = sd.run_method("baseline", models, ti, None, cfg)
+  assert base.tokens == toks[: idx + 1] and base.tokens[-1] == eos
+  for m in ("draft_tokens", "prefill_hiding:l4"):
+    r = sd.run_method(m, models, ti, di, cfg)
+    assert r.tokens == base.tokens, m
+    # One verification: drafts 1..idx accepted, the EOS being one of them.
+    assert r.verify_iterations == 1 and r.drafted == 5
+    assert r.accepted == idx
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3, 7])
+def test_max_new_tokens_never_exceeded(target_model, max_new):
+  tb, db = _backend(target_model), _backend(copy.deepcopy(target_model))
+  adapters = {"l4": _adapter("l4", alpha=0.0), "b1": _adapter("b1", 1.0)}
+  models = sd.Models(tb, db, adapters)
+  cfg = sd.SDConfig(gamma=5, max_new_tokens=max_new, eos_token_ids=())
+  s = _prompt(40)
+  ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+  base = sd.run_method("baseline", models, ti, None, cfg).tokens
+  assert len(base) == max_new
+  for m in (
+    "draft_tokens",
+    "prefill_hiding:l4",
+    "decode:b1",
+    "two_phase:l4+b1",
+  ):
+    r = sd.run_method(m, models, ti, di, cfg)
+    assert r.tokens == base, (m, max_new)
+    # Drafts are cut to the budget: never more than max_new - 1 verified.
+    assert all(k <= max_new - 1 for _, k, _ in r.per_iteration)
+
+
+def test_phases_and_overlap_recorded(target_model, noisy_model):
+  tb, db = _backend(target_model), _backend(noisy_model)
+  models = sd.Models(tb, db, {"l4": _adapter("l4"), "l5": _adapter("l5")})
+  cfg = sd.SDConfig(gamma=3, max_new_tokens=10, eos_token_ids=())
+  s = _prompt(50)
+  ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+  r = sd.run_method("two_phase:l4+l5", models, ti, di, cfg)
+  names = set(r.phases)
+  assert {"target_prefill", "draft_prefill", "prefill_adapter:l4"} <= names
+  assert "adapter:l5" in names and any(
+    n.startswith("target_verify[") for n in names
+  )
+  # Drafter steps in the prefill: prefill_gamma (= gamma) single tokens.
+  assert r.phases["prefill_draft_decode"]["units"] == 3
+  ov = r.overlap
+  assert ov["concurrent"] is False and ov["overlap_ms"] == 0.0
+  assert ov["wall_ms"] == pytest.approx(ov["target_ms"] + ov["drafter_ms"])
+  assert r.prefill_ms >= ov["wall_ms"]
+
+
+def test_method_parsing_and_checks(target_model):
+  assert sd.parse_method("two_phase:l4+b1") == ("two_phase", ("l4", "b1"))
+  for bad in ("decode", "two_phase:l4", "foo", "baseline:l4", "decode:a+b"):
+    with pytest.raises(ValueError):
+      sd.parse_method(bad)
+  tb = _backend(target_model)
+  models = sd.Models(tb, None, {"l4": _adapter("l4"), "b1": _adapter("b1")})
+  with pytest.raises(ValueError, match="needs a drafter"):
+    sd.check_method("draft_tokens", models)
+  with pytest.raises(ValueError, match="needs one of"):
+    sd.check_method("decode:l4", models)
+  with pytest.raises(ValueError, match="no adapter named"):
+    sd.check_method("decode:l5", models)
+  sd.check_method("decode:b1", models)  # B1 needs no drafter
+
+
+def test_first_difference():
+  assert sd.first_difference([1, 2, 3], [1, 2, 3]) is None
+  assert sd.first_difference([1, 2, 3], [1, 5, 3]) == 1
+  assert sd.first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_token_margins_match_logits(target_model):
+  tb = _backend(target_model)
+  s = _prompt(60)
+  toks = _greedy_no_cache(target_model, s["input_ids"], 5, eos=())
+  margins = sd.token_margins(tb, tb.prompt_inputs(s), toks)
+  with torch.no_grad():
+    ids = torch.tensor([s["input_ids"] + toks[:-1]])
+    logits = target_model(input_ids=ids).logits[0, -len(toks) :]
+  top2 = logits.topk(2, -1).values
+  want = (top2[:, 0] - top2[:, 1]).tolist()
+  assert margins == pytest.approx(want, rel=1e-4, abs=1e-5)
