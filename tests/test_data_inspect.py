@@ -75,6 +75,31 @@ def test_inspect_counts_nan_and_fails(tmp_path, capsys):
   assert rc == 2
 
 
+def test_synthetic_subcommand(tmp_path, capsys):
+  path = str(tmp_path / "syn")
+  rc = cli.main(
+    [
+      "synthetic",
+      path,
+      "--num_samples",
+      "12",
+      "--hidden_dim",
+      "16",
+      "--max_len",
+      "9",
+      "--lm_head",
+      str(tmp_path / "h"),
+    ]
+  )
+  assert rc == 0
+  ds = data.open_dataset(path)
+  assert ds.num_samples == 12 and ds.source_dim == 16
+  assert ds.lengths.max() <= 9 and ds.has_target_tokens
+  info = json.load(open(tmp_path / "h.json"))
+  assert info["vocab_size"] == 256 and info["hidden_dim"] == 16
+  assert cli.main(["synthetic", path]) == 2  # refuses to overwrite
+
+
 def test_histogram_counts_everything():
   lengths = np.array([5, 5, 6, 20, 50, 50, 50])
   lines = cli.length_histogram(lengths, bins=5)

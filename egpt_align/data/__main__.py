@@ -1,7 +1,8 @@
-"""`python -m egpt_align.data inspect DIR`: summarise and check a dataset."""
+"""`python -m egpt_align.data inspect|synthetic DIR`: dataset tools."""
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -131,7 +132,49 @@ def main(argv=None) -> int:
     "--checksums", action="store_true", help="also verify CRC-32 of files"
   )
   p.add_argument("--json", help="also write the report as JSON here")
+  p = sub.add_parser(
+    "synthetic",
+    help="write a learnable synthetic dataset (demo, tests)",
+    description=(
+      "Writes paired synthetic sequences (AR(1) source, nonlinear temporal "
+      "target map plus noise; see egpt_align/data/synthetic.py) and, with "
+      "--lm_head, the matching LM head in the lm_head file format."
+    ),
+  )
+  p.add_argument("dir", help="output dataset directory (must not exist)")
+  p.add_argument("--num_samples", type=int, default=2000)
+  p.add_argument("--hidden_dim", type=int, default=128)
+  p.add_argument("--min_len", type=int, default=5)
+  p.add_argument("--max_len", type=int, default=50)
+  p.add_argument("--seed", type=int, default=0, help="sample seed")
+  p.add_argument(
+    "--mapping_seed",
+    type=int,
+    default=0,
+    help="seed of the source->target map; keep it equal for train and val",
+  )
+  p.add_argument("--vocab_size", type=int, default=256)
+  p.add_argument("--lm_head", help="also write the LM head to PATH(.npy)")
   args = parser.parse_args(argv)
+  if args.command == "synthetic":
+    from egpt_align.data import synthetic
+
+    if os.path.exists(os.path.join(args.dir, fmt.HEADER_FILE)):
+      print(f"error: {args.dir} already holds a dataset", file=sys.stderr)
+      return 2
+    synthetic.write_synthetic_dataset(
+      args.dir,
+      args.num_samples,
+      hidden_dim=args.hidden_dim,
+      min_len=args.min_len,
+      max_len=args.max_len,
+      seed=args.seed,
+      mapping_seed=args.mapping_seed,
+      vocab_size=args.vocab_size,
+      lm_head_path=args.lm_head,
+    )
+    print(f"wrote {args.num_samples} samples to {args.dir}")
+    return 0
   try:
     report, bad = inspect(
       args.dir, values=not args.no_values, checksums=args.checksums
