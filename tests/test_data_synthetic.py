@@ -1,5 +1,6 @@
 """Tests for the synthetic paired-sequence generator and the TFDS source."""
 
+import pickle
 import subprocess
 import sys
 
@@ -145,3 +146,8 @@ print("ok")
     np.testing.assert_array_equal(src[i]["target"], ds[i]["target"])
     np.testing.assert_array_equal(src[i]["draft_tokens"], ds[i]["draft_tokens"])
   assert src.features["source"] == ((None, 16), "bfloat16")
+  # Pickles by path (worker processes reopen the files, no data copied).
+  blob = pickle.dumps(src)
+  assert len(blob) < 2000
+  again = pickle.loads(blob)
+  np.testing.assert_array_equal(again[5]["source"], src[5]["source"])

@@ -335,6 +335,11 @@ class HiddenStateDataset:
       stats.append(entry)
     return stats
 
+  def __reduce__(self):
+    # Reopen from the path instead of pickling memory-mapped arrays (which
+    # would copy the data), e.g. when grain sends a source to its workers.
+    return (HiddenStateDataset, (self.path,))
+
   def __repr__(self):
     return (
       f"HiddenStateDataset({self.path!r}, samples={self.num_samples}, "
