@@ -21,13 +21,16 @@ output is an egpt_align dataset (egpt_align.data.DatasetWriter), resumable:
 restart the same command and finished samples are skipped. Failing samples
 are reported (stderr and OUT/failures.jsonl) with id and reason.
 
-Exit status: 0 all done; 1 some samples failed; 130 interrupted (finished
-samples are kept); 2 bad arguments or input file.
+Exit status: 0 all done; 1 some samples failed (see OUT/failures.jsonl;
+rerun to retry them); 130 interrupted (finished samples are kept; rerun to
+resume); 2 bad arguments, samples file, model spec or output directory.
 
-Example (tiny CPU run with two HF causal LMs):
+Example (Video-LLaVA target, an EventGPT plugin as drafter, on a GPU):
 
-  python tools/dump_hidden_states.py --target causal_lm:PATH_A \
-    --draft causal_lm:PATH_B --samples samples.jsonl --out /tmp/ds
+  python tools/dump_hidden_states.py \
+    --target video_llava:LanguageBind/Video-LLaVA-7B-hf \
+    --draft my_eventgpt_plugin:make_backend:/ckpt/EventGPT-7b \
+    --samples samples.jsonl --out data/train --batch_size 16
 """
 
 from __future__ import annotations
@@ -367,8 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     help="teacher_forced (default): drafter fed the target's tokens; "
     "free_running: the reference's step-index pairing",
   )
-  p.add_argument("--max_new_tokens", type=_positive, default=50)
-  p.add_argument("--batch_size", type=_positive, default=8)
+  p.add_argument(
+    "--max_new_tokens",
+    type=_positive,
+    default=50,
+    help="greedy steps of the target (default 50, as the reference)",
+  )
+  p.add_argument(
+    "--batch_size", type=_positive, default=8, help="samples per batch"
+  )
   p.add_argument(
     "--dtype",
     default=None,
@@ -382,7 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     help="dtype of the stored states (default bfloat16)",
   )
   p.add_argument("--device", default=None, help="default: cuda if available")
-  p.add_argument("--samples_per_shard", type=_positive, default=1024)
+  p.add_argument(
+    "--samples_per_shard",
+    type=_positive,
+    default=1024,
+    help="samples per dataset shard (a crash loses at most one shard; an "
+    "interrupt loses none)",
+  )
   p.add_argument("--max_samples", type=int, default=-1, help="-1: all")
   p.add_argument(
     "--media_root", default=None, help="base of relative media paths"
@@ -392,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--target_prompt", default=None, help="target template")
   p.add_argument("--draft_prompt", default=None, help="drafter template")
-  p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar")
   return p
 
 
