@@ -292,3 +292,11 @@ def test_video_llava_backend_equals_hf_generate(tmp_path, tok):
     )
   with pytest.raises(ValueError, match="needs media"):
     b.prompt_inputs({"id": "z", "question": "w1", "media": {}})
+  # A tokenizer whose pad token is the video placeholder must not pad with
+  # it (the padding would be counted as video slots).
+  tok2 = tp.make_tokenizer()
+  tok2.pad_token = "<video>"
+  b2 = bk.VideoLlavaBackend(model, tok2, ip, num_frames=3)
+  assert b2.pad_token_id == 2
+  gen2 = bk.greedy_generate(b2, b2.collate(ins), 8)
+  np.testing.assert_array_equal(gen2.lengths.numpy(), gen.lengths.numpy())

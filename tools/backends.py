@@ -437,6 +437,14 @@ class VideoLlavaBackend(HFBackend):
       )
     self.patch_size = int(model.config.vision_config.patch_size)
     self._set_special_ids(model, tokenizer)
+    media_ids = {self.video_token_id}
+    image_id = getattr(model.config, "image_token_index", None)
+    if image_id is not None:
+      media_ids.add(int(image_id))
+    if self.pad_token_id in media_ids:
+      # Padding is masked out, but a pad id equal to a placeholder id would
+      # be counted as a media slot when the features are scattered in.
+      self.pad_token_id = self.eos_token_id
 
   def provenance(self) -> dict:
     prov = super().provenance()
