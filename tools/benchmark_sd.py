@@ -159,15 +159,6 @@ def random_prompts(
   ]
 
 
-def _adapter_config(cfg: dict, kind: str) -> dict:
-  """Our model config fields of `kind` from an exported config dict."""
-  from tools.torch_adapters import CONFIG_FIELDS
-
-  fields = CONFIG_FIELDS[kind]
-  src = cfg.get("model", cfg) if isinstance(cfg, dict) else {}
-  return {k: src[k] for k in fields if k in src}
-
-
 def load_adapter(
   name: str,
   value: str,
@@ -176,9 +167,15 @@ def load_adapter(
   device: torch.device,
   dtype: torch.dtype,
   seed: int = 0,
+  trust_pickle: bool = False,
 ) -> tuple[sd.Adapter, dict]:
-  """Builds adapter `name` from 'random[:KIND]' or an exported file."""
-  from tools.torch_adapters import build_torch_adapter
+  """Builds adapter `name` from 'random[:KIND]' or an exported file.
+
+  Files: PATH.pt / PATH.safetensors (+ PATH.config.json) written by
+  tools/export_to_torch.py, or a reference checkpoint; the kind comes from
+  the file (a reference L5_EAGLE file is read as `name` when that is b1).
+  """
+  from tools import torch_adapters as ta
 
   info: dict[str, Any] = {"source": value}
   if value == "random" or value.startswith("random:"):
@@ -189,44 +186,22 @@ def load_adapter(
         f"one of {ADAPTER_KINDS} or write {name}=random:KIND"
       )
     torch.manual_seed(seed)
-    module = build_torch_adapter(kind, hidden_dim=hidden_dim)
+    module = ta.build_torch_adapter(kind, hidden_dim=hidden_dim)
     info["config"] = {"hidden_dim": hidden_dim}
   else:
-    if not os.path.exists(value):
-      raise FileNotFoundError(f"--adapter {name}={value}: no such file")
-    if value.endswith(".safetensors"):
-      from safetensors.torch import load_file
+    from tools import import_from_torch as ift
 
-      side = value[: -len(".safetensors")] + ".config.json"
-      if not os.path.exists(side):
-        raise FileNotFoundError(
-          f"--adapter {name}={value}: missing sidecar {side}"
-        )
-      with open(side) as f:
-        meta = json.load(f)
-      state = load_file(value)
-    else:
-      meta = torch.load(value, map_location="cpu", weights_only=True)
-      if not isinstance(meta, dict) or "model_state_dict" not in meta:
-        raise ValueError(
-          f"--adapter {name}={value}: expected a dict with "
-          "'model_state_dict' (written by tools/export_to_torch.py)"
-        )
-      state = meta["model_state_dict"]
-    kind = meta.get("egpt_align_adapter")
-    if kind not in ADAPTER_KINDS:
-      raise ValueError(
-        f"--adapter {name}={value}: field 'egpt_align_adapter' is {kind!r}; "
-        f"expected one of {ADAPTER_KINDS}"
-      )
-    cfg = _adapter_config(meta.get("config") or {}, kind)
-    module = build_torch_adapter(kind, **cfg)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-      raise ValueError(
-        f"--adapter {name}={value}: state dict does not fit a {kind} "
-        f"with {cfg}: missing {missing}, unexpected {unexpected}"
-      )
+    try:
+      ckpt = ift.load_checkpoint(value, trust_pickle=trust_pickle)
+      override = None
+      if not ckpt.get("egpt_align_adapter") and name in ADAPTER_KINDS:
+        override = name
+      kind = ift.adapter_name(ckpt, override)
+      state = dict(ckpt["model_state_dict"])
+      cfg = ta.resolve_config(kind, state, ift.model_config(kind, ckpt))
+      module = ta.load_torch_adapter(kind, state, **cfg)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"--adapter {name}={value}: {e}") from e
     info["config"] = cfg
   width = getattr(module, "hidden_dim", None)
   if width is None and hasattr(module, "config"):
@@ -733,6 +708,11 @@ def build_parser() -> argparse.ArgumentParser:
     help="an adapter exported by tools/export_to_torch.py (.pt or "
     ".safetensors), or NAME=random[:KIND]; repeatable",
   )
+  src.add_argument(
+    "--trust_pickle",
+    action="store_true",
+    help="allow pickled configs in reference .pt files (reference L1)",
+  )
   run = p.add_argument_group("decoding")
   run.add_argument(
     "--methods",
@@ -943,19 +923,20 @@ def run(args: argparse.Namespace) -> dict:
 
   adapters, adapter_info = {}, {}
   for i, (name, value) in enumerate(sorted(adapter_values.items())):
-    kind_guess = value.split(":", 1)[1] if value.startswith("random:") else name
-    on = ddev if kind_guess in sd.PREFILL_ADAPTERS else device
     ad, info = load_adapter(
       name,
       value,
       hidden_dim=target.hidden_size,
-      device=on,
+      device=torch.device("cpu"),
       dtype=adtype,
       seed=args.seed + 100 + i,
+      trust_pickle=args.trust_pickle,
     )
-    if ad.kind in sd.PREFILL_ADAPTERS and ad.device != ddev:
-      ad.module.to(ddev)
-      ad.device = ddev
+    # Prefill adapters run with the drafter (on its GPU, inside the
+    # overlapped prefill); decode adapters next to the target.
+    ad.device = ddev if ad.kind in sd.PREFILL_ADAPTERS else device
+    ad.module.to(ad.device)
+    info["device"] = str(ad.device)
     adapters[name] = ad
     adapter_info[name] = info
   models = sd.Models(target, drafter, adapters)

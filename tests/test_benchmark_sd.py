@@ -1,0 +1,269 @@
+"""Tests of tools/benchmark_sd.py: CLI smoke runs, adapters, aggregation."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tools import benchmark_sd as bench  # noqa: E402
+from tools import torch_adapters as ta  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+  # Tiny models: thread fan-out only adds contention on a busy CPU.
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)
+
+
+def _load(out):
+  with open(out / "results.json") as f:
+    return json.load(f)
+
+
+def test_cli_random_models_end_to_end(tmp_path):
+  out = tmp_path / "bench"
+  methods = (
+    "baseline,draft_tokens,prefill_hiding:l4,prefill_hiding:l2,decode:b1,"
+    "decode:l5,decode:l5f,two_phase:l4+b1"
+  )
+  argv = [
+    "--random_models=tiny",
+    "--prompt_len=16",
+    "--num_samples=3",
+    "--warmup=1",
+    "--max_new_tokens=9",
+    "--gamma=3",
+    "--ignore_eos",
+    "--methods",
+    methods,
+    "--bootstrap=50",
+    "--no_progress",
+    f"--out={out}",
+  ]
+  for a in ("l4", "l2", "b1", "l5", "l5f"):
+    argv.append(f"--adapter={a}=random")
+  assert bench.main(argv) == 0
+  res = _load(out)
+  assert res["config"]["methods"] == methods.split(",")
+  assert res["num_measured"] == 3
+  for m in methods.split(","):
+    agg = res["aggregate"][m]
+    assert agg["n"] == 3 and agg["mismatched_samples"] == 0, m
+    recs = res["per_sample"][m]
+    # Warm-up sample random0000 is excluded everywhere.
+    assert [r["id"] for r in recs] == ["random0001", "random0002", "random0003"]
+    assert all(len(r["tokens"]) == 9 for r in recs)
+    tot = np.array([r["total_ms"] for r in recs])
+    base = np.array([r["total_ms"] for r in res["per_sample"]["baseline"]])
+    assert agg["speedup"] == pytest.approx(base.mean() / tot.mean())
+    if m != "baseline":
+      drafted = sum(r["drafted"] for r in recs)
+      assert agg["drafted"] == drafted > 0
+      assert agg["alpha"] == pytest.approx(
+        sum(r["accepted"] for r in recs) / drafted
+      )
+  # Overlap measured (sequential on CPU: 0) for the prefill-hiding methods.
+  ov = res["aggregate"]["prefill_hiding:l4"]["prefill_overlap"]
+  assert ov["overlap_ms"] == 0.0 and ov["concurrent"] is False
+  costs = res["costs"]
+  assert costs["target_decode_ms"] > 0
+  assert costs["target_verify_ms"]["gamma+1"] > 0
+  assert costs["draft_model_decode_ms"] > 0
+  assert set(costs["adapter_step_ms"]) >= {"b1", "l5", "l5f"}
+  assert set(costs["relative"]["c"]) >= {"draft_tokens", "decode:b1"}
+  assert costs["relative"]["v"] == pytest.approx(
+    costs["target_verify_ms"]["gamma+1"] / costs["target_decode_ms"]
+  )
+  for f in ("report.md", "speedup.png", "breakdown.png", "acceptance.png"):
+    assert (out / f).stat().st_size > 0, f
+  report = (out / "report.md").read_text()
+  assert "two_phase:l4+b1" in report and "ratio of mean totals" in report
+
+
+def test_costs_readable_by_speedup_model(tmp_path):
+  speedup = pytest.importorskip("egpt_align.speedup")
+  out = tmp_path / "b"
+  argv = [
+    "--random_models=tiny",
+    "--prompt_len=8",
+    "--num_samples=2",
+    "--warmup=0",
+    "--max_new_tokens=8",
+    "--gamma=2",
+    "--ignore_eos",
+    "--methods=baseline,draft_tokens,decode:b1",
+    "--adapter=b1=random",
+    "--bootstrap=0",
+    "--no_plots",
+    "--no_progress",
+    f"--out={out}",
+  ]
+  assert bench.main(argv) == 0
+  res = _load(out)
+  for name in ("b1", "drafter"):
+    got = speedup.costs_from_bench(str(out / "results.json"), name, 2)
+    c = res["costs"]
+    assert got["target_decode_ms"] == pytest.approx(c["target_decode_ms"])
+    assert got["verify_ms"] == pytest.approx(c["target_verify_ms"]["gamma+1"])
+  assert res["aggregate"]["decode:b1"]["speedup_ci95"] is None
+
+
+def _export(tmp_path, name, module, cfg, fmt):
+  export = pytest.importorskip("tools.export_to_torch")
+  params = ta.state_dict_to_flax(name, module.state_dict())
+  paths = export.export(params, name, cfg, tmp_path / name, fmt=fmt)
+  return str(paths[0])
+
+
+TOY = dict(hidden_dim=32, num_heads=4, ffn_dim=64)
+
+
+def test_load_exported_adapters(tmp_path):
+  torch.manual_seed(0)
+  l5 = ta.build_torch_adapter("l5", **TOY, alpha_init=0.7).eval()
+  l3 = ta.build_torch_adapter("l3", hidden_dim=32, bottleneck_dim=8).eval()
+  with torch.no_grad():  # zero-initialised up-projections: make them count
+    for p in l3.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  files = {
+    "l5": _export(tmp_path, "l5", l5, TOY, "pt"),
+    "l3": _export(
+      tmp_path, "l3", l3, dict(hidden_dim=32, bottleneck_dim=8), "safetensors"
+    ),
+  }
+  x = torch.randn(1, 6, 32)
+  for name, src in (("l5", l5), ("l3", l3)):
+    ad, info = bench.load_adapter(
+      name,
+      files[name],
+      hidden_dim=32,
+      device=torch.device("cpu"),
+      dtype=torch.float32,
+    )
+    assert ad.kind == name and info["kind"] == name
+    with torch.no_grad():
+      torch.testing.assert_close(ad.module(x), src(x))
+  with pytest.raises(ValueError, match="hidden_dim"):
+    bench.load_adapter(
+      "l5",
+      files["l5"],
+      hidden_dim=64,
+      device=torch.device("cpu"),
+      dtype=torch.float32,
+    )
+
+
+def test_cli_samples_file_plugin_and_exported_files(tmp_path):
+  """Plugin backends, a samples JSONL and exported adapters end to end.
+
+  The drafter is the target itself and L4 has alpha = 0 (an exact identity),
+  so draft_tokens and prefill_hiding must accept every draft.
+  """
+  pytest.importorskip("tokenizers")
+  l4 = ta.build_torch_adapter("l4", **TOY, alpha_init=0.0).eval()
+  b1 = ta.build_torch_adapter("b1", **TOY).eval()
+  f_l4 = _export(tmp_path, "l4", l4, TOY, "pt")
+  f_b1 = _export(tmp_path, "b1", b1, TOY, "safetensors")
+  samples = tmp_path / "samples.jsonl"
+  with open(samples, "w") as f:
+    for i in range(3):
+      q = " ".join(f"w{(7 * i + j) % 40}" for j in range(6))
+      row = {"id": f"s{i}", "question": q, "media": {"target": {"seed": i}}}
+      f.write(json.dumps(row) + "\n")
+  out = tmp_path / "o"
+  argv = [
+    "--target=tests.toy_plugin:make_backend:3",
+    "--draft=tests.toy_plugin:make_backend:3",
+    f"--samples={samples}",
+    "--warmup=1",
+    "--max_new_tokens=8",
+    "--gamma=3",
+    "--ignore_eos",
+    "--methods=baseline,draft_tokens,prefill_hiding:l4,two_phase:l4+b1",
+    f"--adapter=l4={f_l4}",
+    f"--adapter=b1={f_b1}",
+    "--bootstrap=20",
+    "--no_plots",
+    "--no_progress",
+    f"--out={out}",
+  ]
+  assert bench.main(argv) == 0
+  res = _load(out)
+  agg = res["aggregate"]
+  assert res["num_measured"] == 2
+  assert agg["draft_tokens"]["alpha"] == 1.0
+  assert agg["prefill_hiding:l4"]["alpha"] == 1.0
+  assert agg["two_phase:l4+b1"]["alpha_prefill"] == 1.0
+  assert agg["prefill_hiding:l4"]["prefill_first_token_agree"] == 1.0
+  assert all(a["mismatched_samples"] == 0 for a in agg.values())
+  assert res["provenance"]["adapters"]["b1"]["kind"] == "b1"
+  assert res["provenance"]["target"]["backend"] == "toy_plugin"
+
+
+def test_aggregate_is_ratio_of_mean_totals():
+  def rec(total, drafted=0, accepted=0, iters=0):
+    return {
+      "tokens": [1] * 4,
+      "prefill_ms": 1.0,
+      "decode_ms": total - 1.0,
+      "total_ms": total,
+      "drafted": drafted,
+      "accepted": accepted,
+      "verify_iterations": iters,
+      "per_iteration": [["decode", drafted, accepted]] if drafted else [],
+      "phases": {},
+      "overlap": None,
+      "first_draft_match": None,
+      "match": True,
+    }
+
+  base = [rec(10.0), rec(100.0)]
+  meth = [rec(5.0, 10, 9, 2), rec(100.0, 10, 1, 2)]
+  a = bench.aggregate("x", meth, base, n_boot=200, seed=0)
+  assert a["speedup"] == pytest.approx(110.0 / 105.0)
+  # The reference's mean of per-sample ratios would say 1.5.
+  assert a["speedup"] != pytest.approx(np.mean([10 / 5, 100 / 100]))
+  assert a["alpha"] == pytest.approx(10 / 20)
+  assert a["tau"] == pytest.approx((10 + 4) / 4)
+  lo, hi = a["speedup_ci95"]
+  assert lo <= a["speedup"] <= hi
+  # Bootstrap resamples pairs: the CI spans the two per-sample ratios' range
+  # of resampled means, i.e. stays within [min ratio, max ratio].
+  assert 1.0 - 1e-9 <= lo and hi <= 2.0 + 1e-9
+  err = bench.aggregate(
+    "y", [{"id": "a", "error": "x"}], base[:1], n_boot=0, seed=0
+  )
+  assert err == {"n": 0, "failed": 1}
+
+
+@pytest.mark.parametrize(
+  "extra, msg",
+  [
+    (["--adapter=l4"], "NAME=FILE"),
+    (["--methods=baseline,decode"], "expected decode:ADAPTER"),
+    (["--methods=baseline,prefill_hiding:b1", "--adapter=b1=random"], "needs"),
+    (["--methods=baseline,decode:l5"], "no adapter named"),
+    (
+      ["--adapter=l5=/nonexistent.pt", "--methods=baseline,decode:l5"],
+      "no such",
+    ),
+  ],
+)
+def test_cli_errors(tmp_path, capsys, extra, msg):
+  argv = [
+    "--random_models=tiny",
+    "--prompt_len=4",
+    "--num_samples=1",
+    "--warmup=0",
+    f"--out={tmp_path}",
+    "--no_progress",
+    *extra,
+  ]
+  assert bench.main(argv) == 2
+  assert msg in capsys.readouterr().err
