@@ -99,6 +99,7 @@ def test_costs_readable_by_speedup_model(tmp_path):
     "--ignore_eos",
     "--methods=baseline,draft_tokens,decode:b1",
     "--adapter=b1=random",
+    "--random_same_drafter",
     "--bootstrap=0",
     "--no_plots",
     "--no_progress",
@@ -112,6 +113,13 @@ def test_costs_readable_by_speedup_model(tmp_path):
     assert got["target_decode_ms"] == pytest.approx(c["target_decode_ms"])
     assert got["verify_ms"] == pytest.approx(c["target_verify_ms"]["gamma+1"])
   assert res["aggregate"]["decode:b1"]["speedup_ci95"] is None
+  # Drafter = a copy of the target: every draft token is accepted.
+  assert res["aggregate"]["draft_tokens"]["alpha"] == 1.0
+  assert set(res["costs"]["sd_loop_overhead_ms_per_iteration"]) == {
+    "baseline",
+    "draft_tokens",
+    "decode:b1",
+  }
 
 
 def _export(tmp_path, name, module, cfg, fmt):

@@ -426,8 +426,18 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
     ov = [r["overlap"] for r in ok[m] if r.get("overlap")]
     if ov:
       prefill_overlap[m] = float(np.mean([o["overlap_ms"] for o in ov]))
+  # Wall time of the decode loop not covered by any timed model call,
+  # per loop iteration (host work, syncs, launch gaps).
+  overhead = {}
+  for m in methods:
+    iters = sum(r["iterations"] for r in ok[m])
+    if iters:
+      overhead[m] = sum(breakdown(r)["overhead"] for r in ok[m]) / iters
   out: dict[str, Any] = {
     "gamma": gamma,
+    "target_prefill_ms": _span_rate(
+      ok.get("baseline", []), lambda k: k == "target_prefill"
+    ),
     "target_decode_ms": base,
     "target_verify_ms": {
       "gamma+1": verify.get(gamma + 1),
@@ -436,6 +446,7 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
     "draft_model_decode_ms": draft_model,
     "adapter_step_ms": adapter_step,
     "prefill_overlap_ms": prefill_overlap,
+    "sd_loop_overhead_ms_per_iteration": overhead,
     "draft_ms_per_token_by_method": per_token,
   }
   if base:
@@ -554,6 +565,11 @@ def write_report(path: str, results: dict) -> None:
       if k != "gamma+1"
     ),
     f"- drafter decode: {_fmt(costs.get('draft_model_decode_ms'), 3)} ms/token",
+    "- SD-loop overhead beyond the model calls (ms per loop iteration): "
+    + ", ".join(
+      f"{m} {_fmt(v, 3)}"
+      for m, v in costs["sd_loop_overhead_ms_per_iteration"].items()
+    ),
     "- adapter step: "
     + ", ".join(
       f"{k} {_fmt(v, 3)} ms" for k, v in costs["adapter_step_ms"].items()
@@ -692,6 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
   )
   src.add_argument(
     "--prompt_len", type=int, default=600, help="random prompt length"
+  )
+  src.add_argument(
+    "--random_same_drafter",
+    action="store_true",
+    help="random drafter = a copy of the random target (acceptance 1 for "
+    "draft_tokens: the upper bound at the measured costs)",
   )
   src.add_argument(
     "--num_samples",
@@ -894,9 +916,10 @@ def run(args: argparse.Namespace) -> dict:
       random_llama(shape, seed=args.seed, device=device, dtype=dtype),
       model_id=f"random:{args.random_models}:seed{args.seed}",
     )
+    dseed = args.seed if args.random_same_drafter else args.seed + 1
     drafter = TokenPromptBackend(
-      random_llama(shape, seed=args.seed + 1, device=ddev, dtype=dtype),
-      model_id=f"random:{args.random_models}:seed{args.seed + 1}",
+      random_llama(shape, seed=dseed, device=ddev, dtype=dtype),
+      model_id=f"random:{args.random_models}:seed{dseed}",
     )
     n = 20 if args.num_samples is None else args.num_samples
     samples = random_prompts(

@@ -280,7 +280,10 @@ class _Drafter:
     self.vocab = min(int(backend.vocab_size), int(target_vocab))
     self.cache = None
     self.base = 0
-    self.fed: list[torch.Tensor] = []  # device tensors of fed token ids
+    # Fed token ids: a host list, plus device tensors (drafts made on the
+    # GPU) not yet read back; they are read once, after verification.
+    self.fed_host: list[int] = []
+    self.fed_dev: list[torch.Tensor] = []
     self.num_fed = 0
     self.states = None  # [max_states, D]; states[t] valid for t <= num_fed
     self.last_logits = None  # logits after the last fed token
@@ -293,11 +296,11 @@ class _Drafter:
     self.base = cache_length(cache)
     self.states = h.new_empty((self.max_states, h.shape[-1]))
     self.states[0] = h[0, -1]
-    self.fed, self.num_fed = [], 0
+    self.fed_host, self.fed_dev, self.num_fed = [], [], 0
     self.last_logits = logits[0, -1]
 
-  def feed(self, ids: torch.Tensor) -> torch.Tensor:
-    """Feeds ids [T] (device); returns the greedy next token [1]."""
+  def feed(self, ids: torch.Tensor, host: list[int] | None = None):
+    """Feeds ids [T] (`host`: their values if known); returns next [1]."""
     ids = ids.to(self.device).reshape(1, -1)
     steps = ids.shape[1]
     name = self.prefix + ("draft_decode" if steps == 1 else "draft_catchup")
@@ -308,16 +311,18 @@ class _Drafter:
       self.states[self.num_fed + 1 : self.num_fed + 1 + steps] = h[0]
       self.last_logits = logits[0, -1]
       nxt = _argmax(self.last_logits[None], self.vocab)
-    self.fed.append(ids[0])
+    if host is not None and not self.fed_dev:
+      self.fed_host.extend(host)
+    else:
+      self.fed_dev.append(ids[0])
     self.num_fed += steps
     return nxt
 
   def fed_ids(self) -> list[int]:
-    if not self.fed:
-      return []
-    ids = torch.cat(self.fed).tolist()
-    self.fed = [torch.tensor(ids, device=self.device)] if ids else []
-    return ids
+    if self.fed_dev:
+      self.fed_host.extend(torch.cat(self.fed_dev).tolist())
+      self.fed_dev = []
+    return self.fed_host
 
   def sync_to(self, accepted: Sequence[int]) -> None:
     """Rolls back to the longest fed prefix that agrees with `accepted`.
@@ -332,7 +337,7 @@ class _Drafter:
       keep += 1
     if keep < len(fed):
       self.cache = crop_kv(self.cache, self.base + keep)
-      self.fed = [torch.tensor(fed[:keep], device=self.device)] if keep else []
+      del fed[keep:]
       self.num_fed = keep
       self.last_logits = None
 
@@ -348,7 +353,7 @@ class _Drafter:
         f"target token {max(ids)} is outside the drafter's vocabulary "
         f"(size {self.b.vocab_size}); the models must share a tokenizer"
       )
-    return self.feed(torch.tensor(ids, device=self.device))
+    return self.feed(torch.tensor(ids, device=self.device), host=ids)
 
 
 # ----------------------------------------------------------------------------
@@ -526,14 +531,13 @@ class _AdapterProposer:
       if "source" in self.inputs:
         # The drafter's state at index p is its state after feeding token
         # p-1: the last accepted token for i = 1, else draft i-2.
-        fed_tok = (
-          torch.tensor([tokens[-1]], device=self.d.device)
-          if i == 1
-          else drafts[i - 2]
-        )
         if self.d.num_fed != p - 1:
           raise AssertionError("drafter out of lockstep")
-        self.d.feed(fed_tok)
+        if i == 1:
+          last = torch.tensor([tokens[-1]], device=self.d.device)
+          self.d.feed(last, host=[tokens[-1]])
+        else:
+          self.d.feed(drafts[i - 2])
         src = self._src(p)
       y, tok = self._step(p, src, y.to(a.dtype))
       drafts.append(tok)
