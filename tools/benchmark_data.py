@@ -247,7 +247,12 @@ def main(argv=None):
     default="stream_cold,stream_cold_mmap,stream_hot,host,device,reference",
     help="comma-separated subset of the modes to run",
   )
-  parser.add_argument("--num_workers", type=int, default=8)
+  parser.add_argument(
+    "--num_workers",
+    type=int,
+    default=None,
+    help="batch assembly threads (default: the pipeline's, half the cores)",
+  )
   parser.add_argument("--prefetch", type=int, default=4)
   parser.add_argument(
     "--max_steps", type=int, default=10**9, help="cap on batches per epoch"

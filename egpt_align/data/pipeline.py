@@ -119,7 +119,7 @@ class InputPipeline:
     fields: Sequence[str] | None = None,
     process_index: int = 0,
     process_count: int = 1,
-    num_workers: int = 4,
+    num_workers: int | None = None,
     device_budget_bytes: int | None = None,
     host_budget_bytes: int | None = None,
     progress: bool = True,
@@ -154,6 +154,8 @@ class InputPipeline:
     self.drop_remainder = drop_remainder
     self.sharding = sharding
     self.prefetch = max(1, int(prefetch))
+    if num_workers is None:  # assembly threads: half the cores, at most 8
+      num_workers = min(8, (os.cpu_count() or 2) // 2)
     self.num_workers = max(1, int(num_workers))
     self.process_index = process_index
     self.process_count = process_count
