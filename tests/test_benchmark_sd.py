@@ -97,8 +97,9 @@ def test_costs_readable_by_speedup_model(tmp_path):
     "--max_new_tokens=8",
     "--gamma=2",
     "--ignore_eos",
-    "--methods=baseline,draft_tokens,decode:b1",
+    "--methods=baseline,draft_tokens,decode:b1,prefill_hiding:l4",
     "--adapter=b1=random",
+    "--adapter=l4=identity",
     "--random_same_drafter",
     "--bootstrap=0",
     "--no_plots",
@@ -115,10 +116,12 @@ def test_costs_readable_by_speedup_model(tmp_path):
   assert res["aggregate"]["decode:b1"]["speedup_ci95"] is None
   # Drafter = a copy of the target: every draft token is accepted.
   assert res["aggregate"]["draft_tokens"]["alpha"] == 1.0
+  assert res["aggregate"]["prefill_hiding:l4"]["alpha"] == 1.0
   assert set(res["costs"]["sd_loop_overhead_ms_per_iteration"]) == {
     "baseline",
     "draft_tokens",
     "decode:b1",
+    "prefill_hiding:l4",
   }
 
 
@@ -275,3 +278,43 @@ def test_cli_errors(tmp_path, capsys, extra, msg):
   ]
   assert bench.main(argv) == 2
   assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tie_margin, rc", [(1e9, 0), (0.0, 1)])
+def test_mismatch_reported_with_margin(tmp_path, monkeypatch, tie_margin, rc):
+  """A method whose output differs is counted, located and classified."""
+  real = bench.sd.run_method
+
+  def corrupt(method, *a, **kw):
+    r = real(method, *a, **kw)
+    if method == "decode:b1":
+      r.tokens = r.tokens[:3] + [(r.tokens[3] + 1) % 128] + r.tokens[4:]
+    return r
+
+  monkeypatch.setattr(bench.sd, "run_method", corrupt)
+  out = tmp_path / "m"
+  argv = [
+    "--random_models=tiny",
+    "--prompt_len=6",
+    "--num_samples=2",
+    "--warmup=0",
+    "--max_new_tokens=6",
+    "--gamma=2",
+    "--ignore_eos",
+    "--methods=baseline,decode:b1",
+    "--adapter=b1=random",
+    f"--tie_margin={tie_margin}",
+    "--bootstrap=0",
+    "--no_plots",
+    "--no_progress",
+    f"--out={out}",
+  ]
+  assert bench.main(argv) == rc
+  res = _load(out)
+  assert res["aggregate"]["decode:b1"]["mismatched_samples"] == 2
+  assert res["aggregate"]["decode:b1"]["near_tie_flips"] == (
+    2 if rc == 0 else 0
+  )
+  assert [x["index"] for x in res["mismatches"]] == [3, 3]
+  assert all(x["margin"] > 0 for x in res["mismatches"])
+  assert "first difference at token 3" in (out / "report.md").read_text()

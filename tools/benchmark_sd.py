@@ -169,7 +169,7 @@ def load_adapter(
   seed: int = 0,
   trust_pickle: bool = False,
 ) -> tuple[sd.Adapter, dict]:
-  """Builds adapter `name` from 'random[:KIND]' or an exported file.
+  """Builds adapter `name` from 'random[:KIND]', 'identity' or a file.
 
   Files: PATH.pt / PATH.safetensors (+ PATH.config.json) written by
   tools/export_to_torch.py, or a reference checkpoint; the kind comes from
@@ -178,7 +178,17 @@ def load_adapter(
   from tools import torch_adapters as ta
 
   info: dict[str, Any] = {"source": value}
-  if value == "random" or value.startswith("random:"):
+  if value == "identity":
+    # L4 with alpha = 0 returns its input exactly (h + 0 * (out - h)): with
+    # a drafter equal to the target every prefill draft is accepted.
+    if name != "l4":
+      raise ValueError(
+        f"--adapter {name}=identity: only l4 can be an exact identity"
+      )
+    kind = "l4"
+    module = ta.build_torch_adapter(kind, hidden_dim=hidden_dim, alpha_init=0.0)
+    info["config"] = {"hidden_dim": hidden_dim, "alpha_init": 0.0}
+  elif value == "random" or value.startswith("random:"):
     kind = value.split(":", 1)[1] if ":" in value else name
     if kind not in ADAPTER_KINDS:
       raise ValueError(
@@ -728,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     default=[],
     metavar="NAME=FILE",
     help="an adapter exported by tools/export_to_torch.py (.pt or "
-    ".safetensors), or NAME=random[:KIND]; repeatable",
+    ".safetensors), NAME=random[:KIND], or l4=identity; repeatable",
   )
   src.add_argument(
     "--trust_pickle",
