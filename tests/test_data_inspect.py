@@ -138,6 +138,7 @@ def test_benchmark_smoke(tmp_path):
     "stream_hot",
     "host",
     "device",
+    "h2d",
     "reference",
   }
   for r in result["modes"].values():

@@ -11,6 +11,8 @@ with `block_until_ready` on every batch:
   stream_hot   cache='none', files in the page cache
   host         cache='host' (this process's share in RAM, numpy gathers)
   device       cache='device' (dataset in accelerator memory, jitted gather)
+  h2d          the upload ceiling: device_put of one ready padded batch
+               (pageable numpy), repeated
   reference    the reference loader's approach (REFERENCE.md C.3, P1, P2):
                fp32 torch.save chunks of 1000 samples padded to 50,
                chunk-order shuffle + in-chunk randperm, per-sample Python
@@ -244,7 +246,7 @@ def main(argv=None):
   )
   parser.add_argument(
     "--modes",
-    default="stream_cold,stream_cold_mmap,stream_hot,host,device,reference",
+    default="stream_cold,stream_cold_mmap,stream_hot,host,device,h2d,reference",
     help="comma-separated subset of the modes to run",
   )
   parser.add_argument(
@@ -344,6 +346,33 @@ def main(argv=None):
       results["modes"][mode] = r
       print(f"{mode}: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
       del pipe
+    if "h2d" in modes:
+      # Ceiling of the streaming modes: uploading one ready, padded batch
+      # (both streams, mean bucket length) again and again.
+      seq_len = int(np.ceil(lengths.mean() / 8) * 8)
+      shape = (args.batch_size, seq_len, args.hidden_dim)
+      host = {
+        k: rng.integers(0, 1 << 15, shape, dtype=np.uint16)
+        for k in ("source", "target")
+      }
+      jax.block_until_ready(jax.device_put(host, device))
+      reps = 30
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        jax.block_until_ready(jax.device_put(host, device))
+      dt = time.perf_counter() - t0
+      valid = reps * args.batch_size * lengths.mean()
+      nbytes = reps * 2 * int(np.prod(shape)) * 2
+      results["modes"]["h2d"] = {
+        "tokens": int(valid),
+        "steps": reps,
+        "seconds": dt,
+        "tokens_per_s": valid / dt,
+        "batches_per_s": reps / dt,
+        "gbytes_per_s": nbytes / dt / 1e9,
+        "note": f"device_put of a ready batch: {nbytes / dt / 1e9:.1f} GB/s",
+      }
+      print(f"h2d: {valid / dt:,.0f} tokens/s", flush=True)
     if "reference" in modes and args.ref_chunks > 0:
       ref_path = os.path.join(work, "reference")
       n_ref = min(args.ref_chunks * 1000, args.num_samples)
@@ -364,12 +393,12 @@ def main(argv=None):
     f"device {device}"
   )
   print(
-    f"{'mode':12s} {'tokens/s':>14s} {'batches/s':>10s} {'steps':>7s} "
+    f"{'mode':16s} {'tokens/s':>14s} {'batches/s':>10s} {'steps':>7s} "
     f"{'pad %':>6s} {'build s':>8s}  note"
   )
   for mode, r in results["modes"].items():
     print(
-      f"{mode:12s} {r['tokens_per_s']:14,.0f} {r['batches_per_s']:10.1f} "
+      f"{mode:16s} {r['tokens_per_s']:14,.0f} {r['batches_per_s']:10.1f} "
       f"{r['steps']:7d} {100 * r.get('padding_fraction', 0):6.1f} "
       f"{r.get('cache_build_seconds', 0):8.2f}  {r.get('note', '')}"
     )
