@@ -373,6 +373,33 @@ def main(argv=None):
         "note": f"device_put of a ready batch: {nbytes / dt / 1e9:.1f} GB/s",
       }
       print(f"h2d: {valid / dt:,.0f} tokens/s", flush=True)
+      # The same through pinned host memory (numpy -> pinned_host -> device),
+      # to see whether staging through page-locked memory would pay.
+      try:
+        pinned = jax.sharding.SingleDeviceSharding(
+          device, memory_kind="pinned_host"
+        )
+        jax.block_until_ready(
+          jax.device_put(jax.device_put(host, pinned), device)
+        )
+        t0 = time.perf_counter()
+        for _ in range(reps):
+          jax.block_until_ready(
+            jax.device_put(jax.device_put(host, pinned), device)
+          )
+        dt = time.perf_counter() - t0
+        note = f"numpy -> pinned_host -> device: {nbytes / dt / 1e9:.1f} GB/s"
+        results["modes"]["h2d_pinned"] = {
+          "tokens": int(valid),
+          "steps": reps,
+          "seconds": dt,
+          "tokens_per_s": valid / dt,
+          "batches_per_s": reps / dt,
+          "gbytes_per_s": nbytes / dt / 1e9,
+          "note": note,
+        }
+      except Exception as e:  # noqa: BLE001 -- optional diagnostic
+        print(f"h2d_pinned skipped: {e}", flush=True)
     if "reference" in modes and args.ref_chunks > 0:
       ref_path = os.path.join(work, "reference")
       n_ref = min(args.ref_chunks * 1000, args.num_samples)
