@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -545,8 +547,12 @@ def evaluate(
         raise ValueError(
           f"{workdir}: config has no data.test or data.val; pass --data"
         )
+  t_start = time.perf_counter()
   if params is None:
-    raise ValueError("evaluate needs params (or a workdir to load them from)")
+    raise ValueError(
+      "evaluate needs params (or a workdir to load them from; params='init' "
+      "evaluates a freshly initialised adapter)"
+    )
   if data is None:
     raise ValueError("evaluate needs a dataset (data=DIR)")
   seed = 0 if seed is None else seed
@@ -576,8 +582,9 @@ def evaluate(
   missing = [k for k in ad.inputs if k not in ("source", "target")]
   if missing:
     raise ValueError(f"adapter {ad.name!r}: unknown input fields {missing}")
-  params = _unwrap(params)
   params0 = _init_params(ad, dataset, seed)
+  fresh = isinstance(params, str) and params == "init"
+  params = params0 if fresh else _unwrap(params)
 
   head = None
   if lm_head is not None:
@@ -615,6 +622,7 @@ def evaluate(
     stored_tokens=stored_tokens,
     logits_dtype=jnp.dtype(logits_dtype),
   )
+  t_loop = time.perf_counter()
   arrays, num_batches = _run_device(
     dataset,
     indices,
@@ -628,6 +636,7 @@ def evaluate(
     progress=progress,
   )
 
+  t_loop = time.perf_counter() - t_loop
   lengths = np.asarray(dataset.lengths)[indices].astype(np.int64)
   s_max = int(lengths.max())
   valid = {
@@ -726,6 +735,9 @@ def evaluate(
     "run": {
       "workdir": workdir,
       "step": step if workdir is not None else None,
+      "params": "workdir"
+      if workdir is not None
+      else ("fresh init (untrained)" if fresh else "given"),
       "adapter": ad.name,
       "overrides": {k: v for k, v in (overrides or {}).items()},
       "seed": seed,
@@ -773,6 +785,10 @@ def evaluate(
       "costs": costs,
     },
     "primary_reading": primary,
+    "timing": {
+      "device_loop_s": t_loop,
+      "evaluate_s": time.perf_counter() - t_start,
+    },
     "results": results,
     "notes": notes,
   }
@@ -817,11 +833,39 @@ def _jsonable(x):
 # CLI.
 
 
+def _load_npz_params(path: str) -> tuple[str, dict, dict]:
+  """(adapter name, overrides, params) from tools/import_from_torch output."""
+  from egpt_align import checkpoint
+
+  stem = path[: -len(".npz")] if path.endswith(".npz") else path
+  cfg_path = stem + ".config.json"
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(
+      f"{cfg_path} not found: --params needs OUT.npz with its "
+      "OUT.config.json ({'model': {'name': ..., ...}})"
+    )
+  with open(cfg_path) as f:
+    model_cfg = dict(json.load(f).get("model") or {})
+  if "name" not in model_cfg:
+    raise ValueError(f"{cfg_path}: missing field 'model.name'")
+  name = model_cfg.pop("name")
+  return name, model_cfg, checkpoint.load_params_npz(stem + ".npz")
+
+
 def main(argv):
   """absl entry point."""
   del argv
   from egpt_align import report
 
+  sources = [FLAGS.workdir, FLAGS.params, FLAGS.adapter]
+  if sum(x is not None for x in sources) != 1:
+    raise app.UsageError(
+      "give exactly one of --workdir (a training run), --params "
+      "(OUT.npz from tools/import_from_torch.py) or --adapter (a freshly "
+      "initialised adapter: timing and smoke runs only)"
+    )
+  if FLAGS.workdir is None and (FLAGS.data is None or FLAGS.out is None):
+    raise app.UsageError("--params/--adapter need --data and --out")
   step = FLAGS.step if FLAGS.step is not None else "best"
   costs_note = (
     f"costs from {FLAGS.bench_json}"
@@ -841,6 +885,12 @@ def main(argv):
     )
   )
   print(costs_note)
+  kwargs = {}
+  if FLAGS.params is not None:
+    name, overrides, params = _load_npz_params(FLAGS.params)
+    kwargs = {"adapter": name, "overrides": overrides, "params": params}
+  elif FLAGS.adapter is not None:
+    kwargs = {"adapter": FLAGS.adapter, "params": "init"}
   result = evaluate(
     FLAGS.data,
     workdir=FLAGS.workdir,
@@ -854,6 +904,8 @@ def main(argv):
     bench_json=FLAGS.bench_json,
     bootstrap=FLAGS.bootstrap,
     max_samples=FLAGS.max_samples,
+    pad_multiple=FLAGS.pad_multiple,
+    **kwargs,
   )
   data_path = result.metrics["data"]["path"]
   out = FLAGS.out or os.path.join(
@@ -864,12 +916,32 @@ def main(argv):
   print(report.summary_text(result))
   for p in paths:
     print("wrote", p)
+  t = result.metrics["timing"]
+  print(
+    f"evaluated {result.metrics['data']['num_samples']} samples, "
+    f"{result.metrics['data']['total_valid_positions']} positions: "
+    f"device loop {t['device_loop_s']:.2f} s, total {t['evaluate_s']:.2f} s"
+  )
 
 
 if __name__ == "__main__":
   from absl import app, flags
 
-  flags.DEFINE_string("workdir", None, "Training run directory (required).")
+  flags.DEFINE_string(
+    "workdir", None, "Training run directory (or --params / --adapter)."
+  )
+  flags.DEFINE_string(
+    "params",
+    None,
+    "OUT.npz (+ OUT.config.json) from tools/import_from_torch.py, e.g. an "
+    "imported reference checkpoint.",
+  )
+  flags.DEFINE_string(
+    "adapter",
+    None,
+    "Evaluate a freshly initialised adapter of this name (l1..l5f): for "
+    "timing and smoke runs only.",
+  )
   flags.DEFINE_string(
     "data", None, "Dataset dir (default: the run's data.test, else data.val)."
   )
@@ -889,7 +961,7 @@ if __name__ == "__main__":
     "verify_cost", None, "Verify cost per cycle / one target decode step."
   )
   flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples (0 = none).")
-  flags.DEFINE_integer("batch_size", 64, "Samples per device batch (global).")
+  flags.DEFINE_integer("batch_size", 64, "Samples per batch (global).")
   flags.DEFINE_enum(
     "logits_dtype",
     "float32",
@@ -897,6 +969,11 @@ if __name__ == "__main__":
     "LM-head matmul dtype (float32 accumulation either way).",
   )
   flags.DEFINE_integer("max_samples", None, "Evaluate only the first N.")
-  flags.mark_flag_as_required("workdir")
+  flags.DEFINE_integer(
+    "pad_multiple",
+    16,
+    "Batches are length-sorted and padded to a multiple of this (fewer "
+    "distinct shapes = fewer compiles; more = less padding).",
+  )
   FLAGS = flags.FLAGS
   app.run(main)

@@ -11,7 +11,7 @@ import numpy as np
 from egpt_align import evaluate as evaluate_lib
 
 PRED_LABELS = {
-  "adapter": "adapter (trained)",
+  "adapter": "adapter",
   "untrained": "untrained adapter",
   "raw_source": "raw drafter state",
   "copy_target": "copy target[t]",
@@ -94,7 +94,7 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     "",
     f"- Run: `{run['workdir']}` (checkpoint: {run['step']})"
     if run["workdir"]
-    else "- Run: params passed directly (no workdir)",
+    else f"- Run: no workdir; params: {run.get('params')}",
     f"- Adapter: `{run['adapter']}`, inputs {run['inputs']}, "
     f"predicts next state: {run['predicts_next']}; untrained baseline "
     f"initialised with seed {run['seed']}",

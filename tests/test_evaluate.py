@@ -445,12 +445,25 @@ def test_cli_writes_report(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  bench = tmp_path / "bench.json"
+  bench.write_text(
+    json.dumps(
+      {
+        "costs": {
+          "target_decode_ms": 10.0,
+          "draft_ms_per_token": {"drafter": 7.0},
+          "verify_ms": {"4": 12.0},
+        }
+      }
+    )
+  )
   proc = subprocess.run(
     [
       sys.executable,
       "-m",
       "egpt_align.evaluate",
       f"--workdir={workdir}",
+      f"--bench_json={bench}",
       "--bootstrap=20",
       "--gamma=4",
       "--batch_size=8",
@@ -461,7 +474,7 @@ def test_cli_writes_report(tmp_path):
     timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "draft_cost=default" in proc.stdout
+  assert f"costs from {bench}" in proc.stdout
   out = os.path.join(workdir, "eval_val_ds")  # RUN/eval_<data name>
   for name in (
     "metrics.json",
@@ -477,6 +490,10 @@ def test_cli_writes_report(tmp_path):
   assert m["run"]["adapter"] == "l1" and m["run"]["step"] == "best"
   assert m["results"]["adapter"]["same"]["valid_positions"] == lengths.sum()
   assert m["settings"]["gamma"] == 4
+  costs = m["settings"]["costs"]
+  assert costs["draft_key"] == "drafter"  # l1 drafts through the drafter.
+  assert costs["draft_cost"] == pytest.approx(0.7)
+  assert costs["verify_cost"] == pytest.approx(1.2)
   assert "drafter_tokens" in m["results"]
   text = open(os.path.join(out, "report.md")).read()
   assert "untrained adapter" in text and "drafter's own tokens" in text
@@ -542,3 +559,33 @@ def test_errors(tmp_path):
   with pytest.raises(ValueError, match="needs params"):
     evaluate.evaluate(path, adapter="l1", progress=False, pad_multiple=64)
   assert speedup.tokens_per_cycle(1.0, 1) == 2.0
+
+
+def test_params_npz_path(tmp_path):
+  from egpt_align import checkpoint
+
+  rng = np.random.default_rng(9)
+  lengths = _lengths(rng, 5)
+  sources = [rng.normal(size=(n, D)).astype(np.float32) for n in lengths]
+  path = _write(tmp_path / "ds", sources, sources)
+  _, params = _init("l1", L1_OV, 3)
+  checkpoint.save_params_npz(str(tmp_path / "imp.npz"), params)
+  (tmp_path / "imp.config.json").write_text(
+    json.dumps({"model": {"name": "l1", **L1_OV}})
+  )
+  name, ov, loaded = evaluate._load_npz_params(str(tmp_path / "imp.npz"))
+  assert name == "l1" and ov == L1_OV
+  result = evaluate.evaluate(
+    path,
+    adapter=name,
+    overrides=ov,
+    params=loaded,
+    bootstrap=0,
+    progress=False,
+    pad_multiple=64,
+  )
+  m = result.metrics["results"]["adapter"]["same"]
+  assert m["valid_positions"] == int(lengths.sum())
+  assert result.metrics["run"]["params"] == "given"
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    evaluate._load_npz_params(str(tmp_path / "missing.npz"))
