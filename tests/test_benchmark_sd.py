@@ -197,6 +197,7 @@ def test_cli_samples_file_plugin_and_exported_files(tmp_path):
     "--gamma=3",
     "--ignore_eos",
     "--methods=baseline,draft_tokens,prefill_hiding:l4,two_phase:l4+b1",
+    "--overlap=thread",
     f"--adapter=l4={f_l4}",
     f"--adapter=b1={f_b1}",
     "--bootstrap=20",
@@ -213,6 +214,9 @@ def test_cli_samples_file_plugin_and_exported_files(tmp_path):
   assert agg["two_phase:l4+b1"]["alpha_prefill"] == 1.0
   assert agg["prefill_hiding:l4"]["prefill_first_token_agree"] == 1.0
   assert all(a["mismatched_samples"] == 0 for a in agg.values())
+  ov = agg["prefill_hiding:l4"]["prefill_overlap"]
+  assert ov["concurrent"] is True and ov["drafter_alone_ms"] > 0
+  assert "concurrent wall" in (out / "report.md").read_text()
   assert res["provenance"]["adapters"]["b1"]["kind"] == "b1"
   assert res["provenance"]["target"]["backend"] == "toy_plugin"
 

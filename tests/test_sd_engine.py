@@ -341,3 +341,32 @@ def test_token_margins_match_logits(target_model):
   top2 = logits.topk(2, -1).values
   want = (top2[:, 0] - top2[:, 1]).tolist()
   assert margins == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_thread_overlap_is_lossless_and_measured(target_model, noisy_model):
+  """The concurrent prefill path (a drafter thread) on CPU."""
+  tb, db = _backend(target_model), _backend(noisy_model)
+  models = sd.Models(tb, db, {"l4": _adapter("l4"), "b1": _adapter("b1")})
+  s = _prompt(70)
+  ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+  cfg = sd.SDConfig(gamma=3, max_new_tokens=10, eos_token_ids=())
+  base = sd.run_method("baseline", models, ti, None, cfg).tokens
+  tcfg = sd.SDConfig(
+    gamma=3, max_new_tokens=10, eos_token_ids=(), overlap="thread"
+  )
+  for m in ("draft_tokens", "prefill_hiding:l4", "two_phase:l4+b1"):
+    r = sd.run_method(m, models, ti, di, tcfg)
+    assert r.tokens == base, m
+    ov = r.overlap
+    assert ov["concurrent"] is True
+    assert ov["wall_ms"] == pytest.approx(
+      max(ov["target_ms"], ov["drafter_ms"])
+    )
+    assert ov["target_alone_ms"] > 0 and ov["drafter_alone_ms"] > 0
+    assert ov["overlap_ms"] == pytest.approx(
+      ov["target_alone_ms"] + ov["drafter_alone_ms"] - ov["wall_ms"]
+    )
+  # The drafter's spans made in its thread are recorded too.
+  assert r.phases["prefill_draft_decode"]["units"] == 3
+  with pytest.raises(ValueError, match="overlap"):
+    sd.SDConfig(overlap="streams")

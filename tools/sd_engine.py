@@ -176,7 +176,9 @@ class SDConfig:
   gamma: int = 5  # drafts per decode iteration
   max_new_tokens: int = 64
   prefill_gamma: int | None = None  # drafts made while the target prefills
-  overlap: str = "auto"  # 'auto' (thread + stream/2nd GPU) | 'sequential'
+  # Prefill overlap: 'auto' = a thread on a 2nd GPU or CUDA stream (on CPU
+  # sequential), 'thread' = a thread on any device, 'sequential' = none.
+  overlap: str = "auto"
   eos_token_ids: tuple[int, ...] | None = None  # None: the target's
 
   def __post_init__(self):
@@ -188,9 +190,9 @@ class SDConfig:
       )
     if self.prefill_gamma is not None and self.prefill_gamma < 1:
       raise ValueError(f"prefill_gamma must be >= 1, got {self.prefill_gamma}")
-    if self.overlap not in ("auto", "sequential"):
+    if self.overlap not in ("auto", "thread", "sequential"):
       raise ValueError(
-        f"overlap must be 'auto' or 'sequential': {self.overlap}"
+        f"overlap must be auto, thread or sequential, not {self.overlap!r}"
       )
 
   @property
@@ -372,14 +374,15 @@ def _overlapped(
 
   On CUDA the drafter runs in a Python thread on its own stream (its own GPU
   when it lives on another device); each side's time runs from the common
-  start to its own stream sync, the wall time to both. overlap = t_target +
-  t_drafter - wall, i.e. how much of the shorter side was hidden (0 when
-  run one after the other, as on CPU).
+  start to its own stream sync, the wall time to the later one. The saving
+  (`overlap_ms`) is measured against each side run alone (`_alone_times`).
+  Sequentially (CPU, or mode 'sequential') the two run one after the other,
+  the alone times are the measured ones and the overlap is 0.
   """
   if drafter_fn is None:
     return target_fn(), None, None
-  cuda = target_device.type == "cuda" and mode == "auto"
-  if not cuda:
+  cuda = target_device.type == "cuda"
+  if mode == "sequential" or (mode == "auto" and not cuda):
     t0 = time.perf_counter()
     a = target_fn()
     t1 = time.perf_counter()
@@ -389,24 +392,31 @@ def _overlapped(
       "target_ms": (t1 - t0) * 1e3,
       "drafter_ms": (t2 - t1) * 1e3,
       "wall_ms": (t2 - t0) * 1e3,
+      "target_alone_ms": (t1 - t0) * 1e3,
+      "drafter_alone_ms": (t2 - t1) * 1e3,
       "overlap_ms": 0.0,
       "concurrent": False,
     }
     return a, b, info
-  for d in {target_device, draft_device}:
-    torch.cuda.synchronize(d)
-  key = str(draft_device)
-  if key not in side_streams:
-    side_streams[key] = torch.cuda.Stream(device=draft_device)
-  side = side_streams[key]
+  side = None
+  if cuda:
+    for d in {target_device, draft_device}:
+      torch.cuda.synchronize(d)
+    key = str(draft_device)
+    if key not in side_streams:
+      side_streams[key] = torch.cuda.Stream(device=draft_device)
+    side = side_streams[key]
   out: dict[str, Any] = {}
 
   def work():
     try:
-      with torch.inference_mode(), torch.cuda.device(draft_device):
-        with torch.cuda.stream(side):
+      with torch.inference_mode():  # grad mode is per thread
+        if side is None:
           out["b"] = drafter_fn()
-        side.synchronize()
+        else:
+          with torch.cuda.device(draft_device), torch.cuda.stream(side):
+            out["b"] = drafter_fn()
+          side.synchronize()
     except BaseException as e:  # re-raised in the main thread
       out["error"] = e
     out["t_d"] = time.perf_counter()
@@ -415,22 +425,21 @@ def _overlapped(
   thread = threading.Thread(target=work, daemon=True)
   thread.start()
   a = target_fn()
-  torch.cuda.current_stream(target_device).synchronize()
+  if cuda:
+    torch.cuda.current_stream(target_device).synchronize()
   t_t = time.perf_counter()
   thread.join()
-  t_w = time.perf_counter()
   if "error" in out:
     raise out["error"]
-  # Later work on the default stream reads what the side stream wrote.
-  torch.cuda.current_stream(draft_device).wait_stream(side)
-  target_ms = (t_t - t0) * 1e3
-  drafter_ms = (out["t_d"] - t0) * 1e3
-  wall_ms = (max(t_w, out["t_d"]) - t0) * 1e3
+  if side is not None:
+    # Later work on the default stream reads what the side stream wrote.
+    torch.cuda.current_stream(draft_device).wait_stream(side)
   info = {
-    "target_ms": target_ms,
-    "drafter_ms": drafter_ms,
-    "wall_ms": wall_ms,
-    "overlap_ms": max(0.0, target_ms + drafter_ms - wall_ms),
+    # Both include any slow-down from contention; the join latency is not
+    # part of the region.
+    "target_ms": (t_t - t0) * 1e3,
+    "drafter_ms": (out["t_d"] - t0) * 1e3,
+    "wall_ms": (max(t_t, out["t_d"]) - t0) * 1e3,
     "concurrent": True,
   }
   return a, out["b"], info
@@ -755,20 +764,15 @@ def run_method(
         pre = models.adapters[names[0]]
         k_pre = min(cfg.k_prefill, m - 2)
 
-        def drafter_fn():
+        def drafter_fn(d=drafter, t=timer):
           return _prefill_drafts(
-            drafter,
-            draft_inputs,
-            pre,
-            models.head_on(pre.device),
-            k_pre,
-            timer,
+            d, draft_inputs, pre, models.head_on(pre.device), k_pre, t
           )
 
       else:
 
-        def drafter_fn():
-          drafter.prefill(draft_inputs)
+        def drafter_fn(d=drafter, t=timer):
+          d.prefill(draft_inputs)
 
     y0_t, pre_out, overlap = _overlapped(
       lambda: target.prefill(target_inputs),
@@ -804,6 +808,14 @@ def run_method(
     tokens = _decode_loop(target, y0, cfg, eos, result, first, proposer)
     timer.sync()
     t2 = time.perf_counter()
+    if overlap is not None and overlap["concurrent"]:
+      alone = _alone_times(models, target_inputs, drafter_fn, m, slack, timer)
+      overlap.update(alone)
+      overlap["overlap_ms"] = (
+        alone["target_alone_ms"]
+        + alone["drafter_alone_ms"]
+        - overlap["wall_ms"]
+      )
 
   result.tokens = tokens
   result.prefill_ms = (t1 - t0) * 1e3
@@ -812,6 +824,30 @@ def run_method(
   result.phases = timer.collect()
   result.overlap = overlap
   return result
+
+
+def _alone_times(models, target_inputs, drafter_fn, m, slack, timer) -> dict:
+  """Times the two prefill sides alone, after the measured run (untimed).
+
+  The saving of running them concurrently is then measured, not assumed:
+  overlap = target_alone + drafter_alone - concurrent wall. It is negative
+  when contention makes the concurrent region slower than running the two
+  one after the other.
+  """
+  scratch = Timer(timer.cuda_devices)
+  target = _Target(models.target, scratch, m + slack)
+  drafter = _Drafter(models.drafter, scratch, m + slack, target.b.vocab_size)
+  out = {}
+  for key, fn in (
+    ("target_alone_ms", lambda: target.prefill(target_inputs)),
+    ("drafter_alone_ms", lambda: drafter_fn(drafter, scratch)),
+  ):
+    scratch.sync()
+    t0 = time.perf_counter()
+    fn()
+    scratch.sync()
+    out[key] = (time.perf_counter() - t0) * 1e3
+  return out
 
 
 def _prefill_drafts(
