@@ -136,6 +136,7 @@ def test_benchmark_smoke(tmp_path):
     "stream_cold",
     "stream_cold_mmap",
     "stream_hot",
+    "stream_hot_pinned",
     "host",
     "device",
     "h2d",

@@ -165,16 +165,36 @@ def test_device_cache_equals_host_cache_equals_streaming(ds, sharded):
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
 
 
-@pytest.mark.parametrize("cache", ["none", "host"])
-def test_recycled_buffers_give_the_same_batches(ds, cache):
+@pytest.mark.parametrize(
+  "cache, staging, sharded",
+  [
+    ("none", "direct", False),
+    ("host", "pinned", False),
+    ("none", "pinned", True),
+  ],
+)
+def test_recycled_buffers_give_the_same_batches(ds, cache, staging, sharded):
+  sharding = _mesh_sharding() if sharded else None
   fresh = _pipe(ds, cache=cache, drop_remainder=False, seed=9)
-  reused = _pipe(ds, cache=cache, drop_remainder=False, seed=9, num_workers=3)
+  reused = _pipe(
+    ds,
+    cache=cache,
+    drop_remainder=False,
+    seed=9,
+    num_workers=3,
+    staging=staging,
+    sharding=sharding,
+  )
   reused.recycle_buffers = True
   a, b = list(fresh.batches(0)), list(reused.batches(0))
   assert len(a) == len(b)
   for x, y in zip(a, b, strict=True):
     for key in x:
       np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]))
+      # Staged batches still end up in device memory.
+      assert y[key].sharding.memory_kind == x[key].sharding.memory_kind
+      if sharded:
+        assert y[key].sharding.is_equivalent_to(sharding, y[key].ndim)
 
 
 def test_auto_cache_respects_budget(ds):

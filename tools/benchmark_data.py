@@ -9,6 +9,7 @@ with `block_until_ready` on every batch:
                with the pipeline's background whole-file read-ahead
   stream_cold_mmap  the same without read-ahead: random reads page-faulted in
   stream_hot   cache='none', files in the page cache
+  stream_hot_pinned  the same, uploads staged through pinned host memory
   host         cache='host' (this process's share in RAM, numpy gathers)
   device       cache='device' (dataset in accelerator memory, jitted gather)
   h2d          the upload ceiling: device_put of one ready padded batch
@@ -246,7 +247,10 @@ def main(argv=None):
   )
   parser.add_argument(
     "--modes",
-    default="stream_cold,stream_cold_mmap,stream_hot,host,device,h2d,reference",
+    default=(
+      "stream_cold,stream_cold_mmap,stream_hot,stream_hot_pinned,host,"
+      "device,h2d,reference"
+    ),
     help="comma-separated subset of the modes to run",
   )
   parser.add_argument(
@@ -309,14 +313,16 @@ def main(argv=None):
       "stream_cold",
       "stream_cold_mmap",
       "stream_hot",
+      "stream_hot_pinned",
       "host",
       "device",
     ):
       if mode not in modes:
         continue
       cache = mode if mode in ("host", "device") else "none"
+      staging = "pinned" if mode.endswith("pinned") else "direct"
       t0 = time.perf_counter()
-      pipe = data.InputPipeline(ds, cache=cache, **common)
+      pipe = data.InputPipeline(ds, cache=cache, staging=staging, **common)
       build = time.perf_counter() - t0
       if pipe.steps_per_epoch == 0:
         raise SystemExit(
@@ -333,7 +339,7 @@ def main(argv=None):
           else "could not drop page cache: hot"
         )
         note += ", read-ahead " + ("on" if pipe.readahead else "off")
-      elif mode == "stream_hot":
+      elif mode.startswith("stream_hot"):
         time_pipeline(pipe, 1, min(args.max_steps, 20))  # warm + compile
         note = "files in page cache"
       else:
@@ -379,13 +385,14 @@ def main(argv=None):
         pinned = jax.sharding.SingleDeviceSharding(
           device, memory_kind="pinned_host"
         )
+        on_device = jax.sharding.SingleDeviceSharding(device)
         jax.block_until_ready(
-          jax.device_put(jax.device_put(host, pinned), device)
+          jax.device_put(jax.device_put(host, pinned), on_device)
         )
         t0 = time.perf_counter()
         for _ in range(reps):
           jax.block_until_ready(
-            jax.device_put(jax.device_put(host, pinned), device)
+            jax.device_put(jax.device_put(host, pinned), on_device)
           )
         dt = time.perf_counter() - t0
         note = f"numpy -> pinned_host -> device: {nbytes / dt / 1e9:.1f} GB/s"

@@ -123,8 +123,12 @@ class InputPipeline:
     device_budget_bytes: int | None = None,
     host_budget_bytes: int | None = None,
     progress: bool = True,
+    staging: str = "direct",
   ):
     self.dataset = dataset
+    if staging not in ("direct", "pinned"):
+      raise ValueError(f"staging={staging!r}; expected 'direct' or 'pinned'")
+    self.staging = staging
     if indices is None:
       indices = np.arange(dataset.num_samples)
     indices = np.asarray(indices, np.int64)
@@ -397,11 +401,19 @@ class InputPipeline:
 
   def _put(self, x: np.ndarray) -> jax.Array:
     if self.sharding is None:
-      return jax.device_put(x, self._output_devices()[0])
+      target = jax.sharding.SingleDeviceSharding(self._output_devices()[0])
+    else:
+      target = self.sharding
     global_shape = (self.global_batch_size,) + x.shape[1:]
-    return jax.make_array_from_process_local_data(
-      self.sharding, x, global_shape
-    )
+    if self.staging == "pinned":
+      # Two hops: a host copy into page-locked memory, then a DMA.
+      staged = jax.make_array_from_process_local_data(
+        target.with_memory_kind("pinned_host"), x, global_shape
+      )
+      return jax.device_put(staged, target)
+    if self.sharding is None:
+      return jax.device_put(x, target)
+    return jax.make_array_from_process_local_data(target, x, global_shape)
 
   def _device_pieces(self):
     """[(device, local batch rows)] of the output sharding (cached)."""
