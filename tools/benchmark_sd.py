@@ -422,6 +422,15 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
         [r for mm in methods for r in ok[mm]],
         lambda k, a=a: k == f"adapter:{a}",
       )
+  prefill_adapter: dict[str, float] = {}
+  for m in methods:
+    for r in ok[m]:
+      for k in r["phases"]:
+        if k.startswith("prefill_adapter:"):
+          a = k.split(":", 1)[1]
+          prefill_adapter[a] = _span_rate(
+            [r for mm in methods for r in ok[mm]], lambda n, k=k: n == k
+          )
   # Drafting cost per drafted token in the decode loop, per method.
   per_token: dict[str, float] = {}
   for m in methods:
@@ -461,7 +470,12 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
       **{f"{L}": t for L, t in verify.items()},
     },
     "draft_model_decode_ms": draft_model,
+    "draft_model_prefill_ms": _span_rate(
+      [r for m in methods for r in ok[m]], lambda k: k == "draft_prefill"
+    ),
     "adapter_step_ms": adapter_step,
+    # One call on prefill_gamma + 1 positions, LM head + argmax included.
+    "prefill_adapter_call_ms": prefill_adapter,
     "prefill_overlap_ms": prefill_overlap,
     "sd_loop_overhead_ms_per_iteration": overhead,
     "draft_ms_per_token_by_method": per_token,

@@ -612,7 +612,7 @@ def _decode_loop(
     h, g = target.forward(
       ids, f"target_verify[{k + 1}]" if k else "target_decode"
     )
-    host = ids[0, 1:].tolist() + g.tolist() if k else g.tolist()
+    host = (torch.cat([ids[0, 1:], g]) if k else g).tolist()  # one sync
     d_host, g_host = host[:k], host[k:]
     j = 0
     while j < k and d_host[j] == g_host[j]:
