@@ -104,7 +104,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
       f"config.loss.objective must be one of {losses.OBJECTIVES}, got "
       f"{config.loss.objective!r}"
     )
-  if config.loss.token_ce_weight > 0 and not config.lm_head:
+  syn = config.data.synthetic
+  has_head = config.lm_head or (syn.enabled and syn.lm_head)
+  if config.loss.token_ce_weight > 0 and not has_head:
     raise ValueError(
       "config.loss.token_ce_weight > 0 needs config.lm_head (the target's LM "
       "head file from tools/extract_lm_head.py)"
@@ -129,6 +131,7 @@ def _synthetic_path(config, workdir: str) -> str:
   """Writes the built-in synthetic dataset into the workdir once."""
   path = os.path.join(workdir, SYNTHETIC_DIR)
   syn = config.data.synthetic
+  head = _synthetic_lm_head(path) if syn.lm_head else None
   if jax.process_index() == 0 and not os.path.exists(
     os.path.join(path, "header.json")
   ):
@@ -142,9 +145,14 @@ def _synthetic_path(config, workdir: str) -> str:
       min_len=syn.min_len,
       max_len=syn.max_len,
       seed=syn.seed,
+      lm_head_path=head,
     )
   _sync("synthetic data")
   return path
+
+
+def _synthetic_lm_head(synthetic_path: str) -> str:
+  return os.path.join(os.path.dirname(synthetic_path), "synthetic_lm_head")
 
 
 def holdout_split(
@@ -263,6 +271,11 @@ def train_step(
     pred = _forward(
       model, spec, params, batch, deterministic=False, rng=dropout_rng
     )
+    # Padding rows of e.g. L1 at init are exact zero vectors, and the
+    # gradient of a cosine at a zero vector is NaN even when masked out
+    # (0 * NaN). Padded positions never enter the loss, so any non-zero
+    # stand-in keeps values and valid gradients unchanged.
+    pred = jnp.where(mask[..., None], pred, 1.0)
     loss, aux = losses.adapter_loss(
       pred,
       target,
@@ -495,6 +508,7 @@ class _TrainLog:
       self.sums["loss"] += float(m["loss"])
       self.sums["cos"] += float(m["cos"])
       self.sums["steps"] += 1
+    self.sums["lr"] = float(host[-1]["lr"])
     tokens = sum(int(m["tokens"]) for m in host)
     now = time.perf_counter()
     elapsed, self.t0 = now - self.t0, now
@@ -608,6 +622,9 @@ def train_and_evaluate(
       f"{hidden_dim})"
     )
   with config.unlocked():
+    syn = config.data.synthetic
+    if syn.enabled and syn.lm_head and not config.lm_head:
+      config.lm_head = _synthetic_lm_head(os.path.join(workdir, SYNTHETIC_DIR))
     if config.model.hidden_dim is None:
       config.model.hidden_dim = hidden_dim
     config.model.dtype = compute_dtype(config.model.dtype)
@@ -741,7 +758,7 @@ def train_and_evaluate(
     meta = {
       "epoch": 0,  # the epoch in progress (0-based)
       "epoch_step": 0,  # steps of it already done
-      "train_sums": {"loss": 0.0, "cos": 0.0, "steps": 0},
+      "train_sums": {"loss": 0.0, "cos": 0.0, "steps": 0, "lr": None},
       "best_val_loss": None,
       "best_epoch": None,
       "best_metrics": None,
@@ -770,7 +787,9 @@ def train_and_evaluate(
       return
     meta["step"] = int(step)
     meta["config"] = config.to_dict()
-    ckpt.save(step, state, _to_json(meta), val_loss=val_loss)
+    # Host copies: orbax then writes numpy arrays, with no per-array device
+    # slicing (each of which is a small XLA compile).
+    ckpt.save(step, jax.device_get(state), _to_json(meta), val_loss=val_loss)
 
   step = int(jax.device_get(state.step))
   if step != meta["epoch"] * spe + meta["epoch_step"]:
@@ -814,11 +833,16 @@ def train_and_evaluate(
         train = {
           "loss": sums["loss"] / max(sums["steps"], 1),
           "cos": sums["cos"] / max(sums["steps"], 1),
-          "lr": float(schedule(step - 1)),
+          "lr": sums["lr"],
         }
-        improved = (
-          meta["best_val_loss"] is None or val["loss"] < meta["best_val_loss"]
-        )
+        if not math.isfinite(val["loss"]):
+          raise FloatingPointError(
+            f"validation loss is {val['loss']} after epoch {epoch + 1} "
+            f"(train loss {train['loss']}): training diverged; lower "
+            "config.optim.learning_rate or check the data for inf/NaN"
+          )
+        best = meta["best_val_loss"]
+        improved = best is None or val["loss"] < best
         if improved:
           meta.update(
             best_val_loss=val["loss"], best_epoch=epoch + 1, best_metrics=val
@@ -832,9 +856,7 @@ def train_and_evaluate(
         _history_append(meta["history"], epoch + 1, train, val)
         meta["last_metrics"] = val
         meta["epoch"], meta["epoch_step"] = epoch + 1, 0
-        meta["train_sums"] = {"loss": 0.0, "cos": 0.0, "steps": 0}
-        if meta["epoch"] >= config.num_epochs:
-          meta["done"] = True
+        meta["train_sums"] = {"loss": 0.0, "cos": 0.0, "steps": 0, "lr": None}
         record = {
           "epoch": epoch + 1,
           "epoch_train/loss": train["loss"],

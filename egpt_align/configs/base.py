@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.buckets = config_dict.placeholder(tuple)  # seq-len buckets
   config.data.prefetch = 2  # batches prepared ahead
   # Built-in synthetic pairs (the demo): written to WORKDIR/data/synthetic
-  # on first use and used instead of data.train when enabled.
+  # on first use and used instead of data.train when enabled; with lm_head,
+  # its LM head (WORKDIR/data/synthetic_lm_head) serves when config.lm_head
+  # is unset.
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.enabled = False  # use synthetic data
   config.data.synthetic.num_samples = 512  # sequences written
@@ -66,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic.min_len = 8  # shortest sequence
   config.data.synthetic.max_len = 32  # longest sequence
   config.data.synthetic.seed = 0  # generator seed
+  config.data.synthetic.lm_head = True  # also its LM head, used as lm_head
 
   config.loss = ml_collections.ConfigDict()
   config.loss.objective = "reference"  # reference | next (see losses.py)

@@ -1,0 +1,300 @@
+"""Trainer: learning, device-count invariance, exact resume, CLI outputs."""
+
+import functools
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from egpt_align import checkpoint, losses, models, train
+from egpt_align.configs import base
+from egpt_align.data import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo_config():
+  spec = importlib.util.spec_from_file_location(
+    "demo", os.path.join(REPO, "experiments", "demo.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _tiny_config(**updates):
+  """L1 at hidden 32 on 64 synthetic sequences: 7 steps/epoch of 8."""
+  config = base.get_config()
+  config.model.name = "l1"
+  config.model.hidden_dim = 32
+  config.model.bottleneck_dim = 16
+  config.data.synthetic.enabled = True
+  config.data.synthetic.num_samples = 64
+  config.data.synthetic.hidden_dim = 32
+  config.data.synthetic.min_len = 4
+  config.data.synthetic.max_len = 8
+  config.data.buckets = (8,)
+  config.data.val_fraction = 0.125
+  config.batch_size = 8
+  config.num_epochs = 2
+  config.log_every_steps = 3
+  config.eval_at_start = False
+  config.progress_bar = False
+  config.checkpoint.async_save = False
+  for key, value in updates.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+_L5 = {
+  "model.name": "l5",
+  "model.num_heads": 2,
+  "model.ffn_dim": 64,
+  "model.max_seq_len": 16,
+}
+
+
+def _params_close(a, b, **tol):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted 2-epoch run on all 8 (fake CPU) devices."""
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  result = train.train_and_evaluate(_tiny_config(), workdir)
+  params, _ = checkpoint.load_params(workdir, "latest")
+  return workdir, result, params
+
+
+def test_demo_adapter_beats_untrained(tmp_path):
+  config = _demo_config()
+  config.num_epochs = 3
+  config.progress_bar = False
+  config.loss.token_ce_weight = 0.1  # through the synthetic LM head
+  config.lock()
+  result = train.train_and_evaluate(
+    config, str(tmp_path), devices=jax.devices()[:1]
+  )
+  initial, final = result["initial"], result["final"]
+  assert final["cos_sim"] > initial["cos_sim"] + 0.3
+  assert final["accept_90"] > initial["accept_90"]
+  assert final["accept_90"] > 0.02
+  assert final["loss"] < 0.5 * initial["loss"]
+  # Token-level agreement through the synthetic LM head, both readings.
+  assert final["token_top1"] > initial["token_top1"]
+  assert 0 <= final["next_token_top1"] <= 1
+  # The loss includes the weighted token CE on top of the hidden-state loss.
+  align = final["mse"] + 0.5 * (1 - final["cos_sim"])
+  hidden = 0.5 * align + 0.5 * final["next_mse"]
+  np.testing.assert_allclose(
+    final["loss"], hidden + 0.1 * final["token_ce"], rtol=1e-6
+  )
+  # The whole held-out split is validated (10 % of 1024 samples), every
+  # epoch, and padding rows are not counted.
+  ds = train.data_lib.open_dataset(
+    os.path.join(str(tmp_path), train.SYNTHETIC_DIR)
+  )
+  _, val_idx = train.holdout_split(ds.num_samples, 0.1, 0)
+  assert len(val_idx) == 102
+  assert final["n_valid"] == int(ds.lengths[val_idx].sum())
+  assert final["next_n_valid"] == int((ds.lengths[val_idx] - 1).sum())
+
+
+def test_one_device_matches_eight(reference_run, tmp_path):
+  _, result8, params8 = reference_run
+  assert len(jax.devices()) == 8
+  result1 = train.train_and_evaluate(
+    _tiny_config(), str(tmp_path), devices=jax.devices()[:1]
+  )
+  params1, _ = checkpoint.load_params(str(tmp_path), "latest")
+  # Adam normalises updates, so float reduction-order noise in the gradient
+  # all-reduce shows up at ~lr * 1e-2 after a few steps.
+  _params_close(params1, params8, rtol=1e-3, atol=1e-4)
+  for key in ("loss", "cos_sim", "accept_80"):
+    np.testing.assert_allclose(
+      result1["final"][key], result8["final"][key], rtol=1e-4
+    )
+
+
+def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
+  """Stop at step 4, resume, SIGTERM at step 9, resume: as uninterrupted."""
+  ref_dir, ref_result, ref_params = reference_run
+  workdir = str(tmp_path)
+  steps_per_epoch = ref_result["step"] // 2
+  first = train.train_and_evaluate(_tiny_config(stop_after_steps=4), workdir)
+  assert first["stopped_at_step"] == 4 and first["epochs_run"] == 0
+
+  original = train.data_lib.InputPipeline.batches
+
+  def batches_then_sigterm(self, epoch, start_step=0):
+    for i, batch in enumerate(original(self, epoch, start_step)):
+      yield batch
+      # SIGTERM after the 2nd batch of the 2nd training epoch.
+      if self.shuffle and epoch == 1 and start_step + i == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(
+    train.data_lib.InputPipeline, "batches", batches_then_sigterm
+  )
+  with pytest.raises(train.TrainingInterrupted) as info:
+    train.train_and_evaluate(_tiny_config(), workdir)
+  assert info.value.signum == signal.SIGTERM
+  # The flag is seen after the step in flight: step 3 of the epoch.
+  assert info.value.step == steps_per_epoch + 3
+  ckpt = checkpoint.Checkpointer(workdir)
+  # The newest (mid-epoch) checkpoint and the best epoch-end one are kept.
+  assert ckpt.latest_step() == info.value.step
+  assert ckpt.best_step() == steps_per_epoch
+  ckpt.close()
+  monkeypatch.setattr(train.data_lib.InputPipeline, "batches", original)
+
+  result = train.train_and_evaluate(_tiny_config(), workdir)
+  params, _ = checkpoint.load_params(workdir, "latest")
+  _params_close(params, ref_params, rtol=1e-6, atol=1e-7)
+  assert result["step"] == ref_result["step"]
+  assert result["best_epoch"] == ref_result["best_epoch"]
+  for key, values in ref_result["history"].items():
+    np.testing.assert_allclose(result["history"][key], values, rtol=1e-6)
+
+  # The metrics log (truncated to each checkpoint on resume) holds every
+  # epoch record once and train records in step order, each step once.
+  def records(d):
+    with open(os.path.join(d, train.METRICS_FILE)) as f:
+      return [json.loads(line) for line in f]
+
+  got, want = records(workdir), records(ref_dir)
+  epochs = [(r["step"], r["eval/loss"]) for r in got if "eval/loss" in r]
+  ref_epochs = [(r["step"], r["eval/loss"]) for r in want if "eval/loss" in r]
+  np.testing.assert_allclose(epochs, ref_epochs, rtol=1e-6)
+  train_steps = [r["step"] for r in got if "train/loss" in r]
+  assert train_steps == sorted(set(train_steps))
+  assert {r["step"] for r in want if "train/loss" in r} <= set(train_steps)
+
+
+def test_eval_aggregation_is_exact(tmp_path):
+  """Sums over padded batches equal the loss over all positions at once."""
+  path = synthetic.write_synthetic_dataset(
+    str(tmp_path / "d"), 11, hidden_dim=32, min_len=3, max_len=8, seed=3
+  )
+  ds = train.data_lib.open_dataset(path)
+  spec = models.get_spec("l5")
+  model = models.create_adapter(
+    "l5", hidden_dim=32, num_heads=2, ffn_dim=64, max_seq_len=8
+  )
+  full = ds.read_batch(np.arange(11), 8)
+  params = jax.jit(model.init)(
+    jax.random.key(1), jnp.asarray(full["source"], jnp.float32)
+  )["params"]
+  loss_config = _tiny_config().loss
+  step_fn = jax.jit(
+    functools.partial(
+      train.eval_step,
+      lm_weight=None,
+      model=model,
+      spec=spec,
+      loss_config=loss_config,
+    )
+  )
+  sums = None
+  for rows in (np.arange(0, 4), np.arange(4, 8), np.arange(8, 11)):
+    padded = np.concatenate([rows, -np.ones(4 - len(rows), int)])
+    batch = ds.read_batch(padded, 8)  # index -1: an all-masked padding row
+    out = jax.device_get(step_fn(params, batch))
+    sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
+  sums = {k: float(v) for k, v in sums.items()}
+
+  @jax.jit
+  def whole_set_losses(params, source, target, mask):
+    pred = model.apply({"params": params}, source, mask=mask)
+    return {
+      objective: losses.adapter_loss(
+        pred, target, mask, predicts_next=True, objective=objective
+      )
+      for objective in losses.OBJECTIVES
+    }
+
+  want = whole_set_losses(
+    params,
+    jnp.asarray(full["source"], jnp.float32),
+    jnp.asarray(full["target"], jnp.float32),
+    full["mask"],
+  )
+  for objective, (loss, aux) in want.items():
+    with loss_config.unlocked():
+      loss_config.objective = objective
+    got = train.finalize_eval(sums, spec=spec, loss_config=loss_config)
+    np.testing.assert_allclose(got["loss"], float(loss), rtol=1e-5)
+    np.testing.assert_allclose(got["cos_sim"], float(aux["cos_sim"]), rtol=1e-5)
+    np.testing.assert_allclose(
+      got["next_cos_sim"], float(aux["next_cos_sim"]), rtol=1e-5
+    )
+    assert got["n_valid"] == ds.lengths.sum()
+    assert got["next_n_valid"] == (ds.lengths - 1).sum()
+
+
+def test_batch_size_must_divide_device_count(tmp_path):
+  with pytest.raises(ValueError, match="multiple of the device count"):
+    train.train_and_evaluate(_tiny_config(batch_size=6), str(tmp_path))
+
+
+def test_missing_train_data_is_a_clear_error(tmp_path):
+  config = base.get_config()
+  config.lock()
+  with pytest.raises(ValueError, match="config.data.train is required"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_cli_smoke_run_writes_outputs(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [
+    sys.executable,
+    "-m",
+    "egpt_align.train",
+    "--config",
+    os.path.join(REPO, "experiments", "demo.py"),
+    "--workdir",
+    str(workdir),
+    "--config.num_epochs=1",
+    "--config.batch_size=8",
+    "--config.data.synthetic.num_samples=30",
+    "--config.data.val_fraction=0.2",  # 24 train samples: 3 steps
+    "--config.data.buckets=(16,)",
+    "--config.data.synthetic.max_len=16",
+    "--config.progress_bar=False",
+  ]
+  env = dict(os.environ)  # one CPU device: a quicker compile
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  proc = subprocess.run(
+    cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["batch_size"] == 8 and config["model"]["hidden_dim"] == 64
+  records = [
+    json.loads(line)
+    for line in (workdir / "metrics.jsonl").read_text().split("\n")
+    if line
+  ]
+  assert any("train/loss" in r for r in records)
+  assert records[-1]["step"] == 3 and "eval/accept_90" in records[-1]
+  history = json.loads((workdir / "history.json").read_text())
+  assert len(history["val_accept_90"]) == 1
+  assert (workdir / "training_curves.png").stat().st_size > 0
+  assert checkpoint.Checkpointer(str(workdir)).all_steps() == [3]
