@@ -670,7 +670,7 @@ def write_plots(out_dir: str, results: dict) -> list[str]:
     ax.bar(range(len(methods)), vals, yerr=err, capsize=4, color="tab:blue")
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
   ax.axhline(1.0, color="k", lw=1, ls="--")
-  ax.set_ylabel("speedup vs baseline (ratio of mean totals)")
+  ax.set_ylabel("speedup (ratio of mean totals)")
   ax.set_title("End-to-end speedup, 95% bootstrap CI")
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "speedup.png"))
