@@ -4,6 +4,10 @@ r"""Offline evaluation of a trained adapter: hidden-state and token metrics.
       [--out DIR] [--step N] [--bench_json FILE] [--gamma 5] \
       [--draft_cost c] [--verify_cost v] [--bootstrap 1000]
 
+Instead of --workdir: --params OUT.npz (tools/import_from_torch.py output,
+e.g. a reference checkpoint) or --adapter NAME (a freshly initialised adapter,
+for timing and smoke runs); both need --data and --out.
+
 Every sample of the dataset is evaluated once, in jitted batches on device
 (padded rows and positions are masked out). The device reduces the hidden and
 vocabulary dimensions to per-position cosines and token ranks; everything else
@@ -483,9 +487,13 @@ def _init_params(adapter: _Adapter, dataset, seed: int):
   dims = {"source": dataset.source_dim, "target": dataset.target_dim}
   s = int(min(int(np.max(dataset.lengths)), 8))
   dummy = tuple(jnp.zeros((1, s, dims[k]), jnp.float32) for k in adapter.inputs)
+  # The trainer's init key for this seed (train.py: split(key(seed))[0]),
+  # so for a workdir this is the run's own starting point. Initialisers
+  # depend on parameter shapes only, not on the dummy input's length.
+  init_rng = jax.random.split(jax.random.key(seed))[0]
   # One compiled program instead of one per op (much faster to build).
   variables = jax.jit(adapter.module.init)(
-    jax.random.key(seed), *dummy, mask=jnp.ones((1, s), bool)
+    {"params": init_rng}, *dummy, mask=jnp.ones((1, s), bool)
   )
   return variables["params"]
 

@@ -589,3 +589,27 @@ def test_params_npz_path(tmp_path):
   assert result.metrics["run"]["params"] == "given"
   with pytest.raises(FileNotFoundError, match="config.json"):
     evaluate._load_npz_params(str(tmp_path / "missing.npz"))
+
+
+def test_untrained_is_the_trainers_init(tmp_path):
+  train = pytest.importorskip("egpt_align.train")
+  import optax
+
+  rng = np.random.default_rng(10)
+  sources = [rng.normal(size=(n, D)).astype(np.float32) for n in (3, 9)]
+  ds = data_lib.open_dataset(_write(tmp_path / "ds", sources, sources))
+  module = models.create_adapter("l5", **L5_OV)
+  ad = evaluate._Adapter("l5", module, ("source",), True)
+  got = evaluate._init_params(ad, ds, 5)
+  # train.py: init_rng, _ = split(key(config.seed)); init_state(init_rng).
+  init_rng = jax.random.split(jax.random.key(5))[0]
+  state = train.init_state(
+    init_rng,
+    model=module,
+    tx=optax.identity(),
+    example_inputs=(np.zeros((1, 8, D), np.float32),),
+  )
+  for a, b in zip(
+    jax.tree.leaves(got), jax.tree.leaves(state.params), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
