@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.val = config_dict.placeholder(str)  # optional val dataset dir
   # With no data.val: hold out this fraction of train samples (fixed
   # permutation seeded by data.split_seed). A test split never goes here.
-  config.data.val_fraction = 0.05
+  config.data.val_fraction = 0.05  # hold-out share when data.val is unset
   config.data.split_seed = 0  # the hold-out permutation's seed
   config.data.cache = "auto"  # InputPipeline device cache: auto|none|device
   config.data.buckets = config_dict.placeholder(tuple)  # seq-len buckets
@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Target LM head (NAME.npy + NAME.json, tools/extract_lm_head.py): enables
   # token top-1 agreement in validation and the token CE loss.
-  config.lm_head = config_dict.placeholder(str)
+  config.lm_head = config_dict.placeholder(str)  # NAME[.npy|.json] or None
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-3  # peak lr; reference 1e-3
@@ -87,12 +87,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.schedule = "cosine"  # cosine | constant
   # epoch: torch CosineAnnealingLR(T_max=num_epochs) stepped per epoch, as
   # the reference; step: per-step cosine over the run after warmup.
-  config.optim.schedule_unit = "epoch"
+  config.optim.schedule_unit = "epoch"  # epoch (reference) | step
   config.optim.warmup_steps = 0  # linear warmup (schedule_unit=step only)
   config.optim.weight_decay = 0.01  # decoupled (AdamW); reference 0.01
   # all: decay every parameter (reference); matrices: skip norms, biases,
   # alphas and pos_embed.
-  config.optim.decay_mask = "all"
+  config.optim.decay_mask = "all"  # all (reference) | matrices
   config.optim.clip_norm = 1.0  # global grad-norm clip; 0 = off
   config.optim.b1 = 0.9  # Adam beta1 (torch default)
   config.optim.b2 = 0.999  # Adam beta2 (torch default)
