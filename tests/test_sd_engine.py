@@ -370,3 +370,15 @@ def test_thread_overlap_is_lossless_and_measured(target_model, noisy_model):
   assert r.phases["prefill_draft_decode"]["units"] == 3
   with pytest.raises(ValueError, match="overlap"):
     sd.SDConfig(overlap="streams")
+
+
+def test_per_method_functions(target_model):
+  tb = _backend(target_model)
+  models = sd.Models(tb, _backend(target_model), {"l4": _adapter("l4", 0.0)})
+  s = _prompt(80)
+  ti = tb.prompt_inputs(s)
+  cfg = sd.SDConfig(gamma=2, max_new_tokens=6, eos_token_ids=())
+  base = sd.baseline(models, ti, cfg).tokens
+  assert sd.draft_tokens(models, ti, ti, cfg).tokens == base
+  r = sd.prefill_hiding(models, "l4", ti, ti, cfg)
+  assert r.tokens == base and r.accepted == r.drafted == 2

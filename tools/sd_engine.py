@@ -33,10 +33,20 @@ EOS anywhere in the new tokens (included) and never exceeds max_new_tokens
 target's and drafter's KV caches are cropped to the accepted prefix and the
 adapter's cache is truncated to the positions whose inputs were true.
 
+Prefill overlap (`SDConfig.overlap`): the drafter's prefill work runs in a
+Python thread, on its own GPU when it has one, else on a second CUDA stream
+of the same GPU (on CPU: one after the other unless 'thread'). Afterwards,
+untimed, each side is run alone, so the saving is measured: overlap =
+target alone + drafter alone - concurrent wall.
+
 Timing: every model call is a named span, timed with CUDA events on the
 stream it ran on (no extra host syncs inside the loop) or with perf_counter
 on CPU. Per sample: prefill (up to the first token on the host), decode, and
-total wall time with device synchronisation at both ends.
+total wall time with device synchronisation at both ends. Span names:
+target_prefill, target_decode, target_verify[L] (L positions),
+draft_prefill, draft_decode (one token), draft_catchup (several accepted
+tokens at once), adapter:NAME (decode adapter step, LM head included), and
+prefill_draft_decode / prefill_adapter:NAME inside the prefill region.
 """
 
 from __future__ import annotations
@@ -911,3 +921,42 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
   if len(a) != len(b):
     return min(len(a), len(b))
   return None
+
+
+def baseline(models: Models, target_inputs: dict, cfg: SDConfig):
+  """Target greedy decoding with its KV cache."""
+  return run_method("baseline", models, target_inputs, None, cfg)
+
+
+def draft_tokens(models: Models, target_inputs, draft_inputs, cfg: SDConfig):
+  """The drafter's own greedy tokens, verified by the target."""
+  return run_method("draft_tokens", models, target_inputs, draft_inputs, cfg)
+
+
+def prefill_hiding(
+  models: Models, adapter: str, target_inputs, draft_inputs, cfg: SDConfig
+):
+  """Drafts made during the target prefill (L1-L4), then plain decoding."""
+  method = f"prefill_hiding:{adapter}"
+  return run_method(method, models, target_inputs, draft_inputs, cfg)
+
+
+def decode(
+  models: Models, adapter: str, target_inputs, draft_inputs, cfg: SDConfig
+):
+  """Decode-adapter drafting (L5, B1, L5F) in every iteration."""
+  method = f"decode:{adapter}"
+  return run_method(method, models, target_inputs, draft_inputs, cfg)
+
+
+def two_phase(
+  models: Models,
+  prefill_adapter: str,
+  decode_adapter: str,
+  target_inputs,
+  draft_inputs,
+  cfg: SDConfig,
+):
+  """prefill_hiding with one adapter, then decode with another."""
+  method = f"two_phase:{prefill_adapter}+{decode_adapter}"
+  return run_method(method, models, target_inputs, draft_inputs, cfg)
