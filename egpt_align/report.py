@@ -358,16 +358,18 @@ def make_plots(result, out_dir: str) -> list[str]:
   names = []
 
   fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-  for p, alpha in (("adapter", 0.8), ("untrained", 0.4)):
-    cos = arrays.get(f"{p}/{primary}/cos")
-    if cos is not None and cos.size:
-      ax.hist(
-        cos,
-        bins=50,
-        range=(-1, 1) if cos.min() < 0 else None,
-        alpha=alpha,
-        label=PRED_LABELS[p],
-      )
+  hists = [
+    (p, a, arrays.get(f"{p}/{primary}/cos"))
+    for p, a in (("adapter", 0.8), ("untrained", 0.4))
+  ]
+  hists = [(p, a, c) for p, a, c in hists if c is not None and c.size]
+  if hists:
+    # Shared bins so the two histograms compare bar for bar.
+    lo = min(float(c.min()) for _, _, c in hists)
+    hi = max(float(c.max()) for _, _, c in hists)
+    bins = np.linspace(lo, max(hi, lo + 1e-6), 51)
+  for p, alpha, cos in hists:
+    ax.hist(cos, bins=bins, alpha=alpha, label=PRED_LABELS[p])
   for t in evaluate_lib.THRESHOLDS:
     ax.axvline(t, color="k", ls="--", lw=0.8)
     ax.text(t, ax.get_ylim()[1] * 0.95, f"{t:.2f}", rotation=90, fontsize=7)
