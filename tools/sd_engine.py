@@ -618,7 +618,10 @@ def _decode_loop(
       drafts = proposer.propose(tokens, min(cfg.gamma, budget))
     k = 0 if drafts is None else int(drafts.numel())
     last = torch.tensor([[tokens[-1]]], device=target.device)
-    ids = last if k == 0 else torch.cat([last, drafts.view(1, -1)], dim=1)
+    if k:  # drafts may live on the drafter's GPU
+      ids = torch.cat([last, drafts.view(1, -1).to(target.device)], dim=1)
+    else:
+      ids = last
     h, g = target.forward(
       ids, f"target_verify[{k + 1}]" if k else "target_decode"
     )
