@@ -41,12 +41,12 @@ import numpy as np
 from tqdm import tqdm
 
 from egpt_align import lm_head as lm_head_lib
+from egpt_align import metrics as metrics_lib
 from egpt_align import speedup as speedup_lib
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
 COS_MATCH_THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98)
 TOPK = (1, 5, 10)
-_EPS = 1e-12  # torch.nn.functional.normalize's eps.
 
 
 @dataclasses.dataclass
@@ -72,15 +72,6 @@ def _tag(t: float) -> str:
 
 # ---------------------------------------------------------------------------
 # Device side: per-position cosines and token ranks.
-
-
-def _cosine(a_BSD: jax.Array, b_BSD: jax.Array) -> jax.Array:
-  """Cosine as F.normalize computes it (norms clamped at 1e-12), float32."""
-  a = a_BSD.astype(jnp.float32)
-  b = b_BSD.astype(jnp.float32)
-  na = jnp.maximum(jnp.linalg.norm(a, axis=-1), _EPS)
-  nb = jnp.maximum(jnp.linalg.norm(b, axis=-1), _EPS)
-  return jnp.sum(a * b, axis=-1) / (na * nb)
 
 
 def _shift_left(x: jax.Array) -> jax.Array:
@@ -140,7 +131,7 @@ def _make_eval_step(
       if use_head:
         lg = lm_head_lib.logits(pred, weight_VD, dtype=logits_dtype)
       for r in reads:
-        out[f"{pname}/{r}/cos"] = _cosine(pred, targets[r])
+        out[f"{pname}/{r}/cos"] = metrics_lib.cosine(pred, targets[r])
         if use_head:
           out[f"{pname}/{r}/rank"] = lm_head_lib.token_rank(lg, toks[r])
     return out
