@@ -92,12 +92,13 @@ def test_costs_readable_by_speedup_model(tmp_path):
   argv = [
     "--random_models=tiny",
     "--prompt_len=8",
-    "--num_samples=2",
+    "--num_samples=3",
     "--warmup=0",
     "--max_new_tokens=8",
     "--gamma=2",
     "--ignore_eos",
     "--methods=baseline,draft_tokens,decode:b1,prefill_hiding:l4",
+    "--time_budget_s=0",  # stops after the first measured sample
     "--adapter=b1=random",
     "--adapter=l4=identity",
     "--random_same_drafter",
@@ -108,6 +109,7 @@ def test_costs_readable_by_speedup_model(tmp_path):
   ]
   assert bench.main(argv) == 0
   res = _load(out)
+  assert res["num_measured"] == 1
   for name in ("b1", "drafter"):
     got = speedup.costs_from_bench(str(out / "results.json"), name, 2)
     c = res["costs"]

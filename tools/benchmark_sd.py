@@ -40,6 +40,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -825,6 +826,13 @@ def build_parser() -> argparse.ArgumentParser:
     help="logit margin below which a mismatch counts as a near-tie flip",
   )
   out.add_argument("--seed", type=int, default=0)
+  out.add_argument(
+    "--time_budget_s",
+    type=float,
+    default=None,
+    help="start no new sample after this many seconds (results are still "
+    "written for the samples done)",
+  )
   out.add_argument("--no_plots", action="store_true")
   out.add_argument("--no_progress", action="store_true")
   return p
@@ -1028,8 +1036,18 @@ def run(args: argparse.Namespace) -> dict:
   bar = tqdm(
     samples, desc="samples", disable=args.no_progress, dynamic_ncols=True
   )
+  t_start = time.perf_counter()
   for si, sample in enumerate(bar):
     warm = si < args.warmup
+    budget = args.time_budget_s
+    over = budget is not None and time.perf_counter() - t_start > budget
+    if over and si > args.warmup:
+      print(
+        f"--time_budget_s {args.time_budget_s} reached: stopping after "
+        f"{si - args.warmup} measured samples",
+        file=sys.stderr,
+      )
+      break
     t_in = _to_device(target.prompt_inputs(_view(sample, "target")), device)
     d_in = None
     if drafter is not None:
