@@ -731,6 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="benchmark_sd.py",
     description=__doc__,
+    epilog="exit status: 0 ok; 1 some method's tokens differ from the "
+    "baseline's other than by a near-tie flip; 2 bad arguments or inputs",
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   src = p.add_argument_group("models and samples")
@@ -787,7 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="drafts made during the target prefill (default: --gamma)",
   )
-  run.add_argument("--max_new_tokens", type=int, default=50)
+  run.add_argument(
+    "--max_new_tokens", type=int, default=50, help="never exceeded"
+  )
   run.add_argument(
     "--ignore_eos",
     action="store_true",
@@ -801,7 +805,10 @@ def build_parser() -> argparse.ArgumentParser:
     help="drafter device (default: cuda:1 when 2+ GPUs, else --device)",
   )
   run.add_argument(
-    "--dtype", default=None, choices=sorted(bk.DTYPES), help="model dtype"
+    "--dtype",
+    default=None,
+    choices=sorted(bk.DTYPES),
+    help="model dtype (default: float16 on GPU, float32 on CPU)",
   )
   run.add_argument(
     "--adapter_dtype",
@@ -818,14 +825,18 @@ def build_parser() -> argparse.ArgumentParser:
   )
   out = p.add_argument_group("output")
   out.add_argument("--out", required=True, help="output directory")
-  out.add_argument("--bootstrap", type=int, default=2000)
+  out.add_argument(
+    "--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs"
+  )
   out.add_argument(
     "--tie_margin",
     type=float,
     default=0.1,
     help="logit margin below which a mismatch counts as a near-tie flip",
   )
-  out.add_argument("--seed", type=int, default=0)
+  out.add_argument(
+    "--seed", type=int, default=0, help="random models/prompts, bootstrap"
+  )
   out.add_argument(
     "--time_budget_s",
     type=float,
