@@ -393,6 +393,19 @@ def finalize_eval(
   return out
 
 
+def early_stopping(
+  best: float | None, bad_epochs: int, val_loss: float, patience: int
+) -> tuple[bool, int, bool]:
+  """(improved, bad_epochs, stop) after an epoch, as the reference.
+
+  Improvement is a strict `<` on the validation loss; training stops once
+  `patience` epochs in a row brought none (patience 0 = never).
+  """
+  improved = best is None or val_loss < best
+  bad_epochs = 0 if improved else bad_epochs + 1
+  return improved, bad_epochs, bool(patience) and bad_epochs >= patience
+
+
 # --------------------------------------------------------------- logging
 
 
@@ -841,17 +854,17 @@ def train_and_evaluate(
             f"(train loss {train['loss']}): training diverged; lower "
             "config.optim.learning_rate or check the data for inf/NaN"
           )
-        best = meta["best_val_loss"]
-        improved = best is None or val["loss"] < best
+        improved, meta["bad_epochs"], stop = early_stopping(
+          meta["best_val_loss"],
+          meta["bad_epochs"],
+          val["loss"],
+          config.early_stopping_patience,
+        )
         if improved:
           meta.update(
             best_val_loss=val["loss"], best_epoch=epoch + 1, best_metrics=val
           )
-          meta["bad_epochs"] = 0
-        else:
-          meta["bad_epochs"] += 1
-        patience = config.early_stopping_patience
-        if patience and meta["bad_epochs"] >= patience:
+        if stop:
           meta["done"] = meta["stopped_early"] = True
         _history_append(meta["history"], epoch + 1, train, val)
         meta["last_metrics"] = val

@@ -249,6 +249,19 @@ def test_eval_aggregation_is_exact(tmp_path):
     assert got["next_n_valid"] == (ds.lengths - 1).sum()
 
 
+def test_early_stopping_is_strict_with_patience():
+  losses_seq = [1.0, 0.8, 0.8, 0.9, 0.79, 0.85, 0.85, 0.85]
+  best, bad, log = None, 0, []
+  for loss in losses_seq:
+    improved, bad, stop = train.early_stopping(best, bad, loss, 3)
+    best = loss if improved else best
+    log.append((improved, bad, stop))
+  assert [i for i, _, _ in log] == [1, 1, 0, 0, 1, 0, 0, 0]
+  assert [b for _, b, _ in log] == [0, 0, 1, 2, 0, 1, 2, 3]
+  assert [s for _, _, s in log] == [0] * 7 + [1]
+  assert not train.early_stopping(0.5, 99, 0.6, 0)[2]  # patience 0: never
+
+
 def test_batch_size_must_divide_device_count(tmp_path):
   with pytest.raises(ValueError, match="multiple of the device count"):
     train.train_and_evaluate(_tiny_config(batch_size=6), str(tmp_path))
@@ -278,6 +291,7 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
     "--config.data.buckets=(16,)",
     "--config.data.synthetic.max_len=16",
     "--config.progress_bar=False",
+    "--config.tensorboard=True",
   ]
   env = dict(os.environ)  # one CPU device: a quicker compile
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
@@ -298,3 +312,8 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
   assert len(history["val_accept_90"]) == 1
   assert (workdir / "training_curves.png").stat().st_size > 0
   assert checkpoint.Checkpointer(str(workdir)).all_steps() == [3]
+  try:
+    import tensorboardX  # noqa: F401
+  except ImportError:
+    return
+  assert os.listdir(workdir / "tensorboard")
