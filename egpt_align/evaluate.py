@@ -516,6 +516,7 @@ def evaluate(
   bench_json: str | None = None,
   bootstrap: int = 1000,
   max_samples: int | None = None,
+  indices: Sequence[int] | None = None,
   pad_multiple: int = 16,
   progress: bool = True,
 ) -> EvalResult:
@@ -525,10 +526,13 @@ def evaluate(
   step)) or `adapter` (registry name) + `overrides` + `params`; `module`,
   `inputs`, `predicts_next` describe an adapter outside the registry. `data`
   is a dataset directory or an opened dataset; by default the run's
-  data.test, else data.val. `lm_head` is a path, an LMHead or None (then the
-  run's config.lm_head, if any).
+  data.test, else data.val, else the run's validation hold-out of data.train
+  (exactly the trainer's split). `indices` restricts to those samples, and
+  `max_samples` to the first N of them. `lm_head` is a path, an LMHead or
+  None (then the run's config.lm_head, if any).
   """
   config = None
+  subset = None
   if workdir is not None:
     from egpt_align import checkpoint
 
@@ -543,9 +547,13 @@ def evaluate(
     if data is None:
       data = config.data.get("test") or config.data.get("val")
       if not data:
-        raise ValueError(
-          f"{workdir}: config has no data.test or data.val; pass --data"
-        )
+        # The trainer's own hold-out of data.train (synthetic data included).
+        from egpt_align import train
+
+        _, _, data, holdout = train.open_data(config, workdir)
+        if indices is None:
+          indices = holdout
+          subset = f"validation hold-out of data.train ({len(holdout)})"
   t_start = time.perf_counter()
   if params is None:
     raise ValueError(
@@ -609,9 +617,21 @@ def evaluate(
     fields.append("target_tokens")
 
   n_total = dataset.num_samples
-  indices = np.arange(
-    n_total if max_samples is None else min(max_samples, n_total)
-  )
+  if indices is None:
+    indices = np.arange(n_total)
+  else:
+    indices = np.asarray(indices, np.int64)
+    if indices.ndim != 1 or not len(indices):
+      raise ValueError("indices must be a non-empty 1-D list of samples")
+    if indices.min() < 0 or indices.max() >= n_total:
+      raise ValueError(
+        f"{data_path}: indices must lie in [0, {n_total}), got "
+        f"[{indices.min()}, {indices.max()}]"
+      )
+    if subset is None:
+      subset = f"{len(indices)} given samples"
+  if max_samples is not None:
+    indices = indices[:max_samples]
   n_dev = jax.device_count()
   batch_size = -(-batch_size // n_dev) * n_dev  # Divisible across devices.
   step_fn = _make_eval_step(
@@ -747,6 +767,7 @@ def evaluate(
       "path": data_path,
       "num_samples": int(len(indices)),
       "dataset_num_samples": int(n_total),
+      "subset": subset,
       "total_valid_positions": int(lengths.sum()),
       "total_valid_next_positions": int(np.maximum(lengths - 1, 0).sum()),
       **{
@@ -907,10 +928,10 @@ def main(argv):
     **kwargs,
   )
   data_path = result.metrics["data"]["path"]
-  out = FLAGS.out or os.path.join(
-    FLAGS.workdir,
-    "eval_" + os.path.basename(os.path.normpath(data_path or "data")),
-  )
+  name = os.path.basename(os.path.normpath(data_path or "data"))
+  if result.metrics["data"]["subset"]:
+    name += "_holdout"
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "eval_" + name)
   paths = report.write_outputs(result, out)
   print(report.summary_text(result))
   for p in paths:
@@ -926,9 +947,15 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
 
-  flags.DEFINE_string(
-    "workdir", None, "Training run directory (or --params / --adapter)."
-  )
+  # train.py defines --workdir (and --config) when imported, and the default
+  # dataset of a run without data.val is the trainer's own hold-out
+  # (train.open_data): import it first and share its --workdir flag.
+  from egpt_align import train  # noqa: F401
+
+  if "workdir" not in flags.FLAGS:
+    flags.DEFINE_string(
+      "workdir", None, "Training run directory (or --params / --adapter)."
+    )
   flags.DEFINE_string(
     "params",
     None,

@@ -98,7 +98,9 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     f"- Adapter: `{run['adapter']}`, inputs {run['inputs']}, "
     f"predicts next state: {run['predicts_next']}; untrained baseline "
     f"initialised with seed {run['seed']}",
-    f"- Data: `{data['path']}`: {data['num_samples']} samples "
+    f"- Data: `{data['path']}`"
+    + (f" ({data['subset']})" if data.get("subset") else "")
+    + f": {data['num_samples']} samples "
     f"(of {data['dataset_num_samples']}), {data['total_valid_positions']} "
     f"valid positions ({data['total_valid_next_positions']} with a next "
     f"position); length mean {_fmt(data['num_hidden_tokens_mean'], digits=1)}"

@@ -409,7 +409,7 @@ def test_leading_run_and_pearson():
   assert evaluate.pearson(x, np.ones(4)) is None
 
 
-def _make_run(tmp_path, head):
+def _make_run(tmp_path, head, *, val=True):
   from egpt_align import checkpoint
   from egpt_align.configs import base
 
@@ -424,7 +424,8 @@ def _make_run(tmp_path, head):
   config.model.hidden_dim = D
   config.model.bottleneck_dim = 8
   config.data.train = path
-  config.data.val = path
+  config.data.val = path if val else None
+  config.data.val_fraction = 0.3
   config.lm_head = head
   workdir = tmp_path / "run"
   os.makedirs(workdir)
@@ -613,3 +614,20 @@ def test_untrained_is_the_trainers_init(tmp_path):
     jax.tree.leaves(got), jax.tree.leaves(state.params), strict=True
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_workdir_default_is_the_trainers_holdout(tmp_path):
+  train = pytest.importorskip("egpt_align.train")
+  _, head = _head(tmp_path)
+  workdir, path, lengths = _make_run(tmp_path, head, val=False)
+  result = evaluate.evaluate(
+    workdir=workdir, bootstrap=0, progress=False, pad_multiple=64
+  )
+  _, holdout = train.holdout_split(len(lengths), 0.3, 0)
+  m = result.metrics
+  assert m["data"]["subset"].startswith("validation hold-out")
+  assert m["data"]["num_samples"] == len(holdout)
+  assert m["results"]["adapter"]["same"]["valid_positions"] == int(
+    lengths[holdout].sum()
+  )
+  assert m["lm_head"]["path"] == head  # The run's config.lm_head.
