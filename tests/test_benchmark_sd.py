@@ -39,6 +39,7 @@ def test_cli_random_models_end_to_end(tmp_path):
     "--warmup=1",
     "--max_new_tokens=9",
     "--gamma=3",
+    "--prefill_gamma=auto",
     "--ignore_eos",
     "--methods",
     methods,
@@ -68,6 +69,9 @@ def test_cli_random_models_end_to_end(tmp_path):
       assert agg["alpha"] == pytest.approx(
         sum(r["accepted"] for r in recs) / drafted
       )
+  assert res["config"]["prefill_gamma"] == "auto"
+  for r in res["per_sample"]["prefill_hiding:l4"]:
+    assert 1 <= r["prefill_gamma"] <= bench.AUTO_K_MAX
   # Overlap measured (sequential on CPU: 0) for the prefill-hiding methods.
   ov = res["aggregate"]["prefill_hiding:l4"]["prefill_overlap"]
   assert ov["overlap_ms"] == 0.0 and ov["concurrent"] is False
@@ -266,6 +270,7 @@ def test_aggregate_is_ratio_of_mean_totals():
     (["--methods=baseline,decode"], "expected decode:ADAPTER"),
     (["--methods=baseline,prefill_hiding:b1", "--adapter=b1=random"], "needs"),
     (["--methods=baseline,decode:l5"], "no adapter named"),
+    (["--prefill_gamma=x"], "--prefill_gamma"),
     (
       ["--adapter=l5=/nonexistent.pt", "--methods=baseline,decode:l5"],
       "no such",
@@ -324,3 +329,29 @@ def test_mismatch_reported_with_margin(tmp_path, monkeypatch, tie_margin, rc):
   assert [x["index"] for x in res["mismatches"]] == [3, 3]
   assert all(x["margin"] > 0 for x in res["mismatches"])
   assert "first difference at token 3" in (out / "report.md").read_text()
+
+
+def test_prefill_window():
+  w = bench.PrefillWindow()
+  assert w.drafts(5) == 5  # nothing measured yet
+
+  def result(phases):
+    r = bench.sd.SampleResult([], 0.0, 0.0, 0.0)
+    r.phases = phases
+    return r
+
+  w.update(result({"target_prefill": {"ms": 100.0, "units": 1, "calls": 1}}))
+  w.update(
+    result(
+      {
+        "draft_prefill": {"ms": 20.0, "units": 1, "calls": 1},
+        "prefill_draft_decode": {"ms": 30.0, "units": 3, "calls": 3},
+        "prefill_adapter:l4": {"ms": 5.0, "units": 4, "calls": 1},
+      }
+    )
+  )
+  assert w.drafts(5) == 7  # (100 - 20 - 5) // 10
+  w.update(result({"target_prefill": {"ms": 2000.0, "units": 1, "calls": 1}}))
+  assert w.drafts(5) == bench.AUTO_K_MAX
+  w.update(result({"draft_prefill": {"ms": 5000.0, "units": 1, "calls": 1}}))
+  assert w.drafts(5) == 1  # never below one draft

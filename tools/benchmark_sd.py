@@ -35,6 +35,7 @@ speedup.png, breakdown.png, acceptance.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -238,6 +239,50 @@ def parse_adapters(items: Sequence[str]) -> dict[str, str]:
       raise ValueError(f"--adapter {name!r} given twice")
     out[name] = value
   return out
+
+
+AUTO_K_MAX = 32
+
+
+class PrefillWindow:
+  """Running means that size the prefill-hiding draft window ('auto').
+
+  K = (target prefill - drafter prefill - adapter call) / drafter ms per
+  token: the drafts that fit while the target prefills (the reference's
+  "free tokens", measured live instead of assumed).
+  """
+
+  def __init__(self):
+    self.sums: dict[str, list[float]] = {}
+
+  def _add(self, key: str, ms: float, n: float) -> None:
+    acc = self.sums.setdefault(key, [0.0, 0.0])
+    acc[0] += ms
+    acc[1] += n
+
+  def _mean(self, key: str) -> float | None:
+    acc = self.sums.get(key)
+    return acc[0] / acc[1] if acc and acc[1] else None
+
+  def update(self, result: sd.SampleResult) -> None:
+    for name, v in result.phases.items():
+      if name == "target_prefill":
+        self._add("target", v["ms"], v["calls"])
+      elif name == "draft_prefill":
+        self._add("drafter", v["ms"], v["calls"])
+      elif name in ("draft_decode", "prefill_draft_decode"):
+        self._add("token", v["ms"], v["units"])
+      elif name.startswith("prefill_adapter:"):
+        self._add("adapter", v["ms"], v["calls"])
+
+  def drafts(self, default: int) -> int:
+    """The current window, or `default` before anything was measured."""
+    target, drafter = self._mean("target"), self._mean("drafter")
+    token = self._mean("token")
+    if target is None or drafter is None or not token:
+      return default
+    free = target - drafter - (self._mean("adapter") or 0.0)
+    return int(min(max(free // token, 1), AUTO_K_MAX))
 
 
 # ----------------------------------------------------------------------------
@@ -785,9 +830,10 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--gamma", type=int, default=5, help="drafts per iteration")
   run.add_argument(
     "--prefill_gamma",
-    type=int,
     default=None,
-    help="drafts made during the target prefill (default: --gamma)",
+    help="drafts made during the target prefill (default: --gamma), or "
+    "'auto': as many as the drafter can make while the target prefills, "
+    f"from the running means of earlier samples (at most {AUTO_K_MAX})",
   )
   run.add_argument(
     "--max_new_tokens", type=int, default=50, help="never exceeded"
@@ -1033,10 +1079,21 @@ def run(args: argparse.Namespace) -> dict:
       f"--max_new_tokens + --gamma + 1 = {need} exceeds a decode adapter's "
       f"max_seq_len ({min(p for p in max_pos if p)})"
     )
+  auto_k = args.prefill_gamma == "auto"
+  fixed_k = None
+  if args.prefill_gamma is not None and not auto_k:
+    try:
+      fixed_k = int(args.prefill_gamma)
+    except ValueError:
+      raise ValueError(
+        f"--prefill_gamma must be an int >= 1 or 'auto', not "
+        f"{args.prefill_gamma!r}"
+      ) from None
+  window = PrefillWindow()
   cfg = sd.SDConfig(
     gamma=args.gamma,
     max_new_tokens=args.max_new_tokens,
-    prefill_gamma=args.prefill_gamma,
+    prefill_gamma=fixed_k,
     overlap=args.overlap,
     eos_token_ids=() if args.ignore_eos else None,
   )
@@ -1067,7 +1124,13 @@ def run(args: argparse.Namespace) -> dict:
     margins = None
     for m in methods:
       try:
-        r = sd.run_method(m, models, t_in, d_in, cfg)
+        run_cfg = cfg
+        if auto_k:
+          run_cfg = dataclasses.replace(
+            cfg, prefill_gamma=window.drafts(args.gamma)
+          )
+        r = sd.run_method(m, models, t_in, d_in, run_cfg)
+        window.update(r)
       except sd.SDError as e:
         if m == "baseline":
           raise
@@ -1076,6 +1139,8 @@ def run(args: argparse.Namespace) -> dict:
         continue
       rec = r.to_json()
       rec["id"] = sample["id"]
+      if sd.parse_method(m)[0] in ("prefill_hiding", "two_phase"):
+        rec["prefill_gamma"] = run_cfg.k_prefill
       if m == "baseline":
         base_tokens = r.tokens
         rec["match"] = True
@@ -1116,7 +1181,7 @@ def run(args: argparse.Namespace) -> dict:
       "samples": args.samples,
       "methods": methods,
       "gamma": args.gamma,
-      "prefill_gamma": cfg.k_prefill,
+      "prefill_gamma": "auto" if auto_k else cfg.k_prefill,
       "max_new_tokens": args.max_new_tokens,
       "ignore_eos": args.ignore_eos,
       "warmup": args.warmup,
