@@ -698,8 +698,7 @@ def train_and_evaluate(
   # State: fresh, or restored from the newest checkpoint.
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   example = tuple(
-    jnp.zeros((1, min(8, longest), hidden_dim), jnp.float32)
-    for _ in spec.inputs
+    np.zeros((1, min(8, longest), hidden_dim), np.float32) for _ in spec.inputs
   )
   init_fn = functools.partial(
     init_state, model=model, tx=tx, example_inputs=example
