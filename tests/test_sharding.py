@@ -21,7 +21,9 @@ def test_mesh_over_all_or_some_devices():
 def test_batch_size_must_divide_the_device_count():
   mesh = sharding.make_mesh()
   sharding.check_batch_size(64, mesh)
-  with pytest.raises(ValueError, match="batch_size=60.*multiple of the device count .8 devices"):
+  with pytest.raises(
+    ValueError, match="batch_size=60.*multiple of the device count .8 devices"
+  ):
     sharding.check_batch_size(60, mesh)
   sharding.check_batch_size(3, sharding.make_mesh(1))
 
