@@ -27,6 +27,7 @@ Predictions compared against the target, so each number has a floor:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -177,6 +178,7 @@ def _run_device(
   batch_size: int,
   pad_multiple: int,
   progress: bool,
+  prefetch: int = 3,
 ) -> tuple[dict[str, np.ndarray], int]:
   """Runs `step` over every sample; returns {key: [N, S_max]} host arrays."""
   lengths = np.asarray(dataset.lengths)[indices]
@@ -200,14 +202,17 @@ def _run_device(
     return local, jax.device_put(batch, data_sharding)
 
   pending = []
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    future = pool.submit(load, 0) if plan else None
+  # A few batches are read ahead on threads (numpy's large copies release
+  # the GIL), so reading overlaps both other reads and device compute.
+  depth = min(prefetch, len(plan))
+  with concurrent.futures.ThreadPoolExecutor(max(depth, 1)) as pool:
+    futures = collections.deque(pool.submit(load, k) for k in range(depth))
     for k in tqdm(
       range(len(plan)), desc="evaluate", unit="batch", disable=not progress
     ):
-      local, batch = future.result()
-      if k + 1 < len(plan):
-        future = pool.submit(load, k + 1)
+      local, batch = futures.popleft().result()
+      if k + depth < len(plan):
+        futures.append(pool.submit(load, k + depth))
       # Dispatch is asynchronous: fetching later lets the device run ahead.
       pending.append((local, step(params, params0, weight, batch)))
   out: dict[str, np.ndarray] = {}
