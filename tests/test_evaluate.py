@@ -631,3 +631,17 @@ def test_workdir_default_is_the_trainers_holdout(tmp_path):
     lengths[holdout].sum()
   )
   assert m["lm_head"]["path"] == head  # The run's config.lm_head.
+
+
+def test_benchmark_script_small(tmp_path, capsys):
+  from tools import benchmark_evaluate
+
+  out = tmp_path / "bench.json"
+  argv = ["--small", "--data", str(tmp_path / "bd"), "--out", str(out)]
+  assert benchmark_evaluate.main(argv) == 0
+  res = json.loads(out.read_text())
+  (run,) = res["runs"]
+  ds = data_lib.open_dataset(str(tmp_path / "bd"))
+  assert run["num_samples"] == ds.num_samples == 64
+  assert run["positions"] == int(ds.lengths.sum())
+  assert "positions/s" in capsys.readouterr().out
