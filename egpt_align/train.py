@@ -601,7 +601,9 @@ def train_and_evaluate(
   Returns {'step', 'epochs_run', 'best_epoch', 'best_val_loss',
   'stopped_early', 'stopped_at_step', 'initial', 'final', 'best'}, the last
   three being validation-metric dicts (untrained, last epoch, best epoch).
-  `devices` restricts the mesh (default: all devices).
+  `devices` restricts the mesh (default: all devices). Multi-host callers
+  run `sharding.initialize_multihost()` first (the CLI does, given
+  `config.multihost`).
   """
   config = copy.deepcopy(config)
   _check_config(config)
@@ -659,7 +661,7 @@ def train_and_evaluate(
     fields=fields,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-    progress=is_main,
+    progress=is_main and config.progress_bar,
   )
   train_pipe = data_lib.InputPipeline(
     train_ds, train_idx, shuffle=True, drop_remainder=True, **pipe_kwargs

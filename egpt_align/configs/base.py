@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   # permutation seeded by data.split_seed). A test split never goes here.
   config.data.val_fraction = 0.05  # hold-out share when data.val is unset
   config.data.split_seed = 0  # the hold-out permutation's seed
-  config.data.cache = "auto"  # InputPipeline device cache: auto|none|device
+  config.data.cache = "auto"  # InputPipeline cache: auto|device|host|none
   config.data.buckets = config_dict.placeholder(tuple)  # seq-len buckets
   config.data.prefetch = 2  # batches prepared ahead
   # Built-in synthetic pairs (the demo): written to WORKDIR/data/synthetic
