@@ -41,8 +41,11 @@ def _mask_or_ones(mask_BS, shape_BS) -> jax.Array:
 def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   """x / max(||x||, 1e-12), as torch.nn.functional.normalize."""
   x = jnp.asarray(x, jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, _NORM_EPS)
+  # sqrt(max(s, eps^2)) == max(sqrt(s), eps) in value, but its gradient at an
+  # exact zero vector is finite (sqrt's is not), so masked padding positions
+  # cannot turn the gradient into NaN (0 * NaN).
+  sum_sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x / jnp.sqrt(jnp.maximum(sum_sq, _NORM_EPS * _NORM_EPS))
 
 
 def cosine(a_BSD: jax.Array, b_BSD: jax.Array) -> jax.Array:

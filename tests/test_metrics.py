@@ -171,3 +171,19 @@ def test_errors():
     metrics.hidden_state_sums(pred, target[:, :2], None)
   assert metrics.hidden_state_sums(pred, target, None)["n_valid"] == B * S
   assert jnp.issubdtype(metrics.cosine(pred, target).dtype, jnp.floating)
+
+
+def test_cosine_gradient_is_finite_at_zero_vectors():
+  """Padding rows are exact zeros: their masked cosine must not give NaN."""
+  import jax
+
+  pred = jnp.zeros((1, 3, 4)).at[0, 0].set(1.0)
+  target = jnp.ones((1, 3, 4))
+  mask = jnp.array([[True, False, False]])
+
+  def f(p):
+    return metrics.masked_mean(metrics.cosine(p, target), mask)
+
+  grad = jax.grad(f)(pred)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  assert np.all(np.asarray(grad)[0, 1:] == 0.0)

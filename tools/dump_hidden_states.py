@@ -195,7 +195,7 @@ def run_batch(
       lengths = t_len[keep]
       n = int(lengths.max())
       toks = gen.tokens[keep, :n].clone()
-      cols = torch.arange(n)[None]
+      cols = torch.arange(n, device=toks.device)[None]
       toks[cols >= lengths[:, None].to(toks.device)] = draft.pad_token_id
       d_hidden, d_ids = bk.teacher_forced_states(draft, d_batch, toks, lengths)
       for j, i in enumerate(keep):
