@@ -71,8 +71,13 @@ def _device_memory_bytes(device) -> int:
   return max(0, limit - stats.get("bytes_in_use", 0))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _device_batch(cache: dict, pos, seq_len: int) -> dict:
+@functools.partial(jax.jit, static_argnums=(3,))
+def _device_batch_at(cache: dict, plan, step, seq_len: int) -> dict:
+  """The batch of row `step` of an on-device epoch plan [steps, B]."""
+  return _gather_batch(cache, plan[step], seq_len)
+
+
+def _gather_batch(cache: dict, pos, seq_len: int) -> dict:
   """A batch assembled on device from share positions pos [B] (-1 = pad).
 
   `cache` holds each field flat ([T + 1, ...], the last row zeros) and the
@@ -439,21 +444,27 @@ class InputPipeline:
         self._pieces = pieces
     return self._pieces
 
-  def _device_batch(self, seq_len: int, pos: np.ndarray) -> dict:
-    """Gathers a batch from the device-resident cache (one small upload)."""
-    pos = pos.astype(np.int32)
+  def _device_plan(self, plan) -> list:
+    """The epoch's positions [steps, rows], uploaded once per device piece.
+
+    Per step only a scalar step index then crosses to the device, instead of
+    a positions array: batch assembly costs one small dispatch.
+    """
+    all_pos = np.stack([pos for _, pos in plan]).astype(np.int32)
+    return [
+      (d, jax.device_put(all_pos[:, start:stop], d))
+      for d, start, stop in self._device_pieces()
+    ]
+
+  def _device_batch(self, seq_len: int, plans: list, step: int) -> dict:
+    """Gathers batch `step` of the epoch from the device-resident cache."""
+    i = np.int32(step)
+    parts = [
+      _device_batch_at(self._device_caches[d], plan, i, seq_len)
+      for d, plan in plans
+    ]
     if self.sharding is None:
-      d, _, _ = self._device_pieces()[0]
-      return _device_batch(
-        self._device_caches[d], jax.device_put(pos, d), seq_len
-      )
-    parts = []
-    for d, start, stop in self._device_pieces():
-      parts.append(
-        _device_batch(
-          self._device_caches[d], jax.device_put(pos[start:stop], d), seq_len
-        )
-      )
+      return parts[0]
     out = {}
     for k, x in parts[0].items():
       out[k] = jax.make_array_from_single_device_arrays(
@@ -469,8 +480,11 @@ class InputPipeline:
     if self.cache == "device":
       # Dispatch is asynchronous and the gather shares the device's stream
       # with the train step, so a prefetch thread would only add overhead.
-      for seq_len, pos in plan:
-        yield self._device_batch(seq_len, pos)
+      if not plan:
+        return
+      plans = self._device_plan(plan)
+      for step, (seq_len, _) in enumerate(plan):
+        yield self._device_batch(seq_len, plans, step)
       return
     if self.cache == "none" and self.readahead:
       # Warm the page cache with large sequential reads in the background
