@@ -8,3 +8,20 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (
     _flags + " --xla_force_host_platform_device_count=8"
   ).strip()
+
+
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_grad_mode_on():
+  """CLI mains called in-process turn torch autograd off; tests expect on."""
+  torch = sys.modules.get("torch")
+  if torch is not None:
+    torch.set_grad_enabled(True)
+  yield
+  torch = sys.modules.get("torch")
+  if torch is not None:
+    torch.set_grad_enabled(True)
