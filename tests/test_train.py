@@ -317,3 +317,41 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
   except ImportError:
     return
   assert os.listdir(workdir / "tensorboard")
+
+
+def test_train_step_finite_with_zero_padding_outputs():
+  """Untrained L1 outputs exact zero vectors at zero padding: no NaN grads."""
+  config = base.get_config()
+  model = models.create_adapter("l1", hidden_dim=32, bottleneck_dim=8)
+  spec = models.get_spec("l1")
+  tx, schedule = train.optim.create_optimizer(
+    config.optim, steps_per_epoch=1, num_epochs=1
+  )
+  rng = np.random.default_rng(0)
+  src = rng.standard_normal((2, 6, 32)).astype(np.float32)
+  mask = np.array([[1] * 6, [1] * 3 + [0] * 3], bool)
+  src[~mask] = 0.0  # padding is zeros, as the pipeline writes it
+  batch = {
+    "source": jnp.asarray(src),
+    "target": jnp.asarray(rng.standard_normal((2, 6, 32)), jnp.float32),
+    "mask": jnp.asarray(mask),
+  }
+  state = train.init_state(
+    jax.random.PRNGKey(0), model=model, tx=tx, example_inputs=(batch["source"],)
+  )
+  pred = model.apply({"params": state.params}, batch["source"], mask=mask)
+  assert np.all(np.asarray(pred)[~mask] == 0.0)  # the hazardous case
+  step = functools.partial(
+    train.train_step,
+    lm_weight=None,
+    model=model,
+    spec=spec,
+    tx=tx,
+    schedule=schedule,
+    loss_config=config.loss,
+  )
+  new_state, out = jax.jit(step)(state, batch, jax.random.PRNGKey(1))
+  assert np.isfinite(float(out["loss"]))
+  assert np.isfinite(float(out["grad_norm"]))
+  for leaf in jax.tree.leaves(new_state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
