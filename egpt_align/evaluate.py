@@ -952,15 +952,9 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
 
-  # train.py defines --workdir (and --config) when imported, and the default
-  # dataset of a run without data.val is the trainer's own hold-out
-  # (train.open_data): import it first and share its --workdir flag.
-  from egpt_align import train  # noqa: F401
-
-  if "workdir" not in flags.FLAGS:
-    flags.DEFINE_string(
-      "workdir", None, "Training run directory (or --params / --adapter)."
-    )
+  flags.DEFINE_string(
+    "workdir", None, "Training run directory (or --params / --adapter)."
+  )
   flags.DEFINE_string(
     "params",
     None,

@@ -940,16 +940,23 @@ def _to_json(obj):
 
 # ------------------------------------------------------------------ CLI
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  None,
-  "Experiment config file (experiments/*.py); override keys with "
-  "--config.KEY=VALUE, e.g. --config.batch_size=32.",
-  lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Run directory: config, metrics, curves, checkpoints."
-)
+_CONFIG = None  # set by _define_flags(): only the CLI defines flags, so
+_WORKDIR = None  # importing this module (evaluate, tests) adds none.
+
+
+def _define_flags() -> None:
+  """Defines --config and --workdir (called by the CLI entry point only)."""
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Experiment config file (experiments/*.py); override keys with "
+    "--config.KEY=VALUE, e.g. --config.batch_size=32.",
+    lock_config=True,
+  )
+  _WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: config, metrics, curves, checkpoints."
+  )
 
 
 class _QuietLibraries:
@@ -987,5 +994,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
