@@ -13,8 +13,12 @@ import pytest
 from egpt_align import models
 from egpt_align.models import ADAPTERS, count_params, create_adapter
 
-REF_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
-STATE_DICTS = REF_DIR / "state_dicts.json"
+# The reference's state-dict listing (REFERENCE.md §F), vendored as test data.
+STATE_DICTS = (
+  pathlib.Path(__file__).resolve().parent
+  / "data"
+  / "reference_state_dicts.json"
+)
 
 # Tiny dims for formula tests.
 D, H, F, BN = 32, 4, 48, 8

@@ -13,7 +13,10 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools import torch_adapters as ta  # noqa: E402
 
-REF_JSON = "/work/shared/reference/state_dicts.json"
+# The reference's state-dict listing (REFERENCE.md §F), vendored as test data.
+REF_JSON = os.path.join(
+  os.path.dirname(__file__), "data", "reference_state_dicts.json"
+)
 REF_KEY = {
   "l1": "L1",
   "l2": "L2",
