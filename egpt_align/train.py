@@ -655,6 +655,7 @@ def train_and_evaluate(
     sharding=batch_shard,
     cache=config.data.cache,
     prefetch=config.data.prefetch,
+    staging=config.data.staging,
     fields=fields,
     process_index=jax.process_index(),
     process_count=jax.process_count(),

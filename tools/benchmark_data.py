@@ -248,8 +248,8 @@ def main(argv=None):
   parser.add_argument(
     "--modes",
     default=(
-      "stream_cold,stream_cold_mmap,stream_hot,stream_hot_pinned,host,"
-      "device,h2d,reference"
+      "stream_cold,stream_cold_mmap,stream_hot,stream_hot_pinned,"
+      "stream_hot_packed,host,host_packed,device,h2d,reference"
     ),
     help="comma-separated subset of the modes to run",
   )
@@ -314,13 +314,19 @@ def main(argv=None):
       "stream_cold_mmap",
       "stream_hot",
       "stream_hot_pinned",
+      "stream_hot_packed",
       "host",
+      "host_packed",
       "device",
     ):
       if mode not in modes:
         continue
-      cache = mode if mode in ("host", "device") else "none"
-      staging = "pinned" if mode.endswith("pinned") else "direct"
+      cache = (
+        mode.split("_")[0] if mode.startswith(("host", "device")) else "none"
+      )
+      staging = next(
+        (x for x in ("pinned", "packed") if mode.endswith(x)), "direct"
+      )
       t0 = time.perf_counter()
       pipe = data.InputPipeline(ds, cache=cache, staging=staging, **common)
       build = time.perf_counter() - t0
