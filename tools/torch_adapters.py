@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -759,31 +760,18 @@ def _count(indices: set[int], what: str) -> int:
   return n
 
 
-def flatten_params(params: Mapping, sep: str = "/") -> dict[str, np.ndarray]:
-  """Flattens a nested params dict to {'a/b/c': array}."""
-  flat = {}
+def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
+  """{'a/b/c': array} from a nested params dict (egpt_align's format)."""
+  from egpt_align import checkpoint
 
-  def visit(prefix, node):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        visit(prefix + (str(k),), v)
-    else:
-      flat[sep.join(prefix)] = node
-
-  visit((), params)
-  return flat
+  return checkpoint.flatten_params(params)
 
 
-def unflatten_params(flat: Mapping[str, Any], sep: str = "/") -> dict:
+def unflatten_params(flat: Mapping[str, Any]) -> dict:
   """Inverse of `flatten_params`."""
-  out: dict = {}
-  for key, value in flat.items():
-    node = out
-    parts = key.split(sep)
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = value
-  return out
+  from egpt_align import checkpoint
+
+  return checkpoint.unflatten_params(flat)
 
 
 def _unwrap(params: Mapping) -> Mapping:
@@ -968,16 +956,22 @@ def load_torch_adapter(name: str, state_dict: Mapping, **cfg) -> nn.Module:
 
 
 def save_params_npz(path, params: Mapping) -> None:
-  """Writes a params tree as an .npz of float32 arrays with '/'-joined keys."""
-  flat = {k: _to_numpy(v) for k, v in flatten_params(_unwrap(params)).items()}
-  with open(path, "wb") as f:
-    np.savez(f, **flat)
+  """Writes a params tree (torch or numpy leaves) as egpt_align's .npz."""
+  from egpt_align import checkpoint
+
+  def as_numpy(node):
+    if isinstance(node, Mapping):
+      return {k: as_numpy(v) for k, v in node.items()}
+    return _to_numpy(node)
+
+  checkpoint.save_params_npz(os.fspath(path), as_numpy(_unwrap(params)))
 
 
 def load_params_npz(path) -> dict:
   """Reads an .npz written by `save_params_npz` back into a nested dict."""
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: np.asarray(data[k]) for k in data.files}
-  if not flat:
+  from egpt_align import checkpoint
+
+  params = checkpoint.load_params_npz(os.fspath(path))
+  if not params:
     raise ValueError(f"{path}: params file holds no arrays.")
-  return unflatten_params(flat)
+  return params

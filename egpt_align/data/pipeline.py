@@ -108,10 +108,7 @@ STAGING_MODES = ("direct", "pinned", "packed")
 # compiles the on-device unpacking for a few sizes only.
 _PACK_MULTIPLE = 512
 
-_gather_packed = jax.jit(
-  lambda packed, pos, seq_len: _gather_batch(packed, pos, seq_len),
-  static_argnums=(2,),
-)
+_gather_packed = jax.jit(_gather_batch, static_argnums=(2,))
 
 
 class InputPipeline:
@@ -447,16 +444,7 @@ class InputPipeline:
           jax.device_put(packed, d), jax.device_put(local, d), seq_len
         )
       )
-    if self.sharding is None:
-      return parts[0]
-    return {
-      k: jax.make_array_from_single_device_arrays(
-        (self.global_batch_size,) + x.shape[1:],
-        self.sharding,
-        [q[k] for q in parts],
-      )
-      for k, x in parts[0].items()
-    }
+    return self._global_batch(parts)
 
   def numpy_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """Process-local numpy batches (no device placement, no prefetch)."""
@@ -527,16 +515,20 @@ class InputPipeline:
       _device_batch_at(self._device_caches[d], plan, i, seq_len)
       for d, plan in plans
     ]
+    return self._global_batch(parts)
+
+  def _global_batch(self, parts: list) -> dict:
+    """One batch from the per-device pieces (in `_device_pieces` order)."""
     if self.sharding is None:
       return parts[0]
-    out = {}
-    for k, x in parts[0].items():
-      out[k] = jax.make_array_from_single_device_arrays(
+    return {
+      k: jax.make_array_from_single_device_arrays(
         (self.global_batch_size,) + x.shape[1:],
         self.sharding,
         [p[k] for p in parts],
       )
-    return out
+      for k, x in parts[0].items()
+    }
 
   def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """Device batches of an epoch from start_step, prefetched in a thread."""
