@@ -144,22 +144,26 @@ def _make_eval_step(
 # Host side: batches in, per-position arrays out.
 
 
-def _pad_lengths(lengths: np.ndarray, multiple: int) -> np.ndarray:
-  """Round lengths up to `multiple`, capped at the longest sample."""
-  cap = int(lengths.max())
+def _pad_lengths(lengths: np.ndarray, multiple: int, cap: int) -> np.ndarray:
+  """Round lengths up to `multiple`, capped at `cap` (the longest sample)."""
   return np.minimum(-(-lengths // multiple) * multiple, cap)
 
 
 def _plan_batches(
   lengths: np.ndarray, batch_size: int, multiple: int
 ) -> list[tuple[np.ndarray, int]]:
-  """Length-sorted batches (index array padded with -1, pad_to)."""
+  """Length-sorted batches (index array padded with -1, pad_to).
+
+  Every batch is padded to a multiple of `multiple` (or to the dataset's
+  longest sample), so the step compiles for at most
+  ceil(max_len / multiple) + 1 distinct shapes.
+  """
+  cap = int(lengths.max())
   order = np.argsort(lengths, kind="stable")
   plan = []
   for start in range(0, len(order), batch_size):
     idx = order[start : start + batch_size]
-    pad_to = int(_pad_lengths(lengths[idx], multiple).max())
-    pad_to = max(pad_to, int(lengths[idx].max()))
+    pad_to = int(_pad_lengths(lengths[idx].max(), multiple, cap))
     full = np.full(batch_size, -1, np.int64)
     full[: len(idx)] = idx
     plan.append((full, pad_to))

@@ -409,6 +409,21 @@ def test_leading_run_and_pearson():
   assert evaluate.pearson(x, np.ones(4)) is None
 
 
+def test_batch_plan_uses_few_shapes():
+  # Lengths 1..50 in random order: batches must share a handful of padded
+  # lengths (one compile each), not one per batch maximum.
+  lengths = np.random.default_rng(0).integers(1, 51, size=1000)
+  plan = evaluate._plan_batches(lengths, 16, 16)
+  pads = {pad for _, pad in plan}
+  assert pads <= {16, 32, 48, 50}
+  seen = np.concatenate([idx[idx >= 0] for idx, _ in plan])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(1000))
+  for idx, pad in plan:
+    rows = idx[idx >= 0]
+    assert lengths[rows].max() <= pad
+    assert pad - lengths[rows].max() < 16
+
+
 def _make_run(tmp_path, head, *, val=True):
   from egpt_align import checkpoint
   from egpt_align.configs import base
