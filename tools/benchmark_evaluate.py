@@ -137,6 +137,7 @@ def main(argv=None) -> int:
         "wall_s": wall,
         "evaluate_s": m["timing"]["evaluate_s"],
         "device_loop_s": m["timing"]["device_loop_s"],
+        "compile_s": m["timing"]["compile_s"],
         "num_samples": m["data"]["num_samples"],
         "positions": m["data"]["total_valid_positions"],
         "num_batches": m["settings"]["num_batches"],
@@ -161,12 +162,13 @@ def main(argv=None) -> int:
   )
   print(
     f"{'run':>4} {'positions':>10} {'wall s':>8} {'evaluate s':>11} "
-    f"{'device loop s':>14} {'positions/s':>12}"
+    f"{'device loop s':>14} {'compile s':>10} {'positions/s':>12}"
   )
   for i, r in enumerate(runs):
     print(
       f"{i:>4} {r['positions']:>10} {r['wall_s']:>8.2f} "
       f"{r['evaluate_s']:>11.2f} {r['device_loop_s']:>14.2f} "
+      f"{r['compile_s']:>10.2f} "
       f"{r['positions'] / r['device_loop_s']:>12.0f}"
     )
   print(f"wrote {args.out}")
