@@ -27,14 +27,71 @@ from egpt_align import metrics
 OBJECTIVES = ("reference", "next")
 
 
-def _masked_terms(pred_BSD, target_BSD, mask_BS):
-  """(mse, cos_sim) over valid positions, as the reference reduces them."""
+def _masked_terms_autodiff(pred_BSD, target_BSD, mask_BS):
+  """(mse, cos_sim) as plain jnp; `_masked_terms` is its fused twin."""
   m = mask_BS.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(m), 1.0)
   sq_BS = jnp.sum(jnp.square(pred_BSD - target_BSD), axis=-1)
   mse = jnp.sum(sq_BS * m) / (n * pred_BSD.shape[-1])
   cos_sim = jnp.sum(metrics.cosine(pred_BSD, target_BSD) * m) / n
   return mse, cos_sim
+
+
+def _row_stats(p, t, mask_BS):
+  """Per-position sums over D in one pass, and the masked reductions."""
+  m = mask_BS.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  sq = jnp.sum(jnp.square(p - t), axis=-1)
+  pt = jnp.sum(p * t, axis=-1)
+  # Norms as metrics.normalize defines them: sqrt(max(|x|^2, eps^2)).
+  eps2 = metrics._NORM_EPS * metrics._NORM_EPS
+  pp = jnp.sum(p * p, axis=-1)
+  tt = jnp.sum(t * t, axis=-1)
+  norm_p = jnp.sqrt(jnp.maximum(pp, eps2))
+  norm_t = jnp.sqrt(jnp.maximum(tt, eps2))
+  cos = pt / (norm_p * norm_t)
+  return m, n, sq, cos, norm_p, norm_t, pp > eps2, tt > eps2
+
+
+@jax.custom_vjp
+def _masked_terms(pred_BSD, target_BSD, mask_BS):
+  """(mse, cos_sim) over valid positions, as the reference reduces them.
+
+  Equal to `_masked_terms_autodiff` in value and gradient; the gradient is
+  written out (one elementwise pass over pred and target with per-position
+  coefficients) instead of differentiating the normalisations, which XLA
+  otherwise re-computes in several [B, S, D] passes.
+  """
+  m, n, sq, cos, *_ = _row_stats(pred_BSD, target_BSD, mask_BS)
+  mse = jnp.sum(sq * m) / (n * pred_BSD.shape[-1])
+  return mse, jnp.sum(cos * m) / n
+
+
+def _masked_terms_fwd(pred_BSD, target_BSD, mask_BS):
+  stats = _row_stats(pred_BSD, target_BSD, mask_BS)
+  m, n, sq, cos, *_ = stats
+  mse = jnp.sum(sq * m) / (n * pred_BSD.shape[-1])
+  return (mse, jnp.sum(cos * m) / n), (pred_BSD, target_BSD, mask_BS, stats)
+
+
+def _masked_terms_bwd(res, g):
+  p, t, mask_BS, (m, n, _, cos, norm_p, norm_t, p_on, t_on) = res
+  g_mse, g_cos = g
+  d = p.shape[-1]
+  w_mse = (2.0 * g_mse / (n * d)) * m  # d mse / d p = w_mse * (p - t)
+  w_cos = (g_cos / n) * m
+  # d cos / d p = t / (|p||t|) - cos * p / |p|^2 (the p/|p|^2 term only
+  # where |p| > eps, as sqrt(max(., eps^2)) differentiates), and alike for t.
+  a = (w_cos / (norm_p * norm_t))[..., None]
+  cp = (w_cos * cos / jnp.square(norm_p) * p_on)[..., None]
+  ct = (w_cos * cos / jnp.square(norm_t) * t_on)[..., None]
+  diff = w_mse[..., None] * (p - t)
+  dp = diff + a * t - cp * p
+  dt = -diff + a * p - ct * t
+  return dp, dt, None
+
+
+_masked_terms.defvjp(_masked_terms_fwd, _masked_terms_bwd)
 
 
 def adapter_loss(

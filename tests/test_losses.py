@@ -92,7 +92,9 @@ def test_matches_numpy(predicts_next, objective, weights):
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
   for k, v in ref_aux.items():
     np.testing.assert_allclose(float(aux[k]), v, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(float(aux["cos_loss"]), 1 - ref_aux["cos_sim"])
+  np.testing.assert_allclose(
+    float(aux["cos_loss"]), 1 - ref_aux["cos_sim"], rtol=1e-6
+  )
   assert loss.dtype == jnp.float32
 
 
@@ -171,3 +173,54 @@ def test_errors():
     losses.adapter_loss(pred, target, mask[:, :3], predicts_next=False)
   with pytest.raises(ValueError, match="pred and target"):
     losses.adapter_loss(pred, target[:, :3], None, predicts_next=False)
+
+
+@pytest.mark.parametrize(
+  "predicts_next,objective",
+  [(False, "reference"), (True, "reference"), (True, "next")],
+)
+def test_fused_gradient_equals_autodiff(predicts_next, objective, monkeypatch):
+  # The written-out VJP of _masked_terms against jax differentiating the
+  # plain formulas, for pred and target, with padding, an exact zero vector
+  # and a zero target row in the batch.
+  pred, target, mask = _data(7)
+  pred[0, 2] = 0.0
+  target[1, 0] = 0.0
+  pred[2, 4:] = 0.0  # Padding rows of a model at init.
+
+  def loss(p, t):
+    return losses.adapter_loss(
+      p,
+      t,
+      mask,
+      predicts_next=predicts_next,
+      objective=objective,
+      prediction_weight=0.3,
+      cos_weight=0.8,
+    )[0]
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  fused = grad(jnp.asarray(pred), jnp.asarray(target))
+  monkeypatch.setattr(losses, "_masked_terms", losses._masked_terms_autodiff)
+  plain = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+    jnp.asarray(pred), jnp.asarray(target)
+  )
+  for a, b in zip(fused, plain, strict=True):
+    assert np.all(np.isfinite(np.asarray(a)))
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
+    )
+  # And both against central differences of the float64 numpy loss.
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    b, t, k = rng.integers(0, B), rng.integers(0, S), rng.integers(0, D)
+    if pred[b, t].any() and target[b, t].any():
+      h = 1e-4
+      hi, lo = pred.astype(np.float64), pred.astype(np.float64)
+      hi[b, t, k] += h
+      lo[b, t, k] -= h
+      args = (target, mask, predicts_next, objective, 0.3, 0.8)
+      fd = (
+        np_reference_loss(hi, *args)[0] - np_reference_loss(lo, *args)[0]
+      ) / (2 * h)
+      assert float(fused[0][b, t, k]) == pytest.approx(fd, abs=1e-4)
