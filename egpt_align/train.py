@@ -82,6 +82,28 @@ def compute_dtype(name: str) -> str:
   return name
 
 
+DROPOUT_RNG_IMPLS = ("auto", "threefry2x32", "rbg")
+
+
+def dropout_key(key: jax.Array, impl: str) -> jax.Array:
+  """The base dropout key, derived from `key`, of the configured PRNG.
+
+  'auto' is 'rbg' on GPU (XLA's RngBitGenerator: about 0.1-0.2 ms less per
+  L4/L5F step on an H100 than threefry's masks) and threefry2x32 elsewhere.
+  """
+  if impl not in DROPOUT_RNG_IMPLS:
+    raise ValueError(
+      f"config.dropout_rng_impl must be one of {DROPOUT_RNG_IMPLS}, got "
+      f"{impl!r}"
+    )
+  if impl == "auto":
+    impl = "rbg" if jax.default_backend() == "gpu" else "threefry2x32"
+  if impl == "threefry2x32":
+    return key
+  bits = jax.random.bits(key, (4,), jnp.uint32)  # rbg keys are uint32[4].
+  return jax.random.wrap_key_data(bits, impl=impl)
+
+
 def model_overrides(model_config: Mapping[str, Any]) -> dict[str, Any]:
   """create_adapter overrides from `config.model`: all set keys but name."""
   out = {
@@ -697,6 +719,7 @@ def train_and_evaluate(
 
   # State: fresh, or restored from the newest checkpoint.
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  dropout_rng = dropout_key(dropout_rng, config.dropout_rng_impl)
   example = tuple(
     np.zeros((1, min(8, longest), hidden_dim), np.float32) for _ in spec.inputs
   )

@@ -267,6 +267,28 @@ def test_batch_size_must_divide_device_count(tmp_path):
     train.train_and_evaluate(_tiny_config(batch_size=6), str(tmp_path))
 
 
+def test_rbg_dropout_trains_and_differs_from_threefry(tmp_path, reference_run):
+  key = jax.random.key(0)
+  assert train.dropout_key(key, "threefry2x32") is key
+  rbg = train.dropout_key(key, "rbg")
+  assert "rbg" in str(jax.random.key_impl(rbg))
+  with pytest.raises(ValueError, match="dropout_rng_impl"):
+    train.dropout_key(key, "philox")
+  # 'auto' is threefry on CPU: the reference run used it.
+  assert train.dropout_key(key, "auto") is key
+  workdir = str(tmp_path / "rbg")
+  train.train_and_evaluate(_tiny_config(dropout_rng_impl="rbg"), workdir)
+  params, _ = checkpoint.load_params(workdir, "latest")
+  leaves = jax.tree.leaves(params)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+  # Other dropout masks, so other parameters than the threefry run.
+  ref = jax.tree.leaves(reference_run[2])
+  assert any(
+    not np.allclose(np.asarray(a), np.asarray(b))
+    for a, b in zip(leaves, ref, strict=True)
+  )
+
+
 def test_missing_train_data_is_a_clear_error(tmp_path):
   config = base.get_config()
   config.lock()

@@ -194,10 +194,40 @@ def build_jax_step(name, hidden, dtype, mesh, batch_example, variant="full"):
   return model, state, step
 
 
+# Alternative implementations timed by --compare: name -> (enter, exit).
+def _use_autodiff_loss():
+  saved = losses._masked_terms
+  losses._masked_terms = losses._masked_terms_autodiff
+  return lambda: setattr(losses, "_masked_terms", saved)
+
+
+# The dropout PRNG of the timed step; the trainer's default is 'auto'.
+_DROPOUT_RNG = {"impl": "auto"}
+
+
+def _use_threefry():
+  _DROPOUT_RNG["impl"] = "threefry2x32"
+  return lambda: _DROPOUT_RNG.update(impl="auto")
+
+
+COMPARE = {
+  "autodiff_loss": _use_autodiff_loss,
+  "threefry_dropout": _use_threefry,
+}
+
+
 def bench_jax(
   name, batch, seq, hidden, dtype, devices, steps, windows, variant="full"
 ):
   """Times our jitted step on `devices`; returns a result dict."""
+  if variant in COMPARE:
+    undo = COMPARE[variant]()
+    try:
+      r = bench_jax(name, batch, seq, hidden, dtype, devices, steps, windows)
+    finally:
+      undo()
+    r["impl"] += f" [{variant}]"
+    return r
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   host = make_batch(name, batch, seq, hidden, np.random.default_rng(0))
   host = {
@@ -207,7 +237,10 @@ def bench_jax(
   model, state, step = build_jax_step(name, hidden, dtype, mesh, host, variant)
   bsh = sharding.batch_sharding(mesh)
   dev_batch = jax.device_put(host, bsh)
-  rng = jax.device_put(jax.random.PRNGKey(1), sharding.replicated(mesh))
+  from egpt_align import train
+
+  rng = train.dropout_key(jax.random.key(1), _DROPOUT_RNG["impl"])
+  rng = jax.device_put(rng, sharding.replicated(mesh))
   t0 = time.perf_counter()
   compiled = step.lower(state, dev_batch, rng).compile()
   compile_s = time.perf_counter() - t0
@@ -371,7 +404,9 @@ def profile_step(name, batch, seq, hidden, dtype, steps, out_dir):
   }
   _, state, step = build_jax_step(name, hidden, dtype, mesh, host)
   dev_batch = jax.device_put(host, sharding.batch_sharding(mesh))
-  rng = jax.random.PRNGKey(1)
+  from egpt_align import train
+
+  rng = train.dropout_key(jax.random.key(1), _DROPOUT_RNG["impl"])
   for _ in range(3):
     state, _ = step(state, dev_batch, rng)
   jax.block_until_ready(state)
@@ -465,6 +500,12 @@ def main(argv=None):
   p.add_argument(
     "--profile", default="", help="levels to trace and list kernels for"
   )
+  p.add_argument(
+    "--compare",
+    default="",
+    help="levels to also time with alternative implementations: "
+    + ", ".join(COMPARE),
+  )
   p.add_argument("--ceiling_n", type=int, default=8192)
   p.add_argument(
     "--prng",
@@ -527,6 +568,22 @@ def main(argv=None):
         args.windows,
         variant,
       )
+      rows.append(r)
+      print(json.dumps(r), flush=True)
+  for name in [x for x in args.compare.split(",") if x]:
+    for variant in COMPARE:
+      r = bench_jax(
+        name,
+        args.batch,
+        args.seq,
+        args.hidden,
+        dtype,
+        jax.devices()[:1],
+        args.steps,
+        args.windows,
+        variant,
+      )
+      r["ceiling_frac"] = r["tflops"] / ceiling
       rows.append(r)
       print(json.dumps(r), flush=True)
   for name in [x for x in args.profile.split(",") if x]:

@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.seed = 0  # init, dropout, data order and the val hold-out
+  # threefry2x32 (JAX's default: the same masks on any device count) or rbg
+  # (XLA's RngBitGenerator: faster; masks depend on the device count).
+  config.dropout_rng_impl = "auto"  # dropout masks: rbg on GPU, else threefry
   config.batch_size = 64  # global batch (all devices); reference 64
   config.num_epochs = 50  # reference 50; also the cosine T_max
   config.early_stopping_patience = 10  # epochs w/o strict val-loss gain; 0=off
