@@ -70,6 +70,10 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # bf16 copies of the matmul kernels (other leaves as in params), written
+  # by the optimizer step; None when compute is float32. Derived from
+  # params, so never checkpointed (see `without_compute_params`).
+  compute_params: Any = None
 
 
 # ---------------------------------------------------------------- config
@@ -243,6 +247,56 @@ def init_state(
   )
 
 
+def compute_params(params: Any, dtype: Any) -> Any:
+  """Every Dense `kernel` of params cast to the compute dtype; None elsewhere.
+
+  Those are exactly the leaves the model itself casts before its matmuls
+  (LayerNorm parameters, biases, embeddings and scalars stay float32 and are
+  read from params), so the forward and backward are unchanged; the cast
+  now happens once, fused into the optimizer update, instead of in a
+  separate pass over the float32 kernels every step.
+  """
+
+  def cast(path, leaf):
+    last = path[-1]
+    name = getattr(last, "key", getattr(last, "name", None))
+    return leaf.astype(dtype) if name == "kernel" else None
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def forward_params(params: Any, copies: Any) -> Any:
+  """params with the kernels replaced by their compute-dtype copies."""
+  if copies is None:
+    return params
+  return jax.tree.map(
+    lambda c, p: p if c is None else c,
+    copies,
+    params,
+    is_leaf=lambda x: x is None,
+  )
+
+
+def with_compute_params(state: TrainState, dtype: Any) -> TrainState:
+  """Adds the bf16 kernel copies for a reduced-precision compute dtype."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return state.replace(compute_params=None)
+  return state.replace(compute_params=compute_params(state.params, dtype))
+
+
+def _kernel_dtype(fast: Any) -> Any:
+  """The dtype the kernels of a compute_params tree were cast to."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(fast):
+    if getattr(path[-1], "key", None) == "kernel":
+      return leaf.dtype
+  return jnp.float32
+
+
+def without_compute_params(state: TrainState) -> TrainState:
+  """The checkpointed part of the state."""
+  return state.replace(compute_params=None)
+
+
 def _readings(spec, objective: str) -> tuple[int, ...]:
   """Shifts read in eval: 0 (same position) and 1 for predicts_next."""
   return (0, 1) if spec.predicts_next else (0,)
@@ -315,7 +369,16 @@ def train_step(
       loss = loss + loss_config.token_ce_weight * ce
     return loss, aux
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  fast = state.compute_params
+  if fast is None:
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  else:
+    # Differentiate through the bf16 kernel copies; the model would have
+    # cast the float32 kernels to the same values before every matmul.
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      forward_params(state.params, fast)
+    )
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   out = {
@@ -331,7 +394,12 @@ def train_step(
   if "token_ce" in aux:
     out["token_ce"] = aux["token_ce"]
   new_state = state.replace(
-    step=state.step + 1, params=params, opt_state=opt_state
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    compute_params=None
+    if fast is None
+    else compute_params(params, _kernel_dtype(fast)),
   )
   return new_state, out
 
@@ -747,6 +815,12 @@ def train_and_evaluate(
     logging.info("resumed from step %d (epoch %d)", latest, meta["epoch"])
   else:
     state = jax.jit(init_fn, out_shardings=rep)(init_rng)
+  state = jax.jit(
+    functools.partial(
+      with_compute_params, dtype=compute_dtype(config.model.dtype)
+    ),
+    out_shardings=rep,
+  )(state)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info("%s: %d parameters, %d steps/epoch", spec.name, n_params, spe)
 
@@ -824,7 +898,12 @@ def train_and_evaluate(
     meta["config"] = config.to_dict()
     # Host copies: orbax then writes numpy arrays, with no per-array device
     # slicing (each of which is a small XLA compile).
-    ckpt.save(step, jax.device_get(state), _to_json(meta), val_loss=val_loss)
+    ckpt.save(
+      step,
+      jax.device_get(without_compute_params(state)),
+      _to_json(meta),
+      val_loss=val_loss,
+    )
 
   step = int(jax.device_get(state.step))
   if step != meta["epoch"] * spe + meta["epoch_step"]:

@@ -377,3 +377,83 @@ def test_train_step_finite_with_zero_padding_outputs():
   assert np.isfinite(float(out["grad_norm"]))
   for leaf in jax.tree.leaves(new_state.params):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_bf16_kernel_copies_leave_the_step_unchanged():
+  # A bf16-compute L5 (LayerNorms, pos_embed, biases, kernels): stepping with
+  # the optimizer-written bf16 kernel copies equals casting inside the model.
+  config = base.get_config()
+  model = models.create_adapter(
+    "l5", hidden_dim=32, num_heads=2, ffn_dim=64, max_seq_len=8,
+    dtype="bfloat16",
+  )  # fmt: skip
+  spec = models.get_spec("l5")
+  tx, schedule = train.optim.create_optimizer(
+    config.optim, steps_per_epoch=4, num_epochs=1
+  )
+  rng = np.random.default_rng(0)
+  batch = {
+    "source": jnp.asarray(rng.standard_normal((4, 8, 32)), jnp.bfloat16),
+    "target": jnp.asarray(rng.standard_normal((4, 8, 32)), jnp.bfloat16),
+    "mask": jnp.asarray(np.arange(8)[None] < np.array([[8], [5], [3], [8]])),
+  }
+  state = train.init_state(
+    jax.random.PRNGKey(0),
+    model=model,
+    tx=tx,
+    example_inputs=(jnp.zeros((1, 8, 32)),),
+  )
+  fast = train.with_compute_params(state, jnp.bfloat16)
+  kinds = {
+    "/".join(str(getattr(k, "key", k)) for k in path): leaf.dtype
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+      train.forward_params(fast.params, fast.compute_params)
+    )
+  }
+  assert kinds["layers_0/attn/in_proj/kernel"] == jnp.bfloat16
+  assert kinds["layers_0/attn/in_proj/bias"] == jnp.float32
+  assert kinds["layers_0/attn_norm/scale"] == jnp.float32
+  assert kinds["pos_embed"] == jnp.float32
+  copies = jax.tree.leaves(fast.compute_params)
+  assert copies and all(x.dtype == jnp.bfloat16 for x in copies)
+  assert train.with_compute_params(state, jnp.float32).compute_params is None
+  step = jax.jit(
+    functools.partial(
+      train.train_step,
+      lm_weight=None,
+      model=model,
+      spec=spec,
+      tx=tx,
+      schedule=schedule,
+      loss_config=config.loss,
+    )
+  )
+  key = jax.random.PRNGKey(1)
+  for _ in range(3):
+    state, out_a = step(state, batch, key)
+    fast, out_b = step(fast, batch, key)
+  assert float(out_a["loss"]) == pytest.approx(float(out_b["loss"]), rel=1e-6)
+  _params_close(state.params, fast.params, rtol=1e-6, atol=1e-7)
+  # The copies track the updated float32 kernels.
+  _params_close(
+    train.compute_params(fast.params, jnp.bfloat16), fast.compute_params
+  )
+
+
+def test_bf16_compute_checkpoints_hold_no_copies(tmp_path):
+  workdir = str(tmp_path / "bf16")
+  cfg = {"model.dtype": "bfloat16", "num_epochs": 1}
+  train.train_and_evaluate(_tiny_config(**cfg), workdir)
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  step = ckpt.latest_step()
+  tree = ckpt.manager.item_metadata(step)["state"]
+  tree = getattr(tree, "tree", tree)
+  assert jax.tree.leaves(tree["params"])
+  assert not jax.tree.leaves(tree.get("compute_params"))  # no arrays saved
+  ckpt.close()
+  # Resuming (restore, then the copies are rebuilt) trains on.
+  cfg["num_epochs"] = 2
+  train.train_and_evaluate(_tiny_config(**cfg), workdir)
+  params, _ = checkpoint.load_params(workdir, "latest")
+  leaves = jax.tree.leaves(params)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)

@@ -129,6 +129,8 @@ def build_jax_step(name, hidden, dtype, mesh, batch_example, variant="full"):
   state = jax.jit(
     lambda k: train.init_state(k, model=model, tx=tx, example_inputs=example)
   )(jax.random.PRNGKey(0))
+  if _KERNEL_COPIES["on"]:  # As the trainer does for bf16 compute.
+    state = train.with_compute_params(state, dtype)
 
   def loss_fn(params, batch, rng):
     pred = train._forward(
@@ -210,9 +212,19 @@ def _use_threefry():
   return lambda: _DROPOUT_RNG.update(impl="auto")
 
 
+# Whether the state carries bf16 kernel copies (the trainer's default).
+_KERNEL_COPIES = {"on": True}
+
+
+def _cast_in_step():
+  _KERNEL_COPIES["on"] = False
+  return lambda: _KERNEL_COPIES.update(on=True)
+
+
 COMPARE = {
   "autodiff_loss": _use_autodiff_loss,
   "threefry_dropout": _use_threefry,
+  "cast_kernels_in_step": _cast_in_step,
 }
 
 
