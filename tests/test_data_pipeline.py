@@ -266,29 +266,6 @@ def test_indices_subset_and_early_stop(ds):
     _pipe(ds, fields=("source", "foo"))
 
 
-@pytest.mark.parametrize(
-  "cache, sharded", [("none", False), ("host", False), ("none", True)]
-)
-def test_packed_staging_equals_direct(ds, cache, sharded):
-  """Uploading only valid rows and padding on device changes no batch."""
-  sharding = _mesh_sharding() if sharded else None
-  runs = {}
-  for staging in ("direct", "packed"):
-    pipe = _pipe(
-      ds,
-      cache=cache,
-      sharding=sharding,
-      staging=staging,
-      drop_remainder=False,
-      seed=3,
-      bucket_lengths=(24, 48) if sharded else None,
-    )
-    runs[staging] = list(pipe.batches(2))
-  assert len(runs["packed"]) == len(runs["direct"]) > 0
-  for a, b in zip(runs["direct"], runs["packed"], strict=True):
-    assert set(a) == set(b)
-    for key in a:
-      assert b[key].shape == a[key].shape and b[key].dtype == a[key].dtype
-      if sharded:
-        assert b[key].sharding.is_equivalent_to(sharding, b[key].ndim)
-      np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+def test_unknown_staging_is_an_error(ds):
+  with pytest.raises(ValueError, match="staging='packed'; expected one of"):
+    _pipe(ds, staging="packed")

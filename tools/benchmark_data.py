@@ -266,7 +266,7 @@ def main(argv=None):
     "--modes",
     default=(
       "stream_cold,stream_cold_mmap,stream_hot,stream_hot_pinned,"
-      "stream_hot_packed,host,host_packed,device,h2d,reference"
+      "host,device,h2d,reference"
     ),
     help="comma-separated subset of the modes to run",
   )
@@ -337,9 +337,7 @@ def main(argv=None):
       "stream_cold_mmap",
       "stream_hot",
       "stream_hot_pinned",
-      "stream_hot_packed",
       "host",
-      "host_packed",
       "device",
     ):
       if mode not in modes:
@@ -347,9 +345,7 @@ def main(argv=None):
       cache = (
         mode.split("_")[0] if mode.startswith(("host", "device")) else "none"
       )
-      staging = next(
-        (x for x in ("pinned", "packed") if mode.endswith(x)), "direct"
-      )
+      staging = next((x for x in ("pinned",) if mode.endswith(x)), "direct")
       t0 = time.perf_counter()
       pipe = data.InputPipeline(ds, cache=cache, staging=staging, **common)
       build = time.perf_counter() - t0

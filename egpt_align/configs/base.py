@@ -60,8 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.cache = "auto"  # InputPipeline cache: auto|device|host|none
   config.data.buckets = config_dict.placeholder(tuple)  # seq-len buckets
   config.data.prefetch = 2  # batches prepared ahead
-  # packed: upload valid rows only, pad on device (~10% fewer bytes).
-  config.data.staging = "direct"  # host->device upload: direct|pinned|packed
+  config.data.staging = "direct"  # host->device upload: direct|pinned
   # Built-in synthetic pairs (the demo): written to WORKDIR/data/synthetic
   # on first use and used instead of data.train when enabled; with lm_head,
   # its LM head (WORKDIR/data/synthetic_lm_head) serves when config.lm_head

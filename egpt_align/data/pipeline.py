@@ -100,15 +100,10 @@ def _gather_batch(cache: dict, pos, seq_len: int) -> dict:
 
 
 # How host batches reach the device: 'direct' device_put of the padded batch,
-# 'pinned' through page-locked host memory, 'packed' only the valid rows
-# (padding is added on device), which uploads ~10% fewer bytes at the
-# reference's lengths; the upload is what bounds streaming.
-STAGING_MODES = ("direct", "pinned", "packed")
-# Packed uploads are padded to a multiple of this many rows, so a bucket
-# compiles the on-device unpacking for a few sizes only.
-_PACK_MULTIPLE = 512
-
-_gather_packed = jax.jit(_gather_batch, static_argnums=(2,))
+# or 'pinned' through page-locked host memory. (Uploading only the valid rows
+# and padding on device was measured 2x slower on an H100 host: the per-sample
+# packing in Python costs more than the ~9% of bytes it saves.)
+STAGING_MODES = ("direct", "pinned")
 
 
 class InputPipeline:
@@ -406,46 +401,6 @@ class InputPipeline:
       np.int32
     )
 
-  def _packed_rows(self, f: str, pos: np.ndarray) -> np.ndarray:
-    """The valid rows of share positions `pos`, back to back, + zero rows."""
-    ds = self.dataset
-    trailing, _ = ds.field_spec(f)
-    lens = [int(self.share_lengths[p]) if p >= 0 else 0 for p in pos]
-    total = sum(lens)
-    size = -(-(total + 1) // _PACK_MULTIPLE) * _PACK_MULTIPLE
-    flat = np.zeros((size,) + trailing, ds.disk_dtype(f))
-    a = 0
-    for p, n in zip(pos.tolist(), lens, strict=True):
-      if n == 0:
-        continue
-      if self.cache == "none":
-        flat[a : a + n] = ds._slice(int(self.share[p]), f, raw=True)
-      else:
-        r = int(self._row_start[p])
-        flat[a : a + n] = self._host_cache[f][r : r + n]
-      a += n
-    return self._as_memory(f, flat)
-
-  def _packed_batch(self, seq_len: int, pos: np.ndarray) -> dict:
-    """Uploads only valid rows per device piece and pads them on device."""
-    parts = []
-    for d, start, stop in self._device_pieces():
-      p = pos[start:stop]
-      valid = p >= 0
-      safe = np.where(valid, p, 0)
-      lengths = np.where(valid, self.share_lengths[safe], 0).astype(np.int32)
-      packed = {f: self._packed_rows(f, p) for f in self.fields}
-      packed["_length"] = lengths
-      packed["_start"] = (np.cumsum(lengths) - lengths).astype(np.int32)
-      packed["_index"] = np.where(valid, self.share[safe], -1).astype(np.int32)
-      local = np.where(valid, np.arange(p.size), -1).astype(np.int32)
-      parts.append(
-        _gather_packed(
-          jax.device_put(packed, d), jax.device_put(local, d), seq_len
-        )
-      )
-    return self._global_batch(parts)
-
   def numpy_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """Process-local numpy batches (no device placement, no prefetch)."""
     if self.cache == "device":
@@ -519,7 +474,9 @@ class InputPipeline:
 
   def _global_batch(self, parts: list) -> dict:
     """One batch from the per-device pieces (in `_device_pieces` order)."""
-    if self.sharding is None:
+    if self.sharding is None or len(self.sharding.device_set) == 1:
+      # One device: its piece already is the batch (assembling a global
+      # array would cost ~50 us of host time per field and batch).
       return parts[0]
     return {
       k: jax.make_array_from_single_device_arrays(
@@ -580,8 +537,6 @@ class InputPipeline:
     def work(seq_len, pos):
       # Assembly and transfer both run in the worker, so several batches
       # are copied and uploaded concurrently.
-      if self.staging == "packed":
-        return self._packed_batch(seq_len, pos)
       buffers = free.get() if recycle else None
       batch = self._host_batch(seq_len, pos, buffers)
       if buffers is not None and on_cpu:
