@@ -591,6 +591,12 @@ def _history_append(history: dict, epoch: int, train: dict, val: dict) -> None:
 # ----------------------------------------------------------------- loop
 
 
+@jax.jit
+def _stack_metrics(pending: list[dict]) -> dict:
+  """[{name: scalar}] per step -> {name: [steps]}, on device."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *pending)
+
+
 class _TrainLog:
   """Train metrics of one epoch: fetched to the host only on log steps."""
 
@@ -602,29 +608,31 @@ class _TrainLog:
   def flush(self, step: int) -> None:
     if not self.pending:
       return
-    host = jax.device_get(self.pending)
+    # One device-side stack and one transfer per metric, not one tiny
+    # device->host copy per metric and step (~5 ms per 50 steps on a GPU).
+    host = jax.device_get(_stack_metrics(self.pending))
     self.pending.clear()
-    for m in host:  # in step order, so resumed sums are bit-identical
-      self.sums["loss"] += float(m["loss"])
-      self.sums["cos"] += float(m["cos"])
+    n = len(host["loss"])
+    for i in range(n):  # in step order, so resumed sums are bit-identical
+      self.sums["loss"] += float(host["loss"][i])
+      self.sums["cos"] += float(host["cos"][i])
       self.sums["steps"] += 1
-    self.sums["lr"] = float(host[-1]["lr"])
-    tokens = sum(int(m["tokens"]) for m in host)
+    self.sums["lr"] = float(host["lr"][-1])
+    tokens = int(np.sum(host["tokens"], dtype=np.int64))
     now = time.perf_counter()
     elapsed, self.t0 = now - self.t0, now
-    last = host[-1]
     record = {
       "epoch": self.epoch + 1,
-      "train/loss": float(np.mean([m["loss"] for m in host])),
-      "train/cos": float(np.mean([m["cos"] for m in host])),
-      "train/mse": float(np.mean([m["mse"] for m in host])),
-      "train/grad_norm": float(last["grad_norm"]),
-      "train/lr": float(last["lr"]),
+      "train/loss": float(np.mean(host["loss"])),
+      "train/cos": float(np.mean(host["cos"])),
+      "train/mse": float(np.mean(host["mse"])),
+      "train/grad_norm": float(host["grad_norm"][-1]),
+      "train/lr": float(host["lr"][-1]),
       "train/tokens_per_sec": tokens / max(elapsed, 1e-9),
     }
     for key in ("next_cos", "token_ce"):
-      if key in last:
-        record[f"train/{key}"] = float(np.mean([m[key] for m in host]))
+      if key in host:
+        record[f"train/{key}"] = float(np.mean(host[key]))
     self.writer.write(step, record)
     self.bar.set_postfix(
       loss=f"{record['train/loss']:.4f}",
