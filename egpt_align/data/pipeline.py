@@ -80,28 +80,22 @@ def _device_batch_at(cache: dict, plan, step, seq_len: int) -> dict:
 def _gather_batch(cache: dict, pos, seq_len: int) -> dict:
   """A batch assembled on device from share positions pos [B] (-1 = pad).
 
-  `cache` holds each field flat ([T + 1 + longest bucket, ...], zeros after
-  the T valid rows) and the per-sample `_start`, `_length`, `_index` arrays
-  of the share. Each sample is one contiguous window of seq_len rows (a
-  gather of [seq_len, D] slices, not of single rows); positions past its
-  length are zeroed.
+  `cache` holds each field flat ([T + 1, ...], the last row zeros) and the
+  per-sample `_start`, `_length`, `_index` arrays of the share.
   """
   valid = pos >= 0
   safe = jnp.where(valid, pos, 0)
   lengths = jnp.where(valid, cache["_length"][safe], 0)
   index = jnp.where(valid, cache["_index"][safe], -1)
-  starts = jnp.where(valid, cache["_start"][safe], 0)
   t = jnp.arange(seq_len, dtype=jnp.int32)
   mask = t[None, :] < lengths[:, None]
   out = {"mask": mask, "lengths": lengths, "index": index}
   for k, v in cache.items():
     if k.startswith("_"):
       continue
-    window = jax.vmap(
-      lambda s, v=v: jax.lax.dynamic_slice_in_dim(v, s, seq_len, axis=0)
-    )(starts)
-    keep = mask.reshape(mask.shape + (1,) * (v.ndim - 1))
-    out[k] = jnp.where(keep, window, jnp.zeros((), v.dtype))
+    zero_row = v.shape[0] - 1
+    rows = jnp.where(mask, cache["_start"][safe][:, None] + t, zero_row)
+    out[k] = jnp.take(v, rows, axis=0, mode="clip")
   return out
 
 
@@ -280,15 +274,12 @@ class InputPipeline:
     """Copies this process's share into flat arrays (+ one zero row)."""
     ds = self.dataset
     self._row_start[1:] = np.cumsum(self.share_lengths[:-1])
-    # One zero row for padding positions; the device cache gets a longest
-    # bucket of zero rows, so a whole-sample window never runs off the end.
-    rows = self.num_positions + 1
-    if self.cache == "device":
-      rows += self.bucket_lengths[-1]
     cache = {}
     for f in self.fields:
       trailing, _ = ds.field_spec(f)
-      cache[f] = np.zeros((rows,) + trailing, ds.disk_dtype(f))
+      cache[f] = np.zeros(
+        (self.num_positions + 1,) + trailing, ds.disk_dtype(f)
+      )
     # Read in dataset order so memory-mapped shards stream sequentially.
     it = tqdm(
       np.argsort(self.share, kind="stable"),
