@@ -7,7 +7,7 @@ Command:
     [--config.data.val=DATA/val] [--config.lm_head=DATA/lm_head]
 
 Hardware: one H100 80 GB (any GPU works; bf16 compute, float32 params).
-Speed: about 3.5 s (505k valid tokens/s, device-resident) per epoch of the
+Speed: about 3.3 s (544k valid tokens/s, device-resident) per epoch of the
 52k-sample training set on one H100 (docs/PERFORMANCE.md); the reference
 needs about 2 minutes.
 The reference trained fp32 on one GPU; data = REFERENCE.md §B (52k train

@@ -10,7 +10,7 @@ Command:
     [--config.data.val=DATA/val] [--config.lm_head=DATA/lm_head]
 
 Hardware: one H100 80 GB (any GPU works; bf16 compute, float32 params).
-Speed: about 5.5 s (324k valid tokens/s, device-resident) per epoch of the
+Speed: about 5.2 s (343k valid tokens/s, device-resident) per epoch of the
 52k-sample training set on one H100 (docs/PERFORMANCE.md); the reference
 needs about 2 minutes.
 The reference trained fp32 on one GPU; data = REFERENCE.md §B (52k train
