@@ -19,8 +19,6 @@ next target state,
 valid where both t and t+1 are valid.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -29,33 +27,20 @@ from egpt_align import metrics
 OBJECTIVES = ("reference", "next")
 
 
-def _count(m, axis_name):
-  """Valid positions (at least 1), over all shards of `axis_name` if given.
-
-  Inside `shard_map` with axis_name set, each shard's terms are its partial
-  sums over the global count: summing the shards' losses (and gradients)
-  gives exactly the loss of the whole batch.
-  """
-  total = jnp.sum(m)
-  if axis_name is not None:
-    total = jax.lax.psum(total, axis_name)
-  return jnp.maximum(total, 1.0)
-
-
-def _masked_terms_autodiff(pred_BSD, target_BSD, mask_BS, axis_name=None):
+def _masked_terms_autodiff(pred_BSD, target_BSD, mask_BS):
   """(mse, cos_sim) as plain jnp; `_masked_terms` is its fused twin."""
   m = mask_BS.astype(jnp.float32)
-  n = _count(m, axis_name)
+  n = jnp.maximum(jnp.sum(m), 1.0)
   sq_BS = jnp.sum(jnp.square(pred_BSD - target_BSD), axis=-1)
   mse = jnp.sum(sq_BS * m) / (n * pred_BSD.shape[-1])
   cos_sim = jnp.sum(metrics.cosine(pred_BSD, target_BSD) * m) / n
   return mse, cos_sim
 
 
-def _row_stats(p, t, mask_BS, axis_name):
+def _row_stats(p, t, mask_BS):
   """Per-position sums over D in one pass, and the masked reductions."""
   m = mask_BS.astype(jnp.float32)
-  n = _count(m, axis_name)
+  n = jnp.maximum(jnp.sum(m), 1.0)
   sq = jnp.sum(jnp.square(p - t), axis=-1)
   pt = jnp.sum(p * t, axis=-1)
   # Norms as metrics.normalize defines them: sqrt(max(|x|^2, eps^2)).
@@ -68,8 +53,8 @@ def _row_stats(p, t, mask_BS, axis_name):
   return m, n, sq, cos, norm_p, norm_t, pp > eps2, tt > eps2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _masked_terms(pred_BSD, target_BSD, mask_BS, axis_name=None):
+@jax.custom_vjp
+def _masked_terms(pred_BSD, target_BSD, mask_BS):
   """(mse, cos_sim) over valid positions, as the reference reduces them.
 
   Equal to `_masked_terms_autodiff` in value and gradient; the gradient is
@@ -77,19 +62,19 @@ def _masked_terms(pred_BSD, target_BSD, mask_BS, axis_name=None):
   coefficients) instead of differentiating the normalisations, which XLA
   otherwise re-computes in several [B, S, D] passes.
   """
-  m, n, sq, cos, *_ = _row_stats(pred_BSD, target_BSD, mask_BS, axis_name)
+  m, n, sq, cos, *_ = _row_stats(pred_BSD, target_BSD, mask_BS)
   mse = jnp.sum(sq * m) / (n * pred_BSD.shape[-1])
   return mse, jnp.sum(cos * m) / n
 
 
-def _masked_terms_fwd(pred_BSD, target_BSD, mask_BS, axis_name):
-  stats = _row_stats(pred_BSD, target_BSD, mask_BS, axis_name)
+def _masked_terms_fwd(pred_BSD, target_BSD, mask_BS):
+  stats = _row_stats(pred_BSD, target_BSD, mask_BS)
   m, n, sq, cos, *_ = stats
   mse = jnp.sum(sq * m) / (n * pred_BSD.shape[-1])
   return (mse, jnp.sum(cos * m) / n), (pred_BSD, target_BSD, mask_BS, stats)
 
 
-def _masked_terms_bwd(axis_name, res, g):
+def _masked_terms_bwd(res, g):
   p, t, mask_BS, (m, n, _, cos, norm_p, norm_t, p_on, t_on) = res
   g_mse, g_cos = g
   d = p.shape[-1]
@@ -118,14 +103,8 @@ def adapter_loss(
   objective: str = "reference",
   prediction_weight: float = 0.5,
   cos_weight: float = 0.5,
-  axis_name: str | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Returns (loss, aux) with aux mse, cos_loss, cos_sim [, next_mse, ...].
-
-  With `axis_name` (inside `shard_map` over the batch), every term is this
-  shard's share: the psum over the axis of the loss and of each aux value
-  is the whole batch's (constant terms are split evenly over the shards).
-  """
+  """Returns (loss, aux) with aux mse, cos_loss, cos_sim [, next_mse, ...]."""
   if objective not in OBJECTIVES:
     raise ValueError(
       f"loss objective {objective!r} is unknown; expected one of {OBJECTIVES}"
@@ -151,10 +130,8 @@ def adapter_loss(
     )
   mask_BS = mask_BS.astype(bool)
 
-  mse, cos_sim = _masked_terms(pred_BSD, target_BSD, mask_BS, axis_name)
-  # The constant 1 of (1 - cos), split over the shards when sharded.
-  one = 1.0 if axis_name is None else 1.0 / jax.lax.psum(1, axis_name)
-  cos_loss = one - cos_sim
+  mse, cos_sim = _masked_terms(pred_BSD, target_BSD, mask_BS)
+  cos_loss = 1.0 - cos_sim
   align = mse + cos_weight * cos_loss
   aux = {"mse": mse, "cos_loss": cos_loss, "cos_sim": cos_sim}
   if not predicts_next:
@@ -166,17 +143,13 @@ def adapter_loss(
   pair_mask = mask_BS[:, :-1] & mask_BS[:, 1:]
   if objective == "reference":
     ref_mask = mask_BS[:, 1:]  # The reference's mask for the next-MSE term.
-    next_mse, _ = _masked_terms(pred_prev, target_next, ref_mask, axis_name)
-    _, next_cos_sim = _masked_terms(
-      pred_prev, target_next, pair_mask, axis_name
-    )
+    next_mse, _ = _masked_terms(pred_prev, target_next, ref_mask)
+    _, next_cos_sim = _masked_terms(pred_prev, target_next, pair_mask)
     loss = (1.0 - prediction_weight) * align + prediction_weight * next_mse
     aux["align_loss"] = align
   else:
-    next_mse, next_cos_sim = _masked_terms(
-      pred_prev, target_next, pair_mask, axis_name
-    )
-    loss = next_mse + cos_weight * (one - next_cos_sim)
+    next_mse, next_cos_sim = _masked_terms(pred_prev, target_next, pair_mask)
+    loss = next_mse + cos_weight * (1.0 - next_cos_sim)
   aux["next_mse"] = next_mse
   aux["next_cos_sim"] = next_cos_sim
   aux["loss"] = loss

@@ -125,16 +125,6 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"config.log_every_steps must be >= 1, got {config.log_every_steps}"
     )
-  if config.grad_allreduce_dtype not in GRAD_ALLREDUCE_DTYPES:
-    raise ValueError(
-      f"config.grad_allreduce_dtype must be one of {GRAD_ALLREDUCE_DTYPES}, "
-      f"got {config.grad_allreduce_dtype!r}"
-    )
-  if config.grad_allreduce_dtype != "auto" and config.loss.token_ce_weight > 0:
-    raise ValueError(
-      "config.grad_allreduce_dtype other than 'auto' does not support "
-      "loss.token_ce_weight > 0 yet; use grad_allreduce_dtype='auto'"
-    )
   if config.loss.objective not in losses.OBJECTIVES:
     raise ValueError(
       f"config.loss.objective must be one of {losses.OBJECTIVES}, got "
@@ -342,31 +332,14 @@ def train_step(
   schedule: Callable,
   loss_config: ml_collections.ConfigDict,
   ce_dtype: Any = jnp.float32,
-  reduce_axis: str | None = None,
-  reduce_dtype: Any = jnp.float32,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW step on a global batch; pure (model etc. bound by partial).
 
   `lm_weight` is the frozen target LM head [V, D] for the token CE loss
   (None without it); it is an argument, not a closure, so it is not baked
   into the compiled program as a constant.
-
-  With `reduce_axis`, the step runs inside `shard_map` on one shard of the
-  batch (see `shard_train_step`): the loss is this shard's share of the
-  global loss and the gradients are summed over the axis explicitly, in
-  `reduce_dtype` (bfloat16 halves the bytes of the all-reduce).
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
-  if reduce_axis is not None:
-    if loss_config.token_ce_weight > 0:
-      raise ValueError(
-        "config.grad_allreduce_dtype other than 'auto' does not support "
-        "loss.token_ce_weight > 0 yet; use grad_allreduce_dtype='auto'"
-      )
-    # Other dropout masks on every shard.
-    dropout_rng = jax.random.fold_in(
-      dropout_rng, jax.lax.axis_index(reduce_axis)
-    )
   mask = batch["mask"]
   target = batch["target"].astype(jnp.float32)
 
@@ -384,7 +357,6 @@ def train_step(
       objective=loss_config.objective,
       prediction_weight=loss_config.prediction_weight,
       cos_weight=loss_config.cos_weight,
-      axis_name=reduce_axis,
     )
     if loss_config.token_ce_weight > 0:
       p, t, m = metrics.shift_pairs(
@@ -407,14 +379,6 @@ def train_step(
       forward_params(state.params, fast)
     )
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-  if reduce_axis is not None:
-    grads = jax.tree.map(
-      lambda g: jax.lax.psum(g.astype(reduce_dtype), reduce_axis).astype(
-        g.dtype
-      ),
-      grads,
-    )
-    loss, aux = jax.lax.psum((loss, aux), reduce_axis)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   out = {
@@ -425,8 +389,6 @@ def train_step(
     "lr": schedule(state.step),
     "tokens": jnp.sum(mask, dtype=jnp.int32),
   }
-  if reduce_axis is not None:
-    out["tokens"] = jax.lax.psum(out["tokens"], reduce_axis)
   if "next_cos_sim" in aux:
     out["next_cos"] = aux["next_cos_sim"]
   if "token_ce" in aux:
@@ -440,40 +402,6 @@ def train_step(
     else compute_params(params, _kernel_dtype(fast)),
   )
   return new_state, out
-
-
-GRAD_ALLREDUCE_DTYPES = ("auto", "float32", "bfloat16")
-
-
-def shard_train_step(step_fn: Callable, mesh, allreduce_dtype: str) -> Callable:
-  """The train step with the data-parallel gradient sum made explicit.
-
-  'auto' returns `step_fn` itself: under `jit` XLA partitions the batch and
-  all-reduces the gradients in float32. 'float32' / 'bfloat16' run the step
-  per shard in `shard_map` and psum the gradients in that dtype (bfloat16:
-  half the bytes on the interconnect, gradients rounded to bfloat16 before
-  the sum). `step_fn` is `train_step` with everything but (state, batch,
-  rng, lm_weight) bound.
-  """
-  if allreduce_dtype not in GRAD_ALLREDUCE_DTYPES:
-    raise ValueError(
-      f"config.grad_allreduce_dtype must be one of {GRAD_ALLREDUCE_DTYPES}, "
-      f"got {allreduce_dtype!r}"
-    )
-  if allreduce_dtype == "auto":
-    return step_fn
-  spec = jax.sharding.PartitionSpec
-  return jax.shard_map(
-    functools.partial(
-      step_fn,
-      reduce_axis=sharding.DATA_AXIS,
-      reduce_dtype=jnp.dtype(allreduce_dtype),
-    ),
-    mesh=mesh,
-    in_specs=(spec(), spec(sharding.DATA_AXIS), spec(), spec()),
-    out_specs=(spec(), spec()),
-    check_vma=False,
-  )
 
 
 def eval_step(
@@ -906,18 +834,14 @@ def train_and_evaluate(
 
   ce_dtype = jnp.dtype(config.model.dtype)
   p_train_step = jax.jit(
-    shard_train_step(
-      functools.partial(
-        train_step,
-        model=model,
-        spec=spec,
-        tx=tx,
-        schedule=schedule,
-        loss_config=config.loss,
-        ce_dtype=ce_dtype,
-      ),
-      mesh,
-      config.grad_allreduce_dtype,
+    functools.partial(
+      train_step,
+      model=model,
+      spec=spec,
+      tx=tx,
+      schedule=schedule,
+      loss_config=config.loss,
+      ce_dtype=ce_dtype,
     ),
     in_shardings=(rep, batch_shard, rep, rep),
     out_shardings=(rep, rep),

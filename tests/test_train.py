@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from egpt_align import checkpoint, losses, models, sharding, train
+from egpt_align import checkpoint, losses, models, train
 from egpt_align.configs import base
 from egpt_align.data import synthetic
 
@@ -457,103 +457,3 @@ def test_bf16_compute_checkpoints_hold_no_copies(tmp_path):
   params, _ = checkpoint.load_params(workdir, "latest")
   leaves = jax.tree.leaves(params)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
-
-
-@pytest.mark.parametrize("name", ["l1", "l5"])
-def test_explicit_gradient_allreduce_equals_xla(name):
-  # On 8 devices, the shard_map step (per-shard loss share + psum of the
-  # gradients) gives XLA's partitioned step: exactly up to float32 sums
-  # with a float32 reduction, closely with a bfloat16 one.
-  config = base.get_config()
-  kw = {"hidden_dim": 32, "dropout": 0.0, "dtype": "bfloat16"}
-  if name == "l5":
-    kw.update(num_heads=2, ffn_dim=64, max_seq_len=8)
-  else:
-    kw.update(bottleneck_dim=8)
-  model = models.create_adapter(name, **kw)
-  spec = models.get_spec(name)
-  tx, schedule = train.optim.create_optimizer(
-    config.optim, steps_per_epoch=4, num_epochs=1
-  )
-  rng = np.random.default_rng(1)
-  lengths = rng.integers(1, 9, size=16)
-  lengths[3] = 0  # a padding row
-  mask = np.arange(8)[None] < lengths[:, None]
-  src = rng.standard_normal((16, 8, 32)).astype(np.float32) * mask[..., None]
-  host = {
-    "source": jnp.asarray(src, jnp.bfloat16),
-    "target": jnp.asarray(rng.standard_normal((16, 8, 32)), jnp.bfloat16),
-    "mask": jnp.asarray(mask),
-  }
-  mesh = sharding.make_mesh()
-  assert mesh.size == 8
-  rep, bsh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  batch = jax.device_put(host, bsh)
-  state = train.init_state(
-    jax.random.PRNGKey(0),
-    model=model,
-    tx=tx,
-    example_inputs=(jnp.zeros((1, 8, 32)),),
-  )
-  # Move the parameters off their init (L1's up_proj starts at zero).
-  state = state.replace(
-    params=jax.tree.map(
-      lambda p: p + 0.05 * jnp.asarray(rng.standard_normal(p.shape), p.dtype),
-      state.params,
-    )
-  )
-  state = jax.device_put(train.with_compute_params(state, jnp.bfloat16), rep)
-  step = functools.partial(
-    train.train_step,
-    model=model,
-    spec=spec,
-    tx=tx,
-    schedule=schedule,
-    loss_config=config.loss,
-  )
-  key = jax.random.key(2)
-  results = {}
-  for dtype in ("auto", "float32", "bfloat16"):
-    fn = jax.jit(
-      train.shard_train_step(step, mesh, dtype),
-      in_shardings=(rep, bsh, rep, rep),
-      out_shardings=(rep, rep),
-    )
-    results[dtype] = fn(state, batch, key, None)
-  (ref, ref_out), (f32, f32_out), (b16, b16_out) = results.values()
-  for k in ("loss", "cos", "mse", "grad_norm", "tokens"):
-    np.testing.assert_allclose(f32_out[k], ref_out[k], rtol=2e-5)
-    np.testing.assert_allclose(b16_out[k], ref_out[k], rtol=2e-2)
-  assert int(ref_out["tokens"]) == int(lengths.sum())
-  if name == "l5":
-    np.testing.assert_allclose(f32_out["next_cos"], ref_out["next_cos"], 2e-5)
-  _params_close(f32.params, ref.params, rtol=1e-5, atol=1e-6)
-  # bf16 sums move each parameter by at most a little of its step.
-  for a, b, p0 in zip(
-    jax.tree.leaves(b16.params),
-    jax.tree.leaves(ref.params),
-    jax.tree.leaves(state.params),
-    strict=True,
-  ):
-    step_size = np.abs(np.asarray(b) - np.asarray(p0)).max()
-    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 0.2 * step_size + 1e-7
-  with pytest.raises(ValueError, match="grad_allreduce_dtype"):
-    train.shard_train_step(step, mesh, "float16")
-
-
-def test_trainer_with_bf16_gradient_allreduce(tmp_path):
-  workdir = str(tmp_path / "ar")
-  result = train.train_and_evaluate(
-    _tiny_config(grad_allreduce_dtype="bfloat16", num_epochs=1), workdir
-  )
-  assert np.isfinite(result["final"]["loss"])
-  params, _ = checkpoint.load_params(workdir, "latest")
-  leaves = jax.tree.leaves(params)
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
-  with pytest.raises(ValueError, match="token_ce_weight"):
-    train.train_and_evaluate(
-      _tiny_config(
-        grad_allreduce_dtype="float32", **{"loss.token_ce_weight": 0.1}
-      ),
-      str(tmp_path / "ce"),
-    )

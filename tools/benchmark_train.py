@@ -173,21 +173,15 @@ def build_jax_step(name, hidden, dtype, mesh, batch_example, variant="full"):
     return new, {"loss": loss}
 
   if variant == "full":
-    sharded = train.shard_train_step(
-      functools.partial(
-        train.train_step,
-        model=model,
-        spec=spec,
-        tx=tx,
-        schedule=schedule,
-        loss_config=config.loss,
-      ),
-      mesh,
-      _ALLREDUCE["dtype"],
+    step_fn = functools.partial(
+      train.train_step,
+      lm_weight=None,
+      model=model,
+      spec=spec,
+      tx=tx,
+      schedule=schedule,
+      loss_config=config.loss,
     )
-
-    def step_fn(state, batch, rng):
-      return sharded(state, batch, rng, None)
   else:
     step_fn = ablated_step
   rep = sharding.replicated(mesh)
@@ -217,9 +211,6 @@ def _use_threefry():
   _DROPOUT_RNG["impl"] = "threefry2x32"
   return lambda: _DROPOUT_RNG.update(impl="auto")
 
-
-# config.grad_allreduce_dtype of the timed step (--grad_allreduce).
-_ALLREDUCE = {"dtype": "auto"}
 
 # Whether the state carries bf16 kernel copies (the trainer's default).
 _KERNEL_COPIES = {"on": True}
@@ -522,12 +513,6 @@ def main(argv=None):
     "--profile", default="", help="levels to trace and list kernels for"
   )
   p.add_argument(
-    "--grad_allreduce",
-    default="auto",
-    help="for --scaling: comma-separated config.grad_allreduce_dtype values "
-    "(auto = XLA's float32 all-reduce, float32, bfloat16)",
-  )
-  p.add_argument(
     "--compare",
     default="",
     help="levels to also time with alternative implementations: "
@@ -621,27 +606,23 @@ def main(argv=None):
   n_dev = jax.device_count()
   for name in [x for x in args.scaling.split(",") if x]:
     counts = [n for n in (1, 2, 4, 8) if n <= n_dev]
-    for reduce in args.grad_allreduce.split(","):
-      _ALLREDUCE["dtype"] = reduce
-      for n in counts:
-        for label, b in (("fixed", args.batch), ("scaled", args.batch * n)):
-          if label == "scaled" and n == 1:
-            continue
-          r = bench_jax(
-            name,
-            b,
-            args.seq,
-            args.hidden,
-            dtype,
-            jax.devices()[:n],
-            args.steps,
-            args.windows,
-          )
-          r["batch_mode"] = label
-          r["grad_allreduce"] = reduce
-          scaling.append(r)
-          print(json.dumps(r), flush=True)
-    _ALLREDUCE["dtype"] = "auto"
+    for n in counts:
+      for label, b in (("fixed", args.batch), ("scaled", args.batch * n)):
+        if label == "scaled" and n == 1:
+          continue
+        r = bench_jax(
+          name,
+          b,
+          args.seq,
+          args.hidden,
+          dtype,
+          jax.devices()[:n],
+          args.steps,
+          args.windows,
+        )
+        r["batch_mode"] = label
+        scaling.append(r)
+        print(json.dumps(r), flush=True)
   # The table.
   print()
   print("| level | impl | ms/step | tokens/s | TFLOP/s | of ceiling |")
@@ -658,25 +639,14 @@ def main(argv=None):
     )
   if scaling:
     print()
-    print(
-      "| level | gradient all-reduce | devices | batch | ms/step | tokens/s "
-      "| speedup vs 1 |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    # Against the 1-device default step ('auto'), so every row compares
-    # with what one GPU does.
-    base = {
-      r["level"]: r
-      for r in scaling
-      if r["devices"] == 1 and r["grad_allreduce"] == "auto"
-    }
+    print("| level | devices | batch | ms/step | tokens/s | speedup vs 1 |")
+    print("|---|---|---|---|---|---|")
+    base = {r["level"]: r for r in scaling if r["devices"] == 1}
     for r in scaling:
-      ref = base.get(r["level"], r)
-      sp = r["tokens_per_s"] / ref["tokens_per_s"]
+      sp = r["tokens_per_s"] / base[r["level"]]["tokens_per_s"]
       print(
-        f"| {r['level']} | {r['grad_allreduce']} | {r['devices']} | "
-        f"{r['batch']} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} | "
-        f"{sp:.2f}x |"
+        f"| {r['level']} | {r['devices']} | {r['batch']} | {r['ms']:.2f} | "
+        f"{r['tokens_per_s']:,.0f} | {sp:.2f}x |"
       )
   if args.out:
     os.makedirs(args.out, exist_ok=True)

@@ -24,10 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
   # threefry2x32 (JAX's default: the same masks on any device count) or rbg
   # (XLA's RngBitGenerator: faster; masks depend on the device count).
   config.dropout_rng_impl = "auto"  # dropout masks: rbg on GPU, else threefry
-  # auto: XLA's float32 gradient all-reduce; float32|bfloat16: an explicit
-  # per-shard step (shard_map) summing gradients in that dtype (bfloat16
-  # halves the all-reduce bytes, which bound multi-GPU scaling of L4/L5F).
-  config.grad_allreduce_dtype = "auto"  # data-parallel gradient sum dtype
   config.batch_size = 64  # global batch (all devices); reference 64
   config.num_epochs = 50  # reference 50; also the cosine T_max
   config.early_stopping_patience = 10  # epochs w/o strict val-loss gain; 0=off
