@@ -70,9 +70,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  # bf16 copies of the matmul kernels (other leaves as in params), written
-  # by the optimizer step; None when compute is float32. Derived from
-  # params, so never checkpointed (see `without_compute_params`).
+  # bf16 copies of the Dense kernels (None at every other leaf), written by
+  # the optimizer step; None when compute is float32. Derived from params,
+  # so never checkpointed (see `without_compute_params`).
   compute_params: Any = None
 
 
