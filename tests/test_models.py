@@ -685,3 +685,20 @@ def test_cache_errors(perturbed):
       position=4,
       method="decode_step",
     )
+
+
+def test_layer_norm_matches_two_pass_float64_with_an_offset():
+  # Single-pass float32 statistics stay accurate for hidden-state-like rows,
+  # including a mean well away from zero and a few large outlier dims.
+  from egpt_align.models.bottleneck import layer_norm
+
+  rng = np.random.default_rng(0)
+  x = 3.0 + rng.standard_normal((4, 4096))
+  x[:, :3] = [80.0, -60.0, 120.0]  # "massive activation" dims
+  ln = layer_norm("ln")
+  params = ln.init(jax.random.PRNGKey(0), jnp.zeros((1, 4096)))
+  got = np.asarray(ln.apply(params, jnp.asarray(x, jnp.float32)))
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  want = (x - mean) / np.sqrt(var + 1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -29,6 +29,7 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -221,7 +222,43 @@ def _cast_in_step():
   return lambda: _KERNEL_COPIES.update(on=True)
 
 
+def _use_two_pass_ln():
+  from egpt_align.models import attention, bottleneck
+
+  saved = bottleneck.layer_norm
+
+  def two_pass(name):
+    return nn.LayerNorm(
+      epsilon=bottleneck.LN_EPS,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+      name=name,
+    )
+
+  bottleneck.layer_norm = attention.layer_norm = two_pass
+
+  def undo():
+    bottleneck.layer_norm = attention.layer_norm = saved
+
+  return undo
+
+
+def _use_materialized_pred():
+  from egpt_align import train
+
+  saved = train._forward
+
+  def forward(*args, **kwargs):
+    return jax.lax.optimization_barrier(saved(*args, **kwargs))
+
+  train._forward = forward
+  return lambda: setattr(train, "_forward", saved)
+
+
 COMPARE = {
+  "two_pass_ln": _use_two_pass_ln,
+  "materialized_pred": _use_materialized_pred,
   "autodiff_loss": _use_autodiff_loss,
   "threefry_dropout": _use_threefry,
   "cast_kernels_in_step": _cast_in_step,
@@ -513,6 +550,11 @@ def main(argv=None):
     "--profile", default="", help="levels to trace and list kernels for"
   )
   p.add_argument(
+    "--variants",
+    default="",
+    help="the --compare implementations to time (default: all)",
+  )
+  p.add_argument(
     "--compare",
     default="",
     help="levels to also time with alternative implementations: "
@@ -582,8 +624,12 @@ def main(argv=None):
       )
       rows.append(r)
       print(json.dumps(r), flush=True)
+  variants = [v for v in args.variants.split(",") if v] or list(COMPARE)
+  unknown = set(variants) - set(COMPARE)
+  if unknown:
+    p.error(f"--variants: unknown {sorted(unknown)}; known: {list(COMPARE)}")
   for name in [x for x in args.compare.split(",") if x]:
-    for variant in COMPARE:
+    for variant in variants:
       r = bench_jax(
         name,
         args.batch,

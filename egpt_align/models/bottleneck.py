@@ -94,12 +94,20 @@ def torch_trunc_normal_init(std: float = 0.02, bound: float = 2.0):
 
 
 def layer_norm(name: str) -> nn.LayerNorm:
-  """torch-equivalent LayerNorm (eps 1e-5, two-pass variance, float32)."""
+  """torch-equivalent LayerNorm (eps 1e-5, float32 statistics).
+
+  The variance is single-pass, E[x^2] - E[x]^2 (Flax's default), where torch
+  uses a two-pass one: equal up to float32 rounding unless |mean| is far
+  larger than the spread, which hidden states are not (the torch twins agree
+  to 1e-5, tests/test_torch_twins.py). On an H100 the single pass lets XLA
+  fuse the statistics with their producer: an L1 train step measured 0.75 ms
+  with the two-pass variance and 0.52 ms with this one.
+  """
   return nn.LayerNorm(
     epsilon=LN_EPS,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
-    use_fast_variance=False,
+    use_fast_variance=True,
     name=name,
   )
 
