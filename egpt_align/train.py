@@ -277,19 +277,21 @@ def forward_params(params: Any, copies: Any) -> Any:
   )
 
 
+def _recast(copies: Any, params: Any) -> Any:
+  """Fresh copies of params where `copies` has one, in the copies' dtypes."""
+  return jax.tree.map(
+    lambda c, p: None if c is None else p.astype(c.dtype),
+    copies,
+    params,
+    is_leaf=lambda x: x is None,
+  )
+
+
 def with_compute_params(state: TrainState, dtype: Any) -> TrainState:
   """Adds the bf16 kernel copies for a reduced-precision compute dtype."""
   if jnp.dtype(dtype) == jnp.float32:
     return state.replace(compute_params=None)
   return state.replace(compute_params=compute_params(state.params, dtype))
-
-
-def _kernel_dtype(fast: Any) -> Any:
-  """The dtype the kernels of a compute_params tree were cast to."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(fast):
-    if getattr(path[-1], "key", None) == "kernel":
-      return leaf.dtype
-  return jnp.float32
 
 
 def without_compute_params(state: TrainState) -> TrainState:
@@ -397,9 +399,7 @@ def train_step(
     step=state.step + 1,
     params=params,
     opt_state=opt_state,
-    compute_params=None
-    if fast is None
-    else compute_params(params, _kernel_dtype(fast)),
+    compute_params=None if fast is None else _recast(fast, params),
   )
   return new_state, out
 

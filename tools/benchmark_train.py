@@ -584,7 +584,8 @@ def main(argv=None):
   print(f"# bf16 {args.ceiling_n}^3 matmul ceiling: {ceiling:.0f} TFLOP/s")
   rows = []
   torch_modes = [m for m in args.torch.split(",") if m]
-  for name in levels:
+
+  def one_card(name, variant="full", *, with_ceiling=True):
     r = bench_jax(
       name,
       args.batch,
@@ -594,10 +595,15 @@ def main(argv=None):
       jax.devices()[:1],
       args.steps,
       args.windows,
+      variant,
     )
-    r["ceiling_frac"] = r["tflops"] / ceiling
+    if with_ceiling:
+      r["ceiling_frac"] = r["tflops"] / ceiling
     rows.append(r)
     print(json.dumps(r), flush=True)
+
+  for name in levels:
+    one_card(name)
     for mode in torch_modes:
       if args.torch_levels and name not in args.torch_levels.split(","):
         continue
@@ -611,39 +617,14 @@ def main(argv=None):
       print(json.dumps(t), flush=True)
   for name in [x for x in args.ablate.split(",") if x]:
     for variant in ("fwd", "grad", "nodrop", "opt"):
-      r = bench_jax(
-        name,
-        args.batch,
-        args.seq,
-        args.hidden,
-        dtype,
-        jax.devices()[:1],
-        args.steps,
-        args.windows,
-        variant,
-      )
-      rows.append(r)
-      print(json.dumps(r), flush=True)
+      one_card(name, variant, with_ceiling=False)  # partial steps
   variants = [v for v in args.variants.split(",") if v] or list(COMPARE)
   unknown = set(variants) - set(COMPARE)
   if unknown:
     p.error(f"--variants: unknown {sorted(unknown)}; known: {list(COMPARE)}")
   for name in [x for x in args.compare.split(",") if x]:
     for variant in variants:
-      r = bench_jax(
-        name,
-        args.batch,
-        args.seq,
-        args.hidden,
-        dtype,
-        jax.devices()[:1],
-        args.steps,
-        args.windows,
-        variant,
-      )
-      r["ceiling_frac"] = r["tflops"] / ceiling
-      rows.append(r)
-      print(json.dumps(r), flush=True)
+      one_card(name, variant)
   for name in [x for x in args.profile.split(",") if x]:
     profile_step(
       name, args.batch, args.seq, args.hidden, dtype, args.steps, args.out
