@@ -165,6 +165,38 @@ def test_device_cache_equals_host_cache_equals_streaming(ds, sharded):
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
 
 
+def test_device_gathers_several_batches_per_dispatch(ds, monkeypatch):
+  # Batches of one bucket are gathered gather_batches at a time, yet come
+  # out in the plan's order (resumed mid-epoch here) and equal the host's.
+  host = _pipe(ds, cache="host", drop_remainder=False, seed=7)
+  start = 3
+  want = list(host.batches(2, start_step=start))
+  lens = collections.Counter(s for s, _ in host.plan(2)[start:])
+  calls = []
+  original = data.pipeline._device_batches_at
+
+  def counting(cache, plan, first, count, seq_len):
+    calls.append((seq_len, count))
+    return original(cache, plan, first, count, seq_len)
+
+  monkeypatch.setattr(data.pipeline, "_device_batches_at", counting)
+  for g in (1, 2, 5):
+    calls.clear()
+    pipe = _pipe(
+      ds, cache="device", drop_remainder=False, seed=7, gather_batches=g
+    )
+    got = list(pipe.batches(2, start_step=start))
+    assert len(got) == len(want)
+    for a, b in zip(want, got, strict=True):
+      for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+    assert len(calls) == sum(-(-n // g) for n in lens.values())
+    assert all(1 <= c <= g for _, c in calls)
+    assert collections.Counter(s for s, c in calls for _ in range(c)) == lens
+  with pytest.raises(ValueError, match="gather_batches"):
+    _pipe(ds, cache="host", gather_batches=0)
+
+
 @pytest.mark.parametrize(
   "cache, staging, sharded",
   [

@@ -282,7 +282,7 @@ def main(argv=None):
     "--modes",
     default=(
       "stream_cold,stream_cold_mmap,stream_hot,stream_hot_pinned,"
-      "host,device,h2d,reference"
+      "host,device,device_gather1,h2d,reference"
     ),
     help="comma-separated subset of the modes to run",
   )
@@ -301,6 +301,13 @@ def main(argv=None):
     type=int,
     default=5,
     help="epochs timed in device mode (one epoch is short there)",
+  )
+  parser.add_argument(
+    "--gather_batches",
+    type=int,
+    default=4,
+    help="device mode: batches of a bucket gathered per dispatch "
+    "(device_gather1 times 1, one dispatch per batch)",
   )
   parser.add_argument(
     "--window",
@@ -358,6 +365,7 @@ def main(argv=None):
       "stream_hot_pinned",
       "host",
       "device",
+      "device_gather1",
     ):
       if mode not in modes:
         continue
@@ -366,7 +374,10 @@ def main(argv=None):
       )
       staging = next((x for x in ("pinned",) if mode.endswith(x)), "direct")
       t0 = time.perf_counter()
-      pipe = data.InputPipeline(ds, cache=cache, staging=staging, **common)
+      gather = 1 if mode == "device_gather1" else args.gather_batches
+      pipe = data.InputPipeline(
+        ds, cache=cache, staging=staging, gather_batches=gather, **common
+      )
       build = time.perf_counter() - t0
       if pipe.steps_per_epoch == 0:
         raise SystemExit(
@@ -389,9 +400,10 @@ def main(argv=None):
       else:
         time_pipeline(pipe, 1, 3)  # compile every bucket shape once
         time_pipeline(pipe, 1, args.max_steps)
-      epochs = args.device_epochs if mode == "device" else 1
+      on_device = mode.startswith("device")
+      epochs = args.device_epochs if on_device else 1
       r = time_pipeline(pipe, epochs, args.max_steps, args.window)
-      if mode == "device" and args.window:
+      if on_device and args.window:
         # The same with a wait on every batch (what earlier runs reported).
         r["tokens_per_s_window0"] = time_pipeline(
           pipe, epochs, args.max_steps, 0

@@ -71,10 +71,18 @@ def _device_memory_bytes(device) -> int:
   return max(0, limit - stats.get("bytes_in_use", 0))
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _device_batch_at(cache: dict, plan, step, seq_len: int) -> dict:
-  """The batch of row `step` of an on-device epoch plan [steps, B]."""
-  return _gather_batch(cache, plan[step], seq_len)
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _device_batches_at(
+  cache: dict, plan, first, count: int, seq_len: int
+) -> tuple:
+  """Batches of rows first .. first+count-1 of an on-device plan [steps, B].
+
+  One dispatch for `count` batches (one gather each, written straight into
+  its own output buffers): the host cost of a dispatch is shared.
+  """
+  return tuple(
+    _gather_batch(cache, plan[first + i], seq_len) for i in range(count)
+  )
 
 
 def _gather_batch(cache: dict, pos, seq_len: int) -> dict:
@@ -136,8 +144,12 @@ class InputPipeline:
     host_budget_bytes: int | None = None,
     progress: bool = True,
     staging: str = "direct",
+    gather_batches: int = 4,
   ):
     self.dataset = dataset
+    if gather_batches < 1:
+      raise ValueError(f"gather_batches must be >= 1, got {gather_batches}")
+    self.gather_batches = int(gather_batches)
     if staging not in STAGING_MODES:
       raise ValueError(f"staging={staging!r}; expected one of {STAGING_MODES}")
     self.staging = staging
@@ -451,26 +463,44 @@ class InputPipeline:
         self._pieces = pieces
     return self._pieces
 
-  def _device_plan(self, plan) -> list:
-    """The epoch's positions [steps, rows], uploaded once per device piece.
+  def _device_batches(self, plan) -> Iterator[dict]:
+    """The plan's batches gathered from the device-resident cache, in order.
 
-    Per step only a scalar step index then crosses to the device, instead of
-    a positions array: batch assembly costs one small dispatch.
+    The epoch's positions are uploaded once, grouped by bucket; a batch of
+    bucket b is gathered together with the next `gather_batches - 1` batches
+    of the same bucket in the plan (one dispatch for all of them), and each
+    is yielded at its own place in the plan. At most gather_batches - 1
+    gathered batches per bucket wait on the device.
     """
-    all_pos = np.stack([pos for _, pos in plan]).astype(np.int32)
-    return [
+    seq_lens = np.array([s for s, _ in plan])
+    order = np.argsort(seq_lens, kind="stable")  # steps grouped by bucket
+    row_of = np.empty(len(plan), np.int64)
+    row_of[order] = np.arange(len(plan))
+    all_pos = np.stack([plan[i][1] for i in order]).astype(np.int32)
+    # The rows of each bucket end where the next bucket's begin.
+    end_of = {}
+    for row, i in enumerate(order):
+      end_of[int(seq_lens[i])] = row + 1
+    plans = [
       (d, jax.device_put(all_pos[:, start:stop], d))
       for d, start, stop in self._device_pieces()
     ]
-
-  def _device_batch(self, seq_len: int, plans: list, step: int) -> dict:
-    """Gathers batch `step` of the epoch from the device-resident cache."""
-    i = np.int32(step)
-    parts = [
-      _device_batch_at(self._device_caches[d], plan, i, seq_len)
-      for d, plan in plans
-    ]
-    return self._global_batch(parts)
+    ready: dict[int, dict] = {}
+    for step, (seq_len, _) in enumerate(plan):
+      if step not in ready:
+        row = int(row_of[step])
+        count = min(self.gather_batches, end_of[seq_len] - row)
+        parts = [
+          _device_batches_at(
+            self._device_caches[d], p, np.int32(row), count, seq_len
+          )
+          for d, p in plans
+        ]
+        for i in range(count):
+          ready[int(order[row + i])] = self._global_batch(
+            [part[i] for part in parts]
+          )
+      yield ready.pop(step)
 
   def _global_batch(self, parts: list) -> dict:
     """One batch from the per-device pieces (in `_device_pieces` order)."""
@@ -493,11 +523,8 @@ class InputPipeline:
     if self.cache == "device":
       # Dispatch is asynchronous and the gather shares the device's stream
       # with the train step, so a prefetch thread would only add overhead.
-      if not plan:
-        return
-      plans = self._device_plan(plan)
-      for step, (seq_len, _) in enumerate(plan):
-        yield self._device_batch(seq_len, plans, step)
+      if plan:
+        yield from self._device_batches(plan)
       return
     if self.cache == "none" and self.readahead:
       # Warm the page cache with large sequential reads in the background
