@@ -5,8 +5,10 @@ r"""Trains a hidden-state adapter.
     [--config.batch_size=32 ...]
 
 Data parallel over a one-axis mesh: pmap-style data parallelism done the
-current way (jit with explicit shardings; params and optimizer state
-replicated, the batch split on 'data'). The run writes, in WORKDIR:
+current way (jit with explicit shardings, the batch split on 'data'); with
+several devices the float32 params and AdamW moments are split over them too
+(weight-update sharding, `config.shard_weight_update`; see sharding.py).
+The run writes, in WORKDIR:
 config.json, metrics.jsonl (one line per logged step and per epoch),
 history.json (the reference's per-epoch keys), training_curves.png and
 checkpoints/ (newest + best by validation loss). Started again on the same
@@ -294,6 +296,36 @@ def with_compute_params(state: TrainState, dtype: Any) -> TrainState:
   return state.replace(compute_params=compute_params(state.params, dtype))
 
 
+def state_shardings(
+  state: TrainState, mesh, *, shard_update: bool, min_size: int
+) -> TrainState:
+  """A TrainState of NamedShardings for `state` (arrays or abstract).
+
+  The step counter and the compute-dtype kernel copies are replicated (every
+  device runs the whole forward and backward); params and optimizer state
+  follow `sharding.weight_update_sharding` when `shard_update`, else are
+  replicated.
+  """
+  rep = sharding.replicated(mesh)
+
+  def layout(tree):
+    if not shard_update:
+      return jax.tree.map(lambda _: rep, tree)
+    return jax.tree.map(
+      lambda x: sharding.weight_update_sharding(
+        x.shape, mesh, min_size=min_size
+      ),
+      tree,
+    )
+
+  return state.replace(
+    step=rep,
+    params=layout(state.params),
+    opt_state=layout(state.opt_state),
+    compute_params=jax.tree.map(lambda _: rep, state.compute_params),
+  )
+
+
 def without_compute_params(state: TrainState) -> TrainState:
   """The checkpointed part of the state."""
   return state.replace(compute_params=None)
@@ -334,12 +366,15 @@ def train_step(
   schedule: Callable,
   loss_config: ml_collections.ConfigDict,
   ce_dtype: Any = jnp.float32,
+  grad_shardings: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One AdamW step on a global batch; pure (model etc. bound by partial).
 
   `lm_weight` is the frozen target LM head [V, D] for the token CE loss
   (None without it); it is an argument, not a closure, so it is not baked
-  into the compiled program as a constant.
+  into the compiled program as a constant. `grad_shardings` (the params'
+  shardings under weight-update sharding) constrains the gradients to the
+  optimizer's layout, so XLA reduce-scatters them instead of all-reducing.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
   mask = batch["mask"]
@@ -380,6 +415,11 @@ def train_step(
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       forward_params(state.params, fast)
     )
+  if grad_shardings is not None:
+    # Reduced in the gradients' own dtype (bf16 for the kernel copies), as
+    # the replicated layout's all-reduce is.
+    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+  if fast is not None:
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -679,9 +719,11 @@ def _load_lm_head(path: str, hidden_dim: int, mesh) -> jax.Array:
   )
 
 
-def _abstract(tree, shard):
+def _abstract(tree, shardings):
   return jax.tree.map(
-    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard), tree
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    tree,
+    shardings,
   )
 
 
@@ -802,7 +844,14 @@ def train_and_evaluate(
   init_fn = functools.partial(
     init_state, model=model, tx=tx, example_inputs=example
   )
-  abstract_state = _abstract(jax.eval_shape(init_fn, init_rng), rep)
+  layout = functools.partial(
+    state_shardings,
+    mesh=mesh,
+    shard_update=config.shard_weight_update,
+    min_size=config.shard_min_size,
+  )
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  abstract_state = _abstract(abstract_state, layout(abstract_state))
   ckpt = (
     checkpoint_lib.Checkpointer(
       workdir, async_save=config.checkpoint.async_save
@@ -822,13 +871,12 @@ def train_and_evaluate(
       )
     logging.info("resumed from step %d (epoch %d)", latest, meta["epoch"])
   else:
-    state = jax.jit(init_fn, out_shardings=rep)(init_rng)
-  state = jax.jit(
-    functools.partial(
-      with_compute_params, dtype=compute_dtype(config.model.dtype)
-    ),
-    out_shardings=rep,
-  )(state)
+    state = jax.jit(init_fn, out_shardings=layout(abstract_state))(init_rng)
+  add_copies = functools.partial(
+    with_compute_params, dtype=compute_dtype(config.model.dtype)
+  )
+  state_shard = layout(jax.eval_shape(add_copies, abstract_state))
+  state = jax.jit(add_copies, out_shardings=state_shard)(state)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   logging.info("%s: %d parameters, %d steps/epoch", spec.name, n_params, spe)
 
@@ -842,16 +890,17 @@ def train_and_evaluate(
       schedule=schedule,
       loss_config=config.loss,
       ce_dtype=ce_dtype,
+      grad_shardings=state_shard.params if config.shard_weight_update else None,
     ),
-    in_shardings=(rep, batch_shard, rep, rep),
-    out_shardings=(rep, rep),
+    in_shardings=(state_shard, batch_shard, rep, rep),
+    out_shardings=(state_shard, rep),
     donate_argnums=(0,),
   )
   p_eval_step = jax.jit(
     functools.partial(
       eval_step, model=model, spec=spec, loss_config=config.loss
     ),
-    in_shardings=(rep, batch_shard, rep),
+    in_shardings=(state_shard.params, batch_shard, rep),
     out_shardings=rep,
   )
 
@@ -905,10 +954,15 @@ def train_and_evaluate(
     meta["step"] = int(step)
     meta["config"] = config.to_dict()
     # Host copies: orbax then writes numpy arrays, with no per-array device
-    # slicing (each of which is a small XLA compile).
+    # slicing (each of which is a small XLA compile). Multi-host with the
+    # weight update sharded, no process holds every shard: orbax writes the
+    # global arrays from each process's shards instead.
+    saved = without_compute_params(state)
+    if all(x.is_fully_addressable for x in jax.tree.leaves(saved)):
+      saved = jax.device_get(saved)
     ckpt.save(
       step,
-      jax.device_get(without_compute_params(state)),
+      saved,
       _to_json(meta),
       val_loss=val_loss,
     )

@@ -108,13 +108,16 @@ def make_batch(name, batch, seq, hidden, rng):
   }
 
 
-def build_jax_step(name, hidden, dtype, mesh, batch_example, variant="full"):
+def build_jax_step(
+  name, hidden, dtype, mesh, batch_example, variant="full", shard_update=True
+):
   """Initial state and the jitted train step, as the trainer builds them.
 
   'full' is the trainer's own `train.train_step`. The other variants ablate
   it to see where the time goes: 'nodrop' (dropout off), 'grad' (forward +
   backward, no optimizer), 'fwd' (loss only), 'opt' (clip + AdamW on fixed
-  gradients).
+  gradients). The state is laid out as the trainer lays it out
+  (`train.state_shardings`; `shard_update` is config.shard_weight_update).
   """
   from egpt_align import train
   from egpt_align.configs import base
@@ -173,6 +176,9 @@ def build_jax_step(name, hidden, dtype, mesh, batch_example, variant="full"):
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, {"loss": loss}
 
+  layout = train.state_shardings(
+    state, mesh, shard_update=shard_update, min_size=config.shard_min_size
+  )
   if variant == "full":
     step_fn = functools.partial(
       train.train_step,
@@ -182,19 +188,30 @@ def build_jax_step(name, hidden, dtype, mesh, batch_example, variant="full"):
       tx=tx,
       schedule=schedule,
       loss_config=config.loss,
+      grad_shardings=layout.params if shard_update else None,
     )
   else:
     step_fn = ablated_step
   rep = sharding.replicated(mesh)
   bsh = sharding.batch_sharding(mesh)
-  state = jax.device_put(state, rep)
+  state = jax.device_put(state, layout)
   step = jax.jit(
     step_fn,
-    in_shardings=(rep, bsh, rep),
-    out_shardings=(rep, rep),
+    in_shardings=(layout, bsh, rep),
+    out_shardings=(layout, rep),
     donate_argnums=(0,),
   )
   return model, state, step
+
+
+def collective_counts(hlo_text):
+  """How many of each collective the compiled step runs."""
+  import re
+
+  kinds = ("all-reduce", "reduce-scatter", "all-gather")
+  return {
+    k: len(re.findall(rf" {k}(?:-start)?\(", hlo_text)) for k in kinds
+  }
 
 
 # Alternative implementations timed by --compare: name -> (enter, exit).
@@ -266,13 +283,25 @@ COMPARE = {
 
 
 def bench_jax(
-  name, batch, seq, hidden, dtype, devices, steps, windows, variant="full"
+  name,
+  batch,
+  seq,
+  hidden,
+  dtype,
+  devices,
+  steps,
+  windows,
+  variant="full",
+  shard_update=True,
 ):
   """Times our jitted step on `devices`; returns a result dict."""
   if variant in COMPARE:
     undo = COMPARE[variant]()
     try:
-      r = bench_jax(name, batch, seq, hidden, dtype, devices, steps, windows)
+      r = bench_jax(
+        name, batch, seq, hidden, dtype, devices, steps, windows,
+        shard_update=shard_update,
+      )  # fmt: skip
     finally:
       undo()
     r["impl"] += f" [{variant}]"
@@ -283,7 +312,9 @@ def bench_jax(
     k: v.astype(jnp.bfloat16) if v.dtype == np.float32 else v
     for k, v in host.items()
   }  # The input pipeline delivers states in the storage dtype (bf16).
-  model, state, step = build_jax_step(name, hidden, dtype, mesh, host, variant)
+  model, state, step = build_jax_step(
+    name, hidden, dtype, mesh, host, variant, shard_update
+  )
   bsh = sharding.batch_sharding(mesh)
   dev_batch = jax.device_put(host, bsh)
   from egpt_align import train
@@ -293,6 +324,7 @@ def bench_jax(
   t0 = time.perf_counter()
   compiled = step.lower(state, dev_batch, rng).compile()
   compile_s = time.perf_counter() - t0
+  collectives = collective_counts(compiled.as_text())
   xla_flops = None
   try:
     cost = compiled.cost_analysis()
@@ -338,6 +370,8 @@ def bench_jax(
     "tflops": flops / sec / 1e12,
     "compile_s": compile_s,
     "final_loss": loss,
+    "shard_update": bool(shard_update and len(devices) > 1),
+    "collectives": collectives,
   }
 
 
@@ -542,6 +576,12 @@ def main(argv=None):
     help="levels for the multi-device scaling table (e.g. l4,l5f)",
   )
   p.add_argument(
+    "--scaling_update",
+    default="sharded,replicated",
+    help="weight-update layouts for the scaling table: sharded (the "
+    "trainer's default, config.shard_weight_update) and/or replicated",
+  )
+  p.add_argument(
     "--ablate",
     default="",
     help="levels to time ablated steps for (fwd, grad, nodrop, opt)",
@@ -631,25 +671,33 @@ def main(argv=None):
     )
   scaling = []
   n_dev = jax.device_count()
+  modes = {"sharded": True, "replicated": False}
+  update_modes = [m for m in args.scaling_update.split(",") if m]
+  unknown = set(update_modes) - set(modes)
+  if unknown:
+    p.error(f"--scaling_update: unknown {sorted(unknown)}; known: {list(modes)}")
   for name in [x for x in args.scaling.split(",") if x]:
     counts = [n for n in (1, 2, 4, 8) if n <= n_dev]
     for n in counts:
       for label, b in (("fixed", args.batch), ("scaled", args.batch * n)):
         if label == "scaled" and n == 1:
           continue
-        r = bench_jax(
-          name,
-          b,
-          args.seq,
-          args.hidden,
-          dtype,
-          jax.devices()[:n],
-          args.steps,
-          args.windows,
-        )
-        r["batch_mode"] = label
-        scaling.append(r)
-        print(json.dumps(r), flush=True)
+        for mode in update_modes if n > 1 else update_modes[:1]:
+          r = bench_jax(
+            name,
+            b,
+            args.seq,
+            args.hidden,
+            dtype,
+            jax.devices()[:n],
+            args.steps,
+            args.windows,
+            shard_update=modes[mode],
+          )
+          r["batch_mode"] = label
+          r["update"] = mode if n > 1 else "-"
+          scaling.append(r)
+          print(json.dumps(r), flush=True)
   # The table.
   print()
   print("| level | impl | ms/step | tokens/s | TFLOP/s | of ceiling |")
@@ -666,14 +714,19 @@ def main(argv=None):
     )
   if scaling:
     print()
-    print("| level | devices | batch | ms/step | tokens/s | speedup vs 1 |")
-    print("|---|---|---|---|---|---|")
+    print(
+      "| level | devices | weight update | batch | ms/step | tokens/s | "
+      "speedup vs 1 | collectives (AR/RS/AG) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     base = {r["level"]: r for r in scaling if r["devices"] == 1}
     for r in scaling:
       sp = r["tokens_per_s"] / base[r["level"]]["tokens_per_s"]
+      c = r["collectives"]
       print(
-        f"| {r['level']} | {r['devices']} | {r['batch']} | {r['ms']:.2f} | "
-        f"{r['tokens_per_s']:,.0f} | {sp:.2f}x |"
+        f"| {r['level']} | {r['devices']} | {r['update']} | {r['batch']} | "
+        f"{r['ms']:.2f} | {r['tokens_per_s']:,.0f} | {sp:.2f}x | "
+        f"{c['all-reduce']}/{c['reduce-scatter']}/{c['all-gather']} |"
       )
   if args.out:
     os.makedirs(args.out, exist_ok=True)

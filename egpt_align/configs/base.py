@@ -25,6 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (XLA's RngBitGenerator: faster; masks depend on the device count).
   config.dropout_rng_impl = "auto"  # dropout masks: rbg on GPU, else threefry
   config.batch_size = 64  # global batch (all devices); reference 64
+  # Weight-update sharding (ZeRO-1, egpt_align/sharding.py): with several
+  # devices, split the float32 params and AdamW moments over them, reduce-
+  # scatter the gradients, update 1/n each, all-gather the bf16 kernels.
+  config.shard_weight_update = True  # False: everything replicated
+  config.shard_min_size = 65536  # smaller leaves (elements) stay replicated
   config.num_epochs = 50  # reference 50; also the cosine T_max
   config.early_stopping_patience = 10  # epochs w/o strict val-loss gain; 0=off
   config.log_every_steps = 50  # train metrics to host/JSONL every N steps
