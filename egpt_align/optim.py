@@ -135,6 +135,17 @@ def decay_mask(params, mode: str):
   )
 
 
+MU_DTYPES = ("float32", "bfloat16")
+
+
+def _moment_dtype(name: str):
+  if name not in MU_DTYPES:
+    raise ValueError(
+      f"config.optim.mu_dtype must be one of {MU_DTYPES}, got {name!r}"
+    )
+  return None if name == "float32" else jnp.dtype(name)
+
+
 def create_optimizer(
   config: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
 ) -> tuple[optax.GradientTransformation, Callable]:
@@ -154,6 +165,7 @@ def create_optimizer(
     eps=config.eps,
     weight_decay=config.weight_decay,
     mask=None if mode == "all" else (lambda p: decay_mask(p, mode)),
+    mu_dtype=_moment_dtype(config.get("mu_dtype", "float32")),
   )
   parts = []
   if config.clip_norm and config.clip_norm > 0:

@@ -151,3 +151,36 @@ def test_adamw_matches_torch_update_rule(mask):
   )
   for k in params:
     np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_first_moment_is_stored_in_bf16_and_tracks_float32():
+  rng = np.random.default_rng(1)
+  params = {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)}
+  grads = [
+    {"kernel": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)}
+    for _ in range(5)
+  ]
+  out = {}
+  for mu_dtype in ("float32", "bfloat16"):
+    tx, _ = optim.create_optimizer(
+      _optim_config(mu_dtype=mu_dtype), steps_per_epoch=5, num_epochs=1
+    )
+    state = tx.init(params)
+    p = params
+    for g in grads:
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    mus = [
+      x for x in jax.tree.leaves(state) if getattr(x, "shape", ()) == (8, 16)
+    ]
+    out[mu_dtype] = (p["kernel"], {x.dtype for x in mus})
+  assert out["float32"][1] == {jnp.dtype(jnp.float32)}
+  # mu in bf16, nu (second moment) still float32.
+  assert out["bfloat16"][1] == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+  assert out["bfloat16"][0].dtype == jnp.float32
+  diff = np.abs(np.asarray(out["bfloat16"][0] - out["float32"][0]))
+  assert 0 < diff.max() < 1e-4  # rounding of mu, at lr 1e-3 scale
+  with pytest.raises(ValueError, match="mu_dtype"):
+    optim.create_optimizer(
+      _optim_config(mu_dtype="float16"), steps_per_epoch=5, num_epochs=1
+    )

@@ -123,6 +123,7 @@ def build_jax_step(
   from egpt_align.configs import base
 
   config = base.get_config()
+  config.optim.update(_OPTIM_OVERRIDES)
   model = models.create_adapter(name, hidden_dim=hidden, dtype=dtype)
   spec = models.get_spec(name)
   tx, schedule = optim.create_optimizer(
@@ -273,12 +274,23 @@ def _use_materialized_pred():
   return lambda: setattr(train, "_forward", saved)
 
 
+# config.optim keys the timed step uses instead of the base config's.
+_OPTIM_OVERRIDES = {}
+
+
+def _use_bf16_mu():
+  _OPTIM_OVERRIDES["mu_dtype"] = "bfloat16"
+  return lambda: _OPTIM_OVERRIDES.pop("mu_dtype")
+
+
 COMPARE = {
   "two_pass_ln": _use_two_pass_ln,
   "materialized_pred": _use_materialized_pred,
   "autodiff_loss": _use_autodiff_loss,
   "threefry_dropout": _use_threefry,
   "cast_kernels_in_step": _cast_in_step,
+  # Opt-in rather than an older path: config.optim.mu_dtype=bfloat16.
+  "bf16_mu": _use_bf16_mu,
 }
 
 

@@ -106,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.b1 = 0.9  # Adam beta1 (torch default)
   config.optim.b2 = 0.999  # Adam beta2 (torch default)
   config.optim.eps = 1e-8  # Adam eps (torch default)
+  # AdamW first moment's storage; bfloat16 reads and writes 4 bytes less per
+  # parameter each step (the update math and second moment stay float32).
+  config.optim.mu_dtype = "float32"  # float32 (reference) | bfloat16
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.enabled = True  # orbax checkpoints in WORKDIR/checkpoints
