@@ -297,14 +297,20 @@ def with_compute_params(state: TrainState, dtype: Any) -> TrainState:
 
 
 def state_shardings(
-  state: TrainState, mesh, *, shard_update: bool, min_size: int
+  state: TrainState,
+  mesh,
+  *,
+  shard_update: bool,
+  min_size: int,
+  copies_replicated: bool = False,
 ) -> TrainState:
   """A TrainState of NamedShardings for `state` (arrays or abstract).
 
-  The step counter and the compute-dtype kernel copies are replicated (every
-  device runs the whole forward and backward); params and optimizer state
-  follow `sharding.weight_update_sharding` when `shard_update`, else are
-  replicated.
+  The step counter is replicated; params, optimizer state and the
+  compute-dtype kernel copies follow `sharding.weight_update_sharding` when
+  `shard_update` (the step all-gathers the copies at its start), else are
+  replicated. `copies_replicated` keeps the copies replicated even then (the
+  all-gather then happens at the end of the step, when they are written).
   """
   rep = sharding.replicated(mesh)
 
@@ -322,7 +328,11 @@ def state_shardings(
     step=rep,
     params=layout(state.params),
     opt_state=layout(state.opt_state),
-    compute_params=jax.tree.map(lambda _: rep, state.compute_params),
+    compute_params=(
+      jax.tree.map(lambda _: rep, state.compute_params)
+      if copies_replicated
+      else layout(state.compute_params)
+    ),
   )
 
 
@@ -407,14 +417,20 @@ def train_step(
     return loss, aux
 
   fast = state.compute_params
-  if fast is None:
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  else:
-    # Differentiate through the bf16 kernel copies; the model would have
-    # cast the float32 kernels to the same values before every matmul.
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      forward_params(state.params, fast)
+  # With bf16 compute, differentiate through the bf16 kernel copies; the
+  # model would have cast the float32 kernels to the same values before
+  # every matmul.
+  weights = forward_params(state.params, fast)
+  if grad_shardings is not None:
+    # Every device runs the whole forward and backward: all-gather the
+    # weights it holds a share of, here at the start of the step, where the
+    # scheduler can overlap the later layers' gathers with earlier compute.
+    mesh = jax.tree.leaves(grad_shardings)[0].mesh
+    rep = sharding.replicated(mesh)
+    weights = jax.lax.with_sharding_constraint(
+      weights, jax.tree.map(lambda _: rep, weights)
     )
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights)
   if grad_shardings is not None:
     # Reduced in the gradients' own dtype (bf16 for the kernel copies), as
     # the replicated layout's all-reduce is.

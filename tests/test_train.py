@@ -500,9 +500,7 @@ def _spec_of(sharding):
 def test_weight_update_sharding_layout():
   mesh = train.sharding.make_mesh()  # 8 devices
   state, _, _ = _l5_step_setup(jnp.bfloat16)
-  layout = train.state_shardings(
-    state, mesh, shard_update=True, min_size=64
-  )
+  layout = train.state_shardings(state, mesh, shard_update=True, min_size=64)
   params = layout.params["layers_0"]
   # [32, 96]: the leading axis divides by 8 -> split there (contiguous).
   assert _spec_of(params["attn"]["in_proj"]["kernel"]) == ("data", None)
@@ -510,14 +508,25 @@ def test_weight_update_sharding_layout():
   assert _spec_of(params["attn"]["in_proj"]["bias"]) == ("data",)
   assert _spec_of(params["attn_norm"]["scale"]) == ()
   assert _spec_of(layout.step) == ()
-  # The AdamW moments follow their params; the bf16 copies stay replicated.
-  mus = [
-    s for s in jax.tree.leaves(layout.opt_state) if _spec_of(s) == ("data", None)
-  ]
-  assert len(mus) == 2 * sum(
+  # The AdamW moments and the bf16 copies follow their params (or the copies
+  # stay replicated, gathered when written, with copies_replicated).
+  split = sum(
     _spec_of(s) == ("data", None) for s in jax.tree.leaves(layout.params)
   )
-  assert all(_spec_of(s) == () for s in jax.tree.leaves(layout.compute_params))
+  mus = [
+    s
+    for s in jax.tree.leaves(layout.opt_state)
+    if _spec_of(s) == ("data", None)
+  ]
+  assert len(mus) == 2 * split
+  copies = jax.tree.leaves(layout.compute_params)
+  assert sum(_spec_of(s) == ("data", None) for s in copies) == split
+  replicated_copies = train.state_shardings(
+    state, mesh, shard_update=True, min_size=64, copies_replicated=True
+  )
+  assert all(
+    _spec_of(s) == () for s in jax.tree.leaves(replicated_copies.compute_params)
+  )
   # A leaf no axis of which divides by 8 stays replicated.
   odd = train.sharding.weight_update_sharding((6, 10), mesh, min_size=1)
   assert _spec_of(odd) == ()
@@ -537,9 +546,13 @@ def test_sharded_weight_update_matches_replicated(dtype):
   state0, batch, step = _l5_step_setup(dtype)
   key = jax.random.PRNGKey(1)
   results = {}
-  for shard_update in (False, True):
+  for shard_update in (False, True, "copies_replicated"):
     layout = train.state_shardings(
-      state0, mesh, shard_update=shard_update, min_size=64
+      state0,
+      mesh,
+      shard_update=bool(shard_update),
+      min_size=64,
+      copies_replicated=shard_update == "copies_replicated",
     )
     fn = jax.jit(
       functools.partial(
@@ -557,20 +570,32 @@ def test_sharded_weight_update_matches_replicated(dtype):
     results[False],
     results[True],
   )
+  cr_state, cr_out, cr_hlo = results["copies_replicated"]
+  assert "all-gather" in cr_hlo
+  assert float(cr_out["loss"]) == pytest.approx(float(sh_out["loss"]), rel=1e-6)
+  _params_close(cr_state.params, sh_state.params, rtol=1e-6, atol=1e-7)
+
   # The optimizer's share really is split: each device holds 1/8 of a kernel
   # and of its moments.
-  kernel = sh_state.params["layers_0"]["attn"]["in_proj"]["kernel"]
-  assert kernel.addressable_shards[0].data.shape == (4, 96)
-  assert rep_state.params["layers_0"]["attn"]["in_proj"]["kernel"].addressable_shards[0].data.shape == (32, 96)  # fmt: skip
+  def local_shape(state):
+    kernel = state.params["layers_0"]["attn"]["in_proj"]["kernel"]
+    return kernel.addressable_shards[0].data.shape
+
+  assert local_shape(sh_state) == (4, 96)
+  assert local_shape(rep_state) == (32, 96)
   assert "all-gather" in sh_hlo and "all-gather" not in rep_hlo
   # Same arithmetic: only the order of float sums differs.
-  assert float(sh_out["loss"]) == pytest.approx(float(rep_out["loss"]), rel=1e-5)
+  assert float(sh_out["loss"]) == pytest.approx(
+    float(rep_out["loss"]), rel=1e-5
+  )
   _params_close(sh_state.params, rep_state.params, rtol=1e-4, atol=1e-6)
   if dtype == jnp.bfloat16:
     _params_close(
       train.compute_params(sh_state.params, jnp.bfloat16),
       sh_state.compute_params,
     )
+    copy = sh_state.compute_params["layers_0"]["attn"]["in_proj"]["kernel"]
+    assert copy.addressable_shards[0].data.shape == (4, 96)
 
 
 def test_sharded_run_resumes_on_another_device_count(reference_run, tmp_path):

@@ -109,7 +109,14 @@ def make_batch(name, batch, seq, hidden, rng):
 
 
 def build_jax_step(
-  name, hidden, dtype, mesh, batch_example, variant="full", shard_update=True
+  name,
+  hidden,
+  dtype,
+  mesh,
+  batch_example,
+  variant="full",
+  shard_update=True,
+  copies_replicated=False,
 ):
   """Initial state and the jitted train step, as the trainer builds them.
 
@@ -178,7 +185,11 @@ def build_jax_step(
     return new, {"loss": loss}
 
   layout = train.state_shardings(
-    state, mesh, shard_update=shard_update, min_size=config.shard_min_size
+    state,
+    mesh,
+    shard_update=shard_update,
+    min_size=config.shard_min_size,
+    copies_replicated=copies_replicated,
   )
   if variant == "full":
     step_fn = functools.partial(
@@ -210,9 +221,7 @@ def collective_counts(hlo_text):
   import re
 
   kinds = ("all-reduce", "reduce-scatter", "all-gather")
-  return {
-    k: len(re.findall(rf" {k}(?:-start)?\(", hlo_text)) for k in kinds
-  }
+  return {k: len(re.findall(rf" {k}(?:-start)?\(", hlo_text)) for k in kinds}
 
 
 # Alternative implementations timed by --compare: name -> (enter, exit).
@@ -305,6 +314,7 @@ def bench_jax(
   windows,
   variant="full",
   shard_update=True,
+  copies_replicated=False,
 ):
   """Times our jitted step on `devices`; returns a result dict."""
   if variant in COMPARE:
@@ -312,7 +322,7 @@ def bench_jax(
     try:
       r = bench_jax(
         name, batch, seq, hidden, dtype, devices, steps, windows,
-        shard_update=shard_update,
+        shard_update=shard_update, copies_replicated=copies_replicated,
       )  # fmt: skip
     finally:
       undo()
@@ -325,7 +335,7 @@ def bench_jax(
     for k, v in host.items()
   }  # The input pipeline delivers states in the storage dtype (bf16).
   model, state, step = build_jax_step(
-    name, hidden, dtype, mesh, host, variant, shard_update
+    name, hidden, dtype, mesh, host, variant, shard_update, copies_replicated
   )
   bsh = sharding.batch_sharding(mesh)
   dev_batch = jax.device_put(host, bsh)
@@ -591,7 +601,9 @@ def main(argv=None):
     "--scaling_update",
     default="sharded,replicated",
     help="weight-update layouts for the scaling table: sharded (the "
-    "trainer's default, config.shard_weight_update) and/or replicated",
+    "trainer's default, config.shard_weight_update; bf16 kernel copies "
+    "gathered at the step's start), sharded_gather_end (copies kept "
+    "replicated, gathered when written) and/or replicated",
   )
   p.add_argument(
     "--ablate",
@@ -683,11 +695,18 @@ def main(argv=None):
     )
   scaling = []
   n_dev = jax.device_count()
-  modes = {"sharded": True, "replicated": False}
+  # layout -> (shard_update, copies_replicated)
+  modes = {
+    "sharded": (True, False),
+    "sharded_gather_end": (True, True),
+    "replicated": (False, False),
+  }
   update_modes = [m for m in args.scaling_update.split(",") if m]
   unknown = set(update_modes) - set(modes)
   if unknown:
-    p.error(f"--scaling_update: unknown {sorted(unknown)}; known: {list(modes)}")
+    p.error(
+      f"--scaling_update: unknown {sorted(unknown)}; known: {list(modes)}"
+    )
   for name in [x for x in args.scaling.split(",") if x]:
     counts = [n for n in (1, 2, 4, 8) if n <= n_dev]
     for n in counts:
@@ -704,7 +723,8 @@ def main(argv=None):
             jax.devices()[:n],
             args.steps,
             args.windows,
-            shard_update=modes[mode],
+            shard_update=modes[mode][0],
+            copies_replicated=modes[mode][1],
           )
           r["batch_mode"] = label
           r["update"] = mode if n > 1 else "-"
