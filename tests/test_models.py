@@ -542,6 +542,35 @@ def test_dropout(name, perturbed):
   )
 
 
+@pytest.mark.parametrize("name", ["l4", "l5", "l5f"])
+def test_head_major_attention_equals_cache_layout(name, perturbed, monkeypatch):
+  # Full-sequence calls lay q|k|v out head-major; the KV-cache path keeps
+  # [B, S, H, Dh]. Same outputs, dropout masks and gradients either way.
+  from egpt_align.models import attention
+
+  model, params = perturbed[name]
+  x = _inputs(name)
+  kw = dict(mask=MASK, deterministic=False, rngs={"dropout": jax.random.key(4)})
+
+  def run():  # traced afresh each time (not the cached _apply)
+    def loss(p):
+      y = model.apply(p, *x, **kw)
+      return jnp.sum(jnp.where(MASK[..., None], y, 0.0) ** 2), y
+
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (_, y_a), g_a = run()
+  monkeypatch.setitem(attention._HEADS_FIRST, "on", False)
+  (_, y_b), g_b = run()
+  np.testing.assert_allclose(
+    np.asarray(y_a)[MASK], np.asarray(y_b)[MASK], rtol=1e-5, atol=1e-5
+  )
+  for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b), strict=True):
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5
+    )
+
+
 def _all_eqns(jaxpr):
   """Every equation of a jaxpr, recursing into sub-jaxprs (pjit, ...)."""
   for eqn in jaxpr.eqns:

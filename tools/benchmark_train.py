@@ -283,6 +283,13 @@ def _use_materialized_pred():
   return lambda: setattr(train, "_forward", saved)
 
 
+def _use_bshd_attention():
+  from egpt_align.models import attention
+
+  attention._HEADS_FIRST["on"] = False
+  return lambda: attention._HEADS_FIRST.update(on=True)
+
+
 # config.optim keys the timed step uses instead of the base config's.
 _OPTIM_OVERRIDES = {}
 
@@ -300,6 +307,7 @@ COMPARE = {
   "cast_kernels_in_step": _cast_in_step,
   # Opt-in rather than an older path: config.optim.mu_dtype=bfloat16.
   "bf16_mu": _use_bf16_mu,
+  "bshd_attention": _use_bshd_attention,
 }
 
 

@@ -84,6 +84,13 @@ def _write_rows(buf_BL, new_BT, pos_B):
   )(buf_BL, new_BT.astype(buf_BL.dtype), pos_B)
 
 
+# Full-sequence calls (training, evaluation) transpose q|k|v head-major once;
+# False makes them use the KV-cache path's [B, S, H, Dh] layout instead, which
+# XLA shuffles through several transposes (0.10-0.14 ms more per L4/L5/L5F
+# train step on an H100; tools/benchmark_train.py --variants bshd_attention).
+_HEADS_FIRST = {"on": True}
+
+
 class MultiHeadSelfAttention(nn.Module):
   """torch nn.MultiheadAttention (batch_first, bias) as self-attention."""
 
@@ -115,24 +122,30 @@ class MultiHeadSelfAttention(nn.Module):
       param_dtype=self.param_dtype,
       name="in_proj",
     )(x_BSD)
-    qkv = qkv.reshape(b, s, 3, h, dh)
-    q_BSHd, k_BSHd, v_BSHd = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     new_cache = None
-    if kv_cache is not None:
-      k_BSHd = _write_rows(kv_cache["k"], k_BSHd, position_B)
-      v_BSHd = _write_rows(kv_cache["v"], v_BSHd, position_B)
-      new_cache = {"k": k_BSHd, "v": v_BSHd}
-      k_BSHd = k_BSHd.astype(dtype)
-      v_BSHd = v_BSHd.astype(dtype)
-    logits = jnp.einsum(
-      "bqhd,bkhd->bhqk", q_BSHd, k_BSHd, preferred_element_type=jnp.float32
-    )
+    if kv_cache is None and _HEADS_FIRST["on"]:
+      # Full sequence: one explicit transpose of q|k|v to [3, B, H, S, Dh],
+      # the layout the batched attention matmuls read.
+      qkv = qkv.reshape(b, s, 3, h, dh).transpose(2, 0, 3, 1, 4)
+      q, k, v = qkv[0], qkv[1], qkv[2]
+      qk, pv = "bhqd,bhkd->bhqk", "bhqk,bhkd->bqhd"
+    else:
+      # [B, S, H, Dh], the KV cache's layout.
+      qkv = qkv.reshape(b, s, 3, h, dh)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      qk, pv = "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd"
+      if kv_cache is not None:
+        k = _write_rows(kv_cache["k"], k, position_B)
+        v = _write_rows(kv_cache["v"], v, position_B)
+        new_cache = {"k": k, "v": v}
+        k, v = k.astype(dtype), v.astype(dtype)
+    logits = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / math.sqrt(dh))
     if mask_BQK is not None:
       logits = jnp.where(mask_BQK[:, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v_BSHd)
+    out = jnp.einsum(pv, probs.astype(dtype), v)
     out = out.reshape(b, s, d)
     out = _dense(
       d,
