@@ -812,6 +812,7 @@ def train_and_evaluate(
     cache=config.data.cache,
     prefetch=config.data.prefetch,
     staging=config.data.staging,
+    gather_batches=config.data.gather_batches,
     fields=fields,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
