@@ -868,7 +868,8 @@ def train_and_evaluate(
     min_size=config.shard_min_size,
   )
   abstract_state = jax.eval_shape(init_fn, init_rng)
-  abstract_state = _abstract(abstract_state, layout(abstract_state))
+  init_shard = layout(abstract_state)
+  abstract_state = _abstract(abstract_state, init_shard)
   ckpt = (
     checkpoint_lib.Checkpointer(
       workdir, async_save=config.checkpoint.async_save
@@ -888,7 +889,7 @@ def train_and_evaluate(
       )
     logging.info("resumed from step %d (epoch %d)", latest, meta["epoch"])
   else:
-    state = jax.jit(init_fn, out_shardings=layout(abstract_state))(init_rng)
+    state = jax.jit(init_fn, out_shardings=init_shard)(init_rng)
   add_copies = functools.partial(
     with_compute_params, dtype=compute_dtype(config.model.dtype)
   )

@@ -379,23 +379,21 @@ def test_train_step_finite_with_zero_padding_outputs():
     assert np.all(np.isfinite(np.asarray(leaf)))
 
 
-def test_bf16_kernel_copies_leave_the_step_unchanged():
-  # A bf16-compute L5 (LayerNorms, pos_embed, biases, kernels): stepping with
-  # the optimizer-written bf16 kernel copies equals casting inside the model.
+def _l5_step_setup(dtype):
+  """A small L5 (state without kernel copies), a padded batch, its step."""
   config = base.get_config()
   model = models.create_adapter(
-    "l5", hidden_dim=32, num_heads=2, ffn_dim=64, max_seq_len=8,
-    dtype="bfloat16",
-  )  # fmt: skip
+    "l5", hidden_dim=32, num_heads=2, ffn_dim=64, max_seq_len=8, dtype=dtype
+  )
   spec = models.get_spec("l5")
   tx, schedule = train.optim.create_optimizer(
     config.optim, steps_per_epoch=4, num_epochs=1
   )
   rng = np.random.default_rng(0)
   batch = {
-    "source": jnp.asarray(rng.standard_normal((4, 8, 32)), jnp.bfloat16),
-    "target": jnp.asarray(rng.standard_normal((4, 8, 32)), jnp.bfloat16),
-    "mask": jnp.asarray(np.arange(8)[None] < np.array([[8], [5], [3], [8]])),
+    "source": rng.standard_normal((8, 8, 32)).astype(np.float32),
+    "target": rng.standard_normal((8, 8, 32)).astype(np.float32),
+    "mask": np.arange(8)[None] < rng.integers(1, 9, size=(8, 1)),
   }
   state = train.init_state(
     jax.random.PRNGKey(0),
@@ -403,6 +401,22 @@ def test_bf16_kernel_copies_leave_the_step_unchanged():
     tx=tx,
     example_inputs=(jnp.zeros((1, 8, 32)),),
   )
+  step = functools.partial(
+    train.train_step,
+    lm_weight=None,
+    model=model,
+    spec=spec,
+    tx=tx,
+    schedule=schedule,
+    loss_config=config.loss,
+  )
+  return state, batch, step
+
+
+def test_bf16_kernel_copies_leave_the_step_unchanged():
+  # A bf16-compute L5 (LayerNorms, pos_embed, biases, kernels): stepping with
+  # the optimizer-written bf16 kernel copies equals casting inside the model.
+  state, batch, step = _l5_step_setup(jnp.bfloat16)
   fast = train.with_compute_params(state, jnp.bfloat16)
   kinds = {
     "/".join(str(getattr(k, "key", k)) for k in path): leaf.dtype
@@ -417,17 +431,7 @@ def test_bf16_kernel_copies_leave_the_step_unchanged():
   copies = jax.tree.leaves(fast.compute_params)
   assert copies and all(x.dtype == jnp.bfloat16 for x in copies)
   assert train.with_compute_params(state, jnp.float32).compute_params is None
-  step = jax.jit(
-    functools.partial(
-      train.train_step,
-      lm_weight=None,
-      model=model,
-      spec=spec,
-      tx=tx,
-      schedule=schedule,
-      loss_config=config.loss,
-    )
-  )
+  step = jax.jit(step)
   key = jax.random.PRNGKey(1)
   for _ in range(3):
     state, out_a = step(state, batch, key)
@@ -459,40 +463,6 @@ def test_bf16_compute_checkpoints_hold_no_copies(tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
-def _l5_step_setup(dtype):
-  config = base.get_config()
-  model = models.create_adapter(
-    "l5", hidden_dim=32, num_heads=2, ffn_dim=64, max_seq_len=8, dtype=dtype
-  )
-  spec = models.get_spec("l5")
-  tx, schedule = train.optim.create_optimizer(
-    config.optim, steps_per_epoch=4, num_epochs=1
-  )
-  rng = np.random.default_rng(0)
-  batch = {
-    "source": rng.standard_normal((8, 8, 32)).astype(np.float32),
-    "target": rng.standard_normal((8, 8, 32)).astype(np.float32),
-    "mask": np.arange(8)[None] < rng.integers(1, 9, size=(8, 1)),
-  }
-  state = train.init_state(
-    jax.random.PRNGKey(0),
-    model=model,
-    tx=tx,
-    example_inputs=(jnp.zeros((1, 8, 32)),),
-  )
-  state = train.with_compute_params(state, dtype)
-  step = functools.partial(
-    train.train_step,
-    lm_weight=None,
-    model=model,
-    spec=spec,
-    tx=tx,
-    schedule=schedule,
-    loss_config=config.loss,
-  )
-  return state, batch, step
-
-
 def _spec_of(sharding):
   return tuple(sharding.spec)
 
@@ -500,6 +470,7 @@ def _spec_of(sharding):
 def test_weight_update_sharding_layout():
   mesh = train.sharding.make_mesh()  # 8 devices
   state, _, _ = _l5_step_setup(jnp.bfloat16)
+  state = train.with_compute_params(state, jnp.bfloat16)
   layout = train.state_shardings(state, mesh, shard_update=True, min_size=64)
   params = layout.params["layers_0"]
   # [32, 96]: the leading axis divides by 8 -> split there (contiguous).
@@ -544,6 +515,7 @@ def test_sharded_weight_update_matches_replicated(dtype):
   rep = train.sharding.replicated(mesh)
   bsh = train.sharding.batch_sharding(mesh)
   state0, batch, step = _l5_step_setup(dtype)
+  state0 = train.with_compute_params(state0, dtype)
   key = jax.random.PRNGKey(1)
   results = {}
   for shard_update in (False, True, "copies_replicated"):
