@@ -222,7 +222,8 @@ def tiny(tmp_path_factory):
   model.generation_config.pad_token_id = 0
   model.config.mm_visual_tower = CLIP  # resolved by the plugin
   model.save_pretrained(ckpts / "EventGPT-tiny")
-  tok.save_pretrained(ckpts / "EventGPT-tiny")
+  # Saved without <ev_patch>: the plugin adds it, as inference.py does.
+  tp.make_tokenizer().save_pretrained(ckpts / "EventGPT-tiny")
   events = [
     _write_events(root / f"ev{i}.npy", 200 + 70 * i, i) for i in range(2)
   ]
