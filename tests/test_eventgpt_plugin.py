@@ -401,39 +401,42 @@ def test_wrong_model_type_checkpoint(tiny, tmp_path):
     eg.make_backend(str(tmp_path), repo=REPO)
 
 
-@needs_repo
-def test_dump_tool_with_a_video_llava_target(tiny, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def target(tiny):
+  """A saved tiny Video-LLaVA target + a samples file for both models."""
   from tests.test_backends import _write_frames, make_video_llava
 
-  monkeypatch.setenv(eg.REPO_ENV, REPO)
+  root = tiny["root"]
   tok = tp.make_tokenizer()
   vl, ip = make_video_llava(tok, seed=2)
   # Every target id must be a drafter id (the drafter has 49).
   vl.resize_token_embeddings(len(tiny["tok"]))
-  vdir = tmp_path / "vl"
-  vl.save_pretrained(vdir)
-  tok.save_pretrained(vdir)
-  ip.save_pretrained(vdir)
-  _write_frames(tmp_path / "clip0", 4, seed=0)
-  samples = tmp_path / "s.jsonl"
+  vl.save_pretrained(root / "vl")
+  tok.save_pretrained(root / "vl")
+  ip.save_pretrained(root / "vl")
+  _write_frames(root / "clip0", 4, seed=0)
+  samples = root / "samples.jsonl"
   with open(samples, "w") as f:
     for i, q in enumerate(QUESTIONS):
-      media = {
-        "target": {"video": str(tmp_path / "clip0")},
-        "draft": {"events": f"ev{i}.npy"},  # relative to --media_root
-      }
+      media = {"target": {"video": "clip0"}, "draft": {"events": f"ev{i}.npy"}}
       f.write(json.dumps({"id": f"e{i}", "question": q, "media": media}) + "\n")
+  return {"spec": f"video_llava:{root / 'vl'}", "samples": str(samples)}
+
+
+@needs_repo
+def test_dump_tool_with_a_video_llava_target(
+  tiny, target, tmp_path, monkeypatch
+):
+  monkeypatch.setenv(eg.REPO_ENV, REPO)
   out = tmp_path / "ds"
   rc = dump.main(
     [
       "--target",
-      f"video_llava:{vdir}",
+      target["spec"],
       "--draft",
       f"tools.plugins.eventgpt:make_backend:{tiny['ckpt']}",
       "--samples",
-      str(samples),
-      "--media_root",
-      str(tiny["root"]),
+      target["samples"],
       "--out",
       str(out),
       "--num_frames",
@@ -461,3 +464,32 @@ def test_dump_tool_with_a_video_llava_target(tiny, tmp_path, monkeypatch):
     want = _repo_states(tiny, full, frames)[-toks.shape[1] :]
     np.testing.assert_allclose(rec["source"], want.numpy(), atol=1e-4)
     assert rec["source"].shape[1] == 4096
+
+
+@needs_repo
+def test_live_benchmark_drafts_with_eventgpt(
+  tiny, target, tmp_path, monkeypatch
+):
+  from tools import benchmark_sd as bench
+
+  out = tmp_path / "bench"
+  argv = [
+    f"--target={target['spec']}",
+    f"--draft=tools.plugins.eventgpt:make_backend:{tiny['ckpt']}",
+    f"--samples={target['samples']}",
+    "--warmup=0",
+    f"--max_new_tokens={NEW}",
+    "--gamma=2",
+    "--methods=baseline,draft_tokens",
+    "--bootstrap=0",
+    "--no_plots",
+    "--no_progress",
+    "--device=cpu",
+    f"--out={out}",
+  ]
+  monkeypatch.setenv(eg.REPO_ENV, REPO)
+  assert bench.main(argv) == 0
+  res = json.loads((out / "results.json").read_text())
+  agg = res["aggregate"]["draft_tokens"]
+  assert agg["n"] == 2 and agg["mismatched_samples"] == 0
+  assert agg["drafted"] > 0

@@ -160,8 +160,10 @@ def resolve_visual_tower(
 
   Looked for, in order: `visual_tower` (else $EVENTGPT_VISUAL_TOWER), the
   config's `mm_visual_tower` as a path, `REPO/checkpoints/NAME` (where the
-  repository looks when run from its root) and `NAME` beside the checkpoint
-  directory. A directory must hold config.json and preprocessor_config.json.
+  repository looks when run from its root), `NAME` beside the checkpoint
+  directory, and a hub id already in the local Hugging Face cache (nothing
+  is downloaded). A directory must hold config.json and
+  preprocessor_config.json.
   """
   given = visual_tower or os.environ.get(VISUAL_TOWER_ENV)
   if given:
@@ -186,12 +188,33 @@ def resolve_visual_tower(
       return os.path.abspath(path)
   if given:
     raise ValueError(f"EventGPT visual tower {given}: not a directory")
+  cached = _hub_cache_dir(name)
+  if cached is not None:
+    return cached
   raise ValueError(
     f"EventGPT visual tower {name!r} (mm_visual_tower in "
     f"{os.path.join(ckpt, 'config.json')}) not found; looked in "
-    f"{', '.join(dict.fromkeys(candidates))}; download that CLIP model and "
-    f"set {VISUAL_TOWER_ENV}=DIR"
+    f"{', '.join(dict.fromkeys(candidates))} and the local hub cache; "
+    f"download that CLIP model and set {VISUAL_TOWER_ENV}=DIR"
   )
+
+
+def _hub_cache_dir(name: str) -> str | None:
+  """The local Hugging Face cache snapshot of hub id `name`, if complete."""
+  if os.path.isabs(name) or name.count("/") != 1:
+    return None
+  try:
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(
+      name, local_files_only=True, allow_patterns=["*.json"]
+    )
+  except Exception:  # noqa: BLE001 - not cached (or no hub client): not found
+    return None
+  needed = ("config.json", "preprocessor_config.json")
+  if all(os.path.isfile(os.path.join(path, f)) for f in needed):
+    return path
+  return None
 
 
 def read_event_stream(path: str, sample_id: str = "?") -> int:
