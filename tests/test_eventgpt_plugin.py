@@ -392,6 +392,32 @@ def test_event_images_as_media(tiny, backend, tmp_path):
   assert gen.tokens[0, : int(gen.lengths[0])].tolist() == out[0].tolist()
   with pytest.raises(ValueError, match="sample z: EventGPT needs media"):
     backend.prompt_inputs({"id": "z", "question": "w1", "media": {}})
+  with pytest.raises(ValueError, match="sample y: media 'image' must be"):
+    backend.prompt_inputs(
+      {"id": "y", "question": "w1", "media": {"images": paths[0]}}
+    )
+
+
+@needs_repo
+def test_custom_prompt_template(tiny, backend):
+  parts = (backend.model, backend.tokenizer, backend.event_processor)
+  custom = eg.EventGPTBackend(
+    *parts, backend.api, prompt_template="USER: <event>\n{question} ASSISTANT:"
+  )
+  x = custom.prompt_inputs(
+    {"id": "c", "question": "w4", "media": {"events": tiny["events"][0]}}
+  )
+  ids = x["input_ids"][0]
+  text = ids[ids != tiny["api"].EVENT_TOKEN_INDEX].tolist()
+  assert (
+    text
+    == tiny["tok"]("USER:")["input_ids"]
+    + tiny["tok"]("w4 ASSISTANT:")["input_ids"][1:]
+  )
+  assert custom.provenance()["conv_mode"] is None
+  for bad in ("USER: {question}", "USER: <event> ASSISTANT:"):
+    with pytest.raises(ValueError, match="must contain '<event>' exactly"):
+      eg.EventGPTBackend(*parts, backend.api, prompt_template=bad)
 
 
 @needs_repo

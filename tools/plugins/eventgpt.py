@@ -297,10 +297,13 @@ class EventGPTBackend(bk.HFBackend):
       if self.custom_template
       else api.prepare_event_prompt("{question}", conv_mode)
     )
-    if self.prompt_template.count(api.DEFAULT_EVENT_TOKEN) != 1:
+    if (
+      self.prompt_template.count(api.DEFAULT_EVENT_TOKEN) != 1
+      or "{question}" not in self.prompt_template
+    ):
       raise ValueError(
         f"EventGPT prompt template must contain {api.DEFAULT_EVENT_TOKEN!r} "
-        f"exactly once: {self.prompt_template!r}"
+        f"exactly once and '{{question}}': {self.prompt_template!r}"
       )
     self.source = dict(source or {})
     self.patch_size = int(
@@ -345,7 +348,11 @@ class EventGPTBackend(bk.HFBackend):
       _, frames = api.process_event_data(path, self.event_processor, cpu)
     elif "image" in media or "images" in media:
       paths = media.get("images", [media.get("image")])
-      if not paths or not all(isinstance(p, str) for p in paths):
+      if (
+        not isinstance(paths, list)
+        or not paths
+        or not all(isinstance(p, str) for p in paths)
+      ):
         raise ValueError(
           f"sample {sample_id}: media 'image' must be a path, 'images' a "
           "non-empty list of paths"
