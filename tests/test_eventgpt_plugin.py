@@ -9,6 +9,9 @@ and compare the plugin with the checkout's own `generate` and forward.
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +83,42 @@ def test_checkout_without_model_file_names_it(tmp_path):
   msg = str(e.value)
   assert repo in msg and "model/EventChatModel.py is missing" in msg
   assert "\n" not in msg
+
+
+def test_unknown_checkout_version_and_module_clash(tmp_path):
+  """Run in a child process: the fake modules must not stay imported."""
+  repo = _fake_checkout(tmp_path / "old")  # EventChatModel.py defines nothing
+  code = (
+    "import sys, types\n"
+    "from tools.plugins import eventgpt as eg\n"
+    "def show(f):\n"
+    "  try:\n"
+    "    f()\n"
+    "  except ValueError as e:\n"
+    "    print(e)\n"
+    "sys.modules['model'] = types.ModuleType('model')\n"
+    "sys.modules['model'].__file__ = '/elsewhere/model.py'\n"
+    "show(lambda: eg.import_repo(eg.find_repo(sys.argv[1])))\n"
+    "del sys.modules['model']\n"
+    "show(lambda: eg.import_repo(eg.find_repo(sys.argv[1])))\n"
+  )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [sys.executable, "-c", code, repo],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.splitlines()
+  assert out[0] == (
+    f"cannot import EventGPT from {repo}: a module 'model' is already "
+    "imported from /elsewhere/model.py"
+  )
+  assert out[1].startswith(
+    f"EventGPT checkout {repo}: model/EventChatModel.py defines no "
+    "'EventChatModel' (a version this plugin does not know"
+  )
+  assert len(out) == 2
 
 
 def test_checkpoint_without_config_names_it(tmp_path):
@@ -418,6 +457,22 @@ def test_custom_prompt_template(tiny, backend):
   for bad in ("USER: {question}", "USER: <event> ASSISTANT:"):
     with pytest.raises(ValueError, match="must contain '<event>' exactly"):
       eg.EventGPTBackend(*parts, backend.api, prompt_template=bad)
+
+
+@needs_repo
+def test_checkpoint_missing_weights_names_them(tiny, tmp_path):
+  from safetensors.torch import load_file, save_file
+
+  ckpt = tmp_path / "partial"
+  shutil.copytree(tiny["ckpt"], ckpt)
+  weights = load_file(ckpt / "model.safetensors")
+  del weights["model.feature_adaptor.weight"]
+  save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError) as e:
+    eg.make_backend(str(ckpt), repo=REPO, visual_tower=tiny["clip"])
+  msg = str(e.value)
+  assert msg.startswith(f"EventGPT checkpoint {ckpt}: no weights for 1 ")
+  assert "model.feature_adaptor.weight" in msg
 
 
 @needs_repo

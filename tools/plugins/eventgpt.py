@@ -58,6 +58,28 @@ REPO_FILES = (
 )
 # Top-level names the checkout's modules import each other by.
 REPO_PACKAGES = ("model", "common", "dataset")
+# What the plugin uses from each of those files.
+REPO_API = {
+  "model/EventChatModel.py": ("EventChatModel",),
+  "common/common.py": (
+    "tokenizer_event_token",
+    "process_event_data",
+    "load_image",
+  ),
+  "dataset/conversation.py": ("prepare_event_prompt", "conv_templates"),
+  "dataset/constants.py": (
+    "EVENT_TOKEN_INDEX",
+    "DEFAULT_EVENT_TOKEN",
+    "DEFAULT_EVENT_PATCH_TOKEN",
+    "DEFAULT_EV_START_TOKEN",
+    "DEFAULT_EV_END_TOKEN",
+  ),
+}
+MODEL_METHODS = (
+  "prepare_inputs_labels_for_multimodal",
+  "get_model",
+  "get_visual_tower",
+)
 CHECKED_COMMIT = "5987c0042f5647b167916e7e659a617cd00950d5"
 MODEL_TYPE = "EventChat_llama"
 CONV_MODE = "eventgpt_v1"
@@ -138,19 +160,29 @@ def import_repo(repo: str) -> types.SimpleNamespace:
         f"cannot import EventGPT from {repo}: {name!r} resolved to "
         f"{sys.modules[name]!r}"
       )
-  return types.SimpleNamespace(
-    EventChatModel=chat.EventChatModel,
-    prepare_event_prompt=conversation.prepare_event_prompt,
-    conv_templates=conversation.conv_templates,
-    tokenizer_event_token=common.tokenizer_event_token,
-    process_event_data=common.process_event_data,
-    load_image=common.load_image,
-    EVENT_TOKEN_INDEX=constants.EVENT_TOKEN_INDEX,
-    DEFAULT_EVENT_TOKEN=constants.DEFAULT_EVENT_TOKEN,
-    DEFAULT_EVENT_PATCH_TOKEN=constants.DEFAULT_EVENT_PATCH_TOKEN,
-    DEFAULT_EV_START_TOKEN=constants.DEFAULT_EV_START_TOKEN,
-    DEFAULT_EV_END_TOKEN=constants.DEFAULT_EV_END_TOKEN,
-  )
+  modules = {
+    "model/EventChatModel.py": chat,
+    "common/common.py": common,
+    "dataset/conversation.py": conversation,
+    "dataset/constants.py": constants,
+  }
+  api = {}
+  for rel, names in REPO_API.items():
+    for name in names:
+      if not hasattr(modules[rel], name):
+        raise ValueError(
+          f"EventGPT checkout {repo}: {rel} defines no {name!r} (a version "
+          f"this plugin does not know; it was checked at {CHECKED_COMMIT})"
+        )
+      api[name] = getattr(modules[rel], name)
+  for name in MODEL_METHODS:
+    if not callable(getattr(api["EventChatModel"], name, None)):
+      raise ValueError(
+        f"EventGPT checkout {repo}: model/EventChatModel.py's EventChatModel "
+        f"has no {name!r} (a version this plugin does not know; it was "
+        f"checked at {CHECKED_COMMIT})"
+      )
+  return types.SimpleNamespace(**api)
 
 
 def resolve_visual_tower(
