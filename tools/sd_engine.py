@@ -210,7 +210,9 @@ class SDConfig:
         f"overlap must be auto, thread or sequential, not {self.overlap!r}"
       )
     if self.runtime not in RUNTIMES:
-      raise ValueError(f"runtime must be one of {RUNTIMES}, not {self.runtime!r}")
+      raise ValueError(
+        f"runtime must be one of {RUNTIMES}, not {self.runtime!r}"
+      )
 
   @property
   def k_prefill(self) -> int:
@@ -268,9 +270,7 @@ class _Target:
   setting `length`. Without one, the HF cache is cropped.
   """
 
-  def __init__(
-    self, backend: Backend, timer: Timer, max_states: int, lm=None
-  ):
+  def __init__(self, backend: Backend, timer: Timer, max_states: int, lm=None):
     self.b = backend
     self.timer = timer
     self.device = torch.device(backend.device)
@@ -751,7 +751,7 @@ class Models:
     lm = self._static.get(key)
     if lm is not None and lm.max_len >= needed:
       return lm
-    if self.fast_notes.get(role, "static") != "static":
+    if self.fast_notes.get(role, "static").startswith("eager fallback"):
       return None  # unsupported: known already
     self._static.pop(key, None)  # free the old buffers and graphs first
     try:
@@ -764,7 +764,7 @@ class Models:
     except static_kv.Unsupported as e:
       self.fast_notes[role] = f"eager fallback: {e}"
       return None
-    self.fast_notes[role] = "static"
+    self.fast_notes[role] = f"static ({lm.mode})"
     self._static[key] = lm
     return lm
 
@@ -791,7 +791,7 @@ class Models:
       lengths=lengths,
     )
     self._static[key] = sa
-    self.fast_notes[f"adapter:{adapter.name}"] = "static"
+    self.fast_notes[f"adapter:{adapter.name}"] = f"static ({sa.mode})"
     return sa
 
 

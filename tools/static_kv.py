@@ -26,6 +26,7 @@ cached step and the target's LM head + argmax in one captured graph.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -118,9 +119,7 @@ def _fused_bias(linears: Sequence[torch.nn.Linear]) -> torch.Tensor | None:
     return None
   return torch.cat(
     [
-      b.detach()
-      if b is not None
-      else m.weight.new_zeros(m.weight.shape[0])
+      b.detach() if b is not None else m.weight.new_zeros(m.weight.shape[0])
       for m, b in zip(linears, biases, strict=True)
     ]
   )
@@ -158,6 +157,45 @@ def _layer_step(
   gu = F.linear(h, wgu)
   inter = gu.shape[-1] // 2
   return x + F.linear(act(gu[:, :inter]) * gu[:, inter:], wd, bd)
+
+
+def _capture(owner, lengths, compile_layers: bool) -> StepGraphs:
+  """StepGraphs of owner._forward, trying the fastest mode first.
+
+  Modes: 'graphs+compile' (CUDA graphs of compiled layers), 'graphs',
+  'eager' (no graphs, e.g. on CPU). A mode that fails to compile or capture
+  falls back to the next with a warning; `owner.mode` records the result.
+  """
+  modes = []
+  if torch.device(owner.device).type == "cuda":
+    if compile_layers and hasattr(owner, "_layer"):
+      modes.append("graphs+compile")
+    modes.append("graphs")
+  modes.append("eager")
+  for mode in modes:
+    if hasattr(owner, "_layer"):
+      owner._layer = _cuda_compile(
+        _layer_step, owner.device, mode == "graphs+compile"
+      )
+    try:
+      graphs = StepGraphs(
+        owner._forward,
+        owner._example,
+        () if mode == "eager" else lengths,
+        owner.device,
+      )
+    except Exception as e:  # noqa: BLE001 - any failure: the next mode
+      if mode == "eager":
+        raise
+      warnings.warn(
+        f"{type(owner).__name__}: {mode} failed ({type(e).__name__}: {e}); "
+        "falling back",
+        stacklevel=3,
+      )
+      continue
+    owner.mode = mode
+    return graphs
+  raise AssertionError("unreachable")
 
 
 class StepGraphs:
@@ -244,6 +282,8 @@ class StaticLM:
     # One activation object and eps for all layers: the compiled layer
     # guards on them, so every layer reuses one compilation.
     act = layers[0].mlp.act_fn
+    if type(act).__name__ in ("SiLU", "SiLUActivation"):
+      act = F.silu  # the same object for every model: one compilation
     eps = float(layers[0].input_layernorm.variance_epsilon)
     self.dims = (heads, kv_heads, head_dim, float(attn0.scaling), eps, act)
     self.max_len = int(max_len)
@@ -272,7 +312,7 @@ class StaticLM:
       )
       if m.gate_proj.bias is not None or m.up_proj.bias is not None:
         raise Unsupported("MLP biases on gate/up are not supported")
-      if type(m.act_fn) is not type(act) or (
+      if type(m.act_fn) is not type(layers[0].mlp.act_fn) or (
         layer.input_layernorm.variance_epsilon != eps
       ):
         raise Unsupported("layers differ in activation or RMSNorm eps")
@@ -283,10 +323,8 @@ class StaticLM:
     cos, sin = model.rotary_emb(self.k[0, 0, 0], positions[None])
     self.cos, self.sin = cos[0], sin[0]  # [max_len, Dh], model dtype
     self.positions = positions
-    self._layer = _cuda_compile(_layer_step, self.device, compile_layers)
-    self.graphs = StepGraphs(
-      self._forward, self._example, lengths, self.device
-    )
+    self._layer = _layer_step
+    self.graphs = _capture(self, lengths, compile_layers)
 
   def _example(self, steps: int) -> tuple:
     ids = torch.zeros((1, steps), dtype=torch.long, device=self.device)
@@ -363,9 +401,7 @@ class StaticAdapter:
     self.k, self.v = module.static_cache(max_len, device, dtype)
     self.max_len = int(max_len)
     self.positions = torch.arange(self.max_len, device=self.device)
-    self.graphs = StepGraphs(
-      self._forward, self._example, lengths, self.device
-    )
+    self.graphs = _capture(self, lengths, False)
 
   def _example(self, steps: int) -> tuple:
     dim = self.k.shape[2] * self.k.shape[4]
