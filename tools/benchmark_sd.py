@@ -964,9 +964,36 @@ def build_parser() -> argparse.ArgumentParser:
     help="start no new sample after this many seconds (results are still "
     "written for the samples done)",
   )
+  out.add_argument(
+    "--profile",
+    action="store_true",
+    help="after the run, trace one sample of baseline and of each decode "
+    "method on the first runtime with torch.profiler: per-kernel table in "
+    "profile.txt",
+  )
   out.add_argument("--no_plots", action="store_true")
   out.add_argument("--no_progress", action="store_true")
   return p
+
+
+def profile_methods(path, models, methods, t_in, d_in, cfg) -> None:
+  """Per-kernel device time of one sample per method (torch.profiler)."""
+  from torch.profiler import ProfilerActivity, profile
+
+  acts = [ProfilerActivity.CPU]
+  if torch.cuda.is_available():
+    acts.append(ProfilerActivity.CUDA)
+  with open(path, "w") as f:
+    for m in methods:
+      with profile(activities=acts) as prof:
+        r = sd.run_method(m, models, t_in, d_in, cfg)
+      key = "self_cuda_time_total" if len(acts) > 1 else "self_cpu_time_total"
+      f.write(
+        f"## {m} ({cfg.runtime} runtime): {len(r.tokens)} tokens, "
+        f"{r.iterations} iterations, decode {r.decode_ms:.2f} ms\n"
+      )
+      f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+      f.write("\n\n")
 
 
 def _git_commit() -> str | None:
@@ -1333,6 +1360,15 @@ def run(args: argparse.Namespace) -> dict:
     "per_sample": per_sample,
     "out": args.out,
   }
+  if args.profile:
+    profile_methods(
+      os.path.join(args.out, "profile.txt"),
+      models,
+      [m for m in methods if sd.parse_method(m)[0] in ("baseline", "decode")],
+      t_in,
+      d_in,
+      dataclasses.replace(cfg, runtime=runtimes[0]),
+    )
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   write_report(os.path.join(args.out, "report.md"), results)
