@@ -382,3 +382,248 @@ def test_per_method_functions(target_model):
   assert sd.draft_tokens(models, ti, ti, cfg).tokens == base
   r = sd.prefill_hiding(models, "l4", ti, ti, cfg)
   assert r.tokens == base and r.accepted == r.drafted == 2
+
+
+# ----------------------------------------------------------------------------
+# The fast runtime (static KV buffers) against the eager one, and what each
+# model was fed.
+
+
+class RecordingBackend(TokenPromptBackend):
+  """Logs every call as (who, cache position, token ids), on both runtimes."""
+
+  def __init__(self, model, log, who, eos=2):
+    super().__init__(model, model_id="tiny", eos_token_id=eos)
+    self.log, self.who = log, who
+
+  def forward(self, inputs=None, *, input_ids=None, past_key_values=None, **kw):
+    if inputs is not None:
+      pos, ids = 0, inputs["input_ids"]
+    else:
+      pos, ids = cache_length(past_key_values), input_ids
+    self.log.append((self.who, pos, ids.reshape(-1).tolist()))
+    return super().forward(
+      inputs, input_ids=input_ids, past_key_values=past_key_values, **kw
+    )
+
+  def static_decoder(self, max_len, **options):
+    lm = super().static_decoder(max_len, **options)
+    step = lm.step
+
+    def logged(ids, position):
+      self.log.append((self.who, position, ids.reshape(-1).tolist()))
+      return step(ids, position)
+
+    lm.step = logged
+    return lm
+
+
+class RecordingAdapter(torch.nn.Module):
+  """Logs the position and input states of every adapter step."""
+
+  def __init__(self, inner, log, who):
+    super().__init__()
+    self.inner = inner
+    self.log, self.who = log, who
+    self.max_seq_len = getattr(inner, "max_seq_len", 256)
+    if hasattr(inner, "static_step"):
+      self.static_step = self._static_step
+
+  def init_cache(self, *args, **kw):
+    return self.inner.init_cache(*args, **kw)
+
+  def truncate(self, cache, length):
+    return self.inner.truncate(cache, length)
+
+  def static_cache(self, *args, **kw):
+    return self.inner.static_cache(*args, **kw)
+
+  def decode_step(self, *inputs, cache, position=None):
+    self.log.append((self.who, position, [x[0].clone() for x in inputs]))
+    return self.inner.decode_step(*inputs, cache=cache, position=position)
+
+  def _static_step(self, *inputs, k_cache, v_cache, positions):
+    pos = int(positions[0])
+    self.log.append((self.who, pos, [x[0].clone() for x in inputs]))
+    return self.inner.static_step(
+      *inputs, k_cache=k_cache, v_cache=v_cache, positions=positions
+    )
+
+
+def _check_fed(log, who, truths, same):
+  """What `who` attends to at each call is true, or drafted this round.
+
+  A round ends with each target forward (its verification). At every call
+  of `who` at position p, each cached entry x < p is either the truth
+  (accepted token / true state) or was written in the current round: an
+  entry that verification rejected must be rolled back before the next
+  round reads it. The target itself never reads an unverified entry.
+  `truths[s]` is the truth of input stream s, `same(a, b)` compares two.
+  """
+  seen = None  # per stream: [(value, round)]
+  rnd = 0
+  for i, (name, pos, items) in enumerate(log):
+    if name != who:
+      if name == "target":
+        rnd += 1
+      continue
+    if seen is None:
+      seen = [[] for _ in truths]
+    for s, (values, truth) in enumerate(
+      zip(items_of(items, truths), truths, strict=True)
+    ):
+      prev = seen[s][:pos]
+      assert len(prev) == pos, (who, i, "position past the fed entries")
+      for x, (v, r) in enumerate(prev):
+        ok = same(v, truth[x]) or (r == rnd and who != "target")
+        assert ok, (who, i, f"reads a stale entry at {x} from round {r}")
+      seen[s] = prev + [(v, rnd) for v in values]
+    if name == "target":
+      rnd += 1
+
+
+def items_of(items, truths):
+  """A token list is one stream; adapters log one tensor per stream."""
+  return [items] if len(truths) == 1 and isinstance(items[0], int) else items
+
+
+def _verifications(log, truth):
+  """(drafts, accepted) of each target call with drafts, from its inputs."""
+  out = []
+  for name, pos, ids in log:
+    if name != "target" or pos == 0 or len(ids) == 1:
+      continue
+    k, j = len(ids) - 1, 0
+    while (
+      j < k and pos + 1 + j < len(truth) and ids[1 + j] == truth[pos + 1 + j]
+    ):
+      j += 1
+    out.append((k, j))
+  return out
+
+
+def _true_states(model, prompt, tokens):
+  """h[t] of `model` teacher-forced on prompt + tokens (t = 0..len-1)."""
+  with torch.no_grad():
+    ids = torch.tensor([prompt + tokens[:-1]])
+    out = model.model(input_ids=ids)
+  return out.last_hidden_state[0, len(prompt) - 1 :]
+
+
+def _close(a, b):
+  return bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
+
+
+@pytest.fixture(scope="module")
+def recording(target_model, noisy_model):
+  """Recording target + noisy drafter, random and oracle-like adapters."""
+  log = []
+  tb = RecordingBackend(copy.deepcopy(target_model), log, "target")
+  db = RecordingBackend(copy.deepcopy(noisy_model), log, "drafter")
+  adapters = {
+    k: _adapter(k, alpha=1.0) for k in ("l2", "l4", "b1", "l5", "l5f")
+  }
+  # Next-state predictors from the noisy model: right often, not always,
+  # and never exactly the target's states (partial accepts, and a kept
+  # prediction is told apart from a true state).
+  noisy = _backend(copy.deepcopy(noisy_model))
+  for kind, stream in (("b1", "target"), ("l5", "source"), ("l5f", "target")):
+    adapters[f"o{kind}"] = sd.Adapter(
+      f"o{kind}",
+      kind,
+      OracleNext(noisy, stream),
+      torch.device("cpu"),
+      torch.float32,
+    )
+  for name, ad in adapters.items():
+    if ad.kind in sd.DECODE_ADAPTERS:
+      ad.module = RecordingAdapter(ad.module, log, name)
+  return sd.Models(tb, db, adapters), log
+
+
+FED_METHODS = (
+  "draft_tokens",
+  "prefill_hiding:l4",
+  "decode:b1",
+  "decode:l5f",
+  "decode:ob1",
+  "decode:ol5",
+  "decode:ol5f",
+  "two_phase:l2+l5",
+  "two_phase:l4+ol5f",
+  "two_phase:l4+ob1",
+)
+
+
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_every_model_is_fed_only_accepted_text(
+  recording, target_model, noisy_model, runtime
+):
+  """Partial accepts: what target, drafter and adapter saw at every step.
+
+  After every rollback each model attends only to accepted tokens (target
+  and drafter) or to the true states of accepted positions (adapters); the
+  acceptance counts follow from the drafts the target was fed.
+  """
+  models, log = recording
+  tb, db = models.target, models.drafter
+  cfg = sd.SDConfig(
+    gamma=4, max_new_tokens=20, eos_token_ids=(), runtime=runtime
+  )
+  partial = {}
+  for seed in (11, 12):
+    s = _prompt(seed)
+    prompt = s["input_ids"]
+    ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+    for o in ("ob1", "ol5", "ol5f"):
+      models.adapters[o].module.inner.prompt = ti
+    base = sd.run_method("baseline", models, ti, None, cfg).tokens
+    truth = prompt + base
+    h_t = _true_states(target_model, prompt, base)
+    h_d = _true_states(noisy_model, prompt, base)
+    for m in FED_METHODS:
+      log.clear()
+      r = sd.run_method(m, models, ti, di, cfg)
+      assert r.tokens == base, (m, runtime)
+      _check_fed(log, "target", [truth], int.__eq__)
+      _check_fed(log, "drafter", [truth], int.__eq__)
+      assert _verifications(log, truth) == [
+        (k, acc) for _, k, acc in r.per_iteration
+      ], m
+      kind, names = sd.parse_method(m)
+      if kind in ("decode", "two_phase"):
+        ad = models.adapters[names[-1]]
+        truths = [
+          {"source": h_d, "target": h_t}[x] for x in sd.DECODE_INPUTS[ad.kind]
+        ]
+        assert any(x[0] == names[-1] for x in log), m
+        _check_fed(log, names[-1], truths, _close)
+      partial[m] = partial.get(m, 0) + sum(
+        0 < acc < k for _, k, acc in r.per_iteration
+      )
+  for m in ("draft_tokens", "decode:ob1", "decode:ol5", "decode:ol5f"):
+    assert partial[m] > 0, (m, partial)
+  if runtime == "fast":
+    assert models.fast_notes["target"].startswith("static")
+    assert models.fast_notes["drafter"].startswith("static")
+    assert models.fast_notes["adapter:b1"].startswith("static")
+
+
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_eos_as_first_token_ends_generation(target_model, runtime):
+  tb0 = _backend(target_model)
+  s = _prompt(90)
+  y0 = _greedy_no_cache(target_model, s["input_ids"], 1, eos=())[0]
+  log = []
+  tb = RecordingBackend(copy.deepcopy(target_model), log, "target", eos=y0)
+  db = RecordingBackend(copy.deepcopy(target_model), log, "drafter", eos=y0)
+  adapters = {k: _adapter(k) for k in ("l4", "b1", "l5f")}
+  models = sd.Models(tb, db, adapters)
+  cfg = sd.SDConfig(gamma=3, max_new_tokens=10, runtime=runtime)
+  ti = tb0.prompt_inputs(s)
+  for m in ("baseline", "draft_tokens", "prefill_hiding:l4", "decode:b1"):
+    log.clear()
+    r = sd.run_method(m, models, ti, ti, cfg)
+    assert r.tokens == [y0], m
+    assert r.iterations == 0 and r.drafted == 0, m
+    assert [x[1] for x in log if x[0] == "target"] == [0], m  # prefill only
