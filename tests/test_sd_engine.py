@@ -627,3 +627,56 @@ def test_eos_as_first_token_ends_generation(target_model, runtime):
     assert r.tokens == [y0], m
     assert r.iterations == 0 and r.drafted == 0, m
     assert [x[1] for x in log if x[0] == "target"] == [0], m  # prefill only
+
+
+def test_static_lm_rollback_never_reads_stale_entries(target_model):
+  """Rolled-back positions hold garbage; the next steps must not see it."""
+  from tools import static_kv
+
+  model = copy.deepcopy(target_model)
+  tb = _backend(model)
+  s = _prompt(95)
+  prompt = s["input_ids"]
+  with torch.inference_mode():
+    lm = tb.static_decoder(64)
+    _, _, cache = tb.forward(tb.prompt_inputs(s), logits_to_keep=1)
+    p = len(prompt)
+    lm.load_prefix(cache, p)
+    lm.step(torch.tensor([[7, 8, 9]]), p)  # three drafts
+    # Keep one, reject two: garbage beyond p + 1 (finite, so a masked-out
+    # entry contributes exactly zero), then two new tokens at p + 1.
+    g = torch.Generator().manual_seed(0)
+    for buf in (lm.k, lm.v):
+      stale = buf[:, :, :, p + 1 :]
+      stale.copy_(1e3 * torch.randn(stale.shape, generator=g))
+    h, ids = lm.step(torch.tensor([[10, 11]]), p + 1)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor([prompt + [7, 10, 11]]))
+    ref = model.model(input_ids=torch.tensor([prompt + [7, 10, 11]]))
+  torch.testing.assert_close(
+    h, ref.last_hidden_state[0, -2:], atol=1e-5, rtol=1e-5
+  )
+  assert ids.tolist() == out.logits[0, -2:].argmax(-1).tolist()
+  assert isinstance(lm, static_kv.StaticLM) and lm.mode == "eager"
+
+
+def test_static_adapter_rollback_never_reads_stale_entries():
+  from tools import static_kv
+
+  for kind in ("b1", "l5f"):
+    ad = _adapter(kind, alpha=1.0)
+    w = torch.randn(V, D)
+    n_in = len(sd.DECODE_INPUTS[kind])
+    xs = [torch.randn(1, 6, D) for _ in range(n_in)]
+    with torch.inference_mode():
+      sa = static_kv.StaticAdapter(
+        ad.module, w, n_in, 16, device="cpu", dtype=torch.float32
+      )
+      sa.step([x[:, :4] for x in xs], 0)
+      for buf in (sa.k, sa.v):
+        buf[:, :, :, 2:].copy_(1e3 * torch.randn(buf[:, :, :, 2:].shape))
+      y, tok = sa.step([x[:, 2:6] for x in xs], 2)
+      cache = ad.module.init_cache(1, 16)
+      want, _ = ad.module.decode_step(*xs, cache=cache, position=0)
+    torch.testing.assert_close(y, want[:, -1:], atol=1e-5, rtol=1e-5)
+    assert tok.tolist() == (want[0, -1:] @ w.T).argmax(-1).tolist()
