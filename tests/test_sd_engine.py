@@ -1,6 +1,7 @@
 """Tests of tools/sd_engine.py: lossless SD on tiny random Llamas (CPU)."""
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -145,8 +146,9 @@ def test_baseline_matches_uncached_greedy(target_model):
   assert r.total_ms == pytest.approx(r.prefill_ms + r.decode_ms)
 
 
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
 def test_every_method_equals_baseline_with_partial_accepts(
-  target_model, noisy_model
+  target_model, noisy_model, runtime
 ):
   tb, db = _backend(target_model), _backend(noisy_model)
   adapters = {
@@ -164,7 +166,10 @@ def test_every_method_equals_baseline_with_partial_accepts(
     "decode:l5f",
     "two_phase:l2+l5f",
   ]
-  cfg = sd.SDConfig(gamma=4, max_new_tokens=16, eos_token_ids=())
+  cfg = sd.SDConfig(
+    gamma=4, max_new_tokens=16, eos_token_ids=(), runtime=runtime
+  )
+  eager = dataclasses.replace(cfg, runtime="eager")
   partial = 0
   for seed in (11, 12):
     s = _prompt(seed)
@@ -175,6 +180,9 @@ def test_every_method_equals_baseline_with_partial_accepts(
       r = sd.run_method(m, models, ti, di, cfg)
       assert r.tokens == base, (m, seed)
       assert 0 <= r.accepted <= r.drafted
+      # The same drafts and accepts (rollbacks) as the eager runtime.
+      ref = sd.run_method(m, models, ti, di, eager) if runtime != "eager" else r
+      assert r.per_iteration == ref.per_iteration, (m, seed)
       partial += sum(
         0 < acc < k for phase, k, acc in r.per_iteration if m == "draft_tokens"
       )
@@ -182,7 +190,8 @@ def test_every_method_equals_baseline_with_partial_accepts(
   assert partial > 0
 
 
-def test_identity_adapters_accept_everything(target_model):
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_identity_adapters_accept_everything(target_model, runtime):
   """Drafter == target + identity / exact adapters: 100% acceptance.
 
   Identity for prefill: L4 with alpha = 0 returns its input exactly
@@ -204,7 +213,9 @@ def test_identity_adapters_accept_everything(target_model):
     }
   )
   models = sd.Models(tb, db, adapters)
-  cfg = sd.SDConfig(gamma=4, max_new_tokens=18, eos_token_ids=())
+  cfg = sd.SDConfig(
+    gamma=4, max_new_tokens=18, eos_token_ids=(), runtime=runtime
+  )
   s = _prompt(21)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
   for o in oracles.values():
@@ -233,7 +244,8 @@ def test_identity_adapters_accept_everything(target_model):
   assert sd.run_method("decode:b1", models, ti, di, cfg).tokens == base
 
 
-def test_eos_inside_accepted_prefix_stops(target_model):
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_eos_inside_accepted_prefix_stops(target_model, runtime):
   """EOS accepted as a draft ends generation; later drafts are dropped."""
   tb0 = _backend(target_model)
   models0 = sd.Models(tb0)
@@ -254,7 +266,7 @@ def test_eos_inside_accepted_prefix_stops(target_model):
   tb = _backend(target_model, eos=eos)
   db = _backend(copy.deepcopy(target_model), eos=eos)
   models = sd.Models(tb, db, {"l4": _adapter("l4", alpha=0.0)})
-  cfg = sd.SDConfig(gamma=5, max_new_tokens=16)
+  cfg = sd.SDConfig(gamma=5, max_new_tokens=16, runtime=runtime)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
   base = sd.run_method("baseline", models, ti, None, cfg)
   assert base.tokens == toks[: idx + 1] and base.tokens[-1] == eos
@@ -266,12 +278,15 @@ def test_eos_inside_accepted_prefix_stops(target_model):
     assert r.accepted == idx
 
 
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
 @pytest.mark.parametrize("max_new", [1, 2, 3, 7])
-def test_max_new_tokens_never_exceeded(target_model, max_new):
+def test_max_new_tokens_never_exceeded(target_model, max_new, runtime):
   tb, db = _backend(target_model), _backend(copy.deepcopy(target_model))
   adapters = {"l4": _adapter("l4", alpha=0.0), "b1": _adapter("b1", 1.0)}
   models = sd.Models(tb, db, adapters)
-  cfg = sd.SDConfig(gamma=5, max_new_tokens=max_new, eos_token_ids=())
+  cfg = sd.SDConfig(
+    gamma=5, max_new_tokens=max_new, eos_token_ids=(), runtime=runtime
+  )
   s = _prompt(40)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
   base = sd.run_method("baseline", models, ti, None, cfg).tokens
