@@ -754,6 +754,11 @@ class Models:
     if self.fast_notes.get(role, "static").startswith("eager fallback"):
       return None  # unsupported: known already
     self._static.pop(key, None)  # free the old buffers and graphs first
+    if not callable(getattr(backend, "static_decoder", None)):
+      self.fast_notes[role] = (
+        "eager fallback: the backend has no static_decoder"
+      )
+      return None
     try:
       lm = backend.static_decoder(
         static_kv.static_length(needed),
