@@ -33,6 +33,16 @@ EOS anywhere in the new tokens (included) and never exceeds max_new_tokens
 target's and drafter's KV caches are cropped to the accepted prefix and the
 adapter's cache is truncated to the positions whose inputs were true.
 
+Runtimes (`SDConfig.runtime`): 'eager' runs every forward through the
+backend with HF KV caches, cropped on rollback. 'fast' runs the prefill the
+same way, copies its cache into preallocated buffers and then decodes with
+the backend's static decoder (tools/static_kv.py: CUDA-graph steps, one per
+input length 1..gamma+1, of compiled layers), and decode adapters with their
+static step + LM head + argmax in one graph; a rollback only moves the next
+position. Models without a static decoder fall back to eager
+(`Models.fast_notes` says which). Inside the loop the only host sync is the
+read of the verified tokens.
+
 Prefill overlap (`SDConfig.overlap`): the drafter's prefill work runs in a
 Python thread, on its own GPU when it has one, else on a second CUDA stream
 of the same GPU (on CPU: one after the other unless 'thread'). Afterwards,
