@@ -388,6 +388,17 @@ class _Drafter:
     self.num_fed += steps
     return nxt
 
+  def resolve(self, drafts: Sequence[int]) -> None:
+    """Names the device-fed tokens: this round's drafts, in order.
+
+    The proposers feed the drafter only their own drafts on the device; the
+    verification has read those back already, so no second host sync.
+    """
+    count = len(self.fed_dev)
+    if count <= len(drafts):
+      self.fed_host.extend(drafts[:count])
+      self.fed_dev = []
+
   def fed_ids(self) -> list[int]:
     if self.fed_dev:
       self.fed_host.extend(torch.cat(self.fed_dev).tolist())
@@ -535,7 +546,8 @@ class _TokenProposer:
       drafts.append(d.feed(drafts[-1]))
     return torch.cat(drafts)
 
-  def after_verify(self, tokens, n, k, j) -> None:
+  def after_verify(self, tokens, n, k, j, drafts) -> None:
+    self.d.resolve(drafts)
     self.d.sync_to(tokens)
 
 
@@ -629,7 +641,7 @@ class _AdapterProposer:
     self.fed_total = n - 1 + k
     return torch.cat(drafts).to(self.t.device)
 
-  def after_verify(self, tokens, n, k, j) -> None:
+  def after_verify(self, tokens, n, k, j, drafts) -> None:
     # Positions >= n were fed predicted target states (B1/L5F): never true.
     # For L5 the source at position p is true iff p <= n + j.
     # Position n + j is always re-fed so its output (the next draft) is
@@ -642,6 +654,7 @@ class _AdapterProposer:
       self.cache = self.a.module.truncate(self.cache, keep)
     self.fed = keep
     if self.d is not None:
+      self.d.resolve(drafts)
       self.d.sync_to(tokens)
 
 
@@ -673,6 +686,8 @@ def _decode_loop(
   tokens = [y0]
   m = cfg.max_new_tokens
   done = y0 in eos or m == 1
+  # The last accepted token, kept on the device (no host-to-device copy).
+  last = torch.tensor([[y0]], device=target.device)
   while not done:
     n = len(tokens)
     budget = m - n - 1  # drafts that can still be followed by a target token
@@ -684,7 +699,6 @@ def _decode_loop(
     elif proposer is not None and budget > 0:
       drafts = proposer.propose(tokens, min(cfg.gamma, budget))
     k = 0 if drafts is None else int(drafts.numel())
-    last = torch.tensor([[tokens[-1]]], device=target.device)
     if k:  # drafts may live on the drafter's GPU
       ids = torch.cat([last, drafts.view(1, -1).to(target.device)], dim=1)
     else:
@@ -698,6 +712,7 @@ def _decode_loop(
     while j < k and d_host[j] == g_host[j]:
       j += 1
     new = d_host[:j] + [g_host[j]]
+    last = g[j : j + 1].view(1, 1)
     for i, t in enumerate(new):
       if t in eos:
         new = new[: i + 1]
@@ -722,7 +737,7 @@ def _decode_loop(
     if j < k:  # after a full accept the cache already ends at n + k
       target.crop(n + j)
     if phase == "decode" and proposer is not None and k:
-      proposer.after_verify(tokens, n, k, j)
+      proposer.after_verify(tokens, n, k, j, d_host)
   return tokens
 
 
@@ -804,6 +819,7 @@ class Models:
       device=adapter.device,
       dtype=adapter.dtype,
       lengths=lengths,
+      compile_step=self.compile_layers,
     )
     self._static[key] = sa
     self.fast_notes[f"adapter:{adapter.name}"] = f"static ({sa.mode})"

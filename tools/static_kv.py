@@ -126,9 +126,15 @@ def _fused_bias(linears: Sequence[torch.nn.Linear]) -> torch.Tensor | None:
 
 
 def _layer_step(
-  x, pos, cos, sin, mask, k_cache, v_cache, weights, dims
+  x, pos, cos, sin, bias, k_cache, v_cache, weights, dims
 ):  # pragma: no cover - compiled or called by StaticLM._forward
-  """One Llama decoder layer on x [T, D] at positions `pos` [T]."""
+  """One Llama decoder layer on x [T, D] at positions `pos` [T].
+
+  `bias` [T, M] is 0 where a query may read a cache position, else the
+  dtype's minimum. Attention is written out as HF's eager attention
+  (scores in the model dtype, softmax in float32), with the query heads of
+  one KV head stacked, so compiled it is two GEMVs and one fused softmax.
+  """
   ln1, wqkv, bqkv, wo, bo, ln2, wgu, wd, bd = weights
   heads, kv_heads, head_dim, scaling, eps, act = dims
   steps = x.shape[0]
@@ -143,15 +149,13 @@ def _layer_step(
   k = k * cos + _rotate_half(k) * sin
   k_cache.index_copy_(2, pos, k[None])
   v_cache.index_copy_(2, pos, v.transpose(0, 1)[None])
-  a = F.scaled_dot_product_attention(
-    q[None],
-    k_cache,
-    v_cache,
-    attn_mask=mask,
-    scale=scaling,
-    enable_gqa=heads != kv_heads,
-  )
-  a = a[0].transpose(0, 1).reshape(steps, q_size)
+  groups = heads // kv_heads
+  qg = q.reshape(kv_heads, groups * steps, head_dim)
+  scores = torch.matmul(qg, k_cache[0].transpose(1, 2)) * scaling
+  scores = scores.view(kv_heads, groups, steps, -1) + bias
+  probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+  a = torch.matmul(probs.view(kv_heads, groups * steps, -1), v_cache[0])
+  a = a.view(heads, steps, head_dim).transpose(0, 1).reshape(steps, q_size)
   x = x + F.linear(a, wo, bo)
   h = _rms_norm(x, ln2, eps)
   gu = F.linear(h, wgu)
@@ -168,15 +172,12 @@ def _capture(owner, lengths, compile_layers: bool) -> StepGraphs:
   """
   modes = []
   if torch.device(owner.device).type == "cuda":
-    if compile_layers and hasattr(owner, "_layer"):
+    if compile_layers:
       modes.append("graphs+compile")
     modes.append("graphs")
   modes.append("eager")
   for mode in modes:
-    if hasattr(owner, "_layer"):
-      owner._layer = _cuda_compile(
-        _layer_step, owner.device, mode == "graphs+compile"
-      )
+    owner._set_compiled(mode == "graphs+compile")
     try:
       graphs = StepGraphs(
         owner._forward,
@@ -326,6 +327,9 @@ class StaticLM:
     self._layer = _layer_step
     self.graphs = _capture(self, lengths, compile_layers)
 
+  def _set_compiled(self, compiled: bool) -> None:
+    self._layer = _cuda_compile(_layer_step, self.device, compiled)
+
   def _example(self, steps: int) -> tuple:
     ids = torch.zeros((1, steps), dtype=torch.long, device=self.device)
     # Positions at the end of the buffers: past any prefix in use.
@@ -338,12 +342,14 @@ class StaticLM:
     pos = start + self.positions[:steps]
     # Query i sees the cache positions <= pos[i]: the accepted prefix and
     # the new tokens before it, never stale entries past it.
-    mask = (self.positions[None, :] <= pos[:, None])[None, None]
+    allowed = self.positions[None, :] <= pos[:, None]
+    bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+    bias = bias.masked_fill(~allowed, torch.finfo(self.dtype).min)
     cos, sin = self.cos[pos][None], self.sin[pos][None]
     x = F.embedding(ids[0], self.embed)
     for i, weights in enumerate(self.weights):
       x = self._layer(
-        x, pos, cos, sin, mask, self.k[i], self.v[i], weights, self.dims
+        x, pos, cos, sin, bias, self.k[i], self.v[i], weights, self.dims
       )
     h = _rms_norm(x, *self.norm)
     logits = F.linear(h, self.lm_head)
@@ -393,6 +399,7 @@ class StaticAdapter:
     device: torch.device,
     dtype: torch.dtype,
     lengths: Iterable[int] = (),
+    compile_step: bool = True,
   ):
     self.module = module
     self.lm_head = lm_head.detach()
@@ -401,7 +408,16 @@ class StaticAdapter:
     self.k, self.v = module.static_cache(max_len, device, dtype)
     self.max_len = int(max_len)
     self.positions = torch.arange(self.max_len, device=self.device)
-    self.graphs = _capture(self, lengths, False)
+    self.mode = "eager"
+    self._compiled = None
+    self.graphs = _capture(self, lengths, compile_step)
+
+  def _set_compiled(self, compiled: bool) -> None:
+    # Only the one-position step (all drafting steps but the catch-up) is
+    # compiled: one compilation per adapter.
+    self._compiled = (
+      _cuda_compile(self._step, self.device, True) if compiled else None
+    )
 
   def _example(self, steps: int) -> tuple:
     dim = self.k.shape[2] * self.k.shape[4]
@@ -411,6 +427,11 @@ class StaticAdapter:
 
   @torch.inference_mode()
   def _forward(self, start: torch.Tensor, *inputs: torch.Tensor):
+    if self._compiled is not None and inputs[0].shape[1] == 1:
+      return self._compiled(start, *inputs)
+    return self._step(start, *inputs)
+
+  def _step(self, start: torch.Tensor, *inputs: torch.Tensor):
     pos = start + self.positions[: inputs[0].shape[1]]
     y = self.module.static_step(
       *inputs, k_cache=self.k, v_cache=self.v, positions=pos
