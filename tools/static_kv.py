@@ -163,6 +163,15 @@ def _layer_step(
   return x + F.linear(act(gu[:, :inter]) * gu[:, inter:], wd, bd)
 
 
+def _head_step(x, norm_weight, eps, lm_head, vocab):
+  """Final RMSNorm, LM head and greedy token (over the first `vocab` ids)."""
+  h = _rms_norm(x, norm_weight, eps)
+  logits = F.linear(h, lm_head)
+  if vocab is not None and logits.shape[-1] > vocab:
+    logits = logits[:, :vocab]
+  return h, logits.argmax(-1)
+
+
 def _capture(owner, lengths, compile_layers: bool) -> StepGraphs:
   """StepGraphs of owner._forward, trying the fastest mode first.
 
@@ -218,6 +227,7 @@ class StepGraphs:
     device: torch.device,
   ):
     self.fn = fn
+    self.device = torch.device(device)
     self.graphs: dict[int, tuple] = {}
     if torch.device(device).type != "cuda":
       return
@@ -237,12 +247,20 @@ class StepGraphs:
     torch.cuda.current_stream(device).wait_stream(side)
 
   def __call__(self, steps: int, *inputs):
+    """Runs length `steps`; an int input fills a one-element long tensor."""
     entry = self.graphs.get(steps)
     if entry is None:
-      return self.fn(*inputs)
+      return self.fn(
+        *(
+          torch.full((1,), x, device=self.device) if isinstance(x, int) else x
+          for x in inputs
+        )
+      )
     graph, static, out = entry
     for dst, src in zip(static, inputs, strict=True):
-      if dst.data_ptr() != src.data_ptr():
+      if isinstance(src, int):
+        dst.fill_(src)
+      elif dst.data_ptr() != src.data_ptr():
         dst.copy_(src)
     graph.replay()
     return tuple(t.clone() for t in out)
@@ -324,11 +342,12 @@ class StaticLM:
     cos, sin = model.rotary_emb(self.k[0, 0, 0], positions[None])
     self.cos, self.sin = cos[0], sin[0]  # [max_len, Dh], model dtype
     self.positions = positions
-    self._layer = _layer_step
+    self._layer, self._head = _layer_step, _head_step
     self.graphs = _capture(self, lengths, compile_layers)
 
   def _set_compiled(self, compiled: bool) -> None:
     self._layer = _cuda_compile(_layer_step, self.device, compiled)
+    self._head = _cuda_compile(_head_step, self.device, compiled)
 
   def _example(self, steps: int) -> tuple:
     ids = torch.zeros((1, steps), dtype=torch.long, device=self.device)
@@ -351,11 +370,7 @@ class StaticLM:
       x = self._layer(
         x, pos, cos, sin, bias, self.k[i], self.v[i], weights, self.dims
       )
-    h = _rms_norm(x, *self.norm)
-    logits = F.linear(h, self.lm_head)
-    if self.vocab is not None and logits.shape[-1] > self.vocab:
-      logits = logits[:, : self.vocab]
-    return h, logits.argmax(-1)
+    return self._head(x, *self.norm, self.lm_head, self.vocab)
 
   def load_prefix(self, cache, length: int) -> None:
     """Copies the first `length` positions of an HF cache into the buffers."""
@@ -377,8 +392,7 @@ class StaticLM:
       raise ValueError(
         f"positions up to {position + steps} exceed max_len {self.max_len}"
       )
-    start = torch.full((1,), position, device=self.device)
-    return self.graphs(steps, ids.to(self.device), start)
+    return self.graphs(steps, ids.to(self.device), int(position))
 
 
 class StaticAdapter:
@@ -446,8 +460,7 @@ class StaticAdapter:
       raise ValueError(
         f"adapter positions up to {position + steps} exceed {self.max_len}"
       )
-    start = torch.full((1,), position, device=self.device)
-    return self.graphs(steps, start, *inputs)
+    return self.graphs(steps, int(position), *inputs)
 
 
 def static_length(needed: int) -> int:
