@@ -302,6 +302,9 @@ class _Target:
     self.base = self.length = cache_length(cache)
     self.states = h.new_empty((self.max_states, h.shape[-1]))
     self.states[0] = h[0, -1]
+    # Generated tokens on the device too (the drafter is fed from here).
+    self.tokens_dev = y0.new_empty(self.max_states)
+    self.tokens_dev[:1] = y0
     return y0
 
   def forward(self, ids: torch.Tensor, name: str):
@@ -423,8 +426,17 @@ class _Drafter:
       self.num_fed = keep
       self.next_token = None
 
-  def catch_up(self, accepted: Sequence[int], upto: int) -> torch.Tensor | None:
-    """Feeds accepted[num_fed:upto] so states[0..upto] exist; returns next."""
+  def catch_up(
+    self,
+    accepted: Sequence[int],
+    upto: int,
+    on_device: torch.Tensor | None = None,
+  ) -> torch.Tensor | None:
+    """Feeds accepted[num_fed:upto] so states[0..upto] exist; returns next.
+
+    `on_device`: the accepted tokens as a device tensor, copied from there
+    (a tensor built from the host list would synchronise the stream).
+    """
     if upto > len(accepted):
       raise AssertionError("catch_up beyond the accepted tokens")
     if upto <= self.num_fed:
@@ -435,7 +447,11 @@ class _Drafter:
         f"target token {max(ids)} is outside the drafter's vocabulary "
         f"(size {self.b.vocab_size}); the models must share a tokenizer"
       )
-    return self.feed(torch.tensor(ids, device=self.device), host=ids)
+    if on_device is None:
+      src = torch.tensor(ids, device=self.device)
+    else:
+      src = on_device[self.num_fed : upto].to(self.device, non_blocking=True)
+    return self.feed(src, host=ids)
 
 
 # ----------------------------------------------------------------------------
@@ -532,13 +548,14 @@ def _overlapped(
 class _TokenProposer:
   """draft_tokens: the drafter's own greedy continuation."""
 
-  def __init__(self, drafter: _Drafter):
+  def __init__(self, drafter: _Drafter, target: _Target):
     self.d = drafter
+    self.tokens_dev = target.tokens_dev
 
   def propose(self, tokens: list[int], k: int) -> torch.Tensor:
     d = self.d
     d.sync_to(tokens)
-    nxt = d.catch_up(tokens, len(tokens))
+    nxt = d.catch_up(tokens, len(tokens), self.tokens_dev)
     if nxt is None:  # everything fed already: reuse the last prediction
       nxt = d.next_token
     drafts = [nxt]
@@ -616,7 +633,7 @@ class _AdapterProposer:
     srcs = tgts = None
     if "source" in self.inputs:
       self.d.sync_to(tokens)
-      self.d.catch_up(tokens, n - 1)
+      self.d.catch_up(tokens, n - 1, self.t.tokens_dev)
       srcs = self.d.states[p0:n].to(a.device, a.dtype)[None]
     if "target" in self.inputs:
       tgts = self.t.states[p0:n].to(a.device, a.dtype)[None]
@@ -631,7 +648,7 @@ class _AdapterProposer:
         if self.d.num_fed != p - 1:
           raise AssertionError("drafter out of lockstep")
         if i == 1:
-          last = torch.tensor([tokens[-1]], device=self.d.device)
+          last = self.t.tokens_dev[n - 1 : n].to(self.d.device)
           self.d.feed(last, host=[tokens[-1]])
         else:
           self.d.feed(drafts[i - 2])
@@ -722,6 +739,8 @@ def _decode_loop(
       raise AssertionError("budget overrun")  # k <= m - n - 1 prevents it
     # States at the fed positions 0..j are the true h[n..n+j].
     target.states[n : n + len(new)] = h[: len(new)]
+    # Accepted drafts equal the target's own tokens: new == g[:len(new)].
+    target.tokens_dev[n : n + len(new)] = g[: len(new)]
     tokens.extend(new)
     result.iterations += 1
     if k:
@@ -961,7 +980,7 @@ def run_method(
         result.first_draft_match = int(e0.item()) == y0
     proposer = None
     if kind == "draft_tokens":
-      proposer = _TokenProposer(drafter)
+      proposer = _TokenProposer(drafter, target)
     elif kind in ("decode", "two_phase"):
       ad = models.adapters[names[-1]]
       max_len = m + cfg.gamma + 1
