@@ -27,9 +27,19 @@ Methods (see tools/sd_engine.py for the exact algorithms):
                            iteration with the adapter's KV cache
   two_phase:A+B            prefill_hiding:A, then decode:B
 
+Runtimes (`--runtimes`, default fast,eager): every method runs on each, on
+the same samples. fast = static KV caches, rollback by position, CUDA-graph
+steps of compiled layers for target, drafter and decode adapters
+(tools/static_kv.py); eager = HF forwards with HF caches. The first runtime
+is the headline (plain method names, the `costs` block); the others' results
+are keyed METHOD@RUNTIME, and every method's speedup is also reported
+against each runtime's baseline (`speedup_vs`).
+
 Outputs in --out: results.json (per sample, aggregates, and a `costs` block
-read by `python -m egpt_align.evaluate --bench_json`), report.md, and plots
-speedup.png, breakdown.png, acceptance.png.
+read by `python -m egpt_align.evaluate --bench_json`; `costs_by_runtime`;
+`fast_path`: what the fast runtime ran per model), report.md, plots
+speedup.png, breakdown.png, acceptance.png, and with --profile a per-kernel
+profile.txt.
 """
 
 from __future__ import annotations
