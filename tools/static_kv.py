@@ -21,7 +21,11 @@ every layer of every model of that shape). Lengths without a graph, and CPU,
 run the same function eagerly.
 
 `StaticAdapter` does the same for a decode adapter (L5 / B1 / L5F): its
-cached step and the target's LM head + argmax in one captured graph.
+cached step and the target's LM head + argmax in one captured graph per T
+(the one-position step, every drafting step after the first, compiled).
+
+A capture or compilation that fails falls back (with a warning) to graphs
+of eager steps, then to eager steps; `mode` says which one runs.
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ def hf_cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def text_model(decoder: torch.nn.Module) -> torch.nn.Module:
   """The Llama-family text model inside `decoder`, or raises Unsupported."""
-  model = getattr(decoder, "language_model", None) or decoder
+  model = getattr(decoder, "language_model", None)
+  if model is None:
+    model = decoder
   for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
     if not hasattr(model, attr):
       raise Unsupported(
@@ -77,6 +83,9 @@ def text_model(decoder: torch.nn.Module) -> torch.nn.Module:
         f"{type(layer).__name__} is not a Llama decoder layer (missing "
         f"{missing or 'self_attn/mlp'})"
       )
+  extra = [n for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+  if extra:
+    raise Unsupported(f"attention with {extra} is not supported")
   config = getattr(model, "config", None)
   if getattr(config, "sliding_window", None):
     raise Unsupported("sliding-window attention is not supported")
@@ -125,9 +134,7 @@ def _fused_bias(linears: Sequence[torch.nn.Linear]) -> torch.Tensor | None:
   )
 
 
-def _layer_step(
-  x, pos, cos, sin, bias, k_cache, v_cache, weights, dims
-):  # pragma: no cover - compiled or called by StaticLM._forward
+def _layer_step(x, pos, cos, sin, bias, k_cache, v_cache, weights, dims):
   """One Llama decoder layer on x [T, D] at positions `pos` [T].
 
   `bias` [T, M] is 0 where a query may read a cache position, else the
