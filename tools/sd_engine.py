@@ -788,8 +788,11 @@ class Models:
     return self._heads[key]
 
   def static_lm(self, role: str, needed: int, vocab: int | None, lengths):
-    """The static decoder of 'target' or 'drafter', built (once) to hold
-    `needed` positions with graphs for `lengths`; None: eager fallback."""
+    """The static decoder of 'target' or 'drafter' (None: eager fallback).
+
+    Built once, for `needed` positions with graphs for input `lengths`, and
+    rebuilt only when a longer prompt needs more positions.
+    """
     backend = self.target if role == "target" else self.drafter
     key = (role, vocab)
     lm = self._static.get(key)
