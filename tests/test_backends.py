@@ -300,3 +300,30 @@ def test_video_llava_backend_equals_hf_generate(tmp_path, tok):
   assert b2.pad_token_id == 2
   gen2 = bk.greedy_generate(b2, b2.collate(ins), 8)
   np.testing.assert_array_equal(gen2.lengths.numpy(), gen.lengths.numpy())
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "video_llava"])
+def test_static_decoder_steps_equal_forward(tmp_path, tok, llama, kind):
+  """The fast runtime's static-cache steps continue the backend's prefill
+  exactly as the backend's own forward does (Llama and Video-LLaVA)."""
+  import copy
+
+  if kind == "video_llava":
+    model, ip = make_video_llava(tok)
+    b = bk.VideoLlavaBackend(model, tok, ip, num_frames=3)
+    media = {"frames": _write_frames(tmp_path / "v", 3)}
+  else:
+    b, media = _backend(copy.deepcopy(llama), tok), {}
+  x = b.prompt_inputs({"id": "0", "question": QUESTIONS[1], "media": media})
+  with torch.inference_mode():
+    lm = b.static_decoder(64, lengths=(1, 3))
+    _, _, cache = b.forward(x, logits_to_keep=1)
+    pos = bk.cache_length(cache)
+    lm.load_prefix(cache, pos)
+    for ids in ([[5, 6, 7]], [[8]]):
+      ids = torch.tensor(ids)
+      h, g = lm.step(ids, pos)
+      want_h, logits, cache = b.forward(input_ids=ids, past_key_values=cache)
+      np.testing.assert_allclose(h.numpy(), want_h[0].numpy(), atol=1e-5)
+      assert g.tolist() == logits[0].argmax(-1).tolist()
+      pos += ids.shape[1]

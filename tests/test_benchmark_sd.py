@@ -88,6 +88,21 @@ def test_cli_random_models_end_to_end(tmp_path):
     assert (out / f).stat().st_size > 0, f
   report = (out / "report.md").read_text()
   assert "two_phase:l4+b1" in report and "ratio of mean totals" in report
+  # Both runtimes ran every method; speedups against both baselines.
+  assert res["config"]["runtimes"] == ["fast", "eager"]
+  assert set(res["costs_by_runtime"]) == {"fast", "eager"}
+  assert res["costs"] == res["costs_by_runtime"]["fast"]
+  assert res["fast_path"]["target"].startswith("static")
+  for m in methods.split(","):
+    assert res["aggregate"][f"{m}@eager"]["mismatched_samples"] == 0, m
+    vs = res["aggregate"][m]["speedup_vs"]
+    assert vs["fast"]["speedup"] == pytest.approx(
+      res["aggregate"][m]["speedup"]
+    )
+    tot = np.mean([r["total_ms"] for r in res["per_sample"][m]])
+    ebase = [r["total_ms"] for r in res["per_sample"]["baseline@eager"]]
+    assert vs["eager"]["speedup"] == pytest.approx(np.mean(ebase) / tot)
+  assert "vs eager baseline" in report and "(eager runtime)" in report
 
 
 def test_costs_readable_by_speedup_model(tmp_path):
@@ -174,6 +189,43 @@ def test_load_exported_adapters(tmp_path):
       device=torch.device("cpu"),
       dtype=torch.float32,
     )
+  # An L5 file asked for as L5F or B1 is refused, naming both types.
+  for asked in ("l5f", "b1"):
+    with pytest.raises(
+      ValueError, match=f"holds a l5 adapter, not the {asked}"
+    ):
+      bench.load_adapter(
+        asked,
+        files["l5"],
+        hidden_dim=32,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+      )
+
+
+def test_cli_adapter_of_another_type_is_an_error(tmp_path, capsys):
+  torch.manual_seed(0)
+  l5 = ta.build_torch_adapter("l5", hidden_dim=64, num_heads=4, ffn_dim=64)
+  path = _export(
+    tmp_path,
+    "l5",
+    l5.eval(),
+    dict(hidden_dim=64, num_heads=4, ffn_dim=64),
+    "pt",
+  )
+  argv = [
+    "--random_models=tiny",
+    "--prompt_len=4",
+    "--num_samples=1",
+    "--warmup=0",
+    "--methods=baseline,decode:l5f",
+    f"--adapter=l5f={path}",
+    f"--out={tmp_path / 'o'}",
+    "--no_progress",
+  ]
+  assert bench.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "l5f" in err and "holds a l5 adapter" in err
 
 
 def test_cli_samples_file_plugin_and_exported_files(tmp_path):
@@ -271,6 +323,7 @@ def test_aggregate_is_ratio_of_mean_totals():
     (["--methods=baseline,prefill_hiding:b1", "--adapter=b1=random"], "needs"),
     (["--methods=baseline,decode:l5"], "no adapter named"),
     (["--prefill_gamma=x"], "--prefill_gamma"),
+    (["--runtimes=fast,turbo"], "--runtimes"),
     (
       ["--adapter=l5=/nonexistent.pt", "--methods=baseline,decode:l5"],
       "no such",
@@ -313,6 +366,7 @@ def test_mismatch_reported_with_margin(tmp_path, monkeypatch, tie_margin, rc):
     "--gamma=2",
     "--ignore_eos",
     "--methods=baseline,decode:b1",
+    "--runtimes=fast",
     "--adapter=b1=random",
     f"--tie_margin={tie_margin}",
     "--bootstrap=0",

@@ -1,6 +1,7 @@
 """Tests of tools/sd_engine.py: lossless SD on tiny random Llamas (CPU)."""
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -145,8 +146,9 @@ def test_baseline_matches_uncached_greedy(target_model):
   assert r.total_ms == pytest.approx(r.prefill_ms + r.decode_ms)
 
 
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
 def test_every_method_equals_baseline_with_partial_accepts(
-  target_model, noisy_model
+  target_model, noisy_model, runtime
 ):
   tb, db = _backend(target_model), _backend(noisy_model)
   adapters = {
@@ -164,7 +166,10 @@ def test_every_method_equals_baseline_with_partial_accepts(
     "decode:l5f",
     "two_phase:l2+l5f",
   ]
-  cfg = sd.SDConfig(gamma=4, max_new_tokens=16, eos_token_ids=())
+  cfg = sd.SDConfig(
+    gamma=4, max_new_tokens=16, eos_token_ids=(), runtime=runtime
+  )
+  eager = dataclasses.replace(cfg, runtime="eager")
   partial = 0
   for seed in (11, 12):
     s = _prompt(seed)
@@ -175,6 +180,9 @@ def test_every_method_equals_baseline_with_partial_accepts(
       r = sd.run_method(m, models, ti, di, cfg)
       assert r.tokens == base, (m, seed)
       assert 0 <= r.accepted <= r.drafted
+      # The same drafts and accepts (rollbacks) as the eager runtime.
+      ref = sd.run_method(m, models, ti, di, eager) if runtime != "eager" else r
+      assert r.per_iteration == ref.per_iteration, (m, seed)
       partial += sum(
         0 < acc < k for phase, k, acc in r.per_iteration if m == "draft_tokens"
       )
@@ -182,7 +190,8 @@ def test_every_method_equals_baseline_with_partial_accepts(
   assert partial > 0
 
 
-def test_identity_adapters_accept_everything(target_model):
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_identity_adapters_accept_everything(target_model, runtime):
   """Drafter == target + identity / exact adapters: 100% acceptance.
 
   Identity for prefill: L4 with alpha = 0 returns its input exactly
@@ -204,7 +213,9 @@ def test_identity_adapters_accept_everything(target_model):
     }
   )
   models = sd.Models(tb, db, adapters)
-  cfg = sd.SDConfig(gamma=4, max_new_tokens=18, eos_token_ids=())
+  cfg = sd.SDConfig(
+    gamma=4, max_new_tokens=18, eos_token_ids=(), runtime=runtime
+  )
   s = _prompt(21)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
   for o in oracles.values():
@@ -233,7 +244,8 @@ def test_identity_adapters_accept_everything(target_model):
   assert sd.run_method("decode:b1", models, ti, di, cfg).tokens == base
 
 
-def test_eos_inside_accepted_prefix_stops(target_model):
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_eos_inside_accepted_prefix_stops(target_model, runtime):
   """EOS accepted as a draft ends generation; later drafts are dropped."""
   tb0 = _backend(target_model)
   models0 = sd.Models(tb0)
@@ -254,7 +266,7 @@ def test_eos_inside_accepted_prefix_stops(target_model):
   tb = _backend(target_model, eos=eos)
   db = _backend(copy.deepcopy(target_model), eos=eos)
   models = sd.Models(tb, db, {"l4": _adapter("l4", alpha=0.0)})
-  cfg = sd.SDConfig(gamma=5, max_new_tokens=16)
+  cfg = sd.SDConfig(gamma=5, max_new_tokens=16, runtime=runtime)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
   base = sd.run_method("baseline", models, ti, None, cfg)
   assert base.tokens == toks[: idx + 1] and base.tokens[-1] == eos
@@ -266,12 +278,15 @@ def test_eos_inside_accepted_prefix_stops(target_model):
     assert r.accepted == idx
 
 
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
 @pytest.mark.parametrize("max_new", [1, 2, 3, 7])
-def test_max_new_tokens_never_exceeded(target_model, max_new):
+def test_max_new_tokens_never_exceeded(target_model, max_new, runtime):
   tb, db = _backend(target_model), _backend(copy.deepcopy(target_model))
   adapters = {"l4": _adapter("l4", alpha=0.0), "b1": _adapter("b1", 1.0)}
   models = sd.Models(tb, db, adapters)
-  cfg = sd.SDConfig(gamma=5, max_new_tokens=max_new, eos_token_ids=())
+  cfg = sd.SDConfig(
+    gamma=5, max_new_tokens=max_new, eos_token_ids=(), runtime=runtime
+  )
   s = _prompt(40)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
   base = sd.run_method("baseline", models, ti, None, cfg).tokens
@@ -382,3 +397,301 @@ def test_per_method_functions(target_model):
   assert sd.draft_tokens(models, ti, ti, cfg).tokens == base
   r = sd.prefill_hiding(models, "l4", ti, ti, cfg)
   assert r.tokens == base and r.accepted == r.drafted == 2
+
+
+# ----------------------------------------------------------------------------
+# The fast runtime (static KV buffers) against the eager one, and what each
+# model was fed.
+
+
+class RecordingBackend(TokenPromptBackend):
+  """Logs every call as (who, cache position, token ids), on both runtimes."""
+
+  def __init__(self, model, log, who, eos=2):
+    super().__init__(model, model_id="tiny", eos_token_id=eos)
+    self.log, self.who = log, who
+
+  def forward(self, inputs=None, *, input_ids=None, past_key_values=None, **kw):
+    if inputs is not None:
+      pos, ids = 0, inputs["input_ids"]
+    else:
+      pos, ids = cache_length(past_key_values), input_ids
+    self.log.append((self.who, pos, ids.reshape(-1).tolist()))
+    return super().forward(
+      inputs, input_ids=input_ids, past_key_values=past_key_values, **kw
+    )
+
+  def static_decoder(self, max_len, **options):
+    lm = super().static_decoder(max_len, **options)
+    step = lm.step
+
+    def logged(ids, position):
+      self.log.append((self.who, position, ids.reshape(-1).tolist()))
+      return step(ids, position)
+
+    lm.step = logged
+    return lm
+
+
+class RecordingAdapter(torch.nn.Module):
+  """Logs the position and input states of every adapter step."""
+
+  def __init__(self, inner, log, who):
+    super().__init__()
+    self.inner = inner
+    self.log, self.who = log, who
+    self.max_seq_len = getattr(inner, "max_seq_len", 256)
+    if hasattr(inner, "static_step"):
+      self.static_step = self._static_step
+
+  def init_cache(self, *args, **kw):
+    return self.inner.init_cache(*args, **kw)
+
+  def truncate(self, cache, length):
+    return self.inner.truncate(cache, length)
+
+  def static_cache(self, *args, **kw):
+    return self.inner.static_cache(*args, **kw)
+
+  def decode_step(self, *inputs, cache, position=None):
+    self.log.append((self.who, position, [x[0].clone() for x in inputs]))
+    return self.inner.decode_step(*inputs, cache=cache, position=position)
+
+  def _static_step(self, *inputs, k_cache, v_cache, positions):
+    pos = int(positions[0])
+    self.log.append((self.who, pos, [x[0].clone() for x in inputs]))
+    return self.inner.static_step(
+      *inputs, k_cache=k_cache, v_cache=v_cache, positions=positions
+    )
+
+
+def _check_fed(log, who, truths, same):
+  """What `who` attends to at each call is true, or drafted this round.
+
+  A round ends with each target forward (its verification). At every call
+  of `who` at position p, each cached entry x < p is either the truth
+  (accepted token / true state) or was written in the current round: an
+  entry that verification rejected must be rolled back before the next
+  round reads it. The target itself never reads an unverified entry.
+  `truths[s]` is the truth of input stream s, `same(a, b)` compares two.
+  """
+  seen = None  # per stream: [(value, round)]
+  rnd = 0
+  for i, (name, pos, items) in enumerate(log):
+    if name != who:
+      if name == "target":
+        rnd += 1
+      continue
+    if seen is None:
+      seen = [[] for _ in truths]
+    for s, (values, truth) in enumerate(
+      zip(items_of(items, truths), truths, strict=True)
+    ):
+      prev = seen[s][:pos]
+      assert len(prev) == pos, (who, i, "position past the fed entries")
+      for x, (v, r) in enumerate(prev):
+        ok = same(v, truth[x]) or (r == rnd and who != "target")
+        assert ok, (who, i, f"reads a stale entry at {x} from round {r}")
+      seen[s] = prev + [(v, rnd) for v in values]
+    if name == "target":
+      rnd += 1
+
+
+def items_of(items, truths):
+  """A token list is one stream; adapters log one tensor per stream."""
+  return [items] if len(truths) == 1 and isinstance(items[0], int) else items
+
+
+def _verifications(log, truth):
+  """(drafts, accepted) of each target call with drafts, from its inputs."""
+  out = []
+  for name, pos, ids in log:
+    if name != "target" or pos == 0 or len(ids) == 1:
+      continue
+    k, j = len(ids) - 1, 0
+    while (
+      j < k and pos + 1 + j < len(truth) and ids[1 + j] == truth[pos + 1 + j]
+    ):
+      j += 1
+    out.append((k, j))
+  return out
+
+
+def _true_states(model, prompt, tokens):
+  """h[t] of `model` teacher-forced on prompt + tokens (t = 0..len-1)."""
+  with torch.no_grad():
+    ids = torch.tensor([prompt + tokens[:-1]])
+    out = model.model(input_ids=ids)
+  return out.last_hidden_state[0, len(prompt) - 1 :]
+
+
+def _close(a, b):
+  return bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
+
+
+@pytest.fixture(scope="module")
+def recording(target_model, noisy_model):
+  """Recording target + noisy drafter, random and oracle-like adapters."""
+  log = []
+  tb = RecordingBackend(copy.deepcopy(target_model), log, "target")
+  db = RecordingBackend(copy.deepcopy(noisy_model), log, "drafter")
+  adapters = {
+    k: _adapter(k, alpha=1.0) for k in ("l2", "l4", "b1", "l5", "l5f")
+  }
+  # Next-state predictors from the noisy model: right often, not always,
+  # and never exactly the target's states (partial accepts, and a kept
+  # prediction is told apart from a true state).
+  noisy = _backend(copy.deepcopy(noisy_model))
+  for kind, stream in (("b1", "target"), ("l5", "source"), ("l5f", "target")):
+    adapters[f"o{kind}"] = sd.Adapter(
+      f"o{kind}",
+      kind,
+      OracleNext(noisy, stream),
+      torch.device("cpu"),
+      torch.float32,
+    )
+  for name, ad in adapters.items():
+    if ad.kind in sd.DECODE_ADAPTERS:
+      ad.module = RecordingAdapter(ad.module, log, name)
+  return sd.Models(tb, db, adapters), log
+
+
+FED_METHODS = (
+  "draft_tokens",
+  "prefill_hiding:l4",
+  "decode:b1",
+  "decode:l5f",
+  "decode:ob1",
+  "decode:ol5",
+  "decode:ol5f",
+  "two_phase:l2+l5",
+  "two_phase:l4+ol5f",
+  "two_phase:l4+ob1",
+)
+
+
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_every_model_is_fed_only_accepted_text(
+  recording, target_model, noisy_model, runtime
+):
+  """Partial accepts: what target, drafter and adapter saw at every step.
+
+  After every rollback each model attends only to accepted tokens (target
+  and drafter) or to the true states of accepted positions (adapters); the
+  acceptance counts follow from the drafts the target was fed.
+  """
+  models, log = recording
+  tb, db = models.target, models.drafter
+  cfg = sd.SDConfig(
+    gamma=4, max_new_tokens=20, eos_token_ids=(), runtime=runtime
+  )
+  partial = {}
+  for seed in (11, 12):
+    s = _prompt(seed)
+    prompt = s["input_ids"]
+    ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+    for o in ("ob1", "ol5", "ol5f"):
+      models.adapters[o].module.inner.prompt = ti
+    base = sd.run_method("baseline", models, ti, None, cfg).tokens
+    truth = prompt + base
+    h_t = _true_states(target_model, prompt, base)
+    h_d = _true_states(noisy_model, prompt, base)
+    for m in FED_METHODS:
+      log.clear()
+      r = sd.run_method(m, models, ti, di, cfg)
+      assert r.tokens == base, (m, runtime)
+      _check_fed(log, "target", [truth], int.__eq__)
+      _check_fed(log, "drafter", [truth], int.__eq__)
+      assert _verifications(log, truth) == [
+        (k, acc) for _, k, acc in r.per_iteration
+      ], m
+      kind, names = sd.parse_method(m)
+      if kind in ("decode", "two_phase"):
+        ad = models.adapters[names[-1]]
+        truths = [
+          {"source": h_d, "target": h_t}[x] for x in sd.DECODE_INPUTS[ad.kind]
+        ]
+        assert any(x[0] == names[-1] for x in log), m
+        _check_fed(log, names[-1], truths, _close)
+      partial[m] = partial.get(m, 0) + sum(
+        0 < acc < k for _, k, acc in r.per_iteration
+      )
+  for m in ("draft_tokens", "decode:ob1", "decode:ol5", "decode:ol5f"):
+    assert partial[m] > 0, (m, partial)
+  if runtime == "fast":
+    assert models.fast_notes["target"].startswith("static")
+    assert models.fast_notes["drafter"].startswith("static")
+    assert models.fast_notes["adapter:b1"].startswith("static")
+
+
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_eos_as_first_token_ends_generation(target_model, runtime):
+  tb0 = _backend(target_model)
+  s = _prompt(90)
+  y0 = _greedy_no_cache(target_model, s["input_ids"], 1, eos=())[0]
+  log = []
+  tb = RecordingBackend(copy.deepcopy(target_model), log, "target", eos=y0)
+  db = RecordingBackend(copy.deepcopy(target_model), log, "drafter", eos=y0)
+  adapters = {k: _adapter(k) for k in ("l4", "b1", "l5f")}
+  models = sd.Models(tb, db, adapters)
+  cfg = sd.SDConfig(gamma=3, max_new_tokens=10, runtime=runtime)
+  ti = tb0.prompt_inputs(s)
+  for m in ("baseline", "draft_tokens", "prefill_hiding:l4", "decode:b1"):
+    log.clear()
+    r = sd.run_method(m, models, ti, ti, cfg)
+    assert r.tokens == [y0], m
+    assert r.iterations == 0 and r.drafted == 0, m
+    assert [x[1] for x in log if x[0] == "target"] == [0], m  # prefill only
+
+
+def test_static_lm_rollback_never_reads_stale_entries(target_model):
+  """Rolled-back positions hold garbage; the next steps must not see it."""
+  from tools import static_kv
+
+  model = copy.deepcopy(target_model)
+  tb = _backend(model)
+  s = _prompt(95)
+  prompt = s["input_ids"]
+  with torch.inference_mode():
+    lm = tb.static_decoder(64)
+    _, _, cache = tb.forward(tb.prompt_inputs(s), logits_to_keep=1)
+    p = len(prompt)
+    lm.load_prefix(cache, p)
+    lm.step(torch.tensor([[7, 8, 9]]), p)  # three drafts
+    # Keep one, reject two: garbage beyond p + 1 (finite, so a masked-out
+    # entry contributes exactly zero), then two new tokens at p + 1.
+    g = torch.Generator().manual_seed(0)
+    for buf in (lm.k, lm.v):
+      stale = buf[:, :, :, p + 1 :]
+      stale.copy_(1e3 * torch.randn(stale.shape, generator=g))
+    h, ids = lm.step(torch.tensor([[10, 11]]), p + 1)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor([prompt + [7, 10, 11]]))
+    ref = model.model(input_ids=torch.tensor([prompt + [7, 10, 11]]))
+  torch.testing.assert_close(
+    h, ref.last_hidden_state[0, -2:], atol=1e-5, rtol=1e-5
+  )
+  assert ids.tolist() == out.logits[0, -2:].argmax(-1).tolist()
+  assert isinstance(lm, static_kv.StaticLM) and lm.mode == "eager"
+
+
+def test_static_adapter_rollback_never_reads_stale_entries():
+  from tools import static_kv
+
+  for kind in ("b1", "l5f"):
+    ad = _adapter(kind, alpha=1.0)
+    w = torch.randn(V, D)
+    n_in = len(sd.DECODE_INPUTS[kind])
+    xs = [torch.randn(1, 6, D) for _ in range(n_in)]
+    with torch.inference_mode():
+      sa = static_kv.StaticAdapter(
+        ad.module, w, n_in, 16, device="cpu", dtype=torch.float32
+      )
+      sa.step([x[:, :4] for x in xs], 0)
+      for buf in (sa.k, sa.v):
+        buf[:, :, :, 2:].copy_(1e3 * torch.randn(buf[:, :, :, 2:].shape))
+      y, tok = sa.step([x[:, 2:6] for x in xs], 2)
+      cache = ad.module.init_cache(1, 16)
+      want, _ = ad.module.decode_step(*xs, cache=cache, position=0)
+    torch.testing.assert_close(y, want[:, -1:], atol=1e-5, rtol=1e-5)
+    assert tok.tolist() == (want[0, -1:] @ w.T).argmax(-1).tolist()

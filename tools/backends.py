@@ -207,6 +207,20 @@ class Backend:
     """The LM head as a [V, D] tensor."""
     raise NotImplementedError
 
+  def static_decoder(self, max_len: int, **options):
+    """A `tools.static_kv.StaticLM`-like decoder over static KV buffers.
+
+    Optional: the live SD runtime's fast path uses it for the decode steps
+    after this backend's own prefill (`forward`), whose cache it copies in.
+    The object needs `max_len`, `load_prefix(cache, length)` and
+    `step(ids [1, T], position) -> (hidden [T, D], argmax [T])`. Backends
+    that cannot provide one raise `static_kv.Unsupported`; the runtime then
+    decodes with `forward` and the HF cache (the eager path).
+    """
+    from tools import static_kv
+
+    raise static_kv.Unsupported(f"{self.name} backend has no static decoder")
+
 
 class HFBackend(Backend):
   """Shared forward for HF models split into a decoder and an lm_head."""
@@ -291,6 +305,14 @@ class HFBackend(Backend):
 
   def lm_head_weight(self) -> torch.Tensor:
     return self.lm_head.weight
+
+  def static_decoder(self, max_len: int, **options):
+    """Static-cache steps for a Llama-family decoder (see the base class)."""
+    from tools import static_kv
+
+    return static_kv.StaticLM(
+      self.decoder, self.lm_head.weight, max_len, **options
+    )
 
 
 class CausalLMBackend(HFBackend):

@@ -27,9 +27,19 @@ Methods (see tools/sd_engine.py for the exact algorithms):
                            iteration with the adapter's KV cache
   two_phase:A+B            prefill_hiding:A, then decode:B
 
+Runtimes (`--runtimes`, default fast,eager): every method runs on each, on
+the same samples. fast = static KV caches, rollback by position, CUDA-graph
+steps of compiled layers for target, drafter and decode adapters
+(tools/static_kv.py); eager = HF forwards with HF caches. The first runtime
+is the headline (plain method names, the `costs` block); the others' results
+are keyed METHOD@RUNTIME, and every method's speedup is also reported
+against each runtime's baseline (`speedup_vs`).
+
 Outputs in --out: results.json (per sample, aggregates, and a `costs` block
-read by `python -m egpt_align.evaluate --bench_json`), report.md, and plots
-speedup.png, breakdown.png, acceptance.png.
+read by `python -m egpt_align.evaluate --bench_json`; `costs_by_runtime`;
+`fast_path`: what the fast runtime ran per model), report.md, plots
+speedup.png, breakdown.png, acceptance.png, and with --profile a per-kernel
+profile.txt.
 """
 
 from __future__ import annotations
@@ -207,8 +217,13 @@ def load_adapter(
       ckpt = ift.load_checkpoint(value, trust_pickle=trust_pickle)
       override = None
       if not ckpt.get("egpt_align_adapter") and name in ADAPTER_KINDS:
-        override = name
+        override = name  # a reference L5_EAGLE file may be L5 or B1
       kind = ift.adapter_name(ckpt, override)
+      if name in ADAPTER_KINDS and kind != name:
+        raise ValueError(
+          f"the checkpoint holds a {kind} adapter, not the {name} that "
+          f"--adapter {name}= asks for"
+        )
       state = dict(ckpt["model_state_dict"])
       cfg = ta.resolve_config(kind, state, ift.model_config(kind, ckpt))
       module = ta.load_torch_adapter(kind, state, **cfg)
@@ -426,6 +441,33 @@ def aggregate(
   return out
 
 
+def label(method: str, runtime: str, runtimes: Sequence[str]) -> str:
+  """The result key of `method` on `runtime`: plain for the first runtime."""
+  return method if runtime == runtimes[0] else f"{method}@{runtime}"
+
+
+def speedups_vs(
+  recs: list[dict], bases: dict[str, list[dict]], args
+) -> dict[str, dict]:
+  """Speedup (ratio of mean totals, CI) against each runtime's baseline."""
+  out = {}
+  for rt, base in bases.items():
+    pairs = [
+      (r["total_ms"], b["total_ms"])
+      for r, b in zip(recs, base, strict=True)
+      if "error" not in r
+    ]
+    tot = np.array([p[0] for p in pairs])
+    btot = np.array([p[1] for p in pairs])
+    out[rt] = {
+      "speedup": _ratio(btot, tot),
+      "speedup_ci95": bootstrap_ci(
+        _ratio, [btot, tot], args.bootstrap, args.seed
+      ),
+    }
+  return out
+
+
 def _span_rate(records, name_fn, per: str = "calls") -> float | None:
   ms = cnt = 0.0
   for rec in records:
@@ -564,6 +606,35 @@ def _ci(v, ci, nd=3):
   return f"{v:.{nd}f} [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
 
 
+def _cost_lines(costs: dict) -> list[str]:
+  lines = [
+    f"- target decode: {_fmt(costs.get('target_decode_ms'), 3)} ms/token",
+    "- target verify: "
+    + ", ".join(
+      f"{k} positions {_fmt(v, 3)} ms"
+      for k, v in costs["target_verify_ms"].items()
+      if k != "gamma+1"
+    ),
+    f"- drafter decode: {_fmt(costs.get('draft_model_decode_ms'), 3)} ms/token",
+    "- SD-loop overhead beyond the model calls (ms per loop iteration): "
+    + ", ".join(
+      f"{m} {_fmt(v, 3)}"
+      for m, v in costs["sd_loop_overhead_ms_per_iteration"].items()
+    ),
+    "- adapter step: "
+    + ", ".join(
+      f"{k} {_fmt(v, 3)} ms" for k, v in costs["adapter_step_ms"].items()
+    ),
+  ]
+  rel = costs.get("relative")
+  if rel:
+    lines.append(
+      f"- relative to one target decode step: v = {_fmt(rel['v'], 3)}, c = "
+      + ", ".join(f"{m} {_fmt(c, 3)}" for m, c in rel["c"].items())
+    )
+  return lines
+
+
 def write_report(path: str, results: dict) -> None:
   """report.md: settings, per-method table, correctness, costs."""
   cfg, agg, costs = results["config"], results["aggregate"], results["costs"]
@@ -636,34 +707,33 @@ def write_report(path: str, results: dict) -> None:
         f"{o['wall_ms']:.2f} | {o['overlap_ms']:.2f} | {o['target_ms']:.2f} "
         f"| {o['drafter_ms']:.2f} | {o['concurrent']} |"
       )
-  lines += [
-    "",
-    "## Measured costs",
-    "",
-    f"- target decode: {_fmt(costs.get('target_decode_ms'), 3)} ms/token",
-    "- target verify: "
-    + ", ".join(
-      f"{k} positions {_fmt(v, 3)} ms"
-      for k, v in costs["target_verify_ms"].items()
-      if k != "gamma+1"
-    ),
-    f"- drafter decode: {_fmt(costs.get('draft_model_decode_ms'), 3)} ms/token",
-    "- SD-loop overhead beyond the model calls (ms per loop iteration): "
-    + ", ".join(
-      f"{m} {_fmt(v, 3)}"
-      for m, v in costs["sd_loop_overhead_ms_per_iteration"].items()
-    ),
-    "- adapter step: "
-    + ", ".join(
-      f"{k} {_fmt(v, 3)} ms" for k, v in costs["adapter_step_ms"].items()
-    ),
-  ]
-  rel = costs.get("relative")
-  if rel:
-    lines.append(
-      f"- relative to one target decode step: v = {_fmt(rel['v'], 3)}, c = "
-      + ", ".join(f"{m} {_fmt(c, 3)}" for m, c in rel["c"].items())
-    )
+  runtimes = cfg.get("runtimes") or ["eager"]
+  if len(runtimes) > 1:
+    lines += [
+      "",
+      "## Speedup against each runtime's baseline",
+      "",
+      "Ratio of mean totals against the `baseline` of each runtime "
+      f"({', '.join(runtimes)}; fast path per model: "
+      f"{results.get('fast_path') or '-'}).",
+      "",
+      "| method | " + " | ".join(f"vs {r} baseline" for r in runtimes) + " |",
+      "|---|" + "---|" * len(runtimes),
+    ]
+    for m, a in agg.items():
+      vs = a.get("speedup_vs")
+      if vs:
+        lines.append(
+          f"| {m} | "
+          + " | ".join(
+            _ci(vs[r]["speedup"], vs[r]["speedup_ci95"]) for r in runtimes
+          )
+          + " |"
+        )
+  by_rt = results.get("costs_by_runtime") or {runtimes[0]: costs}
+  for rt, c in by_rt.items():
+    lines += ["", f"## Measured costs ({rt} runtime)", ""]
+    lines += _cost_lines(c)
   bad = results.get("mismatches", [])
   lines += ["", "## Correctness", ""]
   if not bad:
@@ -863,6 +933,20 @@ def build_parser() -> argparse.ArgumentParser:
     help="adapter dtype (default: --dtype)",
   )
   run.add_argument(
+    "--runtimes",
+    default="fast,eager",
+    help="comma list of runtimes, each running every method: fast = static "
+    "KV caches + CUDA-graph (and, with CUDA, compiled) steps, eager = HF "
+    "forwards with HF caches. The first is the headline: its labels are the "
+    "plain method names (and its costs the `costs` block); the others get "
+    "'@RUNTIME' (e.g. baseline@eager)",
+  )
+  run.add_argument(
+    "--no_compile",
+    action="store_true",
+    help="fast runtime: capture the steps without torch.compile",
+  )
+  run.add_argument(
     "--overlap",
     default="auto",
     choices=("auto", "thread", "sequential"),
@@ -890,9 +974,36 @@ def build_parser() -> argparse.ArgumentParser:
     help="start no new sample after this many seconds (results are still "
     "written for the samples done)",
   )
+  out.add_argument(
+    "--profile",
+    action="store_true",
+    help="after the run, trace one sample of baseline and of each decode "
+    "method on the first runtime with torch.profiler: per-kernel table in "
+    "profile.txt",
+  )
   out.add_argument("--no_plots", action="store_true")
   out.add_argument("--no_progress", action="store_true")
   return p
+
+
+def profile_methods(path, models, methods, t_in, d_in, cfg) -> None:
+  """Per-kernel device time of one sample per method (torch.profiler)."""
+  from torch.profiler import ProfilerActivity, profile
+
+  acts = [ProfilerActivity.CPU]
+  if torch.cuda.is_available():
+    acts.append(ProfilerActivity.CUDA)
+  with open(path, "w") as f:
+    for m in methods:
+      with profile(activities=acts) as prof:
+        r = sd.run_method(m, models, t_in, d_in, cfg)
+      key = "self_cuda_time_total" if len(acts) > 1 else "self_cpu_time_total"
+      f.write(
+        f"## {m} ({cfg.runtime} runtime): {len(r.tokens)} tokens, "
+        f"{r.iterations} iterations, decode {r.decode_ms:.2f} ms\n"
+      )
+      f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+      f.write("\n\n")
 
 
 def _git_commit() -> str | None:
@@ -957,26 +1068,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_table(results: dict) -> None:
+  runtimes = results["config"]["runtimes"]
+  vs = "".join(f" {'vs ' + r:>10s}" for r in runtimes if len(runtimes) > 1)
   print(
-    f"\n{'method':32s} {'n':>3s} {'total ms':>9s} {'speedup':>8s} "
+    f"\n{'method':32s} {'n':>3s} {'total ms':>9s} {'speedup':>8s}{vs} "
     f"{'alpha':>6s} {'tau':>5s} {'mism':>4s}"
   )
   for m, a in results["aggregate"].items():
     if not a.get("n"):
       print(f"{m:32s}   0  (all samples failed)")
       continue
+    cols = "".join(
+      f" {a['speedup_vs'][r]['speedup']:10.3f}" for r in a.get("speedup_vs", {})
+    )
     print(
-      f"{m:32s} {a['n']:3d} {a['mean_total_ms']:9.2f} {a['speedup']:8.3f} "
-      f"{_fmt(a.get('alpha'), 3):>6s} {_fmt(a.get('tau'), 2):>5s} "
+      f"{m:32s} {a['n']:3d} {a['mean_total_ms']:9.2f} {a['speedup']:8.3f}"
+      f"{cols} {_fmt(a.get('alpha'), 3):>6s} {_fmt(a.get('tau'), 2):>5s} "
       f"{a['mismatched_samples']:4d}"
     )
-  c = results["costs"]
-  print(
-    f"target decode {_fmt(c.get('target_decode_ms'), 3)} ms/token, verify "
-    f"(gamma+1) {_fmt(c['target_verify_ms'].get('gamma+1'), 3)} ms, drafter "
-    f"{_fmt(c.get('draft_model_decode_ms'), 3)} ms/token; wrote "
-    f"{results['out']}"
-  )
+  for rt, c in results["costs_by_runtime"].items():
+    steps = ", ".join(
+      f"{k} {_fmt(v, 3)}" for k, v in c["adapter_step_ms"].items()
+    )
+    loop = ", ".join(
+      f"{k} {_fmt(v, 3)}"
+      for k, v in c["sd_loop_overhead_ms_per_iteration"].items()
+    )
+    print(
+      f"[{rt}] target decode {_fmt(c.get('target_decode_ms'), 3)} ms/token, "
+      f"verify (gamma+1) {_fmt(c['target_verify_ms'].get('gamma+1'), 3)} ms, "
+      f"drafter {_fmt(c.get('draft_model_decode_ms'), 3)} ms/token, "
+      f"adapter steps (ms) {steps or '-'}; loop overhead (ms/iter) {loop}"
+    )
+  print(f"fast path: {results['fast_path'] or '-'}; wrote {results['out']}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -991,6 +1115,16 @@ def run(args: argparse.Namespace) -> dict:
     raise ValueError(f"--methods lists a method twice: {args.methods}")
   for m in methods:
     sd.parse_method(m)
+  runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+  if not runtimes or len(set(runtimes)) != len(runtimes):
+    raise ValueError(
+      f"--runtimes: give each runtime once, not {args.runtimes!r}"
+    )
+  for r in runtimes:
+    if r not in sd.RUNTIMES:
+      raise ValueError(f"--runtimes: {r!r} is not one of {sd.RUNTIMES}")
+  runs = [(label(m, r, runtimes), m, r) for r in runtimes for m in methods]
+  labels = [x[0] for x in runs]
   device = torch.device(
     args.device or ("cuda" if torch.cuda.is_available() else "cpu")
   )
@@ -1065,7 +1199,9 @@ def run(args: argparse.Namespace) -> dict:
     info["device"] = str(ad.device)
     adapters[name] = ad
     adapter_info[name] = info
-  models = sd.Models(target, drafter, adapters)
+  models = sd.Models(
+    target, drafter, adapters, compile_layers=not args.no_compile
+  )
   for m in methods:
     sd.check_method(m, models)
   max_pos = [
@@ -1099,7 +1235,7 @@ def run(args: argparse.Namespace) -> dict:
   )
 
   # ---- run.
-  per_sample: dict[str, list[dict]] = {m: [] for m in methods}
+  per_sample: dict[str, list[dict]] = {x: [] for x in labels}
   mismatches = []
   bar = tqdm(
     samples, desc="samples", disable=args.no_progress, dynamic_ncols=True
@@ -1120,42 +1256,49 @@ def run(args: argparse.Namespace) -> dict:
     d_in = None
     if drafter is not None:
       d_in = _to_device(drafter.prompt_inputs(_view(sample, "draft")), ddev)
-    base_tokens = None
+    base_tokens: dict[str, list[int]] = {}  # runtime -> baseline tokens
     margins = None
-    for m in methods:
+    for lab, m, rt in runs:
       try:
-        run_cfg = cfg
+        run_cfg = dataclasses.replace(cfg, runtime=rt)
         if auto_k:
           run_cfg = dataclasses.replace(
-            cfg, prefill_gamma=window.drafts(args.gamma)
+            run_cfg, prefill_gamma=window.drafts(args.gamma)
           )
         r = sd.run_method(m, models, t_in, d_in, run_cfg)
-        window.update(r)
+        if rt == runtimes[0]:
+          window.update(r)
       except sd.SDError as e:
         if m == "baseline":
           raise
         if not warm:
-          per_sample[m].append({"id": sample["id"], "error": str(e)})
+          per_sample[lab].append({"id": sample["id"], "error": str(e)})
         continue
       rec = r.to_json()
       rec["id"] = sample["id"]
       if sd.parse_method(m)[0] in ("prefill_hiding", "two_phase"):
         rec["prefill_gamma"] = run_cfg.k_prefill
+      # Each method is checked against its own runtime's baseline, and each
+      # runtime's baseline against the headline runtime's.
       if m == "baseline":
-        base_tokens = r.tokens
+        base_tokens[rt] = r.tokens
+        ref = base_tokens[runtimes[0]]
+      else:
+        ref = base_tokens[rt]
+      if lab == "baseline":
         rec["match"] = True
       else:
-        diff = sd.first_difference(r.tokens, base_tokens)
+        diff = sd.first_difference(r.tokens, ref)
         rec["match"] = diff is None
         if diff is not None and not warm:
           if margins is None:
-            margins = sd.token_margins(target, t_in, base_tokens)
+            margins = sd.token_margins(target, t_in, ref)
           margin = margins[diff] if diff < len(margins) else None
           rec["first_difference"] = diff
           rec["near_tie"] = margin is not None and margin < args.tie_margin
           mismatches.append(
             {
-              "method": m,
+              "method": lab,
               "id": sample["id"],
               "index": diff,
               "margin": margin,
@@ -1163,13 +1306,26 @@ def run(args: argparse.Namespace) -> dict:
             }
           )
       if not warm:
-        per_sample[m].append(rec)
+        per_sample[lab].append(rec)
   bar.close()
 
   base = per_sample["baseline"]
-  aggregate_ = {
-    m: aggregate(m, per_sample[m], base, n_boot=args.bootstrap, seed=args.seed)
-    for m in methods
+  bases = {r: per_sample[label("baseline", r, runtimes)] for r in runtimes}
+  aggregate_ = {}
+  for lab, _, rt in runs:
+    a = aggregate(
+      lab, per_sample[lab], bases[rt], n_boot=args.bootstrap, seed=args.seed
+    )
+    if a.get("n") and len(runtimes) > 1:
+      a["speedup_vs"] = speedups_vs(per_sample[lab], bases, args)
+    aggregate_[lab] = a
+  costs = {
+    r: costs_block(
+      {m: per_sample[label(m, r, runtimes)] for m in methods},
+      methods,
+      args.gamma,
+    )
+    for r in runtimes
   }
   os.makedirs(args.out, exist_ok=True)
   results = {
@@ -1180,6 +1336,8 @@ def run(args: argparse.Namespace) -> dict:
       "draft": args.draft or (f"random:{args.random_models}"),
       "samples": args.samples,
       "methods": methods,
+      "runtimes": runtimes,
+      "compile": not args.no_compile,
       "gamma": args.gamma,
       "prefill_gamma": "auto" if auto_k else cfg.k_prefill,
       "max_new_tokens": args.max_new_tokens,
@@ -1202,13 +1360,25 @@ def run(args: argparse.Namespace) -> dict:
       "adapters": adapter_info,
     },
     "num_measured": len(base),
+    # What the fast runtime ran per model: 'static' or why it fell back.
+    "fast_path": dict(models.fast_notes),
     "aggregate": aggregate_,
-    "costs": costs_block(per_sample, methods, args.gamma),
+    "costs": costs[runtimes[0]],
+    "costs_by_runtime": costs,
     "mismatches": mismatches,
     "mismatches_not_near_tie": int(sum(not x["near_tie"] for x in mismatches)),
     "per_sample": per_sample,
     "out": args.out,
   }
+  if args.profile:
+    profile_methods(
+      os.path.join(args.out, "profile.txt"),
+      models,
+      [m for m in methods if sd.parse_method(m)[0] in ("baseline", "decode")],
+      t_in,
+      d_in,
+      dataclasses.replace(cfg, runtime=runtimes[0]),
+    )
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   write_report(os.path.join(args.out, "report.md"), results)

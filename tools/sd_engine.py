@@ -33,6 +33,16 @@ EOS anywhere in the new tokens (included) and never exceeds max_new_tokens
 target's and drafter's KV caches are cropped to the accepted prefix and the
 adapter's cache is truncated to the positions whose inputs were true.
 
+Runtimes (`SDConfig.runtime`): 'eager' runs every forward through the
+backend with HF KV caches, cropped on rollback. 'fast' runs the prefill the
+same way, copies its cache into preallocated buffers and then decodes with
+the backend's static decoder (tools/static_kv.py: CUDA-graph steps, one per
+input length 1..gamma+1, of compiled layers), and decode adapters with their
+static step + LM head + argmax in one graph; a rollback only moves the next
+position. Models without a static decoder fall back to eager
+(`Models.fast_notes` says which). Inside the loop the only host sync is the
+read of the verified tokens.
+
 Prefill overlap (`SDConfig.overlap`): the drafter's prefill work runs in a
 Python thread, on its own GPU when it has one, else on a second CUDA stream
 of the same GPU (on CPU: one after the other unless 'thread'). Afterwards,
@@ -60,6 +70,7 @@ from typing import Any
 
 import torch
 
+from tools import static_kv
 from tools.backends import Backend, cache_length, crop_cache
 
 PREFILL_ADAPTERS = ("l1", "l2", "l3", "l4")
@@ -70,6 +81,7 @@ DECODE_INPUTS = {
   "b1": ("target",),
   "l5f": ("source", "target"),
 }
+RUNTIMES = ("eager", "fast")
 
 
 def crop_kv(cache, length: int):
@@ -190,6 +202,9 @@ class SDConfig:
   # sequential), 'thread' = a thread on any device, 'sequential' = none.
   overlap: str = "auto"
   eos_token_ids: tuple[int, ...] | None = None  # None: the target's
+  # 'eager': HF forwards with HF KV caches; 'fast': static KV buffers and
+  # captured steps (tools/static_kv.py) where a model supports them.
+  runtime: str = "eager"
 
   def __post_init__(self):
     if self.gamma < 1:
@@ -203,6 +218,10 @@ class SDConfig:
     if self.overlap not in ("auto", "thread", "sequential"):
       raise ValueError(
         f"overlap must be auto, thread or sequential, not {self.overlap!r}"
+      )
+    if self.runtime not in RUNTIMES:
+      raise ValueError(
+        f"runtime must be one of {RUNTIMES}, not {self.runtime!r}"
       )
 
   @property
@@ -238,41 +257,74 @@ def _argmax(logits: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
   return logits.argmax(-1)
 
 
-class _Target:
-  """The target: prompt cache, generated tokens, true states h[0..n-1]."""
+def _prefill_into(lm, cache, extra: int):
+  """Copies a prefill cache into a static decoder; None if it cannot hold it.
 
-  def __init__(self, backend: Backend, timer: Timer, max_states: int):
+  `extra`: positions the decode loop may still add. A prompt longer than
+  the decoder was sized for is decoded on the eager path (correct, slow).
+  """
+  if lm is None:
+    return None
+  length = cache_length(cache)
+  if length + extra > lm.max_len:
+    return None
+  lm.load_prefix(cache, length)
+  return lm
+
+
+class _Target:
+  """The target: prompt cache, generated tokens, true states h[0..n-1].
+
+  With a static decoder `lm` (fast runtime) the prefill's HF cache is copied
+  into its buffers and every later forward is `lm.step`; rolling back is
+  setting `length`. Without one, the HF cache is cropped.
+  """
+
+  def __init__(self, backend: Backend, timer: Timer, max_states: int, lm=None):
     self.b = backend
     self.timer = timer
     self.device = torch.device(backend.device)
     self.cache = None
     self.base = 0
+    self.length = 0  # positions in the cache
     self.states = None  # [max_states, D]: true target states h[t]
     self.max_states = max_states
+    self.static = lm
+    self.lm = None
 
   def prefill(self, inputs: dict) -> torch.Tensor:
     """Runs the prompt; returns token 0 (device tensor [1])."""
     with self.timer.span("target_prefill", self.device):
       h, logits, cache = self.b.forward(inputs, logits_to_keep=1)
       y0 = _argmax(logits[0, -1:])
-    self.cache = cache
-    self.base = cache_length(cache)
+      self.lm = _prefill_into(self.static, cache, self.max_states + 1)
+    self.cache = None if self.lm is not None else cache
+    self.base = self.length = cache_length(cache)
     self.states = h.new_empty((self.max_states, h.shape[-1]))
     self.states[0] = h[0, -1]
+    # Generated tokens on the device too (the drafter is fed from here).
+    self.tokens_dev = y0.new_empty(self.max_states)
+    self.tokens_dev[:1] = y0
     return y0
 
   def forward(self, ids: torch.Tensor, name: str):
     """Feeds ids [1, T]; returns (hidden [T, D], argmax [T])."""
     with self.timer.span(name, self.device, units=ids.shape[1]):
-      h, logits, self.cache = self.b.forward(
-        input_ids=ids, past_key_values=self.cache
-      )
-      g = _argmax(logits[0])
-    return h[0], g
+      if self.lm is not None:
+        h, g = self.lm.step(ids, self.length)
+      else:
+        h, logits, self.cache = self.b.forward(
+          input_ids=ids, past_key_values=self.cache
+        )
+        h, g = h[0], _argmax(logits[0])
+    self.length += ids.shape[1]
+    return h, g
 
   def crop(self, num_fed_tokens: int) -> None:
     """Keeps the prompt plus the first `num_fed_tokens` generated tokens."""
-    self.cache = crop_kv(self.cache, self.base + num_fed_tokens)
+    self.length = self.base + num_fed_tokens
+    if self.lm is None:
+      self.cache = crop_kv(self.cache, self.length)
 
 
 class _Drafter:
@@ -284,6 +336,7 @@ class _Drafter:
     timer: Timer,
     max_states: int,
     target_vocab: int,
+    lm=None,
   ):
     self.b = backend
     self.timer = timer
@@ -292,24 +345,27 @@ class _Drafter:
     self.vocab = min(int(backend.vocab_size), int(target_vocab))
     self.cache = None
     self.base = 0
+    self.static = lm  # a static decoder (fast runtime) or None
+    self.lm = None
     # Fed token ids: a host list, plus device tensors (drafts made on the
     # GPU) not yet read back; they are read once, after verification.
     self.fed_host: list[int] = []
     self.fed_dev: list[torch.Tensor] = []
     self.num_fed = 0
     self.states = None  # [max_states, D]; states[t] valid for t <= num_fed
-    self.last_logits = None  # logits after the last fed token
+    self.next_token = None  # [1] greedy token after the last fed one
     self.prefix = ""  # span-name prefix ('prefill_' inside the prefill)
 
   def prefill(self, inputs: dict) -> None:
     with self.timer.span("draft_prefill", self.device):
       h, logits, cache = self.b.forward(inputs, logits_to_keep=1)
-    self.cache = cache
+      self.next_token = _argmax(logits[0, -1:], self.vocab)
+      self.lm = _prefill_into(self.static, cache, self.max_states + 1)
+    self.cache = None if self.lm is not None else cache
     self.base = cache_length(cache)
     self.states = h.new_empty((self.max_states, h.shape[-1]))
     self.states[0] = h[0, -1]
     self.fed_host, self.fed_dev, self.num_fed = [], [], 0
-    self.last_logits = logits[0, -1]
 
   def feed(self, ids: torch.Tensor, host: list[int] | None = None):
     """Feeds ids [T] (`host`: their values if known); returns next [1]."""
@@ -317,18 +373,34 @@ class _Drafter:
     steps = ids.shape[1]
     name = self.prefix + ("draft_decode" if steps == 1 else "draft_catchup")
     with self.timer.span(name, self.device, units=steps):
-      h, logits, self.cache = self.b.forward(
-        input_ids=ids, past_key_values=self.cache, logits_to_keep=1
-      )
-      self.states[self.num_fed + 1 : self.num_fed + 1 + steps] = h[0]
-      self.last_logits = logits[0, -1]
-      nxt = _argmax(self.last_logits[None], self.vocab)
+      if self.lm is not None:
+        h, g = self.lm.step(ids, self.base + self.num_fed)
+        nxt = g[-1:]
+      else:
+        h, logits, self.cache = self.b.forward(
+          input_ids=ids, past_key_values=self.cache, logits_to_keep=1
+        )
+        h = h[0]
+        nxt = _argmax(logits[0, -1:], self.vocab)
+      self.states[self.num_fed + 1 : self.num_fed + 1 + steps] = h
+      self.next_token = nxt
     if host is not None and not self.fed_dev:
       self.fed_host.extend(host)
     else:
       self.fed_dev.append(ids[0])
     self.num_fed += steps
     return nxt
+
+  def resolve(self, drafts: Sequence[int]) -> None:
+    """Names the device-fed tokens: this round's drafts, in order.
+
+    The proposers feed the drafter only their own drafts on the device; the
+    verification has read those back already, so no second host sync.
+    """
+    count = len(self.fed_dev)
+    if count <= len(drafts):
+      self.fed_host.extend(drafts[:count])
+      self.fed_dev = []
 
   def fed_ids(self) -> list[int]:
     if self.fed_dev:
@@ -348,13 +420,23 @@ class _Drafter:
     while keep < limit and fed[keep] == accepted[keep]:
       keep += 1
     if keep < len(fed):
-      self.cache = crop_kv(self.cache, self.base + keep)
+      if self.lm is None:
+        self.cache = crop_kv(self.cache, self.base + keep)
       del fed[keep:]
       self.num_fed = keep
-      self.last_logits = None
+      self.next_token = None
 
-  def catch_up(self, accepted: Sequence[int], upto: int) -> torch.Tensor | None:
-    """Feeds accepted[num_fed:upto] so states[0..upto] exist; returns next."""
+  def catch_up(
+    self,
+    accepted: Sequence[int],
+    upto: int,
+    on_device: torch.Tensor | None = None,
+  ) -> torch.Tensor | None:
+    """Feeds accepted[num_fed:upto] so states[0..upto] exist; returns next.
+
+    `on_device`: the accepted tokens as a device tensor, copied from there
+    (a tensor built from the host list would synchronise the stream).
+    """
     if upto > len(accepted):
       raise AssertionError("catch_up beyond the accepted tokens")
     if upto <= self.num_fed:
@@ -365,7 +447,11 @@ class _Drafter:
         f"target token {max(ids)} is outside the drafter's vocabulary "
         f"(size {self.b.vocab_size}); the models must share a tokenizer"
       )
-    return self.feed(torch.tensor(ids, device=self.device), host=ids)
+    if on_device is None:
+      src = torch.tensor(ids, device=self.device)
+    else:
+      src = on_device[self.num_fed : upto].to(self.device, non_blocking=True)
+    return self.feed(src, host=ids)
 
 
 # ----------------------------------------------------------------------------
@@ -462,21 +548,23 @@ def _overlapped(
 class _TokenProposer:
   """draft_tokens: the drafter's own greedy continuation."""
 
-  def __init__(self, drafter: _Drafter):
+  def __init__(self, drafter: _Drafter, target: _Target):
     self.d = drafter
+    self.tokens_dev = target.tokens_dev
 
   def propose(self, tokens: list[int], k: int) -> torch.Tensor:
     d = self.d
     d.sync_to(tokens)
-    nxt = d.catch_up(tokens, len(tokens))
-    if nxt is None:  # everything fed already: reuse the last logits
-      nxt = _argmax(d.last_logits[None], d.vocab)
+    nxt = d.catch_up(tokens, len(tokens), self.tokens_dev)
+    if nxt is None:  # everything fed already: reuse the last prediction
+      nxt = d.next_token
     drafts = [nxt]
     for _ in range(k - 1):
       drafts.append(d.feed(drafts[-1]))
     return torch.cat(drafts)
 
-  def after_verify(self, tokens, n, k, j) -> None:
+  def after_verify(self, tokens, n, k, j, drafts) -> None:
+    self.d.resolve(drafts)
     self.d.sync_to(tokens)
 
 
@@ -495,6 +583,7 @@ class _AdapterProposer:
     lm_head: torch.Tensor,
     timer: Timer,
     max_len: int,
+    static: static_kv.StaticAdapter | None = None,
   ):
     self.a = adapter
     self.t = target
@@ -504,9 +593,13 @@ class _AdapterProposer:
     self.inputs = DECODE_INPUTS[adapter.kind]
     if "source" in self.inputs and drafter is None:
       raise ValueError(f"adapter {adapter.name!r} needs a drafter (--draft)")
-    self.cache = adapter.module.init_cache(
-      1, max_len, adapter.device, adapter.dtype
-    )
+    # Fast runtime: static buffers, rolled back by `fed` alone.
+    self.static = static
+    self.cache = None
+    if static is None:
+      self.cache = adapter.module.init_cache(
+        1, max_len, adapter.device, adapter.dtype
+      )
     self.fed = 0  # leading adapter positions fed with true inputs
     self.fed_total = 0
 
@@ -522,6 +615,8 @@ class _AdapterProposer:
       args.append(tgts)
     steps = args[0].shape[1]
     with self.timer.span(f"adapter:{self.a.name}", self.a.device, units=steps):
+      if self.static is not None:
+        return self.static.step(args, p0)
       y, self.cache = self.a.module.decode_step(
         *args, cache=self.cache, position=p0
       )
@@ -538,7 +633,7 @@ class _AdapterProposer:
     srcs = tgts = None
     if "source" in self.inputs:
       self.d.sync_to(tokens)
-      self.d.catch_up(tokens, n - 1)
+      self.d.catch_up(tokens, n - 1, self.t.tokens_dev)
       srcs = self.d.states[p0:n].to(a.device, a.dtype)[None]
     if "target" in self.inputs:
       tgts = self.t.states[p0:n].to(a.device, a.dtype)[None]
@@ -553,7 +648,7 @@ class _AdapterProposer:
         if self.d.num_fed != p - 1:
           raise AssertionError("drafter out of lockstep")
         if i == 1:
-          last = torch.tensor([tokens[-1]], device=self.d.device)
+          last = self.t.tokens_dev[n - 1 : n].to(self.d.device)
           self.d.feed(last, host=[tokens[-1]])
         else:
           self.d.feed(drafts[i - 2])
@@ -563,7 +658,7 @@ class _AdapterProposer:
     self.fed_total = n - 1 + k
     return torch.cat(drafts).to(self.t.device)
 
-  def after_verify(self, tokens, n, k, j) -> None:
+  def after_verify(self, tokens, n, k, j, drafts) -> None:
     # Positions >= n were fed predicted target states (B1/L5F): never true.
     # For L5 the source at position p is true iff p <= n + j.
     # Position n + j is always re-fed so its output (the next draft) is
@@ -572,9 +667,11 @@ class _AdapterProposer:
       keep = n
     else:
       keep = min(self.fed_total, n + j)
-    self.cache = self.a.module.truncate(self.cache, keep)
+    if self.static is None:
+      self.cache = self.a.module.truncate(self.cache, keep)
     self.fed = keep
     if self.d is not None:
+      self.d.resolve(drafts)
       self.d.sync_to(tokens)
 
 
@@ -606,6 +703,8 @@ def _decode_loop(
   tokens = [y0]
   m = cfg.max_new_tokens
   done = y0 in eos or m == 1
+  # The last accepted token, kept on the device (no host-to-device copy).
+  last = torch.tensor([[y0]], device=target.device)
   while not done:
     n = len(tokens)
     budget = m - n - 1  # drafts that can still be followed by a target token
@@ -617,7 +716,6 @@ def _decode_loop(
     elif proposer is not None and budget > 0:
       drafts = proposer.propose(tokens, min(cfg.gamma, budget))
     k = 0 if drafts is None else int(drafts.numel())
-    last = torch.tensor([[tokens[-1]]], device=target.device)
     if k:  # drafts may live on the drafter's GPU
       ids = torch.cat([last, drafts.view(1, -1).to(target.device)], dim=1)
     else:
@@ -631,6 +729,7 @@ def _decode_loop(
     while j < k and d_host[j] == g_host[j]:
       j += 1
     new = d_host[:j] + [g_host[j]]
+    last = g[j : j + 1].view(1, 1)
     for i, t in enumerate(new):
       if t in eos:
         new = new[: i + 1]
@@ -640,6 +739,8 @@ def _decode_loop(
       raise AssertionError("budget overrun")  # k <= m - n - 1 prevents it
     # States at the fed positions 0..j are the true h[n..n+j].
     target.states[n : n + len(new)] = h[: len(new)]
+    # Accepted drafts equal the target's own tokens: new == g[:len(new)].
+    target.tokens_dev[n : n + len(new)] = g[: len(new)]
     tokens.extend(new)
     result.iterations += 1
     if k:
@@ -655,7 +756,7 @@ def _decode_loop(
     if j < k:  # after a full accept the cache already ends at n + k
       target.crop(n + j)
     if phase == "decode" and proposer is not None and k:
-      proposer.after_verify(tokens, n, k, j)
+      proposer.after_verify(tokens, n, k, j, d_host)
   return tokens
 
 
@@ -671,7 +772,12 @@ class Models:
   drafter: Backend | None = None
   adapters: dict[str, Adapter] = dataclasses.field(default_factory=dict)
   side_streams: dict = dataclasses.field(default_factory=dict)
+  # Fast runtime: compile each layer of the static decoders (CUDA only).
+  compile_layers: bool = True
   _heads: dict = dataclasses.field(default_factory=dict)
+  _static: dict = dataclasses.field(default_factory=dict)
+  # What the fast runtime runs for each model: 'static' or why it fell back.
+  fast_notes: dict = dataclasses.field(default_factory=dict)
 
   def head_on(self, device) -> torch.Tensor:
     """The target's LM head [V, D] on `device` (one cached copy per device)."""
@@ -680,6 +786,66 @@ class Models:
       w = self.target.lm_head_weight().detach()
       self._heads[key] = w.to(torch.device(device))
     return self._heads[key]
+
+  def static_lm(self, role: str, needed: int, vocab: int | None, lengths):
+    """The static decoder of 'target' or 'drafter' (None: eager fallback).
+
+    Built once, for `needed` positions with graphs for input `lengths`, and
+    rebuilt only when a longer prompt needs more positions.
+    """
+    backend = self.target if role == "target" else self.drafter
+    key = (role, vocab)
+    lm = self._static.get(key)
+    if lm is not None and lm.max_len >= needed:
+      return lm
+    if self.fast_notes.get(role, "static").startswith("eager fallback"):
+      return None  # unsupported: known already
+    self._static.pop(key, None)  # free the old buffers and graphs first
+    if not callable(getattr(backend, "static_decoder", None)):
+      self.fast_notes[role] = (
+        "eager fallback: the backend has no static_decoder"
+      )
+      return None
+    try:
+      lm = backend.static_decoder(
+        static_kv.static_length(needed),
+        vocab=vocab,
+        lengths=lengths,
+        compile_layers=self.compile_layers,
+      )
+    except static_kv.Unsupported as e:
+      self.fast_notes[role] = f"eager fallback: {e}"
+      return None
+    self.fast_notes[role] = f"static ({lm.mode})"
+    self._static[key] = lm
+    return lm
+
+  def static_adapter(self, adapter: Adapter, needed: int, lengths):
+    """The static step of a decode adapter (built once per size)."""
+    key = ("adapter", adapter.name)
+    sa = self._static.get(key)
+    if sa is not None and sa.max_len >= needed:
+      return sa
+    self._static.pop(key, None)
+    if not callable(getattr(adapter.module, "static_step", None)):
+      self.fast_notes[f"adapter:{adapter.name}"] = (
+        "eager fallback: the module has no static_step"
+      )
+      return None
+    cap = getattr(adapter.module, "max_seq_len", needed)
+    sa = static_kv.StaticAdapter(
+      adapter.module,
+      self.head_on(adapter.device),
+      len(DECODE_INPUTS[adapter.kind]),
+      min(static_kv.static_length(needed), cap),
+      device=adapter.device,
+      dtype=adapter.dtype,
+      lengths=lengths,
+      compile_step=self.compile_layers,
+    )
+    self._static[key] = sa
+    self.fast_notes[f"adapter:{adapter.name}"] = f"static ({sa.mode})"
+    return sa
 
 
 def parse_method(method: str) -> tuple[str, tuple[str, ...]]:
@@ -753,7 +919,13 @@ def run_method(
   timer = Timer([tdev] + ([ddev] if ddev is not None else []))
   m = cfg.max_new_tokens
   slack = max(cfg.gamma, cfg.k_prefill) + 4
-  target = _Target(models.target, timer, m + slack)
+  fast = cfg.runtime == "fast"
+  lengths = range(1, cfg.gamma + 2)
+  t_lm = d_lm = None
+  if fast:
+    need = target_inputs["input_ids"].shape[1] + m + slack + 1
+    t_lm = models.static_lm("target", need, None, lengths)
+  target = _Target(models.target, timer, m + slack, t_lm)
   uses_drafter = kind in ("draft_tokens", "prefill_hiding", "two_phase") or (
     kind == "decode"
     and "source" in DECODE_INPUTS[models.adapters[names[0]].kind]
@@ -762,8 +934,12 @@ def run_method(
   if uses_drafter:
     if draft_inputs is None:
       raise ValueError(f"method {method!r} needs the drafter's prompt inputs")
+    dvocab = min(models.drafter.vocab_size, models.target.vocab_size)
+    if fast:
+      need = draft_inputs["input_ids"].shape[1] + m + slack + 1
+      d_lm = models.static_lm("drafter", need, dvocab, lengths)
     drafter = _Drafter(
-      models.drafter, timer, m + slack, models.target.vocab_size
+      models.drafter, timer, m + slack, models.target.vocab_size, d_lm
     )
   result = SampleResult([], 0.0, 0.0, 0.0)
 
@@ -807,22 +983,26 @@ def run_method(
         result.first_draft_match = int(e0.item()) == y0
     proposer = None
     if kind == "draft_tokens":
-      proposer = _TokenProposer(drafter)
+      proposer = _TokenProposer(drafter, target)
     elif kind in ("decode", "two_phase"):
       ad = models.adapters[names[-1]]
+      max_len = m + cfg.gamma + 1
       proposer = _AdapterProposer(
         ad,
         target,
         drafter if "source" in DECODE_INPUTS[ad.kind] else None,
         models.head_on(ad.device),
         timer,
-        max_len=m + cfg.gamma + 1,
+        max_len=max_len,
+        static=models.static_adapter(ad, max_len, lengths) if fast else None,
       )
     tokens = _decode_loop(target, y0, cfg, eos, result, first, proposer)
     timer.sync()
     t2 = time.perf_counter()
     if overlap is not None and overlap["concurrent"]:
-      alone = _alone_times(models, target_inputs, drafter_fn, m, slack, timer)
+      alone = _alone_times(
+        models, target_inputs, drafter_fn, m, slack, timer, t_lm, d_lm
+      )
       overlap.update(alone)
       overlap["overlap_ms"] = (
         alone["target_alone_ms"]
@@ -839,7 +1019,9 @@ def run_method(
   return result
 
 
-def _alone_times(models, target_inputs, drafter_fn, m, slack, timer) -> dict:
+def _alone_times(
+  models, target_inputs, drafter_fn, m, slack, timer, t_lm, d_lm
+) -> dict:
   """Times the two prefill sides alone, after the measured run (untimed).
 
   The saving of running them concurrently is then measured, not assumed:
@@ -848,8 +1030,10 @@ def _alone_times(models, target_inputs, drafter_fn, m, slack, timer) -> dict:
   one after the other.
   """
   scratch = Timer(timer.cuda_devices)
-  target = _Target(models.target, scratch, m + slack)
-  drafter = _Drafter(models.drafter, scratch, m + slack, target.b.vocab_size)
+  target = _Target(models.target, scratch, m + slack, t_lm)
+  drafter = _Drafter(
+    models.drafter, scratch, m + slack, target.b.vocab_size, d_lm
+  )
   out = {}
   for key, fn in (
     ("target_alone_ms", lambda: target.prefill(target_inputs)),
@@ -880,7 +1064,7 @@ def _prefill_drafts(
   drafter.prefill(draft_inputs)
   if k < 1:
     return None, None
-  nxt = _argmax(drafter.last_logits[None], drafter.vocab)
+  nxt = drafter.next_token
   drafter.prefix = "prefill_"
   try:
     for _ in range(k):  # the drafter's own tokens 0..k-1 give h_d[1..k]

@@ -311,6 +311,28 @@ class TransformerLayer(nn.Module):
     x = x + self.attn.out_proj(a)
     return x + self.ffn(self.ffn_norm(x))
 
+  def cached_at(self, x, k_cache, v_cache, positions, mask):
+    """Like `cached` on static buffers: writes K/V at `positions` [T].
+
+    `mask` [T, M] bool says which cache positions each query reads.
+    """
+    batch, steps, dim = x.shape
+    heads = self.attn.num_heads
+    h = self.attn_norm(x)
+    qkv = F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias)
+    q, k, v = (
+      t.reshape(batch, steps, heads, dim // heads).transpose(1, 2)
+      for t in qkv.chunk(3, dim=-1)
+    )
+    k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+    a = F.scaled_dot_product_attention(
+      q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask
+    )
+    a = a.transpose(1, 2).reshape(batch, steps, dim)
+    x = x + self.attn.out_proj(a)
+    return x + self.ffn(self.ffn_norm(x))
+
 
 def _padding_mask(mask, x: torch.Tensor):
   """Float key-padding mask from a bool [B, S] valid mask (or None)."""
@@ -453,6 +475,40 @@ class _CausalAdapter(nn.Module):
     """Rolls `cache` back to `length` positions, e.g. after rejected drafts."""
     return truncate_cache(cache, length)
 
+  def static_cache(self, max_len: int, device=None, dtype=None):
+    """Preallocated K and V [layers, 1, heads, max_len, head_dim]."""
+    self._check_len(max_len, "cache max_len")
+    device = self.alpha.device if device is None else device
+    dtype = self.alpha.dtype if dtype is None else dtype
+    shape = (
+      len(self.layers),
+      1,
+      self.num_heads,
+      max_len,
+      self.hidden_dim // self.num_heads,
+    )
+    return (
+      torch.zeros(shape, dtype=dtype, device=device),
+      torch.zeros(shape, dtype=dtype, device=device),
+    )
+
+  def static_step(self, *inputs, k_cache, v_cache, positions):
+    """`decode_step` on `static_cache` buffers at positions [T] (a tensor).
+
+    Batch 1, every position valid. Query p reads the cache positions <= p
+    only, so rolling back is decoding from a smaller position: entries past
+    it are never read and are overwritten first. No host syncs.
+    """
+    x = self._stack_input(*inputs)
+    keys = torch.arange(k_cache.shape[3], device=x.device)
+    mask = (keys[None, :] <= positions[:, None])[None, None]
+    h = x + self.pos_embed[0].index_select(0, positions)[None].to(x.dtype)
+    for i, layer in enumerate(self.layers):
+      h = layer.cached_at(h, k_cache[i], v_cache[i], positions, mask)
+    out = self.output_proj(self.output_norm(h))
+    res = inputs[-1]
+    return res + self.alpha * (out - res)
+
   def _cached_stack(self, x, cache, position, mask):
     if self.training:
       raise RuntimeError("decode_step is inference-only: call .eval() first.")
@@ -533,6 +589,9 @@ class EAGLEStyleAdapter(_CausalAdapter):
     out = self._stack(self.input_norm(x), mask)
     return x + self.alpha * (out - x)
 
+  def _stack_input(self, x):
+    return self.input_norm(x)
+
   def decode_step(self, x, cache: KVCache, position=None, mask=None):
     """Decodes x [B, T, D] (usually T = 1) at `position` using `cache`."""
     out, cache = self._cached_stack(self.input_norm(x), cache, position, mask)
@@ -583,6 +642,9 @@ class FusedEAGLEAdapter(_CausalAdapter):
     """Full causal forward on (source, target); `mask` True = valid."""
     out = self._stack(self._fuse(e, v), mask)
     return v + self.alpha * (out - v)
+
+  def _stack_input(self, e, v):
+    return self._fuse(e, v)
 
   def decode_step(self, e, v, cache: KVCache, position=None, mask=None):
     """Decodes (e, v) [B, T, D] (usually T = 1) at `position`."""
