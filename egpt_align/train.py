@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -1035,6 +1036,7 @@ def train_and_evaluate(
   stopped_at = None
   with _SignalFlag() as flag:
     agreed = _AgreedStop(flag, config.distributed.stop_check_every_steps)
+    logging.info("training from step %d (signals now stop it cleanly)", step)
     while not meta["done"] and meta["epoch"] < config.num_epochs:
       epoch = meta["epoch"]
       sums = meta["train_sums"]
@@ -1208,7 +1210,10 @@ def main(argv) -> None:
       process_id=dist.process_id,
       heartbeat_timeout_s=dist.heartbeat_timeout_s,
     )
-  logging.set_verbosity(logging.INFO)
+  # Process 0 tells the story; the others only warn.
+  logging.set_verbosity(
+    logging.INFO if jax.process_index() == 0 else logging.WARNING
+  )
   quiet = _QuietLibraries()
   logging.get_absl_logger().addFilter(quiet)
   logging.get_absl_handler().python_handler.addFilter(quiet)
@@ -1217,6 +1222,16 @@ def main(argv) -> None:
   except TrainingInterrupted as e:
     logging.error("%s", e)
     sys.exit(128 + e.signum)
+  except Exception:
+    if jax.process_count() == 1:
+      raise
+    # A normal exit would wait minutes in jax.distributed's shutdown barrier
+    # for peers that may be blocked in a collective with this process. Leave
+    # now: the coordination service then ends the others within
+    # config.distributed.heartbeat_timeout_s.
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
   if jax.process_index() == 0:
     best = result["best"] or {}
     print(
