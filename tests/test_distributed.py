@@ -36,7 +36,7 @@ _OVERRIDES = (
   "--config.model.ffn_dim=64",
   "--config.eval_at_start=False",
   "--config.progress_bar=False",
-  "--config.log_every_steps=2",
+  "--config.log_every_steps=1",  # a train/loss record per step
   "--config.checkpoint.every_steps=2",
   f"--config.distributed.stop_check_every_steps={CHECK_EVERY}",
   f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}",
@@ -142,6 +142,28 @@ def _steps(workdir) -> list[int]:
   return sorted(int(name) for name in os.listdir(path) if name.isdigit())
 
 
+def _train_losses(workdir) -> dict[int, float]:
+  """{step: train/loss} from metrics.jsonl (one record per step)."""
+  with open(os.path.join(str(workdir), "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  steps = [r["step"] for r in records if "train/loss" in r]
+  assert steps == sorted(set(steps)), steps  # one writer, no step twice
+  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def _assert_same_run(workdir, reference):
+  """The same loss at every step and the same final params."""
+  ref_params, ref_losses = reference
+  losses = _train_losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose(
+    [losses[s] for s in sorted(losses)],
+    [ref_losses[s] for s in sorted(losses)],
+    rtol=1e-5,
+  )
+  _assert_params_close(_params(workdir), ref_params)
+
+
 def _assert_params_close(a, b):
   # Adam normalises updates, so float reduction-order noise in the gradient
   # all-reduce (gloo across processes vs. in-process) moves a parameter with
@@ -160,19 +182,16 @@ def reference(tmp_path_factory):
   run = _Run(tmp_path_factory.mktemp("one") / "run", 1, 8)
   run.succeed()
   assert _steps(run.workdir)[-1] == STEPS
-  return _params(run.workdir)
+  return _params(run.workdir), _train_losses(run.workdir)
 
 
 def test_two_processes_match_one_and_resume_after_sigterm(reference, tmp_path):
   # Uninterrupted: 2 processes x 4 devices give the 1 x 8 result.
   whole = _Run(tmp_path / "two", 2, 4)
   whole.succeed()
-  _assert_params_close(_params(whole.workdir), reference)
+  _assert_same_run(whole.workdir, reference)
   assert "training from step 0" in whole.log(0)
   assert "training from step" not in whole.log(1)  # process 0 logs
-  with open(os.path.join(whole.workdir, "metrics.jsonl")) as f:
-    logged = [json.loads(line)["step"] for line in f]
-  assert logged == sorted(logged) and logged[-1] == STEPS  # one writer
 
   # SIGTERM to process 0 only, during its first step (the compile): both
   # processes stop at the same agreed step and save one checkpoint there.
@@ -195,9 +214,9 @@ def test_two_processes_match_one_and_resume_after_sigterm(reference, tmp_path):
   again = tmp_path / "again"
   shutil.copytree(stopped.workdir, again)
   _Run(stopped.workdir, 2, 4).succeed()
-  _assert_params_close(_params(stopped.workdir), reference)
+  _assert_same_run(stopped.workdir, reference)
   _Run(again, 1, 8).succeed()
-  _assert_params_close(_params(again), reference)
+  _assert_same_run(again, reference)
 
 
 def test_killed_process_ends_the_others(tmp_path):
