@@ -204,8 +204,6 @@ def main(argv=None):
     "--config.checkpoint.enabled=False",
     "--config.progress_bar=False",
   ]
-  if level in ("l4", "l5", "l5f", "b1"):
-    overrides.append(f"--config.model.max_seq_len={max(seq, 64)}")
   runs = [
     ("1 process x 2 devices", 1, []),
     ("2 processes x 1 device, stop check every 10 steps", 2, []),
