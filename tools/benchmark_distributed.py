@@ -11,8 +11,10 @@ window holds the compile). The runs must agree: the same train loss in
 every log window and the same validation loss every epoch. Prints a table
 and writes OUT/results.json (the per-run logs next to it).
 
-  # 2 GPUs (L4 at hidden 4096, batch 64, sequence 50; a few minutes):
-  python -m tools.benchmark_distributed --out runs/bench_distributed
+  # 2 GPUs (L4 at hidden 4096, batch 64, sequence 50; a few minutes; the
+  # dataset is 3.4 GB):
+  python -m tools.benchmark_distributed --out runs/bench_distributed \
+    --data_dir /tmp/bench_distributed_data
   # CPU smoke test (fake CPU devices, a tiny L1):
   python -m tools.benchmark_distributed --small --out /tmp/bench_distributed
 """
@@ -152,6 +154,9 @@ def main(argv=None):
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--out", required=True, help="results and run directories")
+  p.add_argument(
+    "--data_dir", default=None, help="dataset (written once; OUT/data)"
+  )
   p.add_argument("--small", action="store_true", help="CPU smoke test")
   p.add_argument("--level", default=None, help="adapter (default l4; l1)")
   p.add_argument("--hidden", type=int, default=None, help="default 4096; 64")
@@ -180,7 +185,7 @@ def main(argv=None):
   # Every sample `seq` long; 2 % held out for validation (not timed).
   train_samples = spe * batch
   num_samples = int(np.ceil(train_samples / 0.98)) + 1
-  data_dir = os.path.join(out, "data")
+  data_dir = os.path.abspath(args.data_dir or os.path.join(out, "data"))
   if not os.path.exists(os.path.join(data_dir, "header.json")):
     from tools import benchmark_data
 
