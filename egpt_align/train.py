@@ -715,7 +715,12 @@ class _SignalFlag:
     if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop without saving
     self.signum = signum
-    logging.warning("signal %d: saving a checkpoint after this step", signum)
+    logging.warning(
+      "signal %d: saving a checkpoint after this step (several processes: "
+      "at the next step where they check; config.distributed."
+      "stop_check_every_steps)",
+      signum,
+    )
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
