@@ -166,6 +166,14 @@ def main(argv=None):
   p.add_argument("--epochs", type=int, default=None, help="default 4; 2")
   p.add_argument("--log_every", type=int, default=None, help="default 8; 4")
   p.add_argument("--timeout", type=int, default=900, help="seconds per run")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="extra trainer config override for every run, e.g. "
+    "--set dropout_rng_impl=threefry2x32",
+  )
   args = p.parse_args(argv)
   small = args.small
 
@@ -208,6 +216,7 @@ def main(argv=None):
     "--config.early_stopping_patience=0",
     "--config.checkpoint.enabled=False",
     "--config.progress_bar=False",
+    *(f"--config.{kv}" for kv in args.set),
   ]
   runs = [
     ("1 process x 2 devices", 1, []),
