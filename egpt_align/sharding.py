@@ -111,9 +111,43 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> None:
     )
 
 
-def initialize_multihost() -> None:
-  """jax.distributed.initialize() (cluster settings from the environment)."""
-  jax.distributed.initialize()
+def initialize_multihost(
+  *,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  heartbeat_timeout_s: int = 100,
+) -> None:
+  """jax.distributed.initialize(); a no-op when run as one process.
+
+  Unset arguments come from JAX's usual sources: JAX_COORDINATOR_ADDRESS and
+  the cluster's environment (SLURM, Open MPI, Kubernetes, ...). A process
+  whose heartbeats stop for `heartbeat_timeout_s` seconds is declared dead
+  and the coordination service then ends every other process with an error,
+  so a crashed peer never leaves the rest waiting in a collective.
+  """
+  if num_processes == 1:
+    return
+  if (num_processes is None) != (process_id is None):
+    raise ValueError(
+      "config.distributed.num_processes and config.distributed.process_id "
+      "go together: set both (or neither, to take them from the cluster's "
+      "environment)"
+    )
+  try:
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      heartbeat_timeout_seconds=heartbeat_timeout_s,
+    )
+  except ValueError as e:  # JAX found no cluster settings
+    raise ValueError(
+      f"config.multihost: {e}; pass --config.distributed.coordinator_address"
+      "=HOST:PORT, --config.distributed.num_processes=N and "
+      "--config.distributed.process_id=I (or set JAX_COORDINATOR_ADDRESS and "
+      "launch under SLURM / mpirun)"
+    ) from None
   logging.info(
     "multi-host: process %d of %d, %d local / %d global devices",
     jax.process_index(),

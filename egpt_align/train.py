@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -714,12 +715,58 @@ class _SignalFlag:
     if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop without saving
     self.signum = signum
-    logging.warning("signal %d: saving a checkpoint after this step", signum)
+    logging.warning(
+      "signal %d: saving a checkpoint after this step (several processes: "
+      "at the next step where they check; config.distributed."
+      "stop_check_every_steps)",
+      signum,
+    )
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     return False
+
+
+class _AgreedStop:
+  """A signal on any process, seen by all of them at the same step.
+
+  One process stops at the step after its signal. Several agree: every
+  `every` steps they all-gather their flags (a collective of one int each,
+  which waits for the step to finish), so all leave the loop at the same
+  step and save one consistent checkpoint instead of waiting in a collective
+  that a departed process never joins.
+  """
+
+  def __init__(self, flag: _SignalFlag, every: int):
+    if every < 1:
+      raise ValueError(
+        f"config.distributed.stop_check_every_steps must be >= 1, got {every}"
+      )
+    self.flag = flag
+    self.every = every if jax.process_count() > 1 else 1
+    self.signum = None
+
+  def check(self, step: int, *, now: bool = False) -> int | None:
+    """The agreed signal number (None: go on), checked at `step`."""
+    if self.signum is not None or not (now or step % self.every == 0):
+      return self.signum
+    if jax.process_count() == 1:
+      self.signum = self.flag.signum
+      return self.signum
+    from jax.experimental import multihost_utils
+
+    local = np.int32(self.flag.signum or 0)
+    flags = np.asarray(multihost_utils.process_allgather(local)).ravel()
+    if np.any(flags):
+      self.signum = int(flags[np.flatnonzero(flags)[0]])
+      logging.warning(
+        "stopping at step %d: signal %d on process(es) %s",
+        step,
+        self.signum,
+        np.flatnonzero(flags).tolist(),
+      )
+    return self.signum
 
 
 def _load_lm_head(path: str, hidden_dim: int, mesh) -> jax.Array:
@@ -754,9 +801,9 @@ def train_and_evaluate(
   Returns {'step', 'epochs_run', 'best_epoch', 'best_val_loss',
   'stopped_early', 'stopped_at_step', 'initial', 'final', 'best'}, the last
   three being validation-metric dicts (untrained, last epoch, best epoch).
-  `devices` restricts the mesh (default: all devices). Multi-host callers
+  `devices` restricts the mesh (default: all devices). Multi-process callers
   run `sharding.initialize_multihost()` first (the CLI does, given
-  `config.multihost`).
+  `config.multihost`); every process then calls this with the same config.
   """
   config = copy.deepcopy(config)
   _check_config(config)
@@ -993,6 +1040,8 @@ def train_and_evaluate(
     )
   stopped_at = None
   with _SignalFlag() as flag:
+    agreed = _AgreedStop(flag, config.distributed.stop_check_every_steps)
+    logging.info("training from step %d (signals now stop it cleanly)", step)
     while not meta["done"] and meta["epoch"] < config.num_epochs:
       epoch = meta["epoch"]
       sums = meta["train_sums"]
@@ -1011,12 +1060,13 @@ def train_and_evaluate(
         meta["epoch_step"] += 1
         bar.update(1)
         stop = config.stop_after_steps and step >= config.stop_after_steps
-        if step % config.log_every_steps == 0 or stop or flag.signum:
+        signum = agreed.check(step)
+        if step % config.log_every_steps == 0 or stop or signum:
           log.flush(step)
         every = config.checkpoint.every_steps
         if every and step % every == 0 and meta["epoch_step"] < spe:
           save(step)
-        if (stop or flag.signum) and meta["epoch_step"] < spe:
+        if (stop or signum) and meta["epoch_step"] < spe:
           interrupted = True
           break
       log.flush(step)
@@ -1085,11 +1135,12 @@ def train_and_evaluate(
         save(step)
 
       stop = config.stop_after_steps and step >= config.stop_after_steps
-      if flag.signum is not None:
+      signum = agreed.check(step, now=True)
+      if signum is not None:
         if ckpt:
           ckpt.close()
         writer.close()
-        raise TrainingInterrupted(flag.signum, step)
+        raise TrainingInterrupted(signum, step)
       if stop and not meta["done"]:
         stopped_at = step
         logging.info("config.stop_after_steps reached at step %d", step)
@@ -1157,8 +1208,17 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if config.multihost:
-    sharding.initialize_multihost()
-  logging.set_verbosity(logging.INFO)
+    dist = config.distributed
+    sharding.initialize_multihost(
+      coordinator_address=dist.coordinator_address,
+      num_processes=dist.num_processes,
+      process_id=dist.process_id,
+      heartbeat_timeout_s=dist.heartbeat_timeout_s,
+    )
+  # Process 0 tells the story; the others only warn.
+  logging.set_verbosity(
+    logging.INFO if jax.process_index() == 0 else logging.WARNING
+  )
   quiet = _QuietLibraries()
   logging.get_absl_logger().addFilter(quiet)
   logging.get_absl_handler().python_handler.addFilter(quiet)
@@ -1167,6 +1227,16 @@ def main(argv) -> None:
   except TrainingInterrupted as e:
     logging.error("%s", e)
     sys.exit(128 + e.signum)
+  except Exception:
+    if jax.process_count() == 1:
+      raise
+    # A normal exit would wait minutes in jax.distributed's shutdown barrier
+    # for peers that may be blocked in a collective with this process. Leave
+    # now: the coordination service then ends the others within
+    # config.distributed.heartbeat_timeout_s.
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
   if jax.process_index() == 0:
     best = result["best"] or {}
     print(

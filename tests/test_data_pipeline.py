@@ -261,9 +261,37 @@ def test_processes_partition_samples_with_common_shapes(ds):
   assert set(seen.values()) == {1}
   # Shares are disjoint and balanced.
   assert not set(pipes[0].share) & set(pipes[1].share)
-  assert abs(len(pipes[0].share) - len(pipes[1].share)) <= len(
-    pipes[0].bucket_lengths
-  )
+  assert abs(len(pipes[0].share) - len(pipes[1].share)) <= 8
+
+
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_global_batches_do_not_depend_on_the_process_count(ds, drop_remainder):
+  """Processes' local batches, stacked, are the one-process batches."""
+
+  def global_batches(count):
+    pipes = [
+      _pipe(
+        ds,
+        cache="host",
+        process_index=p,
+        process_count=count,
+        drop_remainder=drop_remainder,
+        seed=5,
+      )
+      for p in range(count)
+    ]
+    per_process = [list(p.numpy_batches(2)) for p in pipes]
+    return [
+      np.concatenate([b["index"] for b in step])
+      for step in zip(*per_process, strict=True)
+    ]
+
+  one = global_batches(1)
+  for count in (2, 4):
+    many = global_batches(count)
+    assert len(many) == len(one)
+    for a, b in zip(many, one, strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_sharded_batch_is_global(ds):

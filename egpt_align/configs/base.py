@@ -39,6 +39,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.multihost = False  # call jax.distributed.initialize() at start
   config.progress_bar = True  # tqdm bar per epoch (process 0)
 
+  # Several processes (config.multihost; README "Several processes or
+  # hosts"). Unset keys come from JAX_COORDINATOR_ADDRESS or the cluster's
+  # environment (SLURM, mpirun).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = config_dict.placeholder(str)  # h:p
+  config.distributed.num_processes = config_dict.placeholder(int)  # total
+  config.distributed.process_id = config_dict.placeholder(int)  # this one
+  # A process silent this long is declared dead: the others exit non-zero.
+  config.distributed.heartbeat_timeout_s = 100  # seconds
+  # SIGTERM/SIGINT on any process: the processes agree every N steps (a tiny
+  # all-gather that waits for the step) and all stop at the same step. One
+  # process stops at the next step whatever N is.
+  config.distributed.stop_check_every_steps = 10  # N >= 1 (several processes)
+
   # The adapter. `name` picks it from egpt_align.models.ADAPTERS; every other
   # key that is not None is passed to create_adapter as an override, so None
   # means "the adapter's own (reference) default".

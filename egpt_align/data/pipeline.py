@@ -4,13 +4,16 @@ Order of one epoch (all of it a pure function of seed, epoch and the
 process's position, so iteration resumes exactly from any step):
 
 1. The selected samples are assigned to length buckets (static shapes).
-2. They are dealt to processes: within each bucket, sorted by index, the
-   r-th sample goes to process r % process_count. Each process reads (and
-   caches) only its share.
-3. Each process permutes its share of every bucket with a numpy Generator
-   seeded by (seed, epoch, process) -- a shuffle over the whole share, not
-   chunk-local -- and cuts it into local batches of
-   global_batch_size / process_count.
+2. They are dealt to the rows ("slots") of the global batch: sorted by
+   (bucket, index), the r-th sample goes to slot r % batch_size.
+   Each process reads (and caches) only the slots of the batch rows it
+   feeds (global_batch_size / process_count adjoining rows).
+3. Each epoch, every slot's samples of a bucket are put in an order drawn
+   from (seed, epoch, bucket) -- the same draw in every process -- and the
+   k-th batch of the bucket takes the k-th sample of every slot. So the
+   global batch at every step depends on the data and seed alone, not on
+   how many processes (or devices) share it: a run resumes on another
+   process count exactly. (Two samples of one slot never share a batch.)
 4. The sequence of buckets over the epoch's steps is a permutation seeded by
    (seed, epoch) alone, so every process pads step k to the same length.
 
@@ -204,29 +207,37 @@ class InputPipeline:
       )
     bucket = np.searchsorted(self.bucket_lengths, lengths, side="left")
 
-    # Deal each bucket's samples round-robin over processes.
+    # Deal each bucket's samples round-robin over the rows ("slots") of the
+    # global batch; this process holds the slots of its batch rows.
+    gb = self.global_batch_size
+    self.row_offset = self._first_row()
+    # Dealt on across buckets (each starts at the slot after the previous
+    # one's last sample), so processes' shares differ by < one local batch.
     order = np.lexsort((indices, bucket))
-    bucket_sorted = bucket[order]
-    rank = np.arange(order.size) - np.searchsorted(
-      bucket_sorted, bucket_sorted, side="left"
-    )
-    mine = order[rank % process_count == process_index]
-    self.share = indices[mine]  # dataset indices, sorted by (bucket, index)
-    self.share_lengths = lengths[mine].astype(np.int32)
-    self._share_bucket = bucket[mine]
+    slot = np.arange(order.size) % gb - self.row_offset
+    mine = (slot >= 0) & (slot < self.local_batch_size)
+    self.share = indices[order[mine]]  # sorted by (bucket, index)
+    self.share_lengths = lengths[order[mine]].astype(np.int32)
     counts = np.bincount(bucket, minlength=len(self.bucket_lengths))
-    per_proc_min = counts // process_count
-    per_proc_max = -(-counts // process_count)
-    bl = self.local_batch_size
     if drop_remainder:
-      self._bucket_steps = per_proc_min // bl
+      self._bucket_steps = counts // gb
     else:
-      self._bucket_steps = -(-per_proc_max // bl)
+      self._bucket_steps = -(-counts // gb)
     self.steps_per_epoch = int(self._bucket_steps.sum())
-    self._bucket_members = [
-      np.flatnonzero(self._share_bucket == b)
-      for b in range(len(self.bucket_lengths))
-    ]
+    # Per bucket: share positions [local slot, k] (its k-th sample), -1 past
+    # the slot's last.
+    share_bucket, share_slot = bucket[order[mine]], slot[mine]
+    group = share_bucket * self.local_batch_size + share_slot
+    by_group = np.lexsort((np.arange(group.size), group))
+    sorted_group = group[by_group]
+    k = np.arange(group.size) - np.searchsorted(sorted_group, sorted_group)
+    self._slot_members = []
+    for b in range(len(self.bucket_lengths)):
+      width = -(-int(counts[b]) // gb)
+      members = np.full((self.local_batch_size, width), -1, np.int64)
+      sel = share_bucket[by_group] == b
+      members[share_slot[by_group][sel], k[sel]] = by_group[sel]
+      self._slot_members.append(members)
 
     self._row_start = np.zeros(self.share.size, np.int64)
     self.num_positions = int(self.share_lengths.sum())
@@ -312,9 +323,11 @@ class InputPipeline:
 
   def _build_device_cache(self) -> None:
     views = {f: self._as_memory(f, v) for f, v in self._host_cache.items()}
-    views["_start"] = self._row_start.astype(np.int32)
-    views["_length"] = self.share_lengths.astype(np.int32)
-    views["_index"] = self.share.astype(np.int32)
+    # One extra zero entry each, so that padding rows (gathered at position
+    # 0) read something even from an empty share.
+    views["_start"] = np.append(self._row_start, 0).astype(np.int32)
+    views["_length"] = np.append(self.share_lengths, 0).astype(np.int32)
+    views["_index"] = np.append(self.share, 0).astype(np.int32)
     self._device_caches = {
       d: jax.device_put(views, d) for d in self._output_devices()
     }
@@ -324,26 +337,49 @@ class InputPipeline:
 
   # ------------------------------------------------------------------ plan
 
+  def _first_row(self) -> int:
+    """The first global batch row this process feeds (its rows adjoin)."""
+    base = self.process_index * self.local_batch_size
+    if self.sharding is None:
+      return base
+    index_map = self.sharding.addressable_devices_indices_map(
+      (self.global_batch_size,)
+    )
+    rows = set()
+    for idx in index_map.values():
+      rows.update(range(*idx[0].indices(self.global_batch_size)))
+    first = min(rows)
+    if rows != set(range(first, first + self.local_batch_size)):
+      raise ValueError(
+        f"the batch sharding gives process {self.process_index} batch rows "
+        f"{sorted(rows)}; it must feed {self.local_batch_size} adjoining rows"
+      )
+    return first
+
   def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-    """[(bucket length, share positions [local_batch] or -1)] of an epoch."""
+    """[(bucket length, share positions [local_batch] or -1)] of an epoch.
+
+    Row r of every batch of a bucket comes from slot r's samples, in an
+    order drawn from (seed, epoch, bucket) for all slots at once, so the
+    global batch at each step is the same for any process count.
+    """
     nb = len(self.bucket_lengths)
     schedule = np.repeat(np.arange(nb), self._bucket_steps)
     if self.shuffle:
       schedule = np.random.default_rng([self.seed, epoch, 1]).permutation(
         schedule
       )
-      rng = np.random.default_rng([self.seed, epoch, 2, self.process_index])
-    bl = self.local_batch_size
+    rows = slice(self.row_offset, self.row_offset + self.local_batch_size)
     chunks = []
     for b in range(nb):
-      members = self._bucket_members[b]
+      members = self._slot_members[b]
       if self.shuffle:
-        members = rng.permutation(members)
-      need = self._bucket_steps[b] * bl
-      members = members[:need]
-      padded = np.full(need, -1, np.int64)
-      padded[: members.size] = members
-      chunks.append(padded.reshape(-1, bl))
+        keys = np.random.default_rng([self.seed, epoch, 2, b]).random(
+          (self.global_batch_size, members.shape[1])
+        )[rows]
+        keys[members < 0] = 2.0  # past a slot's end: stays last
+        members = np.take_along_axis(members, np.argsort(keys, axis=1), 1)
+      chunks.append(members[:, : self._bucket_steps[b]].T)
     taken = np.zeros(nb, np.int64)
     out = []
     for b in schedule:
@@ -358,9 +394,12 @@ class InputPipeline:
   ) -> dict:
     """A process-local numpy batch from share positions (-1 = padding)."""
     valid = pos >= 0
-    safe = np.where(valid, pos, 0)
-    lengths = np.where(valid, self.share_lengths[safe], 0).astype(np.int32)
-    index = np.where(valid, self.share[safe], -1).astype(np.int32)
+    # Indexed by the valid positions only: a share can be empty (a small
+    # validation split over several processes).
+    lengths = np.zeros(len(pos), np.int32)
+    lengths[valid] = self.share_lengths[pos[valid]]
+    index = np.full(len(pos), -1, np.int32)
+    index[valid] = self.share[pos[valid]]
     mask = np.arange(seq_len)[None, :] < lengths[:, None]
     batch = {"mask": mask, "lengths": lengths, "index": index}
     out = None
@@ -405,7 +444,8 @@ class InputPipeline:
     return out
 
   def _rows(self, seq_len, pos, lengths) -> np.ndarray:
-    start = self._row_start[np.where(pos >= 0, pos, 0)]
+    start = np.zeros(len(pos), np.int64)
+    start[pos >= 0] = self._row_start[pos[pos >= 0]]
     t = np.arange(seq_len)[None, :]
     rows = start[:, None] + t
     # Padding positions read the extra all-zero row at the end.
@@ -448,7 +488,7 @@ class InputPipeline:
         index_map = self.sharding.addressable_devices_indices_map(
           (self.global_batch_size,)
         )
-        base = self.process_index * self.local_batch_size
+        base = self.row_offset
         pieces = []
         for d, idx in index_map.items():
           sl = idx[0]
