@@ -29,7 +29,7 @@ import torch
 
 from tools import backends as bk
 from tools import torch_adapters
-from tools.scenes import make_pair, models, text, world
+from tools.scenes import make_pair, text, world
 
 
 def _sync(device):
@@ -99,14 +99,10 @@ def measure(pair: str, device, dtype: str, repeats: int) -> dict:
   drafter = bk.load_backend(
     f"tools.scenes.drafter:make_backend:{pair}", device=device, dtype=dtype
   )
-  with open(os.path.join(pair, make_pair.PAIR_FILE)) as f:
-    preset = models.PRESETS[json.load(f)["fingerprint"]["preset"]["name"]]
   seed = world.split_seeds("test", 1)[0]
   _, frames = world.render(seed)
   question = text.question(seed, "describe")
-  prompts = models.Prompts(
-    target.tokenizer, "<video>", models.video_tokens(preset)
-  )
+  prompts = make_pair.target_prompts(target)
   t_in = make_pair.target_inputs(target, prompts, question, frames)
   d_in = drafter.encode(question, torch.from_numpy(world.events(frames))[None])
   out = {

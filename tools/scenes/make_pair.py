@@ -72,28 +72,69 @@ def render_pool(seeds, workers: int):
   return scenes, frames, events
 
 
-class Examples:
-  """Seeded stream of (scene index, question, answer) training examples."""
+def examples(scenes, seed: int, step: int, size: int):
+  """The `size` (scene index, question, answer) examples of a step.
 
-  def __init__(self, scenes, seed: int):
-    self.scenes = scenes
-    self.rng = np.random.default_rng([seed, 3])
-
-  def batch(self, size: int):
-    idx = self.rng.integers(len(self.scenes), size=size)
-    qts = self.rng.integers(len(text.QTYPES), size=size)
-    variants = self.rng.integers(1 << 30, size=size)
-    out = []
-    for i, q, v in zip(idx, qts, variants, strict=True):
-      scene, qtype = self.scenes[int(i)], text.QTYPES[int(q)]
-      out.append(
-        (
-          int(i),
-          text.question(scene.seed, qtype, int(v)),
-          text.answer(scene, qtype, int(v)),
-        )
+  Seeded by (seed, step) alone, so batches can be made in any process and
+  in any order and the data stream stays the same.
+  """
+  rng = np.random.default_rng([seed, step, 3])
+  idx = rng.integers(len(scenes), size=size)
+  qts = rng.integers(len(text.QTYPES), size=size)
+  variants = rng.integers(1 << 30, size=size)
+  out = []
+  for i, q, v in zip(idx, qts, variants, strict=True):
+    scene, qtype = scenes[int(i)], text.QTYPES[int(q)]
+    out.append(
+      (
+        int(i),
+        text.question(scene.seed, qtype, int(v)),
+        text.answer(scene, qtype, int(v)),
       )
-    return out
+    )
+  return out
+
+
+class Batches:
+  """Token batches of a training stream: (scene idx, ids, mask, labels)."""
+
+  def __init__(self, tokenizer, scenes, media_token, count, seed, size):
+    self.tokenizer = tokenizer
+    self.scenes = scenes
+    self.prompts = models.Prompts(tokenizer, media_token, count)
+    self.seed, self.size = seed, size
+
+  def __call__(self, step: int):
+    batch = examples(self.scenes, self.seed, step, self.size)
+    ids, mask, labels = models.lm_batch(
+      [self.prompts(b[1]) for b in batch],
+      [models.answer_ids(self.tokenizer, b[2]) for b in batch],
+      self.tokenizer.pad_token_id,
+    )
+    return np.array([b[0] for b in batch]), ids, mask, labels
+
+
+_WORKER_BATCHES = None
+
+
+def _init_worker(batches):
+  global _WORKER_BATCHES
+  _WORKER_BATCHES = batches
+
+
+def _worker_batch(step):
+  return _WORKER_BATCHES(step)
+
+
+def stream(batches: Batches, steps: int, workers: int):
+  """Yields batches(0..steps-1) in order, made by `workers` processes."""
+  if workers <= 1:
+    yield from (batches(step) for step in range(steps))
+    return
+  with concurrent.futures.ProcessPoolExecutor(
+    workers, initializer=_init_worker, initargs=(batches,)
+  ) as ex:
+    yield from ex.map(_worker_batch, range(steps), chunksize=16)
 
 
 def _schedule(preset: models.Preset, steps: int):
@@ -106,7 +147,7 @@ def _schedule(preset: models.Preset, steps: int):
   return lr
 
 
-def _train(model, loss_fn, examples, preset, steps, device, desc):
+def _train(model, loss_fn, batches, preset, steps, device, desc):
   """AdamW + warmup/cosine, bf16 autocast on GPU, grad clip 1."""
   model.to(device).train()
   opt = torch.optim.AdamW(
@@ -116,10 +157,14 @@ def _train(model, loss_fn, examples, preset, steps, device, desc):
   autocast = torch.autocast(
     "cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
   )
-  bar = tqdm.trange(steps, desc=desc, unit="step")
+  bar = tqdm.tqdm(
+    stream(batches, steps, preset.workers),
+    total=steps,
+    desc=desc,
+    unit="step",
+  )
   loss_val = float("nan")
-  for step in bar:
-    batch = examples.batch(preset.batch_size)
+  for step, batch in enumerate(bar):
     with autocast:
       loss = loss_fn(batch)
     opt.zero_grad(set_to_none=True)
@@ -135,28 +180,26 @@ def _train(model, loss_fn, examples, preset, steps, device, desc):
 
 
 def train_target(model, tokenizer, preset, scenes, frames, seed, device):
-  prompts = models.Prompts(tokenizer, "<video>", models.video_tokens(preset))
   frames_dev = torch.from_numpy(frames).to(device)
+  count = models.video_tokens(preset)
 
   def loss_fn(batch):
-    idx = torch.tensor([b[0] for b in batch], device=device)
-    ids, mask, labels = models.lm_batch(
-      [prompts(b[1]) for b in batch],
-      [models.answer_ids(tokenizer, b[2]) for b in batch],
-      tokenizer.pad_token_id,
-    )
+    idx, ids, mask, labels = (torch.as_tensor(x).to(device) for x in batch)
     out = model(
-      input_ids=ids.to(device),
-      attention_mask=mask.to(device),
+      input_ids=ids,
+      attention_mask=mask,
       pixel_values_videos=models.pixels(frames_dev[idx]),
-      labels=labels.to(device),
+      labels=labels,
     )
     return out.loss
 
+  batches = Batches(
+    tokenizer, scenes, "<video>", count, seed, preset.batch_size
+  )
   return _train(
     model,
     loss_fn,
-    Examples(scenes, seed),
+    batches,
     preset,
     preset.target_steps,
     device,
@@ -165,17 +208,11 @@ def train_target(model, tokenizer, preset, scenes, frames, seed, device):
 
 
 def train_drafter(model, tokenizer, preset, scenes, events, seed, device):
-  prompts = models.Prompts(tokenizer, "<event>", models.event_tokens(preset))
   events_dev = torch.from_numpy(events).to(device)
+  count = models.event_tokens(preset)
 
   def loss_fn(batch):
-    idx = torch.tensor([b[0] for b in batch], device=device)
-    ids, mask, labels = models.lm_batch(
-      [prompts(b[1]) for b in batch],
-      [models.answer_ids(tokenizer, b[2]) for b in batch],
-      tokenizer.pad_token_id,
-    )
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    idx, ids, mask, labels = (torch.as_tensor(x).to(device) for x in batch)
     hidden = model(
       ids, attention_mask=mask, use_cache=False, event_frames=events_dev[idx]
     ).last_hidden_state
@@ -184,10 +221,13 @@ def train_drafter(model, tokenizer, preset, scenes, events, seed, device):
       logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
     )
 
+  batches = Batches(
+    tokenizer, scenes, "<event>", count, seed + 1, preset.batch_size
+  )
   return _train(
     model,
     loss_fn,
-    Examples(scenes, seed + 1),
+    batches,
     preset,
     preset.drafter_steps,
     device,
@@ -197,6 +237,12 @@ def train_drafter(model, tokenizer, preset, scenes, events, seed, device):
 
 # --------------------------------------------------------------------------
 # Held-out evaluation through the backends.
+
+
+def target_prompts(backend) -> models.Prompts:
+  """Prompt ids of the target backend (its own count of video tokens)."""
+  count = backend.video_tokens(world.SIZE, world.SIZE)
+  return models.Prompts(backend.tokenizer, "<video>", count)
 
 
 def target_inputs(backend, prompts, question, frames) -> dict:
@@ -211,10 +257,10 @@ def target_inputs(backend, prompts, question, frames) -> dict:
 
 
 @torch.inference_mode()
-def evaluate(target, drafter, preset, seeds, batch_size: int = 50) -> dict:
+def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
   """Per-question-type fact accuracy of both models on scenes `seeds`."""
   tok = target.tokenizer
-  prompts = models.Prompts(tok, "<video>", models.video_tokens(preset))
+  prompts = target_prompts(target)
   results = {"target": {}, "drafter": {}}
   entropies = []
   rendered = {s: world.render(s) for s in seeds}
@@ -236,7 +282,7 @@ def evaluate(target, drafter, preset, seeds, batch_size: int = 50) -> dict:
         ("drafter", drafter, d_in),
       ):
         gen = bk.greedy_generate(
-          backend, backend.collate(inputs), preset.max_new_tokens
+          backend, backend.collate(inputs), max_new_tokens
         )
         for i, s in enumerate(chunk):
           n = int(gen.lengths[i])
@@ -359,8 +405,8 @@ def make_pair(out: str, preset: models.Preset, seed: int, device) -> dict:
   results = evaluate(
     t_backend,
     d_backend,
-    preset,
     world.split_seeds("test", preset.eval_scenes),
+    preset.max_new_tokens,
   )
   results.update(
     final_train_loss={"target": t_loss, "drafter": d_loss},

@@ -43,7 +43,7 @@ class Preset:
   vision_hidden: int
   vision_layers: int
   vision_heads: int
-  patch: int  # target vision patch size
+  patch: int  # target vision patch size (64 // patch patches a side)
   event_patch: int  # drafter encoder patch size
   vocab_size: int  # BPE target size (the trained vocabulary may be smaller)
   tokenizer_scenes: int
@@ -71,16 +71,16 @@ PRESETS = {
     vision_hidden=192,
     vision_layers=4,
     vision_heads=6,
-    patch=8,
+    patch=12,
     event_patch=8,
     vocab_size=1024,
     tokenizer_scenes=2000,
     pool_scenes=12000,
-    target_steps=2400,
-    drafter_steps=1500,
+    target_steps=3000,
+    drafter_steps=2000,
     batch_size=64,
-    lr=1e-3,
-    warmup=100,
+    lr=1.5e-3,
+    warmup=150,
     eval_scenes=100,
     max_new_tokens=96,
     workers=12,
