@@ -113,3 +113,21 @@ def test_tokenizer_round_trips_every_answer():
   ids = tok(text.prompt("Describe the scene.", "<video>" * 3))["input_ids"]
   assert ids[0] == tok.bos_token_id
   assert ids.count(tok.convert_tokens_to_ids("<video>")) == 3
+
+
+def test_training_batches_are_the_same_from_worker_processes():
+  from tools.scenes import make_pair
+
+  tok = text.train_tokenizer(range(100), 512)
+  scenes = [world.make_scene(s) for s in range(30)]
+  batches = make_pair.Batches(tok, scenes, "<video>", 17, 0, 4)
+  executor = make_pair.make_executor({"target": batches}, 2)
+  with executor:
+    got = list(make_pair.stream(batches, "target", 12, executor))
+  want = list(make_pair.stream(batches, "target", 12))
+  assert len(got) == len(want) == 12
+  for g, w in zip(got, want, strict=True):
+    for a, b in zip(g, w, strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Steps differ from each other (the stream is not one batch repeated).
+  assert not np.array_equal(np.asarray(got[0][1]), np.asarray(got[1][1]))

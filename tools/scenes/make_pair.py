@@ -19,10 +19,13 @@ results in docs/SCENES.md) and `tiny` (seconds on a CPU, for tests).
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -50,26 +53,23 @@ def _render_chunk(seeds):
   return frames, np.stack([world.events(f) for f in frames])
 
 
-def render_pool(seeds, workers: int):
-  """(scenes, frames [N, F, H, W, 3], events [N, F-1, 2, H, W]) of seeds."""
+def render_pool(seeds, executor=None):
+  """(frames [N, F, H, W, 3], events [N, F-1, 2, H, W]) of `seeds`."""
   seeds = list(seeds)
   chunks = [seeds[i : i + 500] for i in range(0, len(seeds), 500)]
+  parts = map(_render_chunk, chunks)
+  if executor is not None:
+    parts = executor.map(_render_chunk, chunks)
   bar = tqdm.tqdm(total=len(seeds), desc="render scenes", unit="scene")
-  parts = []
-  if workers > 1:
-    with concurrent.futures.ProcessPoolExecutor(workers) as ex:
-      for part in ex.map(_render_chunk, chunks):
-        parts.append(part)
-        bar.update(len(part[0]))
-  else:
-    for chunk in chunks:
-      parts.append(_render_chunk(chunk))
-      bar.update(len(chunk))
+  done = []
+  for part in parts:
+    done.append(part)
+    bar.update(len(part[0]))
   bar.close()
-  scenes = [world.make_scene(s) for s in seeds]
-  frames = np.concatenate([p[0] for p in parts])
-  events = np.concatenate([p[1] for p in parts])
-  return scenes, frames, events
+  return (
+    np.concatenate([p[0] for p in done]),
+    np.concatenate([p[1] for p in done]),
+  )
 
 
 def examples(scenes, seed: int, step: int, size: int):
@@ -114,27 +114,47 @@ class Batches:
     return np.array([b[0] for b in batch]), ids, mask, labels
 
 
-_WORKER_BATCHES = None
+_WORKER_BATCHES: dict = {}
 
 
-def _init_worker(batches):
-  global _WORKER_BATCHES
-  _WORKER_BATCHES = batches
+def _init_worker(batches: dict):
+  _WORKER_BATCHES.update(batches)
 
 
-def _worker_batch(step):
-  return _WORKER_BATCHES(step)
+def _worker_batch(task):
+  name, step = task
+  return _WORKER_BATCHES[name](step)
 
 
-def stream(batches: Batches, steps: int, workers: int):
-  """Yields batches(0..steps-1) in order, made by `workers` processes."""
+def make_executor(batches: dict, workers: int):
+  """Worker processes holding `batches` ({name: Batches}); None if <= 1.
+
+  Forked (all at the first task, which make_pair submits before CUDA is
+  initialised), so the batch makers are inherited, not pickled.
+  """
   if workers <= 1:
+    return None
+  return concurrent.futures.ProcessPoolExecutor(
+    workers,
+    mp_context=multiprocessing.get_context("fork"),
+    initializer=_init_worker,
+    initargs=(batches,),
+  )
+
+
+def stream(batches: Batches, name: str, steps: int, executor=None):
+  """Yields batches(0..steps-1) in order, made ahead by the executor."""
+  if executor is None:
     yield from (batches(step) for step in range(steps))
     return
-  with concurrent.futures.ProcessPoolExecutor(
-    workers, initializer=_init_worker, initargs=(batches,)
-  ) as ex:
-    yield from ex.map(_worker_batch, range(steps), chunksize=16)
+  pending = collections.deque()
+  window = 4 * executor._max_workers
+  for step in range(steps):
+    pending.append(executor.submit(_worker_batch, (name, step)))
+    if len(pending) > window:
+      yield pending.popleft().result()
+  while pending:
+    yield pending.popleft().result()
 
 
 def _schedule(preset: models.Preset, steps: int):
@@ -147,7 +167,7 @@ def _schedule(preset: models.Preset, steps: int):
   return lr
 
 
-def _train(model, loss_fn, batches, preset, steps, device, desc):
+def _train(model, loss_fn, batches, name, preset, steps, device, executor):
   """AdamW + warmup/cosine, bf16 autocast on GPU, grad clip 1."""
   model.to(device).train()
   opt = torch.optim.AdamW(
@@ -158,9 +178,9 @@ def _train(model, loss_fn, batches, preset, steps, device, desc):
     "cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
   )
   bar = tqdm.tqdm(
-    stream(batches, steps, preset.workers),
+    stream(batches, name, steps, executor),
     total=steps,
-    desc=desc,
+    desc=f"train {name}",
     unit="step",
   )
   loss_val = float("nan")
@@ -179,9 +199,9 @@ def _train(model, loss_fn, batches, preset, steps, device, desc):
   return loss_val
 
 
-def train_target(model, tokenizer, preset, scenes, frames, seed, device):
+def train_target(model, batches, preset, frames, device, executor=None):
+  """Trains the target on (clip, question, answer) batches."""
   frames_dev = torch.from_numpy(frames).to(device)
-  count = models.video_tokens(preset)
 
   def loss_fn(batch):
     idx, ids, mask, labels = (torch.as_tensor(x).to(device) for x in batch)
@@ -193,23 +213,21 @@ def train_target(model, tokenizer, preset, scenes, frames, seed, device):
     )
     return out.loss
 
-  batches = Batches(
-    tokenizer, scenes, "<video>", count, seed, preset.batch_size
-  )
   return _train(
     model,
     loss_fn,
     batches,
+    "target",
     preset,
     preset.target_steps,
     device,
-    "train target",
+    executor,
   )
 
 
-def train_drafter(model, tokenizer, preset, scenes, events, seed, device):
+def train_drafter(model, batches, preset, events, device, executor=None):
+  """Trains the drafter on (event frames, question, answer) batches."""
   events_dev = torch.from_numpy(events).to(device)
-  count = models.event_tokens(preset)
 
   def loss_fn(batch):
     idx, ids, mask, labels = (torch.as_tensor(x).to(device) for x in batch)
@@ -221,17 +239,15 @@ def train_drafter(model, tokenizer, preset, scenes, events, seed, device):
       logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
     )
 
-  batches = Batches(
-    tokenizer, scenes, "<event>", count, seed + 1, preset.batch_size
-  )
   return _train(
     model,
     loss_fn,
     batches,
+    "drafter",
     preset,
     preset.drafter_steps,
     device,
-    "train drafter",
+    executor,
   )
 
 
@@ -372,16 +388,41 @@ def make_pair(out: str, preset: models.Preset, seed: int, device) -> dict:
     world.split_seeds("train", preset.tokenizer_scenes), preset.vocab_size
   )
   pool = world.split_seeds("train", preset.pool_scenes)
-  scenes, frames, events = render_pool(pool, preset.workers)
-  target = models.build_target(preset, tokenizer)
-  t1 = time.time()
-  t_loss = train_target(target, tokenizer, preset, scenes, frames, seed, device)
-  drafter = models.build_drafter(preset, tokenizer)
-  t2 = time.time()
-  d_loss = train_drafter(
-    drafter, tokenizer, preset, scenes, events, seed, device
-  )
-  t3 = time.time()
+  scenes = [world.make_scene(s) for s in pool]
+  batches = {
+    "target": Batches(
+      tokenizer,
+      scenes,
+      "<video>",
+      models.video_tokens(preset),
+      seed,
+      preset.batch_size,
+    ),
+    "drafter": Batches(
+      tokenizer,
+      scenes,
+      "<event>",
+      models.event_tokens(preset),
+      seed + 1,
+      preset.batch_size,
+    ),
+  }
+  with contextlib.ExitStack() as stack:
+    executor = make_executor(batches, preset.workers)
+    if executor is not None:
+      stack.enter_context(executor)
+    frames, events = render_pool(pool, executor)
+    target = models.build_target(preset, tokenizer)
+    t1 = time.time()
+    t_loss = train_target(
+      target, batches["target"], preset, frames, device, executor
+    )
+    drafter = models.build_drafter(preset, tokenizer)
+    t2 = time.time()
+    d_loss = train_drafter(
+      drafter, batches["drafter"], preset, events, device, executor
+    )
+    t3 = time.time()
   train_s = t3 - t0
   save_dtype = bk.torch_dtype(preset.save_dtype)
   target.to(save_dtype).save_pretrained(os.path.join(out, "target"))
