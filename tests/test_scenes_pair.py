@@ -54,7 +54,8 @@ def test_pair_layout_and_results(pair):
     assert os.path.isfile(os.path.join(out, "drafter", name))
   results = info["results"]
   for role in ("target", "drafter"):
-    assert set(results[role]) == set(text.QTYPES)
+    partial = {f"{q}/{name}" for q, (name, _) in text.PARTIAL.items()}
+    assert set(results[role]) == set(text.QTYPES) | partial
     assert all(0.0 <= v <= 1.0 for v in results[role].values())
   assert results["target_mean_entropy_nats"] > 0
   assert (

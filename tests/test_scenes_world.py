@@ -90,6 +90,38 @@ def test_parser_rejects_answers_of_another_scene():
   assert text.parse("There are two objects. Blah.", "describe") is None
 
 
+def test_partial_scores_ignore_what_events_cannot_show():
+  for seed in range(200):
+    scene = world.make_scene(seed)
+    moving = [t for t in scene.things if t.moving]
+    if moving and len(moving) < len(scene.things):
+      break
+  recoloured = dataclasses.replace(
+    scene,
+    things=tuple(
+      dataclasses.replace(t, colour="white" if t.colour != "white" else "red")
+      for t in scene.things
+    ),
+  )
+  answer = text.answer(recoloured, "moving")
+  assert not text.correct(answer, scene, "moving")
+  assert text.partial_correct(answer, scene, "moving")
+  assert text.partial_correct(text.answer(scene, "still"), scene, "still")
+  # A wrong direction is a wrong motion fact.
+  turned = dataclasses.replace(
+    scene,
+    things=tuple(
+      dataclasses.replace(t, direction="up" if t.direction != "up" else "down")
+      if t.moving
+      else t
+      for t in scene.things
+    ),
+  )
+  assert not text.partial_correct(
+    text.answer(turned, "moving"), scene, "moving"
+  )
+
+
 def test_wording_varies_with_the_variant():
   scene = world.make_scene(11)
   answers = {text.answer(scene, "describe", v) for v in range(10)}

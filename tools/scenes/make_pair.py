@@ -282,6 +282,7 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
   rendered = {s: world.render(s) for s in seeds}
   for qtype in tqdm.tqdm(text.QTYPES, desc="evaluate", unit="qtype"):
     right = {"target": 0, "drafter": 0}
+    partial = {"target": 0, "drafter": 0}
     for lo in range(0, len(seeds), batch_size):
       chunk = seeds[lo : lo + batch_size]
       qs = [text.question(s, qtype) for s in chunk]
@@ -304,6 +305,8 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
           n = int(gen.lengths[i])
           answer = models.decode_answer(tok, gen.tokens[i, :n].tolist())
           right[role] += text.correct(answer, rendered[s][0], qtype)
+          if qtype in text.PARTIAL:
+            partial[role] += text.partial_correct(answer, rendered[s][0], qtype)
         if role == "target":
           logits = gen.hidden.float() @ backend.lm_head_weight().float().T
           logp = torch.log_softmax(logits, -1)
@@ -314,6 +317,9 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
           entropies.extend(ent[valid].tolist())
     for role in right:
       results[role][qtype] = right[role] / len(seeds)
+      if qtype in text.PARTIAL:
+        name = f"{qtype}/{text.PARTIAL[qtype][0]}"
+        results[role][name] = partial[role] / len(seeds)
   results["target_mean_entropy_nats"] = float(np.mean(entropies))
   results["eval_scenes_per_qtype"] = len(seeds)
   return results
@@ -476,9 +482,9 @@ def make_pair(out: str, preset: models.Preset, seed: int, device) -> dict:
 
 def report(info: dict) -> str:
   r = info["results"]
-  lines = [f"{'question':10s} {'target':>8s} {'drafter':>8s}"]
-  for q in text.QTYPES:
-    lines.append(f"{q:10s} {r['target'][q]:8.1%} {r['drafter'][q]:8.1%}")
+  lines = [f"{'question':14s} {'target':>8s} {'drafter':>8s}"]
+  for q in r["target"]:
+    lines.append(f"{q:14s} {r['target'][q]:8.1%} {r['drafter'][q]:8.1%}")
   lines.append(
     f"held-out test scenes per type: {r['eval_scenes_per_qtype']}; target "
     f"mean next-token entropy {r['target_mean_entropy_nats']:.3f} nats; "

@@ -260,6 +260,26 @@ def correct(text: str, scene: world.Scene, qtype: str) -> bool:
   return parse(text, qtype) == facts(scene, qtype)
 
 
+# Partial scores: facts an event camera can see. `moving/motion`: the start
+# cell, direction and speed of every moving object (colour and shape
+# ignored); `still/cells`: the start cells of the static objects.
+PARTIAL = {"moving": ("motion", (2, 3, 4)), "still": ("cells", (2,))}
+
+
+def _project(stated: tuple | None, fields) -> tuple | None:
+  if stated is None:
+    return None
+  n, things = stated
+  return n, sorted(tuple(t[i] for i in fields) for t in things)
+
+
+def partial_correct(text: str, scene: world.Scene, qtype: str) -> bool:
+  """Whether `text` gets the PARTIAL facts of `qtype` right."""
+  fields = PARTIAL[qtype][1]
+  got = _project(parse(text, qtype), fields)
+  return got is not None and got == _project(facts(scene, qtype), fields)
+
+
 # --------------------------------------------------------------------------
 # Prompts and the tokenizer.
 
