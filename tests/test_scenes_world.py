@@ -163,3 +163,15 @@ def test_training_batches_are_the_same_from_worker_processes():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Steps differ from each other (the stream is not one batch repeated).
   assert not np.array_equal(np.asarray(got[0][1]), np.asarray(got[1][1]))
+
+
+def test_samples_cli_bad_split_is_one_line(tmp_path, capsys):
+  from tools.scenes import samples
+
+  assert samples.main(["--out", str(tmp_path), "--split", "dev", "--num", "1"])
+  err = capsys.readouterr().err.strip()
+  assert "'dev'" in err and len(err.splitlines()) == 1
+  assert samples.main(
+    ["--out", str(tmp_path), "--split", "test", "--num", "1", "--qtypes", "x"]
+  )
+  assert "--qtypes" in capsys.readouterr().err
