@@ -262,7 +262,7 @@ class SceneDrafter(nn.Module):
     if event_frames is not None:
       feats = self.encoder(event_frames).to(embeds.dtype)
       slots = (input_ids == self.event_token_id)[..., None]
-      if int(slots.sum()) != feats.shape[0] * feats.shape[1] * 1:
+      if int(slots.sum()) != feats.shape[0] * feats.shape[1]:
         raise ValueError(
           f"prompt holds {int(slots.sum())} <event> tokens, the events give "
           f"{feats.shape[0] * feats.shape[1]}"
