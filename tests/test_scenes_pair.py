@@ -1,0 +1,222 @@
+"""The tiny scenes pair: trains, saves, loads through both backends, dumps."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from egpt_align.data.reader import open_dataset
+from tools import backends as bk
+from tools import dump_hidden_states as dump
+from tools.scenes import drafter as drafter_lib
+from tools.scenes import make_pair, models, samples, text, world
+
+torch.set_num_threads(1)
+TINY = models.PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("scenes") / "pair")
+  info = make_pair.make_pair(out, TINY, 0, torch.device("cpu"))
+  return out, info
+
+
+@pytest.fixture(scope="module")
+def backends(pair):
+  out, _ = pair
+  target = bk.load_backend(f"video_llava:{out}/target")
+  draft = bk.load_backend(f"tools.scenes.drafter:make_backend:{out}")
+  return target, draft
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("samples"))
+  return samples.write_samples(out, "test", 2)
+
+
+def _sample(path, role, index=0):
+  with open(path) as f:
+    line = json.loads(f.readlines()[index])
+  root = os.path.dirname(path)
+  media = {k: os.path.join(root, v) for k, v in line["media"][role].items()}
+  return {"id": line["id"], "question": line["question"], "media": media}, line
+
+
+def test_pair_layout_and_results(pair):
+  out, info = pair
+  assert info["complete"]
+  for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    assert os.path.isfile(os.path.join(out, "target", name))
+  for name in (models.DRAFTER_CONFIG, models.DRAFTER_WEIGHTS):
+    assert os.path.isfile(os.path.join(out, "drafter", name))
+  results = info["results"]
+  for role in ("target", "drafter"):
+    partial = {f"{q}/{name}" for q, (name, _) in text.PARTIAL.items()}
+    assert set(results[role]) == set(text.QTYPES) | partial
+    assert all(0.0 <= v <= 1.0 for v in results[role].values())
+  assert results["target_mean_entropy_nats"] > 0
+  assert (
+    results["visual_tokens"]["target"] > results["visual_tokens"]["drafter"]
+  )
+
+
+def test_same_pair_is_kept_another_is_refused(pair, tmp_path, capsys):
+  out, info = pair
+  assert make_pair.make_pair(out, TINY, 0, torch.device("cpu")) == info
+  with pytest.raises(make_pair.PairError, match="holds another pair"):
+    make_pair.make_pair(out, TINY, 1, torch.device("cpu"))
+  assert make_pair.main(["--out", out, "--preset", "gpu"]) == 2
+  assert "holds another pair" in capsys.readouterr().err
+  (tmp_path / "junk").write_text("x")
+  assert make_pair.main(["--out", str(tmp_path), "--preset", "tiny"]) == 2
+  err = capsys.readouterr().err
+  assert str(tmp_path) in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_preset_is_one_line(tmp_path, capsys):
+  assert make_pair.main(["--out", str(tmp_path / "p"), "--preset", "big"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "'big'" in err and len(err.splitlines()) == 1
+  assert not (tmp_path / "p").exists()
+
+
+def test_plugin_dir_without_drafter_files_names_the_path(pair, tmp_path):
+  out, _ = pair
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    bk.load_backend(f"tools.scenes.drafter:make_backend:{tmp_path}")
+  with pytest.raises(ValueError, match="needs the pair directory"):
+    bk.load_backend("tools.scenes.drafter:make_backend")
+
+
+def test_target_is_fed_the_files_as_trained(backends, split):
+  target, _ = backends
+  sample, line = _sample(split, "target")
+  got = target.prompt_inputs(sample)
+  _, frames = world.render(line["seed"])
+  want = make_pair.target_inputs(
+    target, make_pair.target_prompts(target), line["question"], frames
+  )
+  assert torch.equal(got["input_ids"], want["input_ids"])
+  torch.testing.assert_close(
+    got["pixel_values_videos"], want["pixel_values_videos"]
+  )
+  n = int((got["input_ids"] == target.video_token_id).sum())
+  assert n == models.video_tokens(TINY)
+
+
+def test_drafter_is_fed_events_at_its_event_tokens(backends, split):
+  _, draft = backends
+  sample, line = _sample(split, "draft")
+  got = draft.prompt_inputs(sample)
+  _, frames = world.render(line["seed"])
+  assert torch.equal(
+    got["event_frames"], torch.from_numpy(world.events(frames))[None]
+  )
+  model = draft.model
+  ids = got["input_ids"]
+  slots = ids[0] == model.event_token_id
+  assert int(slots.sum()) == models.event_tokens(TINY)
+  with torch.no_grad():
+    embeds = model.embed(ids, got["event_frames"])
+    plain = model.lm.model.embed_tokens(ids)
+    feats = model.encoder(got["event_frames"])
+  torch.testing.assert_close(embeds[0, slots], feats[0])
+  torch.testing.assert_close(embeds[0, ~slots], plain[0, ~slots])
+  with pytest.raises(ValueError, match="events"):
+    draft.prompt_inputs({"id": "x", "question": "q", "media": {}})
+
+
+def test_target_greedy_through_backend_equals_generate(backends, split):
+  target, _ = backends
+  sample, _ = _sample(split, "target")
+  inputs = target.prompt_inputs(sample)
+  eos = target.eos_token_id
+  gen = bk.greedy_generate(
+    target, target.collate([inputs]), 24, suppress_tokens=[eos]
+  )
+  with torch.no_grad():
+    ref = target.model.generate(
+      **inputs,
+      max_new_tokens=24,
+      do_sample=False,
+      suppress_tokens=[eos],
+    )
+  p = inputs["input_ids"].shape[1]
+  assert gen.tokens[0].tolist() == ref[0, p:].tolist()
+  # The states it returns are the model's own final post-norm states.
+  with torch.no_grad():
+    full = torch.cat([inputs["input_ids"], gen.tokens[:, :-1]], dim=1)
+    out = target.model(
+      input_ids=full,
+      pixel_values_videos=inputs["pixel_values_videos"],
+      output_hidden_states=True,
+    )
+  torch.testing.assert_close(
+    gen.hidden[0], out.hidden_states[-1][0, p - 1 :], atol=1e-4, rtol=1e-4
+  )
+
+
+def test_drafter_cache_crop_and_left_padding(backends, split):
+  _, draft = backends
+  a, _ = _sample(split, "draft", 0)
+  b, _ = _sample(split, "draft", 4)  # another scene
+  b["question"] = "Which objects move, and where do they go?"
+  ia, ib = draft.prompt_inputs(a), draft.prompt_inputs(b)
+  toks = torch.tensor([[30, 31, 32, 33]])
+  with torch.no_grad():
+    whole_in = dict(ia)
+    whole_in["input_ids"] = torch.cat([ia["input_ids"], toks], 1)
+    whole_in["attention_mask"] = torch.ones_like(whole_in["input_ids"])
+    whole, _, _ = draft.forward(whole_in)
+    h0, _, cache = draft.forward(ia)
+    base = bk.cache_length(cache)
+    h1, _, cache = draft.forward(input_ids=toks[:, :2], past_key_values=cache)
+    bk.crop_cache(cache, base + 1)  # reject the second token, redo
+    h2, _, cache = draft.forward(input_ids=toks[:, 1:], past_key_values=cache)
+    step = torch.cat([h0, h1[:, :1], h2], dim=1)
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)
+    batch = draft.collate([ia, ib])
+    hb, _, _ = draft.forward(batch)
+    ha, _, _ = draft.forward(ia)
+    pad = batch["input_ids"].shape[1] - ia["input_ids"].shape[1]
+    assert pad != 0 or ib["input_ids"].shape[1] != ia["input_ids"].shape[1]
+    torch.testing.assert_close(hb[0, pad:], ha[0], atol=1e-5, rtol=1e-5)
+
+
+def test_dump_teacher_forced_gives_a_valid_dataset(pair, split, tmp_path):
+  out, _ = pair
+  rc = dump.main(
+    [
+      "--target",
+      f"video_llava:{out}/target",
+      "--draft",
+      f"tools.scenes.drafter:make_backend:{out}",
+      "--samples",
+      split,
+      "--out",
+      str(tmp_path / "ds"),
+      "--max_new_tokens",
+      "12",
+      "--device",
+      "cpu",
+      "--no_progress",
+    ]
+  )
+  assert rc == 0
+  ds = open_dataset(str(tmp_path / "ds"))
+  ds.validate(progress=False)
+  assert len(ds) == 2 * len(text.QTYPES)
+  assert ds.header["source_dim"] == ds.header["target_dim"] == TINY.hidden
+  assert ds.header["has_draft_tokens"] and ds.header["has_target_tokens"]
+  prov = ds.header["provenance"]
+  assert "scenes_drafter" in json.dumps(prov)
+
+
+def test_drafter_dir_resolution(pair):
+  out, _ = pair
+  assert drafter_lib.drafter_dir(out) == os.path.join(out, "drafter")
+  sub = os.path.join(out, "drafter")
+  assert drafter_lib.drafter_dir(sub) == sub

@@ -1,0 +1,177 @@
+"""Scenes world and text: renderer, events, answers, parser, tokenizer."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tools.scenes import text, world
+
+SEEDS = list(range(60)) + world.split_seeds("test", 20)
+
+
+def test_render_is_deterministic_per_seed():
+  for seed in (0, 5, 1_000_003):
+    s1, f1 = world.render(seed)
+    s2, f2 = world.render(seed)
+    assert s1 == s2
+    np.testing.assert_array_equal(f1, f2)
+    assert f1.shape == (world.NUM_FRAMES, world.SIZE, world.SIZE, 3)
+    assert f1.dtype == np.uint8
+  assert not np.array_equal(world.render(1)[1], world.render(2)[1])
+
+
+def test_splits_are_disjoint_seed_ranges():
+  assert world.split_of(world.split_seeds("val", 1)[0]) == "val"
+  assert world.split_of(world.split_seeds("test", 3, offset=7)[-1]) == "test"
+  with pytest.raises(ValueError, match="unknown split 'dev'"):
+    world.split_seeds("dev", 1)
+  with pytest.raises(ValueError, match="in no split"):
+    world.split_of(-1)
+
+
+def _still(scene):
+  things = tuple(
+    dataclasses.replace(t, direction=None, speed=None) for t in scene.things
+  )
+  return dataclasses.replace(scene, things=things)
+
+
+def test_static_scene_gives_no_events():
+  scene = _still(world.make_scene(3))
+  ev = world.events(world.draw(scene))
+  assert ev.shape == (world.NUM_FRAMES - 1, 2, world.SIZE, world.SIZE)
+  assert ev.sum() == 0
+
+
+def test_events_only_where_moving_objects_pass():
+  for seed in range(20):
+    scene, frames = world.render(seed)
+    ev = world.events(frames).sum(axis=(0, 1))
+    changed = (frames != frames[:1]).any(axis=(0, 3))
+    # No event where a pixel never changes; motion gives some events.
+    assert not ev[~changed].any()
+    if any(t.moving for t in scene.things):
+      assert ev.sum() > 0
+
+
+def test_event_sign_follows_brightness():
+  frames = np.full((3, world.SIZE, world.SIZE, 3), 60, np.uint8)
+  frames[1:, 10, 20] = 200  # brighter from frame 1 on
+  frames[2, 30, 40] = 10  # darker in frame 2
+  ev = world.events(frames)
+  assert ev[0, 0, 10, 20] > 0 and ev[0, 1, 10, 20] == 0
+  assert ev[1, :, 10, 20].sum() == 0  # no further change, no event
+  assert ev[1, 1, 30, 40] > 0 and ev[1, 0, 30, 40] == 0
+  ev[0, 0, 10, 20] = 0
+  ev[1, 1, 30, 40] = 0
+  assert ev.sum() == 0
+
+
+def test_every_answer_parses_back_to_its_scene():
+  for seed in SEEDS:
+    scene = world.make_scene(seed)
+    for qtype in text.QTYPES:
+      for variant in range(3):
+        answer = text.answer(scene, qtype, variant)
+        assert text.correct(answer, scene, qtype), (seed, qtype, answer)
+
+
+def test_parser_rejects_answers_of_another_scene():
+  wrong = 0
+  for seed in range(40):
+    scene, other = world.make_scene(seed), world.make_scene(seed + 1)
+    for qtype in text.QTYPES:
+      if text.facts(scene, qtype) != text.facts(other, qtype):
+        wrong += 1
+        assert not text.correct(text.answer(other, qtype), scene, qtype)
+  assert wrong > 100
+  assert text.parse("", "describe") is None
+  assert text.parse("There are two objects. Blah.", "describe") is None
+
+
+def test_partial_scores_ignore_what_events_cannot_show():
+  for seed in range(200):
+    scene = world.make_scene(seed)
+    moving = [t for t in scene.things if t.moving]
+    if moving and len(moving) < len(scene.things):
+      break
+  recoloured = dataclasses.replace(
+    scene,
+    things=tuple(
+      dataclasses.replace(t, colour="white" if t.colour != "white" else "red")
+      for t in scene.things
+    ),
+  )
+  answer = text.answer(recoloured, "moving")
+  assert not text.correct(answer, scene, "moving")
+  assert text.partial_correct(answer, scene, "moving")
+  assert text.partial_correct(text.answer(scene, "still"), scene, "still")
+  # A wrong direction is a wrong motion fact.
+  turned = dataclasses.replace(
+    scene,
+    things=tuple(
+      dataclasses.replace(t, direction="up" if t.direction != "up" else "down")
+      if t.moving
+      else t
+      for t in scene.things
+    ),
+  )
+  assert not text.partial_correct(
+    text.answer(turned, "moving"), scene, "moving"
+  )
+
+
+def test_wording_varies_with_the_variant():
+  scene = world.make_scene(11)
+  answers = {text.answer(scene, "describe", v) for v in range(10)}
+  assert len(answers) > 3
+
+
+def test_tokenizer_round_trips_every_answer():
+  tok = text.train_tokenizer(range(200), 512)
+  ids = [tok.convert_tokens_to_ids(name) for name in text.SPECIAL_TOKENS]
+  assert ids == list(range(len(text.SPECIAL_TOKENS)))
+  lengths = []
+  for seed in SEEDS:  # mostly scenes the tokenizer was not trained on
+    scene = world.make_scene(seed)
+    for qtype in text.QTYPES:
+      answer = " " + text.answer(scene, qtype, seed)
+      ids = tok(answer, add_special_tokens=False)["input_ids"]
+      assert tok.unk_token_id not in ids
+      assert tok.decode(ids) == answer
+      lengths.append(len(ids))
+  assert max(lengths) >= 40
+  ids = tok(text.prompt("Describe the scene.", "<video>" * 3))["input_ids"]
+  assert ids[0] == tok.bos_token_id
+  assert ids.count(tok.convert_tokens_to_ids("<video>")) == 3
+
+
+def test_training_batches_are_the_same_from_worker_processes():
+  from tools.scenes import make_pair
+
+  tok = text.train_tokenizer(range(100), 512)
+  scenes = [world.make_scene(s) for s in range(30)]
+  batches = make_pair.Batches(tok, scenes, "<video>", 17, 0, 4)
+  executor = make_pair.make_executor({"target": batches}, 2)
+  with executor:
+    got = list(make_pair.stream(batches, "target", 12, executor))
+  want = list(make_pair.stream(batches, "target", 12))
+  assert len(got) == len(want) == 12
+  for g, w in zip(got, want, strict=True):
+    for a, b in zip(g, w, strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Steps differ from each other (the stream is not one batch repeated).
+  assert not np.array_equal(np.asarray(got[0][1]), np.asarray(got[1][1]))
+
+
+def test_samples_cli_bad_split_is_one_line(tmp_path, capsys):
+  from tools.scenes import samples
+
+  assert samples.main(["--out", str(tmp_path), "--split", "dev", "--num", "1"])
+  err = capsys.readouterr().err.strip()
+  assert "'dev'" in err and len(err.splitlines()) == 1
+  assert samples.main(
+    ["--out", str(tmp_path), "--split", "test", "--num", "1", "--qtypes", "x"]
+  )
+  assert "--qtypes" in capsys.readouterr().err

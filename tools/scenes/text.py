@@ -1,0 +1,341 @@
+"""Questions, answers and their parser; the shared tokenizer.
+
+Answers are derived from a scene's ground truth with seeded variation of
+wording and order (`answer`); `parse` reads the facts back with the same
+grammar, so a model's greedy answer is scored by its facts (`facts`), not by
+its exact wording.
+
+Question types:
+  describe: every object with colour, shape, start cell and motion;
+  moving: the moving objects with direction, speed and start cell;
+  still: the static objects with their cells;
+  count: how many objects, how many move, and their colours.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from tools.scenes import world
+
+QTYPES = ("describe", "moving", "still", "count")
+QUESTIONS = {
+  "describe": (
+    "Describe the scene.",
+    "What do you see in this clip?",
+    "Describe every object in the video.",
+  ),
+  "moving": (
+    "What is moving in this clip?",
+    "Which objects move, and where do they go?",
+  ),
+  "still": (
+    "Which objects stay still?",
+    "What does not move in this clip?",
+  ),
+  "count": (
+    "How many objects are there?",
+    "Count the objects in the clip.",
+  ),
+}
+NUMBERS = ("none", "one", "two", "three", "four")
+STILL_PHRASES = ("stays still", "does not move", "is not moving")
+MOVE_PHRASES = ("moves {d} {s}", "is moving {d} {s}", "slides {d} {s}")
+SPECIAL_TOKENS = (
+  "<unk>",
+  "<s>",
+  "</s>",
+  "<pad>",
+  "<image>",
+  "<video>",
+  "<event>",
+)
+PROMPT_PREFIX = "USER:"
+PROMPT_SUFFIX = "ASSISTANT:"
+
+
+def _rng(seed: int, qtype: str, variant: int) -> np.random.Generator:
+  return np.random.default_rng([seed, QTYPES.index(qtype), variant, 11])
+
+
+def question(seed: int, qtype: str, variant: int = 0) -> str:
+  """The question of type `qtype` for scene `seed` (wording seeded)."""
+  options = QUESTIONS[qtype]
+  return options[int(_rng(seed, qtype, variant).integers(len(options)))]
+
+
+def _obj(thing: world.Thing, rng, capital: bool = False) -> str:
+  art = "the" if rng.random() < 0.5 else "a"
+  if capital:
+    art = art.capitalize()
+  return f"{art} {thing.colour} {thing.shape}"
+
+
+def _motion(thing: world.Thing, rng) -> str:
+  if not thing.moving:
+    return STILL_PHRASES[int(rng.integers(len(STILL_PHRASES)))]
+  tpl = MOVE_PHRASES[int(rng.integers(len(MOVE_PHRASES)))]
+  return tpl.format(d=thing.direction, s=thing.speed)
+
+
+def _sentence(thing: world.Thing, rng) -> str:
+  form = int(rng.integers(3))
+  if form == 0:
+    return (
+      f"{_obj(thing, rng, True)} at the {thing.cell} {_motion(thing, rng)}."
+    )
+  if form == 1:
+    return f"At the {thing.cell}, {_obj(thing, rng)} {_motion(thing, rng)}."
+  return (
+    f"There is {_obj(thing, rng).split(' ', 1)[1].join(['a ', ''])} at the "
+    f"{thing.cell} that {_motion(thing, rng)}."
+  )
+
+
+def _count_phrase(n: int, noun: str = "object") -> str:
+  return f"{NUMBERS[n]} {noun}{'' if n == 1 else 's'}"
+
+
+def _colour_list(things) -> str:
+  names = [t.colour for t in things]
+  if len(names) == 1:
+    return names[0]
+  return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def answer(scene: world.Scene, qtype: str, variant: int = 0) -> str:
+  """The answer to `question(scene.seed, qtype, variant)`."""
+  rng = _rng(scene.seed, qtype, variant)
+  rng.integers(8)  # the question's draw
+  things = [scene.things[i] for i in rng.permutation(len(scene.things))]
+  n = len(things)
+  be = "is" if n == 1 else "are"
+  if qtype == "describe":
+    intro = (
+      f"There {be} {_count_phrase(n)} in this clip.",
+      f"I can see {_count_phrase(n)}.",
+      f"The clip shows {_count_phrase(n)}.",
+    )[int(rng.integers(3))]
+    return " ".join([intro] + [_sentence(t, rng) for t in things])
+  if qtype in ("moving", "still"):
+    keep = [t for t in things if t.moving == (qtype == "moving")]
+    if not keep:
+      return (
+        "Nothing is moving; every object stays where it is."
+        if qtype == "moving"
+        else "Nothing stays still; every object is moving."
+      )
+    k = len(keep)
+    if n == 1:
+      verb = "moves" if qtype == "moving" else "stays still"
+      intro = f"The only object {verb}."
+    else:
+      verb = "moves" if qtype == "moving" else "stays still"
+      if k != 1:
+        verb = "move" if qtype == "moving" else "stay still"
+      intro = f"{NUMBERS[k].capitalize()} of the {_count_phrase(n)} {verb}."
+    return " ".join([intro] + [_sentence(t, rng) for t in keep])
+  if qtype == "count":
+    moving = sum(t.moving for t in things)
+    intro = (
+      f"There {be} {_count_phrase(n)} in this clip.",
+      f"The clip shows {_count_phrase(n)}.",
+    )[int(rng.integers(2))]
+    still = n - moving
+    motion = (
+      f"{NUMBERS[moving].capitalize()} {'is' if moving == 1 else 'are'} "
+      f"moving and {NUMBERS[still]} {'is' if still == 1 else 'are'} still."
+    )
+    colours = (
+      f"Their colours are {_colour_list(things)}."
+      if n > 1
+      else f"It is {things[0].colour}."
+    )
+    return " ".join([intro, motion, colours])
+  raise ValueError(f"unknown question type {qtype!r}; expected {QTYPES}")
+
+
+# --------------------------------------------------------------------------
+# Facts and parsing.
+
+_COLOUR_RE = "|".join(world.COLOURS)
+_SHAPE_RE = "|".join(world.SHAPES)
+_CELLS = sorted(
+  {
+    "centre" if (r, c) == (1, 1) else f"{world.ROWS[r]} {world.COLS[c]}"
+    for r in range(3)
+    for c in range(3)
+  },
+  key=len,
+  reverse=True,
+)
+_OBJ = re.compile(rf"\b({_COLOUR_RE}) ({_SHAPE_RE})\b")
+_CELL = re.compile(r"\bat the (" + "|".join(_CELLS) + r")\b")
+_MOVE = re.compile(r"\b(left|right|up|down) (slowly|quickly)\b")
+_STILL = re.compile("|".join(STILL_PHRASES))
+_NUM = {w: i for i, w in enumerate(NUMBERS)}
+
+
+def _thing_fact(thing: world.Thing, qtype: str) -> tuple:
+  motion = (thing.direction, thing.speed) if thing.moving else ("still",)
+  if qtype == "still":
+    return (thing.colour, thing.shape, thing.cell)
+  return (thing.colour, thing.shape, thing.cell) + motion
+
+
+def facts(scene: world.Scene, qtype: str) -> tuple:
+  """The ground-truth facts an answer of type `qtype` must state."""
+  things = scene.things
+  if qtype == "describe":
+    return (len(things), frozenset(_thing_fact(t, qtype) for t in things))
+  if qtype in ("moving", "still"):
+    keep = [t for t in things if t.moving == (qtype == "moving")]
+    return (len(keep), frozenset(_thing_fact(t, qtype) for t in keep))
+  if qtype == "count":
+    return (
+      len(things),
+      sum(t.moving for t in things),
+      frozenset(t.colour for t in things),
+    )
+  raise ValueError(f"unknown question type {qtype!r}; expected {QTYPES}")
+
+
+def _sentences(text: str) -> list[str]:
+  return [s.strip() for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
+
+
+def _parse_thing(sentence: str, qtype: str) -> tuple | None:
+  sentence = sentence.lower()
+  obj, cell = _OBJ.search(sentence), _CELL.search(sentence)
+  if obj is None or cell is None:
+    return None
+  base = (obj.group(1), obj.group(2), cell.group(1))
+  if qtype == "still":
+    return base
+  move = _MOVE.search(sentence)
+  if move is not None:
+    return base + (move.group(1), move.group(2))
+  return base + ("still",) if _STILL.search(sentence) else None
+
+
+def _numbers(sentence: str) -> list[int]:
+  words = re.findall(r"[a-z]+", sentence.lower())
+  return [_NUM[w] for w in words if w in _NUM]
+
+
+def parse(text: str, qtype: str) -> tuple | None:
+  """Facts stated by an answer `text` of type `qtype` (None: unparseable)."""
+  if qtype not in QTYPES:
+    raise ValueError(f"unknown question type {qtype!r}; expected {QTYPES}")
+  sents = _sentences(text)
+  if not sents:
+    return None
+  head = _numbers(sents[0])
+  if qtype == "count":
+    if len(sents) != 3:
+      return None
+    split = _numbers(sents[1])
+    colours = frozenset(re.findall(rf"\b({_COLOUR_RE})\b", sents[2]))
+    if len(head) != 1 or len(split) != 2 or sum(split) != head[0]:
+      return None
+    return (head[0], split[0], colours)
+  if sents[0].startswith("Nothing"):
+    return (0, frozenset()) if len(sents) == 1 else None
+  things = [_parse_thing(s, qtype) for s in sents[1:]]
+  if any(t is None for t in things):
+    return None
+  if qtype == "describe":
+    n = head[0] if len(head) == 1 else -1
+  elif sents[0].startswith("The only object"):
+    n = len(things) if len(things) == 1 else -1
+  else:
+    n = head[0] if head and head[0] == len(things) else -1
+  return (n, frozenset(things))
+
+
+def correct(text: str, scene: world.Scene, qtype: str) -> bool:
+  """Whether answer `text` states exactly the scene's facts."""
+  return parse(text, qtype) == facts(scene, qtype)
+
+
+# Partial scores: facts an event camera can see. `moving/motion`: the start
+# cell, direction and speed of every moving object (colour and shape
+# ignored); `still/cells`: the start cells of the static objects.
+PARTIAL = {"moving": ("motion", (2, 3, 4)), "still": ("cells", (2,))}
+
+
+def _project(stated: tuple | None, fields) -> tuple | None:
+  if stated is None:
+    return None
+  n, things = stated
+  return n, sorted(tuple(t[i] for i in fields) for t in things)
+
+
+def partial_correct(text: str, scene: world.Scene, qtype: str) -> bool:
+  """Whether `text` gets the PARTIAL facts of `qtype` right."""
+  fields = PARTIAL[qtype][1]
+  got = _project(parse(text, qtype), fields)
+  return got is not None and got == _project(facts(scene, qtype), fields)
+
+
+# --------------------------------------------------------------------------
+# Prompts and the tokenizer.
+
+
+def prompt(question_text: str, media_token: str) -> str:
+  """The text prompt, with one media placeholder (the real pair's form)."""
+  return f"{PROMPT_PREFIX} {media_token}\n{question_text} {PROMPT_SUFFIX}"
+
+
+def corpus(seeds, variants: int = 2):
+  """Training text for the tokenizer: questions, answers, prompts."""
+  for seed in seeds:
+    scene = world.make_scene(seed)
+    for qtype in QTYPES:
+      for v in range(variants):
+        yield prompt(question(seed, qtype, v), "<video>")
+        yield " " + answer(scene, qtype, v)
+
+
+def train_tokenizer(seeds, vocab_size: int):
+  """A byte-level BPE tokenizer trained on `corpus(seeds)`, HF-wrapped.
+
+  Llama's conventions: `<s>` is prepended, `</s>` ends answers, `<pad>`
+  pads; `<video>` / `<event>` are the media placeholders.
+  """
+  from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+  )
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIAL_TOKENS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  tok.train_from_iterator(corpus(seeds), trainer=trainer)
+  bos = tok.token_to_id("<s>")
+  tok.post_processor = processors.TemplateProcessing(
+    single="<s> $A", special_tokens=[("<s>", bos)]
+  )
+  fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    bos_token="<s>",
+    eos_token="</s>",
+    unk_token="<unk>",
+    pad_token="<pad>",
+    additional_special_tokens=["<image>", "<video>", "<event>"],
+    clean_up_tokenization_spaces=False,
+  )
+  return fast
