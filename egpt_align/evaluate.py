@@ -13,7 +13,7 @@ Every sample of the dataset is evaluated once, in jitted batches on device
 vocabulary dimensions to per-position cosines and token ranks; everything else
 is exact float64 arithmetic on those per-position arrays on the host.
 
-Readings (REFERENCE.md §A.3, E11): `same` compares output[t] with target[t];
+Readings (REFERENCE_NOTES §3, D7): `same` compares output[t] with target[t];
 `next` compares output[t] with target[t+1] (positions t with t+1 valid). For
 adapters that predict the next state (l5, b1, l5f) `next` is primary.
 
@@ -791,14 +791,16 @@ def evaluate(
   if "target" in ad.inputs:
     notes.append(
       f"For {ad.name} the `same` reading is trivially high: its input "
-      "contains the target state it is compared with (REFERENCE.md E11); "
+      "contains the target state it is compared with (docs/REFERENCE_NOTES.md "
+      "D7); "
       "the untrained adapter scores about as high."
     )
   if ad.predicts_next:
     notes.append(
       "Token metrics are teacher-forced: every position sees the true "
       "earlier states. Drafting several tokens ahead would feed back the "
-      "adapter's own predictions, so live acceptance will be lower (E13)."
+      "adapter's own predictions, so live acceptance will be lower "
+      "(docs/REFERENCE_NOTES.md D9)."
     )
   header = getattr(dataset, "header", {}) or {}
   metrics = {

@@ -8,7 +8,7 @@ relative to one target decode step):
                         = 1 + alpha + ... + alpha^gamma      (-> gamma+1 at 1)
   speedup               = tau / (gamma * c + v)
 
-No output length enters: the model is per generated token (E14 fixed).
+No output length enters: the model is per generated token (D10 fixed).
 
 Costs come from a live benchmark's JSON (`tools/benchmark_sd.py --out`) when
 given, else from flags. The keys read (all times in milliseconds):

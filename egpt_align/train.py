@@ -501,7 +501,7 @@ def finalize_eval(
   """Validation metrics from accumulated sums; loss exactly as training's.
 
   The loss is position-weighted over the whole split (the reference averages
-  per-batch losses, which over-weights a short last batch, E29).
+  per-batch losses, which over-weights a short last batch, D12).
   """
   out = {}
   same = {k: v for k, v in sums.items() if not k.startswith("next_")}

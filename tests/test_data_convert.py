@@ -27,7 +27,7 @@ def _tool():
 
 
 def make_reference_dir(root, chunk_sizes, seed=0, max_seq=12):
-  """A chunk dir laid out as REFERENCE.md B.1 describes (fp32, padded)."""
+  """A chunk dir laid out as REFERENCE_NOTES §4.1 describes (fp32, padded)."""
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(root, "chunks"))
   chunks, truth, start = [], [], 0

@@ -33,7 +33,8 @@ SMALL = {
   "b1": dict(hidden_dim=D, num_heads=4, ffn_dim=48, max_seq_len=16),
   "l5f": dict(hidden_dim=D, num_heads=4, ffn_dim=48, max_seq_len=16),
 }
-# What the reference's save_checkpoint writes as `config` (REFERENCE.md §C.5).
+# What the reference's save_checkpoint writes as `config`
+# (REFERENCE_NOTES §5.4).
 REF_CONFIG_KEYS = {
   "l2": ("hidden_dim", "bottleneck_dim", "num_blocks"),
   "l3": ("hidden_dim", "bottleneck_dim", "num_blocks"),

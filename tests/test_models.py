@@ -13,7 +13,8 @@ import pytest
 from egpt_align import models
 from egpt_align.models import ADAPTERS, count_params, create_adapter
 
-# The reference's state-dict listing (REFERENCE.md §F), vendored as test data.
+# The reference's state-dict listing (REFERENCE_NOTES §2), vendored as test
+# data.
 STATE_DICTS = (
   pathlib.Path(__file__).resolve().parent
   / "data"
@@ -475,7 +476,7 @@ def test_padding_never_changes_valid_outputs(name, perturbed):
   np.testing.assert_allclose(y1[MASK], y0[MASK], rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(y1))
   if name == "l4":
-    # Without the mask padding leaks into valid outputs (the reference's E15).
+    # Without the mask padding leaks into valid outputs (the reference's D11).
     y2 = np.asarray(_apply(model, params, *garbage))
     assert np.abs(y2[MASK] - y0[MASK]).max() > 1e-3
 

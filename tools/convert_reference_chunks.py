@@ -1,12 +1,12 @@
 r"""Converts the reference's chunked hidden-state dumps into our dataset format.
 
-The reference (REFERENCE.md B.1) writes `SRC/index.json` and
+The reference (REFERENCE_NOTES §4.1) writes `SRC/index.json` and
 `SRC/chunks/chunk_XXXXXX.pt`, each a torch.save dict with `egpt_hidden` and
 `vl_hidden` float32 [n, S, 4096] (zero padded), `seq_lens` [n] and a
 `metadata` list. This streams them, one chunk in memory at a time, into
 DST (source = egpt_hidden, target = vl_hidden, bf16 by default), keeping the
 metadata texts. Rerunning after a crash skips finished chunks and samples.
-A single-file dump (REFERENCE.md B.2, `hidden_states_*.pt`) is accepted as
+A single-file dump (REFERENCE_NOTES §4.2, `hidden_states_*.pt`) is accepted as
 SRC too.
 
 Example:
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from egpt_align.data import DatasetWriter  # noqa: E402
 from egpt_align.data.format import read_header  # noqa: E402
 
-# What the reference extraction does (REFERENCE.md B.3); recorded so live
+# What the reference extraction does (REFERENCE_NOTES §4.3); recorded so live
 # inference can match training.
 REFERENCE_PROVENANCE = {
   "source_model": "EventGPT-7B (Vicuna-7B), NF4, bf16 compute",
@@ -42,7 +42,7 @@ REFERENCE_PROVENANCE = {
   "pairing": (
     "reference: both models generate greedily and independently (max 50 "
     "new tokens); pairs by step index, truncated to the shorter, dropped "
-    "if < 5 (REFERENCE.md E3: prefixes differ after the texts diverge)"
+    "if < 5 (REFERENCE_NOTES D3: prefixes differ after the texts diverge)"
   ),
   "token_ids": "not stored by the reference",
   "converted_from": "reference fp32 chunks (cast to the stored dtype)",
