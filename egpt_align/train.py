@@ -120,6 +120,19 @@ def model_overrides(model_config: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _resolve_data(config: ml_collections.ConfigDict) -> None:
+  """A given config.data.train wins over built-in synthetic data (demo)."""
+  syn = config.data.synthetic
+  if syn.enabled and config.data.train:
+    logging.info(
+      "config.data.train is set: training on %s, not on the built-in "
+      "synthetic data",
+      config.data.train,
+    )
+    with config.unlocked():
+      syn.enabled = False
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.num_epochs < 1:
     raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
@@ -145,6 +158,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
       "(written by tools/dump_hidden_states.py), or use experiments/demo.py "
       "for built-in synthetic data"
     )
+  for key in ("train", "val"):
+    path = config.data[key]
+    if path and not os.path.isdir(path):
+      raise ValueError(
+        f"config.data.{key}={path}: no such dataset directory (expected a "
+        "directory written by tools/dump_hidden_states.py or "
+        "python -m egpt_align.data)"
+      )
   if config.data.val is None and not 0 < config.data.val_fraction < 1:
     raise ValueError(
       "without config.data.val, config.data.val_fraction must be in (0, 1) "
@@ -759,6 +780,7 @@ def train_and_evaluate(
   `config.multihost`).
   """
   config = copy.deepcopy(config)
+  _resolve_data(config)
   _check_config(config)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0

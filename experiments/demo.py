@@ -1,6 +1,8 @@
 """Demo: a small L5 (EAGLE-style) adapter on built-in synthetic data.
 
-Needs no data path: on first use the trainer writes a synthetic dataset
+Needs no data path: unless --config.data.train=DIR is given (then that
+dataset is used, and the model's hidden size is the data's), on first use
+the trainer writes a synthetic dataset
 (egpt_align.data.synthetic: an AR(1) source and a fixed nonlinear map of the
 current and previous source state as target) into WORKDIR/data/synthetic,
 plus its LM head (WORKDIR/data/synthetic_lm_head, vocabulary 256) for token
@@ -26,7 +28,7 @@ def get_config():
   """L5 at hidden 64 on 1,024 synthetic sequences, 10 epochs."""
   config = base.get_config()
   config.model.name = "l5"
-  config.model.hidden_dim = 64
+  # hidden_dim stays None: taken from the data (64 for the built-in data).
   config.model.num_heads = 4
   config.model.ffn_dim = 128
   config.model.max_seq_len = 64

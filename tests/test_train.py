@@ -296,6 +296,37 @@ def test_missing_train_data_is_a_clear_error(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+def test_demo_config_trains_on_a_given_dataset(tmp_path):
+  """--config.data.train with the demo config: the user's data, not ours."""
+  data = str(tmp_path / "user_ds")
+  synthetic.write_synthetic_dataset(
+    data, 24, hidden_dim=32, min_len=4, max_len=8
+  )
+  config = _demo_config()
+  config.data.train = data
+  config.num_epochs = 1
+  config.stop_after_steps = 1
+  config.eval_at_start = False
+  config.progress_bar = False
+  config.lock()
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  written = json.loads((workdir / "config.json").read_text())
+  assert written["data"]["train"] == data
+  assert not written["data"]["synthetic"]["enabled"]
+  assert written["model"]["hidden_dim"] == 32  # the user's data's size
+  assert not (workdir / train.SYNTHETIC_DIR).exists()
+
+
+@pytest.mark.parametrize("key", ["train", "val"])
+def test_missing_dataset_dir_is_a_clear_error(tmp_path, key):
+  config = _demo_config()
+  config.data[key] = str(tmp_path / "nowhere")
+  config.lock()
+  with pytest.raises(ValueError, match=f"config.data.{key}=.*nowhere: no such"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
 def test_cli_smoke_run_writes_outputs(tmp_path):
   workdir = tmp_path / "run"
   cmd = [
