@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from egpt_align import cli
 from egpt_align import lm_head as lm_head_lib
 from egpt_align import metrics as metrics_lib
 from egpt_align import speedup as speedup_lib
@@ -933,13 +934,13 @@ def main(argv):
 
   sources = [FLAGS.workdir, FLAGS.params, FLAGS.adapter]
   if sum(x is not None for x in sources) != 1:
-    raise app.UsageError(
+    raise cli.UserError(
       "give exactly one of --workdir (a training run), --params "
       "(OUT.npz from tools/import_from_torch.py) or --adapter (a freshly "
       "initialised adapter: timing and smoke runs only)"
     )
   if FLAGS.workdir is None and (FLAGS.data is None or FLAGS.out is None):
-    raise app.UsageError("--params/--adapter need --data and --out")
+    raise cli.UserError("--params/--adapter need --data and --out")
   step = FLAGS.step if FLAGS.step is not None else "best"
   costs_note = (
     f"costs from {FLAGS.bench_json}"
@@ -1004,7 +1005,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
 
   flags.DEFINE_string(
     "workdir", None, "Training run directory (or --params / --adapter)."
@@ -1062,4 +1063,4 @@ if __name__ == "__main__":
     "adapter and shapes skip compiling ('' = off).",
   )
   FLAGS = flags.FLAGS
-  app.run(main)
+  cli.run_absl(main)

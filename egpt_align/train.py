@@ -37,14 +37,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from egpt_align import checkpoint as checkpoint_lib
+from egpt_align import cli, losses, metrics, models, optim, plots, sharding
 from egpt_align import data as data_lib
 from egpt_align import lm_head as lm_head_lib
-from egpt_align import losses, metrics, models, optim, plots, sharding
 
 METRICS_FILE = "metrics.jsonl"
 HISTORY_FILE = "history.json"
@@ -1164,26 +1164,13 @@ def _define_flags() -> None:
   )
 
 
-class _QuietLibraries:
-  """Drops INFO records of chatty libraries (orbax logs every file write)."""
-
-  def filter(self, record) -> bool:
-    if record.levelno >= 30:  # std logging WARNING (absl numbers differ)
-      return True
-    path = record.pathname.replace(os.sep, "/")
-    return "/orbax/" not in path and "/etils/" not in path
-
-
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if config.multihost:
     sharding.initialize_multihost()
   logging.set_verbosity(logging.INFO)
-  quiet = _QuietLibraries()
-  logging.get_absl_logger().addFilter(quiet)
-  logging.get_absl_handler().python_handler.addFilter(quiet)
   try:
     result = train_and_evaluate(config, _WORKDIR.value)
   except TrainingInterrupted as e:
@@ -1201,4 +1188,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run_absl(main)

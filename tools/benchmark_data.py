@@ -504,4 +504,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from egpt_align import cli
+
+  cli.run(main)

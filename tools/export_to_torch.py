@@ -306,4 +306,6 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-  main()
+  from egpt_align import cli
+
+  cli.run(main)
