@@ -82,6 +82,58 @@ def _col_name(p: str, r: str, primary: str) -> str:
   return label + (f" ({r} pos.)" if r != primary else "")
 
 
+def verdict(metrics: dict) -> list[str]:
+  """Plain statements: which baselines the adapter fails to beat, slowdowns.
+
+  Compares the adapter's primary reading with every baseline column on token
+  top-1 agreement (cosine where there are no token metrics); a baseline on
+  the same-position reading stands for what the drafter gives without help.
+  """
+  res = metrics["results"]
+  primary = metrics["primary_reading"]
+  adapter = res.get("adapter", {}).get(primary)
+  if adapter is None:
+    return []
+  key, what = "token_top1", "token top-1 agreement"
+  if adapter.get(key) is None:
+    key, what = "cos_sim_mean", "mean cosine"
+  lines = []
+  beaten, not_beaten = [], []
+  for p, r in _columns(metrics, primary)[1:]:
+    value = res[p][r].get(key)
+    if value is None:
+      continue
+    name = _col_name(p, r, primary)
+    entry = f"{name} ({_fmt(value, key == 'token_top1')})"
+    (beaten if adapter[key] > value else not_beaten).append(entry)
+  mine = _fmt(adapter[key], key == "token_top1")
+  if not_beaten:
+    lines.append(
+      f"The adapter does NOT beat {', '.join(not_beaten)} on {what} "
+      f"(adapter: {mine})."
+    )
+  if beaten:
+    lines.append(f"The adapter beats {', '.join(beaten)} on {what}.")
+  speedups = [
+    m["speedup"]["speedup"]
+    for reads in res.values()
+    for m in reads.values()
+    if m.get("speedup")
+  ]
+  mine = (adapter.get("speedup") or {}).get("speedup")
+  if speedups and max(speedups) < 1:
+    lines.append(
+      "Every expected speedup is below 1x: with these costs, speculative "
+      "decoding would be slower than decoding with the target alone."
+    )
+  elif mine is not None and mine < 1:
+    lines.append(
+      f"The adapter's expected speedup is below 1x ({mine:.3f}x): slower "
+      "than decoding with the target alone."
+    )
+  return lines
+
+
 def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
   """The human-readable report.md text."""
   run, data, st = metrics["run"], metrics["data"], metrics["settings"]
@@ -156,6 +208,9 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     ["metric"] + [_col_name(p, r, primary) for p, r in cols], rows
   )
   lines.append("")
+  plain = verdict(metrics)
+  if plain:
+    lines += ["## Verdict", ""] + [f"- {x}" for x in plain] + [""]
 
   costs = st["costs"]
   lines += [
@@ -175,7 +230,8 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
       "from tools/benchmark_sd.py for measured costs."
       if costs["source"] == "defaults"
       else ""
-    ),
+    )
+    + (f" **{costs['note']}**" if costs.get("note") else ""),
     "",
   ]
   rows = []
@@ -501,4 +557,7 @@ def summary_text(result) -> str:
     if sp:
       parts.append(f"speedup={sp['speedup']:.3f}x")
     lines.append(f"  {_col_name(p, r, primary)}: " + ", ".join(parts))
+  note = m["settings"]["costs"].get("note")
+  lines += [f"note: {note}"] if note else []
+  lines += [f"verdict: {x}" for x in verdict(m)]
   return "\n".join(lines)
