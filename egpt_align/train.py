@@ -641,6 +641,30 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+# Which comparison each history.json key reads (written beside the lists).
+HISTORY_READINGS = {
+  "val_cos_sim, val_accept_*, val_token_top1": (
+    "same position: output[t] vs target[t] (the reference's reading)"
+  ),
+  "val_next_cos_sim, val_next_accept_*, val_next_token_top1": (
+    "next position: output[t] vs target[t+1] (primary for l5, b1, l5f)"
+  ),
+}
+
+
+def readings_text(val: Mapping[str, float]) -> str:
+  """Validation cosine and Accept@0.90, each labelled with its reading."""
+  text = (
+    f"same pos.: cos {val['cos_sim']:.4f} Accept@0.90 {val['accept_90']:.4f}"
+  )
+  if "next_cos_sim" in val:
+    text += (
+      f" | next pos.: cos {val['next_cos_sim']:.4f} "
+      f"Accept@0.90 {val['next_accept_90']:.4f}"
+    )
+  return text
+
+
 def _history_append(history: dict, epoch: int, train: dict, val: dict) -> None:
   """Per-epoch lists with the reference's history.json keys (+ extras)."""
 
@@ -909,7 +933,14 @@ def train_and_evaluate(
         f"steps per epoch, this config gives {spe} (data or batch size "
         "changed); use a new workdir"
       )
-    logging.info("resumed from step %d (epoch %d)", latest, meta["epoch"])
+    logging.info(
+      "resumed from step %d: %d epochs completed%s",
+      latest,
+      meta["epoch"],
+      f", {meta['epoch_step']} steps into epoch {meta['epoch'] + 1}"
+      if meta["epoch_step"]
+      else "",
+    )
   else:
     state = jax.jit(init_fn, out_shardings=init_shard)(init_rng)
   add_copies = functools.partial(
@@ -1083,19 +1114,21 @@ def train_and_evaluate(
         }
         writer.write(step, record)
         if is_main:
-          _write_json(os.path.join(workdir, HISTORY_FILE), meta["history"])
+          _write_json(
+            os.path.join(workdir, HISTORY_FILE),
+            {**meta["history"], "readings": HISTORY_READINGS},
+          )
           plots.plot_training_curves(
             meta["history"],
             os.path.join(workdir, CURVES_FILE),
             title=f"{spec.name} ({os.path.basename(workdir)})",
           )
         logging.info(
-          "epoch %d: train loss %.5f | val loss %.5f cos %.4f acc@0.90 %.4f%s",
+          "epoch %d: train loss %.5f | val loss %.5f | %s%s",
           epoch + 1,
           train["loss"],
           val["loss"],
-          val["cos_sim"],
-          val["accept_90"],
+          readings_text(val),
           " (best)" if improved else "",
         )
         save(step, val_loss=val["loss"])
@@ -1181,7 +1214,7 @@ def main(argv) -> None:
     print(
       f"done: step {result['step']}, epochs {result['epochs_run']}, best "
       f"epoch {result['best_epoch']}: val loss {result['best_val_loss']}, "
-      f"cos {best.get('cos_sim')}, Accept@0.90 {best.get('accept_90')}"
+      f"{readings_text(best) if best else 'no validation'}"
     )
 
 

@@ -363,6 +363,12 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
   assert records[-1]["step"] == 3 and "eval/accept_90" in records[-1]
   history = json.loads((workdir / "history.json").read_text())
   assert len(history["val_accept_90"]) == 1
+  # Which reading each number is: in the history and in the log.
+  assert (
+    "same position"
+    in history["readings"]["val_cos_sim, val_accept_*, val_token_top1"]
+  )
+  assert "same pos.: cos" in proc.stderr and "next pos.: cos" in proc.stderr
   assert (workdir / "training_curves.png").stat().st_size > 0
   assert checkpoint.Checkpointer(str(workdir)).all_steps() == [3]
   try:
