@@ -480,28 +480,43 @@ def make_plots(result, out_dir: str) -> list[str]:
     axes[1].set_title("Per-position token agreement")
   names.append(_save(fig, out_dir, "positions.png"))
 
-  cond = metrics["results"]["adapter"][primary].get("p_match_given_cos")
-  if cond:
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    keys = list(cond)
-    vals = [_nan(cond[k]["p_match"]) for k in keys]
-    bars = ax.bar([f">0.{k}" for k in keys], vals)
-    for b, k in zip(bars, keys, strict=True):
-      ax.text(
-        b.get_x() + b.get_width() / 2,
-        0.01,
-        f"n={cond[k]['count']}",
-        ha="center",
-        fontsize=7,
-        rotation=90,
-      )
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("cosine condition")
-    ax.set_ylabel("P(top-1 match | cos > τ)")
-    r = metrics["results"]["adapter"][primary].get("cos_token_pearson_r")
-    ax.set_title(f"P(match | cosine); Pearson r = {_fmt(r)}")
+  adapter = metrics["results"]["adapter"][primary]
+  if adapter.get("p_match_given_cos"):
+    fig = p_match_figure(
+      adapter["p_match_given_cos"], adapter.get("cos_token_pearson_r")
+    )
     names.append(_save(fig, out_dir, "p_match_given_cos.png"))
   return names
+
+
+def p_match_figure(cond: dict, pearson_r: float | None):
+  """Bar chart of P(top-1 match | cos > τ) with each condition's count."""
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+  keys = list(cond)
+  # Empty conditions (n=0) have no P(match): a zero-height bar, labelled,
+  # so every threshold keeps its tick and label inside the axes.
+  vals = [np.nan_to_num(_nan(cond[k]["p_match"])) for k in keys]
+  x = np.arange(len(keys))
+  ax.bar(x, vals)
+  ax.set_xticks(x, [f">0.{k}" for k in keys])
+  ax.set_xlim(-0.5, len(keys) - 0.5)
+  for i, k in enumerate(keys):
+    ax.text(
+      i,
+      0.02,
+      f"n={cond[k]['count']}",
+      ha="center",
+      va="bottom",
+      fontsize=7,
+      rotation=90,
+    )
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("cosine condition")
+  ax.set_ylabel("P(top-1 match | cos > τ)")
+  ax.set_title(f"P(match | cosine); Pearson r = {_fmt(pearson_r)}")
+  return fig
 
 
 def _nan(x):
