@@ -50,11 +50,28 @@ REFERENCE_PROVENANCE = {
 
 
 def _load(path: str) -> dict:
+  """A reference chunk; an unreadable one is an error naming the file."""
   try:
     # mmap keeps only the pages we touch resident (zipfile-format files).
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  except (RuntimeError, ValueError):
-    return torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise
+  except Exception:  # Legacy (non-zip) files cannot be memory-mapped.
+    pass
+  try:
+    chunk = torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise
+  except Exception as e:
+    raise ValueError(
+      f"{path}: cannot read this reference chunk, it is truncated or "
+      f"corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    ) from e
+  if not isinstance(chunk, dict):
+    raise ValueError(
+      f"{path}: expected a dict of tensors, got {type(chunk).__name__}"
+    )
+  return chunk
 
 
 def list_chunks(src: str) -> tuple[list[dict], dict]:
@@ -165,11 +182,19 @@ def convert(
           )
         source = egpt[i, :length].float().numpy()
         target = vl[i, :length].float().numpy()
-        if skip_nonfinite and not (
-          np.isfinite(source).all() and np.isfinite(target).all()
-        ):
+        bad = [
+          name
+          for name, x in (("egpt_hidden", source), ("vl_hidden", target))
+          if not np.isfinite(x).all()
+        ]
+        if bad and skip_nonfinite:
           counts["nonfinite_skipped"] += 1
           continue
+        if bad:
+          raise ValueError(
+            f"{c['path']}: sample {i} ({sample_id}) has NaN/Inf in "
+            f"{' and '.join(bad)}; pass --skip_nonfinite to skip such samples"
+          )
         m = dict(meta[i]) if isinstance(meta[i], dict) else {"meta": meta[i]}
         m["id"] = sample_id
         m["reference_chunk"] = os.path.basename(c["path"])
