@@ -450,6 +450,18 @@ def _l5_step_setup(dtype):
   return state, batch, step
 
 
+def test_dropout_masks_change_every_step():
+  # Same params, batch and key; only state.step differs: the dropout masks,
+  # hence the training loss, must differ (the key is folded with the step).
+  state, batch, step = _l5_step_setup(jnp.float32)
+  step = jax.jit(step)
+  key = jax.random.PRNGKey(1)
+  later = state.replace(step=state.step + 1)
+  loss = lambda s: float(step(s, batch, key)[1]["loss"])  # noqa: E731
+  assert loss(state) == loss(state)  # deterministic given (key, step)
+  assert loss(state) != loss(later)
+
+
 def test_bf16_kernel_copies_leave_the_step_unchanged():
   # A bf16-compute L5 (LayerNorms, pos_embed, biases, kernels): stepping with
   # the optimizer-written bf16 kernel copies equals casting inside the model.
