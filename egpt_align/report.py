@@ -304,8 +304,11 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     "- Token top-k = the target token (stored target_tokens, else argmax of "
     "the target state through the LM head; at t+1 for `next`) is among the "
     "k highest logits of the prediction (ties count as in).",
-    "- Standard deviations are population (ddof = 0). CIs resample samples "
-    "with replacement; each headline metric is a ratio of per-sample sums.",
+    "- Standard deviations are population (ddof = 0, np.std) and medians "
+    "are np.median (mean of the two middle values); the reference's keys of "
+    "the same names used torch's ddof = 1 std and lower-middle median "
+    "(docs/REFERENCE_NOTES.md §3). CIs resample samples with replacement; "
+    "each headline metric is a ratio of per-sample sums.",
     "",
   ]
   return "\n".join(lines)
