@@ -450,11 +450,17 @@ def _l5_step_setup(dtype):
   return state, batch, step
 
 
-def test_dropout_masks_change_every_step():
+@pytest.fixture(scope="module")
+def l5_bf16_step():
+  """The bf16 L5 setup with its step jitted once for the tests below."""
+  state, batch, step = _l5_step_setup(jnp.bfloat16)
+  return state, batch, jax.jit(step)
+
+
+def test_dropout_masks_change_every_step(l5_bf16_step):
   # Same params, batch and key; only state.step differs: the dropout masks,
   # hence the training loss, must differ (the key is folded with the step).
-  state, batch, step = _l5_step_setup(jnp.float32)
-  step = jax.jit(step)
+  state, batch, step = l5_bf16_step
   key = jax.random.PRNGKey(1)
   later = state.replace(step=state.step + 1)
   loss = lambda s: float(step(s, batch, key)[1]["loss"])  # noqa: E731
@@ -462,10 +468,10 @@ def test_dropout_masks_change_every_step():
   assert loss(state) != loss(later)
 
 
-def test_bf16_kernel_copies_leave_the_step_unchanged():
+def test_bf16_kernel_copies_leave_the_step_unchanged(l5_bf16_step):
   # A bf16-compute L5 (LayerNorms, pos_embed, biases, kernels): stepping with
   # the optimizer-written bf16 kernel copies equals casting inside the model.
-  state, batch, step = _l5_step_setup(jnp.bfloat16)
+  state, batch, step = l5_bf16_step
   fast = train.with_compute_params(state, jnp.bfloat16)
   kinds = {
     "/".join(str(getattr(k, "key", k)) for k in path): leaf.dtype
@@ -480,7 +486,6 @@ def test_bf16_kernel_copies_leave_the_step_unchanged():
   copies = jax.tree.leaves(fast.compute_params)
   assert copies and all(x.dtype == jnp.bfloat16 for x in copies)
   assert train.with_compute_params(state, jnp.float32).compute_params is None
-  step = jax.jit(step)
   key = jax.random.PRNGKey(1)
   for _ in range(3):
     state, out_a = step(state, batch, key)
@@ -567,7 +572,10 @@ def test_sharded_weight_update_matches_replicated(dtype):
   state0 = train.with_compute_params(state0, dtype)
   key = jax.random.PRNGKey(1)
   results = {}
-  for shard_update in (False, True, "copies_replicated"):
+  # float32 has no bf16 kernel copies, so "copies_replicated" would repeat
+  # the sharded step; it is compared for bfloat16 only.
+  variants = (False, True) + (("copies_replicated",) * (dtype != jnp.float32))
+  for shard_update in variants:
     layout = train.state_shardings(
       state0,
       mesh,
@@ -582,19 +590,23 @@ def test_sharded_weight_update_matches_replicated(dtype):
       in_shardings=(layout, bsh, rep),
       out_shardings=(layout, rep),
     )
-    hlo = fn.lower(state0, batch, key).compile().as_text()
+    compiled = fn.lower(state0, batch, key).compile()  # compiled once
+    hlo = compiled.as_text()
     state = jax.device_put(state0, layout)
     for _ in range(3):
-      state, out = fn(state, batch, key)
+      state, out = compiled(state, batch, key)
     results[shard_update] = (state, out, hlo)
   (rep_state, rep_out, rep_hlo), (sh_state, sh_out, sh_hlo) = (
     results[False],
     results[True],
   )
-  cr_state, cr_out, cr_hlo = results["copies_replicated"]
-  assert "all-gather" in cr_hlo
-  assert float(cr_out["loss"]) == pytest.approx(float(sh_out["loss"]), rel=1e-6)
-  _params_close(cr_state.params, sh_state.params, rtol=1e-6, atol=1e-7)
+  if "copies_replicated" in results:
+    cr_state, cr_out, cr_hlo = results["copies_replicated"]
+    assert "all-gather" in cr_hlo
+    assert float(cr_out["loss"]) == pytest.approx(
+      float(sh_out["loss"]), rel=1e-6
+    )
+    _params_close(cr_state.params, sh_state.params, rtol=1e-6, atol=1e-7)
 
   # The optimizer's share really is split: each device holds 1/8 of a kernel
   # and of its moments.
