@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## The pipeline, step by step"
@@ -34,6 +35,8 @@ def test_readme_pipeline_chain_runs(tmp_path):
   with open(os.path.join(REPO, "README.md")) as f:
     blocks = readme_blocks(f.read())
   env = dict(os.environ)
+  # `python` in the README is this interpreter.
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   env["EGPT_ALIGN_TRACEBACK"] = "1"  # a failure here shows its traceback
   for step, block in enumerate(blocks, 1):
