@@ -296,28 +296,6 @@ def test_missing_train_data_is_a_clear_error(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_demo_config_trains_on_a_given_dataset(tmp_path):
-  """--config.data.train with the demo config: the user's data, not ours."""
-  data = str(tmp_path / "user_ds")
-  synthetic.write_synthetic_dataset(
-    data, 24, hidden_dim=32, min_len=4, max_len=8
-  )
-  config = _demo_config()
-  config.data.train = data
-  config.num_epochs = 1
-  config.stop_after_steps = 1
-  config.eval_at_start = False
-  config.progress_bar = False
-  config.lock()
-  workdir = tmp_path / "run"
-  train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
-  written = json.loads((workdir / "config.json").read_text())
-  assert written["data"]["train"] == data
-  assert not written["data"]["synthetic"]["enabled"]
-  assert written["model"]["hidden_dim"] == 32  # the user's data's size
-  assert not (workdir / train.SYNTHETIC_DIR).exists()
-
-
 @pytest.mark.parametrize("key", ["train", "val"])
 def test_missing_dataset_dir_is_a_clear_error(tmp_path, key):
   config = _demo_config()
@@ -328,6 +306,11 @@ def test_missing_dataset_dir_is_a_clear_error(tmp_path, key):
 
 
 def test_cli_smoke_run_writes_outputs(tmp_path):
+  """The demo config given a dataset: it trains on it (not on its own)."""
+  data = str(tmp_path / "user_ds")
+  synthetic.write_synthetic_dataset(
+    data, 30, hidden_dim=48, min_len=8, max_len=16
+  )
   workdir = tmp_path / "run"
   cmd = [
     sys.executable,
@@ -339,10 +322,9 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
     str(workdir),
     "--config.num_epochs=1",
     "--config.batch_size=8",
-    "--config.data.synthetic.num_samples=30",
+    f"--config.data.train={data}",
     "--config.data.val_fraction=0.2",  # 24 train samples: 3 steps
     "--config.data.buckets=(16,)",
-    "--config.data.synthetic.max_len=16",
     "--config.progress_bar=False",
     "--config.tensorboard=True",
   ]
@@ -353,7 +335,11 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   config = json.loads((workdir / "config.json").read_text())
-  assert config["batch_size"] == 8 and config["model"]["hidden_dim"] == 64
+  assert config["batch_size"] == 8
+  assert config["data"]["train"] == data
+  assert not config["data"]["synthetic"]["enabled"]
+  assert config["model"]["hidden_dim"] == 48  # the given data's size
+  assert not (workdir / train.SYNTHETIC_DIR).exists()
   records = [
     json.loads(line)
     for line in (workdir / "metrics.jsonl").read_text().split("\n")
