@@ -20,6 +20,7 @@ the lowest validation loss (for use). Mid-epoch checkpoints (interrupts,
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,11 +29,20 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 METRIC = "val_loss"
+
+
+class _ReadOnlyNotice(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
 def _best_fn(metrics: Mapping[str, Any]) -> float:
@@ -76,14 +86,21 @@ class Checkpointer:
       create=not read_only,
       save_interval_steps=0 if read_only else 1,
     )
-    self.manager = ocp.CheckpointManager(
-      self.directory,
-      options=options,
-      item_handlers={
-        "state": ocp.StandardCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
-      },
-    )
+    # orbax warns "Given directory is read only" whenever a manager is
+    # opened read-only, which is how every restore-only reader opens it.
+    absl_logger = absl_logging.get_absl_logger()
+    absl_logger.addFilter(_READ_ONLY_NOTICE)
+    try:
+      self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={
+          "state": ocp.StandardCheckpointHandler(),
+          "meta": ocp.JsonCheckpointHandler(),
+        },
+      )
+    finally:
+      absl_logger.removeFilter(_READ_ONLY_NOTICE)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -13,7 +13,7 @@ Every sample of the dataset is evaluated once, in jitted batches on device
 vocabulary dimensions to per-position cosines and token ranks; everything else
 is exact float64 arithmetic on those per-position arrays on the host.
 
-Readings (REFERENCE.md §A.3, E11): `same` compares output[t] with target[t];
+Readings (REFERENCE_NOTES §3, D7): `same` compares output[t] with target[t];
 `next` compares output[t] with target[t+1] (positions t with t+1 valid). For
 adapters that predict the next state (l5, b1, l5f) `next` is primary.
 
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from egpt_align import cli
 from egpt_align import lm_head as lm_head_lib
 from egpt_align import metrics as metrics_lib
 from egpt_align import speedup as speedup_lib
@@ -791,14 +792,16 @@ def evaluate(
   if "target" in ad.inputs:
     notes.append(
       f"For {ad.name} the `same` reading is trivially high: its input "
-      "contains the target state it is compared with (REFERENCE.md E11); "
+      "contains the target state it is compared with (docs/REFERENCE_NOTES.md "
+      "D7); "
       "the untrained adapter scores about as high."
     )
   if ad.predicts_next:
     notes.append(
       "Token metrics are teacher-forced: every position sees the true "
       "earlier states. Drafting several tokens ahead would feed back the "
-      "adapter's own predictions, so live acceptance will be lower (E13)."
+      "adapter's own predictions, so live acceptance will be lower "
+      "(docs/REFERENCE_NOTES.md D9)."
     )
   header = getattr(dataset, "header", {}) or {}
   metrics = {
@@ -931,13 +934,13 @@ def main(argv):
 
   sources = [FLAGS.workdir, FLAGS.params, FLAGS.adapter]
   if sum(x is not None for x in sources) != 1:
-    raise app.UsageError(
+    raise cli.UserError(
       "give exactly one of --workdir (a training run), --params "
       "(OUT.npz from tools/import_from_torch.py) or --adapter (a freshly "
       "initialised adapter: timing and smoke runs only)"
     )
   if FLAGS.workdir is None and (FLAGS.data is None or FLAGS.out is None):
-    raise app.UsageError("--params/--adapter need --data and --out")
+    raise cli.UserError("--params/--adapter need --data and --out")
   step = FLAGS.step if FLAGS.step is not None else "best"
   costs_note = (
     f"costs from {FLAGS.bench_json}"
@@ -1002,7 +1005,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
 
   flags.DEFINE_string(
     "workdir", None, "Training run directory (or --params / --adapter)."
@@ -1060,4 +1063,4 @@ if __name__ == "__main__":
     "adapter and shapes skip compiling ('' = off).",
   )
   FLAGS = flags.FLAGS
-  app.run(main)
+  cli.run_absl(main)

@@ -1,6 +1,7 @@
 """Adapter training losses (masked, vectorised, float32, jit-friendly).
 
-`objective='reference'` is the reference's `compute_loss` (REFERENCE.md C.1):
+`objective='reference'` is the reference's `compute_loss`
+(REFERENCE_NOTES §5.1):
   align = MSE_m + cos_weight * (1 - cos_m)
   L1-L4:         loss = align
   L5 / B1 / L5F: loss = (1 - w) * align + w * next_mse,
@@ -12,7 +13,7 @@ The reference masks next_mse with mask[:, 1:] only. We do the same; for
 right-padded (contiguous) masks that equals requiring both t and t+1 valid.
 With no valid position a term is 0 here (the reference gives NaN).
 
-`objective='next'` (EAGLE variants only) fixes E12, where one output vector is
+`objective='next'` (EAGLE variants only) fixes D8, where one output vector is
 pulled toward both target[t] and target[t+1]: the output predicts only the
 next target state,
   loss = MSE_m + cos_weight * (1 - cos_m) over pred[t] vs target[t+1],

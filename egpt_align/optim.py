@@ -1,4 +1,4 @@
-"""AdamW with a cosine schedule and weight-decay masks (REFERENCE.md §C.2).
+"""AdamW with a cosine schedule and weight-decay masks (REFERENCE_NOTES §5.2).
 
 The reference runs `torch.optim.AdamW(lr=1e-3, weight_decay=0.01)` with
 `CosineAnnealingLR(T_max=num_epochs, eta_min=1e-6)` stepped once per epoch

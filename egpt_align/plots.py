@@ -27,6 +27,24 @@ def plot_training_curves(
   same position, dashed: next position). Accept@tau is the fraction of valid
   positions whose hidden-state cosine exceeds tau, not a token match rate.
   """
+  import matplotlib.pyplot as plt
+
+  fig = training_curves_figure(history, thresholds=thresholds, title=title)
+  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+def training_curves_figure(
+  history: Mapping[str, Sequence[float]],
+  *,
+  thresholds: Sequence[float] = THRESHOLDS,
+  title: str | None = None,
+):
+  """The matplotlib figure of `plot_training_curves` (caller closes it)."""
   import matplotlib
 
   matplotlib.use("Agg", force=False)
@@ -39,7 +57,9 @@ def plot_training_curves(
   epochs = history.get("epoch") or list(range(1, len(series("train_loss")) + 1))
   has_val = bool(series("val_loss"))
   n_panels = 3 if has_val else 2
-  fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4))
+  fig, axes = plt.subplots(
+    1, n_panels, figsize=(5 * n_panels + 2, 4), layout="constrained"
+  )
 
   ax = axes[0]
   ax.plot(epochs, series("train_loss"), label="train")
@@ -53,9 +73,9 @@ def plot_training_curves(
   ax = axes[1]
   ax.plot(epochs, series("train_cos_sim"), label="train")
   if has_val:
-    ax.plot(epochs, series("val_cos_sim"), label="val")
+    ax.plot(epochs, series("val_cos_sim"), label="val (same pos.)")
   if series("val_next_cos_sim"):
-    ax.plot(epochs, series("val_next_cos_sim"), "--", label="val (next)")
+    ax.plot(epochs, series("val_next_cos_sim"), "--", label="val (next pos.)")
   ax.set_xlabel("epoch")
   ax.set_ylabel("cosine similarity")
   ax.set_title("Cosine similarity")
@@ -78,15 +98,13 @@ def plot_training_curves(
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("fraction of positions")
-    ax.set_title("Val Accept@τ (cos > τ; dashed: next position)")
-    ax.legend(fontsize="small")
+    ax.set_title("Val Accept@τ (cos > τ)")
+    ax.plot([], [], "k-", lw=0.8, label="solid: same position")
+    if series("val_next_cos_sim"):
+      ax.plot([], [], "k--", lw=0.8, label="dashed: next position")
+    # Outside the axes: inside, it hid whichever curve ran under it.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return fig

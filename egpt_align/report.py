@@ -82,6 +82,58 @@ def _col_name(p: str, r: str, primary: str) -> str:
   return label + (f" ({r} pos.)" if r != primary else "")
 
 
+def verdict(metrics: dict) -> list[str]:
+  """Plain statements: which baselines the adapter fails to beat, slowdowns.
+
+  Compares the adapter's primary reading with every baseline column on token
+  top-1 agreement (cosine where there are no token metrics); a baseline on
+  the same-position reading stands for what the drafter gives without help.
+  """
+  res = metrics["results"]
+  primary = metrics["primary_reading"]
+  adapter = res.get("adapter", {}).get(primary)
+  if adapter is None:
+    return []
+  key, what = "token_top1", "token top-1 agreement"
+  if adapter.get(key) is None:
+    key, what = "cos_sim_mean", "mean cosine"
+  lines = []
+  beaten, not_beaten = [], []
+  for p, r in _columns(metrics, primary)[1:]:
+    value = res[p][r].get(key)
+    if value is None:
+      continue
+    name = _col_name(p, r, primary)
+    entry = f"{name} ({_fmt(value, key == 'token_top1')})"
+    (beaten if adapter[key] > value else not_beaten).append(entry)
+  mine = _fmt(adapter[key], key == "token_top1")
+  if not_beaten:
+    lines.append(
+      f"The adapter does NOT beat {', '.join(not_beaten)} on {what} "
+      f"(adapter: {mine})."
+    )
+  if beaten:
+    lines.append(f"The adapter beats {', '.join(beaten)} on {what}.")
+  speedups = [
+    m["speedup"]["speedup"]
+    for reads in res.values()
+    for m in reads.values()
+    if m.get("speedup")
+  ]
+  mine = (adapter.get("speedup") or {}).get("speedup")
+  if speedups and max(speedups) < 1:
+    lines.append(
+      "Every expected speedup is below 1x: with these costs, speculative "
+      "decoding would be slower than decoding with the target alone."
+    )
+  elif mine is not None and mine < 1:
+    lines.append(
+      f"The adapter's expected speedup is below 1x ({mine:.3f}x): slower "
+      "than decoding with the target alone."
+    )
+  return lines
+
+
 def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
   """The human-readable report.md text."""
   run, data, st = metrics["run"], metrics["data"], metrics["settings"]
@@ -156,6 +208,9 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     ["metric"] + [_col_name(p, r, primary) for p, r in cols], rows
   )
   lines.append("")
+  plain = verdict(metrics)
+  if plain:
+    lines += ["## Verdict", ""] + [f"- {x}" for x in plain] + [""]
 
   costs = st["costs"]
   lines += [
@@ -175,7 +230,8 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
       "from tools/benchmark_sd.py for measured costs."
       if costs["source"] == "defaults"
       else ""
-    ),
+    )
+    + (f" **{costs['note']}**" if costs.get("note") else ""),
     "",
   ]
   rows = []
@@ -248,8 +304,11 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     "- Token top-k = the target token (stored target_tokens, else argmax of "
     "the target state through the LM head; at t+1 for `next`) is among the "
     "k highest logits of the prediction (ties count as in).",
-    "- Standard deviations are population (ddof = 0). CIs resample samples "
-    "with replacement; each headline metric is a ratio of per-sample sums.",
+    "- Standard deviations are population (ddof = 0, np.std) and medians "
+    "are np.median (mean of the two middle values); the reference's keys of "
+    "the same names used torch's ddof = 1 std and lower-middle median "
+    "(docs/REFERENCE_NOTES.md §3). CIs resample samples with replacement; "
+    "each headline metric is a ratio of per-sample sums.",
     "",
   ]
   return "\n".join(lines)
@@ -424,28 +483,43 @@ def make_plots(result, out_dir: str) -> list[str]:
     axes[1].set_title("Per-position token agreement")
   names.append(_save(fig, out_dir, "positions.png"))
 
-  cond = metrics["results"]["adapter"][primary].get("p_match_given_cos")
-  if cond:
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    keys = list(cond)
-    vals = [_nan(cond[k]["p_match"]) for k in keys]
-    bars = ax.bar([f">0.{k}" for k in keys], vals)
-    for b, k in zip(bars, keys, strict=True):
-      ax.text(
-        b.get_x() + b.get_width() / 2,
-        0.01,
-        f"n={cond[k]['count']}",
-        ha="center",
-        fontsize=7,
-        rotation=90,
-      )
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("cosine condition")
-    ax.set_ylabel("P(top-1 match | cos > τ)")
-    r = metrics["results"]["adapter"][primary].get("cos_token_pearson_r")
-    ax.set_title(f"P(match | cosine); Pearson r = {_fmt(r)}")
+  adapter = metrics["results"]["adapter"][primary]
+  if adapter.get("p_match_given_cos"):
+    fig = p_match_figure(
+      adapter["p_match_given_cos"], adapter.get("cos_token_pearson_r")
+    )
     names.append(_save(fig, out_dir, "p_match_given_cos.png"))
   return names
+
+
+def p_match_figure(cond: dict, pearson_r: float | None):
+  """Bar chart of P(top-1 match | cos > τ) with each condition's count."""
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+  keys = list(cond)
+  # Empty conditions (n=0) have no P(match): a zero-height bar, labelled,
+  # so every threshold keeps its tick and label inside the axes.
+  vals = [np.nan_to_num(_nan(cond[k]["p_match"])) for k in keys]
+  x = np.arange(len(keys))
+  ax.bar(x, vals)
+  ax.set_xticks(x, [f">0.{k}" for k in keys])
+  ax.set_xlim(-0.5, len(keys) - 0.5)
+  for i, k in enumerate(keys):
+    ax.text(
+      i,
+      0.02,
+      f"n={cond[k]['count']}",
+      ha="center",
+      va="bottom",
+      fontsize=7,
+      rotation=90,
+    )
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("cosine condition")
+  ax.set_ylabel("P(top-1 match | cos > τ)")
+  ax.set_title(f"P(match | cosine); Pearson r = {_fmt(pearson_r)}")
+  return fig
 
 
 def _nan(x):
@@ -501,4 +575,7 @@ def summary_text(result) -> str:
     if sp:
       parts.append(f"speedup={sp['speedup']:.3f}x")
     lines.append(f"  {_col_name(p, r, primary)}: " + ", ".join(parts))
+  note = m["settings"]["costs"].get("note")
+  lines += [f"note: {note}"] if note else []
+  lines += [f"verdict: {x}" for x in verdict(m)]
   return "\n".join(lines)

@@ -8,7 +8,7 @@ relative to one target decode step):
                         = 1 + alpha + ... + alpha^gamma      (-> gamma+1 at 1)
   speedup               = tau / (gamma * c + v)
 
-No output length enters: the model is per generated token (E14 fixed).
+No output length enters: the model is per generated token (D10 fixed).
 
 Costs come from a live benchmark's JSON (`tools/benchmark_sd.py --out`) when
 given, else from flags. The keys read (all times in milliseconds):
@@ -159,7 +159,7 @@ def costs_from_bench(
         f"(has {sorted(verify)})"
       )
     verify = verify[str(gamma)]
-  return {
+  out = {
     "draft_cost": float(draft) / base,
     "verify_cost": float(verify) / base,
     "source": where,
@@ -168,6 +168,13 @@ def costs_from_bench(
     "draft_ms_per_token": float(draft),
     "verify_ms": float(verify),
   }
+  if draft_key != name:
+    out["note"] = (
+      f"{where} has no run of {name!r}; its draft cost is the "
+      f"{draft_key!r} entry's per-token cost, which leaves out the "
+      f"adapter's own cost: benchmark {name!r} for a complete figure"
+    )
+  return out
 
 
 def resolve_costs(

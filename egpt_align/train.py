@@ -38,14 +38,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from egpt_align import checkpoint as checkpoint_lib
+from egpt_align import cli, losses, metrics, models, optim, plots, sharding
 from egpt_align import data as data_lib
 from egpt_align import lm_head as lm_head_lib
-from egpt_align import losses, metrics, models, optim, plots, sharding
 
 METRICS_FILE = "metrics.jsonl"
 HISTORY_FILE = "history.json"
@@ -121,6 +121,19 @@ def model_overrides(model_config: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _resolve_data(config: ml_collections.ConfigDict) -> None:
+  """A given config.data.train wins over built-in synthetic data (demo)."""
+  syn = config.data.synthetic
+  if syn.enabled and config.data.train:
+    logging.info(
+      "config.data.train is set: training on %s, not on the built-in "
+      "synthetic data",
+      config.data.train,
+    )
+    with config.unlocked():
+      syn.enabled = False
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
   if config.num_epochs < 1:
     raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
@@ -146,6 +159,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
       "(written by tools/dump_hidden_states.py), or use experiments/demo.py "
       "for built-in synthetic data"
     )
+  for key in ("train", "val"):
+    path = config.data[key]
+    if path and not os.path.isdir(path):
+      raise ValueError(
+        f"config.data.{key}={path}: no such dataset directory (expected a "
+        "directory written by tools/dump_hidden_states.py or "
+        "python -m egpt_align.data)"
+      )
   if config.data.val is None and not 0 < config.data.val_fraction < 1:
     raise ValueError(
       "without config.data.val, config.data.val_fraction must be in (0, 1) "
@@ -502,7 +523,7 @@ def finalize_eval(
   """Validation metrics from accumulated sums; loss exactly as training's.
 
   The loss is position-weighted over the whole split (the reference averages
-  per-batch losses, which over-weights a short last batch, E29).
+  per-batch losses, which over-weights a short last batch, D12).
   """
   out = {}
   same = {k: v for k, v in sums.items() if not k.startswith("next_")}
@@ -619,6 +640,30 @@ def _write_json(path: str, obj) -> None:
     json.dump(obj, f, indent=2)
     f.write("\n")
   os.replace(tmp, path)
+
+
+# Which comparison each history.json key reads (written beside the lists).
+HISTORY_READINGS = {
+  "val_cos_sim, val_accept_*, val_token_top1": (
+    "same position: output[t] vs target[t] (the reference's reading)"
+  ),
+  "val_next_cos_sim, val_next_accept_*, val_next_token_top1": (
+    "next position: output[t] vs target[t+1] (primary for l5, b1, l5f)"
+  ),
+}
+
+
+def readings_text(val: Mapping[str, float]) -> str:
+  """Validation cosine and Accept@0.90, each labelled with its reading."""
+  text = (
+    f"same pos.: cos {val['cos_sim']:.4f} Accept@0.90 {val['accept_90']:.4f}"
+  )
+  if "next_cos_sim" in val:
+    text += (
+      f" | next pos.: cos {val['next_cos_sim']:.4f} "
+      f"Accept@0.90 {val['next_accept_90']:.4f}"
+    )
+  return text
 
 
 def _history_append(history: dict, epoch: int, train: dict, val: dict) -> None:
@@ -806,6 +851,7 @@ def train_and_evaluate(
   `config.multihost`); every process then calls this with the same config.
   """
   config = copy.deepcopy(config)
+  _resolve_data(config)
   _check_config(config)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
@@ -934,7 +980,14 @@ def train_and_evaluate(
         f"steps per epoch, this config gives {spe} (data or batch size "
         "changed); use a new workdir"
       )
-    logging.info("resumed from step %d (epoch %d)", latest, meta["epoch"])
+    logging.info(
+      "resumed from step %d: %d epochs completed%s",
+      latest,
+      meta["epoch"],
+      f", {meta['epoch_step']} steps into epoch {meta['epoch'] + 1}"
+      if meta["epoch_step"]
+      else "",
+    )
   else:
     state = jax.jit(init_fn, out_shardings=init_shard)(init_rng)
   add_copies = functools.partial(
@@ -1111,19 +1164,21 @@ def train_and_evaluate(
         }
         writer.write(step, record)
         if is_main:
-          _write_json(os.path.join(workdir, HISTORY_FILE), meta["history"])
+          _write_json(
+            os.path.join(workdir, HISTORY_FILE),
+            {**meta["history"], "readings": HISTORY_READINGS},
+          )
           plots.plot_training_curves(
             meta["history"],
             os.path.join(workdir, CURVES_FILE),
             title=f"{spec.name} ({os.path.basename(workdir)})",
           )
         logging.info(
-          "epoch %d: train loss %.5f | val loss %.5f cos %.4f acc@0.90 %.4f%s",
+          "epoch %d: train loss %.5f | val loss %.5f | %s%s",
           epoch + 1,
           train["loss"],
           val["loss"],
-          val["cos_sim"],
-          val["accept_90"],
+          readings_text(val),
           " (best)" if improved else "",
         )
         save(step, val_loss=val["loss"])
@@ -1193,19 +1248,9 @@ def _define_flags() -> None:
   )
 
 
-class _QuietLibraries:
-  """Drops INFO records of chatty libraries (orbax logs every file write)."""
-
-  def filter(self, record) -> bool:
-    if record.levelno >= 30:  # std logging WARNING (absl numbers differ)
-      return True
-    path = record.pathname.replace(os.sep, "/")
-    return "/orbax/" not in path and "/etils/" not in path
-
-
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if config.multihost:
     dist = config.distributed
@@ -1219,9 +1264,6 @@ def main(argv) -> None:
   logging.set_verbosity(
     logging.INFO if jax.process_index() == 0 else logging.WARNING
   )
-  quiet = _QuietLibraries()
-  logging.get_absl_logger().addFilter(quiet)
-  logging.get_absl_handler().python_handler.addFilter(quiet)
   try:
     result = train_and_evaluate(config, _WORKDIR.value)
   except TrainingInterrupted as e:
@@ -1242,11 +1284,11 @@ def main(argv) -> None:
     print(
       f"done: step {result['step']}, epochs {result['epochs_run']}, best "
       f"epoch {result['best_epoch']}: val loss {result['best_val_loss']}, "
-      f"cos {best.get('cos_sim')}, Accept@0.90 {best.get('accept_90')}"
+      f"{readings_text(best) if best else 'no validation'}"
     )
 
 
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run_absl(main)

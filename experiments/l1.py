@@ -9,14 +9,14 @@ Hardware: one H100 80 GB (any GPU works; bf16 compute, float32 params).
 Speed: about 0.5 s (3.5M valid tokens/s, device-resident) per epoch of the
 52k-sample training set on one H100 (docs/PERFORMANCE.md); the reference
 needs about 2 minutes.
-The reference trained fp32 on one GPU; data = REFERENCE.md §B (52k train
+The reference trained fp32 on one GPU; data = REFERENCE_NOTES §4 (52k train
 samples, 1 s clips, 10 questions each), written by tools/dump_hidden_states.py.
 
 Expected (the reference's reported numbers, seed doc results table):
   best val loss 1.2798, Accept@0.80/0.85/0.90/0.95 = 46.1 / 30.2 / 21.9 / 18.1%,
   early-stopped at epoch 43.
   The reference measured these on 4 % of its TEST split used as validation
-  (REFERENCE.md E1, E2) and selected the checkpoint on them; our numbers come
+  (REFERENCE_NOTES D1, D2) and selected the checkpoint on them; our numbers come
   from a real held-out split over all of it, so expect them close, not equal.
 """
 

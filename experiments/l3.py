@@ -2,7 +2,8 @@
 
 The reference CLI passes --num_blocks 3 (default) to L3 as well, so the trained
 L3 has 3 blocks, not the 2 (16.8M) of its create_adapter default; its results
-table says "16M", but the command it documents builds 25.2M (REFERENCE.md §A.1).
+table says "16M", but the command it documents builds 25.2M
+(REFERENCE_NOTES §2).
 
 Command:
   python -m egpt_align.train --config experiments/l3.py \
@@ -10,14 +11,14 @@ Command:
     [--config.data.val=DATA/val] [--config.lm_head=DATA/lm_head]
 
 Hardware: one H100 80 GB (any GPU works; bf16 compute, float32 params).
-The reference trained fp32 on one GPU; data = REFERENCE.md §B (52k train
+The reference trained fp32 on one GPU; data = REFERENCE_NOTES §4 (52k train
 samples, 1 s clips, 10 questions each), written by tools/dump_hidden_states.py.
 
 Expected (the reference's reported numbers, seed doc results table):
   best val loss 1.2499, Accept@0.90 = 24.9 % (the others ~46 / ~30 / ~18 %),
   50 epochs.
   The reference measured these on 4 % of its TEST split used as validation
-  (REFERENCE.md E1, E2) and selected the checkpoint on them; our numbers come
+  (REFERENCE_NOTES D1, D2) and selected the checkpoint on them; our numbers come
   from a real held-out split over all of it, so expect them close, not equal.
 """
 

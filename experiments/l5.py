@@ -8,14 +8,14 @@ Command:
     [--config.data.val=DATA/val] [--config.lm_head=DATA/lm_head]
 
 Hardware: one H100 80 GB (any GPU works; bf16 compute, float32 params).
-The reference trained fp32 on one GPU; data = REFERENCE.md §B (52k train
+The reference trained fp32 on one GPU; data = REFERENCE_NOTES §4 (52k train
 samples, 1 s clips, 10 questions each), written by tools/dump_hidden_states.py.
 
 Expected (the reference's reported numbers, seed doc results table):
   best val loss 1.3413, Accept@0.80/0.85/0.90/0.95 = 46.4 / 28.5 / 11.2 / 0.4%,
   cos 0.771, 50 epochs. (Accept here is the same-position reading.)
   The reference measured these on 4 % of its TEST split used as validation
-  (REFERENCE.md E1, E2) and selected the checkpoint on them; our numbers come
+  (REFERENCE_NOTES D1, D2) and selected the checkpoint on them; our numbers come
   from a real held-out split over all of it, so expect them close, not equal.
 """
 

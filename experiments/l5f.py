@@ -2,7 +2,7 @@
 the L5 causal layer (169,936,897 params).
 
 Like B1 it sees the target stream, so its same-position metrics are
-trivially high (REFERENCE.md E11); read eval/next_* for prediction quality.
+trivially high (REFERENCE_NOTES D7); read eval/next_* for prediction quality.
 
 Command:
   python -m egpt_align.train --config experiments/l5f.py \
@@ -15,14 +15,14 @@ Speed: about 5.2 s (343k valid tokens/s, device-resident) per epoch of the
 needs about 2 minutes. On n GPUs of one host the batch is split and the
 weight update sharded; with --config.batch_size=64n the step throughput
 scaled 1.80-1.85x on 2 GPUs, 3.57-3.69x on 4 (H200s, docs/PERFORMANCE.md §2).
-The reference trained fp32 on one GPU; data = REFERENCE.md §B (52k train
+The reference trained fp32 on one GPU; data = REFERENCE_NOTES §4 (52k train
 samples, 1 s clips, 10 questions each), written by tools/dump_hidden_states.py.
 
 Expected (the reference's reported numbers, seed doc results table):
   best val loss 0.7282, Accept@0.80/0.85/0.90/0.95 = 98.5 / 90.6 / 66.2 / 20.0%,
   cos 0.913, 50 epochs.
   The reference measured these on 4 % of its TEST split used as validation
-  (REFERENCE.md E1, E2) and selected the checkpoint on them; our numbers come
+  (REFERENCE_NOTES D1, D2) and selected the checkpoint on them; our numbers come
   from a real held-out split over all of it, so expect them close, not equal.
 """
 

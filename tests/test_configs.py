@@ -22,7 +22,7 @@ EXPERIMENTS = sorted(
 REFERENCE = ("l1", "l2", "l3", "l4", "l5", "b1", "l5f")
 
 # Trainable parameters at hidden_dim 4096 as the reference's training CLI
-# builds them (REFERENCE.md §F; L3 with the CLI's --num_blocks 3).
+# builds them (REFERENCE_NOTES §2; L3 with the CLI's --num_blocks 3).
 REFERENCE_PARAMS = {
   "l1": 2_113_537,
   "l2": 6_324_227,

@@ -27,7 +27,7 @@ def _tool():
 
 
 def make_reference_dir(root, chunk_sizes, seed=0, max_seq=12):
-  """A chunk dir laid out as REFERENCE.md B.1 describes (fp32, padded)."""
+  """A chunk dir laid out as REFERENCE_NOTES §4.1 describes (fp32, padded)."""
   rng = np.random.default_rng(seed)
   os.makedirs(os.path.join(root, "chunks"))
   chunks, truth, start = [], [], 0
@@ -162,9 +162,19 @@ def test_convert_bad_inputs(tmp_path):
   chunk["seq_lens"][1] = 5
   chunk["vl_hidden"][2, 0, 3] = float("nan")
   torch.save(chunk, path)
-  with pytest.raises(ValueError, match="sample 2 \\(id 'ref-2'\\).*NaN"):
+  # Reported against the source chunk file and sample, not the destination.
+  with pytest.raises(
+    ValueError, match="chunk_000000.pt: sample 2 \\(ref-2\\) has NaN.*vl_hidden"
+  ):
     tool.convert(src, str(tmp_path / "o2"), progress=False)
   counts = tool.convert(
     src, str(tmp_path / "o3"), progress=False, skip_nonfinite=True
   )
   assert counts["nonfinite_skipped"] == 1 and counts["written"] == 2
+  # A truncated chunk: one error naming the chunk file, no bare OSError.
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])
+  with pytest.raises(ValueError, match="chunk_000000.pt: cannot read"):
+    tool.convert(src, str(tmp_path / "o4"), progress=False)

@@ -57,6 +57,19 @@ def test_epoch_covers_every_sample_once_and_differs(ds):
   assert not np.array_equal(e0, np.concatenate(_indices(other.batches(0))))
 
 
+def test_batch_membership_is_reshuffled_every_epoch(ds):
+  # Not only the order of the batches: which samples share a batch changes
+  # from epoch to epoch (the within-bucket shuffle is seeded by the epoch).
+  pipe = _pipe(ds, cache="none", seed=7, bucket_lengths=[48])
+
+  def groups(epoch):
+    return {frozenset(pos[pos >= 0].tolist()) for _, pos in pipe.plan(epoch)}
+
+  g0, g1, g2 = groups(0), groups(1), groups(2)
+  assert len(g0) == pipe.steps_per_epoch
+  assert not g0 & g1 and not g1 & g2 and not g0 & g2
+
+
 def test_shuffle_is_global_not_chunk_local(ds):
   # The first batch of an epoch should draw from across the whole dataset
   # (shards hold 50 samples each).

@@ -109,6 +109,18 @@ def test_write_synthetic_dataset_matches_make_pairs(tmp_path):
   assert ds.header["provenance"]["pairing"] == "synthetic"
 
 
+def test_tfds_source_is_a_tfds_data_source_where_tfds_is_installed(tmp_path):
+  base = pytest.importorskip("tensorflow_datasets.core.data_sources.base")
+  from egpt_align.data import tfds_source
+
+  path = data.synthetic.write_synthetic_dataset(
+    str(tmp_path / "ds"), 3, hidden_dim=16, max_len=6, seed=0
+  )
+  src = tfds_source.data_source(path)
+  assert isinstance(src, base.DataSource)
+  assert tfds_source.is_tfds_data_source(src)
+
+
 def test_tfds_source_without_tensorflow(tmp_path):
   path = data.synthetic.write_synthetic_dataset(
     str(tmp_path / "ds"),
@@ -117,11 +129,14 @@ def test_tfds_source_without_tensorflow(tmp_path):
     max_len=10,
     seed=0,
   )
+  # TFDS made unimportable: the structural protocol check stands alone.
   code = f"""
 import sys
+sys.modules["tensorflow_datasets"] = None  # as if not installed
 from egpt_align.data import tfds_source
 src = tfds_source.data_source({path!r}, meta_keys=("id",))
 assert tfds_source.is_tfds_data_source(src)
+assert not tfds_source.is_tfds_data_source([1, 2])  # no __getitems__
 assert len(src) == 7
 r = src[3]
 assert r["source"].shape == (int(r["length"]), 16), r["source"].shape
@@ -139,6 +154,15 @@ print("ok")
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr
   # In-process: the records equal the reader's samples.
   from egpt_align.data import tfds_source
+
+  class NoBatchedReads:
+    def __len__(self):
+      return 1
+
+    def __getitem__(self, key):
+      return {}
+
+  assert not tfds_source.is_tfds_data_source(NoBatchedReads())
 
   src = tfds_source.HiddenStateDataSource(path)
   ds = data.open_dataset(path)

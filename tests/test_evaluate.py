@@ -508,12 +508,48 @@ def test_cli_writes_report(tmp_path):
   assert m["settings"]["gamma"] == 4
   costs = m["settings"]["costs"]
   assert costs["draft_key"] == "drafter"  # l1 drafts through the drafter.
+  # The bench has no run of l1: said plainly, in metrics and report.
+  assert "no run of 'l1'" in costs["note"]
+  assert "no run of 'l1'" in open(os.path.join(out, "report.md")).read()
+  assert "note: " in proc.stdout and "no run of 'l1'" in proc.stdout
+  # Libraries stay quiet: no orbax INFO flood, no false read-only warning,
+  # no missing-TPU message.
+  for noise in ("read only", "orbax", "libtpu", "backend 'tpu'"):
+    assert noise not in proc.stderr, proc.stderr[-3000:]
   assert costs["draft_cost"] == pytest.approx(0.7)
   assert costs["verify_cost"] == pytest.approx(1.2)
   assert "drafter_tokens" in m["results"]
   text = open(os.path.join(out, "report.md")).read()
   assert "untrained adapter" in text and "drafter's own tokens" in text
   assert "![cosine_hist](cosine_hist.png)" in text
+
+
+def _verdict_metrics(adapter_top1, speedups):
+  entry = lambda top1, sp: {"token_top1": top1, "speedup": {"speedup": sp}}  # noqa: E731
+  return {
+    "primary_reading": "same",
+    "results": {
+      "adapter": {"same": entry(adapter_top1, speedups[0])},
+      "untrained": {"same": entry(0.01, speedups[1])},
+      "drafter_tokens": {"same": entry(0.30, speedups[2])},
+    },
+  }
+
+
+def test_report_verdict_says_when_the_adapter_loses():
+  from egpt_align import report
+
+  lines = report.verdict(_verdict_metrics(0.25, (0.8, 0.5, 0.9)))
+  assert any(
+    "does NOT beat drafter's own tokens" in x and "untrained" not in x
+    for x in lines
+  )
+  assert any("beats untrained adapter" in x for x in lines)
+  assert any("Every expected speedup is below 1x" in x for x in lines)
+  lines = report.verdict(_verdict_metrics(0.5, (1.3, 0.5, 0.9)))
+  assert not any("NOT" in x or "below 1x" in x for x in lines)
+  lines = report.verdict(_verdict_metrics(0.5, (0.9, 0.5, 1.2)))
+  assert any("adapter's expected speedup is below 1x" in x for x in lines)
 
 
 def test_report_render_b1_note(tmp_path):

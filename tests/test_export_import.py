@@ -33,7 +33,8 @@ SMALL = {
   "b1": dict(hidden_dim=D, num_heads=4, ffn_dim=48, max_seq_len=16),
   "l5f": dict(hidden_dim=D, num_heads=4, ffn_dim=48, max_seq_len=16),
 }
-# What the reference's save_checkpoint writes as `config` (REFERENCE.md §C.5).
+# What the reference's save_checkpoint writes as `config`
+# (REFERENCE_NOTES §5.4).
 REF_CONFIG_KEYS = {
   "l2": ("hidden_dim", "bottleneck_dim", "num_blocks"),
   "l3": ("hidden_dim", "bottleneck_dim", "num_blocks"),
@@ -95,7 +96,10 @@ def assert_same_params(a, b):
 
 
 def twin_from_reference_dict(ckpt):
-  """Builds the twin the way the reference's load_checkpoint does."""
+  """Our twin from an exported dict (L1's plain-dict config as fields).
+
+  The reference's own loader differs for L1; see reference_load_any_adapter.
+  """
   name = ckpt["egpt_align_adapter"]
   if name == "l1":
     model = ta.HiddenStateAdapter(ta.HiddenAdapterConfig(**ckpt["config"]))
@@ -397,6 +401,76 @@ def reference_package(monkeypatch):
   yield HiddenAdapterConfig
   for m in ("feasible", "feasible.feature_alignment", name):
     monkeypatch.delitem(sys.modules, m, raising=False)
+
+
+def reference_load_any_adapter(path):
+  """The reference's load_any_adapter, as REFERENCE_NOTES §5.4 describes.
+
+  torch.load with torch's default arguments before 2.6 (weights_only=False;
+  torch >= 2.6 refuses every pickled L1 config, the reference's own too),
+  dispatch on `adapter_type`, anything unknown is L1, whose load_checkpoint
+  builds HiddenStateAdapter(checkpoint['config']) and reads the config's
+  fields as attributes. The other levels get their config as keywords.
+  """
+  checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+  classes = {
+    "L2_MultiLayerBottleneck": ta.TWIN_CLASSES["l2"],
+    "L3_WideBottleneck": ta.TWIN_CLASSES["l3"],
+    "L4_Attention": ta.TWIN_CLASSES["l4"],
+    "L5_EAGLE": ta.TWIN_CLASSES["l5"],
+    "L5F_FusedEAGLE": ta.TWIN_CLASSES["l5f"],
+  }
+  cls = classes.get(checkpoint.get("adapter_type"))
+  if cls is None:  # HiddenStateAdapter.load_checkpoint
+    model = ta.HiddenStateAdapter(checkpoint["config"])
+  else:
+    model = cls(**checkpoint["config"])
+  model.load_state_dict(checkpoint["model_state_dict"])
+  return model.eval()
+
+
+def test_l1_export_loads_with_the_reference_loader(reference_package, tmp_path):
+  module, params = flax_params("l1")
+  xs, mask = batch("l1")
+  want = flax_forward(module, params, xs, mask)
+  # The default export's plain-dict config: the reference's loader fails.
+  (plain,) = export_to_torch.export(
+    params, "l1", SMALL["l1"], tmp_path / "plain.pt", fmt="pt"
+  )
+  with pytest.raises(AttributeError, match="'dict' object has no attribute"):
+    reference_load_any_adapter(plain)
+  # --reference_l1_config: the reference's class, its loader accepts it.
+  (path,) = export_to_torch.export(
+    params,
+    "l1",
+    SMALL["l1"],
+    tmp_path / "ref.pt",
+    fmt="pt",
+    reference_l1_config=True,
+  )
+  model = reference_load_any_adapter(path)
+  assert type(model.config) is reference_package  # the reference's class
+  got = torch_forward(model, xs, mask)
+  assert rel_err(got, want) <= 1e-5
+  # Like the reference's own L1 files, a safe load refuses the class.
+  with pytest.raises(Exception, match="weights_only"):
+    torch.load(path, map_location="cpu", weights_only=True)
+  with pytest.raises(ValueError, match="l1 exports only"):
+    export_to_torch.export(
+      flax_params("l2")[1], "l2", SMALL["l2"], tmp_path / "x.pt",
+      reference_l1_config=True,
+    )  # fmt: skip
+
+
+def test_l1_reference_config_export_without_the_reference_package(tmp_path):
+  """No reference package installed: the stand-in modules vanish again."""
+  _, params = flax_params("l1")
+  export_to_torch.export(
+    params, "l1", SMALL["l1"], tmp_path / "r.pt", fmt="pt",
+    reference_l1_config=True,
+  )  # fmt: skip
+  assert export_to_torch.REFERENCE_L1_MODULE not in sys.modules
+  assert "feasible" not in sys.modules
 
 
 @pytest.mark.parametrize("numpy_metric", [False, True])

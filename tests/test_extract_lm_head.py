@@ -97,5 +97,18 @@ def test_video_llava(tmp_path):
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
   code = ext.main(["--model", str(tmp_path / "nope"), "--out", "x"])
-  assert code == 1
+  assert code == 2
   assert "error:" in capsys.readouterr().err
+
+
+def test_head_of_a_backend_spec(tmp_path):
+  from tests import toy_plugin
+  from tools import backends
+
+  spec = "tests.toy_plugin:make_backend:0"
+  npy, _, info = ext.extract_from_spec(spec, str(tmp_path / "toy_head"))
+  want = backends.load_backend(spec).lm_head_weight().detach().numpy()
+  head = lm_head.load_lm_head(npy)
+  np.testing.assert_array_equal(head.weight, want)
+  assert info["states_post_norm"] and head.info["model_id"] == spec
+  assert head.hidden_dim == toy_plugin.llama_config().hidden_size

@@ -13,7 +13,8 @@ import pytest
 from egpt_align import models
 from egpt_align.models import ADAPTERS, count_params, create_adapter
 
-# The reference's state-dict listing (REFERENCE.md §F), vendored as test data.
+# The reference's state-dict listing (REFERENCE_NOTES §2), vendored as test
+# data.
 STATE_DICTS = (
   pathlib.Path(__file__).resolve().parent
   / "data"
@@ -475,7 +476,7 @@ def test_padding_never_changes_valid_outputs(name, perturbed):
   np.testing.assert_allclose(y1[MASK], y0[MASK], rtol=1e-6, atol=1e-6)
   assert np.all(np.isfinite(y1))
   if name == "l4":
-    # Without the mask padding leaks into valid outputs (the reference's E15).
+    # Without the mask padding leaks into valid outputs (the reference's D11).
     y2 = np.asarray(_apply(model, params, *garbage))
     assert np.abs(y2[MASK] - y0[MASK]).max() > 1e-3
 
@@ -731,3 +732,20 @@ def test_layer_norm_matches_two_pass_float64_with_an_offset():
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
   want = (x - mean) / np.sqrt(var + 1e-5)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_eps_on_low_variance_rows():
+  # With variance ~1e-6 the eps (torch's 1e-5) dominates the denominator, so
+  # a different eps shows here and not on unit-variance inputs.
+  from egpt_align.models.bottleneck import layer_norm
+
+  rng = np.random.default_rng(1)
+  x = 1e-3 * rng.standard_normal((3, 64))
+  ln = layer_norm("ln")
+  params = ln.init(jax.random.PRNGKey(0), jnp.zeros((1, 64)))
+  got = np.asarray(ln.apply(params, jnp.asarray(x, jnp.float32)))
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  np.testing.assert_allclose(
+    got, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-3, atol=1e-6
+  )

@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools import torch_adapters as ta  # noqa: E402
 
-# The reference's state-dict listing (REFERENCE.md §F), vendored as test data.
+# The reference's state-dict listing (REFERENCE_NOTES §2), vendored as test
+# data.
 REF_JSON = os.path.join(
   os.path.dirname(__file__), "data", "reference_state_dicts.json"
 )
@@ -26,7 +27,7 @@ REF_KEY = {
   "b1": "L5",
   "l5f": "L5F",
 }
-# Issue 2 / REFERENCE.md §F, at hidden_dim 4096 with reference defaults.
+# Issue 2 / REFERENCE_NOTES §2, at hidden_dim 4096 with reference defaults.
 COUNTS_4096 = {
   "l1": 2_113_537,
   "l2": 6_324_227,
@@ -298,7 +299,7 @@ def test_padding_never_changes_valid_outputs(name):
   noisy = [np.where(mask[..., None], x, 100.0 * x + 3.0) for x in xs]
   a, b = run(model, xs, mask), run(model, noisy, mask)
   np.testing.assert_array_equal(a[mask], b[mask])
-  if name == "l4":  # Unmasked, padding leaks into L4 (E15): can fail.
+  if name == "l4":  # Unmasked, padding leaks into L4 (D11): can fail.
     c, d = run(model, xs), run(model, noisy)
     assert not np.allclose(c[mask], d[mask])
 

@@ -41,7 +41,7 @@ DTYPES = {
 }
 
 VICUNA_TEMPLATE = "USER: {question} ASSISTANT:"
-# The reference extraction prompt (REFERENCE.md B.3 / E9); kept exactly.
+# The reference extraction prompt (REFERENCE_NOTES §4.3 / D6); kept exactly.
 VIDEO_LLAVA_TEMPLATE = "USER: <video>\n{question} ASSISTANT:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 

@@ -16,7 +16,7 @@ in flight (`block_until_ready` on batch k - window before taking batch k;
   device       cache='device' (dataset in accelerator memory, jitted gather)
   h2d          the upload ceiling: device_put of one ready padded batch
                (pageable numpy), repeated
-  reference    the reference loader's approach (REFERENCE.md C.3, P1, P2):
+  reference    the reference loader's approach (REFERENCE_NOTES §5.3, D14, D15):
                fp32 torch.save chunks of 1000 samples padded to 50,
                chunk-order shuffle + in-chunk randperm, per-sample Python
                batch assembly with padding to the batch maximum and a float
@@ -182,7 +182,7 @@ def time_pipeline(pipe, epochs, max_steps, window=2):
 
 
 def reference_loader(path, batch_size, device):
-  """A re-implementation of the reference's chunked loader (C.3, P2)."""
+  """A re-implementation of the reference's chunked loader (§5.3, D15)."""
   import torch
 
   with open(os.path.join(path, "index.json")) as f:
@@ -504,4 +504,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from egpt_align import cli
+
+  cli.run(main)

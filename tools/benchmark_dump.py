@@ -9,7 +9,7 @@ and both methods do the same amount of decoding. Measured in the same run:
   reference       per sample and per model, HF `generate(do_sample=False,
                   output_hidden_states=True, return_dict_in_generate=True)`,
                   keeping the last layer at every step, moved to the CPU as
-                  float32 (REFERENCE.md B.3 / P5);
+                  float32 (REFERENCE_NOTES §4.3 / D16);
   teacher_forced  our dump (tools/dump_hidden_states.run_batch): batched
                   greedy target generation with a KV cache, final post-norm
                   state only, then one batched drafter forward over the
@@ -329,4 +329,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from egpt_align import cli
+
+  sys.exit(cli.run(main))

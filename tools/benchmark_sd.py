@@ -372,7 +372,7 @@ def aggregate(
     mean_total_ms=float(np.mean(tot)),
     mean_tokens=float(np.mean(ntok)),
     ms_per_token=float(np.sum(tot) / max(np.sum(ntok), 1)),
-    # Ratio of mean totals (never the mean of per-sample ratios, E8).
+    # Ratio of mean totals (never the mean of per-sample ratios, D5).
     speedup=_ratio(btot, tot),
     speedup_ci95=bootstrap_ci(_ratio, [btot, tot], n_boot, seed),
     decode_speedup=_ratio(bdec, dec),

@@ -776,4 +776,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from egpt_align import cli
+
+  sys.exit(cli.run(main))

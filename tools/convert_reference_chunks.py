@@ -1,12 +1,12 @@
 r"""Converts the reference's chunked hidden-state dumps into our dataset format.
 
-The reference (REFERENCE.md B.1) writes `SRC/index.json` and
+The reference (REFERENCE_NOTES §4.1) writes `SRC/index.json` and
 `SRC/chunks/chunk_XXXXXX.pt`, each a torch.save dict with `egpt_hidden` and
 `vl_hidden` float32 [n, S, 4096] (zero padded), `seq_lens` [n] and a
 `metadata` list. This streams them, one chunk in memory at a time, into
 DST (source = egpt_hidden, target = vl_hidden, bf16 by default), keeping the
 metadata texts. Rerunning after a crash skips finished chunks and samples.
-A single-file dump (REFERENCE.md B.2, `hidden_states_*.pt`) is accepted as
+A single-file dump (REFERENCE_NOTES §4.2, `hidden_states_*.pt`) is accepted as
 SRC too.
 
 Example:
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from egpt_align.data import DatasetWriter  # noqa: E402
 from egpt_align.data.format import read_header  # noqa: E402
 
-# What the reference extraction does (REFERENCE.md B.3); recorded so live
+# What the reference extraction does (REFERENCE_NOTES §4.3); recorded so live
 # inference can match training.
 REFERENCE_PROVENANCE = {
   "source_model": "EventGPT-7B (Vicuna-7B), NF4, bf16 compute",
@@ -42,7 +42,7 @@ REFERENCE_PROVENANCE = {
   "pairing": (
     "reference: both models generate greedily and independently (max 50 "
     "new tokens); pairs by step index, truncated to the shorter, dropped "
-    "if < 5 (REFERENCE.md E3: prefixes differ after the texts diverge)"
+    "if < 5 (REFERENCE_NOTES D3: prefixes differ after the texts diverge)"
   ),
   "token_ids": "not stored by the reference",
   "converted_from": "reference fp32 chunks (cast to the stored dtype)",
@@ -50,11 +50,28 @@ REFERENCE_PROVENANCE = {
 
 
 def _load(path: str) -> dict:
+  """A reference chunk; an unreadable one is an error naming the file."""
   try:
     # mmap keeps only the pages we touch resident (zipfile-format files).
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  except (RuntimeError, ValueError):
-    return torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise
+  except Exception:  # Legacy (non-zip) files cannot be memory-mapped.
+    pass
+  try:
+    chunk = torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise
+  except Exception as e:
+    raise ValueError(
+      f"{path}: cannot read this reference chunk, it is truncated or "
+      f"corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    ) from e
+  if not isinstance(chunk, dict):
+    raise ValueError(
+      f"{path}: expected a dict of tensors, got {type(chunk).__name__}"
+    )
+  return chunk
 
 
 def list_chunks(src: str) -> tuple[list[dict], dict]:
@@ -165,11 +182,19 @@ def convert(
           )
         source = egpt[i, :length].float().numpy()
         target = vl[i, :length].float().numpy()
-        if skip_nonfinite and not (
-          np.isfinite(source).all() and np.isfinite(target).all()
-        ):
+        bad = [
+          name
+          for name, x in (("egpt_hidden", source), ("vl_hidden", target))
+          if not np.isfinite(x).all()
+        ]
+        if bad and skip_nonfinite:
           counts["nonfinite_skipped"] += 1
           continue
+        if bad:
+          raise ValueError(
+            f"{c['path']}: sample {i} ({sample_id}) has NaN/Inf in "
+            f"{' and '.join(bad)}; pass --skip_nonfinite to skip such samples"
+          )
         m = dict(meta[i]) if isinstance(meta[i], dict) else {"meta": meta[i]}
         m["id"] = sample_id
         m["reference_chunk"] = os.path.basename(c["path"])
@@ -225,4 +250,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from egpt_align import cli
+
+  sys.exit(cli.run(main))

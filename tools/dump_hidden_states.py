@@ -4,7 +4,7 @@ For every sample (question + each model's media) the TARGET generates
 greedily; then the DRAFTER is run over its own prompt plus the target's
 tokens (`--pairing teacher_forced`, the default), so for each generated
 position t both stored states predict token t from the same token context
-(REFERENCE.md E3 fix). Stored per sample:
+(REFERENCE_NOTES D3 fix). Stored per sample:
 
   source         [L, Ds]  drafter states h_d[t] (final, post-norm)
   target         [L, Dt]  target states h_t[t]
@@ -572,4 +572,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from egpt_align import cli
+
+  sys.exit(cli.run(main))

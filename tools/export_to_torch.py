@@ -3,7 +3,10 @@ r"""Exports trained egpt_align adapter params to PyTorch.
 Writes (a) PATH.pt, a checkpoint dict in the reference's format
 (`model_state_dict`, `adapter_type`, a plain-dict `config`, `epoch`, `metrics`)
 that loads with `torch.load(..., weights_only=True)` (L1 included: its config
-is a plain dict here, not the reference's pickled dataclass), plus our own keys
+is a plain dict here, not the reference's pickled dataclass; the reference's
+own loader reads L1's config as attributes, so for it export L1 with
+`--reference_l1_config`, which then loads only with weights_only=False, like
+the reference's own L1 files), plus our own keys
 `egpt_align_adapter`, `egpt_align_config` and `vlm_only`; and (b)
 PATH.safetensors + PATH.config.json.
 
@@ -21,9 +24,11 @@ with its config beside it as NAME.config.json (picked up automatically).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -84,9 +89,21 @@ def export(
   epoch: int = 0,
   step: int | None = None,
   metrics: Mapping[str, float] | None = None,
+  reference_l1_config: bool = False,
 ) -> list[Path]:
-  """Writes the torch export of `params`; returns the files written."""
+  """Writes the torch export of `params`; returns the files written.
+
+  `reference_l1_config` (L1 only): store `config` as the reference's pickled
+  HiddenAdapterConfig instead of a plain dict, so the reference's own
+  loader (which reads `config.num_layers` etc. as attributes) accepts it;
+  loading it then needs `torch.load(..., weights_only=False)`, as the
+  reference's own L1 files do.
+  """
   name = ta.check_name(name)
+  if reference_l1_config and name != "l1":
+    raise ValueError(
+      f"--reference_l1_config applies to l1 exports only, not {name!r}"
+    )
   if fmt not in ("pt", "safetensors", "both"):
     raise ValueError(f"--format must be pt, safetensors or both, not {fmt!r}.")
   model_config = dict(model_config or {})
@@ -108,7 +125,11 @@ def export(
     ckpt = {
       "model_state_dict": state_dict,
       "adapter_type": ta.REF_TYPES[name],
-      "config": ref_config,
+      "config": (
+        reference_l1_config_object(ref_config)
+        if reference_l1_config
+        else ref_config
+      ),
       "epoch": int(epoch),
       "egpt_align_adapter": name,
       "egpt_align_config": ours,
@@ -118,7 +139,8 @@ def export(
       ckpt["egpt_align_step"] = int(step)
     if metrics:
       ckpt["metrics"] = metrics
-    _atomic(paths["pt"], lambda f: torch.save(ckpt, f))
+    with _reference_module_importable():
+      _atomic(paths["pt"], lambda f: torch.save(ckpt, f))
     written.append(paths["pt"])
   if fmt in ("safetensors", "both"):
     from safetensors.torch import save_file
@@ -147,6 +169,58 @@ def export(
     _atomic(paths["config"], lambda f: f.write(text.encode()))
     written += [paths["safetensors"], paths["config"]]
   return written
+
+
+# Where the reference's L1 config class lives: its trainer imports it from
+# here, so its L1 checkpoints pickle it under this name (REFERENCE_NOTES
+# §5.4).
+REFERENCE_L1_MODULE = "feasible.feature_alignment.hidden_adapter"
+REFERENCE_L1_CLASS = "HiddenAdapterConfig"
+
+
+class _ReferenceL1Config(ta.HiddenAdapterConfig):
+  """ta.HiddenAdapterConfig, pickled as the reference's class."""
+
+
+_ReferenceL1Config.__module__ = REFERENCE_L1_MODULE
+_ReferenceL1Config.__qualname__ = REFERENCE_L1_CLASS
+_ReferenceL1Config.__name__ = REFERENCE_L1_CLASS
+
+
+def reference_l1_config_object(config: Mapping[str, Any]):
+  """The L1 `config` as an instance pickled under the reference's name."""
+  return _ReferenceL1Config(**config)
+
+
+@contextlib.contextmanager
+def _reference_module_importable():
+  """Makes REFERENCE_L1_MODULE resolve while torch.save pickles.
+
+  pickle writes a class as (module, name) and checks that importing them
+  gives the class back. Where the reference's package is not installed (the
+  usual case), stand-in modules hold our class for the duration of the save.
+  """
+  if REFERENCE_L1_MODULE in sys.modules:
+    module = sys.modules[REFERENCE_L1_MODULE]
+    if getattr(module, REFERENCE_L1_CLASS, None) is _ReferenceL1Config:
+      yield
+      return
+  parts = REFERENCE_L1_MODULE.split(".")
+  names = [".".join(parts[: i + 1]) for i in range(len(parts))]
+  saved = {n: sys.modules.get(n) for n in names}
+  try:
+    for n in names:
+      sys.modules[n] = types.ModuleType(n)
+    setattr(
+      sys.modules[REFERENCE_L1_MODULE], REFERENCE_L1_CLASS, _ReferenceL1Config
+    )
+    yield
+  finally:
+    for n, module in saved.items():
+      if module is None:
+        sys.modules.pop(n, None)
+      else:
+        sys.modules[n] = module
 
 
 def _atomic(path: Path, write) -> None:
@@ -234,6 +308,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--format", default="both", choices=("pt", "safetensors", "both")
   )
   parser.add_argument(
+    "--reference_l1_config",
+    action="store_true",
+    help="L1 only: store `config` as the reference's pickled "
+    "HiddenAdapterConfig (module feasible.feature_alignment.hidden_adapter) "
+    "so the reference's load_any_adapter accepts the file; loading then "
+    "needs torch.load(weights_only=False), as the reference's own L1 files "
+    "do. Default: a plain dict that loads with weights_only=True.",
+  )
+  parser.add_argument(
     "--epoch",
     type=int,
     help="stored as epoch (default: the run's completed epochs, else 0)",
@@ -299,6 +382,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     epoch=args.epoch or 0,
     step=step,
     metrics=metrics,
+    reference_l1_config=args.reference_l1_config,
   )
   for path in written:
     print(f"wrote {path}")
@@ -306,4 +390,6 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-  main()
+  from egpt_align import cli
+
+  cli.run(main)

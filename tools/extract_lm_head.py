@@ -2,6 +2,8 @@ r"""Extract a target model's LM head for offline token metrics.
 
   python tools/extract_lm_head.py --model LanguageBind/Video-LLaVA-7B-hf \
       --out data/vl_lm_head [--dtype float32|float16]
+  python tools/extract_lm_head.py --spec tests.toy_plugin:make_backend:0 \
+      --out /tmp/toy_lm_head
 
 Writes OUT.npy (the weight [V, D]) and OUT.json (egpt_align.lm_head format:
 vocab_size, hidden_dim, model_id, dtype, states_post_norm). Works for any HF
@@ -137,12 +139,42 @@ def extract(
   return npy, js, info
 
 
+def extract_from_spec(
+  spec: str, out: str, *, dtype: str = "float32"
+) -> tuple[str, str, dict]:
+  """The LM head of a backend spec (as dump_hidden_states takes), no check.
+
+  A backend's `forward` returns the states the dump stores, which its
+  contract makes the input of this head (docs/PLUGINS.md), so
+  states_post_norm is true by construction.
+  """
+  from tools import backends
+
+  backend = backends.load_backend(spec, device="cpu", dtype="float32")
+  weight = backend.lm_head_weight().detach().float().cpu().numpy()
+  npy, js = save_lm_head(
+    out, weight, model_id=spec, states_post_norm=True, dtype=dtype
+  )
+  info = {
+    "vocab_size": weight.shape[0],
+    "hidden_dim": weight.shape[1],
+    "states_post_norm": True,
+    "model_class": type(backend).__name__,
+  }
+  return npy, js, info
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument(
-    "--model", required=True, help="HF model id or local checkpoint dir."
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--model", help="HF model id or local checkpoint dir.")
+  source.add_argument(
+    "--spec",
+    help="a model spec as tools/dump_hidden_states.py takes it "
+    "(causal_lm:PATH, video_llava:PATH or a plugin module:factory[:ARG]), "
+    "e.g. tests.toy_plugin:make_backend:0",
   )
   parser.add_argument(
     "--out",
@@ -165,16 +197,19 @@ def main(argv=None) -> int:
   parser.add_argument("--trust_remote_code", action="store_true")
   args = parser.parse_args(argv)
   try:
-    npy, js, info = extract(
-      args.model,
-      args.out,
-      dtype=args.dtype,
-      check=not args.no_check,
-      trust_remote_code=args.trust_remote_code,
-    )
-  except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    if args.spec:
+      npy, js, info = extract_from_spec(args.spec, args.out, dtype=args.dtype)
+    else:
+      npy, js, info = extract(
+        args.model,
+        args.out,
+        dtype=args.dtype,
+        check=not args.no_check,
+        trust_remote_code=args.trust_remote_code,
+      )
+  except (OSError, ValueError) as e:  # HF raises bare OSError for bad ids.
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
   print(
     f"{info['model_class']}: LM head [{info['vocab_size']}, "
     f"{info['hidden_dim']}] -> {npy} ({args.dtype}), {js}; "
@@ -184,4 +219,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from egpt_align import cli
+
+  sys.exit(cli.run(main))

@@ -345,4 +345,6 @@ def main(argv=None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-  main()
+  from egpt_align import cli
+
+  cli.run(main)

@@ -1,7 +1,7 @@
 """PyTorch twins of the egpt_align adapters and the Flax <-> torch bridge.
 
 The twins have the reference's state-dict key names, shapes, order and
-initialisation (REFERENCE.md §A.2, §F), and compute the reference formulas with
+initialisation (REFERENCE_NOTES §2), and compute the reference formulas with
 the padding mask used everywhere (L4/L5/L5F as key-padding mask; L5/L5F also
 causal), so they match the Flax modules in `egpt_align.models`.
 

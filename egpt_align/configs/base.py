@@ -17,7 +17,7 @@ from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """The reference recipe (REFERENCE.md §C) with every key declared."""
+  """The reference recipe (REFERENCE_NOTES §5) with every key declared."""
   config = ml_collections.ConfigDict()
 
   config.seed = 0  # init, dropout, data order and the val hold-out

@@ -4,14 +4,28 @@
 `__getitem__` (the RandomAccessDataSource protocol) returning one record as
 a dict of numpy arrays; `__getitems__` serves batched reads. This class
 reads our own files (no conversion, no TensorFlow), so TFDS/grain pipelines
-can consume the same directory the InputPipeline does.
+can consume the same directory the InputPipeline does. TFDS itself is
+optional (`pip install -e ".[tfds]"`): the protocol is checked structurally
+without it, and against TFDS's own protocol class where it is installed.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, SupportsIndex, runtime_checkable
 
 import numpy as np
 
 from egpt_align.data.reader import HiddenStateDataset, open_dataset
+
+
+@runtime_checkable
+class RandomAccessDataSource(Protocol):
+  """TFDS's DataSource protocol (tfds.core.data_sources.base), restated."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, key: SupportsIndex) -> Any: ...
+
+  def __getitems__(self, keys: Iterable[int]) -> Any: ...
 
 
 class HiddenStateDataSource:
@@ -79,8 +93,15 @@ def data_source(path: str, **kwargs) -> HiddenStateDataSource:
 
 
 def is_tfds_data_source(source) -> bool:
-  """isinstance check against TFDS's runtime DataSource protocol (no TF)."""
-  # Imported lazily: TFDS is optional for everything else in egpt_align.
-  from tensorflow_datasets.core.data_sources import base
+  """Whether `source` satisfies TFDS's random-access DataSource protocol.
 
+  Structural (RandomAccessDataSource) always; where TFDS is installed, also
+  isinstance against its own runtime protocol (which imports no TensorFlow).
+  """
+  if not isinstance(source, RandomAccessDataSource):
+    return False
+  try:
+    from tensorflow_datasets.core.data_sources import base
+  except ImportError:  # TFDS is the optional [tfds] extra.
+    return True
   return isinstance(source, base.DataSource)

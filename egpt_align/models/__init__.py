@@ -1,7 +1,7 @@
 """The adapter family and its registry: create_adapter(name, **overrides).
 
 Names: l1 l2 l3 l4 l5 b1 l5f. Defaults are those of the reference's
-`create_adapter(level, hidden_dim=4096)` (REFERENCE.md §A.2, §F).
+`create_adapter(level, hidden_dim=4096)` (REFERENCE_NOTES §2).
 """
 
 import dataclasses

@@ -1,10 +1,10 @@
 """Attention adapters L4, L5 (also B1) and L5F, with KV-cached decoding.
 
 Formulas, defaults and initialisations follow the PyTorch reference
-(REFERENCE.md §A.2): pre-LN blocks with `nn.MultiheadAttention` semantics
+(REFERENCE_NOTES §2): pre-LN blocks with `nn.MultiheadAttention` semantics
 (fused q|k|v in-projection, scaled dot product, attention-probability
 dropout) and an erf-GELU FFN; `aligned = h + alpha * (out - h)` with an
-identity-initialised output projection. Two deliberate fixes (E15): the
+identity-initialised output projection. Two deliberate fixes (D11): the
 [B, S] padding mask is applied as a key mask whenever it is given, and padded
 query rows never produce NaNs.
 
@@ -267,7 +267,7 @@ class AttentionAdapter(nn.Module):
     (h,), mask = check_inputs(
       type(self).__name__, (x_BSD,), ("source",), self.hidden_dim, mask
     )
-    # Non-causal, as in the reference; padding is a key mask (fixes E15).
+    # Non-causal, as in the reference; padding is a key mask (fixes D11).
     mask_BQK = None if mask is None else mask[:, None, :]
     x, _ = _run_layers(self, h, mask_BQK, deterministic, None, None)
     out = _output_head(self, x)

@@ -1,7 +1,7 @@
 """Bottleneck adapters L1, L2 and L3, plus the shared init/dtype helpers.
 
 Every default, initialisation and formula follows the PyTorch reference
-(`hidden_adapter.py`, REFERENCE.md §A.2): erf GELU, LayerNorm eps 1e-5,
+(`hidden_adapter.py`, REFERENCE_NOTES §2): erf GELU, LayerNorm eps 1e-5,
 zero-initialised up projections and learnable residual scales at 0.1.
 Parameters are float32; matmuls run in the module's compute `dtype`;
 LayerNorm, residual and alpha math stay in float32; outputs are float32.
