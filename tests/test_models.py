@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from egpt_align import models
-from egpt_align.models import ADAPTERS, count_params, create_adapter
+from egpt_align.models import (
+  ADAPTERS,
+  count_params,
+  create_adapter,
+  from_ref_type,
+)
 
 # The reference's state-dict listing (REFERENCE_NOTES §2), vendored as test
 # data.
@@ -91,9 +96,19 @@ def perturbed():
 
 def test_registry_specs():
   assert list(ADAPTERS) == ["l1", "l2", "l3", "l4", "l5", "b1", "l5f"]
-  assert ADAPTERS["l1"].ref_type is None
+  assert ADAPTERS["l1"].ref_type == "L1_Bottleneck"
   assert ADAPTERS["b1"].ref_type == ADAPTERS["l5"].ref_type == "L5_EAGLE"
   assert ADAPTERS["l5f"].ref_level == 6
+  assert [n for n, s in ADAPTERS.items() if s.role == "decode"] == [
+    "l5",
+    "b1",
+    "l5f",
+  ]
+  assert from_ref_type(None) == ("l1",)
+  assert from_ref_type("L5_EAGLE") == ("l5", "b1")
+  assert from_ref_type("nope") == ()
+  model = ADAPTERS["l1"].from_config({"name": "l1", "hidden_dim": 32})
+  assert model.hidden_dim == 32
   assert ADAPTERS["b1"].inputs == ("target",)
   assert ADAPTERS["l5f"].inputs == ("source", "target")
   assert [n for n, s in ADAPTERS.items() if s.predicts_next] == [

@@ -5,6 +5,7 @@ Names: l1 l2 l3 l4 l5 b1 l5f. Defaults are those of the reference's
 """
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -29,56 +30,92 @@ from egpt_align.models.bottleneck import (
 
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
-  """What the trainer, evaluator and torch bridge need to know per adapter."""
+  """What the trainer, evaluator and torch side need to know per adapter."""
 
   name: str  # Registry key, e.g. 'l5f'.
   module: type[nn.Module]
-  ref_type: str | None  # Reference checkpoint `adapter_type`; None for L1.
+  # The reference checkpoint's `adapter_type`. The reference writes none for
+  # L1 and its loader falls back to 'L1_Bottleneck'; we write that string.
+  ref_type: str
   ref_level: int  # Reference --adapter_level (L5F = 6, B1 = 5).
   inputs: tuple[str, ...]  # Batch fields fed positionally to the module.
   predicts_next: bool  # output[t] also/only predicts target[t+1].
   causal: bool
+  # Where it drafts in speculative decoding: 'prefill' (maps the drafter's
+  # states while the target prefills: L1-L4) or 'decode' (drafts from its own
+  # KV cache after the target's prefill: L5, B1, L5F).
+  role: str
+
+  def from_config(self, model_config: Mapping[str, Any]) -> nn.Module:
+    """The module from a `config.model` block (its set keys but `name`)."""
+    overrides = {k: v for k, v in dict(model_config).items() if k != "name"}
+    return create_adapter(self.name, **overrides)
+
+
+def _spec(name, module, ref_type, ref_level, inputs, predicts_next, role):
+  return AdapterSpec(
+    name=name,
+    module=module,
+    ref_type=ref_type,
+    ref_level=ref_level,
+    inputs=inputs,
+    predicts_next=predicts_next,
+    causal=predicts_next,
+    role=role,
+  )
 
 
 ADAPTERS: dict[str, AdapterSpec] = {
   s.name: s
   for s in (
-    AdapterSpec("l1", BottleneckAdapter, None, 1, ("source",), False, False),
-    AdapterSpec(
+    _spec(
+      "l1", BottleneckAdapter, "L1_Bottleneck", 1, ("source",), False, "prefill"
+    ),
+    _spec(
       "l2",
       MultiLayerBottleneckAdapter,
       "L2_MultiLayerBottleneck",
       2,
       ("source",),
       False,
-      False,
+      "prefill",
     ),
-    AdapterSpec(
+    _spec(
       "l3",
       WideBottleneckAdapter,
       "L3_WideBottleneck",
       3,
       ("source",),
       False,
-      False,
+      "prefill",
     ),
-    AdapterSpec(
-      "l4", AttentionAdapter, "L4_Attention", 4, ("source",), False, False
+    _spec(
+      "l4", AttentionAdapter, "L4_Attention", 4, ("source",), False, "prefill"
     ),
-    AdapterSpec("l5", EagleAdapter, "L5_EAGLE", 5, ("source",), True, True),
+    _spec("l5", EagleAdapter, "L5_EAGLE", 5, ("source",), True, "decode"),
     # B1 is L5 trained target -> target (the reference's --vlm_only).
-    AdapterSpec("b1", EagleAdapter, "L5_EAGLE", 5, ("target",), True, True),
-    AdapterSpec(
+    _spec("b1", EagleAdapter, "L5_EAGLE", 5, ("target",), True, "decode"),
+    _spec(
       "l5f",
       FusedEagleAdapter,
       "L5F_FusedEAGLE",
       6,
       ("source", "target"),
       True,
-      True,
+      "decode",
     ),
   )
 }
+
+
+def from_ref_type(ref_type: str | None) -> tuple[str, ...]:
+  """Registry names whose reference `adapter_type` is `ref_type`.
+
+  None (the reference's L1 files carry no type) means L1; 'L5_EAGLE' is both
+  L5 and B1 (the reference's --vlm_only is not recorded in the file).
+  """
+  ref_type = "L1_Bottleneck" if ref_type is None else ref_type
+  return tuple(s.name for s in ADAPTERS.values() if s.ref_type == ref_type)
 
 
 def get_spec(name: str) -> AdapterSpec:
@@ -150,5 +187,6 @@ __all__ = [
   "adapter_inputs",
   "count_params",
   "create_adapter",
+  "from_ref_type",
   "get_spec",
 ]
