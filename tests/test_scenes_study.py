@@ -148,13 +148,14 @@ def test_stages_and_groups_parse_in_order_and_refuse_unknown_names():
     rp.parse_stages("dump,trian")
 
 
-def test_pack_parts_respect_the_size_and_unpack_restores(tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_pack_parts_respect_the_size_and_unpack_restores(tmp_path, dtype):
+  import torch
+
   src = tmp_path / "study"
-  (src / "exports").mkdir(parents=True)
-  (src / "bench" / "gpus1").mkdir(parents=True)
   rng = np.random.default_rng(0)
   blobs = {
-    "exports/l1.pt": rng.bytes(300_000),
+    "eval/l1/metrics.json": rng.bytes(300_000),
     "bench/gpus1/results.json": b'{"a": 1}',
     "study.json": json.dumps({"stages": {}}).encode(),
     "data/train/shard0.bin": rng.bytes(1000),  # large data stays behind
@@ -162,7 +163,15 @@ def test_pack_parts_respect_the_size_and_unpack_restores(tmp_path):
   for rel, b in blobs.items():
     (src / rel).parent.mkdir(parents=True, exist_ok=True)
     (src / rel).write_bytes(b)
-  args = rp.build_parser().parse_args(["--out", str(src), "--pair", "X"])
+  weight = torch.randn(64, 64)
+  (src / "exports").mkdir()
+  torch.save(
+    {"model_state_dict": {"w": weight, "n": torch.tensor(3)}, "epoch": 1},
+    src / "exports" / "l1.pt",
+  )
+  args = rp.build_parser().parse_args(
+    ["--out", str(src), "--pair", "X", "--pack_dtype", dtype]
+  )
   parts = rp.pack(rp.Study(str(src), args), str(tmp_path / "parts"), 0.1)
   assert len(parts) >= 3
   assert all(os.path.getsize(p) <= 0.1 * 2**20 for p in parts)
@@ -173,6 +182,11 @@ def test_pack_parts_respect_the_size_and_unpack_restores(tmp_path):
       assert not (dst / rel).exists()
     else:
       assert (dst / rel).read_bytes() == b
+  ckpt = torch.load(dst / "exports" / "l1.pt", weights_only=True)
+  w = ckpt["model_state_dict"]["w"]
+  assert w.dtype == getattr(torch, dtype)
+  assert torch.equal(w.float(), weight.to(getattr(torch, dtype)).float())
+  assert ckpt["model_state_dict"]["n"].item() == 3 and ckpt["epoch"] == 1
   os.remove(parts[1])
   with pytest.raises(rp.StudyError, match="do not form a tar"):
     rp.unpack(str(tmp_path / "parts"), str(tmp_path / "copy2"))

@@ -25,11 +25,25 @@ Groups: A = pair..bench1 + results (one GPU); B = bench1, bench2, results
 (two GPUs, from the unpacked outputs of A: pass --redo bench1 to measure the
 one-GPU case on the same machine); all = every stage.
 
---pack DIR writes the small outputs (study.json, LM head, exports, eval and
-benchmark JSON/reports, results, and the pair when it lives in DIR/pair) as a
-tar stream cut into parts <= --part_mib MiB (DIR/study.tar.partNN);
+--pack DIR writes the small outputs (study.json, LM head, exports (float16
+weights unless --pack_dtype float32), eval and benchmark JSON/reports,
+results, and the pair when it lives in DIR/pair) as a tar stream cut into
+parts <= --part_mib MiB (DIR/study.tar.partNN);
 --unpack DIR restores them into --out before the stages run. Datasets and
 training runs stay behind (they are large and no later stage needs them).
+
+On the device (the machine forgets everything between calls; a call's
+files back are few and small), with the pair carried in PAIR:
+  one GPU:  timeout -s INT 580 python -m tools.scenes.reproduce --out /tmp/s \
+              --pair PAIR --stages A --pack $OUT
+  two GPUs: timeout -s INT 580 python -m tools.scenes.reproduce --out /tmp/s \
+              --pair PAIR --unpack PARTS --stages B --redo bench1 --pack $OUT
+  here:     python -m tools.scenes.reproduce --out DIR --pair PAIR \
+              --unpack PARTS --stages results
+            python -m tools.scenes.results --study DIR --pair PAIR --out docs
+(SIGINT from `timeout` still packs what finished; a benchmark stage that
+--time_limit_s leaves no room for is skipped with a message, and the next
+call with the same flags resumes there.)
 
 JAX runs in this process (train, evaluate, export) with preallocation off, so
 the torch stages (subprocesses) share the GPU. The budget flags' defaults are
@@ -612,7 +626,7 @@ def _has_cuda() -> bool:
 def stage_results(study: Study) -> dict:
   from tools.scenes import results
 
-  paths = results.write(study.out, study.p("report"))
+  paths = results.write(study.out, study.p("report"), study.pair)
   return {"files": [os.path.relpath(p, study.out) for p in paths]}
 
 
@@ -660,12 +674,42 @@ def pack_files(study: Study) -> list[str]:
   return sorted(files)
 
 
+def _is_export(rel: str) -> bool:
+  return rel.startswith("exports" + os.sep) and rel.endswith(".pt")
+
+
+def _half_export(path: str) -> bytes:
+  """An exported adapter with its float weights stored as float16.
+
+  The benchmark casts adapters to its --adapter_dtype (float16 on GPU by
+  default) when it loads them, so on a GPU nothing changes; the file halves.
+  """
+  import torch
+
+  ckpt = torch.load(path, map_location="cpu", weights_only=True)
+  ckpt["model_state_dict"] = {
+    k: v.half() if v.is_floating_point() else v
+    for k, v in ckpt["model_state_dict"].items()
+  }
+  ckpt["egpt_align_packed_dtype"] = "float16"
+  buf = io.BytesIO()
+  torch.save(ckpt, buf)
+  return buf.getvalue()
+
+
 def pack(study: Study, dest: str, part_mib: float) -> list[str]:
   """Writes DEST/study.tar.partNN (each <= part_mib MiB)."""
   buf = io.BytesIO()
   with tarfile.open(fileobj=buf, mode="w") as tar:
     for rel in pack_files(study):
-      tar.add(study.p(rel), arcname=rel)
+      if study.args.pack_dtype == "float16" and _is_export(rel):
+        blob = _half_export(study.p(rel))
+        info = tarfile.TarInfo(rel)
+        info.size = len(blob)
+        info.mtime = int(os.path.getmtime(study.p(rel)))
+        tar.addfile(info, io.BytesIO(blob))
+      else:
+        tar.add(study.p(rel), arcname=rel)
   data = buf.getvalue()
   size = int(part_mib * 2**20)
   os.makedirs(dest, exist_ok=True)
@@ -807,6 +851,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--unpack", default=None, help="restore packed parts first")
   p.add_argument("--pack", default=None, help="write packed parts here")
   p.add_argument("--part_mib", type=float, default=15.0, help="part size")
+  p.add_argument(
+    "--pack_dtype",
+    default="float16",
+    choices=("float16", "float32"),
+    help="exported adapters' weights in the pack (float16 halves them)",
+  )
   b = p.add_argument_group("budget")
   b.add_argument("--train_scenes", type=int, default=800, help="x4 samples")
   b.add_argument("--val_scenes", type=int, default=50, help="x4 samples")

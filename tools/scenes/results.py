@@ -1,6 +1,6 @@
 r"""Writes RESULTS.md, its plots and the JSON it is generated from.
 
-  python -m tools.scenes.results --study DIR --out docs
+  python -m tools.scenes.results --study DIR --out docs [--pair PAIR]
 
 DIR is a study directory of `python -m tools.scenes.reproduce` (study.json,
 eval/ADAPTER/{metrics,accept_ci}.json, exports/, bench/gpusN/results.json).
@@ -175,12 +175,15 @@ def live_entry(bench: dict) -> dict:
   return out
 
 
-def collect(study_dir: str) -> dict:
-  """results.json: everything RESULTS.md and the plots state."""
+def collect(study_dir: str, pair_dir: str | None = None) -> dict:
+  """results.json: everything RESULTS.md and the plots state.
+
+  `pair_dir`: the pair (default: the one the study recorded)."""
   study = _load(os.path.join(study_dir, rp.STUDY_FILE))
   stages = study["stages"]
-  pair_dir = stages.get("pair", {}).get("pair") or "pair"
-  pair_dir = os.path.join(study_dir, pair_dir)
+  if pair_dir is None:
+    pair_dir = stages.get("pair", {}).get("pair") or "pair"
+    pair_dir = os.path.join(study_dir, pair_dir)
   pair = None
   if os.path.isfile(os.path.join(pair_dir, "pair.json")):
     pair = _load(os.path.join(pair_dir, "pair.json"))
@@ -708,7 +711,7 @@ def render(data: dict, plots: list[str]) -> str:
     "--pack PARTS          # one GPU",
     "python -m tools.scenes.reproduce --out DIR [--pair PAIR] --unpack "
     "PARTS --stages B --redo bench1   # two GPUs",
-    "python -m tools.scenes.results --study DIR --out docs",
+    "python -m tools.scenes.results --study DIR --out docs [--pair PAIR]",
     "```",
     "",
   ]
@@ -857,9 +860,11 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
 # Entry points.
 
 
-def write(study_dir: str, out_dir: str) -> list[str]:
+def write(
+  study_dir: str, out_dir: str, pair_dir: str | None = None
+) -> list[str]:
   """OUT/RESULTS.md, OUT/results/results.json and OUT/results/*.png."""
-  data = collect(study_dir)
+  data = collect(study_dir, pair_dir)
   sub = os.path.join(out_dir, "results")
   os.makedirs(sub, exist_ok=True)
   path_json = os.path.join(sub, "results.json")
@@ -898,9 +903,12 @@ def main(argv=None) -> int:
   )
   p.add_argument("--study", required=True, help="reproduce's --out directory")
   p.add_argument("--out", required=True, help="where RESULTS.md goes")
+  p.add_argument(
+    "--pair", default=None, help="pair directory (default: the study's)"
+  )
   args = p.parse_args(argv)
   try:
-    paths = write(args.study, args.out)
+    paths = write(args.study, args.out, args.pair)
   except (ResultsError, KeyError) as e:
     print(
       f"error: {args.study}: incomplete study output ({e})", file=sys.stderr
