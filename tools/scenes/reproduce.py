@@ -393,7 +393,13 @@ def stage_train(study: Study) -> dict:
       f"{done[name]['seconds']} s"
     )
   study.state["stages"].pop("train_partial", None)
-  return {"adapters": done}
+  import jax
+
+  dev = jax.devices()[0]
+  return {
+    "adapters": done,
+    "device": f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev)}",
+  }
 
 
 def ratio_ci(num, den, *, resamples: int, seed: int, level=0.95):

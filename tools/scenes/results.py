@@ -198,6 +198,7 @@ def collect(study_dir: str, pair_dir: str | None = None) -> dict:
       },
       "settings": {k: v.get("settings") for k, v in stages.items()},
       "dump": stages.get("dump"),
+      "train_device": stages.get("train", {}).get("device"),
     },
     "pair": None
     if pair is None
@@ -619,6 +620,21 @@ def live_tables(data: dict) -> list[str]:
   return lines
 
 
+def _pair_accuracy(r: dict) -> str:
+  """make_pair's held-out fact accuracy per question type, one line."""
+  if not r.get("target"):
+    return ""
+  return (
+    "Held-out answers stating exactly the true facts (make_pair, "
+    f"{r.get('eval_scenes_per_qtype')} test scenes per type): "
+    + ", ".join(
+      f"{q} target {_pct(r['target'][q])} / drafter {_pct(r['drafter'].get(q))}"
+      for q in r["target"]
+    )
+    + "."
+  )
+
+
 def render(data: dict, plots: list[str]) -> str:
   pair = data["pair"] or {}
   preset = pair.get("preset") or {}
@@ -637,6 +653,7 @@ def render(data: dict, plots: list[str]) -> str:
     f"Preset `{preset.get('name')}`: hidden {preset.get('hidden')}, target "
     f"{preset.get('target_layers')} layers, drafter "
     f"{preset.get('drafter_layers')} layers (tools/scenes/models.py).",
+    _pair_accuracy(pair.get("results") or {}),
     f"The target on the test answers: mean next-token entropy "
     f"{_num(t.get('mean_entropy_nats'))} nats, mean top-1 probability "
     f"{_pct(t.get('mean_top1_prob'))} over {t.get('positions')} positions "
@@ -727,7 +744,9 @@ def render(data: dict, plots: list[str]) -> str:
   )
   lines += [
     "",
-    f"Devices: {', '.join(devices) or '–'}. Versions: "
+    f"Adapters trained and evaluated on "
+    f"{data['study'].get('train_device') or '–'}. Live: "
+    f"{', '.join(devices) or '–'}. Versions: "
     + ", ".join(f"{k} {val}" for k, val in v.items() if val)
     + ". Stage times (s): "
     + ", ".join(
