@@ -148,6 +148,15 @@ def test_stages_and_groups_parse_in_order_and_refuse_unknown_names():
     rp.parse_stages("dump,trian")
 
 
+def test_stages_without_a_pair_stop_with_one_line(tmp_path, capsys):
+  assert rp.main(["--out", str(tmp_path / "s"), "--stages", "lm_head"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0
+  assert "pair.json: missing; run the pair stage or pass --pair" in err
+  assert rp.main(["--out", str(tmp_path / "s"), "--pair", "/nope"]) == 2
+  assert "--pair /nope: not a directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_pack_parts_respect_the_size_and_unpack_restores(tmp_path, dtype):
   import torch

@@ -311,7 +311,12 @@ def stage_dump(study: Study) -> dict:
     ] + _torch_device_args(args)
     if args.dtype:
       cmd += ["--dtype", args.dtype]
-    _run(cmd, f"dump of the {split} split")
+    # Exit status 1: some samples failed; nothing is skipped silently.
+    _run(
+      cmd,
+      f"dump of the {split} split (failed samples, if any, are listed in "
+      f"{os.path.join(out, 'failures.jsonl')}; rerun to retry them)",
+    )
     with open(os.path.join(out, "header.json")) as f:
       header = json.load(f)
     info["splits"][split] = {
@@ -941,6 +946,8 @@ def run(args) -> int:
     if study.done(stage):
       print(f"{stage}: --redo, forgetting the earlier run")
       study.forget(stage)
+  if "pair" not in stages and set(stages) - {"results"}:
+    study.pair_info()  # A clear error before any stage runs.
   timings = {}
   try:
     for stage in stages:
