@@ -341,6 +341,9 @@ def test_results_md_has_every_section(study):
     assert c in text
   assert "mean next-token entropy" in text and "Versions:" in text
   assert "Held-out answers stating exactly the true facts" in text
+  if _runtimes_flag():
+    assert "### two GPUs, fast runtime" in text
+    assert "Fast path per model: target: " in text
   assert "Adapters trained and evaluated on " in text and " x cpu. " in text
   for png in ("accept.png", "token_top1.png", "speedup.png"):
     assert os.path.isfile(os.path.join(study["out"], "report", "results", png))

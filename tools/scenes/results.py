@@ -123,6 +123,7 @@ def live_entry(bench: dict) -> dict:
     "warmup": cfg.get("warmup"),
     "runtimes": runtimes,
     "environment": bench["environment"],
+    "fast_path": bench.get("fast_path"),
     "by_runtime": {},
   }
   for rt in runtimes:
@@ -580,7 +581,14 @@ def live_tables(data: dict) -> list[str]:
         f"γ = {live['gamma']}; max_new_tokens {live['max_new_tokens']}; "
         f"{live['num_measured']} test samples after {live['warmup']} warm-up; "
         f"target decode {_num(block['target_decode_ms'], 3)} ms/token, "
-        f"prefill {_num(block['target_prefill_ms'], 2)} ms.",
+        f"prefill {_num(block['target_prefill_ms'], 2)} ms."
+        + (
+          " Fast path per model: "
+          + "; ".join(f"{k}: {v}" for k, v in live["fast_path"].items())
+          + "."
+          if rt == "fast" and live.get("fast_path")
+          else ""
+        ),
         "",
         "| method | α | τ | c | v | prefill overlap ms | accepted in "
         "prefill / sample | speedup | "
