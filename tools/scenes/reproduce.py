@@ -674,6 +674,8 @@ def pack_files(study: Study) -> list[str]:
     "report/*",
     "report/*/*",
     "data/*/header.json",
+    "runs/*/*.json",  # config, history (not the checkpoints)
+    "runs/*/*.jsonl",
   ]
   if not study.args.pair:
     pats.append("pair/**")
