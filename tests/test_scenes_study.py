@@ -340,7 +340,7 @@ def test_results_md_has_every_section(study):
   ):
     assert c in text
   assert "mean next-token entropy" in text and "Versions:" in text
-  assert "Held-out answers stating exactly the true facts" in text
+  assert "Held-out fact accuracy from make_pair" in text
   if _runtimes_flag():
     assert "### two GPUs, fast runtime" in text
     assert "Fast path per model: target: " in text

@@ -633,8 +633,10 @@ def _pair_accuracy(r: dict) -> str:
   if not r.get("target"):
     return ""
   return (
-    "Held-out answers stating exactly the true facts (make_pair, "
-    f"{r.get('eval_scenes_per_qtype')} test scenes per type): "
+    "Held-out fact accuracy from make_pair (share of "
+    f"{r.get('eval_scenes_per_qtype')} test scenes per question type whose "
+    "greedy answer states exactly the true facts; `type/part` entries are "
+    "partial scores): "
     + ", ".join(
       f"{q} target {_pct(r['target'][q])} / drafter {_pct(r['drafter'].get(q))}"
       for q in r["target"]
