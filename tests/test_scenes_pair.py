@@ -129,6 +129,28 @@ def test_drafter_is_fed_events_at_its_event_tokens(backends, split):
     draft.prompt_inputs({"id": "x", "question": "q", "media": {}})
 
 
+def test_drafter_static_decoder_continues_its_prefill(backends, split):
+  """The fast runtime's static-cache steps of the drafter continue its
+  event-spliced prefill exactly as the plugin's own forward does."""
+  _, draft = backends
+  sample, _ = _sample(split, "draft")
+  x = draft.prompt_inputs(sample)
+  with torch.inference_mode():
+    lm = draft.static_decoder(256, lengths=(1, 3))
+    _, _, cache = draft.forward(x, logits_to_keep=1)
+    pos = bk.cache_length(cache)
+    lm.load_prefix(cache, pos)
+    for ids in ([[5, 6, 7]], [[8]]):
+      ids = torch.tensor(ids)
+      h, g = lm.step(ids, pos)
+      want_h, logits, cache = draft.forward(
+        input_ids=ids, past_key_values=cache
+      )
+      torch.testing.assert_close(h, want_h[0], atol=1e-5, rtol=1e-5)
+      assert g.tolist() == logits[0].argmax(-1).tolist()
+      pos += ids.shape[1]
+
+
 def test_target_greedy_through_backend_equals_generate(backends, split):
   target, _ = backends
   sample, _ = _sample(split, "target")

@@ -46,6 +46,19 @@ class SceneDrafterBackend(bk.HFBackend):
     }
     return prov
 
+  def static_decoder(self, max_len: int, **options):
+    """Static-cache steps of the drafter's Llama after its spliced prefill.
+
+    Events enter only through the prompt's embeddings, so every later step
+    is a plain Llama step: the fast runtime decodes the drafter as it does a
+    Llama target.
+    """
+    from tools import static_kv
+
+    return static_kv.StaticLM(
+      self.model.lm.model, self.lm_head.weight, max_len, **options
+    )
+
   def event_frames(self, media: dict, sample_id: str) -> torch.Tensor:
     """The [1, F - 1, 2, H, W] event frames of a sample's media."""
     path = media.get("events")

@@ -12,7 +12,7 @@ facts, plus the target's mean next-token entropy on its answers. The
 results go into DIR/pair.json. A DIR that already holds the same finished
 pair is reported and kept; one holding anything else is refused.
 
-Presets: `gpu` (hidden 256, target 16 layers with 208 visual tokens,
+Presets: `gpu` (hidden 256, target 16 layers with 520 visual tokens,
 drafter 3 layers with 64 event tokens) and `tiny` (seconds on a CPU, for
 tests).
 
@@ -21,10 +21,11 @@ true facts for >= 95% of scenes per question type; the drafter is high on
 motion and clearly lower on static objects (the `moving/motion` and
 `still/cells` partial scores); target decode >= 8x one B1 adapter step and
 target prefill >= 3x drafter prefill (tools/scenes/costs.py).
-Measured (H100, 2026-11-27, preset v1 = patch 8, 2400/1500 steps): target
-25/31/41/72% (describe/moving/still/count), drafter 6/33/27/16%, 431 s of
-training: the accuracy and time goals were NOT met; costs 19.2x and 4.0x
-were. Today's preset (v2) has not been run on a GPU yet.
+Measured (H100, 2026-11-27, the `gpu` preset): target 25/31/41/72%
+(describe/moving/still/count), drafter 6/33/27/16%, 431 s of training: the
+accuracy and time goals were NOT met; the cost ratios (19.2x, 4.0x) were.
+A variant with patch 12 (208 visual tokens) and 3000/2000 steps at lr 1.5e-3
+did worse (target 7/11/24/54%) and was dropped; docs/SCENES.md has both.
 """
 
 from __future__ import annotations
