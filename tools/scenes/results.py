@@ -650,7 +650,6 @@ def render(data: dict, plots: list[str]) -> str:
   preset = pair.get("preset") or {}
   t = data["target"] or {}
   runs = data["study"]["runs"]
-  last = runs[-1] if runs else {}
   lines = [
     "# Results on the scenes pair",
     "",
@@ -700,6 +699,13 @@ def render(data: dict, plots: list[str]) -> str:
     "against the same runtime's baseline (95% paired bootstrap CI).",
   ]
   lines += live_tables(data)
+  missing = [n for s, n in SETTING_NAMES.items() if s not in data["live"]]
+  if missing:
+    lines += [
+      "",
+      f"Not measured in this study: {', '.join(missing)} (run stage B "
+      "with the commands below).",
+    ]
   lines += ["", "## The seed's claims", ""]
   for c in data["claims"]:
     lines += [f"**{c['claim']}: {c['verdict']}.** {c['text']} {c['rule']}", ""]
@@ -743,12 +749,20 @@ def render(data: dict, plots: list[str]) -> str:
     "",
   ]
   for r in runs:
+    argv = list(r.get("argv", []))
+    for i, a in enumerate(argv[:-1]):  # Machine-local paths read as names.
+      if a in ("--pack", "--unpack"):
+        argv[i + 1] = "PARTS"
+    v = r.get("versions", {})
     lines.append(
       f"- {r.get('started')}: `python -m tools.scenes.reproduce "
-      + " ".join(r.get("argv", []))
-      + "`"
+      + " ".join(argv)
+      + "` ("
+      + ", ".join(
+        f"{k} {val}" for k, val in v.items() if val and k != "git_commit"
+      )
+      + ")"
     )
-  v = last.get("versions", {})
   devices = sorted(
     {f"{x['device']} ({SETTING_NAMES[s]})" for s, x in data["live"].items()}
   )
@@ -756,8 +770,7 @@ def render(data: dict, plots: list[str]) -> str:
     "",
     f"Adapters trained and evaluated on "
     f"{data['study'].get('train_device') or '–'}. Live: "
-    f"{', '.join(devices) or '–'}. Versions: "
-    + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    f"{', '.join(devices) or '–'}; versions as listed per run above"
     + ". Stage times (s): "
     + ", ".join(
       f"{k} {val}" for k, val in data["study"]["stage_seconds"].items()
