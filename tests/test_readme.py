@@ -2,7 +2,8 @@
 
 The commands are read from the fenced bash blocks of README.md's section
 "The pipeline, step by step", not copied here; only /tmp/ is redirected into
-the test's own directory.
+the test's own directory. Examples beside the chain (e.g. the multi-process
+launcher) are fenced `sh`, so they are shown but not run here.
 """
 
 import json
