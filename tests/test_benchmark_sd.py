@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from tools import benchmark_sd as bench  # noqa: E402
-from tools import torch_adapters as ta  # noqa: E402
+from tools.lib import bridge  # noqa: E402
+from tools.lib import twins as ta  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,9 +148,8 @@ def test_costs_readable_by_speedup_model(tmp_path):
 
 
 def _export(tmp_path, name, module, cfg, fmt):
-  export = pytest.importorskip("tools.export_to_torch")
   params = ta.state_dict_to_flax(name, module.state_dict())
-  paths = export.export(params, name, cfg, tmp_path / name, fmt=fmt)
+  paths = bridge.export(params, name, cfg, tmp_path / name, fmt=fmt)
   return str(paths[0])
 
 
@@ -171,7 +171,7 @@ def test_load_exported_adapters(tmp_path):
   }
   x = torch.randn(1, 6, 32)
   for name, src in (("l5", l5), ("l3", l3)):
-    ad, info = bench.load_adapter(
+    ad, info = bridge.load_adapter(
       name,
       files[name],
       hidden_dim=32,
@@ -182,7 +182,7 @@ def test_load_exported_adapters(tmp_path):
     with torch.no_grad():
       torch.testing.assert_close(ad.module(x), src(x))
   with pytest.raises(ValueError, match="hidden_dim"):
-    bench.load_adapter(
+    bridge.load_adapter(
       "l5",
       files["l5"],
       hidden_dim=64,
@@ -194,7 +194,7 @@ def test_load_exported_adapters(tmp_path):
     with pytest.raises(
       ValueError, match=f"holds a l5 adapter, not the {asked}"
     ):
-      bench.load_adapter(
+      bridge.load_adapter(
         asked,
         files["l5"],
         hidden_dim=32,

@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 from tools import export_to_torch, import_from_torch  # noqa: E402
-from tools import torch_adapters as ta  # noqa: E402
+from tools.lib import bridge  # noqa: E402
+from tools.lib import twins as ta  # noqa: E402
 
 D = 32
 SMALL = {
@@ -118,7 +118,7 @@ def test_flax_and_torch_twin_agree(name, tmp_path):
   module, params = flax_params(name)
   xs, mask = batch(name)
   want = flax_forward(module, params, xs, mask)
-  (path,) = export_to_torch.export(
+  (path,) = bridge.export(
     params, name, SMALL[name], tmp_path / "a.pt", fmt="pt"
   )
   ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -195,16 +195,16 @@ def test_export_import_round_trip_is_exact(name, tmp_path, capsys):
 
 def test_export_formats_and_errors(tmp_path):
   _, params = flax_params("l2")
-  paths = export_to_torch.export(
+  paths = bridge.export(
     params, "l2", SMALL["l2"], tmp_path / "x", fmt="safetensors"
   )
   assert [p.name for p in paths] == ["x.safetensors", "x.config.json"]
   with pytest.raises(ValueError, match="hidden_dim=40"):
-    export_to_torch.export(params, "l2", {"hidden_dim": 40}, tmp_path / "y")
+    bridge.export(params, "l2", {"hidden_dim": 40}, tmp_path / "y")
   with pytest.raises(ValueError, match="num_heads"):
-    export_to_torch.export(params, "l2", {"num_heads": 4}, tmp_path / "y")
+    bridge.export(params, "l2", {"num_heads": 4}, tmp_path / "y")
   with pytest.raises(ValueError, match="blocks_0"):
-    export_to_torch.export(params, "l1", {}, tmp_path / "y")
+    bridge.export(params, "l1", {}, tmp_path / "y")
   ta.save_params_npz(tmp_path / "p.npz", params)
   with pytest.raises(SystemExit, match="hidden_dim=40"):
     export_to_torch.main(
@@ -434,13 +434,13 @@ def test_l1_export_loads_with_the_reference_loader(reference_package, tmp_path):
   xs, mask = batch("l1")
   want = flax_forward(module, params, xs, mask)
   # The default export's plain-dict config: the reference's loader fails.
-  (plain,) = export_to_torch.export(
+  (plain,) = bridge.export(
     params, "l1", SMALL["l1"], tmp_path / "plain.pt", fmt="pt"
   )
   with pytest.raises(AttributeError, match="'dict' object has no attribute"):
     reference_load_any_adapter(plain)
   # --reference_l1_config: the reference's class, its loader accepts it.
-  (path,) = export_to_torch.export(
+  (path,) = bridge.export(
     params,
     "l1",
     SMALL["l1"],
@@ -456,7 +456,7 @@ def test_l1_export_loads_with_the_reference_loader(reference_package, tmp_path):
   with pytest.raises(Exception, match="weights_only"):
     torch.load(path, map_location="cpu", weights_only=True)
   with pytest.raises(ValueError, match="l1 exports only"):
-    export_to_torch.export(
+    bridge.export(
       flax_params("l2")[1], "l2", SMALL["l2"], tmp_path / "x.pt",
       reference_l1_config=True,
     )  # fmt: skip
@@ -465,11 +465,11 @@ def test_l1_export_loads_with_the_reference_loader(reference_package, tmp_path):
 def test_l1_reference_config_export_without_the_reference_package(tmp_path):
   """No reference package installed: the stand-in modules vanish again."""
   _, params = flax_params("l1")
-  export_to_torch.export(
+  bridge.export(
     params, "l1", SMALL["l1"], tmp_path / "r.pt", fmt="pt",
     reference_l1_config=True,
   )  # fmt: skip
-  assert export_to_torch.REFERENCE_L1_MODULE not in sys.modules
+  assert bridge.REFERENCE_L1_MODULE not in sys.modules
   assert "feasible" not in sys.modules
 
 
@@ -517,7 +517,8 @@ def test_reference_l1_with_pickled_config(
 def test_scripts_have_help():
   for script in ("export_to_torch.py", "import_from_torch.py"):
     res = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tools", script), "--help"],
+      [sys.executable, "-m", f"tools.{script[:-3]}", "--help"],
+      cwd=ROOT,
       capture_output=True,
       text=True,
       check=False,

@@ -1,4 +1,4 @@
-"""Tests of tools/sd_engine.py: lossless SD on tiny random Llamas (CPU)."""
+"""Tests of tools/lib/sd_engine.py: lossless SD on tiny random Llamas (CPU)."""
 
 import copy
 import dataclasses
@@ -8,10 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tools import sd_engine as sd  # noqa: E402
-from tools.backends import cache_length  # noqa: E402
-from tools.benchmark_sd import TokenPromptBackend, random_llama  # noqa: E402
-from tools.torch_adapters import build_torch_adapter  # noqa: E402
+from tools.lib import sd_engine as sd  # noqa: E402
+from tools.lib.backends import cache_length  # noqa: E402
+from tools.lib.random_models import TokenPromptBackend, random_llama  # noqa: E402
+from tools.lib.twins import build_torch_adapter  # noqa: E402
 
 D, V = 32, 64
 SHAPE = dict(
@@ -646,7 +646,7 @@ def test_eos_as_first_token_ends_generation(target_model, runtime):
 
 def test_static_lm_rollback_never_reads_stale_entries(target_model):
   """Rolled-back positions hold garbage; the next steps must not see it."""
-  from tools import static_kv
+  from tools.lib import static_kv
 
   model = copy.deepcopy(target_model)
   tb = _backend(model)
@@ -676,7 +676,7 @@ def test_static_lm_rollback_never_reads_stale_entries(target_model):
 
 
 def test_static_adapter_rollback_never_reads_stale_entries():
-  from tools import static_kv
+  from tools.lib import static_kv
 
   for kind in ("b1", "l5f"):
     ad = _adapter(kind, alpha=1.0)

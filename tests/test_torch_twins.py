@@ -1,17 +1,15 @@
-"""Tests of tools/torch_adapters.py: twins, cached decoding, mapping."""
+"""Tests of tools/lib/twins.py: twins, cached decoding, mapping."""
 
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools import torch_adapters as ta  # noqa: E402
+from tools.lib import twins as ta  # noqa: E402
 
 # The reference's state-dict listing (REFERENCE_NOTES §2), vendored as test
 # data.

@@ -33,16 +33,11 @@ import platform
 import sys
 import time
 
-if __package__ in (None, ""):
-  sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  )
-
 import torch
 import tqdm
 
-from tools import backends as bk
-from tools import dump_hidden_states as dump
+from tools.lib import backends as bk
+from tools.lib import generation, media
 
 SMALL = {
   "hidden": 64,
@@ -158,10 +153,10 @@ def our_dump(backends, samples, args, pairing: str) -> int:
   for k in tqdm.tqdm(range(0, len(samples), bs), desc=pairing, leave=False):
     items = []
     for s in samples[k : k + bs]:
-      t_in = target.prompt_inputs(dump._view(s, "target"))
-      d_in = draft.prompt_inputs(dump._view(s, "draft"))
+      t_in = target.prompt_inputs(media.role_view(s, "target"))
+      d_in = draft.prompt_inputs(media.role_view(s, "draft"))
       items.append((s, t_in, d_in))
-    results = dump.run_batch(
+    results = generation.run_batch(
       target,
       draft,
       items,

@@ -17,7 +17,7 @@ No weights at hand? `--random_models vicuna7b` builds a random-weight
 Vicuna-7B-shaped target and drafter (and random adapters with
 `--adapter l5=random`): acceptance is meaningless then, the costs are real.
 
-Methods (see tools/sd_engine.py for the exact algorithms):
+Methods (see tools/lib/sd_engine.py for the exact algorithms):
   baseline                 target greedy decoding with its KV cache
   draft_tokens             the drafter's own greedy tokens, verified
   prefill_hiding:A         (A in l1..l4) drafter prefill + K drafts run while
@@ -30,7 +30,7 @@ Methods (see tools/sd_engine.py for the exact algorithms):
 Runtimes (`--runtimes`, default fast,eager): every method runs on each, on
 the same samples. fast = static KV caches, rollback by position, CUDA-graph
 steps of compiled layers for target, drafter and decode adapters
-(tools/static_kv.py); eager = HF forwards with HF caches. The first runtime
+(tools/lib/static_kv.py); eager = HF forwards with HF caches. The first runtime
 is the headline (plain method names, the `costs` block); the others' results
 are keyed METHOD@RUNTIME, and every method's speedup is also reported
 against each runtime's baseline (`speedup_vs`).
@@ -58,189 +58,15 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tools import backends as bk  # noqa: E402
-from tools import sd_engine as sd  # noqa: E402
-
-ADAPTER_KINDS = sd.PREFILL_ADAPTERS + sd.DECODE_ADAPTERS
-
-# Random-weight model shapes (LlamaConfig fields).
-SHAPES = {
-  "tiny": dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-  ),
-  "vicuna7b": dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-  ),
-}
-
-
-# ----------------------------------------------------------------------------
-# Models.
-
-
-class TokenPromptBackend(bk.HFBackend):
-  """A causal LM whose samples carry their prompt as token ids."""
-
-  def __init__(self, model, *, model_id: str, eos_token_id: int = 2):
-    super().__init__(
-      model,
-      model.get_decoder(),
-      model.get_output_embeddings(),
-      model_id=model_id,
-      name="random_llama",
-    )
-    self.eos_token_id = int(eos_token_id)
-    self.eos_token_ids = (self.eos_token_id,)
-    self.pad_token_id = 0
-    self.prompt_template = "(token ids)"
-
-  def prompt_inputs(self, sample: dict) -> dict:
-    ids = sample.get("input_ids")
-    if not isinstance(ids, list) or not ids:
-      raise ValueError(
-        f"sample {sample.get('id')!r}: random-model samples need a non-empty "
-        "'input_ids' list"
-      )
-    if max(ids) >= self.vocab_size or min(ids) < 0:
-      raise ValueError(
-        f"sample {sample.get('id')!r}: input_ids outside [0, {self.vocab_size})"
-      )
-    t = torch.tensor([ids], dtype=torch.long)
-    return {"input_ids": t, "attention_mask": torch.ones_like(t)}
-
-
-def random_llama(
-  shape: str | dict,
-  *,
-  seed: int,
-  device: str | torch.device = "cpu",
-  dtype: str | torch.dtype = "float32",
-  **overrides,
-):
-  """A random-weight LlamaForCausalLM of a named shape (see SHAPES)."""
-  from transformers import LlamaConfig, LlamaForCausalLM
-
-  if isinstance(shape, str):
-    if shape not in SHAPES:
-      raise ValueError(
-        f"unknown --random_models shape {shape!r}; expected one of "
-        f"{sorted(SHAPES)}"
-      )
-    shape = SHAPES[shape]
-  config = LlamaConfig(**{**shape, **overrides})
-  dtype = bk.torch_dtype(dtype)
-  torch.manual_seed(seed)
-  old = torch.get_default_dtype()
-  torch.set_default_dtype(dtype)
-  try:
-    with torch.device(device):
-      model = LlamaForCausalLM(config)
-  finally:
-    torch.set_default_dtype(old)
-  return model.eval()
-
-
-def random_prompts(
-  num: int, prompt_len: int, vocab_size: int, seed: int
-) -> list[dict]:
-  """Samples of random prompt token ids (ids 3.. avoid the special ids)."""
-  g = torch.Generator().manual_seed(seed)
-  return [
-    {
-      "id": f"random{i:04d}",
-      "question": "",
-      "input_ids": torch.randint(
-        3, vocab_size, (prompt_len,), generator=g
-      ).tolist(),
-    }
-    for i in range(num)
-  ]
-
-
-def load_adapter(
-  name: str,
-  value: str,
-  *,
-  hidden_dim: int,
-  device: torch.device,
-  dtype: torch.dtype,
-  seed: int = 0,
-  trust_pickle: bool = False,
-) -> tuple[sd.Adapter, dict]:
-  """Builds adapter `name` from 'random[:KIND]', 'identity' or a file.
-
-  Files: PATH.pt / PATH.safetensors (+ PATH.config.json) written by
-  tools/export_to_torch.py, or a reference checkpoint; the kind comes from
-  the file (a reference L5_EAGLE file is read as `name` when that is b1).
-  """
-  from tools import torch_adapters as ta
-
-  info: dict[str, Any] = {"source": value}
-  if value == "identity":
-    # L4 with alpha = 0 returns its input exactly (h + 0 * (out - h)): with
-    # a drafter equal to the target every prefill draft is accepted.
-    if name != "l4":
-      raise ValueError(
-        f"--adapter {name}=identity: only l4 can be an exact identity"
-      )
-    kind = "l4"
-    module = ta.build_torch_adapter(kind, hidden_dim=hidden_dim, alpha_init=0.0)
-    info["config"] = {"hidden_dim": hidden_dim, "alpha_init": 0.0}
-  elif value == "random" or value.startswith("random:"):
-    kind = value.split(":", 1)[1] if ":" in value else name
-    if kind not in ADAPTER_KINDS:
-      raise ValueError(
-        f"--adapter {name}={value}: cannot tell the adapter kind; name it "
-        f"one of {ADAPTER_KINDS} or write {name}=random:KIND"
-      )
-    torch.manual_seed(seed)
-    module = ta.build_torch_adapter(kind, hidden_dim=hidden_dim)
-    info["config"] = {"hidden_dim": hidden_dim}
-  else:
-    from tools import import_from_torch as ift
-
-    try:
-      ckpt = ift.load_checkpoint(value, trust_pickle=trust_pickle)
-      override = None
-      if not ckpt.get("egpt_align_adapter") and name in ADAPTER_KINDS:
-        override = name  # a reference L5_EAGLE file may be L5 or B1
-      kind = ift.adapter_name(ckpt, override)
-      if name in ADAPTER_KINDS and kind != name:
-        raise ValueError(
-          f"the checkpoint holds a {kind} adapter, not the {name} that "
-          f"--adapter {name}= asks for"
-        )
-      state = dict(ckpt["model_state_dict"])
-      cfg = ta.resolve_config(kind, state, ift.model_config(kind, ckpt))
-      module = ta.load_torch_adapter(kind, state, **cfg)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"--adapter {name}={value}: {e}") from e
-    info["config"] = cfg
-  width = getattr(module, "hidden_dim", None)
-  if width is None and hasattr(module, "config"):
-    width = module.config.hidden_dim
-  if width is not None and int(width) != hidden_dim:
-    raise ValueError(
-      f"--adapter {name}={value}: hidden_dim {width} != the models' "
-      f"{hidden_dim}"
-    )
-  module = module.to(device=device, dtype=dtype).eval()
-  info.update(kind=kind, params=sum(p.numel() for p in module.parameters()))
-  return sd.Adapter(name, kind, module, device, dtype), info
+from tools.lib import backends as bk
+from tools.lib import bridge, media
+from tools.lib import sd_engine as sd
+from tools.lib.random_models import (
+  SHAPES,
+  TokenPromptBackend,
+  random_llama,
+  random_prompts,
+)
 
 
 def parse_adapters(items: Sequence[str]) -> dict[str, str]:
@@ -1165,9 +991,7 @@ def run(args: argparse.Namespace) -> dict:
   else:
     if not args.target or not args.samples:
       raise ValueError("give --target and --samples (or --random_models)")
-    from tools.dump_hidden_states import read_samples
-
-    samples = read_samples(args.samples, args.media_root)
+    samples = media.read_samples(args.samples, args.media_root)
     if args.num_samples is not None:
       samples = samples[: args.warmup + args.num_samples]
     target = bk.load_backend(args.target, device=device, dtype=dtype)
@@ -1183,7 +1007,7 @@ def run(args: argparse.Namespace) -> dict:
 
   adapters, adapter_info = {}, {}
   for i, (name, value) in enumerate(sorted(adapter_values.items())):
-    ad, info = load_adapter(
+    ad, info = bridge.load_adapter(
       name,
       value,
       hidden_dim=target.hidden_size,

@@ -36,7 +36,7 @@ adapter's cache is truncated to the positions whose inputs were true.
 Runtimes (`SDConfig.runtime`): 'eager' runs every forward through the
 backend with HF KV caches, cropped on rollback. 'fast' runs the prefill the
 same way, copies its cache into preallocated buffers and then decodes with
-the backend's static decoder (tools/static_kv.py: CUDA-graph steps, one per
+the backend's static decoder (tools/lib/static_kv.py: CUDA-graph steps, one per
 input length 1..gamma+1, of compiled layers), and decode adapters with their
 static step + LM head + argmax in one graph; a rollback only moves the next
 position. Models without a static decoder fall back to eager
@@ -70,8 +70,8 @@ from typing import Any
 
 import torch
 
-from tools import static_kv
-from tools.backends import Backend, cache_length, crop_cache
+from tools.lib import static_kv
+from tools.lib.backends import Backend, cache_length, crop_cache
 
 PREFILL_ADAPTERS = ("l1", "l2", "l3", "l4")
 DECODE_ADAPTERS = ("l5", "b1", "l5f")
@@ -203,7 +203,7 @@ class SDConfig:
   overlap: str = "auto"
   eos_token_ids: tuple[int, ...] | None = None  # None: the target's
   # 'eager': HF forwards with HF KV caches; 'fast': static KV buffers and
-  # captured steps (tools/static_kv.py) where a model supports them.
+  # captured steps (tools/lib/static_kv.py) where a model supports them.
   runtime: str = "eager"
 
   def __post_init__(self):
