@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from egpt_align import models  # noqa: E402
 from tools import export_to_torch, import_from_torch  # noqa: E402
 from tools.lib import bridge  # noqa: E402
 from tools.lib import twins as ta  # noqa: E402
@@ -113,7 +114,7 @@ def twin_from_reference_dict(ckpt):
 # Flax -> torch.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_flax_and_torch_twin_agree(name, tmp_path):
   module, params = flax_params(name)
   xs, mask = batch(name)
@@ -122,7 +123,7 @@ def test_flax_and_torch_twin_agree(name, tmp_path):
     params, name, SMALL[name], tmp_path / "a.pt", fmt="pt"
   )
   ckpt = torch.load(path, map_location="cpu", weights_only=True)
-  assert ckpt["adapter_type"] == ta.REF_TYPES[name]
+  assert ckpt["adapter_type"] == models.get_spec(name).ref_type
   assert ckpt["vlm_only"] == (name == "b1")
   got = torch_forward(twin_from_reference_dict(ckpt), xs, mask)
   valid = mask if name in CAUSAL_OR_ATTN else np.ones_like(mask)
@@ -153,7 +154,7 @@ def test_twin_cached_decode_matches_flax(name):
 # Export -> import round trips.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_export_import_round_trip_is_exact(name, tmp_path, capsys):
   _, params = flax_params(name)
   ta.save_params_npz(tmp_path / "p.npz", params)
@@ -286,7 +287,7 @@ def reference_checkpoint(name, path, seed=0):
     config["use_token_embed"] = False
   ckpt = {
     "model_state_dict": model.state_dict(),
-    "adapter_type": ta.REF_TYPES[name],
+    "adapter_type": models.get_spec(name).ref_type,
     "config": config,
     "epoch": 12,
     "optimizer_state_dict": opt.state_dict(),

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from egpt_align import models  # noqa: E402
 from tools.lib import twins as ta  # noqa: E402
 
 # The reference's state-dict listing (REFERENCE_NOTES §2), vendored as test
@@ -177,7 +178,7 @@ def rel_err(a, b):
 # Structure, counts, initialisation.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_param_count_at_4096(name):
   with torch.device("meta"):
     model = ta.build_torch_adapter(name, hidden_dim=4096)
@@ -192,7 +193,7 @@ def test_l3_three_blocks_count():
 
 
 @pytest.mark.skipif(not os.path.exists(REF_JSON), reason="no reference JSON")
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_state_dict_equals_reference_listing(name):
   with open(REF_JSON) as f:
     ref = json.load(f)
@@ -279,7 +280,7 @@ def test_unknown_field_and_name():
 # Forward: reference formulas with the mask used right.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_forward_matches_numpy_reference(name):
   model = random_twin(name)
   xs, mask = batch(name)
@@ -415,7 +416,7 @@ def test_decode_errors():
 # Mapping.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_mapping_round_trip_is_exact(name):
   sd = random_twin(name).state_dict()
   params = ta.state_dict_to_flax(name, sd)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import subprocess
@@ -58,6 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from egpt_align.data.format import write_json_atomic
+from egpt_align.models import get_spec
 from tools.lib import backends as bk
 from tools.lib import bridge, media
 from tools.lib import sd_engine as sd
@@ -1018,7 +1019,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     # Prefill adapters run with the drafter (on its GPU, inside the
     # overlapped prefill); decode adapters next to the target.
-    ad.device = ddev if ad.kind in sd.PREFILL_ADAPTERS else device
+    ad.device = ddev if get_spec(ad.kind).role == "prefill" else device
     ad.module.to(ad.device)
     info["device"] = str(ad.device)
     adapters[name] = ad
@@ -1031,7 +1032,7 @@ def run(args: argparse.Namespace) -> dict:
   max_pos = [
     getattr(a.module, "max_seq_len", None)
     for a in adapters.values()
-    if a.kind in sd.DECODE_ADAPTERS
+    if get_spec(a.kind).role == "decode"
   ]
   need = args.max_new_tokens + args.gamma + 1
   if any(p is not None and need > p for p in max_pos):
@@ -1203,8 +1204,7 @@ def run(args: argparse.Namespace) -> dict:
       d_in,
       dataclasses.replace(cfg, runtime=runtimes[0]),
     )
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  write_json_atomic(os.path.join(args.out, "results.json"), results)
   write_report(os.path.join(args.out, "report.md"), results)
   if not args.no_plots:
     write_plots(args.out, results)

@@ -28,6 +28,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from egpt_align import models
 from tools.lib import bridge
 from tools.lib import twins as ta
 
@@ -95,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   parser.add_argument(
     "--adapter",
-    choices=ta.ADAPTER_NAMES,
+    choices=list(models.ADAPTERS),
     help="adapter name (default: the config's model.name)",
   )
   parser.add_argument(

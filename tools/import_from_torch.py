@@ -22,18 +22,9 @@ import json
 import os
 from pathlib import Path
 
+from egpt_align import models
 from tools.lib import bridge
 from tools.lib import twins as ta
-
-# Reference adapter_type -> our name.  'L5_EAGLE' is L5 or B1 (see --adapter).
-FROM_REF_TYPE = {
-  "L1_Bottleneck": "l1",
-  "L2_MultiLayerBottleneck": "l2",
-  "L3_WideBottleneck": "l3",
-  "L4_Attention": "l4",
-  "L5_EAGLE": "l5",
-  "L5F_FusedEAGLE": "l5f",
-}
 
 
 def output_paths(out) -> dict[str, Path]:
@@ -58,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   parser.add_argument(
     "--adapter",
-    choices=ta.ADAPTER_NAMES,
+    choices=list(models.ADAPTERS),
     help="adapter name; needed for B1 (the reference saves it as L5_EAGLE)",
   )
   parser.add_argument(

@@ -30,66 +30,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADAPTER_NAMES = ("l1", "l2", "l3", "l4", "l5", "b1", "l5f")
-
-# Reference `adapter_type` strings.  The reference writes none for L1 and falls
-# back to 'L1_Bottleneck' when the key is absent; we write that string.
-REF_TYPES = {
-  "l1": "L1_Bottleneck",
-  "l2": "L2_MultiLayerBottleneck",
-  "l3": "L3_WideBottleneck",
-  "l4": "L4_Attention",
-  "l5": "L5_EAGLE",
-  "b1": "L5_EAGLE",
-  "l5f": "L5F_FusedEAGLE",
-}
-
-# Our (Flax) model config fields each twin understands.
-CONFIG_FIELDS = {
-  "l1": ("hidden_dim", "bottleneck_dim", "num_layers", "dropout", "alpha_init"),
-  "l2": ("hidden_dim", "bottleneck_dim", "num_blocks", "dropout", "alpha_init"),
-  "l3": ("hidden_dim", "bottleneck_dim", "num_blocks", "dropout", "alpha_init"),
-  "l4": (
-    "hidden_dim",
-    "num_heads",
-    "ffn_dim",
-    "num_layers",
-    "dropout",
-    "alpha_init",
-  ),
-  "l5": (
-    "hidden_dim",
-    "num_heads",
-    "ffn_dim",
-    "num_layers",
-    "dropout",
-    "alpha_init",
-    "max_seq_len",
-  ),
-  "l5f": (
-    "hidden_dim",
-    "num_heads",
-    "ffn_dim",
-    "num_layers",
-    "dropout",
-    "alpha_init",
-    "max_seq_len",
-  ),
-}
-CONFIG_FIELDS["b1"] = CONFIG_FIELDS["l5"]
+from egpt_align import models
 
 # Flax-only fields (compute dtype etc.) that do not change the torch module.
 IGNORED_FIELDS = frozenset({"name", "dtype", "param_dtype"})
 
+# Our (Flax) model config fields each twin understands: the registry's
+# module fields less the Flax-only ones.
+CONFIG_FIELDS = {
+  name: tuple(f for f in models.adapter_fields(name) if f not in IGNORED_FIELDS)
+  for name in models.ADAPTERS
+}
+
 
 def check_name(name: str) -> str:
-  """Returns the lower-cased adapter name or raises a clear ValueError."""
-  key = str(name).lower()
-  if key not in ADAPTER_NAMES:
-    raise ValueError(
-      f"Unknown adapter name {name!r}; expected one of {ADAPTER_NAMES}."
-    )
-  return key
+  """The registry name (lower-cased) or a ValueError naming the choices."""
+  return models.get_spec(name).name
 
 
 def _neg(dtype: torch.dtype) -> float:
