@@ -475,7 +475,7 @@ def _numbers(tree):
 
 
 def test_benchmark_dump_smoke(tmp_path, capsys):
-  from tools import benchmark_dump
+  from tools.benchmarks import benchmark_dump
 
   out = tmp_path / "bench.json"
   argv = ["--small", "--num_samples", "4", "--ref_samples", "2"]

@@ -872,16 +872,6 @@ def _to_device(inputs: dict, device) -> dict:
   }
 
 
-def _view(sample: dict, role: str) -> dict:
-  media = sample.get("media") or {}
-  return {
-    "id": sample["id"],
-    "question": sample.get("question", ""),
-    "media": media.get(role, {}) if isinstance(media, dict) else {},
-    **({"input_ids": sample["input_ids"]} if "input_ids" in sample else {}),
-  }
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the process exit status."""
   args = build_parser().parse_args(argv)
@@ -1077,10 +1067,14 @@ def run(args: argparse.Namespace) -> dict:
         file=sys.stderr,
       )
       break
-    t_in = _to_device(target.prompt_inputs(_view(sample, "target")), device)
+    t_in = _to_device(
+      target.prompt_inputs(media.role_view(sample, "target")), device
+    )
     d_in = None
     if drafter is not None:
-      d_in = _to_device(drafter.prompt_inputs(_view(sample, "draft")), ddev)
+      d_in = _to_device(
+        drafter.prompt_inputs(media.role_view(sample, "draft")), ddev
+      )
     base_tokens: dict[str, list[int]] = {}  # runtime -> baseline tokens
     margins = None
     for lab, m, rt in runs:

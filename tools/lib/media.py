@@ -150,9 +150,14 @@ def read_samples(path: str, media_root: str | None = None) -> list[dict]:
 
 
 def role_view(sample: dict, role: str) -> dict:
-  """One model's view of a sample: its id, question and own media."""
+  """One model's view of a sample: its id, question and own media.
+
+  Random-model samples carry their prompt as `input_ids`, kept as is.
+  """
+  media = sample.get("media") or {}
   return {
     "id": sample["id"],
-    "question": sample["question"],
-    "media": sample["media"][role],
+    "question": sample.get("question", ""),
+    "media": media.get(role, {}) if isinstance(media, dict) else {},
+    **({"input_ids": sample["input_ids"]} if "input_ids" in sample else {}),
   }

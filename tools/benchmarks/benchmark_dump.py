@@ -19,9 +19,9 @@ and both methods do the same amount of decoding. Measured in the same run:
 Disk writes are excluded from both. Prints a table and writes JSON to --out.
 
 GPU (the lead runs this on the H100):
-  python tools/benchmark_dump.py --out bench_dump.json
+  python -m tools.benchmarks.benchmark_dump --out bench_dump.json
 CPU smoke test:
-  python tools/benchmark_dump.py --small --out /tmp/bench_dump.json
+  python -m tools.benchmarks.benchmark_dump --small --out /tmp/bench_dump.json
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
   )
   report = {
-    "benchmark": "tools/benchmark_dump.py",
+    "benchmark": "tools/benchmarks/benchmark_dump.py",
     "device": dev_name,
     "dtype": dtype_name,
     "torch": torch.__version__,

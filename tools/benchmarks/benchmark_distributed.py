@@ -13,10 +13,11 @@ and writes OUT/results.json (the per-run logs next to it).
 
   # 2 GPUs (L4 at hidden 4096, batch 64, sequence 50; a few minutes; the
   # dataset is 3.4 GB):
-  python -m tools.benchmark_distributed --out runs/bench_distributed \
-    --data_dir /tmp/bench_distributed_data
+  python -m tools.benchmarks.benchmark_distributed \
+    --out runs/bench_distributed --data_dir /tmp/bench_distributed_data
   # CPU smoke test (fake CPU devices, a tiny L1):
-  python -m tools.benchmark_distributed --small --out /tmp/bench_distributed
+  python -m tools.benchmarks.benchmark_distributed --small \
+    --out /tmp/bench_distributed
 """
 
 import argparse
@@ -31,7 +32,9 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 BASE_CONFIG = os.path.join(REPO, "egpt_align", "configs", "base.py")
 
 
@@ -195,7 +198,8 @@ def main(argv=None):
   num_samples = int(np.ceil(train_samples / 0.98)) + 1
   data_dir = os.path.abspath(args.data_dir or os.path.join(out, "data"))
   if not os.path.exists(os.path.join(data_dir, "header.json")):
-    from tools import benchmark_data
+    # The JAX benchmarks' dataset writer (tools/benchmarks/benchmark_data.py).
+    from tools.benchmarks import benchmark_data
 
     benchmark_data.write_dataset(
       data_dir,
