@@ -171,7 +171,7 @@ def test_load_exported_adapters(tmp_path):
   }
   x = torch.randn(1, 6, 32)
   for name, src in (("l5", l5), ("l3", l3)):
-    ad, info = bridge.load_adapter(
+    ad, info = bench.load_adapter(
       name,
       files[name],
       hidden_dim=32,
@@ -182,7 +182,7 @@ def test_load_exported_adapters(tmp_path):
     with torch.no_grad():
       torch.testing.assert_close(ad.module(x), src(x))
   with pytest.raises(ValueError, match="hidden_dim"):
-    bridge.load_adapter(
+    bench.load_adapter(
       "l5",
       files["l5"],
       hidden_dim=64,
@@ -194,7 +194,7 @@ def test_load_exported_adapters(tmp_path):
     with pytest.raises(
       ValueError, match=f"holds a l5 adapter, not the {asked}"
     ):
-      bridge.load_adapter(
+      bench.load_adapter(
         asked,
         files["l5"],
         hidden_dim=32,

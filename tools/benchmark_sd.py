@@ -58,16 +58,85 @@ import numpy as np
 import torch
 
 from egpt_align.data.format import write_json_atomic
-from egpt_align.models import get_spec
+from egpt_align.models import ADAPTERS, get_spec
 from tools.lib import backends as bk
 from tools.lib import bridge, media
 from tools.lib import sd_engine as sd
+from tools.lib import twins as ta
 from tools.lib.random_models import (
   SHAPES,
   TokenPromptBackend,
   random_llama,
   random_prompts,
 )
+
+
+def load_adapter(
+  name: str,
+  value: str,
+  *,
+  hidden_dim: int,
+  device: torch.device,
+  dtype: torch.dtype,
+  seed: int = 0,
+  trust_pickle: bool = False,
+) -> tuple[sd.Adapter, dict]:
+  """Builds adapter `name` from 'random[:KIND]', 'identity' or a file.
+
+  Files: PATH.pt / PATH.safetensors (+ PATH.config.json) written by
+  tools/export_to_torch.py, or a reference checkpoint; the kind comes from
+  the file (a reference L5_EAGLE file is read as `name` when that is b1).
+  """
+  info: dict[str, Any] = {"source": value}
+  if value == "identity":
+    # L4 with alpha = 0 returns its input exactly (h + 0 * (out - h)): with
+    # a drafter equal to the target every prefill draft is accepted.
+    if name != "l4":
+      raise ValueError(
+        f"--adapter {name}=identity: only l4 can be an exact identity"
+      )
+    kind = "l4"
+    module = ta.build_torch_adapter(kind, hidden_dim=hidden_dim, alpha_init=0.0)
+    info["config"] = {"hidden_dim": hidden_dim, "alpha_init": 0.0}
+  elif value == "random" or value.startswith("random:"):
+    kind = value.split(":", 1)[1] if ":" in value else name
+    if kind not in ADAPTERS:
+      raise ValueError(
+        f"--adapter {name}={value}: cannot tell the adapter kind; name it "
+        f"one of {tuple(ADAPTERS)} or write {name}=random:KIND"
+      )
+    torch.manual_seed(seed)
+    module = ta.build_torch_adapter(kind, hidden_dim=hidden_dim)
+    info["config"] = {"hidden_dim": hidden_dim}
+  else:
+    try:
+      ckpt = bridge.load_checkpoint(value, trust_pickle=trust_pickle)
+      override = None
+      if not ckpt.get("egpt_align_adapter") and name in ADAPTERS:
+        override = name  # a reference L5_EAGLE file may be L5 or B1
+      kind = bridge.adapter_name(ckpt, override)
+      if name in ADAPTERS and kind != name:
+        raise ValueError(
+          f"the checkpoint holds a {kind} adapter, not the {name} that "
+          f"--adapter {name}= asks for"
+        )
+      state = dict(ckpt["model_state_dict"])
+      cfg = ta.resolve_config(kind, state, bridge.model_config(kind, ckpt))
+      module = ta.load_torch_adapter(kind, state, **cfg)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"--adapter {name}={value}: {e}") from e
+    info["config"] = cfg
+  width = getattr(module, "hidden_dim", None)
+  if width is None and hasattr(module, "config"):
+    width = module.config.hidden_dim
+  if width is not None and int(width) != hidden_dim:
+    raise ValueError(
+      f"--adapter {name}={value}: hidden_dim {width} != the models' "
+      f"{hidden_dim}"
+    )
+  module = module.to(device=device, dtype=dtype).eval()
+  info.update(kind=kind, params=sum(p.numel() for p in module.parameters()))
+  return sd.Adapter(name, kind, module, device, dtype), info
 
 
 def parse_adapters(items: Sequence[str]) -> dict[str, str]:
@@ -998,7 +1067,7 @@ def run(args: argparse.Namespace) -> dict:
 
   adapters, adapter_info = {}, {}
   for i, (name, value) in enumerate(sorted(adapter_values.items())):
-    ad, info = bridge.load_adapter(
+    ad, info = load_adapter(
       name,
       value,
       hidden_dim=target.hidden_size,

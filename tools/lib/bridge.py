@@ -5,8 +5,7 @@ Writing: `export` turns Flax params into the reference's checkpoint dict
 plain-dict `config`) plus .safetensors and NAME.config.json. Reading:
 `load_checkpoint` reads a reference checkpoint or one of our exports (safely:
 pickled configs only with `trust_pickle`), `adapter_name` tells which adapter
-it holds, `convert` gives Flax params and our model config, and
-`load_adapter` builds a live speculative-decoding adapter from a file.
+it holds, and `convert` gives Flax params and our model config.
 The command lines are tools/export_to_torch.py and tools/import_from_torch.py.
 """
 
@@ -26,7 +25,6 @@ from typing import Any
 import torch
 
 from egpt_align import models
-from tools.lib import sd_engine
 from tools.lib import twins as ta
 
 FORMAT = "egpt_align.torch_adapter"
@@ -447,71 +445,3 @@ def convert(ckpt: Mapping, adapter: str | None = None, num_heads=None):
   cfg = ta.resolve_config(name, state_dict, cfg)
   params = ta.state_dict_to_flax(name, state_dict)
   return name, params, cfg
-
-
-def load_adapter(
-  name: str,
-  value: str,
-  *,
-  hidden_dim: int,
-  device: torch.device,
-  dtype: torch.dtype,
-  seed: int = 0,
-  trust_pickle: bool = False,
-) -> tuple[sd_engine.Adapter, dict]:
-  """Builds adapter `name` from 'random[:KIND]', 'identity' or a file.
-
-  Files: PATH.pt / PATH.safetensors (+ PATH.config.json) written by
-  tools/export_to_torch.py, or a reference checkpoint; the kind comes from
-  the file (a reference L5_EAGLE file is read as `name` when that is b1).
-  """
-  info: dict[str, Any] = {"source": value}
-  if value == "identity":
-    # L4 with alpha = 0 returns its input exactly (h + 0 * (out - h)): with
-    # a drafter equal to the target every prefill draft is accepted.
-    if name != "l4":
-      raise ValueError(
-        f"--adapter {name}=identity: only l4 can be an exact identity"
-      )
-    kind = "l4"
-    module = ta.build_torch_adapter(kind, hidden_dim=hidden_dim, alpha_init=0.0)
-    info["config"] = {"hidden_dim": hidden_dim, "alpha_init": 0.0}
-  elif value == "random" or value.startswith("random:"):
-    kind = value.split(":", 1)[1] if ":" in value else name
-    if kind not in tuple(models.ADAPTERS):
-      raise ValueError(
-        f"--adapter {name}={value}: cannot tell the adapter kind; name it "
-        f"one of {tuple(models.ADAPTERS)} or write {name}=random:KIND"
-      )
-    torch.manual_seed(seed)
-    module = ta.build_torch_adapter(kind, hidden_dim=hidden_dim)
-    info["config"] = {"hidden_dim": hidden_dim}
-  else:
-    try:
-      ckpt = load_checkpoint(value, trust_pickle=trust_pickle)
-      override = None
-      if not ckpt.get("egpt_align_adapter") and name in tuple(models.ADAPTERS):
-        override = name  # a reference L5_EAGLE file may be L5 or B1
-      kind = adapter_name(ckpt, override)
-      if name in tuple(models.ADAPTERS) and kind != name:
-        raise ValueError(
-          f"the checkpoint holds a {kind} adapter, not the {name} that "
-          f"--adapter {name}= asks for"
-        )
-      state = dict(ckpt["model_state_dict"])
-      cfg = ta.resolve_config(kind, state, model_config(kind, ckpt))
-      module = ta.load_torch_adapter(kind, state, **cfg)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"--adapter {name}={value}: {e}") from e
-    info["config"] = cfg
-  width = getattr(module, "hidden_dim", None)
-  if width is None and hasattr(module, "config"):
-    width = module.config.hidden_dim
-  if width is not None and int(width) != hidden_dim:
-    raise ValueError(
-      f"--adapter {name}={value}: hidden_dim {width} != the models' "
-      f"{hidden_dim}"
-    )
-  module = module.to(device=device, dtype=dtype).eval()
-  info.update(kind=kind, params=sum(p.numel() for p in module.parameters()))
-  return sd_engine.Adapter(name, kind, module, device, dtype), info
