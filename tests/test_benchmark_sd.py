@@ -148,7 +148,7 @@ def test_costs_readable_by_speedup_model(tmp_path):
 
 
 def _export(tmp_path, name, module, cfg, fmt):
-  params = ta.state_dict_to_flax(name, module.state_dict())
+  params = bridge.state_dict_to_flax(name, module.state_dict())
   paths = bridge.export(params, name, cfg, tmp_path / name, fmt=fmt)
   return str(paths[0])
 

@@ -87,7 +87,7 @@ def rel_err(a, b):
 
 
 def assert_same_params(a, b):
-  fa, fb = ta.flatten_params(a), ta.flatten_params(b)
+  fa, fb = bridge.flatten_params(a), bridge.flatten_params(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -136,8 +136,8 @@ def test_twin_cached_decode_matches_flax(name):
   xs, _ = batch(name)
   xs = [x[:1] for x in xs]
   want = flax_forward(module, params, xs, np.ones((1, 7), bool))
-  twin = ta.load_torch_adapter(
-    name, ta.flax_to_state_dict(name, params), **SMALL[name]
+  twin = bridge.load_torch_adapter(
+    name, bridge.flax_to_state_dict(name, params), **SMALL[name]
   ).eval()
   cache = twin.init_cache(1, 7)
   outs = []
@@ -157,7 +157,7 @@ def test_twin_cached_decode_matches_flax(name):
 @pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_export_import_round_trip_is_exact(name, tmp_path, capsys):
   _, params = flax_params(name)
-  ta.save_params_npz(tmp_path / "p.npz", params)
+  bridge.save_params_npz(tmp_path / "p.npz", params)
   cfg = dict(SMALL[name], dropout=0.0, dtype="bfloat16", num_blocks=None)
   if name in ("l1", "l4", "l5", "b1", "l5f"):
     cfg.pop("num_blocks")
@@ -179,7 +179,7 @@ def test_export_import_round_trip_is_exact(name, tmp_path, capsys):
   for src in ("m.pt", "m.safetensors"):
     out = tmp_path / f"imp_{src}"
     import_from_torch.main([str(tmp_path / "exp" / src), "--out", str(out)])
-    assert_same_params(ta.load_params_npz(f"{out}.npz"), params)
+    assert_same_params(bridge.load_params_npz(f"{out}.npz"), params)
     with open(f"{out}.config.json") as f:
       model = json.load(f)["model"]
     want = {"name": name, **SMALL[name], "dropout": 0.0}
@@ -206,7 +206,7 @@ def test_export_formats_and_errors(tmp_path):
     bridge.export(params, "l2", {"num_heads": 4}, tmp_path / "y")
   with pytest.raises(ValueError, match="blocks_0"):
     bridge.export(params, "l1", {}, tmp_path / "y")
-  ta.save_params_npz(tmp_path / "p.npz", params)
+  bridge.save_params_npz(tmp_path / "p.npz", params)
   with pytest.raises(SystemExit, match="hidden_dim=40"):
     export_to_torch.main(
       ["--params", str(tmp_path / "p.npz"), "--adapter", "l2",
@@ -248,7 +248,7 @@ def test_export_from_workdir(tmp_path):
   assert got["egpt_align_step"] == 7
   assert got["epoch"] == 2 and got["metrics"] == val
   assert got["config"]["num_heads"] == 4
-  want = ta.flax_to_state_dict("l4", params)
+  want = bridge.flax_to_state_dict("l4", params)
   for k, v in want.items():
     assert torch.equal(got["model_state_dict"][k], v), k
 
@@ -257,8 +257,8 @@ def test_params_npz_compatible_with_egpt_align_checkpoint(tmp_path):
   checkpoint = pytest.importorskip("egpt_align.checkpoint")
   _, params = flax_params("l3")
   checkpoint.save_params_npz(str(tmp_path / "a.npz"), params)
-  assert_same_params(ta.load_params_npz(tmp_path / "a.npz"), params)
-  ta.save_params_npz(tmp_path / "b.npz", params)
+  assert_same_params(bridge.load_params_npz(tmp_path / "a.npz"), params)
+  bridge.save_params_npz(tmp_path / "b.npz", params)
   assert_same_params(
     checkpoint.load_params_npz(str(tmp_path / "b.npz")), params
   )
@@ -307,8 +307,10 @@ def test_reference_checkpoint_imports_and_runs_the_same(name, tmp_path):
       import_from_torch.main(argv)
   else:
     import_from_torch.main(argv)
-  params = ta.load_params_npz(tmp_path / "imp.npz")
-  assert_same_params(params, ta.state_dict_to_flax(name, model.state_dict()))
+  params = bridge.load_params_npz(tmp_path / "imp.npz")
+  assert_same_params(
+    params, bridge.state_dict_to_flax(name, model.state_dict())
+  )
   with open(tmp_path / "imp.config.json") as f:
     info = json.load(f)
   assert info["source"]["epoch"] == 12
@@ -332,8 +334,8 @@ def test_bare_safetensors_needs_adapter(tmp_path):
     import_from_torch.main(argv)
   import_from_torch.main(argv + ["--adapter", "l3"])
   assert_same_params(
-    ta.load_params_npz(tmp_path / "o.npz"),
-    ta.state_dict_to_flax("l3", model.state_dict()),
+    bridge.load_params_npz(tmp_path / "o.npz"),
+    bridge.state_dict_to_flax("l3", model.state_dict()),
   )
 
 
@@ -501,8 +503,8 @@ def test_reference_l1_with_pickled_config(
   else:
     import_from_torch.main([path, "--out", out, "--trust_pickle"])
   assert_same_params(
-    ta.load_params_npz(out + ".npz"),
-    ta.state_dict_to_flax("l1", model.state_dict()),
+    bridge.load_params_npz(out + ".npz"),
+    bridge.state_dict_to_flax("l1", model.state_dict()),
   )
   with open(out + ".config.json") as f:
     assert json.load(f)["model"] == {

@@ -1,4 +1,4 @@
-"""Tests of tools/lib/twins.py: twins, cached decoding, mapping."""
+"""Tests of tools/lib/twins.py (twins, KV decoding) and bridge.py (mapping)."""
 
 import json
 import math
@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from egpt_align import models  # noqa: E402
+from tools.lib import bridge  # noqa: E402
 from tools.lib import twins as ta  # noqa: E402
 
 # The reference's state-dict listing (REFERENCE_NOTES §2), vendored as test
@@ -122,7 +123,7 @@ def np_forward(name, model, xs, mask):
   x = xs[0]
   if name in ("l1", "l2"):
     prefix = "layers" if name == "l1" else "blocks"
-    for i in range(ta.torch_depth(name, sd)):
+    for i in range(bridge.torch_depth(name, sd)):
       k = f"{prefix}.{i}"
       h = np_gelu(
         np_linear(np_ln(x, sd, k + ".layer_norm"), sd, k + ".down_proj", False)
@@ -131,7 +132,7 @@ def np_forward(name, model, xs, mask):
     return np_ln(x, sd, "final_norm")
   if name == "l3":
     x = np_ln(x, sd, "input_norm")
-    for i in range(ta.torch_depth(name, sd)):
+    for i in range(bridge.torch_depth(name, sd)):
       k = f"blocks.{i}"
       h = np_ln(np_linear(x, sd, k + ".0", False), sd, k + ".1")
       x = x + sd[f"alphas.{i}"] * np_linear(np_gelu(h), sd, k + ".4", False)
@@ -154,7 +155,7 @@ def np_forward(name, model, xs, mask):
     residual = v
   else:
     h = np_ln(x, sd, "input_norm") + sd["pos_embed"][:, :seq]
-  for i in range(ta.torch_depth(name, sd)):
+  for i in range(bridge.torch_depth(name, sd)):
     h = np_layer(h, sd, f"layers.{i}", model.num_heads, allowed)
   if name == "l4":
     out = np_linear(np_ln(h, sd, "output_proj.0"), sd, "output_proj.1")
@@ -419,10 +420,10 @@ def test_decode_errors():
 @pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_mapping_round_trip_is_exact(name):
   sd = random_twin(name).state_dict()
-  params = ta.state_dict_to_flax(name, sd)
-  leaves = ta.flatten_params(params)
+  params = bridge.state_dict_to_flax(name, sd)
+  leaves = bridge.flatten_params(params)
   assert all(v.dtype == np.float32 for v in leaves.values())
-  back = ta.flax_to_state_dict(name, {"params": params})
+  back = bridge.flax_to_state_dict(name, {"params": params})
   assert list(back) == list(sd)
   for k in sd:
     assert back[k].shape == sd[k].shape, k
@@ -431,7 +432,7 @@ def test_mapping_round_trip_is_exact(name):
 
 def test_flax_tree_follows_design():
   sd = random_twin("l4").state_dict()
-  p = ta.state_dict_to_flax("l4", sd)
+  p = bridge.state_dict_to_flax("l4", sd)
   attn = p["layers_0"]["attn"]
   w = sd["layers.0.attn.in_proj_weight"].numpy()
   assert attn["in_proj"]["kernel"].shape == (D, 3 * D)
@@ -450,7 +451,7 @@ def test_flax_tree_follows_design():
     "output_norm",
     "output_proj",
   }
-  l3 = ta.state_dict_to_flax("l3", random_twin("l3").state_dict())
+  l3 = bridge.state_dict_to_flax("l3", random_twin("l3").state_dict())
   assert set(l3) == {
     "input_norm",
     "blocks_0",
@@ -462,7 +463,7 @@ def test_flax_tree_follows_design():
   assert set(l3["blocks_0"]) == {"down", "norm", "up"}
   assert l3["blocks_0"]["down"]["kernel"].shape == (D, 16)
   assert set(l3["final_norm"]) == {"scale", "bias"}
-  l5f = ta.state_dict_to_flax("l5f", random_twin("l5f").state_dict())
+  l5f = bridge.state_dict_to_flax("l5f", random_twin("l5f").state_dict())
   assert set(l5f) == {
     "gate",
     "fusion_proj",
@@ -475,7 +476,7 @@ def test_flax_tree_follows_design():
   }
   assert l5f["gate"]["kernel"].shape == (2 * D, D)
   assert l5f["pos_embed"].shape == (1, 16, D)
-  l1 = ta.state_dict_to_flax("l1", random_twin("l1").state_dict())
+  l1 = bridge.state_dict_to_flax("l1", random_twin("l1").state_dict())
   assert set(l1["layers_1"]) == {
     "layer_norm",
     "down_proj",
@@ -486,45 +487,45 @@ def test_flax_tree_follows_design():
 
 def test_mapping_errors_name_the_keys():
   sd = dict(random_twin("l4").state_dict())
-  params = ta.state_dict_to_flax("l4", sd)
+  params = bridge.state_dict_to_flax("l4", sd)
   del params["layers_1"]["ffn_up"]["bias"]
   with pytest.raises(ValueError, match="layers_1/ffn_up/bias"):
-    ta.flax_to_state_dict("l4", params)
-  params = ta.state_dict_to_flax("l4", sd)
+    bridge.flax_to_state_dict("l4", params)
+  params = bridge.state_dict_to_flax("l4", sd)
   params["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
   with pytest.raises(ValueError, match="extra/kernel"):
-    ta.flax_to_state_dict("l4", params)
+    bridge.flax_to_state_dict("l4", params)
   bad = dict(sd)
   bad["layers.0.attn.bias_k"] = torch.zeros(1)
   with pytest.raises(ValueError, match="bias_k"):
-    ta.state_dict_to_flax("l4", bad)
+    bridge.state_dict_to_flax("l4", bad)
   gap = {k: v for k, v in sd.items() if not k.startswith("layers.0.")}
   with pytest.raises(ValueError, match="not 0..0"):
-    ta.state_dict_to_flax("l4", gap)
+    bridge.state_dict_to_flax("l4", gap)
   with pytest.raises(ValueError, match="hidden_dim=40"):
-    ta.resolve_config("l4", sd, {"hidden_dim": 40})
+    bridge.resolve_config("l4", sd, {"hidden_dim": 40})
   with pytest.raises(ValueError, match=r"layers.0.ffn.0.weight: \(48, 32\)"):
-    ta.check_state_dict(
+    bridge.check_state_dict(
       "l4", sd, hidden_dim=D, num_heads=4, ffn_dim=64, num_layers=2
     )
 
 
 def test_resolve_config_infers_and_checks():
   sd = random_twin("l5").state_dict()
-  cfg = ta.resolve_config("l5", sd, {"num_heads": 4, "dropout": 0.0})
+  cfg = bridge.resolve_config("l5", sd, {"num_heads": 4, "dropout": 0.0})
   assert cfg == dict(SMALL["l5"], dropout=0.0)
   with pytest.raises(ValueError, match="ffn_dim=64"):
-    ta.resolve_config("l5", sd, {"num_heads": 4, "ffn_dim": 64})
+    bridge.resolve_config("l5", sd, {"num_heads": 4, "ffn_dim": 64})
   with pytest.raises(ValueError, match="does not divide"):
-    ta.resolve_config("l5", sd, {"num_heads": 5})
+    bridge.resolve_config("l5", sd, {"num_heads": 5})
 
 
 def test_params_npz_round_trip(tmp_path):
-  params = ta.state_dict_to_flax("l5f", random_twin("l5f").state_dict())
+  params = bridge.state_dict_to_flax("l5f", random_twin("l5f").state_dict())
   path = tmp_path / "p.npz"
-  ta.save_params_npz(path, {"params": params})
-  back = ta.load_params_npz(path)
-  a, b = ta.flatten_params(params), ta.flatten_params(back)
+  bridge.save_params_npz(path, {"params": params})
+  back = bridge.load_params_npz(path)
+  a, b = bridge.flatten_params(params), bridge.flatten_params(back)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])

@@ -121,8 +121,8 @@ def load_adapter(
           f"--adapter {name}= asks for"
         )
       state = dict(ckpt["model_state_dict"])
-      cfg = ta.resolve_config(kind, state, bridge.model_config(kind, ckpt))
-      module = ta.load_torch_adapter(kind, state, **cfg)
+      cfg = bridge.resolve_config(kind, state, bridge.model_config(kind, ckpt))
+      module = bridge.load_torch_adapter(kind, state, **cfg)
     except (ValueError, KeyError) as e:
       raise ValueError(f"--adapter {name}={value}: {e}") from e
     info["config"] = cfg

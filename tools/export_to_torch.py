@@ -17,7 +17,7 @@ Examples:
       --config '{"hidden_dim": 64, "bottleneck_dim": 16}' --out /tmp/l1.pt
 
 A params file is an .npz of float32 arrays keyed by '/'-joined Flax paths
-(`tools.lib.twins.save_params_npz`); `import_from_torch.py` writes one,
+(`tools.lib.bridge.save_params_npz`); `import_from_torch.py` writes one,
 with its config beside it as NAME.config.json (picked up automatically).
 """
 
@@ -30,7 +30,6 @@ from pathlib import Path
 
 from egpt_align import models
 from tools.lib import bridge
-from tools.lib import twins as ta
 
 
 def _run_info(checkpoint, workdir, which):
@@ -158,7 +157,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.metrics is None and run_metrics:
       args.metrics = json.dumps(run_metrics)
   else:
-    params = ta.load_params_npz(args.params)
+    params = bridge.load_params_npz(args.params)
     config_arg = args.config
     sibling = Path(str(Path(args.params).with_suffix("")) + ".config.json")
     if config_arg is None and sibling.exists():

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from egpt_align import models
 from tools.lib import bridge
-from tools.lib import twins as ta
 
 
 def output_paths(out) -> dict[str, Path]:
@@ -76,7 +75,7 @@ def main(argv=None) -> dict[str, Path]:
   paths = output_paths(args.out)
   paths["params"].parent.mkdir(parents=True, exist_ok=True)
   tmp = paths["params"].with_name(paths["params"].name + ".tmp")
-  ta.save_params_npz(tmp, params)
+  bridge.save_params_npz(tmp, params)
   os.replace(tmp, paths["params"])
   info = {
     "model": {"name": name, **cfg},
