@@ -75,9 +75,7 @@ def model_costs(backend, inputs, repeats: int) -> dict:
 @torch.inference_mode()
 def adapter_step_ms(hidden: int, lm_head, device, dtype, repeats: int):
   """One cached B1 decode step + LM-head argmax at position 64 (ms)."""
-  adapter = twins.build_torch_adapter(
-    "b1", hidden_dim=hidden, max_seq_len=1024
-  )
+  adapter = twins.build_torch_adapter("b1", hidden_dim=hidden, max_seq_len=1024)
   adapter = adapter.to(device, dtype).eval()
   cache = adapter.init_cache(1, 1024)
   adapter.decode_step(
