@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from egpt_align.data.format import write_json_atomic
+
 REPO = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
@@ -271,8 +273,7 @@ def main(argv=None):
     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     "runs": results,
   }
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  write_json_atomic(os.path.join(out, "results.json"), report)
   print(
     f"\n{level} hidden {hidden}, batch {batch} x {seq}, {epochs} epochs of "
     f"{spe} steps; ms/step = median after epoch 1"

@@ -27,7 +27,6 @@ CPU smoke test:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,6 +35,7 @@ import time
 import torch
 import tqdm
 
+from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import generation, media
 
@@ -317,8 +317,7 @@ def main(argv=None) -> int:
     )
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+    write_json_atomic(args.out, report)
     print(f"wrote {args.out}")
   return 0
 
