@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from tools import benchmark_sd as bench  # noqa: E402
-from tools.lib import bridge  # noqa: E402
+from tools.lib import bridge, sd_results  # noqa: E402
 from tools.lib import twins as ta  # noqa: E402
 
 
@@ -298,7 +298,7 @@ def test_aggregate_is_ratio_of_mean_totals():
 
   base = [rec(10.0), rec(100.0)]
   meth = [rec(5.0, 10, 9, 2), rec(100.0, 10, 1, 2)]
-  a = bench.aggregate("x", meth, base, n_boot=200, seed=0)
+  a = sd_results.aggregate("x", meth, base, n_boot=200, seed=0)
   assert a["speedup"] == pytest.approx(110.0 / 105.0)
   # The reference's mean of per-sample ratios would say 1.5.
   assert a["speedup"] != pytest.approx(np.mean([10 / 5, 100 / 100]))
@@ -309,7 +309,7 @@ def test_aggregate_is_ratio_of_mean_totals():
   # Bootstrap resamples pairs: the CI spans the two per-sample ratios' range
   # of resampled means, i.e. stays within [min ratio, max ratio].
   assert 1.0 - 1e-9 <= lo and hi <= 2.0 + 1e-9
-  err = bench.aggregate(
+  err = sd_results.aggregate(
     "y", [{"id": "a", "error": "x"}], base[:1], n_boot=0, seed=0
   )
   assert err == {"n": 0, "failed": 1}
