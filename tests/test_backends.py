@@ -1,7 +1,6 @@
-"""Tests for tools/backends.py on tiny random Llama / Video-LLaVA models."""
+"""Tests for tools/lib/backends.py on tiny random Llama / Video-LLaVA models."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -12,10 +11,10 @@ pytest.importorskip("transformers")
 # spinning worker threads only slow the tests down.
 torch.set_num_threads(1)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests import toy_plugin as tp  # noqa: E402
-from tools import backends as bk  # noqa: E402
+from tools.lib import backends as bk  # noqa: E402
+from tools.lib import generation, media  # noqa: E402
 
 QUESTIONS = ["w1", "w2 w3 w4 w5 w6", "w7 w8", "w9 w10 w11 w12 w13 w14 w15"]
 NEW = 10
@@ -62,7 +61,7 @@ def test_greedy_generate_batched_equals_hf_generate(llama, tok):
     for i, q in enumerate(QUESTIONS)
   ]
   assert len({x["input_ids"].shape[1] for x in ins}) == len(ins)  # ragged
-  gen = bk.greedy_generate(b, b.collate(ins), NEW)
+  gen = generation.greedy_generate(b, b.collate(ins), NEW)
   lengths = gen.lengths.tolist()
   assert len(set(lengths)) > 1, "fixture should give different lengths"
   for i, x in enumerate(ins):
@@ -114,7 +113,9 @@ def test_teacher_forced_states_equal_full_forward_per_sample(llama, tok):
   g = torch.Generator().manual_seed(0)
   lengths = torch.tensor([1, 6, 3, 6])
   tokens = torch.randint(8, 40, (4, 6), generator=g)
-  hidden, ids = bk.teacher_forced_states(b, b.collate(ins), tokens, lengths)
+  hidden, ids = generation.teacher_forced_states(
+    b, b.collate(ins), tokens, lengths
+  )
   for i, x in enumerate(ins):
     n, p = int(lengths[i]), x["input_ids"].shape[1]
     full = torch.cat([x["input_ids"], tokens[i : i + 1, : n - 1]], dim=1)
@@ -177,7 +178,7 @@ def test_plugin_backend_loads_and_generates(tok):
   x = b.prompt_inputs({"id": "a", "question": "w1 w2", "media": {"seed": 5}})
   assert x["input_ids"].shape == (1, 1 + 5 + 2)
   toks, states = _hf_greedy(b.model, x, 6)
-  gen = bk.greedy_generate(b, b.collate([x]), 6)
+  gen = generation.greedy_generate(b, b.collate([x]), 6)
   assert gen.tokens[0, : gen.lengths[0]].tolist() == toks.tolist()
   np.testing.assert_allclose(
     gen.hidden[0, : len(toks)].numpy(), states.numpy(), atol=1e-5
@@ -214,15 +215,17 @@ def _write_frames(directory, n, seed=0):
 
 def test_load_frames_uniform_sampling(tmp_path):
   paths = _write_frames(tmp_path / "v", 10)
-  frames = bk.load_frames({"video": str(tmp_path / "v")}, 4)
+  frames = media.load_frames({"video": str(tmp_path / "v")}, 4)
   want = np.linspace(0, 9, 4).astype(int)  # reference: np.linspace
   assert [int(f[5, 5, 0]) // 10 for f in frames] == want.tolist()
-  frames = bk.load_frames({"frames": paths[:3]}, 5)
+  frames = media.load_frames({"frames": paths[:3]}, 5)
   assert [int(f[5, 5, 0]) // 10 for f in frames] == [0, 0, 1, 1, 2]
   with pytest.raises(FileNotFoundError, match="sample s7: video"):
-    bk.load_frames({"video": str(tmp_path / "missing.mp4")}, 4, sample_id="s7")
+    media.load_frames(
+      {"video": str(tmp_path / "missing.mp4")}, 4, sample_id="s7"
+    )
   with pytest.raises(ValueError, match="needs media"):
-    bk.load_frames({"image": "x.png"}, 4)
+    media.load_frames({"image": "x.png"}, 4)
 
 
 def make_video_llava(tok, seed=0):
@@ -282,7 +285,7 @@ def test_video_llava_backend_equals_hf_generate(tmp_path, tok):
   ]
   # 3 frames x (2 x 2 patches + CLS) placeholders.
   assert int((ins[0]["input_ids"] == tp.vocab()["<video>"]).sum()) == 15
-  gen = bk.greedy_generate(b, b.collate(ins), 8)
+  gen = generation.greedy_generate(b, b.collate(ins), 8)
   for i, x in enumerate(ins):
     toks, states = _hf_greedy(model, x, 8)
     n = int(gen.lengths[i])
@@ -298,7 +301,7 @@ def test_video_llava_backend_equals_hf_generate(tmp_path, tok):
   tok2.pad_token = "<video>"
   b2 = bk.VideoLlavaBackend(model, tok2, ip, num_frames=3)
   assert b2.pad_token_id == 2
-  gen2 = bk.greedy_generate(b2, b2.collate(ins), 8)
+  gen2 = generation.greedy_generate(b2, b2.collate(ins), 8)
   np.testing.assert_array_equal(gen2.lengths.numpy(), gen.lengths.numpy())
 
 

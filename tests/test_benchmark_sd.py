@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from tools import benchmark_sd as bench  # noqa: E402
-from tools import torch_adapters as ta  # noqa: E402
+from tools.lib import bridge, sd_results  # noqa: E402
+from tools.lib import twins as ta  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,9 +148,8 @@ def test_costs_readable_by_speedup_model(tmp_path):
 
 
 def _export(tmp_path, name, module, cfg, fmt):
-  export = pytest.importorskip("tools.export_to_torch")
-  params = ta.state_dict_to_flax(name, module.state_dict())
-  paths = export.export(params, name, cfg, tmp_path / name, fmt=fmt)
+  params = bridge.state_dict_to_flax(name, module.state_dict())
+  paths = bridge.export(params, name, cfg, tmp_path / name, fmt=fmt)
   return str(paths[0])
 
 
@@ -298,7 +298,7 @@ def test_aggregate_is_ratio_of_mean_totals():
 
   base = [rec(10.0), rec(100.0)]
   meth = [rec(5.0, 10, 9, 2), rec(100.0, 10, 1, 2)]
-  a = bench.aggregate("x", meth, base, n_boot=200, seed=0)
+  a = sd_results.aggregate("x", meth, base, n_boot=200, seed=0)
   assert a["speedup"] == pytest.approx(110.0 / 105.0)
   # The reference's mean of per-sample ratios would say 1.5.
   assert a["speedup"] != pytest.approx(np.mean([10 / 5, 100 / 100]))
@@ -309,7 +309,7 @@ def test_aggregate_is_ratio_of_mean_totals():
   # Bootstrap resamples pairs: the CI spans the two per-sample ratios' range
   # of resampled means, i.e. stays within [min ratio, max ratio].
   assert 1.0 - 1e-9 <= lo and hi <= 2.0 + 1e-9
-  err = bench.aggregate(
+  err = sd_results.aggregate(
     "y", [{"id": "a", "error": "x"}], base[:1], n_boot=0, seed=0
   )
   assert err == {"n": 0, "failed": 1}

@@ -106,7 +106,15 @@ def test_convert_round_trip_cli(tmp_path):
   src, dst = str(tmp_path / "ref"), str(tmp_path / "out")
   truth = make_reference_dir(src, [7, 7, 4])
   out = subprocess.run(
-    [sys.executable, TOOL, src, dst, "--samples_per_shard", "5"],
+    [
+      sys.executable,
+      "-m",
+      "tools.convert_reference_chunks",
+      src,
+      dst,
+      "--samples_per_shard",
+      "5",
+    ],
     capture_output=True,
     text=True,
     cwd=ROOT,

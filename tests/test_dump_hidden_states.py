@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -14,12 +13,12 @@ pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from egpt_align.data.reader import open_dataset  # noqa: E402
 from tests import toy_plugin as tp  # noqa: E402
-from tools import backends as bk  # noqa: E402
 from tools import dump_hidden_states as dump  # noqa: E402
+from tools.lib import backends as bk  # noqa: E402
+from tools.lib import generation  # noqa: E402
 
 NUM = 6
 NEW = 10
@@ -287,14 +286,14 @@ def test_failing_samples_are_reported_and_exit_nonzero_plugin(
 
 
 def test_model_failure_isolated_to_its_sample(models, tmp_path, monkeypatch):
-  real = dump.run_batch
+  real = generation.run_batch
 
   def flaky(target, draft, items, **kw):
     if any(s["id"] == "s5" for s, _, _ in items):
       raise RuntimeError("boom on s5")
     return real(target, draft, items, **kw)
 
-  monkeypatch.setattr(dump, "run_batch", flaky)
+  monkeypatch.setattr(generation, "run_batch", flaky)
   out = tmp_path / "flaky"
   assert _run(models, out, "--batch_size", "4") == dump.EXIT_FAILED
   with open(out / "failures.jsonl") as f:
@@ -316,13 +315,13 @@ def test_target_token_outside_drafter_vocab_fails_that_sample(models):
     )
     for i, q in enumerate(qs)
   ]
-  gen = bk.greedy_generate(
+  gen = generation.greedy_generate(
     target, target.collate([x for _, x, _ in items]), NEW
   )
   # Shrink the drafter's vocabulary below sample 1's largest token.
   limit = int(gen.tokens[1, : gen.lengths[1]].max())
   draft.vocab_size = limit
-  res = dump.run_batch(
+  res = generation.run_batch(
     target, draft, items, pairing="teacher_forced", max_new_tokens=NEW
   )
   for i, (_, rec) in enumerate(res):
@@ -476,7 +475,7 @@ def _numbers(tree):
 
 
 def test_benchmark_dump_smoke(tmp_path, capsys):
-  from tools import benchmark_dump
+  from tools.benchmarks import benchmark_dump
 
   out = tmp_path / "bench.json"
   argv = ["--small", "--num_samples", "4", "--ref_samples", "2"]

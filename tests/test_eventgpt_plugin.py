@@ -22,8 +22,9 @@ torch.set_num_threads(1)
 
 from egpt_align.data.reader import open_dataset  # noqa: E402
 from tests import toy_plugin as tp  # noqa: E402
-from tools import backends as bk  # noqa: E402
 from tools import dump_hidden_states as dump  # noqa: E402
+from tools.lib import backends as bk  # noqa: E402
+from tools.lib import generation  # noqa: E402
 from tools.plugins import eventgpt as eg  # noqa: E402
 
 REPO = os.environ.get(eg.REPO_ENV)
@@ -364,8 +365,8 @@ def test_greedy_and_states_equal_the_checkouts_generate_and_forward(
   ins = [backend.prompt_inputs(s) for s in samples]
   assert ins[0]["input_ids"].shape[1] != ins[1]["input_ids"].shape[1]
   batch = backend.collate(ins)  # left padded: the rows differ in length
-  gen = bk.greedy_generate(backend, batch, NEW)
-  tf_hidden, tf_ids = bk.teacher_forced_states(
+  gen = generation.greedy_generate(backend, batch, NEW)
+  tf_hidden, tf_ids = generation.teacher_forced_states(
     backend, batch, gen.tokens, gen.lengths
   )
   for i, q in enumerate(QUESTIONS):
@@ -420,7 +421,7 @@ def test_event_images_as_media(tiny, backend, tmp_path):
   )
   assert x["event_tensors"].shape == (1, 2, 3, 28, 28)
   assert int((x["input_ids"] == tiny["api"].EVENT_TOKEN_INDEX).sum()) == 2 + 5
-  gen = bk.greedy_generate(backend, backend.collate([x]), NEW)
+  gen = generation.greedy_generate(backend, backend.collate([x]), NEW)
   frames = list(x["event_tensors"][0])
   out = tiny["model"].generate(
     _repo_prompt(tiny, "w2"),

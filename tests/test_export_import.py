@@ -17,9 +17,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from egpt_align import models  # noqa: E402
 from tools import export_to_torch, import_from_torch  # noqa: E402
-from tools import torch_adapters as ta  # noqa: E402
+from tools.lib import bridge  # noqa: E402
+from tools.lib import twins as ta  # noqa: E402
 
 D = 32
 SMALL = {
@@ -86,7 +87,7 @@ def rel_err(a, b):
 
 
 def assert_same_params(a, b):
-  fa, fb = ta.flatten_params(a), ta.flatten_params(b)
+  fa, fb = bridge.flatten_params(a), bridge.flatten_params(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -113,16 +114,16 @@ def twin_from_reference_dict(ckpt):
 # Flax -> torch.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_flax_and_torch_twin_agree(name, tmp_path):
   module, params = flax_params(name)
   xs, mask = batch(name)
   want = flax_forward(module, params, xs, mask)
-  (path,) = export_to_torch.export(
+  (path,) = bridge.export(
     params, name, SMALL[name], tmp_path / "a.pt", fmt="pt"
   )
   ckpt = torch.load(path, map_location="cpu", weights_only=True)
-  assert ckpt["adapter_type"] == ta.REF_TYPES[name]
+  assert ckpt["adapter_type"] == models.get_spec(name).ref_type
   assert ckpt["vlm_only"] == (name == "b1")
   got = torch_forward(twin_from_reference_dict(ckpt), xs, mask)
   valid = mask if name in CAUSAL_OR_ATTN else np.ones_like(mask)
@@ -135,8 +136,8 @@ def test_twin_cached_decode_matches_flax(name):
   xs, _ = batch(name)
   xs = [x[:1] for x in xs]
   want = flax_forward(module, params, xs, np.ones((1, 7), bool))
-  twin = ta.load_torch_adapter(
-    name, ta.flax_to_state_dict(name, params), **SMALL[name]
+  twin = bridge.load_torch_adapter(
+    name, bridge.flax_to_state_dict(name, params), **SMALL[name]
   ).eval()
   cache = twin.init_cache(1, 7)
   outs = []
@@ -153,10 +154,10 @@ def test_twin_cached_decode_matches_flax(name):
 # Export -> import round trips.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_export_import_round_trip_is_exact(name, tmp_path, capsys):
   _, params = flax_params(name)
-  ta.save_params_npz(tmp_path / "p.npz", params)
+  bridge.save_params_npz(tmp_path / "p.npz", params)
   cfg = dict(SMALL[name], dropout=0.0, dtype="bfloat16", num_blocks=None)
   if name in ("l1", "l4", "l5", "b1", "l5f"):
     cfg.pop("num_blocks")
@@ -178,7 +179,7 @@ def test_export_import_round_trip_is_exact(name, tmp_path, capsys):
   for src in ("m.pt", "m.safetensors"):
     out = tmp_path / f"imp_{src}"
     import_from_torch.main([str(tmp_path / "exp" / src), "--out", str(out)])
-    assert_same_params(ta.load_params_npz(f"{out}.npz"), params)
+    assert_same_params(bridge.load_params_npz(f"{out}.npz"), params)
     with open(f"{out}.config.json") as f:
       model = json.load(f)["model"]
     want = {"name": name, **SMALL[name], "dropout": 0.0}
@@ -195,17 +196,17 @@ def test_export_import_round_trip_is_exact(name, tmp_path, capsys):
 
 def test_export_formats_and_errors(tmp_path):
   _, params = flax_params("l2")
-  paths = export_to_torch.export(
+  paths = bridge.export(
     params, "l2", SMALL["l2"], tmp_path / "x", fmt="safetensors"
   )
   assert [p.name for p in paths] == ["x.safetensors", "x.config.json"]
   with pytest.raises(ValueError, match="hidden_dim=40"):
-    export_to_torch.export(params, "l2", {"hidden_dim": 40}, tmp_path / "y")
+    bridge.export(params, "l2", {"hidden_dim": 40}, tmp_path / "y")
   with pytest.raises(ValueError, match="num_heads"):
-    export_to_torch.export(params, "l2", {"num_heads": 4}, tmp_path / "y")
+    bridge.export(params, "l2", {"num_heads": 4}, tmp_path / "y")
   with pytest.raises(ValueError, match="blocks_0"):
-    export_to_torch.export(params, "l1", {}, tmp_path / "y")
-  ta.save_params_npz(tmp_path / "p.npz", params)
+    bridge.export(params, "l1", {}, tmp_path / "y")
+  bridge.save_params_npz(tmp_path / "p.npz", params)
   with pytest.raises(SystemExit, match="hidden_dim=40"):
     export_to_torch.main(
       ["--params", str(tmp_path / "p.npz"), "--adapter", "l2",
@@ -247,7 +248,7 @@ def test_export_from_workdir(tmp_path):
   assert got["egpt_align_step"] == 7
   assert got["epoch"] == 2 and got["metrics"] == val
   assert got["config"]["num_heads"] == 4
-  want = ta.flax_to_state_dict("l4", params)
+  want = bridge.flax_to_state_dict("l4", params)
   for k, v in want.items():
     assert torch.equal(got["model_state_dict"][k], v), k
 
@@ -256,8 +257,8 @@ def test_params_npz_compatible_with_egpt_align_checkpoint(tmp_path):
   checkpoint = pytest.importorskip("egpt_align.checkpoint")
   _, params = flax_params("l3")
   checkpoint.save_params_npz(str(tmp_path / "a.npz"), params)
-  assert_same_params(ta.load_params_npz(tmp_path / "a.npz"), params)
-  ta.save_params_npz(tmp_path / "b.npz", params)
+  assert_same_params(bridge.load_params_npz(tmp_path / "a.npz"), params)
+  bridge.save_params_npz(tmp_path / "b.npz", params)
   assert_same_params(
     checkpoint.load_params_npz(str(tmp_path / "b.npz")), params
   )
@@ -286,7 +287,7 @@ def reference_checkpoint(name, path, seed=0):
     config["use_token_embed"] = False
   ckpt = {
     "model_state_dict": model.state_dict(),
-    "adapter_type": ta.REF_TYPES[name],
+    "adapter_type": models.get_spec(name).ref_type,
     "config": config,
     "epoch": 12,
     "optimizer_state_dict": opt.state_dict(),
@@ -306,8 +307,10 @@ def test_reference_checkpoint_imports_and_runs_the_same(name, tmp_path):
       import_from_torch.main(argv)
   else:
     import_from_torch.main(argv)
-  params = ta.load_params_npz(tmp_path / "imp.npz")
-  assert_same_params(params, ta.state_dict_to_flax(name, model.state_dict()))
+  params = bridge.load_params_npz(tmp_path / "imp.npz")
+  assert_same_params(
+    params, bridge.state_dict_to_flax(name, model.state_dict())
+  )
   with open(tmp_path / "imp.config.json") as f:
     info = json.load(f)
   assert info["source"]["epoch"] == 12
@@ -331,8 +334,8 @@ def test_bare_safetensors_needs_adapter(tmp_path):
     import_from_torch.main(argv)
   import_from_torch.main(argv + ["--adapter", "l3"])
   assert_same_params(
-    ta.load_params_npz(tmp_path / "o.npz"),
-    ta.state_dict_to_flax("l3", model.state_dict()),
+    bridge.load_params_npz(tmp_path / "o.npz"),
+    bridge.state_dict_to_flax("l3", model.state_dict()),
   )
 
 
@@ -434,13 +437,13 @@ def test_l1_export_loads_with_the_reference_loader(reference_package, tmp_path):
   xs, mask = batch("l1")
   want = flax_forward(module, params, xs, mask)
   # The default export's plain-dict config: the reference's loader fails.
-  (plain,) = export_to_torch.export(
+  (plain,) = bridge.export(
     params, "l1", SMALL["l1"], tmp_path / "plain.pt", fmt="pt"
   )
   with pytest.raises(AttributeError, match="'dict' object has no attribute"):
     reference_load_any_adapter(plain)
   # --reference_l1_config: the reference's class, its loader accepts it.
-  (path,) = export_to_torch.export(
+  (path,) = bridge.export(
     params,
     "l1",
     SMALL["l1"],
@@ -456,7 +459,7 @@ def test_l1_export_loads_with_the_reference_loader(reference_package, tmp_path):
   with pytest.raises(Exception, match="weights_only"):
     torch.load(path, map_location="cpu", weights_only=True)
   with pytest.raises(ValueError, match="l1 exports only"):
-    export_to_torch.export(
+    bridge.export(
       flax_params("l2")[1], "l2", SMALL["l2"], tmp_path / "x.pt",
       reference_l1_config=True,
     )  # fmt: skip
@@ -465,11 +468,11 @@ def test_l1_export_loads_with_the_reference_loader(reference_package, tmp_path):
 def test_l1_reference_config_export_without_the_reference_package(tmp_path):
   """No reference package installed: the stand-in modules vanish again."""
   _, params = flax_params("l1")
-  export_to_torch.export(
+  bridge.export(
     params, "l1", SMALL["l1"], tmp_path / "r.pt", fmt="pt",
     reference_l1_config=True,
   )  # fmt: skip
-  assert export_to_torch.REFERENCE_L1_MODULE not in sys.modules
+  assert bridge.REFERENCE_L1_MODULE not in sys.modules
   assert "feasible" not in sys.modules
 
 
@@ -500,8 +503,8 @@ def test_reference_l1_with_pickled_config(
   else:
     import_from_torch.main([path, "--out", out, "--trust_pickle"])
   assert_same_params(
-    ta.load_params_npz(out + ".npz"),
-    ta.state_dict_to_flax("l1", model.state_dict()),
+    bridge.load_params_npz(out + ".npz"),
+    bridge.state_dict_to_flax("l1", model.state_dict()),
   )
   with open(out + ".config.json") as f:
     assert json.load(f)["model"] == {
@@ -517,7 +520,8 @@ def test_reference_l1_with_pickled_config(
 def test_scripts_have_help():
   for script in ("export_to_torch.py", "import_from_torch.py"):
     res = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tools", script), "--help"],
+      [sys.executable, "-m", f"tools.{script[:-3]}", "--help"],
+      cwd=ROOT,
       capture_output=True,
       text=True,
       check=False,

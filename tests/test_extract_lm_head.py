@@ -103,7 +103,7 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
 
 def test_head_of_a_backend_spec(tmp_path):
   from tests import toy_plugin
-  from tools import backends
+  from tools.lib import backends
 
   spec = "tests.toy_plugin:make_backend:0"
   npy, _, info = ext.extract_from_spec(spec, str(tmp_path / "toy_head"))

@@ -28,8 +28,8 @@ def test_readme_blocks_are_found():
   with open(os.path.join(REPO, "README.md")) as f:
     blocks = readme_blocks(f.read())
   assert len(blocks) == 5  # one per step
-  assert "dump_hidden_states.py" in blocks[0]
-  assert "benchmark_sd.py" in blocks[4]
+  assert "tools.dump_hidden_states" in blocks[0]
+  assert "tools.benchmark_sd" in blocks[4]
 
 
 def test_readme_pipeline_chain_runs(tmp_path):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from egpt_align.data.reader import open_dataset
-from tools import backends as bk
 from tools import dump_hidden_states as dump
+from tools.lib import backends as bk
+from tools.lib import generation
 from tools.scenes import drafter as drafter_lib
 from tools.scenes import make_pair, models, samples, text, world
 
@@ -156,7 +157,7 @@ def test_target_greedy_through_backend_equals_generate(backends, split):
   sample, _ = _sample(split, "target")
   inputs = target.prompt_inputs(sample)
   eos = target.eos_token_id
-  gen = bk.greedy_generate(
+  gen = generation.greedy_generate(
     target, target.collate([inputs]), 24, suppress_tokens=[eos]
   )
   with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests of tools/sd_engine.py: lossless SD on tiny random Llamas (CPU)."""
+"""Tests of tools/lib/sd_engine.py: lossless SD on tiny random Llamas (CPU)."""
 
 import copy
 import dataclasses
@@ -8,10 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tools import sd_engine as sd  # noqa: E402
-from tools.backends import cache_length  # noqa: E402
-from tools.benchmark_sd import TokenPromptBackend, random_llama  # noqa: E402
-from tools.torch_adapters import build_torch_adapter  # noqa: E402
+from egpt_align.models import get_spec  # noqa: E402
+from tools.lib import sd_engine as sd  # noqa: E402
+from tools.lib.backends import cache_length, crop_cache  # noqa: E402
+from tools.lib.random_models import TokenPromptBackend, random_llama  # noqa: E402
+from tools.lib.twins import build_torch_adapter  # noqa: E402
 
 D, V = 32, 64
 SHAPE = dict(
@@ -96,7 +97,7 @@ class OracleNext(torch.nn.Module):
 
   def truncate(self, cache, length):
     assert 0 <= length <= cache["length"]
-    cache["kv"] = sd.crop_kv(cache["kv"], cache["base"] + length)
+    cache["kv"] = crop_cache(cache["kv"], cache["base"] + length)
     cache["length"] = length
     return cache
 
@@ -551,7 +552,7 @@ def recording(target_model, noisy_model):
       torch.float32,
     )
   for name, ad in adapters.items():
-    if ad.kind in sd.DECODE_ADAPTERS:
+    if get_spec(ad.kind).role == "decode":
       ad.module = RecordingAdapter(ad.module, log, name)
   return sd.Models(tb, db, adapters), log
 
@@ -609,7 +610,7 @@ def test_every_model_is_fed_only_accepted_text(
       if kind in ("decode", "two_phase"):
         ad = models.adapters[names[-1]]
         truths = [
-          {"source": h_d, "target": h_t}[x] for x in sd.DECODE_INPUTS[ad.kind]
+          {"source": h_d, "target": h_t}[x] for x in get_spec(ad.kind).inputs
         ]
         assert any(x[0] == names[-1] for x in log), m
         _check_fed(log, names[-1], truths, _close)
@@ -646,7 +647,7 @@ def test_eos_as_first_token_ends_generation(target_model, runtime):
 
 def test_static_lm_rollback_never_reads_stale_entries(target_model):
   """Rolled-back positions hold garbage; the next steps must not see it."""
-  from tools import static_kv
+  from tools.lib import static_kv
 
   model = copy.deepcopy(target_model)
   tb = _backend(model)
@@ -676,12 +677,12 @@ def test_static_lm_rollback_never_reads_stale_entries(target_model):
 
 
 def test_static_adapter_rollback_never_reads_stale_entries():
-  from tools import static_kv
+  from tools.lib import static_kv
 
   for kind in ("b1", "l5f"):
     ad = _adapter(kind, alpha=1.0)
     w = torch.randn(V, D)
-    n_in = len(sd.DECODE_INPUTS[kind])
+    n_in = len(get_spec(kind).inputs)
     xs = [torch.randn(1, 6, D) for _ in range(n_in)]
     with torch.inference_mode():
       sa = static_kv.StaticAdapter(

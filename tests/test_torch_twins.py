@@ -1,17 +1,17 @@
-"""Tests of tools/torch_adapters.py: twins, cached decoding, mapping."""
+"""Tests of tools/lib/twins.py (twins, KV decoding) and bridge.py (mapping)."""
 
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools import torch_adapters as ta  # noqa: E402
+from egpt_align import models  # noqa: E402
+from tools.lib import bridge  # noqa: E402
+from tools.lib import twins as ta  # noqa: E402
 
 # The reference's state-dict listing (REFERENCE_NOTES §2), vendored as test
 # data.
@@ -123,7 +123,7 @@ def np_forward(name, model, xs, mask):
   x = xs[0]
   if name in ("l1", "l2"):
     prefix = "layers" if name == "l1" else "blocks"
-    for i in range(ta.torch_depth(name, sd)):
+    for i in range(bridge.torch_depth(name, sd)):
       k = f"{prefix}.{i}"
       h = np_gelu(
         np_linear(np_ln(x, sd, k + ".layer_norm"), sd, k + ".down_proj", False)
@@ -132,7 +132,7 @@ def np_forward(name, model, xs, mask):
     return np_ln(x, sd, "final_norm")
   if name == "l3":
     x = np_ln(x, sd, "input_norm")
-    for i in range(ta.torch_depth(name, sd)):
+    for i in range(bridge.torch_depth(name, sd)):
       k = f"blocks.{i}"
       h = np_ln(np_linear(x, sd, k + ".0", False), sd, k + ".1")
       x = x + sd[f"alphas.{i}"] * np_linear(np_gelu(h), sd, k + ".4", False)
@@ -155,7 +155,7 @@ def np_forward(name, model, xs, mask):
     residual = v
   else:
     h = np_ln(x, sd, "input_norm") + sd["pos_embed"][:, :seq]
-  for i in range(ta.torch_depth(name, sd)):
+  for i in range(bridge.torch_depth(name, sd)):
     h = np_layer(h, sd, f"layers.{i}", model.num_heads, allowed)
   if name == "l4":
     out = np_linear(np_ln(h, sd, "output_proj.0"), sd, "output_proj.1")
@@ -179,7 +179,7 @@ def rel_err(a, b):
 # Structure, counts, initialisation.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_param_count_at_4096(name):
   with torch.device("meta"):
     model = ta.build_torch_adapter(name, hidden_dim=4096)
@@ -194,7 +194,7 @@ def test_l3_three_blocks_count():
 
 
 @pytest.mark.skipif(not os.path.exists(REF_JSON), reason="no reference JSON")
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_state_dict_equals_reference_listing(name):
   with open(REF_JSON) as f:
     ref = json.load(f)
@@ -281,7 +281,7 @@ def test_unknown_field_and_name():
 # Forward: reference formulas with the mask used right.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_forward_matches_numpy_reference(name):
   model = random_twin(name)
   xs, mask = batch(name)
@@ -417,13 +417,13 @@ def test_decode_errors():
 # Mapping.
 
 
-@pytest.mark.parametrize("name", ta.ADAPTER_NAMES)
+@pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_mapping_round_trip_is_exact(name):
   sd = random_twin(name).state_dict()
-  params = ta.state_dict_to_flax(name, sd)
-  leaves = ta.flatten_params(params)
+  params = bridge.state_dict_to_flax(name, sd)
+  leaves = bridge.flatten_params(params)
   assert all(v.dtype == np.float32 for v in leaves.values())
-  back = ta.flax_to_state_dict(name, {"params": params})
+  back = bridge.flax_to_state_dict(name, {"params": params})
   assert list(back) == list(sd)
   for k in sd:
     assert back[k].shape == sd[k].shape, k
@@ -432,7 +432,7 @@ def test_mapping_round_trip_is_exact(name):
 
 def test_flax_tree_follows_design():
   sd = random_twin("l4").state_dict()
-  p = ta.state_dict_to_flax("l4", sd)
+  p = bridge.state_dict_to_flax("l4", sd)
   attn = p["layers_0"]["attn"]
   w = sd["layers.0.attn.in_proj_weight"].numpy()
   assert attn["in_proj"]["kernel"].shape == (D, 3 * D)
@@ -451,7 +451,7 @@ def test_flax_tree_follows_design():
     "output_norm",
     "output_proj",
   }
-  l3 = ta.state_dict_to_flax("l3", random_twin("l3").state_dict())
+  l3 = bridge.state_dict_to_flax("l3", random_twin("l3").state_dict())
   assert set(l3) == {
     "input_norm",
     "blocks_0",
@@ -463,7 +463,7 @@ def test_flax_tree_follows_design():
   assert set(l3["blocks_0"]) == {"down", "norm", "up"}
   assert l3["blocks_0"]["down"]["kernel"].shape == (D, 16)
   assert set(l3["final_norm"]) == {"scale", "bias"}
-  l5f = ta.state_dict_to_flax("l5f", random_twin("l5f").state_dict())
+  l5f = bridge.state_dict_to_flax("l5f", random_twin("l5f").state_dict())
   assert set(l5f) == {
     "gate",
     "fusion_proj",
@@ -476,7 +476,7 @@ def test_flax_tree_follows_design():
   }
   assert l5f["gate"]["kernel"].shape == (2 * D, D)
   assert l5f["pos_embed"].shape == (1, 16, D)
-  l1 = ta.state_dict_to_flax("l1", random_twin("l1").state_dict())
+  l1 = bridge.state_dict_to_flax("l1", random_twin("l1").state_dict())
   assert set(l1["layers_1"]) == {
     "layer_norm",
     "down_proj",
@@ -487,45 +487,45 @@ def test_flax_tree_follows_design():
 
 def test_mapping_errors_name_the_keys():
   sd = dict(random_twin("l4").state_dict())
-  params = ta.state_dict_to_flax("l4", sd)
+  params = bridge.state_dict_to_flax("l4", sd)
   del params["layers_1"]["ffn_up"]["bias"]
   with pytest.raises(ValueError, match="layers_1/ffn_up/bias"):
-    ta.flax_to_state_dict("l4", params)
-  params = ta.state_dict_to_flax("l4", sd)
+    bridge.flax_to_state_dict("l4", params)
+  params = bridge.state_dict_to_flax("l4", sd)
   params["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
   with pytest.raises(ValueError, match="extra/kernel"):
-    ta.flax_to_state_dict("l4", params)
+    bridge.flax_to_state_dict("l4", params)
   bad = dict(sd)
   bad["layers.0.attn.bias_k"] = torch.zeros(1)
   with pytest.raises(ValueError, match="bias_k"):
-    ta.state_dict_to_flax("l4", bad)
+    bridge.state_dict_to_flax("l4", bad)
   gap = {k: v for k, v in sd.items() if not k.startswith("layers.0.")}
   with pytest.raises(ValueError, match="not 0..0"):
-    ta.state_dict_to_flax("l4", gap)
+    bridge.state_dict_to_flax("l4", gap)
   with pytest.raises(ValueError, match="hidden_dim=40"):
-    ta.resolve_config("l4", sd, {"hidden_dim": 40})
+    bridge.resolve_config("l4", sd, {"hidden_dim": 40})
   with pytest.raises(ValueError, match=r"layers.0.ffn.0.weight: \(48, 32\)"):
-    ta.check_state_dict(
+    bridge.check_state_dict(
       "l4", sd, hidden_dim=D, num_heads=4, ffn_dim=64, num_layers=2
     )
 
 
 def test_resolve_config_infers_and_checks():
   sd = random_twin("l5").state_dict()
-  cfg = ta.resolve_config("l5", sd, {"num_heads": 4, "dropout": 0.0})
+  cfg = bridge.resolve_config("l5", sd, {"num_heads": 4, "dropout": 0.0})
   assert cfg == dict(SMALL["l5"], dropout=0.0)
   with pytest.raises(ValueError, match="ffn_dim=64"):
-    ta.resolve_config("l5", sd, {"num_heads": 4, "ffn_dim": 64})
+    bridge.resolve_config("l5", sd, {"num_heads": 4, "ffn_dim": 64})
   with pytest.raises(ValueError, match="does not divide"):
-    ta.resolve_config("l5", sd, {"num_heads": 5})
+    bridge.resolve_config("l5", sd, {"num_heads": 5})
 
 
 def test_params_npz_round_trip(tmp_path):
-  params = ta.state_dict_to_flax("l5f", random_twin("l5f").state_dict())
+  params = bridge.state_dict_to_flax("l5f", random_twin("l5f").state_dict())
   path = tmp_path / "p.npz"
-  ta.save_params_npz(path, {"params": params})
-  back = ta.load_params_npz(path)
-  a, b = ta.flatten_params(params), ta.flatten_params(back)
+  bridge.save_params_npz(path, {"params": params})
+  back = bridge.load_params_npz(path)
+  a, b = bridge.flatten_params(params), bridge.flatten_params(back)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])

@@ -1,21 +1,17 @@
 """A toy backend plugin over a tiny random Llama, plus tiny-model helpers.
 
 Plugin spec: `tests.toy_plugin:make_backend[:SEED]` (run from the repo root).
-It proves the plugin path of tools/backends.py: a model that is not loaded by
+It proves the plugin path of tools/lib/backends.py: a model that is not
+loaded by
 a built-in backend, with its own prompt construction (here: a fixed "media"
 prefix of token ids standing in for EventGPT's event features).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tools import backends as bk  # noqa: E402
+from tools.lib import backends as bk  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>"]

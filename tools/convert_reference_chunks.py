@@ -23,10 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from egpt_align.data import DatasetWriter  # noqa: E402
-from egpt_align.data.format import read_header  # noqa: E402
+from egpt_align.data import DatasetWriter
+from egpt_align.data.format import read_header
 
 # What the reference extraction does (REFERENCE_NOTES §4.3); recorded so live
 # inference can match training.

@@ -43,19 +43,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-if __package__ in (None, ""):
-  # Run as a script: make `tools` and `egpt_align` importable from the repo,
-  # and plugins importable from the working directory.
-  sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  )
-  sys.path.insert(0, os.getcwd())
-
-import numpy as np
 import torch
 import tqdm
 
-from tools import backends as bk
+from tools.lib import backends as bk
+from tools.lib import generation, media
 
 SAMPLES_HELP = """\
 samples file (JSONL), one object per line:
@@ -69,173 +61,7 @@ nothing; a plugin reads the keys it documents. Relative paths are resolved
 against --media_root (default: the samples file's directory).
 """
 
-ROLES = ("target", "draft")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def _resolve(value, root: str):
-  """Joins relative path strings (that exist under `root`) onto `root`."""
-  if isinstance(value, str):
-    if not os.path.isabs(value) and os.path.exists(os.path.join(root, value)):
-      return os.path.join(root, value)
-    return value
-  if isinstance(value, list):
-    return [_resolve(v, root) for v in value]
-  if isinstance(value, dict):
-    return {k: _resolve(v, root) for k, v in value.items()}
-  return value
-
-
-def read_samples(path: str, media_root: str | None = None) -> list[dict]:
-  """Reads and validates the samples JSONL; errors name the line and field."""
-  root = media_root or os.path.dirname(os.path.abspath(path))
-  samples, seen = [], {}
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from e
-      if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object per line")
-      sid = obj.get("id")
-      if not isinstance(sid, (str, int)) or isinstance(sid, bool):
-        raise ValueError(f"{where}: 'id' must be a string, got {sid!r}")
-      sid = str(sid)
-      if sid in seen:
-        raise ValueError(f"{where}: id {sid!r} repeats line {seen[sid]}")
-      seen[sid] = lineno
-      if not isinstance(obj.get("question"), str):
-        raise ValueError(f"{where} (id {sid!r}): 'question' must be a string")
-      media = obj.get("media", {})
-      if not isinstance(media, dict) or any(
-        not isinstance(media.get(r, {}), dict) for r in ROLES
-      ):
-        raise ValueError(
-          f"{where} (id {sid!r}): 'media' must be "
-          '{"target": {...}, "draft": {...}}'
-        )
-      unknown = sorted(set(media) - set(ROLES))
-      if unknown:
-        raise ValueError(
-          f"{where} (id {sid!r}): unknown media roles {unknown}; "
-          f"expected {list(ROLES)}"
-        )
-      samples.append(
-        {
-          "id": sid,
-          "question": obj["question"],
-          "media": {r: _resolve(media.get(r, {}), root) for r in ROLES},
-        }
-      )
-  return samples
-
-
-def _view(sample: dict, role: str) -> dict:
-  return {
-    "id": sample["id"],
-    "question": sample["question"],
-    "media": sample["media"][role],
-  }
-
-
-def _np32(x: torch.Tensor) -> np.ndarray:
-  return x.detach().float().cpu().numpy()
-
-
-def _text(key: str, backend: bk.Backend, tokens: torch.Tensor) -> dict:
-  """{key: decoded text} when the backend has a tokenizer, else {}."""
-  tok = getattr(backend, "tokenizer", None)
-  if tok is None or not hasattr(tok, "decode"):
-    return {}
-  try:
-    return {key: tok.decode(tokens.tolist(), skip_special_tokens=True)}
-  except Exception:  # noqa: BLE001 - texts are informational only
-    return {}
-
-
-def run_batch(
-  target: bk.Backend,
-  draft: bk.Backend,
-  items: Sequence[tuple[dict, dict, dict]],
-  *,
-  pairing: str,
-  max_new_tokens: int,
-  suppress_tokens: Sequence[int] = (),
-) -> list[tuple[dict, dict | str]]:
-  """Processes prepared (sample, target_inputs, draft_inputs) together.
-
-  Returns, per item, (sample, record) where record is the dict to write or
-  a string saying why the sample failed. `suppress_tokens` never get
-  generated (benchmarks suppress EOS so every sample has the same length).
-  """
-  t_batch = target.collate([t for _, t, _ in items])
-  gen = bk.greedy_generate(
-    target, t_batch, max_new_tokens, suppress_tokens=suppress_tokens
-  )
-  t_len = gen.lengths.cpu()
-  results: list = [None] * len(items)
-  if pairing == "teacher_forced":
-    keep = []
-    for i in range(len(items)):
-      toks = gen.tokens[i, : t_len[i]]
-      if int(toks.max()) >= draft.vocab_size:
-        bad = int(toks.max())
-        results[i] = (
-          f"target token id {bad} is outside the drafter's vocabulary "
-          f"(size {draft.vocab_size}); the models must share token ids"
-        )
-      else:
-        keep.append(i)
-    if keep:
-      d_batch = draft.collate([items[i][2] for i in keep])
-      lengths = t_len[keep]
-      n = int(lengths.max())
-      toks = gen.tokens[keep, :n].clone()
-      cols = torch.arange(n, device=toks.device)[None]
-      toks[cols >= lengths[:, None].to(toks.device)] = draft.pad_token_id
-      d_hidden, d_ids = bk.teacher_forced_states(draft, d_batch, toks, lengths)
-      for j, i in enumerate(keep):
-        n_i = int(t_len[i])
-        results[i] = {
-          "source": _np32(d_hidden[j, :n_i]),
-          "target": _np32(gen.hidden[i, :n_i]),
-          "target_tokens": gen.tokens[i, :n_i].cpu().numpy(),
-          "draft_tokens": d_ids[j, :n_i].cpu().numpy(),
-          "meta": {
-            "id": items[i][0]["id"],
-            "question": items[i][0]["question"],
-            **_text("target_text", target, gen.tokens[i, :n_i]),
-          },
-        }
-  elif pairing == "free_running":
-    d_batch = draft.collate([d for _, _, d in items])
-    d_gen = bk.greedy_generate(
-      draft, d_batch, max_new_tokens, suppress_tokens=suppress_tokens
-    )
-    d_len = d_gen.lengths.cpu()
-    for i, (s, _, _) in enumerate(items):
-      n_i = int(min(t_len[i], d_len[i]))
-      results[i] = {
-        "source": _np32(d_gen.hidden[i, :n_i]),
-        "target": _np32(gen.hidden[i, :n_i]),
-        "target_tokens": gen.tokens[i, :n_i].cpu().numpy(),
-        "draft_tokens": d_gen.tokens[i, :n_i].cpu().numpy(),
-        "meta": {
-          "id": s["id"],
-          "question": s["question"],
-          "target_length": int(t_len[i]),
-          "draft_length": int(d_len[i]),
-          **_text("target_text", target, gen.tokens[i, : t_len[i]]),
-          **_text("draft_text", draft, d_gen.tokens[i, : d_len[i]]),
-        },
-      }
-  else:
-    raise ValueError(f"unknown pairing {pairing!r}")
-  return [(items[i][0], results[i]) for i in range(len(items))]
 
 
 class Dumper:
@@ -276,12 +102,12 @@ class Dumper:
 
   def _prepare(self, sample: dict):
     try:
-      t_in = self.target.prompt_inputs(_view(sample, "target"))
+      t_in = self.target.prompt_inputs(media.role_view(sample, "target"))
     except Exception as e:  # noqa: BLE001 - reported, never dropped
       self.fail(sample, "target inputs", f"{type(e).__name__}: {e}")
       return None
     try:
-      d_in = self.draft.prompt_inputs(_view(sample, "draft"))
+      d_in = self.draft.prompt_inputs(media.role_view(sample, "draft"))
     except Exception as e:  # noqa: BLE001
       self.fail(sample, "draft inputs", f"{type(e).__name__}: {e}")
       return None
@@ -290,7 +116,7 @@ class Dumper:
   def _run(self, items):
     kw = {"pairing": self.pairing, "max_new_tokens": self.max_new_tokens}
     try:
-      return run_batch(self.target, self.draft, items, **kw)
+      return generation.run_batch(self.target, self.draft, items, **kw)
     except Exception as e:  # noqa: BLE001
       if len(items) == 1:
         return [(items[0][0], f"{type(e).__name__}: {e}")]
@@ -298,7 +124,7 @@ class Dumper:
     out = []
     for item in items:
       try:
-        out += run_batch(self.target, self.draft, [item], **kw)
+        out += generation.run_batch(self.target, self.draft, [item], **kw)
       except Exception as e:  # noqa: BLE001
         out.append((item[0], f"{type(e).__name__}: {e}"))
     return out
@@ -464,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from egpt_align.data.writer import DatasetWriter
 
   try:
-    samples = read_samples(args.samples, args.media_root)
+    samples = media.read_samples(args.samples, args.media_root)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE

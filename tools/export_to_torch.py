@@ -17,217 +17,19 @@ Examples:
       --config '{"hidden_dim": 64, "bottleneck_dim": 16}' --out /tmp/l1.pt
 
 A params file is an .npz of float32 arrays keyed by '/'-joined Flax paths
-(`tools.torch_adapters.save_params_npz`); `import_from_torch.py` writes one,
+(`tools.lib.bridge.save_params_npz`); `import_from_torch.py` writes one,
 with its config beside it as NAME.config.json (picked up automatically).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import sys
-import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-if __package__ in (None, ""):  # Run as a script: make `tools` importable.
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from tools import torch_adapters as ta  # noqa: E402
-
-FORMAT = "egpt_align.torch_adapter"
-FORMAT_VERSION = 1
-
-
-def output_paths(out: str | os.PathLike) -> dict[str, Path]:
-  """PATH.pt / PATH.safetensors / PATH.config.json for --out PATH[.pt]."""
-  out = Path(out)
-  if out.suffix in (".pt", ".safetensors"):
-    out = out.with_suffix("")
-  return {
-    "pt": out.with_name(out.name + ".pt"),
-    "safetensors": out.with_name(out.name + ".safetensors"),
-    "config": out.with_name(out.name + ".config.json"),
-  }
-
-
-def _plain(value: Any) -> Any:
-  # Only types torch.load(weights_only=True) and JSON both accept.
-  if value is None or isinstance(value, bool | int | float | str):
-    return value
-  if isinstance(value, Mapping):
-    return {str(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, list | tuple):
-    return [_plain(v) for v in value]
-  if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-    return value.item()
-  return str(value)
-
-
-def model_config_of(config: Any) -> dict[str, Any]:
-  """The `model.*` fields of a run config (ConfigDict or dict), or flat."""
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  config = dict(config or {})
-  if "model" in config and isinstance(config["model"], Mapping):
-    config = dict(config["model"])
-  return _plain(config)
-
-
-def export(
-  params: Mapping,
-  name: str,
-  model_config: Mapping[str, Any] | None,
-  out: str | os.PathLike,
-  *,
-  fmt: str = "both",
-  epoch: int = 0,
-  step: int | None = None,
-  metrics: Mapping[str, float] | None = None,
-  reference_l1_config: bool = False,
-) -> list[Path]:
-  """Writes the torch export of `params`; returns the files written.
-
-  `reference_l1_config` (L1 only): store `config` as the reference's pickled
-  HiddenAdapterConfig instead of a plain dict, so the reference's own
-  loader (which reads `config.num_layers` etc. as attributes) accepts it;
-  loading it then needs `torch.load(..., weights_only=False)`, as the
-  reference's own L1 files do.
-  """
-  name = ta.check_name(name)
-  if reference_l1_config and name != "l1":
-    raise ValueError(
-      f"--reference_l1_config applies to l1 exports only, not {name!r}"
-    )
-  if fmt not in ("pt", "safetensors", "both"):
-    raise ValueError(f"--format must be pt, safetensors or both, not {fmt!r}.")
-  model_config = dict(model_config or {})
-  cfg_name = model_config.pop("name", None)
-  if cfg_name is not None and ta.check_name(cfg_name) != name:
-    raise ValueError(
-      f"adapter {name!r} disagrees with the config's model.name {cfg_name!r}."
-    )
-  state_dict = ta.flax_to_state_dict(name, params)
-  cfg = ta.resolve_config(name, state_dict, model_config)
-  ref_config = ta.reference_config(name, **cfg)
-  extra = {k: v for k, v in _plain(model_config).items() if v is not None}
-  ours = {"name": name, **extra, **cfg}
-  metrics = _plain(dict(metrics)) if metrics else None
-  paths = output_paths(out)
-  paths["pt"].parent.mkdir(parents=True, exist_ok=True)
-  written = []
-  if fmt in ("pt", "both"):
-    ckpt = {
-      "model_state_dict": state_dict,
-      "adapter_type": ta.REF_TYPES[name],
-      "config": (
-        reference_l1_config_object(ref_config)
-        if reference_l1_config
-        else ref_config
-      ),
-      "epoch": int(epoch),
-      "egpt_align_adapter": name,
-      "egpt_align_config": ours,
-      "vlm_only": name == "b1",
-    }
-    if step is not None:
-      ckpt["egpt_align_step"] = int(step)
-    if metrics:
-      ckpt["metrics"] = metrics
-    with _reference_module_importable():
-      _atomic(paths["pt"], lambda f: torch.save(ckpt, f))
-    written.append(paths["pt"])
-  if fmt in ("safetensors", "both"):
-    from safetensors.torch import save_file
-
-    meta = {
-      "format": "pt",
-      "egpt_align_adapter": name,
-      "adapter_type": ta.REF_TYPES[name],
-    }
-    tmp = paths["safetensors"].with_name(paths["safetensors"].name + ".tmp")
-    save_file(dict(state_dict), str(tmp), metadata=meta)
-    os.replace(tmp, paths["safetensors"])
-    sidecar = {
-      "format": FORMAT,
-      "version": FORMAT_VERSION,
-      "adapter": name,
-      "adapter_type": ta.REF_TYPES[name],
-      "vlm_only": name == "b1",
-      "config": ref_config,
-      "model": ours,
-      "epoch": int(epoch),
-      "step": step,
-      "metrics": metrics,
-    }
-    text = json.dumps(sidecar, indent=2) + "\n"
-    _atomic(paths["config"], lambda f: f.write(text.encode()))
-    written += [paths["safetensors"], paths["config"]]
-  return written
-
-
-# Where the reference's L1 config class lives: its trainer imports it from
-# here, so its L1 checkpoints pickle it under this name (REFERENCE_NOTES
-# §5.4).
-REFERENCE_L1_MODULE = "feasible.feature_alignment.hidden_adapter"
-REFERENCE_L1_CLASS = "HiddenAdapterConfig"
-
-
-class _ReferenceL1Config(ta.HiddenAdapterConfig):
-  """ta.HiddenAdapterConfig, pickled as the reference's class."""
-
-
-_ReferenceL1Config.__module__ = REFERENCE_L1_MODULE
-_ReferenceL1Config.__qualname__ = REFERENCE_L1_CLASS
-_ReferenceL1Config.__name__ = REFERENCE_L1_CLASS
-
-
-def reference_l1_config_object(config: Mapping[str, Any]):
-  """The L1 `config` as an instance pickled under the reference's name."""
-  return _ReferenceL1Config(**config)
-
-
-@contextlib.contextmanager
-def _reference_module_importable():
-  """Makes REFERENCE_L1_MODULE resolve while torch.save pickles.
-
-  pickle writes a class as (module, name) and checks that importing them
-  gives the class back. Where the reference's package is not installed (the
-  usual case), stand-in modules hold our class for the duration of the save.
-  """
-  if REFERENCE_L1_MODULE in sys.modules:
-    module = sys.modules[REFERENCE_L1_MODULE]
-    if getattr(module, REFERENCE_L1_CLASS, None) is _ReferenceL1Config:
-      yield
-      return
-  parts = REFERENCE_L1_MODULE.split(".")
-  names = [".".join(parts[: i + 1]) for i in range(len(parts))]
-  saved = {n: sys.modules.get(n) for n in names}
-  try:
-    for n in names:
-      sys.modules[n] = types.ModuleType(n)
-    setattr(
-      sys.modules[REFERENCE_L1_MODULE], REFERENCE_L1_CLASS, _ReferenceL1Config
-    )
-    yield
-  finally:
-    for n, module in saved.items():
-      if module is None:
-        sys.modules.pop(n, None)
-      else:
-        sys.modules[n] = module
-
-
-def _atomic(path: Path, write) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
+from egpt_align import models
+from tools.lib import bridge
 
 
 def _run_info(checkpoint, workdir, which):
@@ -293,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   parser.add_argument(
     "--adapter",
-    choices=ta.ADAPTER_NAMES,
+    choices=list(models.ADAPTERS),
     help="adapter name (default: the config's model.name)",
   )
   parser.add_argument(
@@ -348,20 +150,20 @@ def run(args: argparse.Namespace) -> list[Path]:
         " Use --params instead."
       ) from e
     params, config = checkpoint.load_params(args.workdir, args.which)
-    model_cfg = model_config_of(config)
+    model_cfg = bridge.model_config_of(config)
     step, epoch, run_metrics = _run_info(checkpoint, args.workdir, args.which)
     if args.epoch is None:
       args.epoch = epoch
     if args.metrics is None and run_metrics:
       args.metrics = json.dumps(run_metrics)
   else:
-    params = ta.load_params_npz(args.params)
+    params = bridge.load_params_npz(args.params)
     config_arg = args.config
     sibling = Path(str(Path(args.params).with_suffix("")) + ".config.json")
     if config_arg is None and sibling.exists():
       config_arg = str(sibling)
     model_cfg = (
-      model_config_of(_load_json_arg(config_arg, "--config"))
+      bridge.model_config_of(_load_json_arg(config_arg, "--config"))
       if config_arg
       else {}
     )
@@ -373,7 +175,7 @@ def run(args: argparse.Namespace) -> list[Path]:
   if args.adapter:
     model_cfg.pop("name", None)
   metrics = _load_json_arg(args.metrics, "--metrics") if args.metrics else None
-  written = export(
+  written = bridge.export(
     params,
     name,
     model_cfg,

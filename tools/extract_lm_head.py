@@ -20,15 +20,12 @@ logits = h @ W.T. It is checked with a short forward pass on a few token ids
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
 # Make `egpt_align` importable when run as a script from the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from egpt_align.lm_head import save_lm_head  # noqa: E402
+from egpt_align.lm_head import save_lm_head
 
 
 def load_model(model_id: str, *, trust_remote_code: bool = False):
@@ -148,7 +145,7 @@ def extract_from_spec(
   contract makes the input of this head (docs/PLUGINS.md), so
   states_post_norm is true by construction.
   """
-  from tools import backends
+  from tools.lib import backends
 
   backend = backends.load_backend(spec, device="cpu", dtype="float32")
   weight = backend.lm_head_weight().detach().float().cpu().numpy()

@@ -5,7 +5,7 @@ EventGPT (github.com/xifan-zhang/EventGPT) is not in transformers: its model
 projector, a feature adaptor and spatio-temporal pooling of the event-frame
 features), its conversation template and its event loaders live in its own
 repository. This plugin imports them from a checkout (never a copy) and
-drives them through the `tools.backends.Backend` interface:
+drives them through the `tools.lib.backends.Backend` interface:
 
   --draft tools.plugins.eventgpt:make_backend:CKPT_DIR
 
@@ -45,7 +45,7 @@ import types
 import numpy as np
 import torch
 
-from tools import backends as bk
+from tools.lib import backends as bk
 
 REPO_ENV = "EVENTGPT_REPO"
 VISUAL_TOWER_ENV = "EVENTGPT_VISUAL_TOWER"

@@ -9,7 +9,7 @@ calls after warm-up, with the device synchronised around each call:
   target_decode / drafter_decode: one token on top of that prompt's cache
     (the cache is cropped back after every call);
   b1_step: one cached decode step of the B1 adapter twin
-    (tools/torch_adapters.py, the experiments' defaults at the pair's hidden
+    (tools/lib/twins.py, the experiments' defaults at the pair's hidden
     size) plus the argmax over the target's LM head, i.e. the cost of one
     EAGLE-style draft token.
 Prints the ratios the pair is designed for: target decode / B1 step (>= 8)
@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from tools import backends as bk
-from tools import torch_adapters
+from tools.lib import backends as bk
+from tools.lib import twins
 from tools.scenes import make_pair, text, world
 
 
@@ -75,9 +75,7 @@ def model_costs(backend, inputs, repeats: int) -> dict:
 @torch.inference_mode()
 def adapter_step_ms(hidden: int, lm_head, device, dtype, repeats: int):
   """One cached B1 decode step + LM-head argmax at position 64 (ms)."""
-  adapter = torch_adapters.build_torch_adapter(
-    "b1", hidden_dim=hidden, max_seq_len=1024
-  )
+  adapter = twins.build_torch_adapter("b1", hidden_dim=hidden, max_seq_len=1024)
   adapter = adapter.to(device, dtype).eval()
   cache = adapter.init_cache(1, 1024)
   adapter.decode_step(

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from tools import backends as bk
+from tools.lib import backends as bk
 from tools.scenes import models, text, world
 
 EVENT_TEMPLATE = text.prompt("{question}", "<event>")

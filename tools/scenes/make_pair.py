@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import tqdm
 
-from tools import backends as bk
+from tools.lib import backends as bk
+from tools.lib import generation
 from tools.scenes import models, text, world
 
 PAIR_FILE = "pair.json"
@@ -310,7 +311,7 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
         ("target", target, t_in),
         ("drafter", drafter, d_in),
       ):
-        gen = bk.greedy_generate(
+        gen = generation.greedy_generate(
           backend, backend.collate(inputs), max_new_tokens
         )
         for i, s in enumerate(chunk):

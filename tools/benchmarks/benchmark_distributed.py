@@ -13,10 +13,11 @@ and writes OUT/results.json (the per-run logs next to it).
 
   # 2 GPUs (L4 at hidden 4096, batch 64, sequence 50; a few minutes; the
   # dataset is 3.4 GB):
-  python -m tools.benchmark_distributed --out runs/bench_distributed \
-    --data_dir /tmp/bench_distributed_data
+  python -m tools.benchmarks.benchmark_distributed \
+    --out runs/bench_distributed --data_dir /tmp/bench_distributed_data
   # CPU smoke test (fake CPU devices, a tiny L1):
-  python -m tools.benchmark_distributed --small --out /tmp/bench_distributed
+  python -m tools.benchmarks.benchmark_distributed --small \
+    --out /tmp/bench_distributed
 """
 
 import argparse
@@ -31,7 +32,11 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from egpt_align.data.format import write_json_atomic
+
+REPO = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 BASE_CONFIG = os.path.join(REPO, "egpt_align", "configs", "base.py")
 
 
@@ -195,7 +200,8 @@ def main(argv=None):
   num_samples = int(np.ceil(train_samples / 0.98)) + 1
   data_dir = os.path.abspath(args.data_dir or os.path.join(out, "data"))
   if not os.path.exists(os.path.join(data_dir, "header.json")):
-    from tools import benchmark_data
+    # The JAX benchmarks' dataset writer (tools/benchmarks/benchmark_data.py).
+    from tools.benchmarks import benchmark_data
 
     benchmark_data.write_dataset(
       data_dir,
@@ -267,8 +273,7 @@ def main(argv=None):
     "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     "runs": results,
   }
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  write_json_atomic(os.path.join(out, "results.json"), report)
   print(
     f"\n{level} hidden {hidden}, batch {batch} x {seq}, {epochs} epochs of "
     f"{spe} steps; ms/step = median after epoch 1"

@@ -19,30 +19,25 @@ and both methods do the same amount of decoding. Measured in the same run:
 Disk writes are excluded from both. Prints a table and writes JSON to --out.
 
 GPU (the lead runs this on the H100):
-  python tools/benchmark_dump.py --out bench_dump.json
+  python -m tools.benchmarks.benchmark_dump --out bench_dump.json
 CPU smoke test:
-  python tools/benchmark_dump.py --small --out /tmp/bench_dump.json
+  python -m tools.benchmarks.benchmark_dump --small --out /tmp/bench_dump.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
-if __package__ in (None, ""):
-  sys.path.insert(
-    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  )
-
 import torch
 import tqdm
 
-from tools import backends as bk
-from tools import dump_hidden_states as dump
+from egpt_align.data.format import write_json_atomic
+from tools.lib import backends as bk
+from tools.lib import generation, media
 
 SMALL = {
   "hidden": 64,
@@ -158,10 +153,10 @@ def our_dump(backends, samples, args, pairing: str) -> int:
   for k in tqdm.tqdm(range(0, len(samples), bs), desc=pairing, leave=False):
     items = []
     for s in samples[k : k + bs]:
-      t_in = target.prompt_inputs(dump._view(s, "target"))
-      d_in = draft.prompt_inputs(dump._view(s, "draft"))
+      t_in = target.prompt_inputs(media.role_view(s, "target"))
+      d_in = draft.prompt_inputs(media.role_view(s, "draft"))
       items.append((s, t_in, d_in))
-    results = dump.run_batch(
+    results = generation.run_batch(
       target,
       draft,
       items,
@@ -276,7 +271,7 @@ def main(argv=None) -> int:
     torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
   )
   report = {
-    "benchmark": "tools/benchmark_dump.py",
+    "benchmark": "tools/benchmarks/benchmark_dump.py",
     "device": dev_name,
     "dtype": dtype_name,
     "torch": torch.__version__,
@@ -322,8 +317,7 @@ def main(argv=None) -> int:
     )
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+    write_json_atomic(args.out, report)
     print(f"wrote {args.out}")
   return 0
 

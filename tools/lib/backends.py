@@ -27,12 +27,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
+
+from tools.lib import media as media_lib
 
 DTYPES = {
   "float32": torch.float32,
@@ -43,7 +43,6 @@ DTYPES = {
 VICUNA_TEMPLATE = "USER: {question} ASSISTANT:"
 # The reference extraction prompt (REFERENCE_NOTES §4.3 / D6); kept exactly.
 VIDEO_LLAVA_TEMPLATE = "USER: <video>\n{question} ASSISTANT:"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -217,7 +216,7 @@ class Backend:
     that cannot provide one raise `static_kv.Unsupported`; the runtime then
     decodes with `forward` and the HF cache (the eager path).
     """
-    from tools import static_kv
+    from tools.lib import static_kv
 
     raise static_kv.Unsupported(f"{self.name} backend has no static decoder")
 
@@ -308,7 +307,7 @@ class HFBackend(Backend):
 
   def static_decoder(self, max_len: int, **options):
     """Static-cache steps for a Llama-family decoder (see the base class)."""
-    from tools import static_kv
+    from tools.lib import static_kv
 
     return static_kv.StaticLM(
       self.decoder, self.lm_head.weight, max_len, **options
@@ -348,78 +347,6 @@ class CausalLMBackend(HFBackend):
         "attention_mask", torch.ones_like(enc["input_ids"])
       ),
     }
-
-
-def _read_image(path: str) -> np.ndarray:
-  from PIL import Image
-
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
-
-
-def _decode_video(path: str) -> list[np.ndarray]:
-  """All frames of a video file as RGB arrays (PyAV, then imageio)."""
-  try:
-    import av  # type: ignore
-
-    with av.open(path) as container:
-      return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-  except ImportError:
-    pass
-  try:
-    import imageio.v3 as iio  # type: ignore
-
-    return list(iio.imiter(path))
-  except ImportError:
-    pass
-  raise RuntimeError(
-    f"cannot decode video {path!r}: neither PyAV (`av`) nor imageio is "
-    "installed; install one, or give the frames as image files "
-    "(media 'video': DIR of images, or 'frames': [paths])"
-  )
-
-
-def uniform_indices(num_available: int, num_frames: int) -> np.ndarray:
-  """Frame indices sampled uniformly like the reference (np.linspace)."""
-  return np.linspace(0, num_available - 1, num_frames).astype(int)
-
-
-def load_frames(media: dict, num_frames: int, *, sample_id: str = "?") -> list:
-  """`num_frames` RGB frames sampled uniformly from a video or image files.
-
-  `media` is {'video': FILE_OR_DIR} or {'frames': [image paths]}. A directory
-  is read as its image files in sorted name order.
-  """
-  if "frames" in media:
-    paths = list(media["frames"])
-    if not paths or not all(isinstance(p, str) for p in paths):
-      raise ValueError(
-        f"sample {sample_id}: media 'frames' must be a list of paths"
-      )
-    picked = [paths[i] for i in uniform_indices(len(paths), num_frames)]
-    return [_read_image(p) for p in picked]
-  if "video" not in media:
-    raise ValueError(
-      f"sample {sample_id}: video_llava needs media {{'video': FILE_OR_DIR}} "
-      f"or {{'frames': [paths]}}, got keys {sorted(media)}"
-    )
-  path = media["video"]
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-      f"sample {sample_id}: video {path!r} does not exist"
-    )
-  if os.path.isdir(path):
-    names = sorted(
-      n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES)
-    )
-    if not names:
-      raise ValueError(f"sample {sample_id}: no image files in {path!r}")
-    picked = [names[i] for i in uniform_indices(len(names), num_frames)]
-    return [_read_image(os.path.join(path, n)) for n in picked]
-  frames = _decode_video(path)
-  if not frames:
-    raise ValueError(f"sample {sample_id}: video {path!r} has no frames")
-  return [frames[i] for i in uniform_indices(len(frames), num_frames)]
 
 
 class VideoLlavaBackend(HFBackend):
@@ -493,7 +420,7 @@ class VideoLlavaBackend(HFBackend):
     if not isinstance(sample.get("question"), str):
       raise ValueError(f"sample {sid!r}: 'question' must be a str")
     media = sample.get("media") or {}
-    frames = load_frames(media, self.num_frames, sample_id=sid)
+    frames = media_lib.load_frames(media, self.num_frames, sample_id=sid)
     # Frames go through the (PIL/numpy) image processor one by one, which is
     # what VideoLlavaProcessor does for videos, without needing torchvision.
     enc = self.image_processor(images=frames, return_tensors="pt")
@@ -608,7 +535,9 @@ def load_backend(
     module = importlib.import_module(module_name)
   except ImportError as e:
     raise ValueError(
-      f"plugin spec {spec!r}: cannot import {module_name!r}: {e}"
+      f"plugin spec {spec!r}: cannot import {module_name!r}: {e} (a plugin "
+      "module must be importable: run `python -m tools.X` from the directory "
+      "that holds it, or add that directory to PYTHONPATH)"
     ) from e
   factory = getattr(module, factory_name, None)
   if not callable(factory):
@@ -634,104 +563,3 @@ def load_backend(
   if not getattr(backend, "eos_token_ids", None):
     backend.eos_token_ids = (int(backend.eos_token_id),)
   return backend
-
-
-@dataclasses.dataclass
-class Generation:
-  """Result of `greedy_generate` for a batch of B prompts.
-
-  tokens: [B, N] long, generated ids (positions >= lengths are padding).
-  lengths: [B] long, tokens generated per row, the stop token included.
-  hidden: [B, N, D] states h[t] that predicted tokens[:, t] (model dtype).
-  prompt_mask: [B, P] the collated prompt attention mask.
-  past_key_values: the cache after the last step (covers P + N - 1).
-  """
-
-  tokens: torch.Tensor
-  lengths: torch.Tensor
-  hidden: torch.Tensor
-  prompt_mask: torch.Tensor
-  past_key_values: Any = None
-
-
-@torch.inference_mode()
-def greedy_generate(
-  backend: Backend,
-  batch: dict,
-  max_new_tokens: int,
-  *,
-  stop_at_eos: bool = True,
-  suppress_tokens: Sequence[int] = (),
-) -> Generation:
-  """Batched greedy decoding over left-padded prompts with a KV cache.
-
-  Equivalent to HF `generate(do_sample=False)` per row: a row stops at its
-  first stop token (included in its length); finished rows keep running on
-  padding until all rows are done, and their extra tokens are masked out.
-  `suppress_tokens` get -inf logits (benchmarks use it to disable EOS).
-  """
-  mask = batch["attention_mask"].to(backend.device)
-  bsz = mask.shape[0]
-  hidden, logits, cache = backend.forward(batch, logits_to_keep=1)
-  hs, toks = [], []
-  done = torch.zeros(bsz, dtype=torch.bool, device=mask.device)
-  lengths = torch.zeros(bsz, dtype=torch.long, device=mask.device)
-  eos = torch.tensor(list(backend.eos_token_ids), device=mask.device)
-  suppress = list(suppress_tokens)
-  for step in range(max_new_tokens):
-    last = logits[:, -1].float()
-    if suppress:
-      last[:, suppress] = -float("inf")
-    nxt = last.argmax(-1)
-    hs.append(hidden[:, -1])
-    toks.append(torch.where(done, backend.pad_token_id, nxt))
-    lengths += (~done).long()
-    if stop_at_eos:
-      done = done | torch.isin(nxt, eos)
-    if bool(done.all()) or step == max_new_tokens - 1:
-      break
-    mask = torch.cat([mask, (~done).long()[:, None].to(mask.dtype)], dim=1)
-    hidden, logits, cache = backend.forward(
-      input_ids=toks[-1][:, None],
-      attention_mask=mask,
-      past_key_values=cache,
-      logits_to_keep=1,
-    )
-  return Generation(
-    tokens=torch.stack(toks, 1),
-    lengths=lengths,
-    hidden=torch.stack(hs, 1),
-    prompt_mask=batch["attention_mask"],
-    past_key_values=cache,
-  )
-
-
-@torch.inference_mode()
-def teacher_forced_states(
-  backend: Backend, batch: dict, tokens: torch.Tensor, lengths: torch.Tensor
-):
-  """States h[t] predicting `tokens[:, t]`, with the model fed the tokens.
-
-  One prefill over the left-padded prompts plus one forward over the given
-  tokens (right padding at the end is harmless for a causal model). Returns
-  (hidden [B, N, D], argmax ids [B, N] of the model's own LM head).
-  """
-  n = tokens.shape[1]
-  mask = batch["attention_mask"].to(backend.device)
-  h0, l0, cache = backend.forward(batch, logits_to_keep=1)
-  if n == 1:
-    return h0[:, -1:], l0[:, -1:].argmax(-1)
-  steps = torch.arange(n - 1, device=mask.device)[None]
-  valid = (steps < (lengths.to(mask.device)[:, None] - 1)).to(mask.dtype)
-  full = torch.cat([mask, valid], dim=1)
-  h1, l1, _ = backend.forward(
-    input_ids=tokens[:, :-1].to(backend.device),
-    attention_mask=full,
-    past_key_values=cache,
-    # True so the cache is read in every transformers version (the new
-    # entries are discarded with it).
-    use_cache=True,
-  )
-  hidden = torch.cat([h0[:, -1:], h1], dim=1)
-  ids = torch.cat([l0[:, -1:].argmax(-1), l1.argmax(-1)], dim=1)
-  return hidden, ids

@@ -1,4 +1,4 @@
-"""PyTorch twins of the egpt_align adapters and the Flax <-> torch bridge.
+"""PyTorch twins of the egpt_align adapters (the state-dict mapping: bridge).
 
 The twins have the reference's state-dict key names, shapes, order and
 initialisation (REFERENCE_NOTES §2), and compute the reference formulas with
@@ -9,87 +9,34 @@ Masks follow egpt_align: `mask` is `[B, S]` bool, True = valid.  Padded query
 positions get finite (but meaningless) outputs, never NaN, even for rows that
 are entirely padding.
 
-The mapping functions `flax_to_state_dict` / `state_dict_to_flax` are driven by
-one table per adapter, so both directions are the same correspondence:
-Dense kernels `[in, out]` are torch `weight.T`, the attention `in_proj` kernel
-`[D, 3D]` is `in_proj_weight.T` (columns q | k | v), LayerNorm `scale` is
-`weight`, alphas are 0-d.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADAPTER_NAMES = ("l1", "l2", "l3", "l4", "l5", "b1", "l5f")
-
-# Reference `adapter_type` strings.  The reference writes none for L1 and falls
-# back to 'L1_Bottleneck' when the key is absent; we write that string.
-REF_TYPES = {
-  "l1": "L1_Bottleneck",
-  "l2": "L2_MultiLayerBottleneck",
-  "l3": "L3_WideBottleneck",
-  "l4": "L4_Attention",
-  "l5": "L5_EAGLE",
-  "b1": "L5_EAGLE",
-  "l5f": "L5F_FusedEAGLE",
-}
-
-# Our (Flax) model config fields each twin understands.
-CONFIG_FIELDS = {
-  "l1": ("hidden_dim", "bottleneck_dim", "num_layers", "dropout", "alpha_init"),
-  "l2": ("hidden_dim", "bottleneck_dim", "num_blocks", "dropout", "alpha_init"),
-  "l3": ("hidden_dim", "bottleneck_dim", "num_blocks", "dropout", "alpha_init"),
-  "l4": (
-    "hidden_dim",
-    "num_heads",
-    "ffn_dim",
-    "num_layers",
-    "dropout",
-    "alpha_init",
-  ),
-  "l5": (
-    "hidden_dim",
-    "num_heads",
-    "ffn_dim",
-    "num_layers",
-    "dropout",
-    "alpha_init",
-    "max_seq_len",
-  ),
-  "l5f": (
-    "hidden_dim",
-    "num_heads",
-    "ffn_dim",
-    "num_layers",
-    "dropout",
-    "alpha_init",
-    "max_seq_len",
-  ),
-}
-CONFIG_FIELDS["b1"] = CONFIG_FIELDS["l5"]
+from egpt_align import models
 
 # Flax-only fields (compute dtype etc.) that do not change the torch module.
 IGNORED_FIELDS = frozenset({"name", "dtype", "param_dtype"})
 
+# Our (Flax) model config fields each twin understands: the registry's
+# module fields less the Flax-only ones.
+CONFIG_FIELDS = {
+  name: tuple(f for f in models.adapter_fields(name) if f not in IGNORED_FIELDS)
+  for name in models.ADAPTERS
+}
+
 
 def check_name(name: str) -> str:
-  """Returns the lower-cased adapter name or raises a clear ValueError."""
-  key = str(name).lower()
-  if key not in ADAPTER_NAMES:
-    raise ValueError(
-      f"Unknown adapter name {name!r}; expected one of {ADAPTER_NAMES}."
-    )
-  return key
+  """The registry name (lower-cased) or a ValueError naming the choices."""
+  return models.get_spec(name).name
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -666,7 +613,7 @@ TWIN_CLASSES = {
 def reference_config(name: str, **cfg) -> dict[str, Any]:
   """The reference constructor kwargs (plain dict) for our model config."""
   name = check_name(name)
-  cfg = _check_fields(name, cfg)
+  cfg = check_fields(name, cfg)
   d = {"hidden_dim": cfg.get("hidden_dim", 4096)}
   if name == "l1":
     d.update(
@@ -698,7 +645,8 @@ def reference_config(name: str, **cfg) -> dict[str, Any]:
   return d
 
 
-def _check_fields(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+def check_fields(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """`cfg` less Flax-only fields and Nones; an unknown field is an error."""
   # None means "the adapter default" (as in egpt_align's run configs).
   cfg = {
     k: v for k, v in cfg.items() if k not in IGNORED_FIELDS and v is not None
@@ -727,313 +675,3 @@ def build_torch_adapter(name: str, **cfg) -> nn.Module:
 def num_params(module: nn.Module) -> int:
   """Trainable parameter count (works on the meta device)."""
   return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-# ----------------------------------------------------------------------------
-# Flax <-> torch mapping.
-
-# One entry: (flax path, torch key, transpose?).
-_Entry = tuple[tuple[str, ...], str, bool]
-
-
-def _ln(fpath: tuple[str, ...], tkey: str) -> list[_Entry]:
-  return [
-    (fpath + ("scale",), tkey + ".weight", False),
-    (fpath + ("bias",), tkey + ".bias", False),
-  ]
-
-
-def _dense(fpath, tkey, bias=True) -> list[_Entry]:
-  out = [(fpath + ("kernel",), tkey + ".weight", True)]
-  if bias:
-    out.append((fpath + ("bias",), tkey + ".bias", False))
-  return out
-
-
-def _transformer_layer(i: int) -> list[_Entry]:
-  f, t = (f"layers_{i}",), f"layers.{i}"
-  return (
-    _ln(f + ("attn_norm",), t + ".attn_norm")
-    + [
-      (f + ("attn", "in_proj", "kernel"), t + ".attn.in_proj_weight", True),
-      (f + ("attn", "in_proj", "bias"), t + ".attn.in_proj_bias", False),
-    ]
-    + _dense(f + ("attn", "out_proj"), t + ".attn.out_proj")
-    + _ln(f + ("ffn_norm",), t + ".ffn_norm")
-    + _dense(f + ("ffn_up",), t + ".ffn.0")
-    + _dense(f + ("ffn_down",), t + ".ffn.3")
-  )
-
-
-def param_table(name: str, depth: int) -> list[_Entry]:
-  """(flax path, torch key, transpose) for every parameter, in torch order."""
-  name = check_name(name)
-  table: list[_Entry] = []
-  if name in ("l1", "l2"):
-    f, t = ("layers", "layers") if name == "l1" else ("blocks", "blocks")
-    for i in range(depth):
-      p, k = (f"{f}_{i}",), f"{t}.{i}"
-      table += [(p + ("alpha_param",), k + ".alpha_param", False)]
-      table += _dense(p + ("down_proj",), k + ".down_proj", bias=False)
-      table += _dense(p + ("up_proj",), k + ".up_proj", bias=False)
-      table += _ln(p + ("layer_norm",), k + ".layer_norm")
-    table += _ln(("final_norm",), "final_norm")
-  elif name == "l3":
-    table += _ln(("input_norm",), "input_norm")
-    for i in range(depth):
-      p, k = (f"blocks_{i}",), f"blocks.{i}"
-      table += _dense(p + ("down",), k + ".0", bias=False)
-      table += _ln(p + ("norm",), k + ".1")
-      table += _dense(p + ("up",), k + ".4", bias=False)
-    table += [((f"alphas_{i}",), f"alphas.{i}", False) for i in range(depth)]
-    table += _ln(("final_norm",), "final_norm")
-  elif name == "l4":
-    table += [(("alpha",), "alpha", False)]
-    for i in range(depth):
-      table += _transformer_layer(i)
-    table += _ln(("output_norm",), "output_proj.0")
-    table += _dense(("output_proj",), "output_proj.1")
-  else:
-    table += [
-      (("pos_embed",), "pos_embed", False),
-      (("alpha",), "alpha", False),
-    ]
-    if name == "l5f":
-      table += _dense(("fusion_proj",), "fusion_proj")
-      table += _ln(("fusion_norm",), "fusion_norm")
-      table += _dense(("gate",), "gate.0")
-    else:
-      table += _ln(("input_norm",), "input_norm")
-    for i in range(depth):
-      table += _transformer_layer(i)
-    table += _ln(("output_norm",), "output_norm")
-    table += _dense(("output_proj",), "output_proj")
-  return table
-
-
-def _depth_prefix(name: str) -> str:
-  return "blocks" if name in ("l2", "l3") else "layers"
-
-
-def _count(indices: set[int], what: str) -> int:
-  n = len(indices)
-  if sorted(indices) != list(range(n)):
-    raise ValueError(f"{what} indices {sorted(indices)} are not 0..{n - 1}.")
-  return n
-
-
-def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
-  """{'a/b/c': array} from a nested params dict (egpt_align's format)."""
-  from egpt_align import checkpoint
-
-  return checkpoint.flatten_params(params)
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict:
-  """Inverse of `flatten_params`."""
-  from egpt_align import checkpoint
-
-  return checkpoint.unflatten_params(flat)
-
-
-def _unwrap(params: Mapping) -> Mapping:
-  # Accept both `variables` ({'params': tree}) and the bare tree.
-  if set(params) == {"params"} and isinstance(params["params"], Mapping):
-    return params["params"]
-  return params
-
-
-def flax_depth(name: str, params: Mapping) -> int:
-  """Number of layers/blocks in a Flax params tree."""
-  name = check_name(name)
-  prefix = _depth_prefix(name)
-  pat = re.compile(rf"^{prefix}_(\d+)$")
-  idx = {int(m.group(1)) for k in _unwrap(params) if (m := pat.match(str(k)))}
-  return _count(idx, f"Flax params {prefix}_*")
-
-
-def torch_depth(name: str, state_dict: Mapping) -> int:
-  """Number of layers/blocks in a torch state dict."""
-  name = check_name(name)
-  prefix = _depth_prefix(name)
-  pat = re.compile(rf"^{prefix}\.(\d+)\.")
-  idx = {int(m.group(1)) for k in state_dict if (m := pat.match(k))}
-  return _count(idx, f"state dict {prefix}.*")
-
-
-def _to_numpy(x) -> np.ndarray:
-  """A float32 numpy copy (never a view of a torch tensor's storage)."""
-  if isinstance(x, torch.Tensor):
-    return x.detach().to("cpu", torch.float32).numpy().copy()
-  return np.array(x, dtype=np.float32, copy=True)
-
-
-def _mismatch(what, missing, unexpected) -> ValueError:
-  return ValueError(
-    f"{what} do not match the adapter's parameters: missing "
-    f"{sorted(missing)[:20]}, unexpected {sorted(unexpected)[:20]}."
-  )
-
-
-def flax_to_state_dict(name: str, params: Mapping) -> dict[str, torch.Tensor]:
-  """Flax params (tree or {'params': tree}) -> torch state dict (float32)."""
-  name = check_name(name)
-  params = _unwrap(params)
-  flat = flatten_params(params)
-  table = param_table(name, flax_depth(name, params))
-  want = {"/".join(fp) for fp, _, _ in table}
-  if want != set(flat):
-    raise _mismatch(
-      f"Flax params for {name!r}", want - set(flat), set(flat) - want
-    )
-  sd = collections.OrderedDict()
-  for fpath, tkey, transpose in table:
-    a = _to_numpy(flat["/".join(fpath)])
-    if transpose:
-      if a.ndim != 2:
-        raise ValueError(
-          f"Flax param {'/'.join(fpath)} has shape {a.shape}; expected a 2-D "
-          "kernel [in, out]."
-        )
-      a = a.T
-    sd[tkey] = torch.from_numpy(np.array(a, order="C"))
-  return sd
-
-
-def state_dict_to_flax(name: str, state_dict: Mapping) -> dict:
-  """torch state dict -> nested Flax params dict of float32 numpy arrays."""
-  name = check_name(name)
-  table = param_table(name, torch_depth(name, state_dict))
-  want = {tkey for _, tkey, _ in table}
-  if want != set(state_dict):
-    raise _mismatch(
-      f"state dict keys for {name!r}",
-      want - set(state_dict),
-      set(state_dict) - want,
-    )
-  flat = {}
-  for fpath, tkey, transpose in table:
-    a = _to_numpy(state_dict[tkey])
-    if transpose:
-      if a.ndim != 2:
-        raise ValueError(
-          f"state dict {tkey} has shape {a.shape}; expected a 2-D weight."
-        )
-      a = np.array(a.T, order="C")
-    flat["/".join(fpath)] = a
-  return unflatten_params(flat)
-
-
-def infer_config(name: str, state_dict: Mapping, num_heads=None) -> dict:
-  """Our model config fields read off a torch state dict's shapes."""
-  name = check_name(name)
-  sd = state_dict
-
-  def dim(key, axis=0):
-    if key not in sd:
-      raise ValueError(f"state dict for {name!r} lacks {key!r}.")
-    return int(sd[key].shape[axis])
-
-  depth = torch_depth(name, sd)
-  cfg: dict[str, Any] = {}
-  if name in ("l1", "l2"):
-    prefix = "layers" if name == "l1" else "blocks"
-    cfg["hidden_dim"] = dim("final_norm.weight")
-    cfg["bottleneck_dim"] = dim(f"{prefix}.0.down_proj.weight")
-    cfg["num_layers" if name == "l1" else "num_blocks"] = depth
-  elif name == "l3":
-    cfg["hidden_dim"] = dim("final_norm.weight")
-    cfg["bottleneck_dim"] = dim("blocks.0.0.weight")
-    cfg["num_blocks"] = depth
-  else:
-    key = "output_proj.0.weight" if name == "l4" else "output_norm.weight"
-    cfg["hidden_dim"] = dim(key)
-    cfg["ffn_dim"] = dim("layers.0.ffn.0.weight")
-    cfg["num_layers"] = depth
-    cfg["num_heads"] = 8 if num_heads is None else int(num_heads)
-    if cfg["hidden_dim"] % cfg["num_heads"]:
-      raise ValueError(
-        f"num_heads={cfg['num_heads']} does not divide hidden_dim="
-        f"{cfg['hidden_dim']}."
-      )
-    if name != "l4":
-      cfg["max_seq_len"] = dim("pos_embed", 1)
-  return cfg
-
-
-def resolve_config(name: str, state_dict: Mapping, model_cfg=None) -> dict:
-  """Merges a model config with the dims read off `state_dict`; checks both.
-
-  Structural fields (hidden_dim, depth, ffn_dim, ...) come from the shapes;
-  a config value that disagrees with them is an error naming the field.
-  """
-  name = check_name(name)
-  model_cfg = _check_fields(name, dict(model_cfg or {}))
-  inferred = infer_config(name, state_dict, model_cfg.get("num_heads"))
-  for key, value in model_cfg.items():
-    if key in inferred and inferred[key] != value:
-      raise ValueError(
-        f"config field {key}={value!r} disagrees with the parameters, "
-        f"whose shapes give {key}={inferred[key]!r} (adapter {name!r})."
-      )
-  cfg = {**inferred, **model_cfg}
-  check_state_dict(name, state_dict, **cfg)
-  return cfg
-
-
-def expected_shapes(name: str, **cfg) -> dict[str, tuple[int, ...]]:
-  """State-dict key -> shape of the twin for `cfg`, built on the meta device."""
-  with torch.device("meta"):
-    model = build_torch_adapter(name, **cfg)
-  return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_state_dict(name: str, state_dict: Mapping, **cfg) -> None:
-  """Raises a ValueError naming every key whose presence or shape is wrong."""
-  want = expected_shapes(name, **cfg)
-  have = {k: tuple(v.shape) for k, v in state_dict.items()}
-  if set(want) != set(have):
-    raise _mismatch(
-      f"state dict keys for {name!r}",
-      set(want) - set(have),
-      set(have) - set(want),
-    )
-  bad = [f"{k}: {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
-  if bad:
-    raise ValueError(
-      f"state dict shapes for {name!r} with config {cfg} differ: {bad[:20]}"
-    )
-
-
-def load_torch_adapter(name: str, state_dict: Mapping, **cfg) -> nn.Module:
-  """Builds the twin for `cfg` and loads `state_dict` into it (strict)."""
-  check_state_dict(name, state_dict, **cfg)
-  model = build_torch_adapter(name, **cfg)
-  model.load_state_dict(state_dict, strict=True)
-  return model
-
-
-# ----------------------------------------------------------------------------
-# Params files: one .npz with '/'-joined keys.
-
-
-def save_params_npz(path, params: Mapping) -> None:
-  """Writes a params tree (torch or numpy leaves) as egpt_align's .npz."""
-  from egpt_align import checkpoint
-
-  def as_numpy(node):
-    if isinstance(node, Mapping):
-      return {k: as_numpy(v) for k, v in node.items()}
-    return _to_numpy(node)
-
-  checkpoint.save_params_npz(os.fspath(path), as_numpy(_unwrap(params)))
-
-
-def load_params_npz(path) -> dict:
-  """Reads an .npz written by `save_params_npz` back into a nested dict."""
-  from egpt_align import checkpoint
-
-  params = checkpoint.load_params_npz(os.fspath(path))
-  if not params:
-    raise ValueError(f"{path}: params file holds no arrays.")
-  return params

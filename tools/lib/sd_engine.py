@@ -36,7 +36,7 @@ adapter's cache is truncated to the positions whose inputs were true.
 Runtimes (`SDConfig.runtime`): 'eager' runs every forward through the
 backend with HF KV caches, cropped on rollback. 'fast' runs the prefill the
 same way, copies its cache into preallocated buffers and then decodes with
-the backend's static decoder (tools/static_kv.py: CUDA-graph steps, one per
+the backend's static decoder (tools/lib/static_kv.py: CUDA-graph steps, one per
 input length 1..gamma+1, of compiled layers), and decode adapters with their
 static step + LM head + argmax in one graph; a rollback only moves the next
 position. Models without a static decoder fall back to eager
@@ -70,34 +70,16 @@ from typing import Any
 
 import torch
 
-from tools import static_kv
-from tools.backends import Backend, cache_length, crop_cache
+from egpt_align.models import ADAPTERS, get_spec
+from tools.lib import static_kv
+from tools.lib.backends import Backend, cache_length, crop_cache
 
-PREFILL_ADAPTERS = ("l1", "l2", "l3", "l4")
-DECODE_ADAPTERS = ("l5", "b1", "l5f")
-# Which streams each decode adapter reads (registry `inputs`).
-DECODE_INPUTS = {
-  "l5": ("source",),
-  "b1": ("target",),
-  "l5f": ("source", "target"),
-}
 RUNTIMES = ("eager", "fast")
 
 
-def crop_kv(cache, length: int):
-  """Rolls an HF KV cache back to `length` positions, on any transformers.
-
-  A negative `crop` argument removes that many positions both in the
-  transformers 4.x / <= 5.2x API (where a positive one is the new length)
-  and in later releases (which reject positive values).
-  """
-  current = cache_length(cache)
-  if current <= length:
-    return cache
-  if hasattr(cache, "crop"):
-    cache.crop(length - current)
-    return cache
-  return crop_cache(cache, length)
+def role_names(role: str) -> tuple[str, ...]:
+  """Registry names of one SD role: 'prefill' (L1-L4) or 'decode' (L5...)."""
+  return tuple(n for n, s in ADAPTERS.items() if s.role == role)
 
 
 class SDError(ValueError):
@@ -203,7 +185,7 @@ class SDConfig:
   overlap: str = "auto"
   eos_token_ids: tuple[int, ...] | None = None  # None: the target's
   # 'eager': HF forwards with HF KV caches; 'fast': static KV buffers and
-  # captured steps (tools/static_kv.py) where a model supports them.
+  # captured steps (tools/lib/static_kv.py) where a model supports them.
   runtime: str = "eager"
 
   def __post_init__(self):
@@ -240,10 +222,10 @@ class Adapter:
   dtype: torch.dtype
 
   def __post_init__(self):
-    if self.kind not in PREFILL_ADAPTERS + DECODE_ADAPTERS:
+    if self.kind not in ADAPTERS:
       raise ValueError(
         f"adapter {self.name!r}: unknown kind {self.kind!r}; expected one of "
-        f"{PREFILL_ADAPTERS + DECODE_ADAPTERS}"
+        f"{tuple(ADAPTERS)}"
       )
 
 
@@ -324,7 +306,7 @@ class _Target:
     """Keeps the prompt plus the first `num_fed_tokens` generated tokens."""
     self.length = self.base + num_fed_tokens
     if self.lm is None:
-      self.cache = crop_kv(self.cache, self.length)
+      self.cache = crop_cache(self.cache, self.length)
 
 
 class _Drafter:
@@ -421,7 +403,7 @@ class _Drafter:
       keep += 1
     if keep < len(fed):
       if self.lm is None:
-        self.cache = crop_kv(self.cache, self.base + keep)
+        self.cache = crop_cache(self.cache, self.base + keep)
       del fed[keep:]
       self.num_fed = keep
       self.next_token = None
@@ -590,7 +572,7 @@ class _AdapterProposer:
     self.d = drafter
     self.w = lm_head
     self.timer = timer
-    self.inputs = DECODE_INPUTS[adapter.kind]
+    self.inputs = get_spec(adapter.kind).inputs
     if "source" in self.inputs and drafter is None:
       raise ValueError(f"adapter {adapter.name!r} needs a drafter (--draft)")
     # Fast runtime: static buffers, rolled back by `fed` alone.
@@ -836,7 +818,7 @@ class Models:
     sa = static_kv.StaticAdapter(
       adapter.module,
       self.head_on(adapter.device),
-      len(DECODE_INPUTS[adapter.kind]),
+      len(get_spec(adapter.kind).inputs),
       min(static_kv.static_length(needed), cap),
       device=adapter.device,
       dtype=adapter.dtype,
@@ -883,17 +865,18 @@ def check_method(method: str, models: Models) -> None:
         f"{sorted(models.adapters)}; pass --adapter {name}=FILE)"
       )
     ad = models.adapters[name]
-    want = (
-      PREFILL_ADAPTERS
+    want = role_names(
+      "prefill"
       if kind == "prefill_hiding" or (kind == "two_phase" and i == 0)
-      else DECODE_ADAPTERS
+      else "decode"
     )
     if ad.kind not in want:
       raise ValueError(
         f"method {method!r}: adapter {name!r} is a {ad.kind}; this slot "
         f"needs one of {want}"
       )
-    if ad.kind in DECODE_ADAPTERS and "source" in DECODE_INPUTS[ad.kind]:
+    spec = get_spec(ad.kind)
+    if spec.role == "decode" and "source" in spec.inputs:
       needs_drafter = True
   if needs_drafter and models.drafter is None:
     raise ValueError(f"method {method!r} needs a drafter model (--draft)")
@@ -928,7 +911,7 @@ def run_method(
   target = _Target(models.target, timer, m + slack, t_lm)
   uses_drafter = kind in ("draft_tokens", "prefill_hiding", "two_phase") or (
     kind == "decode"
-    and "source" in DECODE_INPUTS[models.adapters[names[0]].kind]
+    and "source" in get_spec(models.adapters[names[0]].kind).inputs
   )
   drafter = None
   if uses_drafter:
@@ -990,7 +973,7 @@ def run_method(
       proposer = _AdapterProposer(
         ad,
         target,
-        drafter if "source" in DECODE_INPUTS[ad.kind] else None,
+        drafter if "source" in get_spec(ad.kind).inputs else None,
         models.head_on(ad.device),
         timer,
         max_len=max_len,

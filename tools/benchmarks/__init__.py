@@ -1,0 +1,1 @@
+"""Benchmarks: ordinary users of the library."""

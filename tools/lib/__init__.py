@@ -1,0 +1,1 @@
+"""The torch-side library: twins, bridge, backends, media, generation, SD."""
