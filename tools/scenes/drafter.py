@@ -53,7 +53,7 @@ class SceneDrafterBackend(bk.HFBackend):
     is a plain Llama step: the fast runtime decodes the drafter as it does a
     Llama target.
     """
-    from tools import static_kv
+    from tools.lib import static_kv
 
     return static_kv.StaticLM(
       self.model.lm.model, self.lm_head.weight, max_len, **options

@@ -518,14 +518,23 @@ def stage_evaluate(study: Study) -> dict:
 def stage_export(study: Study) -> dict:
   import torch
 
-  from tools import export_to_torch
-
   os.makedirs(study.p("exports"), exist_ok=True)
   files, params = {}, {}
   for name in ADAPTERS:
     path = study.p("exports", f"{name}.pt")
-    export_to_torch.main(
-      ["--workdir", study.p("runs", name), "--out", path, "--format", "pt"]
+    _run(
+      [
+        sys.executable,
+        "-m",
+        "tools.export_to_torch",
+        "--workdir",
+        study.p("runs", name),
+        "--out",
+        path,
+        "--format",
+        "pt",
+      ],
+      f"export {name}",
     )
     files[name] = os.path.relpath(path, study.out)
     state = torch.load(path, map_location="cpu", weights_only=True)
