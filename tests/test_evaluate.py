@@ -699,7 +699,7 @@ def test_workdir_default_is_the_trainers_holdout(tmp_path):
 
 
 def test_benchmark_script_small(tmp_path, capsys):
-  from tools import benchmark_evaluate
+  from tools.benchmarks import benchmark_evaluate
 
   out = tmp_path / "bench.json"
   argv = ["--small", "--data", str(tmp_path / "bd"), "--out", str(out)]

@@ -1,0 +1,1 @@
+"""Benchmarks, ordinary users of egpt_align: python -m tools.benchmarks.X."""
