@@ -530,7 +530,7 @@ def _epoch_record(meta: dict, epoch: int, val: dict) -> dict[str, Any]:
 # ------------------------------------------------------------------ CLI
 
 _CONFIG = None  # set by _define_flags(): only the CLI defines flags, so
-_WORKDIR = None  # importing this module (evaluate, tests) adds none.
+_WORKDIR = None  # importing this module (tests, benchmarks) adds none.
 
 
 def _define_flags() -> None:
