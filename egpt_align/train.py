@@ -223,6 +223,68 @@ def _restore(ckpt, workdir, abstract_state, steps_per_epoch):
   return state, meta
 
 
+def _create_state(
+  config,
+  workdir,
+  init_rng,
+  *,
+  model,
+  tx,
+  mesh,
+  ckpt,
+  example_inputs,
+  steps_per_epoch,
+):
+  """(state with its bf16 copies, its shardings, meta or None if fresh).
+
+  Restores the newest checkpoint when there is one (and config.checkpoint.
+  resume), else initialises; either way laid out as `state_shardings` says.
+  """
+  init_fn = functools.partial(
+    state_lib.init_state, model=model, tx=tx, example_inputs=example_inputs
+  )
+  layout = functools.partial(
+    state_lib.state_shardings,
+    mesh=mesh,
+    shard_update=config.shard_weight_update,
+    min_size=config.shard_min_size,
+  )
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  init_shard = layout(abstract_state)
+  abstract_state = state_lib.abstract(abstract_state, init_shard)
+  meta = None
+  if ckpt and ckpt.latest_step() is not None and config.checkpoint.resume:
+    state, meta = _restore(ckpt, workdir, abstract_state, steps_per_epoch)
+  else:
+    state = jax.jit(init_fn, out_shardings=init_shard)(init_rng)
+  add_copies = functools.partial(
+    state_lib.with_compute_params, dtype=config.model.dtype
+  )
+  state_shard = layout(jax.eval_shape(add_copies, abstract_state))
+  state = jax.jit(add_copies, out_shardings=state_shard)(state)
+  return state, state_shard, meta
+
+
+def _validate(
+  config, spec, eval_step, pipe, params, lm_weight, desc: str, progress: bool
+) -> dict[str, float]:
+  """Validation metrics over the whole split: summed on device per batch,
+  added exactly on the host, finalized with the training loss."""
+  per_batch = []
+  it = tqdm(
+    pipe.batches(0),
+    total=pipe.steps_per_epoch,
+    desc=desc,
+    leave=False,
+    disable=not progress,
+  )
+  for batch in it:
+    per_batch.append(eval_step(params, batch, lm_weight))
+  host = jax.device_get(per_batch)
+  sums = {k: math.fsum(float(b[k]) for b in host) for k in host[0]}
+  return state_lib.finalize_eval(sums, spec=spec, loss_config=config.loss)
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -291,18 +353,6 @@ def train_and_evaluate(
   example = tuple(
     np.zeros((1, min(8, longest), hidden_dim), np.float32) for _ in spec.inputs
   )
-  init_fn = functools.partial(
-    state_lib.init_state, model=model, tx=tx, example_inputs=example
-  )
-  layout = functools.partial(
-    state_lib.state_shardings,
-    mesh=mesh,
-    shard_update=config.shard_weight_update,
-    min_size=config.shard_min_size,
-  )
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  init_shard = layout(abstract_state)
-  abstract_state = state_lib.abstract(abstract_state, init_shard)
   ckpt = (
     checkpoint_lib.Checkpointer(
       workdir, async_save=config.checkpoint.async_save
@@ -310,17 +360,18 @@ def train_and_evaluate(
     if config.checkpoint.enabled
     else None
   )
-  meta = None
-  if ckpt and ckpt.latest_step() is not None and config.checkpoint.resume:
-    state, meta = _restore(ckpt, workdir, abstract_state, spe)
-  else:
-    state = jax.jit(init_fn, out_shardings=init_shard)(init_rng)
-  add_copies = functools.partial(
-    state_lib.with_compute_params, dtype=config.model.dtype
+  state, state_shard, meta = _create_state(
+    config,
+    workdir,
+    init_rng,
+    model=model,
+    tx=tx,
+    mesh=mesh,
+    ckpt=ckpt,
+    example_inputs=example,
+    steps_per_epoch=spe,
   )
-  state_shard = layout(jax.eval_shape(add_copies, abstract_state))
-  state = jax.jit(add_copies, out_shardings=state_shard)(state)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("%s: %d parameters, %d steps/epoch", spec.name, n_params, spe)
 
   train_step = state_lib.create_train_step(
@@ -341,19 +392,9 @@ def train_and_evaluate(
   )
 
   def evaluate(params, desc: str) -> dict[str, float]:
-    per_batch = []
-    it = tqdm(
-      val_pipe.batches(0),
-      total=val_pipe.steps_per_epoch,
-      desc=desc,
-      leave=False,
-      disable=not progress,
+    return _validate(
+      config, spec, eval_step, val_pipe, params, lm_weight, desc, progress
     )
-    for batch in it:
-      per_batch.append(eval_step(params, batch, lm_weight))
-    host = jax.device_get(per_batch)
-    sums = {k: math.fsum(float(b[k]) for b in host) for k in host[0]}
-    return state_lib.finalize_eval(sums, spec=spec, loss_config=config.loss)
 
   writer = writer_lib.MetricWriter(
     workdir, tensorboard=config.tensorboard, active=is_main
