@@ -93,6 +93,49 @@ def _masked_terms_bwd(res, g):
 _masked_terms.defvjp(_masked_terms_fwd, _masked_terms_bwd)
 
 
+def config_weights(loss_config) -> dict:
+  """The objective and weights of a `config.loss` block, as keywords."""
+  return {
+    "objective": loss_config.objective,
+    "prediction_weight": loss_config.prediction_weight,
+    "cos_weight": loss_config.cos_weight,
+    "token_ce_weight": loss_config.token_ce_weight,
+  }
+
+
+def align_loss(mse, cos_sim, cos_weight: float):
+  """MSE + cos_weight * (1 - cosine): the same-position alignment term."""
+  return mse + cos_weight * (1.0 - cos_sim)
+
+
+def combine(
+  terms,
+  *,
+  predicts_next: bool,
+  objective: str = "reference",
+  prediction_weight: float = 0.5,
+  cos_weight: float = 0.5,
+  token_ce_weight: float = 0.0,
+):
+  """The loss from its terms; the one definition training and eval share.
+
+  `terms` holds 'mse' and 'cos_sim' (same position), for predicts_next also
+  'next_mse' and 'next_cos_sim', and 'token_ce' when token_ce_weight > 0.
+  Works on arrays inside the step and on floats of whole-split sums.
+  """
+  if not predicts_next:
+    loss = align_loss(terms["mse"], terms["cos_sim"], cos_weight)
+  elif objective == "reference":
+    align = align_loss(terms["mse"], terms["cos_sim"], cos_weight)
+    w = prediction_weight
+    loss = (1.0 - w) * align + w * terms["next_mse"]
+  else:
+    loss = align_loss(terms["next_mse"], terms["next_cos_sim"], cos_weight)
+  if token_ce_weight > 0:
+    loss = loss + token_ce_weight * terms["token_ce"]
+  return loss
+
+
 def adapter_loss(
   pred_BSD: jax.Array,
   target_BSD: jax.Array,
@@ -102,8 +145,14 @@ def adapter_loss(
   objective: str = "reference",
   prediction_weight: float = 0.5,
   cos_weight: float = 0.5,
+  token_ce: jax.Array | None = None,
+  token_ce_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Returns (loss, aux) with aux mse, cos_loss, cos_sim [, next_mse, ...]."""
+  """Returns (loss, aux) with aux mse, cos_loss, cos_sim [, next_mse, ...].
+
+  `token_ce` (the LM-head cross-entropy, computed by the caller) enters the
+  loss with `token_ce_weight`.
+  """
   if objective not in OBJECTIVES:
     raise ValueError(
       f"loss objective {objective!r} is unknown; expected one of {OBJECTIVES}"
@@ -130,26 +179,29 @@ def adapter_loss(
   mask_BS = mask_BS.astype(bool)
 
   mse, cos_sim = _masked_terms(pred_BSD, target_BSD, mask_BS)
-  cos_loss = 1.0 - cos_sim
-  align = mse + cos_weight * cos_loss
-  aux = {"mse": mse, "cos_loss": cos_loss, "cos_sim": cos_sim}
-  if not predicts_next:
-    aux["loss"] = align
-    return align, aux
-
-  pred_prev = pred_BSD[:, :-1]
-  target_next = target_BSD[:, 1:]
-  pair_mask = mask_BS[:, :-1] & mask_BS[:, 1:]
-  if objective == "reference":
-    ref_mask = mask_BS[:, 1:]  # The reference's mask for the next-MSE term.
-    next_mse, _ = _masked_terms(pred_prev, target_next, ref_mask)
-    _, next_cos_sim = _masked_terms(pred_prev, target_next, pair_mask)
-    loss = (1.0 - prediction_weight) * align + prediction_weight * next_mse
-    aux["align_loss"] = align
-  else:
-    next_mse, next_cos_sim = _masked_terms(pred_prev, target_next, pair_mask)
-    loss = next_mse + cos_weight * (1.0 - next_cos_sim)
-  aux["next_mse"] = next_mse
-  aux["next_cos_sim"] = next_cos_sim
+  aux = {"mse": mse, "cos_loss": 1.0 - cos_sim, "cos_sim": cos_sim}
+  if predicts_next:
+    pred_prev = pred_BSD[:, :-1]
+    target_next = target_BSD[:, 1:]
+    pair_mask = mask_BS[:, :-1] & mask_BS[:, 1:]
+    if objective == "reference":
+      ref_mask = mask_BS[:, 1:]  # The reference's mask for the next-MSE term.
+      next_mse, _ = _masked_terms(pred_prev, target_next, ref_mask)
+      _, next_cos_sim = _masked_terms(pred_prev, target_next, pair_mask)
+      aux["align_loss"] = align_loss(mse, cos_sim, cos_weight)
+    else:
+      next_mse, next_cos_sim = _masked_terms(pred_prev, target_next, pair_mask)
+    aux["next_mse"] = next_mse
+    aux["next_cos_sim"] = next_cos_sim
+  if token_ce is not None:
+    aux["token_ce"] = token_ce
+  loss = combine(
+    aux,
+    predicts_next=predicts_next,
+    objective=objective,
+    prediction_weight=prediction_weight,
+    cos_weight=cos_weight,
+    token_ce_weight=token_ce_weight if token_ce is not None else 0.0,
+  )
   aux["loss"] = loss
   return loss, aux

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-THRESHOLDS = (0.80, 0.85, 0.90, 0.95)
+from egpt_align.metrics import THRESHOLDS, threshold_key
 
 
 def accept_key(tau: float, prefix: str = "val_accept_") -> str:
   """History key of Accept@tau: 0.90 -> 'val_accept_90' (reference style)."""
-  return f"{prefix}{round(tau * 100):d}"
+  return f"{prefix}{threshold_key(tau)}"
 
 
 def plot_training_curves(

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from egpt_align import evaluate as evaluate_lib
+from egpt_align import metrics as metrics_lib
+from egpt_align.data import format as format_lib
 
 PRED_LABELS = {
   "adapter": "adapter",
@@ -327,9 +328,12 @@ def _hidden_detail(res, reading, heading=True) -> list[str]:
     "cos_sim_min",
     "cos_sim_max",
   ]
-  keys += [f"accept_{evaluate_lib._tag(t)}" for t in evaluate_lib.THRESHOLDS]
   keys += [
-    f"consecutive_mean_{evaluate_lib._tag(t)}" for t in evaluate_lib.THRESHOLDS
+    f"accept_{metrics_lib.threshold_key(t)}" for t in metrics_lib.THRESHOLDS
+  ]
+  keys += [
+    f"consecutive_mean_{metrics_lib.threshold_key(t)}"
+    for t in metrics_lib.THRESHOLDS
   ]
   rows = []
   for k in keys:
@@ -431,7 +435,7 @@ def make_plots(result, out_dir: str) -> list[str]:
     bins = np.linspace(lo, max(hi, lo + 1e-6), 51)
   for p, alpha, cos in hists:
     ax.hist(cos, bins=bins, alpha=alpha, label=PRED_LABELS[p])
-  for t in evaluate_lib.THRESHOLDS:
+  for t in metrics_lib.THRESHOLDS:
     ax.axvline(t, color="k", ls="--", lw=0.8)
     ax.text(t, ax.get_ylim()[1] * 0.95, f"{t:.2f}", rotation=90, fontsize=7)
   ax.set_xlabel(f"cosine ({primary} reading)")
@@ -450,8 +454,8 @@ def make_plots(result, out_dir: str) -> list[str]:
     layout="constrained",
   )
   axes = np.atleast_1d(axes)
-  for th in evaluate_lib.THRESHOLDS:
-    k = f"accept_{evaluate_lib._tag(th)}"
+  for th in metrics_lib.THRESHOLDS:
+    k = f"accept_{metrics_lib.threshold_key(th)}"
     axes[0].plot(t, [_nan(e.get(k)) for e in ad], marker=".", label=f"τ={th}")
   axes[0].set_xlabel("position")
   axes[0].set_ylabel("Accept@τ")
@@ -543,10 +547,7 @@ def write_outputs(result, out_dir: str) -> list[str]:
     ("positions.json", result.positions),
   ):
     path = os.path.join(out_dir, name)
-    with open(path + ".tmp", "w") as f:
-      json.dump(obj, f, indent=1, allow_nan=False)
-      f.write("\n")
-    os.replace(path + ".tmp", path)
+    format_lib.write_json_atomic(path, format_lib.to_jsonable(obj))
     paths.append(path)
   plots = make_plots(result, out_dir)
   paths += [os.path.join(out_dir, p) for p in plots]

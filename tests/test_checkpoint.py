@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from egpt_align import checkpoint, sharding
-from egpt_align.train import TrainState
+from egpt_align.train_state import TrainState
 
 TX = optax.adamw(1e-3)
 

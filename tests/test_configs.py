@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from egpt_align import models, train
+from egpt_align import models, train_state
 from egpt_align.configs import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,9 +98,8 @@ def test_data_paths_and_model_keys_override():
 @pytest.mark.parametrize("name", REFERENCE)
 def test_reference_experiment_builds_at_full_size(name):
   config = _load(name)
-  overrides = train.model_overrides(config.model)
-  overrides["hidden_dim"] = 4096  # what the real data sets
-  model = models.create_adapter(config.model.name, **overrides)
+  config.model.hidden_dim = 4096  # what the real data sets
+  model = train_state.create_model(config.model)
   spec = models.get_spec(config.model.name)
   x = jax.ShapeDtypeStruct((2, 16, 4096), np.float32)
   shapes = jax.eval_shape(
@@ -136,6 +135,6 @@ def test_base_loads_locked_without_data():
   config = base.get_config()
   config.lock()
   assert config.model.dtype == "auto"
-  assert train.compute_dtype("auto") == (
+  assert train_state.compute_dtype("auto") == (
     "bfloat16" if jax.default_backend() == "gpu" else "float32"
   )

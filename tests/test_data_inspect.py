@@ -112,7 +112,8 @@ def test_benchmark_smoke(tmp_path):
   proc = subprocess.run(
     [
       sys.executable,
-      os.path.join(ROOT, "tools", "benchmark_data.py"),
+      "-m",
+      "tools.benchmarks.benchmark_data",
       "--num_samples",
       "130",
       "--hidden_dim",

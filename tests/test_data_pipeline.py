@@ -211,14 +211,9 @@ def test_device_gathers_several_batches_per_dispatch(ds, monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "cache, staging, sharded",
-  [
-    ("none", "direct", False),
-    ("host", "pinned", False),
-    ("none", "pinned", True),
-  ],
+  "cache, sharded", [("none", False), ("host", False), ("none", True)]
 )
-def test_recycled_buffers_give_the_same_batches(ds, cache, staging, sharded):
+def test_recycled_buffers_give_the_same_batches(ds, cache, sharded):
   sharding = _mesh_sharding() if sharded else None
   fresh = _pipe(ds, cache=cache, drop_remainder=False, seed=9)
   reused = _pipe(
@@ -227,7 +222,6 @@ def test_recycled_buffers_give_the_same_batches(ds, cache, staging, sharded):
     drop_remainder=False,
     seed=9,
     num_workers=3,
-    staging=staging,
     sharding=sharding,
   )
   reused.recycle_buffers = True
@@ -236,7 +230,6 @@ def test_recycled_buffers_give_the_same_batches(ds, cache, staging, sharded):
   for x, y in zip(a, b, strict=True):
     for key in x:
       np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]))
-      # Staged batches still end up in device memory.
       assert y[key].sharding.memory_kind == x[key].sharding.memory_kind
       if sharded:
         assert y[key].sharding.is_equivalent_to(sharding, y[key].ndim)
@@ -337,8 +330,3 @@ def test_indices_subset_and_early_stop(ds):
     _pipe(ds, global_batch_size=9, process_count=2)
   with pytest.raises(KeyError, match="no field 'foo'"):
     _pipe(ds, fields=("source", "foo"))
-
-
-def test_unknown_staging_is_an_error(ds):
-  with pytest.raises(ValueError, match="staging='packed'; expected one of"):
-    _pipe(ds, staging="packed")

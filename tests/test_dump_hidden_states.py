@@ -454,7 +454,9 @@ def test_end_to_end_dump_train_evaluate(tmp_path):
   metrics = train.train_and_evaluate(config, str(workdir))
   assert metrics["step"] > 0
   result = evaluate.evaluate(
-    str(data), workdir=str(workdir), bootstrap=0, progress=False
+    str(data),
+    workdir=str(workdir),
+    settings=evaluate.EvalSettings(bootstrap=0, progress=False),
   )
   positions = int(open_dataset(str(data)).lengths.sum())
   assert positions > 2 * 24  # not degenerate (EOS at once)

@@ -16,7 +16,14 @@ import jax
 import numpy as np
 import pytest
 
-from egpt_align import evaluate, lm_head, report, speedup
+from egpt_align import (
+  eval_device,
+  eval_stats,
+  evaluate,
+  lm_head,
+  report,
+  speedup,
+)
 
 models = pytest.importorskip("egpt_align.models")
 data_lib = pytest.importorskip("egpt_align.data")
@@ -140,11 +147,9 @@ def test_exact_same_position_l1(tmp_path):
     overrides=L1_OV,
     params=params,
     lm_head=head,
-    batch_size=8,
-    gamma=GAMMA,
-    bootstrap=50,
-    progress=False,
-    pad_multiple=64,
+    settings=evaluate.EvalSettings(
+      batch_size=8, gamma=GAMMA, bootstrap=50, progress=False, pad_multiple=64
+    ),
   )
   m = result.metrics
   assert m["primary_reading"] == "same"
@@ -183,11 +188,9 @@ def test_exact_next_position_l5(tmp_path):
     overrides=L5_OV,
     params=params,
     lm_head=head,
-    batch_size=8,
-    gamma=GAMMA,
-    bootstrap=50,
-    progress=False,
-    pad_multiple=64,
+    settings=evaluate.EvalSettings(
+      batch_size=8, gamma=GAMMA, bootstrap=50, progress=False, pad_multiple=64
+    ),
   )
   m = result.metrics
   assert m["primary_reading"] == "next"
@@ -323,13 +326,15 @@ def test_partial_agreement_matches_numpy(tmp_path):
     overrides=L1_OV,
     params=params,
     lm_head=head,
-    batch_size=16,
-    gamma=GAMMA,
-    draft_cost=0.2,
-    verify_cost=1.1,
-    bootstrap=100,
-    progress=False,
-    pad_multiple=64,
+    settings=evaluate.EvalSettings(
+      batch_size=16,
+      gamma=GAMMA,
+      draft_cost=0.2,
+      verify_cost=1.1,
+      bootstrap=100,
+      progress=False,
+      pad_multiple=64,
+    ),
   )
   res = result.metrics["results"]
   pred32 = [p.astype(np.float32).astype(np.float64) for p in pred]
@@ -382,7 +387,7 @@ def test_bootstrap_matches_loop():
     "token_consecutive": rng.integers(0, 4, n).astype(float),
   }
   sums["token_top1"] = np.floor(sums["n"] * rng.random(n))
-  cis, samples = evaluate.bootstrap_ci(
+  cis, samples = eval_stats.bootstrap_ci(
     sums, num_resamples=230, seed=5, chunk=100
   )
   # The same draws, one resample at a time.
@@ -402,18 +407,18 @@ def test_bootstrap_matches_loop():
 def test_leading_run_and_pearson():
   ok = np.array([[1, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]], bool)
   valid = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], bool)
-  np.testing.assert_array_equal(evaluate.leading_run(ok, valid), [2, 0, 2])
+  np.testing.assert_array_equal(eval_stats.leading_run(ok, valid), [2, 0, 2])
   x = np.array([0.1, 0.5, 0.9, 0.3])
   y = np.array([0, 1, 1, 0])
-  assert evaluate.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
-  assert evaluate.pearson(x, np.ones(4)) is None
+  assert eval_stats.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+  assert eval_stats.pearson(x, np.ones(4)) is None
 
 
 def test_batch_plan_uses_few_shapes():
   # Lengths 1..50 in random order: batches must share a handful of padded
   # lengths (one compile each), not one per batch maximum.
   lengths = np.random.default_rng(0).integers(1, 51, size=1000)
-  plan = evaluate._plan_batches(lengths, 16, 16)
+  plan = eval_device.plan_batches(lengths, 16, 16)
   pads = {pad for _, pad in plan}
   assert pads <= {16, 32, 48, 50}
   seen = np.concatenate([idx[idx >= 0] for idx, _ in plan])
@@ -564,10 +569,9 @@ def test_report_render_b1_note(tmp_path):
     adapter="b1",
     overrides=L5_OV,
     params=params,
-    bootstrap=0,
-    batch_size=8,
-    progress=False,
-    pad_multiple=64,
+    settings=evaluate.EvalSettings(
+      bootstrap=0, batch_size=8, progress=False, pad_multiple=64
+    ),
   )
   m = result.metrics
   # No LM head and no stored tokens: hidden-state metrics only.
@@ -601,15 +605,21 @@ def test_errors(tmp_path):
       overrides=L1_OV,
       params=params,
       lm_head=str(tmp_path / "bad"),
-      progress=False,
-      pad_multiple=64,
+      settings=evaluate.EvalSettings(progress=False, pad_multiple=64),
     )
   with pytest.raises(ValueError, match="unknown adapter"):
     evaluate.evaluate(
-      path, adapter="l9", params=params, progress=False, pad_multiple=64
+      path,
+      adapter="l9",
+      params=params,
+      settings=evaluate.EvalSettings(progress=False, pad_multiple=64),
     )
   with pytest.raises(ValueError, match="needs params"):
-    evaluate.evaluate(path, adapter="l1", progress=False, pad_multiple=64)
+    evaluate.evaluate(
+      path,
+      adapter="l1",
+      settings=evaluate.EvalSettings(progress=False, pad_multiple=64),
+    )
   assert speedup.tokens_per_cycle(1.0, 1) == 2.0
 
 
@@ -632,9 +642,9 @@ def test_params_npz_path(tmp_path):
     adapter=name,
     overrides=ov,
     params=loaded,
-    bootstrap=0,
-    progress=False,
-    pad_multiple=64,
+    settings=evaluate.EvalSettings(
+      bootstrap=0, progress=False, pad_multiple=64
+    ),
   )
   m = result.metrics["results"]["adapter"]["same"]
   assert m["valid_positions"] == int(lengths.sum())
@@ -644,18 +654,18 @@ def test_params_npz_path(tmp_path):
 
 
 def test_untrained_is_the_trainers_init(tmp_path):
-  train = pytest.importorskip("egpt_align.train")
   import optax
+
+  from egpt_align import train_state
 
   rng = np.random.default_rng(10)
   sources = [rng.normal(size=(n, D)).astype(np.float32) for n in (3, 9)]
   ds = data_lib.open_dataset(_write(tmp_path / "ds", sources, sources))
   module = models.create_adapter("l5", **L5_OV)
-  ad = evaluate._Adapter("l5", module, ("source",), True)
-  got = evaluate._init_params(ad, ds, 5)
+  got = evaluate._init_params(models.get_spec("l5"), module, ds, 5)
   # train.py: init_rng, _ = split(key(config.seed)); init_state(init_rng).
   init_rng = jax.random.split(jax.random.key(5))[0]
-  state = train.init_state(
+  state = train_state.init_state(
     init_rng,
     model=module,
     tx=optax.identity(),
@@ -668,13 +678,17 @@ def test_untrained_is_the_trainers_init(tmp_path):
 
 
 def test_workdir_default_is_the_trainers_holdout(tmp_path):
-  train = pytest.importorskip("egpt_align.train")
+  from egpt_align.data import splits
+
   _, head = _head(tmp_path)
   workdir, path, lengths = _make_run(tmp_path, head, val=False)
   result = evaluate.evaluate(
-    workdir=workdir, bootstrap=0, progress=False, pad_multiple=64
+    workdir=workdir,
+    settings=evaluate.EvalSettings(
+      bootstrap=0, progress=False, pad_multiple=64
+    ),
   )
-  _, holdout = train.holdout_split(len(lengths), 0.3, 0)
+  _, holdout = splits.holdout_split(len(lengths), 0.3, 0)
   m = result.metrics
   assert m["data"]["subset"].startswith("validation hold-out")
   assert m["data"]["num_samples"] == len(holdout)
@@ -685,7 +699,7 @@ def test_workdir_default_is_the_trainers_holdout(tmp_path):
 
 
 def test_benchmark_script_small(tmp_path, capsys):
-  from tools import benchmark_evaluate
+  from tools.benchmarks import benchmark_evaluate
 
   out = tmp_path / "bench.json"
   argv = ["--small", "--data", str(tmp_path / "bd"), "--out", str(out)]

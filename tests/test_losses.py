@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 
 from egpt_align import losses
+from tests import oracles
 
 B, S, D = 3, 6, 16
-
-
-def _np_cos(a, b):
-  a = a / max(np.linalg.norm(a), 1e-12)
-  b = b / max(np.linalg.norm(b), 1e-12)
-  return float(np.dot(a, b))
 
 
 def _np_terms(pred, target, valid):
@@ -22,7 +17,7 @@ def _np_terms(pred, target, valid):
   for b, t_pred, t_tgt in valid:
     diff = pred[b, t_pred] - target[b, t_tgt]
     sq += float(np.sum(diff * diff))
-    cos += _np_cos(pred[b, t_pred], target[b, t_tgt])
+    cos += oracles.cosine(pred[b, t_pred], target[b, t_tgt])
     n += 1
   if n == 0:
     return 0.0, 0.0
@@ -96,6 +91,40 @@ def test_matches_numpy(predicts_next, objective, weights):
     float(aux["cos_loss"]), 1 - ref_aux["cos_sim"], rtol=1e-6
   )
   assert loss.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+  "predicts_next,objective",
+  [(False, "reference"), (True, "reference"), (True, "next")],
+)
+def test_token_ce_and_combine_on_floats(predicts_next, objective):
+  """The token CE enters with its weight; combine() of the terms as floats
+  (how evaluation finalizes whole-split sums) gives the step's loss."""
+  pred, target, mask = _data()
+  kwargs = dict(
+    predicts_next=predicts_next,
+    objective=objective,
+    prediction_weight=0.3,
+    cos_weight=0.8,
+  )
+  loss, aux = losses.adapter_loss(
+    pred,
+    target,
+    mask,
+    token_ce=jnp.float32(2.0),
+    token_ce_weight=0.25,
+    **kwargs,
+  )
+  ref, _ = np_reference_loss(
+    pred, target, mask, predicts_next, objective, 0.3, 0.8
+  )
+  np.testing.assert_allclose(float(loss), ref + 0.5, rtol=1e-5)
+  assert float(aux["token_ce"]) == 2.0
+  terms = {k: float(v) for k, v in aux.items()}
+  got = losses.combine(terms, token_ce_weight=0.25, **kwargs)
+  np.testing.assert_allclose(got, float(loss), rtol=1e-6)
+  unweighted = losses.combine(terms, **kwargs)
+  np.testing.assert_allclose(unweighted, ref, rtol=1e-5)
 
 
 def test_padding_values_do_not_matter():

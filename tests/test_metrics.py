@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from egpt_align import metrics
+from tests import oracles
 
 B, S, D = 4, 9, 12
 
@@ -23,18 +24,15 @@ def _data(seed=0):
   return pred, target, mask
 
 
-def _np_cos(a, b):
-  return float(
-    np.dot(a / max(np.linalg.norm(a), 1e-12), b / max(np.linalg.norm(b), 1e-12))
-  )
-
-
 def test_cosine_and_masked_mean():
   pred, target, mask = _data()
   pred[0, 3] = 0.0  # F.normalize semantics: a zero vector has cosine 0.
   cos = np.asarray(metrics.cosine(pred, target))
   ref = np.array(
-    [[_np_cos(pred[b, t], target[b, t]) for t in range(S)] for b in range(B)]
+    [
+      [oracles.cosine(pred[b, t], target[b, t]) for t in range(S)]
+      for b in range(B)
+    ]
   )
   np.testing.assert_allclose(cos, ref, rtol=1e-5, atol=1e-6)
   assert cos[0, 3] == 0.0
@@ -102,7 +100,7 @@ def _np_sums(pred, target, mask, shift, thresholds):
       if not (mask[b, t] and mask[b, t + shift]):
         cos_row.append(None)
         continue
-      c = _np_cos(pred[b, t], target[b, t + shift])
+      c = oracles.cosine(pred[b, t], target[b, t + shift])
       cos_row.append(c)
       out["n_valid"] += 1
       out["cos_sum"] += c

@@ -13,9 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from egpt_align import checkpoint, losses, models, train
+from egpt_align import (
+  checkpoint,
+  data,
+  losses,
+  metric_writer,
+  models,
+  optim,
+  sharding,
+  train,
+  train_state,
+)
 from egpt_align.configs import base
-from egpt_align.data import synthetic
+from egpt_align.data import splits, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,10 +118,8 @@ def test_demo_adapter_beats_untrained(tmp_path):
   )
   # The whole held-out split is validated (10 % of 1024 samples), every
   # epoch, and padding rows are not counted.
-  ds = train.data_lib.open_dataset(
-    os.path.join(str(tmp_path), train.SYNTHETIC_DIR)
-  )
-  _, val_idx = train.holdout_split(ds.num_samples, 0.1, 0)
+  ds = data.open_dataset(os.path.join(str(tmp_path), splits.SYNTHETIC_DIR))
+  _, val_idx = splits.holdout_split(ds.num_samples, 0.1, 0)
   assert len(val_idx) == 102
   assert final["n_valid"] == int(ds.lengths[val_idx].sum())
   assert final["next_n_valid"] == int((ds.lengths[val_idx] - 1).sum())
@@ -141,7 +149,7 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
   first = train.train_and_evaluate(_tiny_config(stop_after_steps=4), workdir)
   assert first["stopped_at_step"] == 4 and first["epochs_run"] == 0
 
-  original = train.data_lib.InputPipeline.batches
+  original = data.InputPipeline.batches
 
   def batches_then_sigterm(self, epoch, start_step=0):
     for i, batch in enumerate(original(self, epoch, start_step)):
@@ -150,9 +158,7 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
       if self.shuffle and epoch == 1 and start_step + i == 1:
         os.kill(os.getpid(), signal.SIGTERM)
 
-  monkeypatch.setattr(
-    train.data_lib.InputPipeline, "batches", batches_then_sigterm
-  )
+  monkeypatch.setattr(data.InputPipeline, "batches", batches_then_sigterm)
   with pytest.raises(train.TrainingInterrupted) as info:
     train.train_and_evaluate(_tiny_config(), workdir)
   assert info.value.signum == signal.SIGTERM
@@ -163,7 +169,7 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
   assert ckpt.latest_step() == info.value.step
   assert ckpt.best_step() == steps_per_epoch
   ckpt.close()
-  monkeypatch.setattr(train.data_lib.InputPipeline, "batches", original)
+  monkeypatch.setattr(data.InputPipeline, "batches", original)
 
   result = train.train_and_evaluate(_tiny_config(), workdir)
   params, _ = checkpoint.load_params(workdir, "latest")
@@ -176,7 +182,7 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
   # The metrics log (truncated to each checkpoint on resume) holds every
   # epoch record once and train records in step order, each step once.
   def records(d):
-    with open(os.path.join(d, train.METRICS_FILE)) as f:
+    with open(os.path.join(d, metric_writer.METRICS_FILE)) as f:
       return [json.loads(line) for line in f]
 
   got, want = records(workdir), records(ref_dir)
@@ -193,7 +199,7 @@ def test_eval_aggregation_is_exact(tmp_path):
   path = synthetic.write_synthetic_dataset(
     str(tmp_path / "d"), 11, hidden_dim=32, min_len=3, max_len=8, seed=3
   )
-  ds = train.data_lib.open_dataset(path)
+  ds = data.open_dataset(path)
   spec = models.get_spec("l5")
   model = models.create_adapter(
     "l5", hidden_dim=32, num_heads=2, ffn_dim=64, max_seq_len=8
@@ -205,7 +211,7 @@ def test_eval_aggregation_is_exact(tmp_path):
   loss_config = _tiny_config().loss
   step_fn = jax.jit(
     functools.partial(
-      train.eval_step,
+      train_state.eval_step,
       lm_weight=None,
       model=model,
       spec=spec,
@@ -239,7 +245,7 @@ def test_eval_aggregation_is_exact(tmp_path):
   for objective, (loss, aux) in want.items():
     with loss_config.unlocked():
       loss_config.objective = objective
-    got = train.finalize_eval(sums, spec=spec, loss_config=loss_config)
+    got = train_state.finalize_eval(sums, spec=spec, loss_config=loss_config)
     np.testing.assert_allclose(got["loss"], float(loss), rtol=1e-5)
     np.testing.assert_allclose(got["cos_sim"], float(aux["cos_sim"]), rtol=1e-5)
     np.testing.assert_allclose(
@@ -269,13 +275,13 @@ def test_batch_size_must_divide_device_count(tmp_path):
 
 def test_rbg_dropout_trains_and_differs_from_threefry(tmp_path, reference_run):
   key = jax.random.key(0)
-  assert train.dropout_key(key, "threefry2x32") is key
-  rbg = train.dropout_key(key, "rbg")
+  assert train_state.dropout_key(key, "threefry2x32") is key
+  rbg = train_state.dropout_key(key, "rbg")
   assert "rbg" in str(jax.random.key_impl(rbg))
   with pytest.raises(ValueError, match="dropout_rng_impl"):
-    train.dropout_key(key, "philox")
+    train_state.dropout_key(key, "philox")
   # 'auto' is threefry on CPU: the reference run used it.
-  assert train.dropout_key(key, "auto") is key
+  assert train_state.dropout_key(key, "auto") is key
   workdir = str(tmp_path / "rbg")
   train.train_and_evaluate(_tiny_config(dropout_rng_impl="rbg"), workdir)
   params, _ = checkpoint.load_params(workdir, "latest")
@@ -339,7 +345,7 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
   assert config["data"]["train"] == data
   assert not config["data"]["synthetic"]["enabled"]
   assert config["model"]["hidden_dim"] == 48  # the given data's size
-  assert not (workdir / train.SYNTHETIC_DIR).exists()
+  assert not (workdir / splits.SYNTHETIC_DIR).exists()
   records = [
     json.loads(line)
     for line in (workdir / "metrics.jsonl").read_text().split("\n")
@@ -369,7 +375,7 @@ def test_train_step_finite_with_zero_padding_outputs():
   config = base.get_config()
   model = models.create_adapter("l1", hidden_dim=32, bottleneck_dim=8)
   spec = models.get_spec("l1")
-  tx, schedule = train.optim.create_optimizer(
+  tx, schedule = optim.create_optimizer(
     config.optim, steps_per_epoch=1, num_epochs=1
   )
   rng = np.random.default_rng(0)
@@ -381,13 +387,13 @@ def test_train_step_finite_with_zero_padding_outputs():
     "target": jnp.asarray(rng.standard_normal((2, 6, 32)), jnp.float32),
     "mask": jnp.asarray(mask),
   }
-  state = train.init_state(
+  state = train_state.init_state(
     jax.random.PRNGKey(0), model=model, tx=tx, example_inputs=(batch["source"],)
   )
   pred = model.apply({"params": state.params}, batch["source"], mask=mask)
   assert np.all(np.asarray(pred)[~mask] == 0.0)  # the hazardous case
   step = functools.partial(
-    train.train_step,
+    train_state.train_step,
     lm_weight=None,
     model=model,
     spec=spec,
@@ -409,7 +415,7 @@ def _l5_step_setup(dtype):
     "l5", hidden_dim=32, num_heads=2, ffn_dim=64, max_seq_len=8, dtype=dtype
   )
   spec = models.get_spec("l5")
-  tx, schedule = train.optim.create_optimizer(
+  tx, schedule = optim.create_optimizer(
     config.optim, steps_per_epoch=4, num_epochs=1
   )
   rng = np.random.default_rng(0)
@@ -418,14 +424,14 @@ def _l5_step_setup(dtype):
     "target": rng.standard_normal((8, 8, 32)).astype(np.float32),
     "mask": np.arange(8)[None] < rng.integers(1, 9, size=(8, 1)),
   }
-  state = train.init_state(
+  state = train_state.init_state(
     jax.random.PRNGKey(0),
     model=model,
     tx=tx,
     example_inputs=(jnp.zeros((1, 8, 32)),),
   )
   step = functools.partial(
-    train.train_step,
+    train_state.train_step,
     lm_weight=None,
     model=model,
     spec=spec,
@@ -458,11 +464,11 @@ def test_bf16_kernel_copies_leave_the_step_unchanged(l5_bf16_step):
   # A bf16-compute L5 (LayerNorms, pos_embed, biases, kernels): stepping with
   # the optimizer-written bf16 kernel copies equals casting inside the model.
   state, batch, step = l5_bf16_step
-  fast = train.with_compute_params(state, jnp.bfloat16)
+  fast = train_state.with_compute_params(state, jnp.bfloat16)
   kinds = {
     "/".join(str(getattr(k, "key", k)) for k in path): leaf.dtype
     for path, leaf in jax.tree_util.tree_leaves_with_path(
-      train.forward_params(fast.params, fast.compute_params)
+      train_state.forward_params(fast.params, fast.compute_params)
     )
   }
   assert kinds["layers_0/attn/in_proj/kernel"] == jnp.bfloat16
@@ -471,7 +477,9 @@ def test_bf16_kernel_copies_leave_the_step_unchanged(l5_bf16_step):
   assert kinds["pos_embed"] == jnp.float32
   copies = jax.tree.leaves(fast.compute_params)
   assert copies and all(x.dtype == jnp.bfloat16 for x in copies)
-  assert train.with_compute_params(state, jnp.float32).compute_params is None
+  assert (
+    train_state.with_compute_params(state, jnp.float32).compute_params is None
+  )
   key = jax.random.PRNGKey(1)
   for _ in range(3):
     state, out_a = step(state, batch, key)
@@ -480,7 +488,7 @@ def test_bf16_kernel_copies_leave_the_step_unchanged(l5_bf16_step):
   _params_close(state.params, fast.params, rtol=1e-6, atol=1e-7)
   # The copies track the updated float32 kernels.
   _params_close(
-    train.compute_params(fast.params, jnp.bfloat16), fast.compute_params
+    train_state.compute_params(fast.params, jnp.bfloat16), fast.compute_params
   )
 
 
@@ -508,10 +516,12 @@ def _spec_of(sharding):
 
 
 def test_weight_update_sharding_layout():
-  mesh = train.sharding.make_mesh()  # 8 devices
+  mesh = sharding.make_mesh()  # 8 devices
   state, _, _ = _l5_step_setup(jnp.bfloat16)
-  state = train.with_compute_params(state, jnp.bfloat16)
-  layout = train.state_shardings(state, mesh, shard_update=True, min_size=64)
+  state = train_state.with_compute_params(state, jnp.bfloat16)
+  layout = train_state.state_shardings(
+    state, mesh, shard_update=True, min_size=64
+  )
   params = layout.params["layers_0"]
   # [32, 96]: the leading axis divides by 8 -> split there (contiguous).
   assert _spec_of(params["attn"]["in_proj"]["kernel"]) == ("data", None)
@@ -519,8 +529,7 @@ def test_weight_update_sharding_layout():
   assert _spec_of(params["attn"]["in_proj"]["bias"]) == ("data",)
   assert _spec_of(params["attn_norm"]["scale"]) == ()
   assert _spec_of(layout.step) == ()
-  # The AdamW moments and the bf16 copies follow their params (or the copies
-  # stay replicated, gathered when written, with copies_replicated).
+  # The AdamW moments and the bf16 copies follow their params.
   split = sum(
     _spec_of(s) == ("data", None) for s in jax.tree.leaves(layout.params)
   )
@@ -532,18 +541,12 @@ def test_weight_update_sharding_layout():
   assert len(mus) == 2 * split
   copies = jax.tree.leaves(layout.compute_params)
   assert sum(_spec_of(s) == ("data", None) for s in copies) == split
-  replicated_copies = train.state_shardings(
-    state, mesh, shard_update=True, min_size=64, copies_replicated=True
-  )
-  assert all(
-    _spec_of(s) == () for s in jax.tree.leaves(replicated_copies.compute_params)
-  )
   # A leaf no axis of which divides by 8 stays replicated.
-  odd = train.sharding.weight_update_sharding((6, 10), mesh, min_size=1)
+  odd = sharding.weight_update_sharding((6, 10), mesh, min_size=1)
   assert _spec_of(odd) == ()
   # Replicated layout, or too small for the threshold: nothing is split.
   for shard_update, min_size in ((False, 1), (True, 10**9)):
-    flat = train.state_shardings(
+    flat = train_state.state_shardings(
       state, mesh, shard_update=shard_update, min_size=min_size
     )
     assert all(_spec_of(s) == () for s in jax.tree.leaves(flat))
@@ -551,23 +554,16 @@ def test_weight_update_sharding_layout():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_sharded_weight_update_matches_replicated(dtype):
-  mesh = train.sharding.make_mesh()  # 8 devices
-  rep = train.sharding.replicated(mesh)
-  bsh = train.sharding.batch_sharding(mesh)
+  mesh = sharding.make_mesh()  # 8 devices
+  rep = sharding.replicated(mesh)
+  bsh = sharding.batch_sharding(mesh)
   state0, batch, step = _l5_step_setup(dtype)
-  state0 = train.with_compute_params(state0, dtype)
+  state0 = train_state.with_compute_params(state0, dtype)
   key = jax.random.PRNGKey(1)
   results = {}
-  # float32 has no bf16 kernel copies, so "copies_replicated" would repeat
-  # the sharded step; it is compared for bfloat16 only.
-  variants = (False, True) + (("copies_replicated",) * (dtype != jnp.float32))
-  for shard_update in variants:
-    layout = train.state_shardings(
-      state0,
-      mesh,
-      shard_update=bool(shard_update),
-      min_size=64,
-      copies_replicated=shard_update == "copies_replicated",
+  for shard_update in (False, True):
+    layout = train_state.state_shardings(
+      state0, mesh, shard_update=shard_update, min_size=64
     )
     fn = jax.jit(
       functools.partial(
@@ -586,13 +582,6 @@ def test_sharded_weight_update_matches_replicated(dtype):
     results[False],
     results[True],
   )
-  if "copies_replicated" in results:
-    cr_state, cr_out, cr_hlo = results["copies_replicated"]
-    assert "all-gather" in cr_hlo
-    assert float(cr_out["loss"]) == pytest.approx(
-      float(sh_out["loss"]), rel=1e-6
-    )
-    _params_close(cr_state.params, sh_state.params, rtol=1e-6, atol=1e-7)
 
   # The optimizer's share really is split: each device holds 1/8 of a kernel
   # and of its moments.
@@ -610,7 +599,7 @@ def test_sharded_weight_update_matches_replicated(dtype):
   _params_close(sh_state.params, rep_state.params, rtol=1e-4, atol=1e-6)
   if dtype == jnp.bfloat16:
     _params_close(
-      train.compute_params(sh_state.params, jnp.bfloat16),
+      train_state.compute_params(sh_state.params, jnp.bfloat16),
       sh_state.compute_params,
     )
     copy = sh_state.compute_params["layers_0"]["attn"]["in_proj"]["kernel"]

@@ -79,7 +79,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.cache = "auto"  # InputPipeline cache: auto|device|host|none
   config.data.buckets = config_dict.placeholder(tuple)  # seq-len buckets
   config.data.prefetch = 2  # batches prepared ahead
-  config.data.staging = "direct"  # host->device upload: direct|pinned
   config.data.gather_batches = 4  # device cache: batches per gather dispatch
   # Built-in synthetic pairs (the demo): written to WORKDIR/data/synthetic
   # on first use and used instead of data.train when enabled; with lm_head,

@@ -21,8 +21,10 @@ docs/DATA_FORMAT.md.
 """
 
 import json
+import math
 import os
 import zlib
+from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -87,6 +89,19 @@ def file_crc32(path: str, chunk_bytes: int = 1 << 24) -> int:
     while chunk := f.read(chunk_bytes):
       crc = zlib.crc32(chunk, crc)
   return crc
+
+
+def to_jsonable(obj):
+  """A JSON-clean copy (arrays and scalars to Python, non-finite to None)."""
+  if isinstance(obj, Mapping):
+    return {str(k): to_jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, list | tuple):
+    return [to_jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray | np.generic) or hasattr(obj, "__array__"):
+    return to_jsonable(np.asarray(obj).tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
 
 
 def write_json_atomic(path: str, obj) -> None:

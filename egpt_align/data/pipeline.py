@@ -110,13 +110,6 @@ def _gather_batch(cache: dict, pos, seq_len: int) -> dict:
   return out
 
 
-# How host batches reach the device: 'direct' device_put of the padded batch,
-# or 'pinned' through page-locked host memory. (Uploading only the valid rows
-# and padding on device was measured 2x slower on an H100 host: the per-sample
-# packing in Python costs more than the ~9% of bytes it saves.)
-STAGING_MODES = ("direct", "pinned")
-
-
 class InputPipeline:
   """Batches of a HiddenStateDataset for training and evaluation.
 
@@ -146,16 +139,12 @@ class InputPipeline:
     device_budget_bytes: int | None = None,
     host_budget_bytes: int | None = None,
     progress: bool = True,
-    staging: str = "direct",
     gather_batches: int = 4,
   ):
     self.dataset = dataset
     if gather_batches < 1:
       raise ValueError(f"gather_batches must be >= 1, got {gather_batches}")
     self.gather_batches = int(gather_batches)
-    if staging not in STAGING_MODES:
-      raise ValueError(f"staging={staging!r}; expected one of {STAGING_MODES}")
-    self.staging = staging
     if indices is None:
       indices = np.arange(dataset.num_samples)
     indices = np.asarray(indices, np.int64)
@@ -468,13 +457,12 @@ class InputPipeline:
       target = jax.sharding.SingleDeviceSharding(self._output_devices()[0])
     else:
       target = self.sharding
+    # A direct upload of the padded batch. (Staging through page-locked host
+    # memory did not pay, and uploading only the valid rows and padding on
+    # device was measured 2x slower on an H100 host: the per-sample packing
+    # in Python costs more than the ~9% of bytes it saves; see
+    # docs/PERFORMANCE.md.)
     global_shape = (self.global_batch_size,) + x.shape[1:]
-    if self.staging == "pinned":
-      # Two hops: a host copy into page-locked memory, then a DMA.
-      staged = jax.make_array_from_process_local_data(
-        target.with_memory_kind("pinned_host"), x, global_shape
-      )
-      return jax.device_put(staged, target)
     if self.sharding is None:
       return jax.device_put(x, target)
     return jax.make_array_from_process_local_data(target, x, global_shape)

@@ -87,7 +87,8 @@ def _write_rows(buf_BL, new_BT, pos_B):
 # Full-sequence calls (training, evaluation) transpose q|k|v head-major once;
 # False makes them use the KV-cache path's [B, S, H, Dh] layout instead, which
 # XLA shuffles through several transposes (0.10-0.14 ms more per L4/L5/L5F
-# train step on an H100; tools/benchmark_train.py --variants bshd_attention).
+# train step on an H100, docs/PERFORMANCE.md). Only tests/test_models.py
+# flips it, to check that both layouts give the same outputs and gradients.
 _HEADS_FIRST = {"on": True}
 
 

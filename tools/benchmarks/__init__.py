@@ -1,1 +1,1 @@
-"""Benchmarks: ordinary users of the library."""
+"""Benchmarks, ordinary users of the library: python -m tools.benchmarks.X."""

@@ -13,12 +13,13 @@ compile time separately. `--scaling` adds data-parallel runs over 1, 2, 4 ...
 devices with the global batch fixed and scaled.
 
   # GPU, full size (about 5 minutes on an H100):
-  python tools/benchmark_train.py --out runs/bench_train
+  python -m tools.benchmarks.benchmark_train --out runs/bench_train
   # CPU smoke test:
-  python tools/benchmark_train.py --small --out /tmp/bench_train
+  python -m tools.benchmarks.benchmark_train --small --out /tmp/bench_train
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -29,15 +30,19 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from egpt_align import losses, models, optim, sharding  # noqa: E402
+from egpt_align import (  # noqa: E402
+  losses,
+  metrics,
+  models,
+  optim,
+  sharding,
+  train_state,
+)
 
 LEVELS = ("l1", "l2", "l3", "l4", "l5", "l5f")
 
@@ -108,29 +113,147 @@ def make_batch(name, batch, seq, hidden, rng):
   }
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """How a timed step differs from the trainer's (--compare); all off = it.
+
+  The dropout PRNG, the bf16 kernel copies and the AdamW first-moment dtype
+  are settings of the trainer's own step; a materialized prediction or the
+  autodiff loss are this benchmark's own step (`variant_train_step`).
+  """
+
+  dropout_rng: str = "auto"  # config.dropout_rng_impl
+  kernel_copies: bool = True  # bf16 copies in the state (else cast in step)
+  mu_dtype: str | None = None  # config.optim.mu_dtype
+  materialized_pred: bool = False  # an optimization barrier on the output
+  autodiff_loss: bool = False  # the loss as plain jnp, differentiated by XLA
+
+  @property
+  def own_step(self) -> bool:
+    return self.materialized_pred or self.autodiff_loss
+
+
+# Alternative implementations timed by --compare (each an older path or an
+# opt-in setting, timed against the trainer's default).
+COMPARE = {
+  "materialized_pred": Variant(materialized_pred=True),
+  "autodiff_loss": Variant(autodiff_loss=True),
+  "threefry_dropout": Variant(dropout_rng="threefry2x32"),
+  "cast_kernels_in_step": Variant(kernel_copies=False),
+  # Opt-in rather than an older path: config.optim.mu_dtype=bfloat16.
+  "bf16_mu": Variant(mu_dtype="bfloat16"),
+}
+DEFAULT = Variant()
+
+
+def _forward(model, spec, params, batch, *, deterministic, rng=None):
+  """The adapter's float32 prediction for a batch."""
+  rngs = None if deterministic else {"dropout": rng}
+  pred = model.apply(
+    {"params": params},
+    *models.adapter_inputs(spec.name, batch),
+    mask=batch["mask"],
+    deterministic=deterministic,
+    rngs=rngs,
+  )
+  return pred.astype(jnp.float32)
+
+
+def autodiff_loss(pred_BSD, target_BSD, mask_BS, *, predicts_next):
+  """The reference loss (default weights) in plain jnp, for XLA to
+  differentiate: what `losses.adapter_loss`'s written-out gradient replaced."""
+
+  def terms(p, t, mask):
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(m), 1.0)
+    sq = jnp.sum(jnp.square(p - t), axis=-1)
+    mse = jnp.sum(sq * m) / (n * p.shape[-1])
+    return mse, jnp.sum(metrics.cosine(p, t) * m) / n
+
+  mse, cos = terms(pred_BSD, target_BSD, mask_BS)
+  align = mse + 0.5 * (1.0 - cos)
+  if not predicts_next:
+    return align
+  next_mse, _ = terms(pred_BSD[:, :-1], target_BSD[:, 1:], mask_BS[:, 1:])
+  return 0.5 * align + 0.5 * next_mse
+
+
+def variant_train_step(state, batch, rng, *, model, spec, tx, variant):
+  """The trainer's step (one card) with the forward or the loss swapped."""
+  rng = jax.random.fold_in(rng, state.step)
+  target = batch["target"].astype(jnp.float32)
+
+  def loss_fn(weights):
+    pred = _forward(model, spec, weights, batch, deterministic=False, rng=rng)
+    if variant.materialized_pred:
+      pred = jax.lax.optimization_barrier(pred)
+    if variant.autodiff_loss:
+      return autodiff_loss(
+        pred, target, batch["mask"], predicts_next=spec.predicts_next
+      )
+    loss, _ = losses.adapter_loss(
+      pred, target, batch["mask"], predicts_next=spec.predicts_next
+    )
+    return loss
+
+  copies = state.compute_params
+  weights = train_state.forward_params(state.params, copies)
+  loss, grads = jax.value_and_grad(loss_fn)(weights)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  if copies is not None:
+    dtype = jax.tree.leaves(copies)[0].dtype
+    copies = train_state.compute_params(params, dtype)
+  new = state.replace(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    compute_params=copies,
+  )
+  return new, {"loss": loss}
+
+
+def state_layout(state, mesh, *, shard_update, min_size, gather_at_end):
+  """The trainer's layout; `gather_at_end` keeps the bf16 copies replicated
+  (gathered when the step writes them instead of at its start)."""
+  layout = train_state.state_shardings(
+    state, mesh, shard_update=shard_update, min_size=min_size
+  )
+  if not gather_at_end:
+    return layout
+  rep = sharding.replicated(mesh)
+  return layout.replace(
+    compute_params=jax.tree.map(lambda _: rep, layout.compute_params)
+  )
+
+
 def build_jax_step(
   name,
   hidden,
   dtype,
   mesh,
   batch_example,
-  variant="full",
+  ablation="full",
   shard_update=True,
-  copies_replicated=False,
+  gather_at_end=False,
+  variant=DEFAULT,
 ):
   """Initial state and the jitted train step, as the trainer builds them.
 
-  'full' is the trainer's own `train.train_step`. The other variants ablate
-  it to see where the time goes: 'nodrop' (dropout off), 'grad' (forward +
+  'full' is the trainer's own `train_state.train_step` (or, for a `variant`
+  that swaps the forward or the loss, `variant_train_step`). The ablations
+  see where the time goes: 'nodrop' (dropout off), 'grad' (forward +
   backward, no optimizer), 'fwd' (loss only), 'opt' (clip + AdamW on fixed
   gradients). The state is laid out as the trainer lays it out
-  (`train.state_shardings`; `shard_update` is config.shard_weight_update).
+  (`train_state.state_shardings`; `shard_update` is
+  config.shard_weight_update).
   """
-  from egpt_align import train
   from egpt_align.configs import base
 
   config = base.get_config()
-  config.optim.update(_OPTIM_OVERRIDES)
+  if variant.mu_dtype:
+    config.optim.mu_dtype = variant.mu_dtype
   model = models.create_adapter(name, hidden_dim=hidden, dtype=dtype)
   spec = models.get_spec(name)
   tx, schedule = optim.create_optimizer(
@@ -139,18 +262,20 @@ def build_jax_step(
   inputs = models.adapter_inputs(name, batch_example)
   example = tuple(jnp.zeros(x.shape, jnp.float32) for x in inputs)
   state = jax.jit(
-    lambda k: train.init_state(k, model=model, tx=tx, example_inputs=example)
+    lambda k: train_state.init_state(
+      k, model=model, tx=tx, example_inputs=example
+    )
   )(jax.random.PRNGKey(0))
-  if _KERNEL_COPIES["on"]:  # As the trainer does for bf16 compute.
-    state = train.with_compute_params(state, dtype)
+  if variant.kernel_copies:  # As the trainer does for bf16 compute.
+    state = train_state.with_compute_params(state, dtype)
 
   def loss_fn(params, batch, rng):
-    pred = train._forward(
+    pred = _forward(
       model,
       spec,
       params,
       batch,
-      deterministic=variant == "nodrop",
+      deterministic=ablation == "nodrop",
       rng=rng,
     )
     return losses.adapter_loss(
@@ -164,15 +289,15 @@ def build_jax_step(
     rng = jax.random.fold_in(rng, state.step)
     params = state.params
     opt_state = state.opt_state
-    if variant == "fwd":
+    if ablation == "fwd":
       loss, _ = loss_fn(params, batch, rng)
-    elif variant == "grad":
+    elif ablation == "grad":
       (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch, rng
       )
       loss = loss + 0 * sum(jnp.sum(g) for g in jax.tree.leaves(grads))
     else:
-      if variant == "opt":
+      if ablation == "opt":
         loss = jnp.zeros(())
         grads = jax.tree.map(lambda p: p * 1e-3, params)
       else:  # nodrop
@@ -184,16 +309,22 @@ def build_jax_step(
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, {"loss": loss}
 
-  layout = train.state_shardings(
+  layout = state_layout(
     state,
     mesh,
     shard_update=shard_update,
     min_size=config.shard_min_size,
-    copies_replicated=copies_replicated,
+    gather_at_end=gather_at_end,
   )
-  if variant == "full":
+  if ablation != "full":
+    step_fn = ablated_step
+  elif variant.own_step:
     step_fn = functools.partial(
-      train.train_step,
+      variant_train_step, model=model, spec=spec, tx=tx, variant=variant
+    )
+  else:
+    step_fn = functools.partial(
+      train_state.train_step,
       lm_weight=None,
       model=model,
       spec=spec,
@@ -202,8 +333,6 @@ def build_jax_step(
       loss_config=config.loss,
       grad_shardings=layout.params if shard_update else None,
     )
-  else:
-    step_fn = ablated_step
   rep = sharding.replicated(mesh)
   bsh = sharding.batch_sharding(mesh)
   state = jax.device_put(state, layout)
@@ -224,93 +353,6 @@ def collective_counts(hlo_text):
   return {k: len(re.findall(rf" {k}(?:-start)?\(", hlo_text)) for k in kinds}
 
 
-# Alternative implementations timed by --compare: name -> (enter, exit).
-def _use_autodiff_loss():
-  saved = losses._masked_terms
-  losses._masked_terms = losses._masked_terms_autodiff
-  return lambda: setattr(losses, "_masked_terms", saved)
-
-
-# The dropout PRNG of the timed step; the trainer's default is 'auto'.
-_DROPOUT_RNG = {"impl": "auto"}
-
-
-def _use_threefry():
-  _DROPOUT_RNG["impl"] = "threefry2x32"
-  return lambda: _DROPOUT_RNG.update(impl="auto")
-
-
-# Whether the state carries bf16 kernel copies (the trainer's default).
-_KERNEL_COPIES = {"on": True}
-
-
-def _cast_in_step():
-  _KERNEL_COPIES["on"] = False
-  return lambda: _KERNEL_COPIES.update(on=True)
-
-
-def _use_two_pass_ln():
-  from egpt_align.models import attention, bottleneck
-
-  saved = bottleneck.layer_norm
-
-  def two_pass(name):
-    return nn.LayerNorm(
-      epsilon=bottleneck.LN_EPS,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      use_fast_variance=False,
-      name=name,
-    )
-
-  bottleneck.layer_norm = attention.layer_norm = two_pass
-
-  def undo():
-    bottleneck.layer_norm = attention.layer_norm = saved
-
-  return undo
-
-
-def _use_materialized_pred():
-  from egpt_align import train
-
-  saved = train._forward
-
-  def forward(*args, **kwargs):
-    return jax.lax.optimization_barrier(saved(*args, **kwargs))
-
-  train._forward = forward
-  return lambda: setattr(train, "_forward", saved)
-
-
-def _use_bshd_attention():
-  from egpt_align.models import attention
-
-  attention._HEADS_FIRST["on"] = False
-  return lambda: attention._HEADS_FIRST.update(on=True)
-
-
-# config.optim keys the timed step uses instead of the base config's.
-_OPTIM_OVERRIDES = {}
-
-
-def _use_bf16_mu():
-  _OPTIM_OVERRIDES["mu_dtype"] = "bfloat16"
-  return lambda: _OPTIM_OVERRIDES.pop("mu_dtype")
-
-
-COMPARE = {
-  "two_pass_ln": _use_two_pass_ln,
-  "materialized_pred": _use_materialized_pred,
-  "autodiff_loss": _use_autodiff_loss,
-  "threefry_dropout": _use_threefry,
-  "cast_kernels_in_step": _cast_in_step,
-  # Opt-in rather than an older path: config.optim.mu_dtype=bfloat16.
-  "bf16_mu": _use_bf16_mu,
-  "bshd_attention": _use_bshd_attention,
-}
-
-
 def bench_jax(
   name,
   batch,
@@ -322,20 +364,15 @@ def bench_jax(
   windows,
   variant="full",
   shard_update=True,
-  copies_replicated=False,
+  gather_at_end=False,
 ):
-  """Times our jitted step on `devices`; returns a result dict."""
-  if variant in COMPARE:
-    undo = COMPARE[variant]()
-    try:
-      r = bench_jax(
-        name, batch, seq, hidden, dtype, devices, steps, windows,
-        shard_update=shard_update, copies_replicated=copies_replicated,
-      )  # fmt: skip
-    finally:
-      undo()
-    r["impl"] += f" [{variant}]"
-    return r
+  """Times our jitted step on `devices`; returns a result dict.
+
+  `variant` is 'full' (the trainer's step), an ablation (fwd, grad, nodrop,
+  opt) or a COMPARE name.
+  """
+  impl = COMPARE.get(variant, DEFAULT)
+  ablation = "full" if variant in COMPARE else variant
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   host = make_batch(name, batch, seq, hidden, np.random.default_rng(0))
   host = {
@@ -343,13 +380,19 @@ def bench_jax(
     for k, v in host.items()
   }  # The input pipeline delivers states in the storage dtype (bf16).
   model, state, step = build_jax_step(
-    name, hidden, dtype, mesh, host, variant, shard_update, copies_replicated
+    name,
+    hidden,
+    dtype,
+    mesh,
+    host,
+    ablation,
+    shard_update,
+    gather_at_end,
+    impl,
   )
   bsh = sharding.batch_sharding(mesh)
   dev_batch = jax.device_put(host, bsh)
-  from egpt_align import train
-
-  rng = train.dropout_key(jax.random.key(1), _DROPOUT_RNG["impl"])
+  rng = train_state.dropout_key(jax.random.key(1), impl.dropout_rng)
   rng = jax.device_put(rng, sharding.replicated(mesh))
   t0 = time.perf_counter()
   compiled = step.lower(state, dev_batch, rng).compile()
@@ -517,9 +560,7 @@ def profile_step(name, batch, seq, hidden, dtype, steps, out_dir):
   }
   _, state, step = build_jax_step(name, hidden, dtype, mesh, host)
   dev_batch = jax.device_put(host, sharding.batch_sharding(mesh))
-  from egpt_align import train
-
-  rng = train.dropout_key(jax.random.key(1), _DROPOUT_RNG["impl"])
+  rng = train_state.dropout_key(jax.random.key(1), DEFAULT.dropout_rng)
   for _ in range(3):
     state, _ = step(state, dev_batch, rng)
   jax.block_until_ready(state)
@@ -703,7 +744,7 @@ def main(argv=None):
     )
   scaling = []
   n_dev = jax.device_count()
-  # layout -> (shard_update, copies_replicated)
+  # layout -> (shard_update, gather_at_end)
   modes = {
     "sharded": (True, False),
     "sharded_gather_end": (True, True),
@@ -732,7 +773,7 @@ def main(argv=None):
             args.steps,
             args.windows,
             shard_update=modes[mode][0],
-            copies_replicated=modes[mode][1],
+            gather_at_end=modes[mode][1],
           )
           r["batch_mode"] = label
           r["update"] = mode if n > 1 else "-"

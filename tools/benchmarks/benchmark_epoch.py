@@ -1,7 +1,7 @@
 r"""End-to-end training throughput: valid tokens/s of whole trainer epochs.
 
 Writes a dataset of N samples at hidden D with reference-like lengths (mean
-34, max 50; tools/benchmark_data.py) to a directory, then runs the real
+34, max 50; tools/benchmarks/benchmark_data.py) to a directory, then runs the real
 trainer (`egpt_align.train.train_and_evaluate`) on it for each level and
 data mode (`cache=none`: memory-mapped streaming from disk; `cache=device`:
 the dataset uploaded to accelerator memory once) and reads the epoch's
@@ -10,9 +10,10 @@ compilation, so the figure is taken from the last epoch; checkpoints are
 off and validation (a 1% hold-out) falls outside the timed train loop.
 
   # GPU, full size:
-  python tools/benchmark_epoch.py --levels l1,l4,l5f --out runs/bench_epoch
+  python -m tools.benchmarks.benchmark_epoch --levels l1,l4,l5f \
+    --out runs/bench_epoch
   # CPU smoke test:
-  python tools/benchmark_epoch.py --small --out /tmp/bench_epoch
+  python -m tools.benchmarks.benchmark_epoch --small --out /tmp/bench_epoch
 """
 
 import argparse
@@ -27,11 +28,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from egpt_align import train  # noqa: E402
 from egpt_align.configs import base  # noqa: E402
-from tools import benchmark_data  # noqa: E402
+from tools.benchmarks import benchmark_data  # noqa: E402
 
 
 def run_level(name, data_dir, workdir, *, cache, batch_size, epochs, dtype):

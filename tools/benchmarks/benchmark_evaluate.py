@@ -1,9 +1,11 @@
 r"""End-to-end timing of `python -m egpt_align.evaluate` at the paper's size.
 
   # GPU, full size (11,000 samples x ~34 positions, hidden 4096, vocab 32,064)
-  python tools/benchmark_evaluate.py --data /tmp/bench_eval --out bench.json
+  python -m tools.benchmarks.benchmark_evaluate --data /tmp/bench_eval \
+    --out bench.json
   # CPU smoke test
-  python tools/benchmark_evaluate.py --small --out /tmp/bench_small.json
+  python -m tools.benchmarks.benchmark_evaluate --small \
+    --out /tmp/bench_small.json
 
 Writes a random dataset (bf16 states, lengths uniform in [min_len, max_len],
 draft_tokens, no stored target tokens so the target's argmax goes through the
@@ -28,10 +30,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from egpt_align import lm_head  # noqa: E402
-from egpt_align.data import DatasetWriter, open_dataset  # noqa: E402
+from egpt_align import lm_head
+from egpt_align.data import DatasetWriter, open_dataset
 
 
 def make_data(path: str, args) -> None:
