@@ -200,10 +200,10 @@ def main(argv=None):
   num_samples = int(np.ceil(train_samples / 0.98)) + 1
   data_dir = os.path.abspath(args.data_dir or os.path.join(out, "data"))
   if not os.path.exists(os.path.join(data_dir, "header.json")):
-    # The JAX benchmarks' dataset writer (tools/benchmarks/benchmark_data.py).
-    from tools.benchmarks import benchmark_data
+    # The JAX benchmarks' dataset writer (tools/benchmarks/datasets.py).
+    from tools.benchmarks import datasets
 
-    benchmark_data.write_dataset(
+    datasets.write_dataset(
       data_dir,
       np.full(num_samples, seq, np.int32),
       hidden,

@@ -1,7 +1,7 @@
 r"""End-to-end training throughput: valid tokens/s of whole trainer epochs.
 
 Writes a dataset of N samples at hidden D with reference-like lengths (mean
-34, max 50; tools/benchmarks/benchmark_data.py) to a directory, then runs the real
+34, max 50; tools/benchmarks/datasets.py) to a directory, then runs the real
 trainer (`egpt_align.train.train_and_evaluate`) on it for each level and
 data mode (`cache=none`: memory-mapped streaming from disk; `cache=device`:
 the dataset uploaded to accelerator memory once) and reads the epoch's
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from egpt_align import train  # noqa: E402
 from egpt_align.configs import base  # noqa: E402
-from tools.benchmarks import benchmark_data  # noqa: E402
+from tools.benchmarks import datasets  # noqa: E402
 
 
 def run_level(name, data_dir, workdir, *, cache, batch_size, epochs, dtype):
@@ -81,8 +81,8 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_epoch_data_")
   if not os.path.exists(os.path.join(data_dir, "header.json")):
-    lengths = benchmark_data.reference_lengths(args.num_samples, rng)
-    benchmark_data.write_dataset(
+    lengths = datasets.reference_lengths(args.num_samples, rng)
+    datasets.write_dataset(
       data_dir, lengths, args.hidden_dim, rng, samples_per_shard=4096
     )
   info = {

@@ -452,11 +452,11 @@ def bench_torch(name, batch, seq, hidden, mode, steps, windows):
   """Times a torch twin: mode 'fp32' (reference) or 'compile' (bf16)."""
   import torch
 
-  from tools import torch_adapters
+  from tools.lib import twins
 
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(0)
-  model = torch_adapters.build_torch_adapter(name, hidden_dim=hidden).to(dev)
+  model = twins.build_torch_adapter(name, hidden_dim=hidden).to(dev)
   model.train()
   spec = models.get_spec(name)
   rng = np.random.default_rng(0)
