@@ -431,7 +431,7 @@ def accept_cis(result, *, resamples: int, seed: int) -> dict:
   cosines it returns (flattened valid positions, sample-major) are split
   back into samples here and resampled the same way (by sample).
   """
-  from egpt_align import evaluate as ev
+  from egpt_align import metrics
 
   lengths = np.asarray(result.arrays["lengths"], np.int64)
   out = {}
@@ -442,7 +442,7 @@ def accept_cis(result, *, resamples: int, seed: int) -> dict:
     n = np.maximum(lengths - (reading == "next"), 0)
     parts = np.split(np.asarray(flat, np.float64), np.cumsum(n)[:-1])
     cis = {}
-    for t in ev.THRESHOLDS:
+    for t in metrics.THRESHOLDS:
       hits = np.array([(p > t).sum() for p in parts], np.float64)
       cis[f"accept_{round(t * 100)}"] = ratio_ci(
         hits, n, resamples=resamples, seed=seed
@@ -492,8 +492,10 @@ def stage_evaluate(study: Study) -> dict:
       study.p("data", "test"),
       workdir=study.p("runs", name),
       lm_head=study.p("lm_head"),
-      bootstrap=study.args.bootstrap,
-      progress=not study.args.no_progress,
+      settings=ev.EvalSettings(
+        bootstrap=study.args.bootstrap,
+        progress=not study.args.no_progress,
+      ),
     )
     report.write_outputs(result, out)
     extra = {
