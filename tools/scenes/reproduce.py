@@ -59,7 +59,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
-import datetime
 import glob
 import importlib.util
 import io
@@ -72,7 +71,16 @@ import time
 
 import numpy as np
 
-STUDY_FILE = "study.json"
+from tools.scenes.layout import (  # noqa: F401 (re-exported for callers)
+  ADAPTERS,
+  BENCH_DIRS,
+  DECODE_ADAPTERS,
+  METHODS,
+  PREFILL_ADAPTERS,
+  STUDY_FILE,
+  now,
+)
+
 STAGES = (
   "pair",
   "dump",
@@ -89,17 +97,7 @@ GROUPS = {
   "B": ("bench1", "bench2", "results"),
   "all": STAGES,
 }
-ADAPTERS = ("l1", "l2", "l3", "l4", "l5", "b1", "l5f")
-PREFILL_ADAPTERS = ("l1", "l2", "l3", "l4")
-DECODE_ADAPTERS = ("l5", "b1", "l5f")
-METHODS = (
-  ("baseline", "draft_tokens")
-  + tuple(f"prefill_hiding:{a}" for a in PREFILL_ADAPTERS)
-  + tuple(f"decode:{a}" for a in DECODE_ADAPTERS)
-  + ("two_phase:l4+l5f", "two_phase:l4+b1")
-)
 SPLITS = ("train", "val", "test")
-BENCH_DIRS = {"bench1": "gpus1", "bench2": "gpus2"}
 MIN_BENCH_S = 90  # a benchmark stage starts only with this much time left
 # The settings each stage's outputs depend on: a finished stage run with
 # other values is refused (use another --out or --redo it).
@@ -128,7 +126,7 @@ class Study:
     self.out = os.path.abspath(out)
     self.args = args
     self.path = os.path.join(self.out, STUDY_FILE)
-    self.state = {"stages": {}, "created": _now()}
+    self.state = {"stages": {}, "created": now()}
     if os.path.isfile(self.path):
       with open(self.path) as f:
         self.state = json.load(f)
@@ -159,7 +157,7 @@ class Study:
     self.state["stages"][stage] = {
       "done": True,
       "seconds": round(seconds, 1),
-      "finished": _now(),
+      "finished": now(),
       "settings": self.settings(stage),
       **info,
     }
@@ -206,10 +204,6 @@ class Study:
 
   def draft_spec(self) -> str:
     return f"tools.scenes.drafter:make_backend:{self.pair}"
-
-
-def _now() -> str:
-  return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _run(cmd: list[str], what: str, ok=(0,)) -> int:
@@ -952,7 +946,7 @@ def run(args) -> int:
     print(f"unpacked {n} files into {args.out}")
   study = Study(args.out, args)
   study.state.setdefault("runs", []).append(
-    {"started": _now(), "argv": sys.argv[1:], "versions": versions()}
+    {"started": now(), "argv": sys.argv[1:], "versions": versions()}
   )
   study.save()
   for stage in redo:

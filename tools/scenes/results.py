@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from tools.scenes import reproduce as rp
+from tools.scenes import layout
 
 THRESHOLDS = ("80", "85", "90", "95")
 # Metric key in egpt_align.evaluate -> (label, CI source).
@@ -180,7 +180,7 @@ def collect(study_dir: str, pair_dir: str | None = None) -> dict:
   """results.json: everything RESULTS.md and the plots state.
 
   `pair_dir`: the pair (default: the one the study recorded)."""
-  study = _load(os.path.join(study_dir, rp.STUDY_FILE))
+  study = _load(os.path.join(study_dir, layout.STUDY_FILE))
   stages = study["stages"]
   if pair_dir is None:
     pair_dir = stages.get("pair", {}).get("pair") or "pair"
@@ -191,7 +191,7 @@ def collect(study_dir: str, pair_dir: str | None = None) -> dict:
   data = {
     "format": "egpt_align.scenes_results",
     "version": 1,
-    "generated": rp._now(),
+    "generated": layout.now(),
     "study": {
       "runs": study.get("runs", []),
       "stage_seconds": {
@@ -213,9 +213,9 @@ def collect(study_dir: str, pair_dir: str | None = None) -> dict:
     "live": {},
   }
   if stages.get("evaluate", {}).get("done"):
-    for name in rp.ADAPTERS:
+    for name in layout.ADAPTERS:
       data["adapters"][name] = adapter_entry(study, study_dir, name)
-  for stage, sub in rp.BENCH_DIRS.items():
+  for stage, sub in layout.BENCH_DIRS.items():
     if stages.get(stage, {}).get("done"):
       bench = _load(os.path.join(study_dir, "bench", sub, "results.json"))
       data["live"][sub] = live_entry(bench)
@@ -278,9 +278,9 @@ def claim_plateau(data: dict) -> dict:
     "of L1–L4 overlap; partly when they do not but the gap is at most 5 "
     "points; fails otherwise."
   )
-  if not all(a in ads for a in rp.PREFILL_ADAPTERS):
+  if not all(a in ads for a in layout.PREFILL_ADAPTERS):
     return _unmeasured("L1–L4 plateau whatever their capacity", rule)
-  top = {a: _v(ads[a], "token_top1") for a in rp.PREFILL_ADAPTERS}
+  top = {a: _v(ads[a], "token_top1") for a in layout.PREFILL_ADAPTERS}
   hi = max(top, key=lambda a: top[a][0] or 0)
   lo = min(top, key=lambda a: top[a][0] or 0)
   gap = (top[hi][0] or 0) - (top[lo][0] or 0)
@@ -290,12 +290,12 @@ def claim_plateau(data: dict) -> dict:
     verdict = "partly"
   else:
     verdict = "fails"
-  params = {a: ads[a]["params"] for a in rp.PREFILL_ADAPTERS}
+  params = {a: ads[a]["params"] for a in layout.PREFILL_ADAPTERS}
   text = (
     "Token top-1 on the test answers: "
     + ", ".join(
       f"{a.upper()} {_ci_pct(*top[a])} ({params[a] or '?'} params)"
-      for a in rp.PREFILL_ADAPTERS
+      for a in layout.PREFILL_ADAPTERS
     )
     + f". The best ({hi.upper()}) and the worst ({lo.upper()}) differ by "
     f"{100 * gap:.1f} points; their CIs "
@@ -870,7 +870,7 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
     for rt, block in live["by_runtime"].items()
   ]
   if settings:
-    methods = [m for m in rp.METHODS if m != "baseline"]
+    methods = [m for m in layout.METHODS if m != "baseline"]
     fig, ax = plt.subplots(figsize=(10, 4))
     w = 0.8 / len(settings)
     for i, (sub, rt, rows) in enumerate(settings):
