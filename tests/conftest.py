@@ -25,3 +25,17 @@ def _torch_grad_mode_on():
   torch = sys.modules.get("torch")
   if torch is not None:
     torch.set_grad_enabled(True)
+
+
+@pytest.fixture(scope="session")
+def tiny_scenes_pair(tmp_path_factory):
+  """The tiny scenes pair, trained once for every test that needs one."""
+  import torch
+
+  from tools.scenes import make_pair, models
+
+  out = str(tmp_path_factory.mktemp("scenes") / "pair")
+  info = make_pair.make_pair(
+    out, models.PRESETS["tiny"], 0, torch.device("cpu")
+  )
+  return out, info

@@ -18,10 +18,8 @@ TINY = models.PRESETS["tiny"]
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("scenes") / "pair")
-  info = make_pair.make_pair(out, TINY, 0, torch.device("cpu"))
-  return out, info
+def pair(tiny_scenes_pair):
+  return tiny_scenes_pair
 
 
 @pytest.fixture(scope="module")

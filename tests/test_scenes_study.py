@@ -207,14 +207,9 @@ def test_pack_parts_respect_the_size_and_unpack_restores(tmp_path, dtype):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-  import torch
-
-  from tools.scenes import make_pair, models
-
+def study(tmp_path_factory, tiny_scenes_pair):
   root = tmp_path_factory.mktemp("scenes_study")
-  pair = str(root / "pair")
-  make_pair.make_pair(pair, models.PRESETS["tiny"], 0, torch.device("cpu"))
+  pair, _ = tiny_scenes_pair
   out = str(root / "study")
   argv = [
     "--out",
