@@ -185,7 +185,8 @@ def _ce_shift(spec, objective: str) -> int:
   return 1 if (spec.predicts_next and objective == "next") else 0
 
 
-def _forward(model, spec, params, batch, *, deterministic, rng=None):
+def forward(model, spec, params, batch, *, deterministic, rng=None):
+  """The adapter's float32 prediction for a batch."""
   inputs = models.adapter_inputs(spec.name, batch)
   rngs = None if deterministic else {"dropout": rng}
   pred = model.apply(
@@ -225,7 +226,7 @@ def train_step(
   target = batch["target"].astype(jnp.float32)
 
   def loss_fn(params):
-    pred = _forward(
+    pred = forward(
       model, spec, params, batch, deterministic=False, rng=dropout_rng
     )
     # Padding rows of e.g. L1 at init are exact zero vectors: the loss's
@@ -304,7 +305,7 @@ def eval_step(
   """Summable validation statistics of one batch (padding rows masked)."""
   mask = batch["mask"]
   target = batch["target"].astype(jnp.float32)
-  pred = _forward(model, spec, params, batch, deterministic=True)
+  pred = forward(model, spec, params, batch, deterministic=True)
   out = {}
   for shift in _readings(spec, loss_config.objective):
     prefix = "next_" if shift else ""

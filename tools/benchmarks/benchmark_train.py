@@ -44,7 +44,8 @@ from egpt_align import (  # noqa: E402
   train_state,
 )
 
-LEVELS = ("l1", "l2", "l3", "l4", "l5", "l5f")
+# Every architecture once (B1 is L5 trained on other data).
+LEVELS = tuple(name for name in models.ADAPTERS if name != "b1")
 
 
 def _optim_config():
@@ -146,19 +147,6 @@ COMPARE = {
 DEFAULT = Variant()
 
 
-def _forward(model, spec, params, batch, *, deterministic, rng=None):
-  """The adapter's float32 prediction for a batch."""
-  rngs = None if deterministic else {"dropout": rng}
-  pred = model.apply(
-    {"params": params},
-    *models.adapter_inputs(spec.name, batch),
-    mask=batch["mask"],
-    deterministic=deterministic,
-    rngs=rngs,
-  )
-  return pred.astype(jnp.float32)
-
-
 def autodiff_loss(pred_BSD, target_BSD, mask_BS, *, predicts_next):
   """The reference loss (default weights) in plain jnp, for XLA to
   differentiate: what `losses.adapter_loss`'s written-out gradient replaced."""
@@ -184,7 +172,9 @@ def variant_train_step(state, batch, rng, *, model, spec, tx, variant):
   target = batch["target"].astype(jnp.float32)
 
   def loss_fn(weights):
-    pred = _forward(model, spec, weights, batch, deterministic=False, rng=rng)
+    pred = train_state.forward(
+      model, spec, weights, batch, deterministic=False, rng=rng
+    )
     if variant.materialized_pred:
       pred = jax.lax.optimization_barrier(pred)
     if variant.autodiff_loss:
@@ -270,7 +260,7 @@ def build_jax_step(
     state = train_state.with_compute_params(state, dtype)
 
   def loss_fn(params, batch, rng):
-    pred = _forward(
+    pred = train_state.forward(
       model,
       spec,
       params,
