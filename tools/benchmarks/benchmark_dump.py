@@ -37,7 +37,7 @@ import tqdm
 
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
-from tools.lib import generation, media
+from tools.lib import generation, media, random_models
 
 SMALL = {
   "hidden": 64,
@@ -76,31 +76,26 @@ class TokenPromptBackend(bk.HFBackend):
 
 def build_model(args, seed: int, device, dtype):
   """A random-weight LlamaForCausalLM of the requested shape."""
-  from transformers import LlamaConfig, LlamaForCausalLM
-
-  cfg = LlamaConfig(
-    vocab_size=args.vocab,
-    hidden_size=args.hidden,
-    intermediate_size=args.intermediate,
-    num_hidden_layers=args.layers,
-    num_attention_heads=args.heads,
-    num_key_value_heads=args.heads,
-    max_position_embeddings=max(4096, args.prompt_len + args.max_new_tokens),
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
+  model = random_models.random_llama(
+    dict(
+      vocab_size=args.vocab,
+      hidden_size=args.hidden,
+      intermediate_size=args.intermediate,
+      num_hidden_layers=args.layers,
+      num_attention_heads=args.heads,
+      num_key_value_heads=args.heads,
+      max_position_embeddings=max(4096, args.prompt_len + args.max_new_tokens),
+      bos_token_id=1,
+      eos_token_id=2,
+      pad_token_id=0,
+    ),
+    seed=seed,
+    device=device,
+    dtype=dtype,
   )
-  torch.manual_seed(seed)
-  old = torch.get_default_dtype()
-  torch.set_default_dtype(dtype)  # build directly in the compute dtype
-  try:
-    with torch.device(device):
-      model = LlamaForCausalLM(cfg)
-  finally:
-    torch.set_default_dtype(old)
   model.generation_config.eos_token_id = 2
   model.generation_config.pad_token_id = 0
-  return model.eval()
+  return model
 
 
 def make_samples(args, n: int, seed: int) -> list[dict]:
