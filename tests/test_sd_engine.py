@@ -3,6 +3,8 @@
 import copy
 import dataclasses
 
+import threading
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -386,6 +388,45 @@ def test_thread_overlap_is_lossless_and_measured(target_model, noisy_model):
   assert r.phases["prefill_draft_decode"]["units"] == 3
   with pytest.raises(ValueError, match="overlap"):
     sd.SDConfig(overlap="streams")
+
+
+class ThreadNoting(TokenPromptBackend):
+  """Notes the thread of every forward; raises when told to."""
+
+  def __init__(self, model, eos=2):
+    super().__init__(model, model_id="tiny", eos_token_id=eos)
+    self.threads: list[str] = []
+    self.fail = False
+
+  def forward(self, *args, **kw):
+    self.threads.append(threading.current_thread().name)
+    if self.fail:
+      raise RuntimeError("drafter broke")
+    return super().forward(*args, **kw)
+
+
+def test_overlap_reuses_one_drafter_thread(target_model, noisy_model):
+  """Every sample's drafter side runs on the same long-lived thread (a new
+  thread per sample pays CUDA's per-thread set-up each time), and an error
+  raised there reaches the caller."""
+  tb, db = _backend(target_model), ThreadNoting(noisy_model)
+  models = sd.Models(tb, db, {"l4": _adapter("l4")})
+  cfg = sd.SDConfig(
+    gamma=3, max_new_tokens=6, eos_token_ids=(), overlap="thread"
+  )
+  main = threading.current_thread().name
+  for seed in (71, 72, 73):
+    s = _prompt(seed)
+    for m in ("draft_tokens", "prefill_hiding:l4"):
+      sd.run_method(m, models, tb.prompt_inputs(s), db.prompt_inputs(s), cfg)
+  side = set(db.threads) - {main}
+  assert len(side) == 1, side
+  db.fail = True
+  s = _prompt(74)
+  with pytest.raises(RuntimeError, match="drafter broke"):
+    sd.run_method(
+      "draft_tokens", models, tb.prompt_inputs(s), db.prompt_inputs(s), cfg
+    )
 
 
 def test_per_method_functions(target_model):
