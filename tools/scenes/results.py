@@ -697,6 +697,15 @@ def render(data: dict, plots: list[str]) -> str:
     "target decode step; prefill overlap = target alone + drafter alone − "
     "concurrent wall (measured); speedup = ratio of mean end-to-end times "
     "against the same runtime's baseline (95% paired bootstrap CI).",
+    "",
+    "The drafter's prefill side runs on a long-lived thread of the same "
+    "process, on its own CUDA stream (on the second GPU when there is one). "
+    "How much of it can hide behind the target's prefill depends on what "
+    "bounds each side: a prefill that is a chain of small kernels is bound "
+    "by the host's launch rate, and two such chains in one Python process "
+    "share the host, so only the time one side spends waiting on its GPU "
+    "is hidden; a prefill bound by its GPU (a 7B target's over hundreds of "
+    "visual tokens) leaves the host free for the drafter.",
   ]
   lines += live_tables(data)
   missing = [n for s, n in SETTING_NAMES.items() if s not in data["live"]]
