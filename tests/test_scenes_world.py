@@ -175,3 +175,59 @@ def test_samples_cli_bad_split_is_one_line(tmp_path, capsys):
     ["--out", str(tmp_path), "--split", "test", "--num", "1", "--qtypes", "x"]
   )
   assert "--qtypes" in capsys.readouterr().err
+
+
+def test_fixed_width_batches_pad_without_changing_the_loss():
+  """Every training batch is prompt + max_answer wide (one shape, so a
+  compiled model compiles once); the padding is masked and unlabelled, so
+  the loss is the unpadded batch's; an answer over the room is an error."""
+  import torch
+
+  from tools.scenes import make_pair, models
+
+  preset = models.PRESETS["tiny"]
+  tok = text.train_tokenizer(range(100), 512)
+  scenes = [world.make_scene(s) for s in range(30)]
+  count = models.video_tokens(preset)
+  fixed = make_pair.Batches(tok, scenes, "<video>", count, 0, 4, 64)
+  loose = make_pair.Batches(tok, scenes, "<video>", count, 0, 4)
+  width = fixed.prompts.longest() + 64
+  torch.manual_seed(0)
+  model = models.build_target(preset, tok).eval()
+  frames = np.stack([world.render(s.seed)[1] for s in scenes])
+  for step in range(3):
+    f, lo = fixed(step), loose(step)
+    assert f[1].shape[1] == width and lo[1].shape[1] < width
+    np.testing.assert_array_equal(f[0], lo[0])
+    n = lo[1].shape[1]
+    np.testing.assert_array_equal(f[1][:, :n], lo[1])
+    assert (f[2][:, n:] == 0).all() and (f[3][:, n:] == -100).all()
+    losses = []
+    for idx, ids, mask, labels in (f, lo):
+      with torch.no_grad():
+        out = model(
+          input_ids=ids,
+          attention_mask=mask,
+          pixel_values_videos=models.pixels(torch.from_numpy(frames[idx])),
+          labels=labels,
+        )
+      losses.append(float(out.loss))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+  short = make_pair.Batches(tok, scenes, "<video>", count, 0, 4, 5)
+  with pytest.raises(ValueError, match=r"training scene \d+ \(step 0\)"):
+    short(0)
+  with pytest.raises(ValueError, match="over the fixed width 7"):
+    models.lm_batch([[1, 2, 3]], [[4, 5, 6, 7, 8]], 0, width=7)
+
+
+def test_training_compiles_only_on_cuda_and_unless_told_not_to():
+  import torch
+
+  from tools.scenes import make_pair
+
+  model = torch.nn.Linear(2, 2)
+  cuda, cpu = torch.device("cuda"), torch.device("cpu")
+  # torch.compile wraps lazily: no GPU is needed to see the choice.
+  assert make_pair.compiled(model, cuda, True) is not model
+  assert make_pair.compiled(model, cuda, False) is model
+  assert make_pair.compiled(model, cpu, True) is model

@@ -26,6 +26,9 @@ Measured (H100, 2026-11-27, the `gpu` preset): target 25/31/41/72%
 accuracy and time goals were NOT met; the cost ratios (19.2x, 4.0x) were.
 A variant with patch 12 (208 visual tokens) and 3000/2000 steps at lr 1.5e-3
 did worse (target 7/11/24/54%) and was dropped; docs/SCENES.md has both.
+Training: AdamW (fused on CUDA), bf16 autocast, batches of one fixed width
+(longest prompt + max_new_tokens), both models torch.compile'd on CUDA
+(--no_compile to train eagerly).
 """
 
 from __future__ import annotations
@@ -111,18 +114,36 @@ def examples(scenes, seed: int, step: int, size: int):
 class Batches:
   """Token batches of a training stream: (scene idx, ids, mask, labels)."""
 
-  def __init__(self, tokenizer, scenes, media_token, count, seed, size):
+  def __init__(
+    self, tokenizer, scenes, media_token, count, seed, size, max_answer=None
+  ):
+    """max_answer: answer tokens (EOS included) every batch has room for:
+    batches are then all prompt + max_answer wide (one shape to compile)."""
     self.tokenizer = tokenizer
     self.scenes = scenes
     self.prompts = models.Prompts(tokenizer, media_token, count)
     self.seed, self.size = seed, size
+    self.width = None
+    if max_answer is not None:
+      self.width = self.prompts.longest() + max_answer
 
   def __call__(self, step: int):
     batch = examples(self.scenes, self.seed, step, self.size)
+    answers = [models.answer_ids(self.tokenizer, b[2]) for b in batch]
+    if self.width is not None:
+      room = self.width - self.prompts.longest()
+      for (i, _, _), a in zip(batch, answers, strict=True):
+        if len(a) > room:
+          raise ValueError(
+            f"training scene {self.scenes[i].seed} (step {step}): an answer "
+            f"of {len(a)} tokens, over the {room} the preset's "
+            "max_new_tokens allows"
+          )
     ids, mask, labels = models.lm_batch(
       [self.prompts(b[1]) for b in batch],
-      [models.answer_ids(self.tokenizer, b[2]) for b in batch],
+      answers,
       self.tokenizer.pad_token_id,
+      self.width,
     )
     return np.array([b[0] for b in batch]), ids, mask, labels
 
@@ -180,11 +201,23 @@ def _schedule(preset: models.Preset, steps: int):
   return lr
 
 
+def compiled(model, device, compile_model: bool):
+  """The model's forward, compiled on CUDA (batches have one fixed shape,
+  so it compiles once), else the model itself."""
+  if compile_model and device.type == "cuda":
+    return torch.compile(model)
+  return model
+
+
 def _train(model, loss_fn, batches, name, preset, steps, device, executor):
-  """AdamW + warmup/cosine, bf16 autocast on GPU, grad clip 1."""
+  """AdamW (fused on CUDA) + warmup/cosine, bf16 autocast on GPU, clip 1."""
   model.to(device).train()
   opt = torch.optim.AdamW(
-    model.parameters(), lr=preset.lr, betas=(0.9, 0.98), weight_decay=0.01
+    model.parameters(),
+    lr=preset.lr,
+    betas=(0.9, 0.98),
+    weight_decay=0.01,
+    fused=device.type == "cuda",
   )
   sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(preset, steps))
   autocast = torch.autocast(
@@ -212,13 +245,16 @@ def _train(model, loss_fn, batches, name, preset, steps, device, executor):
   return loss_val
 
 
-def train_target(model, batches, preset, frames, device, executor=None):
+def train_target(
+  model, batches, preset, frames, device, executor=None, compile_model=True
+):
   """Trains the target on (clip, question, answer) batches."""
   frames_dev = torch.from_numpy(frames).to(device)
+  forward = compiled(model.to(device), device, compile_model)
 
   def loss_fn(batch):
     idx, ids, mask, labels = (torch.as_tensor(x).to(device) for x in batch)
-    out = model(
+    out = forward(
       input_ids=ids,
       attention_mask=mask,
       pixel_values_videos=models.pixels(frames_dev[idx]),
@@ -238,13 +274,16 @@ def train_target(model, batches, preset, frames, device, executor=None):
   )
 
 
-def train_drafter(model, batches, preset, events, device, executor=None):
+def train_drafter(
+  model, batches, preset, events, device, executor=None, compile_model=True
+):
   """Trains the drafter on (event frames, question, answer) batches."""
   events_dev = torch.from_numpy(events).to(device)
+  forward = compiled(model.to(device), device, compile_model)
 
   def loss_fn(batch):
     idx, ids, mask, labels = (torch.as_tensor(x).to(device) for x in batch)
-    hidden = model(
+    hidden = forward(
       ids, attention_mask=mask, use_cache=False, event_frames=events_dev[idx]
     ).last_hidden_state
     logits = model.lm.lm_head(hidden[:, :-1]).float()
@@ -389,8 +428,13 @@ def versions() -> dict:
   }
 
 
-def make_pair(out: str, preset: models.Preset, seed: int, device) -> dict:
-  """Trains, saves, reloads and evaluates the pair; returns pair.json."""
+def make_pair(
+  out: str, preset: models.Preset, seed: int, device, compile_model=True
+) -> dict:
+  """Trains, saves, reloads and evaluates the pair; returns pair.json.
+
+  compile_model: torch.compile both models for training (CUDA only).
+  """
   fp = fingerprint(preset, seed)
   done = check_out(out, fp)
   if done is not None:
@@ -416,6 +460,7 @@ def make_pair(out: str, preset: models.Preset, seed: int, device) -> dict:
       models.video_tokens(preset),
       seed,
       preset.batch_size,
+      max_answer=preset.max_new_tokens,
     ),
     "drafter": Batches(
       tokenizer,
@@ -424,6 +469,7 @@ def make_pair(out: str, preset: models.Preset, seed: int, device) -> dict:
       models.event_tokens(preset),
       seed + 1,
       preset.batch_size,
+      max_answer=preset.max_new_tokens,
     ),
   }
   with contextlib.ExitStack() as stack:
@@ -434,12 +480,24 @@ def make_pair(out: str, preset: models.Preset, seed: int, device) -> dict:
     target = models.build_target(preset, tokenizer)
     t1 = time.time()
     t_loss = train_target(
-      target, batches["target"], preset, frames, device, executor
+      target,
+      batches["target"],
+      preset,
+      frames,
+      device,
+      executor,
+      compile_model,
     )
     drafter = models.build_drafter(preset, tokenizer)
     t2 = time.time()
     d_loss = train_drafter(
-      drafter, batches["drafter"], preset, events, device, executor
+      drafter,
+      batches["drafter"],
+      preset,
+      events,
+      device,
+      executor,
+      compile_model,
     )
     t3 = time.time()
   train_s = t3 - t0
@@ -474,6 +532,7 @@ def make_pair(out: str, preset: models.Preset, seed: int, device) -> dict:
     train_seconds_target=round(t2 - t1, 1),
     train_seconds_drafter=round(t3 - t2, 1),
     eval_dtype=eval_dtype,
+    compiled=bool(compile_model and device.type == "cuda"),
     device=str(
       torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     ),
@@ -518,6 +577,11 @@ def main(argv=None) -> int:
   p.add_argument(
     "--device", default=None, help="torch device (default: cuda if present)"
   )
+  p.add_argument(
+    "--no_compile",
+    action="store_true",
+    help="train without torch.compile (it is used on CUDA by default)",
+  )
   args = p.parse_args(argv)
   if args.preset not in models.PRESETS:
     print(
@@ -530,7 +594,13 @@ def main(argv=None) -> int:
     args.device or ("cuda" if torch.cuda.is_available() else "cpu")
   )
   try:
-    info = make_pair(args.out, models.PRESETS[args.preset], args.seed, device)
+    info = make_pair(
+      args.out,
+      models.PRESETS[args.preset],
+      args.seed,
+      device,
+      compile_model=not args.no_compile,
+    )
   except (PairError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -108,7 +108,7 @@ PRESETS = {
     lr=3e-3,
     warmup=5,
     eval_scenes=3,
-    max_new_tokens=48,
+    max_new_tokens=64,
     workers=0,
     save_dtype="float32",
   ),
@@ -353,6 +353,12 @@ class Prompts:
     self.media = media_token * count
     self._cache: dict[str, list[int]] = {}
 
+  def longest(self) -> int:
+    """Tokens of the longest prompt over every question wording."""
+    return max(
+      len(self(q)) for wordings in text.QUESTIONS.values() for q in wordings
+    )
+
   def __call__(self, question: str) -> list[int]:
     if question not in self._cache:
       full = text.prompt(question, "<m>").replace("<m>", self.media)
@@ -370,10 +376,20 @@ def decode_answer(tokenizer, ids) -> str:
   return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
-def lm_batch(prompt_ids, answers, pad_id: int):
-  """Right-padded (input_ids, attention_mask, labels) for teacher forcing."""
+def lm_batch(prompt_ids, answers, pad_id: int, width: int | None = None):
+  """Right-padded (input_ids, attention_mask, labels) for teacher forcing.
+
+  `width`: pad every batch to this many tokens (one shape for every step,
+  so a compiled model compiles once); a longer sequence is an error.
+  """
   seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]
-  width = max(len(s) for s in seqs)
+  longest = max(len(s) for s in seqs)
+  if width is not None and longest > width:
+    raise ValueError(
+      f"a training sequence has {longest} tokens, over the fixed width "
+      f"{width} (prompt + max_new_tokens)"
+    )
+  width = width or longest
   ids = np.full((len(seqs), width), pad_id, np.int64)
   mask = np.zeros((len(seqs), width), np.int64)
   labels = np.full((len(seqs), width), -100, np.int64)
