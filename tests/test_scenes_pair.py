@@ -82,6 +82,26 @@ def test_unknown_preset_is_one_line(tmp_path, capsys):
   assert not (tmp_path / "p").exists()
 
 
+def test_preset_overrides(tmp_path, capsys):
+  got = models.override(
+    TINY, ["target_steps=5", "lr=0.5", "save_dtype=float16"]
+  )
+  assert (got.target_steps, got.lr, got.save_dtype) == (5, 0.5, "float16")
+  assert got.drafter_steps == TINY.drafter_steps and got.name == "tiny"
+  out = str(tmp_path / "p")
+  for bad, names in (
+    ("bogus=1", "'bogus=1'"),
+    ("target_steps=many", "target_steps takes a int"),
+    ("lr", "'lr'"),
+    ("name=x", "'name=x'"),
+  ):
+    argv = ["--out", out, "--preset", "tiny", "--set", bad]
+    assert make_pair.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert names in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "p").exists()
+
+
 def test_plugin_dir_without_drafter_files_names_the_path(pair, tmp_path):
   out, _ = pair
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):

@@ -578,6 +578,14 @@ def main(argv=None) -> int:
     "--device", default=None, help="torch device (default: cuda if present)"
   )
   p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="change one field of the preset (repeatable), e.g. "
+    "--set target_steps=4000; the pair's fingerprint records the result",
+  )
+  p.add_argument(
     "--no_compile",
     action="store_true",
     help="train without torch.compile (it is used on CUDA by default)",
@@ -590,13 +598,18 @@ def main(argv=None) -> int:
       file=sys.stderr,
     )
     return 2
+  try:
+    preset = models.override(models.PRESETS[args.preset], args.set)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   device = torch.device(
     args.device or ("cuda" if torch.cuda.is_available() else "cpu")
   )
   try:
     info = make_pair(
       args.out,
-      models.PRESETS[args.preset],
+      preset,
       args.seed,
       device,
       compile_model=not args.no_compile,

@@ -115,6 +115,29 @@ PRESETS = {
 }
 
 
+def override(preset: Preset, assignments) -> Preset:
+  """`preset` with FIELD=VALUE assignments applied (values parsed as the
+  field's type); ValueError naming the field on an unknown field or a bad
+  value."""
+  fields = {f.name: f for f in dataclasses.fields(Preset)}
+  changes = {}
+  for a in assignments:
+    name, sep, value = a.partition("=")
+    if not sep or name not in fields or name == "name":
+      raise ValueError(
+        f"--set {a!r}: expected FIELD=VALUE with FIELD one of "
+        f"{sorted(set(fields) - {'name'})}"
+      )
+    kind = type(getattr(preset, name))
+    try:
+      changes[name] = kind(value)
+    except ValueError:
+      raise ValueError(
+        f"--set {a!r}: {name} takes a {kind.__name__}, not {value!r}"
+      ) from None
+  return dataclasses.replace(preset, **changes)
+
+
 def video_tokens(preset: Preset) -> int:
   """Visual tokens of the target per clip: frames x (patches + CLS)."""
   per_frame = (world.SIZE // preset.patch) ** 2 + 1
