@@ -158,6 +158,15 @@ def test_stages_without_a_pair_stop_with_one_line(tmp_path, capsys):
   assert "--pair /nope: not a directory" in capsys.readouterr().err
 
 
+def test_pair_stage_passes_preset_changes_to_make_pair(tmp_path, capfd):
+  argv = ["--out", str(tmp_path / "s"), "--stages", "pair", "--preset", "tiny"]
+  assert rp.main(argv + ["--set", "bogus=1"]) == 2
+  err = capfd.readouterr().err
+  # make_pair itself refused the field, so it was handed over.
+  assert "error: --set 'bogus=1': expected FIELD=VALUE" in err
+  assert "make_pair failed (exit status 2)" in err
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_pack_parts_respect_the_size_and_unpack_restores(tmp_path, dtype):
   import torch

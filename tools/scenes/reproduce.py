@@ -102,7 +102,7 @@ MIN_BENCH_S = 90  # a benchmark stage starts only with this much time left
 # The settings each stage's outputs depend on: a finished stage run with
 # other values is refused (use another --out or --redo it).
 STAGE_SETTINGS = {
-  "pair": ("preset", "seed"),
+  "pair": ("preset", "seed", "set"),
   "dump": ("train_scenes", "val_scenes", "test_scenes", "dump_max_new_tokens"),
   "train": ("epochs", "batch_size"),
   "evaluate": ("bootstrap",),
@@ -242,6 +242,8 @@ def stage_pair(study: Study) -> dict:
     "--seed",
     str(study.args.seed),
   ] + _torch_device_args(study.args)
+  for a in study.args.set or ():
+    cmd += ["--set", a]
   _run(cmd, "make_pair")
   info = study.pair_info()
   return {
@@ -860,6 +862,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--pair", default=None, help="use this pair directory")
   p.add_argument("--preset", default="gpu", help="pair preset (pair stage)")
   p.add_argument("--seed", type=int, default=0, help="pair, adapters, CIs")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=None,
+    metavar="FIELD=VALUE",
+    help="change one field of the preset (pair stage; make_pair --set)",
+  )
   p.add_argument(
     "--stages", default="A", help=f"comma list of {STAGES} or {list(GROUPS)}"
   )
