@@ -2,7 +2,6 @@
 
 import copy
 import dataclasses
-
 import threading
 
 import pytest
