@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pytest
 
+from tools.scenes import layout
 from tools.scenes import reproduce as rp
 from tools.scenes import results as rs
 
@@ -309,6 +310,16 @@ def test_results_json_has_every_adapter_method_and_claim(study):
   assert 1 / vocab <= t["mean_top1_prob"] <= 1
 
 
+def test_next_adapters_train_their_recipe_with_objective_next(study):
+  for name in rp.ADAPTERS:
+    with open(os.path.join(study["out"], "runs", name, "config.json")) as f:
+      config = json.load(f)
+    assert config["model"]["name"] == layout.kind(name)
+    want = "next" if name.endswith("_next") else "reference"
+    assert config["loss"]["objective"] == want, name
+  assert {layout.kind(n) for n in layout.NEXT_ADAPTERS} == {"l5", "b1", "l5f"}
+
+
 def test_results_md_has_every_section(study):
   with open(os.path.join(study["out"], "report", "RESULTS.md")) as f:
     text = f.read()
@@ -325,7 +336,10 @@ def test_results_md_has_every_section(study):
   ):
     assert heading in text, heading
   for name in rp.ADAPTERS:
-    assert f"| {name.upper()} |" in text
+    assert f"| {layout.title(name)} |" in text
+  assert "## The reference's dual objective" in text
+  for name in ("L5", "B1", "L5F"):
+    assert f"| {name} | " in text.split("## The reference's dual objective")[1]
   for m in rp.METHODS:
     assert f"| {m} |" in text
   for c in (

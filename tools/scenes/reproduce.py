@@ -11,7 +11,9 @@ skipped on the next run, so a run cut off by a time limit resumes):
             teacher-forced hidden states (tools/dump_hidden_states.py)
   lm_head   the target's LM head (tools/extract_lm_head.py)
   train     train l1 l2 l3 l4 l5 b1 l5f with experiments/*.py, the same
-            epochs and batch for all, at the pair's hidden size
+            epochs and batch for all, at the pair's hidden size; then
+            l5_next b1_next l5f_next: the same recipes with the loss
+            objective 'next' (the fix of the reference's dual objective)
   evaluate  each on the test split with the LM head (egpt_align.evaluate:
             baselines, 95% CIs, `next` primary for l5/b1/l5f) and the
             target's own next-token entropy and top-1 probability there
@@ -71,6 +73,7 @@ import time
 
 import numpy as np
 
+from tools.scenes import layout
 from tools.scenes.layout import (  # noqa: F401 (re-exported for callers)
   ADAPTERS,
   BENCH_DIRS,
@@ -350,9 +353,12 @@ def experiment_config(name: str):
 
 
 def train_config(study: Study, name: str):
-  """The experiment's recipe with the study's data, epochs and batch."""
+  """The experiment's recipe with the study's data, epochs and batch (and,
+  for the *_next adapters, the loss objective 'next')."""
   args = study.args
-  config = experiment_config(name)
+  config = experiment_config(layout.kind(name))
+  if layout.objective(name):
+    config.loss.objective = layout.objective(name)
   config.data.train = study.p("data", "train")
   config.data.val = study.p("data", "val")
   config.lm_head = study.p("lm_head")

@@ -466,6 +466,48 @@ def claims(data: dict) -> list[dict]:
   ]
 
 
+def objective_section(data: dict) -> list[str]:
+  """The next-state adapters under the reference's objective and 'next'."""
+  ads = data["adapters"]
+  pairs = [
+    (layout.kind(n), n) for n in layout.NEXT_ADAPTERS if layout.kind(n) in ads
+  ]
+  pairs = [(r, n) for r, n in pairs if n in ads]
+  if not pairs:
+    return []
+  lines = [
+    "## The reference's dual objective",
+    "",
+    "The reference trains L5, B1 and L5F to pull one output towards both "
+    "target[t] and target[t+1] (REFERENCE_NOTES D8). The same recipes with "
+    "the loss objective `next` (output[t] towards target[t+1] only) train "
+    "the `(objective next)` rows; next-position reading, test split:",
+    "",
+    "| adapter | token top-1, reference objective | token top-1, objective "
+    "next | Accept@0.90, reference | Accept@0.90, next | live α, reference "
+    "| live α, next |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  sub, rt, rows = _headline_live(data)
+  rows = rows or {}
+  for ref, nxt in pairs:
+    alphas = []
+    for n in (ref, nxt):
+      r = rows.get(f"decode:{n}", {})
+      alphas.append(
+        _ci_num(r["alpha"], r.get("alpha_ci95")) if r.get("n") else "–"
+      )
+    lines.append(
+      f"| {ref.upper()} | {_ci_pct(*_v(ads[ref], 'token_top1'))} | "
+      f"{_ci_pct(*_v(ads[nxt], 'token_top1'))} | "
+      f"{_ci_pct(*_v(ads[ref], 'accept_90'))} | "
+      f"{_ci_pct(*_v(ads[nxt], 'accept_90'))} | {alphas[0]} | {alphas[1]} |"
+    )
+  if sub:
+    lines += ["", f"Live α: {SETTING_NAMES[sub]}, {rt} runtime."]
+  return lines + [""]
+
+
 def goal(data: dict) -> dict:
   """The >= 2x goal: the best lossless method per setting and runtime, and
   for the best drafting method the term that stops it (measured α, c, v
@@ -535,7 +577,7 @@ def seed_table(data: dict) -> list[str]:
   ]
   for name, a in data["adapters"].items():
     lines.append(
-      f"| {name.upper()} | {a['primary_reading']} | "
+      f"| {layout.title(name)} | {a['primary_reading']} | "
       f"{a['params'] if a['params'] is not None else '–'} | "
       f"{a['epochs']} | {_num(a['best_val_loss'], 4)} | "
       + " | ".join(_fmt_metric(k, a["metrics"][k]) for k, _ in SEED_COLUMNS)
@@ -557,7 +599,7 @@ def baseline_table(data: dict) -> list[str]:
       rows.append((BASELINE_NAMES[base], b["reading"], b))
     for label, reading, m in rows:
       lines.append(
-        f"| {name.upper()} | {label} | {reading} | "
+        f"| {layout.title(name)} | {label} | {reading} | "
         + " | ".join(
           _fmt_metric(k, m[k]) if m[k]["value"] is not None else "–"
           for k, _ in SEED_COLUMNS
@@ -676,7 +718,8 @@ def render(data: dict, plots: list[str]) -> str:
     "validation checkpoint. Primary reading: `next` (output[t] vs "
     "target[t+1]) for L5/B1/L5F, `same` otherwise. Brackets: 95% bootstrap "
     "CI over test samples. Leading run: tokens matched from the first "
-    "position on.",
+    "position on. The `(objective next)` rows are the same recipes with "
+    "the loss objective `next` (see the reference's dual objective below).",
     "",
   ]
   lines += seed_table(data)
@@ -718,6 +761,7 @@ def render(data: dict, plots: list[str]) -> str:
   lines += ["", "## The seed's claims", ""]
   for c in data["claims"]:
     lines += [f"**{c['claim']}: {c['verdict']}.** {c['text']} {c['rule']}", ""]
+  lines += objective_section(data)
   lines += ["## The 2× goal", ""]
   g = data["goal"]["by_setting"]
   if not g:
@@ -813,7 +857,7 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
   ads = data["adapters"]
   if ads:
     names = list(ads)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
     w = 0.8 / len(THRESHOLDS)
     for i, t in enumerate(THRESHOLDS):
       ms = [ads[n]["metrics"][f"accept_{t}"] for n in names]
@@ -827,7 +871,7 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
         capsize=2,
         label=f"Accept@0.{t}",
       )
-    ax.set_xticks(range(len(names)), [n.upper() for n in names])
+    ax.set_xticks(range(len(names)), [layout.short(n) for n in names])
     ax.set_ylabel("share of test positions")
     ax.set_title("Accept@τ per adapter (primary reading), 95% CI")
     ax.legend(fontsize=8)
@@ -836,7 +880,7 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
     series = [("trained", lambda a: a["metrics"]["token_top1"])]
     series.append(
       ("untrained", lambda a: a["baselines"]["untrained"]["token_top1"])
@@ -864,7 +908,7 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
         capsize=2,
         label=lab,
       )
-    ax.set_xticks(range(len(names)), [n.upper() for n in names])
+    ax.set_xticks(range(len(names)), [layout.short(n) for n in names])
     ax.set_ylabel("token top-1")
     ax.set_title("Token top-1 vs baselines (primary reading), 95% CI")
     ax.legend(fontsize=8)
