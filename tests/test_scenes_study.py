@@ -10,6 +10,7 @@ a CPU; the property tests beside it take seconds.
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -404,3 +405,23 @@ def test_unpacked_parts_regenerate_the_results(study, tmp_path):
   assert again["adapters"] == first["adapters"]
   assert again["live"] == first["live"]
   assert again["claims"] == first["claims"]
+
+
+def test_a_study_without_the_next_adapters_still_renders(study, tmp_path):
+  """Results of a study made before the *_next adapters: the seed's seven,
+  no objective section, and the table says why."""
+  copy = str(tmp_path / "old")
+  shutil.copytree(study["out"], copy, ignore=shutil.ignore_patterns("data"))
+  path = os.path.join(copy, layout.STUDY_FILE)
+  with open(path) as f:
+    state = json.load(f)
+  for name in layout.NEXT_ADAPTERS:
+    del state["stages"]["evaluate"]["adapters"][name]
+    shutil.rmtree(os.path.join(copy, "eval", name))
+  with open(path, "w") as f:
+    json.dump(state, f)
+  data = rs.collect(copy, study["pair"])
+  assert list(data["adapters"]) == list(layout.SEED_ADAPTERS)
+  text = rs.render(data, [])
+  assert "This study predates the `(objective next)` adapters." in text
+  assert "## The reference's dual objective" not in text

@@ -213,8 +213,12 @@ def collect(study_dir: str, pair_dir: str | None = None) -> dict:
     "live": {},
   }
   if stages.get("evaluate", {}).get("done"):
+    # The adapters this study evaluated (a study made before the *_next
+    # adapters existed has the seed's seven only).
+    done = stages["evaluate"].get("adapters", {})
     for name in layout.ADAPTERS:
-      data["adapters"][name] = adapter_entry(study, study_dir, name)
+      if name in done:
+        data["adapters"][name] = adapter_entry(study, study_dir, name)
   for stage, sub in layout.BENCH_DIRS.items():
     if stages.get(stage, {}).get("done"):
       bench = _load(os.path.join(study_dir, "bench", sub, "results.json"))
@@ -718,8 +722,13 @@ def render(data: dict, plots: list[str]) -> str:
     "validation checkpoint. Primary reading: `next` (output[t] vs "
     "target[t+1]) for L5/B1/L5F, `same` otherwise. Brackets: 95% bootstrap "
     "CI over test samples. Leading run: tokens matched from the first "
-    "position on. The `(objective next)` rows are the same recipes with "
-    "the loss objective `next` (see the reference's dual objective below).",
+    "position on."
+    + (
+      " The `(objective next)` rows are the same recipes with the loss "
+      "objective `next` (see the reference's dual objective below)."
+      if any(n in data["adapters"] for n in layout.NEXT_ADAPTERS)
+      else " This study predates the `(objective next)` adapters."
+    ),
     "",
   ]
   lines += seed_table(data)
