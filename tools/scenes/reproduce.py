@@ -49,8 +49,10 @@ call with the same flags resumes there.)
 
 JAX runs in this process (train, evaluate, export) with preallocation off, so
 the torch stages (subprocesses) share the GPU. The budget flags' defaults are
-sized for the pair's gpu preset on one H100 (stage A within ~8 minutes with
-the pair given); the CPU test runs the tiny preset with a few samples.
+sized for the pair's gpu preset on one H100: with the pair given, stage A
+took two calls (dump..export 488 s, then bench1 228 s) before the three
+*_next adapters were added (about 40 s of training each); the CPU test runs
+the tiny preset with a few samples.
 """
 
 from __future__ import annotations
