@@ -15,9 +15,16 @@ NEXT_ADAPTERS = tuple(
   f"{n}{NEXT_SUFFIX}" for n, s in _REGISTRY.items() if s.predicts_next
 )
 ADAPTERS = SEED_ADAPTERS + NEXT_ADAPTERS
+
+
+def kind(name: str) -> str:
+  """The registry adapter a study adapter is ('b1_next' -> 'b1')."""
+  return name.removesuffix(NEXT_SUFFIX)
+
+
 PREFILL_ADAPTERS = tuple(n for n, s in _REGISTRY.items() if s.role == "prefill")
 DECODE_ADAPTERS = tuple(
-  n for n in ADAPTERS if _REGISTRY[n.removesuffix(NEXT_SUFFIX)].role == "decode"
+  n for n in ADAPTERS if _REGISTRY[kind(n)].role == "decode"
 )
 # Every live method of the study, in table order.
 METHODS = (
@@ -29,11 +36,6 @@ METHODS = (
 )
 # Benchmark stage -> its folder under DIR/bench (one GPU, two GPUs).
 BENCH_DIRS = {"bench1": "gpus1", "bench2": "gpus2"}
-
-
-def kind(name: str) -> str:
-  """The registry adapter a study adapter is ('b1_next' -> 'b1')."""
-  return name.removesuffix(NEXT_SUFFIX)
 
 
 def objective(name: str) -> str | None:

@@ -123,6 +123,7 @@ class Batches:
     self.scenes = scenes
     self.prompts = models.Prompts(tokenizer, media_token, count)
     self.seed, self.size = seed, size
+    self.max_answer = max_answer
     self.width = None
     if max_answer is not None:
       self.width = self.prompts.longest() + max_answer
@@ -130,13 +131,12 @@ class Batches:
   def __call__(self, step: int):
     batch = examples(self.scenes, self.seed, step, self.size)
     answers = [models.answer_ids(self.tokenizer, b[2]) for b in batch]
-    if self.width is not None:
-      room = self.width - self.prompts.longest()
+    if self.max_answer is not None:
       for (i, _, _), a in zip(batch, answers, strict=True):
-        if len(a) > room:
+        if len(a) > self.max_answer:
           raise ValueError(
             f"training scene {self.scenes[i].seed} (step {step}): an answer "
-            f"of {len(a)} tokens, over the {room} the preset's "
+            f"of {len(a)} tokens, over the {self.max_answer} the preset's "
             "max_new_tokens allows"
           )
     ids, mask, labels = models.lm_batch(

@@ -359,8 +359,8 @@ def train_config(study: Study, name: str):
   for the *_next adapters, the loss objective 'next')."""
   args = study.args
   config = experiment_config(layout.kind(name))
-  if layout.objective(name):
-    config.loss.objective = layout.objective(name)
+  if objective := layout.objective(name):
+    config.loss.objective = objective
   config.data.train = study.p("data", "train")
   config.data.val = study.p("data", "val")
   config.lm_head = study.p("lm_head")

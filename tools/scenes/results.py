@@ -474,9 +474,10 @@ def objective_section(data: dict) -> list[str]:
   """The next-state adapters under the reference's objective and 'next'."""
   ads = data["adapters"]
   pairs = [
-    (layout.kind(n), n) for n in layout.NEXT_ADAPTERS if layout.kind(n) in ads
+    (layout.kind(n), n)
+    for n in layout.NEXT_ADAPTERS
+    if n in ads and layout.kind(n) in ads
   ]
-  pairs = [(r, n) for r, n in pairs if n in ads]
   if not pairs:
     return []
   lines = [
