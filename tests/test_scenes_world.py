@@ -179,8 +179,10 @@ def test_samples_cli_bad_split_is_one_line(tmp_path, capsys):
 
 def test_fixed_width_batches_pad_without_changing_the_loss():
   """Every training batch is prompt + max_answer wide (one shape, so a
-  compiled model compiles once); the padding is masked and unlabelled, so
-  the loss is the unpadded batch's; an answer over the room is an error."""
+  compiled model compiles once); the padding is unlabelled and the training
+  losses take no mask (causal attention never lets a real token see the
+  right padding), so they equal the masked loss of the unpadded batch; an
+  answer over the room is an error."""
   import torch
 
   from tools.scenes import make_pair, models
@@ -188,32 +190,61 @@ def test_fixed_width_batches_pad_without_changing_the_loss():
   preset = models.PRESETS["tiny"]
   tok = text.train_tokenizer(range(100), 512)
   scenes = [world.make_scene(s) for s in range(30)]
-  count = models.video_tokens(preset)
-  fixed = make_pair.Batches(tok, scenes, "<video>", count, 0, 4, 64)
-  loose = make_pair.Batches(tok, scenes, "<video>", count, 0, 4)
-  width = fixed.prompts.longest() + 64
+  cpu = torch.device("cpu")
   torch.manual_seed(0)
-  model = models.build_target(preset, tok).eval()
+  target = models.build_target(preset, tok).eval()
+  drafter = models.build_drafter(preset, tok).eval()
   frames = np.stack([world.render(s.seed)[1] for s in scenes])
-  for step in range(3):
-    f, lo = fixed(step), loose(step)
-    assert f[1].shape[1] == width and lo[1].shape[1] < width
-    np.testing.assert_array_equal(f[0], lo[0])
-    n = lo[1].shape[1]
-    np.testing.assert_array_equal(f[1][:, :n], lo[1])
-    assert (f[2][:, n:] == 0).all() and (f[3][:, n:] == -100).all()
-    losses = []
-    for idx, ids, mask, labels in (f, lo):
+  events = np.stack([world.events(f) for f in frames])
+  frames_t, events_t = torch.from_numpy(frames), torch.from_numpy(events)
+
+  def masked_target(idx, ids, mask, labels):
+    return target(
+      input_ids=ids,
+      attention_mask=mask,
+      pixel_values_videos=models.pixels(frames_t[idx]),
+      labels=labels,
+    ).loss
+
+  def masked_drafter(idx, ids, mask, labels):
+    hidden = drafter(
+      ids, attention_mask=mask, use_cache=False, event_frames=events_t[idx]
+    ).last_hidden_state
+    logits = drafter.lm.lm_head(hidden[:, :-1])
+    return torch.nn.functional.cross_entropy(
+      logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    )
+
+  for media, count, unmasked, masked in (
+    (
+      "<video>",
+      models.video_tokens(preset),
+      lambda b: make_pair.target_loss(target, b, frames_t, cpu),
+      masked_target,
+    ),
+    (
+      "<event>",
+      models.event_tokens(preset),
+      lambda b: make_pair.drafter_loss(
+        drafter, drafter.lm.lm_head, b, events_t, cpu
+      ),
+      masked_drafter,
+    ),
+  ):
+    fixed = make_pair.Batches(tok, scenes, media, count, 0, 4, 64)
+    loose = make_pair.Batches(tok, scenes, media, count, 0, 4)
+    width = fixed.prompts.longest() + 64
+    for step in range(3):
+      f, lo = fixed(step), loose(step)
+      assert f[1].shape[1] == width and lo[1].shape[1] < width
+      np.testing.assert_array_equal(f[0], lo[0])
+      n = lo[1].shape[1]
+      np.testing.assert_array_equal(f[1][:, :n], lo[1])
+      assert (f[2][:, n:] == 0).all() and (f[3][:, n:] == -100).all()
       with torch.no_grad():
-        out = model(
-          input_ids=ids,
-          attention_mask=mask,
-          pixel_values_videos=models.pixels(torch.from_numpy(frames[idx])),
-          labels=labels,
-        )
-      losses.append(float(out.loss))
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-  short = make_pair.Batches(tok, scenes, "<video>", count, 0, 4, 5)
+        got, want = float(unmasked(f)), float(masked(*lo))
+      assert got == pytest.approx(want, rel=1e-5), media
+  short = make_pair.Batches(tok, scenes, "<video>", 4, 0, 4, 5)
   with pytest.raises(ValueError, match=r"training scene \d+ \(step 0\)"):
     short(0)
   with pytest.raises(ValueError, match="over the fixed width 7"):

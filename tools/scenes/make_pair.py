@@ -210,7 +210,11 @@ def compiled(model, device, compile_model: bool):
 
 
 def _train(model, loss_fn, batches, name, preset, steps, device, executor):
-  """AdamW (fused on CUDA) + warmup/cosine, bf16 autocast on GPU, clip 1."""
+  """AdamW (fused on CUDA) + warmup/cosine, bf16 autocast on GPU, clip 1.
+
+  Returns the final loss, the loss every 100 steps, the first step's
+  seconds (compilation, on CUDA) and the mean ms of the steps after it.
+  """
   model.to(device).train()
   opt = torch.optim.AdamW(
     model.parameters(),
@@ -230,6 +234,8 @@ def _train(model, loss_fn, batches, name, preset, steps, device, executor):
     unit="step",
   )
   loss_val = float("nan")
+  curve = []
+  t_start = t_first = time.perf_counter()
   for step, batch in enumerate(bar):
     with autocast:
       loss = loss_fn(batch)
@@ -239,10 +245,48 @@ def _train(model, loss_fn, batches, name, preset, steps, device, executor):
     opt.step()
     sched.step()
     if step % 25 == 0 or step == steps - 1:
-      loss_val = float(loss.detach())
+      loss_val = float(loss.detach())  # also waits for the step
       bar.set_postfix(loss=f"{loss_val:.4f}")
+      if step % 100 == 0:
+        curve.append([step, round(loss_val, 4)])
+    if step == 0:
+      t_first = time.perf_counter()
   model.eval()
-  return loss_val
+  t_end = time.perf_counter()
+  return {
+    "loss": loss_val,
+    "loss_every_100_steps": curve,
+    "first_step_s": round(t_first - t_start, 2),
+    "ms_per_step": round(1e3 * (t_end - t_first) / max(1, steps - 1), 2),
+  }
+
+
+def target_loss(forward, batch, frames_dev, device):
+  """Mean answer-token cross-entropy of the target on one training batch.
+
+  No attention mask: batches are right-padded and the padding is
+  unlabelled, so under causal attention no real token ever sees a pad and
+  the loss equals the masked one; without a mask SDPA takes its causal
+  (flash) kernel instead of a masked one.
+  """
+  idx, ids, _, labels = (torch.as_tensor(x).to(device) for x in batch)
+  return forward(
+    input_ids=ids,
+    pixel_values_videos=models.pixels(frames_dev[idx]),
+    labels=labels,
+  ).loss
+
+
+def drafter_loss(forward, lm_head, batch, events_dev, device):
+  """The drafter's answer-token cross-entropy (no mask: see target_loss)."""
+  idx, ids, _, labels = (torch.as_tensor(x).to(device) for x in batch)
+  hidden = forward(
+    ids, use_cache=False, event_frames=events_dev[idx]
+  ).last_hidden_state
+  logits = lm_head(hidden[:, :-1]).float()
+  return torch.nn.functional.cross_entropy(
+    logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+  )
 
 
 def train_target(
@@ -251,20 +295,9 @@ def train_target(
   """Trains the target on (clip, question, answer) batches."""
   frames_dev = torch.from_numpy(frames).to(device)
   forward = compiled(model.to(device), device, compile_model)
-
-  def loss_fn(batch):
-    idx, ids, mask, labels = (torch.as_tensor(x).to(device) for x in batch)
-    out = forward(
-      input_ids=ids,
-      attention_mask=mask,
-      pixel_values_videos=models.pixels(frames_dev[idx]),
-      labels=labels,
-    )
-    return out.loss
-
   return _train(
     model,
-    loss_fn,
+    lambda batch: target_loss(forward, batch, frames_dev, device),
     batches,
     "target",
     preset,
@@ -280,20 +313,11 @@ def train_drafter(
   """Trains the drafter on (event frames, question, answer) batches."""
   events_dev = torch.from_numpy(events).to(device)
   forward = compiled(model.to(device), device, compile_model)
-
-  def loss_fn(batch):
-    idx, ids, mask, labels = (torch.as_tensor(x).to(device) for x in batch)
-    hidden = forward(
-      ids, attention_mask=mask, use_cache=False, event_frames=events_dev[idx]
-    ).last_hidden_state
-    logits = model.lm.lm_head(hidden[:, :-1]).float()
-    return torch.nn.functional.cross_entropy(
-      logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-    )
-
   return _train(
     model,
-    loss_fn,
+    lambda batch: drafter_loss(
+      forward, model.lm.lm_head, batch, events_dev, device
+    ),
     batches,
     "drafter",
     preset,
@@ -479,7 +503,7 @@ def make_pair(
     frames, events = render_pool(pool, executor)
     target = models.build_target(preset, tokenizer)
     t1 = time.time()
-    t_loss = train_target(
+    t_fit = train_target(
       target,
       batches["target"],
       preset,
@@ -490,7 +514,7 @@ def make_pair(
     )
     drafter = models.build_drafter(preset, tokenizer)
     t2 = time.time()
-    d_loss = train_drafter(
+    d_fit = train_drafter(
       drafter,
       batches["drafter"],
       preset,
@@ -527,7 +551,11 @@ def make_pair(
     preset.max_new_tokens,
   )
   results.update(
-    final_train_loss={"target": t_loss, "drafter": d_loss},
+    final_train_loss={
+      "target": t_fit.pop("loss"),
+      "drafter": d_fit.pop("loss"),
+    },
+    training={"target": t_fit, "drafter": d_fit},
     train_seconds=round(train_s, 1),
     train_seconds_target=round(t2 - t1, 1),
     train_seconds_drafter=round(t3 - t2, 1),
