@@ -75,6 +75,59 @@ def test_same_pair_is_kept_another_is_refused(pair, tmp_path, capsys):
   assert str(tmp_path) in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_cut_off_run_goes_on_from_the_saved_target(
+  pair, tmp_path, monkeypatch
+):
+  """Each model is saved once trained; a rerun keeps it (no retraining) and
+  ends with the same pair as an uninterrupted run; a recorded model that is
+  missing is one error naming it."""
+  from safetensors.torch import load_file
+
+  from tools.scenes import training
+
+  cpu = torch.device("cpu")
+  whole_out, whole = pair
+  out = str(tmp_path / "p")
+
+  def cut_off(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as m:
+    m.setattr(training, "train_drafter", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+      make_pair.make_pair(out, TINY, 0, cpu)
+  with open(os.path.join(out, make_pair.PAIR_FILE)) as f:
+    state = json.load(f)
+  assert not state["complete"] and list(state["trained"]) == ["target"]
+  assert os.path.isfile(os.path.join(out, "target", "model.safetensors"))
+
+  def retrain(*args, **kwargs):
+    raise AssertionError("the saved target was trained again")
+
+  with monkeypatch.context() as m:
+    m.setattr(training, "train_target", retrain)
+    info = make_pair.make_pair(out, TINY, 0, cpu)
+  assert info["complete"] and set(info["trained"]) == {"target", "drafter"}
+  for role, name in (
+    ("target", "model.safetensors"),
+    ("drafter", models.DRAFTER_WEIGHTS),
+  ):
+    got = load_file(os.path.join(out, role, name))
+    want = load_file(os.path.join(whole_out, role, name))
+    assert got.keys() == want.keys()
+    for k in want:
+      torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+  assert info["results"]["target"] == whole["results"]["target"]
+  assert info["results"]["drafter"] == whole["results"]["drafter"]
+
+  info["complete"] = False
+  with open(os.path.join(out, make_pair.PAIR_FILE), "w") as f:
+    json.dump(info, f)
+  os.rename(os.path.join(out, "drafter"), os.path.join(out, "gone"))
+  with pytest.raises(make_pair.PairError, match=r"p/drafter: missing"):
+    make_pair.make_pair(out, TINY, 0, cpu)
+
+
 def test_unknown_preset_is_one_line(tmp_path, capsys):
   assert make_pair.main(["--out", str(tmp_path / "p"), "--preset", "big"]) == 2
   err = capsys.readouterr().err.strip()

@@ -148,15 +148,15 @@ def test_tokenizer_round_trips_every_answer():
 
 
 def test_training_batches_are_the_same_from_worker_processes():
-  from tools.scenes import make_pair
+  from tools.scenes import training
 
   tok = text.train_tokenizer(range(100), 512)
   scenes = [world.make_scene(s) for s in range(30)]
-  batches = make_pair.Batches(tok, scenes, "<video>", 17, 0, 4)
-  executor = make_pair.make_executor({"target": batches}, 2)
+  batches = training.Batches(tok, scenes, "<video>", 17, 0, 4)
+  executor = training.make_executor({"target": batches}, 2)
   with executor:
-    got = list(make_pair.stream(batches, "target", 12, executor))
-  want = list(make_pair.stream(batches, "target", 12))
+    got = list(training.stream(batches, "target", 12, executor))
+  want = list(training.stream(batches, "target", 12))
   assert len(got) == len(want) == 12
   for g, w in zip(got, want, strict=True):
     for a, b in zip(g, w, strict=True):
@@ -185,7 +185,7 @@ def test_fixed_width_batches_pad_without_changing_the_loss():
   answer over the room is an error."""
   import torch
 
-  from tools.scenes import make_pair, models
+  from tools.scenes import models, training
 
   preset = models.PRESETS["tiny"]
   tok = text.train_tokenizer(range(100), 512)
@@ -219,20 +219,20 @@ def test_fixed_width_batches_pad_without_changing_the_loss():
     (
       "<video>",
       models.video_tokens(preset),
-      lambda b: make_pair.target_loss(target, b, frames_t, cpu),
+      lambda b: training.target_loss(target, b, frames_t, cpu),
       masked_target,
     ),
     (
       "<event>",
       models.event_tokens(preset),
-      lambda b: make_pair.drafter_loss(
+      lambda b: training.drafter_loss(
         drafter, drafter.lm.lm_head, b, events_t, cpu
       ),
       masked_drafter,
     ),
   ):
-    fixed = make_pair.Batches(tok, scenes, media, count, 0, 4, 64)
-    loose = make_pair.Batches(tok, scenes, media, count, 0, 4)
+    fixed = training.Batches(tok, scenes, media, count, 0, 4, 64)
+    loose = training.Batches(tok, scenes, media, count, 0, 4)
     width = fixed.prompts.longest() + 64
     for step in range(3):
       f, lo = fixed(step), loose(step)
@@ -244,21 +244,37 @@ def test_fixed_width_batches_pad_without_changing_the_loss():
       with torch.no_grad():
         got, want = float(unmasked(f)), float(masked(*lo))
       assert got == pytest.approx(want, rel=1e-5), media
-  short = make_pair.Batches(tok, scenes, "<video>", 4, 0, 4, 5)
+  short = training.Batches(tok, scenes, "<video>", 4, 0, 4, 5)
   with pytest.raises(ValueError, match=r"training scene \d+ \(step 0\)"):
     short(0)
   with pytest.raises(ValueError, match="over the fixed width 7"):
     models.lm_batch([[1, 2, 3]], [[4, 5, 6, 7, 8]], 0, width=7)
 
 
-def test_training_compiles_only_on_cuda_and_unless_told_not_to():
+def test_training_compiles_only_on_cuda_and_as_told():
   import torch
 
-  from tools.scenes import make_pair
+  from tools.scenes import models, training
 
-  model = torch.nn.Linear(2, 2)
   cuda, cpu = torch.device("cuda"), torch.device("cpu")
   # torch.compile wraps lazily: no GPU is needed to see the choice.
-  assert make_pair.compiled(model, cuda, True) is not model
-  assert make_pair.compiled(model, cuda, False) is model
-  assert make_pair.compiled(model, cpu, True) is model
+  model = torch.nn.Linear(2, 2)
+  assert training.compiled(model, cuda, "model") is not model
+  assert training.compiled(model, cuda, "none") is model
+  assert training.compiled(model, cpu, "model") is model
+  with pytest.raises(ValueError, match="compile mode 'fast'"):
+    training.compiled(model, cuda, "fast")
+  with pytest.raises(ValueError, match="Linear: no transformer layers"):
+    training.compiled(model, cuda, "layers")
+  # `layers`: every transformer layer of both towers compiled in place,
+  # nothing else.
+  tok = text.train_tokenizer(range(50), 512)
+  target = models.build_target(models.PRESETS["tiny"], tok)
+  assert training.compiled(target, cuda, "layers") is target
+  done = [m for m in target.modules() if m._compiled_call_impl is not None]
+  names = [type(m).__name__ for m in done]
+  tiny = models.PRESETS["tiny"]
+  assert names.count("LlamaDecoderLayer") == tiny.target_layers
+  # The video tower's layers (and the unused image tower's, never called).
+  assert names.count("CLIPEncoderLayer") == 2 * tiny.vision_layers
+  assert len(names) == tiny.target_layers + 2 * tiny.vision_layers

@@ -1,46 +1,43 @@
 """Trains the scenes pair: a VideoLlava target and an event drafter.
 
-  python -m tools.scenes.make_pair --out DIR --preset gpu|tiny [--device D]
+  python -m tools.scenes.make_pair --out DIR --preset gpu|tiny
+      [--set FIELD=VALUE ...] [--compile model|layers|none] [--device D]
 
 Deterministic for a preset and --seed (same data order, same init). Trains
 the tokenizer, then the target on (clip, question, answer), then the drafter
-on (event frames, question, answer), saves both (layout: tools/scenes/
-models.py), reloads them through the backends (`video_llava:DIR/target` and
+on (event frames, question, answer) (tools/scenes/training.py), saving each
+as soon as it is trained (layout: tools/scenes/models.py); reloads both
+through the backends (`video_llava:DIR/target` and
 `tools.scenes.drafter:make_backend:DIR`) and prints, per question type, the
 share of held-out (test) scenes whose greedy answer states exactly the true
 facts, plus the target's mean next-token entropy on its answers. The
 results go into DIR/pair.json. A DIR that already holds the same finished
-pair is reported and kept; one holding anything else is refused.
+pair is reported and kept; a run of the same pair that was cut off goes on
+from the last saved model; a DIR holding anything else is refused.
 
 Presets: `gpu` (hidden 256, target 16 layers with 520 visual tokens,
 drafter 3 layers with 64 event tokens) and `tiny` (seconds on a CPU, for
-tests).
+tests); `--set` changes one field (steps, sizes, learning rate, ...).
 
 Goals (held-out test scenes, docs/SCENES.md): the target states exactly the
-true facts for >= 95% of scenes per question type; the drafter is high on
-motion and clearly lower on static objects (the `moving/motion` and
-`still/cells` partial scores); target decode >= 8x one B1 adapter step and
-target prefill >= 3x drafter prefill (tools/scenes/costs.py).
-Measured (H100, 2026-11-27, the `gpu` preset): target 25/31/41/72%
-(describe/moving/still/count), drafter 6/33/27/16%, 431 s of training: the
-accuracy and time goals were NOT met; the cost ratios (19.2x, 4.0x) were.
-A variant with patch 12 (208 visual tokens) and 3000/2000 steps at lr 1.5e-3
-did worse (target 7/11/24/54%) and was dropped; docs/SCENES.md has both.
-Training: AdamW (fused on CUDA), bf16 autocast, batches of one fixed width
-(longest prompt + max_new_tokens), both models torch.compile'd on CUDA
-(--no_compile to train eagerly).
+true facts for >= 95% of scenes per question type, trained in <= 6 minutes
+on one H100; the drafter is high on motion and clearly lower on static
+objects (the `moving/motion` and `still/cells` partial scores); target
+decode >= 8x one B1 adapter step and target prefill >= 3x drafter prefill
+(tools/scenes/costs.py). Measured (H100, 2026-11-27, the `gpu` preset,
+eager): target 25/31/41/72% (describe/moving/still/count), drafter
+6/33/27/16%, 431 s of training: the accuracy and time goals were NOT met;
+the cost ratios (19.2x, 4.0x) were. docs/SCENES.md has that run, the
+variants tried and the measured step times (compiled 90.6 ms, eager 123.8
+ms a target step).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
-import math
-import multiprocessing
 import os
 import sys
 import time
@@ -51,280 +48,13 @@ import tqdm
 
 from tools.lib import backends as bk
 from tools.lib import generation
-from tools.scenes import models, text, world
+from tools.scenes import models, text, training, world
 
 PAIR_FILE = "pair.json"
 
 
 class PairError(Exception):
   """A bad input: reported as one line, exit status 2."""
-
-
-# --------------------------------------------------------------------------
-# Training data.
-
-
-def _render_chunk(seeds):
-  frames = np.stack([world.render(s)[1] for s in seeds])
-  return frames, np.stack([world.events(f) for f in frames])
-
-
-def render_pool(seeds, executor=None):
-  """(frames [N, F, H, W, 3], events [N, F-1, 2, H, W]) of `seeds`."""
-  seeds = list(seeds)
-  chunks = [seeds[i : i + 500] for i in range(0, len(seeds), 500)]
-  parts = map(_render_chunk, chunks)
-  if executor is not None:
-    parts = executor.map(_render_chunk, chunks)
-  bar = tqdm.tqdm(total=len(seeds), desc="render scenes", unit="scene")
-  done = []
-  for part in parts:
-    done.append(part)
-    bar.update(len(part[0]))
-  bar.close()
-  return (
-    np.concatenate([p[0] for p in done]),
-    np.concatenate([p[1] for p in done]),
-  )
-
-
-def examples(scenes, seed: int, step: int, size: int):
-  """The `size` (scene index, question, answer) examples of a step.
-
-  Seeded by (seed, step) alone, so batches can be made in any process and
-  in any order and the data stream stays the same.
-  """
-  rng = np.random.default_rng([seed, step, 3])
-  idx = rng.integers(len(scenes), size=size)
-  qts = rng.integers(len(text.QTYPES), size=size)
-  variants = rng.integers(1 << 30, size=size)
-  out = []
-  for i, q, v in zip(idx, qts, variants, strict=True):
-    scene, qtype = scenes[int(i)], text.QTYPES[int(q)]
-    out.append(
-      (
-        int(i),
-        text.question(scene.seed, qtype, int(v)),
-        text.answer(scene, qtype, int(v)),
-      )
-    )
-  return out
-
-
-class Batches:
-  """Token batches of a training stream: (scene idx, ids, mask, labels)."""
-
-  def __init__(
-    self, tokenizer, scenes, media_token, count, seed, size, max_answer=None
-  ):
-    """max_answer: answer tokens (EOS included) every batch has room for:
-    batches are then all prompt + max_answer wide (one shape to compile)."""
-    self.tokenizer = tokenizer
-    self.scenes = scenes
-    self.prompts = models.Prompts(tokenizer, media_token, count)
-    self.seed, self.size = seed, size
-    self.max_answer = max_answer
-    self.width = None
-    if max_answer is not None:
-      self.width = self.prompts.longest() + max_answer
-
-  def __call__(self, step: int):
-    batch = examples(self.scenes, self.seed, step, self.size)
-    answers = [models.answer_ids(self.tokenizer, b[2]) for b in batch]
-    if self.max_answer is not None:
-      for (i, _, _), a in zip(batch, answers, strict=True):
-        if len(a) > self.max_answer:
-          raise ValueError(
-            f"training scene {self.scenes[i].seed} (step {step}): an answer "
-            f"of {len(a)} tokens, over the {self.max_answer} the preset's "
-            "max_new_tokens allows"
-          )
-    ids, mask, labels = models.lm_batch(
-      [self.prompts(b[1]) for b in batch],
-      answers,
-      self.tokenizer.pad_token_id,
-      self.width,
-    )
-    return np.array([b[0] for b in batch]), ids, mask, labels
-
-
-_WORKER_BATCHES: dict = {}
-
-
-def _init_worker(batches: dict):
-  _WORKER_BATCHES.update(batches)
-
-
-def _worker_batch(task):
-  name, step = task
-  return _WORKER_BATCHES[name](step)
-
-
-def make_executor(batches: dict, workers: int):
-  """Worker processes holding `batches` ({name: Batches}); None if <= 1.
-
-  Forked (all at the first task, which make_pair submits before CUDA is
-  initialised), so the batch makers are inherited, not pickled.
-  """
-  if workers <= 1:
-    return None
-  return concurrent.futures.ProcessPoolExecutor(
-    workers,
-    mp_context=multiprocessing.get_context("fork"),
-    initializer=_init_worker,
-    initargs=(batches,),
-  )
-
-
-def stream(batches: Batches, name: str, steps: int, executor=None):
-  """Yields batches(0..steps-1) in order, made ahead by the executor."""
-  if executor is None:
-    yield from (batches(step) for step in range(steps))
-    return
-  pending = collections.deque()
-  window = 4 * executor._max_workers
-  for step in range(steps):
-    pending.append(executor.submit(_worker_batch, (name, step)))
-    if len(pending) > window:
-      yield pending.popleft().result()
-  while pending:
-    yield pending.popleft().result()
-
-
-def _schedule(preset: models.Preset, steps: int):
-  def lr(step):
-    if step < preset.warmup:
-      return (step + 1) / preset.warmup
-    t = (step - preset.warmup) / max(1, steps - preset.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-  return lr
-
-
-def compiled(model, device, compile_model: bool):
-  """The model's forward, compiled on CUDA (batches have one fixed shape,
-  so it compiles once), else the model itself."""
-  if compile_model and device.type == "cuda":
-    return torch.compile(model)
-  return model
-
-
-def _train(model, loss_fn, batches, name, preset, steps, device, executor):
-  """AdamW (fused on CUDA) + warmup/cosine, bf16 autocast on GPU, clip 1.
-
-  Returns the final loss, the loss every 100 steps, the first step's
-  seconds (compilation, on CUDA) and the mean ms of the steps after it.
-  """
-  model.to(device).train()
-  opt = torch.optim.AdamW(
-    model.parameters(),
-    lr=preset.lr,
-    betas=(0.9, 0.98),
-    weight_decay=0.01,
-    fused=device.type == "cuda",
-  )
-  sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(preset, steps))
-  autocast = torch.autocast(
-    "cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
-  )
-  bar = tqdm.tqdm(
-    stream(batches, name, steps, executor),
-    total=steps,
-    desc=f"train {name}",
-    unit="step",
-  )
-  loss_val = float("nan")
-  curve = []
-  t_start = t_first = time.perf_counter()
-  for step, batch in enumerate(bar):
-    with autocast:
-      loss = loss_fn(batch)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    if step % 25 == 0 or step == steps - 1:
-      loss_val = float(loss.detach())  # also waits for the step
-      bar.set_postfix(loss=f"{loss_val:.4f}")
-      if step % 100 == 0:
-        curve.append([step, round(loss_val, 4)])
-    if step == 0:
-      t_first = time.perf_counter()
-  model.eval()
-  t_end = time.perf_counter()
-  return {
-    "loss": loss_val,
-    "loss_every_100_steps": curve,
-    "first_step_s": round(t_first - t_start, 2),
-    "ms_per_step": round(1e3 * (t_end - t_first) / max(1, steps - 1), 2),
-  }
-
-
-def target_loss(forward, batch, frames_dev, device):
-  """Mean answer-token cross-entropy of the target on one training batch.
-
-  No attention mask: batches are right-padded and the padding is
-  unlabelled, so under causal attention no real token ever sees a pad and
-  the loss equals the masked one; without a mask SDPA takes its causal
-  (flash) kernel instead of a masked one.
-  """
-  idx, ids, _, labels = (torch.as_tensor(x).to(device) for x in batch)
-  return forward(
-    input_ids=ids,
-    pixel_values_videos=models.pixels(frames_dev[idx]),
-    labels=labels,
-  ).loss
-
-
-def drafter_loss(forward, lm_head, batch, events_dev, device):
-  """The drafter's answer-token cross-entropy (no mask: see target_loss)."""
-  idx, ids, _, labels = (torch.as_tensor(x).to(device) for x in batch)
-  hidden = forward(
-    ids, use_cache=False, event_frames=events_dev[idx]
-  ).last_hidden_state
-  logits = lm_head(hidden[:, :-1]).float()
-  return torch.nn.functional.cross_entropy(
-    logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-  )
-
-
-def train_target(
-  model, batches, preset, frames, device, executor=None, compile_model=True
-):
-  """Trains the target on (clip, question, answer) batches."""
-  frames_dev = torch.from_numpy(frames).to(device)
-  forward = compiled(model.to(device), device, compile_model)
-  return _train(
-    model,
-    lambda batch: target_loss(forward, batch, frames_dev, device),
-    batches,
-    "target",
-    preset,
-    preset.target_steps,
-    device,
-    executor,
-  )
-
-
-def train_drafter(
-  model, batches, preset, events, device, executor=None, compile_model=True
-):
-  """Trains the drafter on (event frames, question, answer) batches."""
-  events_dev = torch.from_numpy(events).to(device)
-  forward = compiled(model.to(device), device, compile_model)
-  return _train(
-    model,
-    lambda batch: drafter_loss(
-      forward, model.lm.lm_head, batch, events_dev, device
-    ),
-    batches,
-    "drafter",
-    preset,
-    preset.drafter_steps,
-    device,
-    executor,
-  )
 
 
 # --------------------------------------------------------------------------
@@ -410,9 +140,11 @@ def fingerprint(preset: models.Preset, seed: int) -> dict:
 
 
 def check_out(out: str, fp: dict) -> dict | None:
-  """The finished pair.json already in `out` for `fp`, else None.
+  """The pair.json already in `out` for `fp` (a finished pair, or a run of
+  it to resume), else None.
 
-  Raises PairError when `out` holds anything else.
+  Raises PairError when `out` holds anything else, or when a model that
+  pair.json records as trained is missing.
   """
   if not os.path.exists(out):
     return None
@@ -433,10 +165,12 @@ def check_out(out: str, fp: dict) -> dict | None:
       f"{info.get('fingerprint', {}).get('preset', {}).get('name')!r}, seed "
       f"{info.get('fingerprint', {}).get('seed')!r}); choose a new --out"
     )
-  if not info.get("complete"):
-    raise PairError(
-      f"{path}: an unfinished run of this pair; delete {out} and rerun"
-    )
+  for name in info.get("trained", {}):
+    if not os.path.isdir(os.path.join(out, name)):
+      raise PairError(
+        f"{os.path.join(out, name)}: missing, though {path} records it as "
+        f"trained; delete {out} and rerun"
+      )
   return info
 
 
@@ -452,24 +186,40 @@ def versions() -> dict:
   }
 
 
+def _write(out: str, info: dict) -> None:
+  path = os.path.join(out, PAIR_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(info, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 def make_pair(
-  out: str, preset: models.Preset, seed: int, device, compile_model=True
+  out: str, preset: models.Preset, seed: int, device, compile_mode="model"
 ) -> dict:
   """Trains, saves, reloads and evaluates the pair; returns pair.json.
 
-  compile_model: torch.compile both models for training (CUDA only).
+  Each model is saved as soon as it is trained and recorded under
+  pair.json's `trained`, so a run cut off later (or a rerun of one) keeps
+  it: the rerun with the same preset and seed goes on from there. Each
+  model's init is seeded on its own, so a resumed pair equals an
+  uninterrupted one. compile_mode: one of training.COMPILE_MODES (used on
+  CUDA only).
   """
   fp = fingerprint(preset, seed)
-  done = check_out(out, fp)
-  if done is not None:
+  info = check_out(out, fp)
+  if info is not None and info.get("complete"):
     print(f"{out}: already holds this pair; kept")
-    return done
-  os.makedirs(out, exist_ok=True)
-  info = {"fingerprint": fp, "complete": False, "versions": versions()}
-  with open(os.path.join(out, PAIR_FILE), "w") as f:
-    json.dump(info, f, indent=1)
+    return info
+  if info is None:
+    os.makedirs(out, exist_ok=True)
+    info = {"fingerprint": fp, "complete": False, "versions": versions()}
+    _write(out, info)
+  trained = info.setdefault("trained", {})
+  if trained:
+    print(f"{out}: resuming this pair; trained already: {sorted(trained)}")
+  if device.type != "cuda":
+    compile_mode = "none"
   t0 = time.time()
-  torch.manual_seed(seed)
   np.random.seed(seed)
   tokenizer = text.train_tokenizer(
     world.split_seeds("train", preset.tokenizer_scenes), preset.vocab_size
@@ -477,7 +227,7 @@ def make_pair(
   pool = world.split_seeds("train", preset.pool_scenes)
   scenes = [world.make_scene(s) for s in pool]
   batches = {
-    "target": Batches(
+    "target": training.Batches(
       tokenizer,
       scenes,
       "<video>",
@@ -486,7 +236,7 @@ def make_pair(
       preset.batch_size,
       max_answer=preset.max_new_tokens,
     ),
-    "drafter": Batches(
+    "drafter": training.Batches(
       tokenizer,
       scenes,
       "<event>",
@@ -496,43 +246,62 @@ def make_pair(
       max_answer=preset.max_new_tokens,
     ),
   }
+  save_dtype = bk.torch_dtype(preset.save_dtype)
   with contextlib.ExitStack() as stack:
-    executor = make_executor(batches, preset.workers)
+    executor = training.make_executor(batches, preset.workers)
     if executor is not None:
       stack.enter_context(executor)
-    frames, events = render_pool(pool, executor)
-    target = models.build_target(preset, tokenizer)
-    t1 = time.time()
-    t_fit = train_target(
-      target,
-      batches["target"],
-      preset,
-      frames,
-      device,
-      executor,
-      compile_model,
-    )
-    drafter = models.build_drafter(preset, tokenizer)
-    t2 = time.time()
-    d_fit = train_drafter(
-      drafter,
-      batches["drafter"],
-      preset,
-      events,
-      device,
-      executor,
-      compile_model,
-    )
-    t3 = time.time()
-  train_s = t3 - t0
-  save_dtype = bk.torch_dtype(preset.save_dtype)
-  target.to(save_dtype).save_pretrained(os.path.join(out, "target"))
-  tokenizer.save_pretrained(os.path.join(out, "target"))
-  models.image_processor().save_pretrained(os.path.join(out, "target"))
-  models.save_drafter(
-    drafter, tokenizer, os.path.join(out, "drafter"), save_dtype
-  )
-  del target, drafter
+    frames, events = training.render_pool(pool, executor)
+    prep_s = time.time() - t0
+    if "target" not in trained:
+      t1 = time.time()
+      torch.manual_seed(seed)
+      target = models.build_target(preset, tokenizer)
+      fit = training.train_target(
+        target,
+        batches["target"],
+        preset,
+        frames,
+        device,
+        executor,
+        compile_mode,
+      )
+      seconds = time.time() - t1
+      target_dir = os.path.join(out, "target")
+      target.to(save_dtype).save_pretrained(target_dir)
+      tokenizer.save_pretrained(target_dir)
+      models.image_processor().save_pretrained(target_dir)
+      del target
+      trained["target"] = {
+        **fit,
+        "seconds": round(seconds, 1),
+        "compile": compile_mode,
+      }
+      _write(out, info)
+    if "drafter" not in trained:
+      t1 = time.time()
+      torch.manual_seed(seed + 1)
+      drafter = models.build_drafter(preset, tokenizer)
+      fit = training.train_drafter(
+        drafter,
+        batches["drafter"],
+        preset,
+        events,
+        device,
+        executor,
+        compile_mode,
+      )
+      seconds = time.time() - t1
+      models.save_drafter(
+        drafter, tokenizer, os.path.join(out, "drafter"), save_dtype
+      )
+      del drafter
+      trained["drafter"] = {
+        **fit,
+        "seconds": round(seconds, 1),
+        "compile": compile_mode,
+      }
+      _write(out, info)
   eval_dtype = preset.save_dtype
   if device.type == "cpu" and eval_dtype != "float32":
     eval_dtype = "float32"
@@ -551,16 +320,15 @@ def make_pair(
     preset.max_new_tokens,
   )
   results.update(
-    final_train_loss={
-      "target": t_fit.pop("loss"),
-      "drafter": d_fit.pop("loss"),
-    },
-    training={"target": t_fit, "drafter": d_fit},
-    train_seconds=round(train_s, 1),
-    train_seconds_target=round(t2 - t1, 1),
-    train_seconds_drafter=round(t3 - t2, 1),
+    final_train_loss={k: trained[k]["loss"] for k in ("target", "drafter")},
+    # Tokenizer, scenes and rendering (this run's) + both models' training.
+    train_seconds=round(
+      prep_s + trained["target"]["seconds"] + trained["drafter"]["seconds"],
+      1,
+    ),
+    train_seconds_target=trained["target"]["seconds"],
+    train_seconds_drafter=trained["drafter"]["seconds"],
     eval_dtype=eval_dtype,
-    compiled=bool(compile_model and device.type == "cuda"),
     device=str(
       torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     ),
@@ -575,8 +343,7 @@ def make_pair(
     vocab_size=len(tokenizer),
   )
   info.update(results=results, complete=True)
-  with open(os.path.join(out, PAIR_FILE), "w") as f:
-    json.dump(info, f, indent=1)
+  _write(out, info)
   return info
 
 
@@ -614,9 +381,11 @@ def main(argv=None) -> int:
     "--set target_steps=4000; the pair's fingerprint records the result",
   )
   p.add_argument(
-    "--no_compile",
-    action="store_true",
-    help="train without torch.compile (it is used on CUDA by default)",
+    "--compile",
+    default="model",
+    choices=training.COMPILE_MODES,
+    help="torch.compile for training on CUDA: the whole model (default), "
+    "each transformer layer, or none",
   )
   args = p.parse_args(argv)
   if args.preset not in models.PRESETS:
@@ -640,7 +409,7 @@ def main(argv=None) -> int:
       preset,
       args.seed,
       device,
-      compile_model=not args.no_compile,
+      compile_mode=args.compile,
     )
   except (PairError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
