@@ -1,0 +1,69 @@
+"""The scenes step benchmark: its FLOP count and its rows (CPU, tiny)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tools.benchmarks import benchmark_scenes_step as bench
+from tools.scenes import models, text, training, world
+
+TINY = models.PRESETS["tiny"]
+
+
+@pytest.mark.parametrize("role", ["target", "drafter"])
+def test_weight_flops_match_torch_s_count_of_a_training_step(role):
+  """torch's FlopCounterMode counts every product with weights of one
+  forward + backward (it does not count CPU attention kernels, which
+  step_flops reports apart)."""
+  tok = text.train_tokenizer(range(100), 512)
+  scenes = [world.make_scene(s) for s in range(20)]
+  frames = np.stack([world.render(s.seed)[1] for s in scenes])
+  cpu = torch.device("cpu")
+  torch.manual_seed(0)
+  if role == "target":
+    media, count = "<video>", models.video_tokens(TINY)
+    model = models.build_target(TINY, tok)
+    frames_t = torch.from_numpy(frames)
+
+    def loss_fn(batch):
+      return training.target_loss(model, batch, frames_t, cpu)
+  else:
+    media, count = "<event>", models.event_tokens(TINY)
+    model = models.build_drafter(TINY, tok)
+    events_t = torch.from_numpy(np.stack([world.events(f) for f in frames]))
+
+    def loss_fn(batch):
+      return training.drafter_loss(
+        model, model.lm.lm_head, batch, events_t, cpu
+      )
+
+  batches = training.Batches(
+    tok, scenes, media, count, 0, TINY.batch_size, TINY.max_new_tokens
+  )
+  with FlopCounterMode(display=False) as counter:
+    loss_fn(batches(0)).backward()
+  got = bench.step_flops(TINY, role, batches.width, len(tok))
+  assert got["weights"] == counter.get_total_flops()
+  assert got["attention"] > 0
+
+
+def test_rows_and_bad_inputs(tmp_path, capsys):
+  out = tmp_path / "step.json"
+  argv = ["--preset", "tiny", "--steps", "1", "--modes", "none"]
+  argv += ["--stream_modes", "none", "--roles", "drafter", "--json", str(out)]
+  assert bench.main(argv) == 0
+  got = json.loads(out.read_text())
+  assert [r["mode"] for r in got["rows"]] == ["none", "none/stream"]
+  for row in got["rows"]:
+    assert row["role"] == "drafter" and row["ms_per_step"] > 0
+    assert row["floor_ms"] == round(row["tflop_per_step"] / 785.0 * 1e3, 2)
+  assert got["meta"]["preset"] == "tiny" and got["meta"]["steps"] == 1
+  capsys.readouterr()
+  assert bench.main(["--preset", "tiny", "--modes", "fast"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "--modes" in err and "'fast'" in err and len(err.splitlines()) == 1
+  assert bench.main(["--preset", "tiny", "--set", "bogus=1"]) == 2
+  assert "bogus" in capsys.readouterr().err

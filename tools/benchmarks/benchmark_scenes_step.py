@@ -1,0 +1,246 @@
+r"""Speed of the scenes pair's training step, per compile mode (torch, CUDA).
+
+Rows (each in a fresh subprocess with its own inductor cache, so one row's
+compilation never warms another's):
+  MODE          the training step of tools.scenes.training (`train_step`:
+                bf16 autocast, fused AdamW, clipping) with the model compiled
+                as MODE (training.COMPILE_MODES), on batches made beforehand
+                and already on the device;
+  MODE/stream   the same with batches made by the preset's forked workers and
+                uploaded each step, as make_pair trains.
+For each: the first step's seconds (compilation and warm-up) and the mean ms
+of the next --steps steps (one synchronisation at the end), beside the
+step's FLOPs and their time at --peak_tflops (the floor a step could reach
+if it were bound by matrix arithmetic alone).
+
+GPU (one H100):
+  python -m tools.benchmarks.benchmark_scenes_step --preset gpu \
+    --json $OUT/scenes_step.json
+CPU smoke test:
+  python -m tools.benchmarks.benchmark_scenes_step --preset tiny --steps 2 \
+    --modes none --roles target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from tools.scenes import models, text, training, world
+
+
+def step_flops(preset: models.Preset, role: str, width: int, vocab: int):
+  """FLOPs of one training step of `role` on batches `width` tokens wide:
+  {"weights": products with weights (2 per weight per token, x 3 for
+  forward + backward; x 2 for the patch convolutions, whose input needs no
+  gradient), "attention": the two T x T products per layer (counted in
+  full, as the kernels compute them; x 3)}."""
+  b, h = preset.batch_size, preset.hidden
+  layers = preset.target_layers if role == "target" else preset.drafter_layers
+  kv = h * preset.kv_heads // preset.heads
+  per_token = layers * (2 * h * h + 2 * h * kv + 3 * h * preset.intermediate)
+  per_token += h * vocab  # the LM head
+  weights = 3 * 2 * b * width * per_token
+  attention = 3 * layers * b * 4 * width * width * h
+  if role == "target":
+    v, imgs = preset.vision_hidden, b * world.NUM_FRAMES
+    patches = (world.SIZE // preset.patch) ** 2
+    n = patches + 1  # + CLS
+    weights += 3 * 2 * imgs * n * (preset.vision_layers * 12 * v * v)
+    weights += 3 * 2 * imgs * n * (v * h + h * h)  # the projector
+    weights += 2 * 2 * imgs * patches * 3 * preset.patch**2 * v
+    attention += 3 * preset.vision_layers * imgs * 4 * n * n * v
+  else:
+    n, enc = models.event_tokens(preset), 2 * h
+    chans = 2 * (world.NUM_FRAMES - 1)
+    weights += 3 * 2 * b * n * (enc * h + h * h)
+    weights += 2 * 2 * b * n * chans * preset.event_patch**2 * enc
+    weights -= 3 * 2 * b * h * vocab  # its LM head skips the last position
+  return {"weights": float(weights), "attention": float(attention)}
+
+
+def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
+  """One row: build, compile, train `steps` + 1 steps; returns the timings."""
+  tokenizer = text.train_tokenizer(
+    world.split_seeds("train", preset.tokenizer_scenes), preset.vocab_size
+  )
+  pool = world.split_seeds("train", min(preset.pool_scenes, 512))
+  scenes = [world.make_scene(s) for s in pool]
+  media, count = ("<video>", models.video_tokens(preset))
+  if role == "drafter":
+    media, count = ("<event>", models.event_tokens(preset))
+  batches = training.Batches(
+    tokenizer,
+    scenes,
+    media,
+    count,
+    0,
+    preset.batch_size,
+    max_answer=preset.max_new_tokens,
+  )
+  executor = None
+  if stream:
+    executor = training.make_executor({role: batches}, preset.workers)
+  frames, events = training.render_pool(pool, executor)
+  torch.manual_seed(0)
+  if role == "target":
+    model = models.build_target(preset, tokenizer).to(device)
+    media_dev = torch.from_numpy(frames).to(device)
+    forward = training.compiled(model, device, mode)
+
+    def loss_fn(batch):
+      return training.target_loss(forward, batch, media_dev, device)
+  else:
+    model = models.build_drafter(preset, tokenizer).to(device)
+    media_dev = torch.from_numpy(events).to(device)
+    forward = training.compiled(model, device, mode)
+
+    def loss_fn(batch):
+      return training.drafter_loss(
+        forward, model.lm.lm_head, batch, media_dev, device
+      )
+
+  total = steps + 1
+  if stream:
+    source = training.stream(batches, role, total, executor)
+  else:
+    made = [batches(i) for i in range(total)]
+    source = iter([[torch.as_tensor(x).to(device) for x in b] for b in made])
+  model.train()
+  opt, sched = training.optimizer(model, preset, total, device)
+  sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+  sync()
+  t0 = time.perf_counter()
+  train_step = training.train_step
+  train_step(model, opt, sched, loss_fn, next(source), device)
+  sync()
+  t1 = time.perf_counter()
+  for batch in source:
+    loss = train_step(model, opt, sched, loss_fn, batch, device)
+  sync()
+  t2 = time.perf_counter()
+  if executor is not None:
+    executor.shutdown()
+  flops = sum(step_flops(preset, role, batches.width, len(tokenizer)).values())
+  return {
+    "role": role,
+    "mode": mode + ("/stream" if stream else ""),
+    "first_step_s": round(t1 - t0, 2),
+    "ms_per_step": round(1e3 * (t2 - t1) / steps, 2),
+    "tflop_per_step": round(flops / 1e12, 3),
+    "batch": [preset.batch_size, batches.width],
+    "final_loss": float(loss.detach()),
+  }
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--preset", default="gpu", choices=sorted(models.PRESETS))
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="change one field of the preset (as make_pair --set)",
+  )
+  p.add_argument("--roles", default="target,drafter")
+  p.add_argument(
+    "--modes",
+    default="none,model,layers",
+    help=f"compile modes, from {list(training.COMPILE_MODES)}",
+  )
+  p.add_argument(
+    "--stream_modes",
+    default="model",
+    help="modes also measured with make_pair's worker stream ('' for none)",
+  )
+  p.add_argument("--steps", type=int, default=50, help="timed steps a row")
+  p.add_argument("--peak_tflops", type=float, default=785.0)
+  p.add_argument("--device", default=None)
+  p.add_argument("--json", default=None, help="write the rows here")
+  p.add_argument("--row", default=None, help=argparse.SUPPRESS)
+  return p
+
+
+def _split(value: str) -> list[str]:
+  return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    preset = models.override(models.PRESETS[args.preset], args.set)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  device = torch.device(
+    args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+  )
+  modes, streams = _split(args.modes), _split(args.stream_modes)
+  roles = _split(args.roles)
+  for name, values, allowed in (
+    ("--modes", modes + streams, training.COMPILE_MODES),
+    ("--roles", roles, ("target", "drafter")),
+  ):
+    if bad := sorted(set(values) - set(allowed)):
+      print(
+        f"error: {name}: {bad} unknown; expected {allowed}", file=sys.stderr
+      )
+      return 2
+  if args.row:  # one row, in this (fresh) process
+    role, mode, stream = args.row.split(":")
+    row = measure(preset, role, mode, stream == "1", args.steps, device)
+    print(json.dumps(row))
+    return 0
+  rows = []
+  plan = [(r, m, "0") for r in roles for m in modes]
+  plan += [(r, m, "1") for r in roles for m in streams]
+  for role, mode, stream in plan:
+    with tempfile.TemporaryDirectory() as cache:
+      env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+      cmd = [sys.executable, "-m", __spec__.name, "--row"]
+      cmd += [f"{role}:{mode}:{stream}"] + (argv or sys.argv[1:])
+      out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+      sys.stderr.write(out.stderr)
+      print(f"error: row {role}:{mode}:{stream} failed", file=sys.stderr)
+      return 1
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["floor_ms"] = round(row["tflop_per_step"] / args.peak_tflops * 1e3, 2)
+    rows.append(row)
+    print(
+      f"{row['role']:8s} {row['mode']:14s} first step "
+      f"{row['first_step_s']:7.2f} s  {row['ms_per_step']:8.2f} ms/step  "
+      f"({row['tflop_per_step']:.2f} TFLOP: {row['floor_ms']:.2f} ms at "
+      f"{args.peak_tflops:g} TFLOP/s)",
+      flush=True,
+    )
+  if args.json:
+    meta = {
+      "device": torch.cuda.get_device_name(device)
+      if device.type == "cuda"
+      else platform.processor() or "cpu",
+      "torch": torch.__version__,
+      "python": platform.python_version(),
+      "preset": args.preset,
+      "set": args.set,
+      "steps": args.steps,
+      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    with open(args.json, "w") as f:
+      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
