@@ -67,3 +67,15 @@ def test_rows_and_bad_inputs(tmp_path, capsys):
   assert "--modes" in err and "'fast'" in err and len(err.splitlines()) == 1
   assert bench.main(["--preset", "tiny", "--set", "bogus=1"]) == 2
   assert "bogus" in capsys.readouterr().err
+
+
+def test_a_failing_row_is_reported_and_the_others_run(tmp_path, capsys):
+  out = tmp_path / "step.json"
+  argv = ["--preset", "tiny", "--steps", "1", "--modes", "none,model"]
+  argv += ["--stream_modes", "", "--roles", "target", "--json", str(out)]
+  argv += ["--set", "max_new_tokens=2"]  # every answer is longer: all fail
+  assert bench.main(argv) == 1
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["mode"] for r in rows] == ["none", "model"]
+  assert all("max_new_tokens" in r["error"] for r in rows)
+  assert capsys.readouterr().out.count("FAILED") == 2

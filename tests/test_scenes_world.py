@@ -260,6 +260,7 @@ def test_training_compiles_only_on_cuda_and_as_told():
   # torch.compile wraps lazily: no GPU is needed to see the choice.
   model = torch.nn.Linear(2, 2)
   assert training.compiled(model, cuda, "model") is not model
+  assert training.compiled(model, cuda, "graphs") is not model
   assert training.compiled(model, cuda, "none") is model
   assert training.compiled(model, cpu, "model") is model
   with pytest.raises(ValueError, match="compile mode 'fast'"):

@@ -8,6 +8,8 @@ compilation never warms another's):
                 and already on the device;
   MODE/stream   the same with batches made by the preset's forked workers and
                 uploaded each step, as make_pair trains.
+A row that fails is reported (its last error line, in the table and the
+JSON) and the others still run; the exit status is then 1.
 For each: the first step's seconds (compilation and warm-up) and the mean ms
 of the next --steps steps (one synchronisation at the end), beside the
 step's FLOPs and their time at --peak_tflops (the floor a step could reach
@@ -113,7 +115,7 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
     source = training.stream(batches, role, total, executor)
   else:
     made = [batches(i) for i in range(total)]
-    source = iter([[torch.as_tensor(x).to(device) for x in b] for b in made])
+    source = iter([[training.to_device(x, device) for x in b] for b in made])
   model.train()
   opt, sched = training.optimizer(model, preset, total, device)
   sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
     row = measure(preset, role, mode, stream == "1", args.steps, device)
     print(json.dumps(row))
     return 0
-  rows = []
+  rows, failed = [], 0
   plan = [(r, m, "0") for r in roles for m in modes]
   plan += [(r, m, "1") for r in roles for m in streams]
   for role, mode, stream in plan:
@@ -211,10 +213,13 @@ def main(argv=None) -> int:
       cmd = [sys.executable, "-m", __spec__.name, "--row"]
       cmd += [f"{role}:{mode}:{stream}"] + (argv or sys.argv[1:])
       out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode:
-      sys.stderr.write(out.stderr)
-      print(f"error: row {role}:{mode}:{stream} failed", file=sys.stderr)
-      return 1
+    name = mode + ("/stream" if stream == "1" else "")
+    if out.returncode:  # reported, and the other rows still run
+      failed += 1
+      lines = out.stderr.strip().splitlines() or ["(no output)"]
+      rows.append({"role": role, "mode": name, "error": lines[-1]})
+      print(f"{role:8s} {name:14s} FAILED: {lines[-1]}", flush=True)
+      continue
     row = json.loads(out.stdout.strip().splitlines()[-1])
     row["floor_ms"] = round(row["tflop_per_step"] / args.peak_tflops * 1e3, 2)
     rows.append(row)
@@ -239,7 +244,7 @@ def main(argv=None) -> int:
     }
     with open(args.json, "w") as f:
       json.dump({"meta": meta, "rows": rows}, f, indent=1)
-  return 0
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Trains the scenes pair: a VideoLlava target and an event drafter.
 
   python -m tools.scenes.make_pair --out DIR --preset gpu|tiny
-      [--set FIELD=VALUE ...] [--compile model|layers|none] [--device D]
+      [--set FIELD=VALUE ...] [--compile MODE] [--device D]
 
 Deterministic for a preset and --seed (same data order, same init). Trains
 the tokenizer, then the target on (clip, question, answer), then the drafter
@@ -385,7 +385,8 @@ def main(argv=None) -> int:
     default="model",
     choices=training.COMPILE_MODES,
     help="torch.compile for training on CUDA: the whole model (default), "
-    "each transformer layer, or none",
+    "each transformer layer, the whole model with CUDA graphs, or none "
+    "(tools/scenes/training.py)",
   )
   args = p.parse_args(argv)
   if args.preset not in models.PRESETS:

@@ -9,9 +9,11 @@ The library under `tools.scenes.make_pair` (the command) and
   order (`make_executor`, `stream`), so the stream is the same with any
   number of workers.
 - Compilation (`compiled`, CUDA only): `none`, `model` (torch.compile of the
-  whole model) or `layers` (each transformer layer compiled in place; the
+  whole model), `layers` (each transformer layer compiled in place; the
   layers of a stack are alike, so they share one compiled graph and the
-  warm-up is a fraction of the whole model's).
+  warm-up is a fraction of the whole model's) or `graphs` (the whole model
+  with CUDA graphs, torch.compile's "reduce-overhead": the step is bound by
+  kernel launches, not arithmetic).
 - The loop (`fit`): AdamW (fused on CUDA), linear warm-up then cosine to 10%,
   bf16 autocast on GPU, gradient clipping at 1.
 """
@@ -30,7 +32,7 @@ import tqdm
 
 from tools.scenes import models, text, world
 
-COMPILE_MODES = ("none", "model", "layers")
+COMPILE_MODES = ("none", "model", "layers", "graphs")
 
 # --------------------------------------------------------------------------
 # Data.
@@ -200,6 +202,8 @@ def compiled(model, device, mode: str):
     return model
   if mode == "model":
     return torch.compile(model)
+  if mode == "graphs":
+    return torch.compile(model, mode="reduce-overhead")
   layers = [m for m in model.modules() if _is_layer(m)]
   if not layers:
     raise ValueError(
@@ -230,7 +234,9 @@ def autocast(device):
 
 
 def train_step(model, opt, sched, loss_fn, batch, device) -> torch.Tensor:
-  """One optimiser step on `batch`; returns the (undetached) loss."""
+  """One optimiser step on `batch`; returns the (undetached) loss, valid
+  until the next step (CUDA graphs reuse their outputs' memory)."""
+  torch.compiler.cudagraph_mark_step_begin()
   with autocast(device):
     loss = loss_fn(batch)
   opt.zero_grad(set_to_none=True)
@@ -281,6 +287,19 @@ def fit(model, loss_fn, batches, name, preset, steps, device, executor):
 # The two models' losses and training.
 
 
+def to_device(x, device) -> torch.Tensor:
+  """`x` on `device`; to CUDA through pinned memory without waiting.
+
+  A copy from pageable memory makes the host wait for the GPU to finish
+  the work queued before it (the previous step), so the next step's
+  launches would not overlap it; a pinned, non-blocking copy is queued.
+  """
+  x = torch.as_tensor(x)
+  if device.type != "cuda" or x.device.type == "cuda":
+    return x.to(device)
+  return x.pin_memory().to(device, non_blocking=True)
+
+
 def target_loss(forward, batch, frames_dev, device):
   """Mean answer-token cross-entropy of the target on one training batch.
 
@@ -289,7 +308,7 @@ def target_loss(forward, batch, frames_dev, device):
   the loss equals the masked one; without a mask SDPA takes its causal
   (flash) kernel instead of a masked one.
   """
-  idx, ids, _, labels = (torch.as_tensor(x).to(device) for x in batch)
+  idx, ids, _, labels = (to_device(x, device) for x in batch)
   return forward(
     input_ids=ids,
     pixel_values_videos=models.pixels(frames_dev[idx]),
@@ -299,7 +318,7 @@ def target_loss(forward, batch, frames_dev, device):
 
 def drafter_loss(forward, lm_head, batch, events_dev, device):
   """The drafter's answer-token cross-entropy (no mask: see target_loss)."""
-  idx, ids, _, labels = (torch.as_tensor(x).to(device) for x in batch)
+  idx, ids, _, labels = (to_device(x, device) for x in batch)
   hidden = forward(
     ids, use_cache=False, event_frames=events_dev[idx]
   ).last_hidden_state
