@@ -67,6 +67,9 @@ def test_rows_and_bad_inputs(tmp_path, capsys):
   assert "--modes" in err and "'fast'" in err and len(err.splitlines()) == 1
   assert bench.main(["--preset", "tiny", "--set", "bogus=1"]) == 2
   assert "bogus" in capsys.readouterr().err
+  assert bench.main(["--preset", "big"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "--preset 'big'" in err and len(err.splitlines()) == 1
 
 
 def test_a_failing_row_is_reported_and_the_others_run(tmp_path, capsys):

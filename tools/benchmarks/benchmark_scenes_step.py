@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("--preset", default="gpu", choices=sorted(models.PRESETS))
+  p.add_argument(
+    "--preset", default="gpu", help=f"one of {list(models.PRESETS)}"
+  )
   p.add_argument(
     "--set",
     action="append",
@@ -181,7 +183,7 @@ def _split(value: str) -> list[str]:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    preset = models.override(models.PRESETS[args.preset], args.set)
+    preset = models.resolve_preset(args.preset, args.set)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -389,15 +389,8 @@ def main(argv=None) -> int:
     "(tools/scenes/training.py)",
   )
   args = p.parse_args(argv)
-  if args.preset not in models.PRESETS:
-    print(
-      f"error: --preset {args.preset!r}: unknown; expected one of "
-      f"{list(models.PRESETS)}",
-      file=sys.stderr,
-    )
-    return 2
   try:
-    preset = models.override(models.PRESETS[args.preset], args.set)
+    preset = models.resolve_preset(args.preset, args.set)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -138,6 +138,16 @@ def override(preset: Preset, assignments) -> Preset:
   return dataclasses.replace(preset, **changes)
 
 
+def resolve_preset(name: str, assignments=()) -> Preset:
+  """PRESETS[name] with `--set` assignments applied (see `override`);
+  ValueError (one line, naming the flag) on an unknown name."""
+  if name not in PRESETS:
+    raise ValueError(
+      f"--preset {name!r}: unknown; expected one of {list(PRESETS)}"
+    )
+  return override(PRESETS[name], assignments)
+
+
 def video_tokens(preset: Preset) -> int:
   """Visual tokens of the target per clip: frames x (patches + CLS)."""
   per_frame = (world.SIZE // preset.patch) ** 2 + 1
