@@ -482,9 +482,7 @@ def run(args: argparse.Namespace) -> dict:
       raise ValueError(f"--runtimes: {r!r} is not one of {sd.RUNTIMES}")
   runs = [(label(m, r, runtimes), m, r) for r in runtimes for m in methods]
   labels = [x[0] for x in runs]
-  device = torch.device(
-    args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-  )
+  device = bk.torch_device(args.device)
   if device.type == "cuda" and device.index is None:
     device = torch.device("cuda:0")
   if args.draft_device:

@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
   if args.max_samples >= 0:
     samples = samples[: args.max_samples]
-  device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+  device = str(bk.torch_device(args.device))
   dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
   torch.set_grad_enabled(False)
   try:

@@ -221,9 +221,7 @@ def main(argv=None) -> int:
     p.error(f"unknown --methods {sorted(unknown)}")
   if args.prompt_jitter >= args.prompt_len:
     p.error("--prompt_jitter must be < --prompt_len")
-  device = torch.device(
-    args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-  )
+  device = bk.torch_device(args.device)
   dtype_name = args.dtype or (
     "bfloat16" if device.type == "cuda" else "float32"
   )

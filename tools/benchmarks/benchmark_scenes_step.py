@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from tools.lib import backends as bk
 from tools.scenes import models, text, training, world
 
 
@@ -187,9 +188,7 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  device = torch.device(
-    args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-  )
+  device = bk.torch_device(args.device)
   modes, streams = _split(args.modes), _split(args.stream_modes)
   roles = _split(args.roles)
   for name, values, allowed in (

@@ -442,9 +442,10 @@ def bench_torch(name, batch, seq, hidden, mode, steps, windows):
   """Times a torch twin: mode 'fp32' (reference) or 'compile' (bf16)."""
   import torch
 
+  from tools.lib import backends as bk
   from tools.lib import twins
 
-  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  dev = bk.torch_device()
   torch.manual_seed(0)
   model = twins.build_torch_adapter(name, hidden_dim=hidden).to(dev)
   model.train()

@@ -54,6 +54,11 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
   return DTYPES[dtype]
 
 
+def torch_device(name: str | None = None) -> torch.device:
+  """The device `name` (a --device flag), else CUDA where present, else CPU."""
+  return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def positions_from_mask(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
   """Position ids of the last `new` columns of a left-padded [B, T] mask."""
   # Same rule as HF generate: count valid tokens; padding gets position 0

@@ -147,9 +147,7 @@ def main(argv=None) -> int:
       file=sys.stderr,
     )
     return 2
-  device = torch.device(
-    args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-  )
+  device = bk.torch_device(args.device)
   out = measure(args.pair, device, args.dtype, args.repeats)
   print(json.dumps(out, indent=1))
   if args.json:

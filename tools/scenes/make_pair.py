@@ -394,9 +394,7 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  device = torch.device(
-    args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-  )
+  device = bk.torch_device(args.device)
   try:
     info = make_pair(
       args.out,
