@@ -57,6 +57,11 @@ def test_pair_layout_and_results(pair):
     assert set(results[role]) == set(text.QTYPES) | partial
     assert all(0.0 <= v <= 1.0 for v in results[role].values())
   assert results["target_mean_entropy_nats"] > 0
+  for role in ("target", "drafter"):
+    attrs = results["describe_attributes"][role]
+    assert list(attrs) == list(text.ATTRIBUTES)
+    assert all(0.0 <= v <= 1.0 for v in attrs.values())
+  assert "  colour" in make_pair.report(info)
   assert (
     results["visual_tokens"]["target"] > results["visual_tokens"]["drafter"]
   )

@@ -279,3 +279,37 @@ def test_training_compiles_only_on_cuda_and_as_told():
   # The video tower's layers (and the unused image tower's, never called).
   assert names.count("CLIPEncoderLayer") == 2 * tiny.vision_layers
   assert len(names) == tiny.target_layers + 2 * tiny.vision_layers
+
+
+def test_attribute_hits_score_each_fact_of_each_object():
+  scene = next(
+    world.make_scene(s)
+    for s in range(100)
+    if len(world.make_scene(s).things) == 3
+    and sum(t.moving for t in world.make_scene(s).things) == 2
+  )
+  n, moving = 3, 2
+  full = {"colour": n, "shape": n, "cell": n, "motion": n, "speed": moving}
+  for variant in range(5):
+    answer = text.answer(scene, "describe", variant)
+    got = text.attribute_hits(answer, scene)
+    assert got == {k: (v, v) for k, v in full.items()}, answer
+  answer = text.answer(scene, "describe")
+  moved = next(t for t in scene.things if t.moving)
+  other = next(s for s in world.SHAPES if s != moved.shape)
+  sentences = text._sentences(answer)
+  i = next(i for i, s in enumerate(sentences) if moved.colour in s)
+  wrong_shape = sentences[i].replace(moved.shape, other)
+  got = text.attribute_hits(
+    " ".join(sentences[:i] + [wrong_shape] + sentences[i + 1 :]), scene
+  )
+  assert got["shape"] == (n - 1, n)
+  assert all(got[k] == (v, v) for k, v in full.items() if k != "shape")
+  # The object left out (the count sentence still says three): every fact
+  # of it is missed.
+  dropped = sentences[:i] + sentences[i + 1 :]
+  got = text.attribute_hits(" ".join(dropped), scene)
+  assert got == {k: (v - 1, v) for k, v in full.items()}
+  assert text.attribute_hits("No idea.", scene) == {
+    k: (0, v) for k, v in full.items()
+  }

@@ -80,10 +80,12 @@ def target_inputs(backend, prompts, question, frames) -> dict:
 
 @torch.inference_mode()
 def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
-  """Per-question-type fact accuracy of both models on scenes `seeds`."""
+  """Per-question-type fact accuracy of both models on scenes `seeds`, and
+  per attribute over the objects of their `describe` answers."""
   tok = target.tokenizer
   prompts = target_prompts(target)
   results = {"target": {}, "drafter": {}}
+  hits = {r: dict.fromkeys(text.ATTRIBUTES, (0, 0)) for r in results}
   entropies = []
   rendered = {s: world.render(s) for s in seeds}
   for qtype in tqdm.tqdm(text.QTYPES, desc="evaluate", unit="qtype"):
@@ -113,6 +115,11 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
           right[role] += text.correct(answer, rendered[s][0], qtype)
           if qtype in text.PARTIAL:
             partial[role] += text.partial_correct(answer, rendered[s][0], qtype)
+          if qtype == "describe":
+            got = text.attribute_hits(answer, rendered[s][0])
+            for name, (a, b) in got.items():
+              ok, asked = hits[role][name]
+              hits[role][name] = (ok + a, asked + b)
         if role == "target":
           logits = gen.hidden.float() @ backend.lm_head_weight().float().T
           logp = torch.log_softmax(logits, -1)
@@ -126,6 +133,10 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
       if qtype in text.PARTIAL:
         name = f"{qtype}/{text.PARTIAL[qtype][0]}"
         results[role][name] = partial[role] / len(seeds)
+  results["describe_attributes"] = {
+    role: {k: a / max(b, 1) for k, (a, b) in got.items()}
+    for role, got in hits.items()
+  }
   results["target_mean_entropy_nats"] = float(np.mean(entropies))
   results["eval_scenes_per_qtype"] = len(seeds)
   return results
@@ -352,6 +363,12 @@ def report(info: dict) -> str:
   lines = [f"{'question':14s} {'target':>8s} {'drafter':>8s}"]
   for q in r["target"]:
     lines.append(f"{q:14s} {r['target'][q]:8.1%} {r['drafter'][q]:8.1%}")
+  attrs = r.get("describe_attributes", {})
+  if attrs:
+    lines.append("describe answers, objects with each fact right:")
+  for name in attrs.get("target", {}):
+    t, d = attrs["target"][name], attrs["drafter"][name]
+    lines.append(f"{'  ' + name:14s} {t:8.1%} {d:8.1%}")
   lines.append(
     f"held-out test scenes per type: {r['eval_scenes_per_qtype']}; target "
     f"mean next-token entropy {r['target_mean_entropy_nats']:.3f} nats; "

@@ -280,6 +280,34 @@ def partial_correct(text: str, scene: world.Scene, qtype: str) -> bool:
   return got is not None and got == _project(facts(scene, qtype), fields)
 
 
+# Per-attribute scores of a `describe` answer: which facts a model gets
+# right object by object, where `correct` only says whether all are.
+ATTRIBUTES = ("colour", "shape", "cell", "motion", "speed")
+
+
+def attribute_hits(text: str, scene: world.Scene) -> dict[str, tuple[int, int]]:
+  """{attribute: (right, asked)} over the scene's objects for a `describe`
+  answer. Objects are matched by colour (unique within a scene): `colour`
+  counts the true colours the answer names; the others count, for matched
+  objects, the right shape, start cell, motion (still, or the direction)
+  and speed (moving objects only); an unmatched object or an unparseable
+  answer gets nothing right."""
+  stated = parse(text, "describe")
+  said = {t[0]: t for t in stated[1]} if stated else {}
+  hits = dict.fromkeys(ATTRIBUTES, 0)
+  asked = dict.fromkeys(ATTRIBUTES, 0)
+  for thing in scene.things:
+    true = _thing_fact(thing, "describe")
+    got = said.get(thing.colour)
+    fields = {"colour": 0, "shape": 1, "cell": 2, "motion": 3}
+    if thing.moving:
+      fields["speed"] = 4
+    for name, i in fields.items():
+      asked[name] += 1
+      hits[name] += got is not None and len(got) > i and got[i] == true[i]
+  return {name: (hits[name], asked[name]) for name in ATTRIBUTES}
+
+
 # --------------------------------------------------------------------------
 # Prompts and the tokenizer.
 
