@@ -191,8 +191,9 @@ def _is_layer(module) -> bool:
 
 def compiled(model, device, mode: str):
   """The callable a training step runs: `model` itself (mode `none`, or any
-  device but CUDA), `torch.compile(model)` (`model`), or `model` with each
-  transformer layer compiled in place (`layers`).
+  device but CUDA), `torch.compile(model)` (`model`), the same replayed as
+  CUDA graphs (`graphs`), or `model` with each transformer layer compiled in
+  place (`layers`).
 
   Batches have one fixed shape, so each compiles once.
   """
