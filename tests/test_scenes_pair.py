@@ -51,6 +51,8 @@ def test_pair_layout_and_results(pair):
     assert os.path.isfile(os.path.join(out, "target", name))
   for name in (models.DRAFTER_CONFIG, models.DRAFTER_WEIGHTS):
     assert os.path.isfile(os.path.join(out, "drafter", name))
+  with open(os.path.join(out, make_pair.TRAINING_PLOT), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   results = info["results"]
   for role in ("target", "drafter"):
     partial = {f"{q}/{name}" for q, (name, _) in text.PARTIAL.items()}

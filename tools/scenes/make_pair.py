@@ -11,7 +11,7 @@ through the backends (`video_llava:DIR/target` and
 `tools.scenes.drafter:make_backend:DIR`) and prints, per question type, the
 share of held-out (test) scenes whose greedy answer states exactly the true
 facts, plus the target's mean next-token entropy on its answers. The
-results go into DIR/pair.json. A DIR that already holds the same finished
+results go into DIR/pair.json, the loss curves into DIR/training.png. A DIR that already holds the same finished
 pair is reported and kept; a run of the same pair that was cut off goes on
 from the last saved model; a DIR holding anything else is refused.
 
@@ -354,8 +354,34 @@ def make_pair(
     vocab_size=len(tokenizer),
   )
   info.update(results=results, complete=True)
+  plot_training(info, os.path.join(out, TRAINING_PLOT))
   _write(out, info)
   return info
+
+
+TRAINING_PLOT = "training.png"
+
+
+def plot_training(info: dict, path: str) -> None:
+  """Both models' training loss (logged every 100 steps) against step."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  for name, rec in info["trained"].items():
+    steps, losses = zip(*rec["loss_every_100_steps"], strict=True)
+    ax.plot(steps, losses, marker=".", label=name)
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("answer-token loss (nats)")
+  ax.set_title(f"training of {os.path.basename(os.path.dirname(path))}")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def report(info: dict) -> str:
