@@ -51,6 +51,15 @@ def test_pair_layout_and_results(pair):
     assert os.path.isfile(os.path.join(out, "target", name))
   for name in (models.DRAFTER_CONFIG, models.DRAFTER_WEIGHTS):
     assert os.path.isfile(os.path.join(out, "drafter", name))
+  for role, steps in (
+    ("target", TINY.target_steps),
+    ("drafter", TINY.drafter_steps),
+  ):
+    rec = info["trained"][role]
+    curve = rec["loss_every_100_steps"]
+    assert [s for s, _ in curve] == list(range(0, steps, 100)) + [steps - 1]
+    assert curve[-1][1] == round(rec["loss"], 4)
+    assert curve[-1][1] < curve[0][1]  # it learnt something
   with open(os.path.join(out, make_pair.TRAINING_PLOT), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   results = info["results"]

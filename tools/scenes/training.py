@@ -251,8 +251,9 @@ def train_step(model, opt, sched, loss_fn, batch, device) -> torch.Tensor:
 def fit(model, loss_fn, batches, name, preset, steps, device, executor):
   """Trains `model` for `steps` of `batches` (see the module docstring).
 
-  Returns the final loss, the loss every 100 steps, the first step's
-  seconds (compilation, on CUDA) and the mean ms of the steps after it.
+  Returns the final loss, the loss every 100 steps and at the last, the
+  first step's seconds (compilation, on CUDA) and the mean ms of the steps
+  after it.
   """
   model.to(device).train()
   opt, sched = optimizer(model, preset, steps, device)
@@ -270,7 +271,7 @@ def fit(model, loss_fn, batches, name, preset, steps, device, executor):
     if step % 25 == 0 or step == steps - 1:
       loss_val = float(loss.detach())  # also waits for the step
       bar.set_postfix(loss=f"{loss_val:.4f}")
-      if step % 100 == 0:
+      if step % 100 == 0 or step == steps - 1:
         curve.append([step, round(loss_val, 4)])
     if step == 0:
       t_first = time.perf_counter()
