@@ -11,9 +11,10 @@ through the backends (`video_llava:DIR/target` and
 `tools.scenes.drafter:make_backend:DIR`) and prints, per question type, the
 share of held-out (test) scenes whose greedy answer states exactly the true
 facts, plus the target's mean next-token entropy on its answers. The
-results go into DIR/pair.json, the loss curves into DIR/training.png. A DIR that already holds the same finished
-pair is reported and kept; a run of the same pair that was cut off goes on
-from the last saved model; a DIR holding anything else is refused.
+results go into DIR/pair.json, the loss curves into DIR/training.png. A DIR
+that already holds the same finished pair is reported and kept; a run of the
+same pair that was cut off goes on from the last saved model; a DIR holding
+anything else is refused.
 
 Presets: `gpu` (hidden 256, target 16 layers with 520 visual tokens,
 drafter 3 layers with 64 event tokens) and `tiny` (seconds on a CPU, for
@@ -264,50 +265,25 @@ def make_pair(
       stack.enter_context(executor)
     frames, events = training.render_pool(pool, executor)
     prep_s = time.time() - t0
-    if "target" not in trained:
+    # (name, offset of its init seed, build, train, the media it sees)
+    stages = (
+      ("target", 0, models.build_target, training.train_target, frames),
+      ("drafter", 1, models.build_drafter, training.train_drafter, events),
+    )
+    for name, offset, build, train, media in stages:
+      if name in trained:
+        continue
       t1 = time.time()
-      torch.manual_seed(seed)
-      target = models.build_target(preset, tokenizer)
-      fit = training.train_target(
-        target,
-        batches["target"],
-        preset,
-        frames,
-        device,
-        executor,
-        compile_mode,
+      torch.manual_seed(seed + offset)
+      model = build(preset, tokenizer)
+      fit = train(
+        model, batches[name], preset, media, device, executor, compile_mode
       )
       seconds = time.time() - t1
-      target_dir = os.path.join(out, "target")
-      target.to(save_dtype).save_pretrained(target_dir)
-      tokenizer.save_pretrained(target_dir)
-      models.image_processor().save_pretrained(target_dir)
-      del target
-      trained["target"] = {
-        **fit,
-        "seconds": round(seconds, 1),
-        "compile": compile_mode,
-      }
-      _write(out, info)
-    if "drafter" not in trained:
-      t1 = time.time()
-      torch.manual_seed(seed + 1)
-      drafter = models.build_drafter(preset, tokenizer)
-      fit = training.train_drafter(
-        drafter,
-        batches["drafter"],
-        preset,
-        events,
-        device,
-        executor,
-        compile_mode,
-      )
-      seconds = time.time() - t1
-      models.save_drafter(
-        drafter, tokenizer, os.path.join(out, "drafter"), save_dtype
-      )
-      del drafter
-      trained["drafter"] = {
+      save = models.save_target if name == "target" else models.save_drafter
+      save(model, tokenizer, os.path.join(out, name), save_dtype)
+      del model
+      trained[name] = {
         **fit,
         "seconds": round(seconds, 1),
         "compile": compile_mode,

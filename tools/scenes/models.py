@@ -340,6 +340,15 @@ def build_drafter(preset: Preset, tokenizer) -> SceneDrafter:
   return model
 
 
+def save_target(model, tokenizer, path: str, dtype) -> None:
+  """The target as Video-LLaVA is published: save_pretrained weights and
+  config, the tokenizer and the image processor, loadable by
+  `video_llava:PATH`."""
+  model.to(dtype).save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  image_processor().save_pretrained(path)
+
+
 def save_drafter(model: SceneDrafter, tokenizer, path: str, dtype) -> None:
   from safetensors.torch import save_file
 
