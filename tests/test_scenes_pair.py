@@ -105,11 +105,18 @@ def test_a_cut_off_run_goes_on_from_the_saved_target(
   whole_out, whole = pair
   out = str(tmp_path / "p")
 
-  def cut_off(*args, **kwargs):
-    raise KeyboardInterrupt
+  real_train = training.train
+
+  def train_but(name, fail):
+    def train(model_name, *args, **kwargs):
+      if model_name == name:
+        raise fail
+      return real_train(model_name, *args, **kwargs)
+
+    return train
 
   with monkeypatch.context() as m:
-    m.setattr(training, "train_drafter", cut_off)
+    m.setattr(training, "train", train_but("drafter", KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
       make_pair.make_pair(out, TINY, 0, cpu)
   with open(os.path.join(out, make_pair.PAIR_FILE)) as f:
@@ -117,11 +124,9 @@ def test_a_cut_off_run_goes_on_from_the_saved_target(
   assert not state["complete"] and list(state["trained"]) == ["target"]
   assert os.path.isfile(os.path.join(out, "target", "model.safetensors"))
 
-  def retrain(*args, **kwargs):
-    raise AssertionError("the saved target was trained again")
-
+  retrained = AssertionError("the saved target was trained again")
   with monkeypatch.context() as m:
-    m.setattr(training, "train_target", retrain)
+    m.setattr(training, "train", train_but("target", retrained))
     info = make_pair.make_pair(out, TINY, 0, cpu)
   assert info["complete"] and set(info["trained"]) == {"target", "drafter"}
   for role, name in (

@@ -71,46 +71,23 @@ def step_flops(preset: models.Preset, role: str, width: int, vocab: int):
 
 
 def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
-  """One row: build, compile, train `steps` + 1 steps; returns the timings."""
+  """One row: build, compile, train `steps` + 1 steps (make_pair's batches,
+  loss and step); returns the timings."""
   tokenizer = text.train_tokenizer(
     world.split_seeds("train", preset.tokenizer_scenes), preset.vocab_size
   )
   pool = world.split_seeds("train", min(preset.pool_scenes, 512))
   scenes = [world.make_scene(s) for s in pool]
-  media, count = ("<video>", models.video_tokens(preset))
-  if role == "drafter":
-    media, count = ("<event>", models.event_tokens(preset))
-  batches = training.Batches(
-    tokenizer,
-    scenes,
-    media,
-    count,
-    0,
-    preset.batch_size,
-    max_answer=preset.max_new_tokens,
-  )
+  batches = training.make_batches(role, tokenizer, scenes, preset, 0)
   executor = None
   if stream:
     executor = training.make_executor({role: batches}, preset.workers)
   frames, events = training.render_pool(pool, executor)
   torch.manual_seed(0)
-  if role == "target":
-    model = models.build_target(preset, tokenizer).to(device)
-    media_dev = torch.from_numpy(frames).to(device)
-    forward = training.compiled(model, device, mode)
-
-    def loss_fn(batch):
-      return training.target_loss(forward, batch, media_dev, device)
-  else:
-    model = models.build_drafter(preset, tokenizer).to(device)
-    media_dev = torch.from_numpy(events).to(device)
-    forward = training.compiled(model, device, mode)
-
-    def loss_fn(batch):
-      return training.drafter_loss(
-        forward, model.lm.lm_head, batch, media_dev, device
-      )
-
+  build = models.build_target if role == "target" else models.build_drafter
+  model = build(preset, tokenizer).to(device)
+  media = frames if role == "target" else events
+  loss_fn = training.make_loss(role, model, media, device, mode)
   total = steps + 1
   if stream:
     source = training.stream(batches, role, total, executor)

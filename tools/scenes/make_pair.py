@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import tqdm
 
+from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import generation
 from tools.scenes import models, text, training, world
@@ -199,10 +200,7 @@ def versions() -> dict:
 
 
 def _write(out: str, info: dict) -> None:
-  path = os.path.join(out, PAIR_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=1)
-  os.replace(path + ".tmp", path)
+  write_json_atomic(os.path.join(out, PAIR_FILE), info)
 
 
 def make_pair(
@@ -238,25 +236,11 @@ def make_pair(
   )
   pool = world.split_seeds("train", preset.pool_scenes)
   scenes = [world.make_scene(s) for s in pool]
+  # Each model's data stream and init are seeded apart (seed, seed + 1).
+  offsets = {"target": 0, "drafter": 1}
   batches = {
-    "target": training.Batches(
-      tokenizer,
-      scenes,
-      "<video>",
-      models.video_tokens(preset),
-      seed,
-      preset.batch_size,
-      max_answer=preset.max_new_tokens,
-    ),
-    "drafter": training.Batches(
-      tokenizer,
-      scenes,
-      "<event>",
-      models.event_tokens(preset),
-      seed + 1,
-      preset.batch_size,
-      max_answer=preset.max_new_tokens,
-    ),
+    name: training.make_batches(name, tokenizer, scenes, preset, seed + k)
+    for name, k in offsets.items()
   }
   save_dtype = bk.torch_dtype(preset.save_dtype)
   with contextlib.ExitStack() as stack:
@@ -265,23 +249,27 @@ def make_pair(
       stack.enter_context(executor)
     frames, events = training.render_pool(pool, executor)
     prep_s = time.time() - t0
-    # (name, offset of its init seed, build, train, the media it sees)
-    stages = (
-      ("target", 0, models.build_target, training.train_target, frames),
-      ("drafter", 1, models.build_drafter, training.train_drafter, events),
-    )
-    for name, offset, build, train, media in stages:
+    builds = {"target": models.build_target, "drafter": models.build_drafter}
+    saves = {"target": models.save_target, "drafter": models.save_drafter}
+    media = {"target": frames, "drafter": events}
+    for name, offset in offsets.items():
       if name in trained:
         continue
       t1 = time.time()
       torch.manual_seed(seed + offset)
-      model = build(preset, tokenizer)
-      fit = train(
-        model, batches[name], preset, media, device, executor, compile_mode
+      model = builds[name](preset, tokenizer)
+      fit = training.train(
+        name,
+        model,
+        batches[name],
+        preset,
+        media[name],
+        device,
+        executor,
+        compile_mode,
       )
       seconds = time.time() - t1
-      save = models.save_target if name == "target" else models.save_drafter
-      save(model, tokenizer, os.path.join(out, name), save_dtype)
+      saves[name](model, tokenizer, os.path.join(out, name), save_dtype)
       del model
       trained[name] = {
         **fit,

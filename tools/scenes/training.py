@@ -16,6 +16,7 @@ The library under `tools.scenes.make_pair` (the command) and
   kernel launches, not arithmetic).
 - The loop (`fit`): AdamW (fused on CUDA), linear warm-up then cosine to 10%,
   bf16 autocast on GPU, gradient clipping at 1.
+- Per model ('target' or 'drafter'): `make_batches`, `make_loss` and `train`.
 """
 
 from __future__ import annotations
@@ -330,39 +331,47 @@ def drafter_loss(forward, lm_head, batch, events_dev, device):
   )
 
 
-def train_target(
-  model, batches, preset, frames, device, executor=None, compile_mode="model"
-):
-  """Trains the target on (clip, question, answer) batches."""
-  frames_dev = torch.from_numpy(frames).to(device)
-  forward = compiled(model.to(device), device, compile_mode)
-  return fit(
-    model,
-    lambda batch: target_loss(forward, batch, frames_dev, device),
-    batches,
-    "target",
-    preset,
-    preset.target_steps,
-    device,
-    executor,
+def make_batches(name: str, tokenizer, scenes, preset, seed: int) -> Batches:
+  """The training batches of model `name` ('target': clips behind `<video>`
+  tokens, 'drafter': event frames behind `<event>`), preset.max_new_tokens
+  of answer room."""
+  media, count = "<video>", models.video_tokens(preset)
+  if name == "drafter":
+    media, count = "<event>", models.event_tokens(preset)
+  return Batches(
+    tokenizer,
+    scenes,
+    media,
+    count,
+    seed,
+    preset.batch_size,
+    max_answer=preset.max_new_tokens,
   )
 
 
-def train_drafter(
-  model, batches, preset, events, device, executor=None, compile_mode="model"
-):
-  """Trains the drafter on (event frames, question, answer) batches."""
-  events_dev = torch.from_numpy(events).to(device)
+def make_loss(name: str, model, media, device, compile_mode: str):
+  """The training loss of model `name` on a batch: the pool's media (clips
+  for the target, event frames for the drafter) go to the device once, the
+  model is compiled as `compile_mode` says."""
+  media_dev = torch.from_numpy(media).to(device)
   forward = compiled(model.to(device), device, compile_mode)
-  return fit(
-    model,
-    lambda batch: drafter_loss(
-      forward, model.lm.lm_head, batch, events_dev, device
-    ),
-    batches,
-    "drafter",
-    preset,
-    preset.drafter_steps,
-    device,
-    executor,
-  )
+  if name == "target":
+    return lambda batch: target_loss(forward, batch, media_dev, device)
+  head = model.lm.lm_head
+  return lambda batch: drafter_loss(forward, head, batch, media_dev, device)
+
+
+def train(
+  name,
+  model,
+  batches,
+  preset,
+  media,
+  device,
+  executor=None,
+  compile_mode="model",
+):
+  """Trains model `name` ('target' or 'drafter') for its preset steps."""
+  steps = preset.target_steps if name == "target" else preset.drafter_steps
+  loss_fn = make_loss(name, model, media, device, compile_mode)
+  return fit(model, loss_fn, batches, name, preset, steps, device, executor)
