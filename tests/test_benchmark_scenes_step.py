@@ -24,28 +24,19 @@ def test_weight_flops_match_torch_s_count_of_a_training_step(role):
   cpu = torch.device("cpu")
   torch.manual_seed(0)
   if role == "target":
-    media, count = "<video>", models.video_tokens(TINY)
-    model = models.build_target(TINY, tok)
-    frames_t = torch.from_numpy(frames)
-
-    def loss_fn(batch):
-      return training.target_loss(model, batch, frames_t, cpu)
+    model, media_t = models.build_target(TINY, tok), torch.from_numpy(frames)
   else:
-    media, count = "<event>", models.event_tokens(TINY)
     model = models.build_drafter(TINY, tok)
-    events_t = torch.from_numpy(np.stack([world.events(f) for f in frames]))
-
-    def loss_fn(batch):
-      return training.drafter_loss(
-        model, model.lm.lm_head, batch, events_t, cpu
-      )
-
-  batches = training.Batches(
-    tok, scenes, media, count, 0, TINY.batch_size, TINY.max_new_tokens
+    media_t = torch.from_numpy(np.stack([world.events(f) for f in frames]))
+  batches = training.make_batches(role, tok, scenes, TINY, 0)
+  assert batches.turns > 1  # a packed batch, as make_pair trains
+  loss_fn = training.make_loss(
+    role, model, media_t.numpy(), batches, cpu, "none"
   )
   with FlopCounterMode(display=False) as counter:
     loss_fn(batches(0)).backward()
-  got = bench.step_flops(TINY, role, batches.width, len(tok))
+  positions = bench.text_positions(batches)
+  got = bench.step_flops(TINY, role, batches.width, len(tok), positions)
   assert got["weights"] == counter.get_total_flops()
   assert got["attention"] > 0
 

@@ -177,12 +177,12 @@ def test_samples_cli_bad_split_is_one_line(tmp_path, capsys):
   assert "--qtypes" in capsys.readouterr().err
 
 
-def test_fixed_width_batches_pad_without_changing_the_loss():
-  """Every training batch is prompt + max_answer wide (one shape, so a
-  compiled model compiles once); the padding is unlabelled and the training
-  losses take no mask (causal attention never lets a real token see the
-  right padding), so they equal the masked loss of the unpadded batch; an
-  answer over the room is an error."""
+def test_training_losses_equal_the_models_own_masked_loss():
+  """The training losses (media spliced in at the prompts' fixed span, no
+  attention mask, logits only after the media) on fixed-width packed
+  batches equal each model's own forward (placeholder search, attention
+  mask) on the unpadded batch: the padding is unlabelled and on the right,
+  so causal attention never lets a real token see it."""
   import torch
 
   from tools.scenes import models, training
@@ -190,7 +190,6 @@ def test_fixed_width_batches_pad_without_changing_the_loss():
   preset = models.PRESETS["tiny"]
   tok = text.train_tokenizer(range(100), 512)
   scenes = [world.make_scene(s) for s in range(30)]
-  cpu = torch.device("cpu")
   torch.manual_seed(0)
   target = models.build_target(preset, tok).eval()
   drafter = models.build_drafter(preset, tok).eval()
@@ -215,40 +214,74 @@ def test_fixed_width_batches_pad_without_changing_the_loss():
       logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
     )
 
-  for media, count, unmasked, masked in (
-    (
-      "<video>",
-      models.video_tokens(preset),
-      lambda b: training.target_loss(target, b, frames_t, cpu),
-      masked_target,
-    ),
-    (
-      "<event>",
-      models.event_tokens(preset),
-      lambda b: training.drafter_loss(
-        drafter, drafter.lm.lm_head, b, events_t, cpu
-      ),
-      masked_drafter,
-    ),
+  cpu = torch.device("cpu")
+  for name, model, media, masked in (
+    ("target", target, frames, masked_target),
+    ("drafter", drafter, events, masked_drafter),
   ):
-    fixed = training.Batches(tok, scenes, media, count, 0, 4, 64)
-    loose = training.Batches(tok, scenes, media, count, 0, 4)
-    width = fixed.prompts.longest() + 64
+    fixed = training.make_batches(name, tok, scenes, preset, 0)
+    loss = training.make_loss(name, model, media, fixed, cpu, "none")
     for step in range(3):
-      f, lo = fixed(step), loose(step)
-      assert f[1].shape[1] == width and lo[1].shape[1] < width
-      np.testing.assert_array_equal(f[0], lo[0])
-      n = lo[1].shape[1]
-      np.testing.assert_array_equal(f[1][:, :n], lo[1])
+      f = fixed(step)
+      n = int(f[2].sum(1).max())  # the longest sequence, unpadded
+      assert f[1].shape[1] == fixed.width > n
       assert (f[2][:, n:] == 0).all() and (f[3][:, n:] == -100).all()
+      lo = (f[0], f[1][:, :n], f[2][:, :n], f[3][:, :n])
       with torch.no_grad():
-        got, want = float(unmasked(f)), float(masked(*lo))
-      assert got == pytest.approx(want, rel=1e-5), media
+        got, want = float(loss(f)), float(masked(*lo))
+      assert got == pytest.approx(want, rel=1e-5), name
+  with pytest.raises(ValueError, match="over the fixed width 7"):
+    models.lm_batch([[1, 2, 3]], [[4, 5, 6, 7, 8]], 0, width=7)
+
+
+def test_training_sequences_are_conversations_of_distinct_questions():
+  """A packed sequence: the first turn is the inference prompt and its
+  answer, each later turn `USER: q ASSISTANT:` and its answer, every
+  question type at most once; exactly the answers are labelled; a later
+  turn that does not fit the width is left out, the first never is (an
+  answer over max_new_tokens is an error)."""
+  from tools.scenes import models, training
+
+  tok = text.train_tokenizer(range(100), 512)
+  scenes = [world.make_scene(s) for s in range(30)]
+  turns, room = 3, 40
+  batches = training.Batches(tok, scenes, "<video>", 5, 0, 16, 64, turns, room)
+  assert batches.width == batches.prompts.longest() + 64 + room
+  dropped = 0
+  for step in range(4):
+    rows = training.examples(scenes, 0, step, 16, turns)
+    idx, ids, mask, labels = batches(step)
+    np.testing.assert_array_equal(idx, [r[0] for r in rows])
+    for i, (scene_idx, qas) in enumerate(rows):
+      assert len(qas) == turns
+      qtypes = [
+        next(t for t in text.QTYPES if q in text.QUESTIONS[t]) for q, _ in qas
+      ]
+      assert len(set(qtypes)) == turns
+      for (_, a), qt in zip(qas, qtypes, strict=True):
+        assert text.correct(a, scenes[scene_idx], qt)
+      want_ids, want_labels = [], []
+      for k, (q, a) in enumerate(qas):
+        head = batches.prompts.follow_up(q) if k else batches.prompts(q)
+        ans = models.answer_ids(tok, a)
+        if k and len(want_ids) + len(head) + len(ans) > batches.width:
+          dropped += 1
+          break
+        want_ids += head + ans
+        want_labels += [-100] * len(head) + ans
+      n = len(want_ids)
+      assert ids[i, :n].tolist() == want_ids
+      assert labels[i, :n].tolist() == want_labels
+      assert (labels[i, n:] == -100).all() and int(mask[i].sum()) == n
+      first = batches.prompts(qas[0][0])
+      assert ids[i, : len(first)].tolist() == first
+      assert (
+        tok.decode(batches.prompts.follow_up("Q?")) == "USER: Q? ASSISTANT:"
+      )
+  assert dropped > 0  # the room of 40 is too small for every third turn
   short = training.Batches(tok, scenes, "<video>", 4, 0, 4, 5)
   with pytest.raises(ValueError, match=r"training scene \d+ \(step 0\)"):
     short(0)
-  with pytest.raises(ValueError, match="over the fixed width 7"):
-    models.lm_batch([[1, 2, 3]], [[4, 5, 6, 7, 8]], 0, width=7)
 
 
 def test_training_compiles_only_on_cuda_and_as_told():
@@ -259,19 +292,20 @@ def test_training_compiles_only_on_cuda_and_as_told():
   cuda, cpu = torch.device("cuda"), torch.device("cpu")
   # torch.compile wraps lazily: no GPU is needed to see the choice.
   model = torch.nn.Linear(2, 2)
-  assert training.compiled(model, cuda, "model") is not model
-  assert training.compiled(model, cuda, "graphs") is not model
-  assert training.compiled(model, cuda, "none") is model
-  assert training.compiled(model, cpu, "model") is model
+  fn = model.forward
+  assert training.compiled(fn, model, cuda, "model") is not fn
+  assert training.compiled(fn, model, cuda, "graphs") is not fn
+  assert training.compiled(fn, model, cuda, "none") is fn
+  assert training.compiled(fn, model, cpu, "model") is fn
   with pytest.raises(ValueError, match="compile mode 'fast'"):
-    training.compiled(model, cuda, "fast")
+    training.compiled(fn, model, cuda, "fast")
   with pytest.raises(ValueError, match="Linear: no transformer layers"):
-    training.compiled(model, cuda, "layers")
+    training.compiled(fn, model, cuda, "layers")
   # `layers`: every transformer layer of both towers compiled in place,
   # nothing else.
   tok = text.train_tokenizer(range(50), 512)
   target = models.build_target(models.PRESETS["tiny"], tok)
-  assert training.compiled(target, cuda, "layers") is target
+  assert training.compiled(fn, target, cuda, "layers") is fn
   done = [m for m in target.modules() if m._compiled_call_impl is not None]
   names = [type(m).__name__ for m in done]
   tiny = models.PRESETS["tiny"]

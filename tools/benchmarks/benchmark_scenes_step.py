@@ -40,8 +40,11 @@ from tools.lib import backends as bk
 from tools.scenes import models, text, training, world
 
 
-def step_flops(preset: models.Preset, role: str, width: int, vocab: int):
-  """FLOPs of one training step of `role` on batches `width` tokens wide:
+def step_flops(
+  preset: models.Preset, role: str, width: int, vocab: int, text: int
+):
+  """FLOPs of one training step of `role` on batches `width` tokens wide,
+  `text` of them after the media (the positions the LM head scores):
   {"weights": products with weights (2 per weight per token, x 3 for
   forward + backward; x 2 for the patch convolutions, whose input needs no
   gradient), "attention": the two T x T products per layer (counted in
@@ -50,8 +53,8 @@ def step_flops(preset: models.Preset, role: str, width: int, vocab: int):
   layers = preset.target_layers if role == "target" else preset.drafter_layers
   kv = h * preset.kv_heads // preset.heads
   per_token = layers * (2 * h * h + 2 * h * kv + 3 * h * preset.intermediate)
-  per_token += h * vocab  # the LM head
   weights = 3 * 2 * b * width * per_token
+  weights += 3 * 2 * b * text * h * vocab  # the LM head
   attention = 3 * layers * b * 4 * width * width * h
   if role == "target":
     v, imgs = preset.vision_hidden, b * world.NUM_FRAMES
@@ -66,8 +69,12 @@ def step_flops(preset: models.Preset, role: str, width: int, vocab: int):
     chans = 2 * (world.NUM_FRAMES - 1)
     weights += 3 * 2 * b * n * (enc * h + h * h)
     weights += 2 * 2 * b * n * chans * preset.event_patch**2 * enc
-    weights -= 3 * 2 * b * h * vocab  # its LM head skips the last position
   return {"weights": float(weights), "attention": float(attention)}
+
+
+def text_positions(batches) -> int:
+  """Positions of a batch after the media (where the LM head scores)."""
+  return batches.width - batches.prompts.media_span()[1]
 
 
 def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
@@ -87,7 +94,7 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   build = models.build_target if role == "target" else models.build_drafter
   model = build(preset, tokenizer).to(device)
   media = frames if role == "target" else events
-  loss_fn = training.make_loss(role, model, media, device, mode)
+  loss_fn = training.make_loss(role, model, media, batches, device, mode)
   total = steps + 1
   if stream:
     source = training.stream(batches, role, total, executor)
@@ -109,7 +116,10 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   t2 = time.perf_counter()
   if executor is not None:
     executor.shutdown()
-  flops = sum(step_flops(preset, role, batches.width, len(tokenizer)).values())
+  flops = step_flops(
+    preset, role, batches.width, len(tokenizer), text_positions(batches)
+  )
+  flops = sum(flops.values())
   return {
     "role": role,
     "mode": mode + ("/stream" if stream else ""),

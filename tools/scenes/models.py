@@ -51,6 +51,8 @@ class Preset:
   target_steps: int
   drafter_steps: int
   batch_size: int
+  turns: int  # question/answer turns packed into one training sequence
+  turn_room: int  # training tokens for turns after the first (see Batches)
   lr: float
   warmup: int
   eval_scenes: int  # held-out (test) scenes per question type
@@ -79,6 +81,8 @@ PRESETS = {
     target_steps=2400,
     drafter_steps=1500,
     batch_size=64,
+    turns=4,
+    turn_room=96,
     lr=1e-3,
     warmup=100,
     eval_scenes=100,
@@ -105,6 +109,8 @@ PRESETS = {
     target_steps=30,
     drafter_steps=30,
     batch_size=8,
+    turns=2,
+    turn_room=32,
     lr=3e-3,
     warmup=5,
     eval_scenes=3,
@@ -135,7 +141,13 @@ def override(preset: Preset, assignments) -> Preset:
       raise ValueError(
         f"--set {a!r}: {name} takes a {kind.__name__}, not {value!r}"
       ) from None
-  return dataclasses.replace(preset, **changes)
+  out = dataclasses.replace(preset, **changes)
+  if not 1 <= out.turns <= len(text.QTYPES):
+    raise ValueError(
+      f"--set turns={out.turns}: expected 1 to {len(text.QTYPES)} (one turn "
+      "per question type)"
+    )
+  return out
 
 
 def resolve_preset(name: str, assignments=()) -> Preset:
@@ -392,8 +404,9 @@ class Prompts:
 
   def __init__(self, tokenizer, media_token: str, count: int):
     self.tokenizer = tokenizer
+    self.media_token, self.count = media_token, count
     self.media = media_token * count
-    self._cache: dict[str, list[int]] = {}
+    self._cache: dict = {}
 
   def longest(self) -> int:
     """Tokens of the longest prompt over every question wording."""
@@ -407,6 +420,25 @@ class Prompts:
       self._cache[question] = self.tokenizer(full)["input_ids"]
     return self._cache[question]
 
+  def media_span(self) -> tuple[int, int]:
+    """(first, end) positions of the media tokens; the same in every prompt
+    (they follow the fixed prefix)."""
+    ids = self(text.QUESTIONS[text.QTYPES[0]][0])
+    media_id = self.tokenizer.convert_tokens_to_ids(self.media_token)
+    first = ids.index(media_id)
+    return first, first + self.count
+
+  def follow_up(self, question: str) -> list[int]:
+    """Token ids of a later turn's question in a multi-turn sequence (after
+    the previous answer's EOS): `USER: {question} ASSISTANT:`, no media."""
+    key = ("follow_up", question)
+    if key not in self._cache:
+      full = f"{text.PROMPT_PREFIX} {question} {text.PROMPT_SUFFIX}"
+      self._cache[key] = self.tokenizer(full, add_special_tokens=False)[
+        "input_ids"
+      ]
+    return self._cache[key]
+
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
   """Token ids of an answer as the model generates it (EOS appended)."""
@@ -419,12 +451,22 @@ def decode_answer(tokenizer, ids) -> str:
 
 
 def lm_batch(prompt_ids, answers, pad_id: int, width: int | None = None):
-  """Right-padded (input_ids, attention_mask, labels) for teacher forcing.
+  """Right-padded (input_ids, attention_mask, labels) for teacher forcing of
+  prompt + answer sequences (see pad_batch)."""
+  seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]
+  labels = [
+    [-100] * len(p) + a for p, a in zip(prompt_ids, answers, strict=True)
+  ]
+  return pad_batch(seqs, labels, pad_id, width)
+
+
+def pad_batch(seqs, labels, pad_id: int, width: int | None = None):
+  """Right-padded (input_ids, attention_mask, labels) of token sequences and
+  their labels (-100 where unlabelled).
 
   `width`: pad every batch to this many tokens (one shape for every step,
   so a compiled model compiles once); a longer sequence is an error.
   """
-  seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]
   longest = max(len(s) for s in seqs)
   if width is not None and longest > width:
     raise ValueError(
@@ -434,9 +476,9 @@ def lm_batch(prompt_ids, answers, pad_id: int, width: int | None = None):
   width = width or longest
   ids = np.full((len(seqs), width), pad_id, np.int64)
   mask = np.zeros((len(seqs), width), np.int64)
-  labels = np.full((len(seqs), width), -100, np.int64)
-  for i, (p, s) in enumerate(zip(prompt_ids, seqs, strict=True)):
+  out = np.full((len(seqs), width), -100, np.int64)
+  for i, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
     ids[i, : len(s)] = s
     mask[i, : len(s)] = 1
-    labels[i, len(p) : len(s)] = s[len(p) :]
-  return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+    out[i, : len(lab)] = lab
+  return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(out)

@@ -63,63 +63,98 @@ def render_pool(seeds, executor=None):
   )
 
 
-def examples(scenes, seed: int, step: int, size: int):
-  """The `size` (scene index, question, answer) examples of a step.
+def examples(scenes, seed: int, step: int, size: int, turns: int = 1):
+  """The `size` examples of a step: (scene index, [(question, answer)] of
+  `turns` distinct question types in a random order).
 
   Seeded by (seed, step) alone, so batches can be made in any process and
   in any order and the data stream stays the same.
   """
   rng = np.random.default_rng([seed, step, 3])
-  idx = rng.integers(len(scenes), size=size)
-  qts = rng.integers(len(text.QTYPES), size=size)
-  variants = rng.integers(1 << 30, size=size)
   out = []
-  for i, q, v in zip(idx, qts, variants, strict=True):
-    scene, qtype = scenes[int(i)], text.QTYPES[int(q)]
-    out.append(
-      (
-        int(i),
-        text.question(scene.seed, qtype, int(v)),
-        text.answer(scene, qtype, int(v)),
+  for i in rng.integers(len(scenes), size=size):
+    scene = scenes[int(i)]
+    qas = []
+    for q in rng.permutation(len(text.QTYPES))[:turns]:
+      qtype, v = text.QTYPES[int(q)], int(rng.integers(1 << 30))
+      qas.append(
+        (text.question(scene.seed, qtype, v), text.answer(scene, qtype, v))
       )
-    )
+    out.append((int(i), qas))
   return out
 
 
 class Batches:
-  """Token batches of a training stream: (scene idx, ids, mask, labels)."""
+  """Token batches of a training stream: (scene idx, ids, mask, labels).
+
+  Each sequence is one scene's conversation of up to `turns` question/answer
+  turns: the first turn is the prompt as asked at inference (media, first
+  question), each later one `USER: {question} ASSISTANT:` after the last
+  answer's EOS; every answer token is labelled. The media tokens and their
+  gradients are shared by all the turns, which costs little next to the
+  hundreds of media tokens and multiplies the supervision a clip gives.
+  """
 
   def __init__(
-    self, tokenizer, scenes, media_token, count, seed, size, max_answer=None
+    self,
+    tokenizer,
+    scenes,
+    media_token,
+    count,
+    seed,
+    size,
+    max_answer=None,
+    turns=1,
+    turn_room=0,
   ):
-    """max_answer: answer tokens (EOS included) every batch has room for:
-    batches are then all prompt + max_answer wide (one shape to compile)."""
+    """max_answer: answer tokens (EOS included) the first turn has room for;
+    batches are then all (longest prompt + max_answer + turn_room) wide (one
+    shape to compile) and a later turn that would not fit is left out of
+    its sequence (so every sequence keeps its first turn whole)."""
     self.tokenizer = tokenizer
     self.scenes = scenes
     self.prompts = models.Prompts(tokenizer, media_token, count)
-    self.seed, self.size = seed, size
+    self.media_id = tokenizer.convert_tokens_to_ids(media_token)
+    self.seed, self.size, self.turns = seed, size, turns
     self.max_answer = max_answer
     self.width = None
     if max_answer is not None:
-      self.width = self.prompts.longest() + max_answer
+      self.width = self.prompts.longest() + max_answer + turn_room
+
+  def conversation(self, scene_idx: int, qas, step: int):
+    """(token ids, labels) of one scene's turns."""
+    ids, labels = [], []
+    for k, (question, answer) in enumerate(qas):
+      head = self.prompts.follow_up(question) if k else self.prompts(question)
+      ans = models.answer_ids(self.tokenizer, answer)
+      if k == 0 and self.max_answer is not None and len(ans) > self.max_answer:
+        raise ValueError(
+          f"training scene {self.scenes[scene_idx].seed} (step {step}): an "
+          f"answer of {len(ans)} tokens, over the {self.max_answer} the "
+          "preset's max_new_tokens allows"
+        )
+      if (
+        k
+        and self.width is not None
+        and len(ids) + len(head) + len(ans) > self.width
+      ):
+        break
+      ids += head + ans
+      labels += [-100] * len(head) + ans
+    return ids, labels
 
   def __call__(self, step: int):
-    batch = examples(self.scenes, self.seed, step, self.size)
-    answers = [models.answer_ids(self.tokenizer, b[2]) for b in batch]
-    if self.max_answer is not None:
-      for (i, _, _), a in zip(batch, answers, strict=True):
-        if len(a) > self.max_answer:
-          raise ValueError(
-            f"training scene {self.scenes[i].seed} (step {step}): an answer "
-            f"of {len(a)} tokens, over the {self.max_answer} the preset's "
-            "max_new_tokens allows"
-          )
-    ids, mask, labels = models.lm_batch(
-      [self.prompts(b[1]) for b in batch],
-      answers,
+    batch = examples(self.scenes, self.seed, step, self.size, self.turns)
+    convs = [self.conversation(i, qas, step) for i, qas in batch]
+    ids, mask, labels = models.pad_batch(
+      [c[0] for c in convs],
+      [c[1] for c in convs],
       self.tokenizer.pad_token_id,
       self.width,
     )
+    first, end = self.prompts.media_span()
+    if (ids[:, first:end] != self.media_id).any():
+      raise AssertionError(f"step {step}: media tokens off {first}..{end}")
     return np.array([b[0] for b in batch]), ids, mask, labels
 
 
@@ -190,22 +225,23 @@ def _is_layer(module) -> bool:
   return name.endswith("DecoderLayer") or name.endswith("EncoderLayer")
 
 
-def compiled(model, device, mode: str):
-  """The callable a training step runs: `model` itself (mode `none`, or any
-  device but CUDA), `torch.compile(model)` (`model`), the same replayed as
-  CUDA graphs (`graphs`), or `model` with each transformer layer compiled in
-  place (`layers`).
+def compiled(fn, model, device, mode: str):
+  """What a training step calls for the loss `fn` of `model`: `fn` itself
+  (mode `none`, or any device but CUDA), `torch.compile(fn)` (`model`: the
+  whole forward, one graph), the same replayed as CUDA graphs (`graphs`),
+  or `fn` with each transformer layer of `model` compiled in place
+  (`layers`).
 
   Batches have one fixed shape, so each compiles once.
   """
   if mode not in COMPILE_MODES:
     raise ValueError(f"compile mode {mode!r}: expected one of {COMPILE_MODES}")
   if mode == "none" or device.type != "cuda":
-    return model
+    return fn
   if mode == "model":
-    return torch.compile(model)
+    return torch.compile(fn)
   if mode == "graphs":
-    return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(fn, mode="reduce-overhead")
   layers = [m for m in model.modules() if _is_layer(m)]
   if not layers:
     raise ValueError(
@@ -213,7 +249,7 @@ def compiled(model, device, mode: str):
     )
   for layer in layers:
     layer.compile()
-  return model
+  return fn
 
 
 def optimizer(model, preset: models.Preset, steps: int, device):
@@ -303,32 +339,58 @@ def to_device(x, device) -> torch.Tensor:
   return x.pin_memory().to(device, non_blocking=True)
 
 
-def target_loss(forward, batch, frames_dev, device):
-  """Mean answer-token cross-entropy of the target on one training batch.
-
-  No attention mask: batches are right-padded and the padding is
-  unlabelled, so under causal attention no real token ever sees a pad and
-  the loss equals the masked one; without a mask SDPA takes its causal
-  (flash) kernel instead of a masked one.
-  """
-  idx, ids, _, labels = (to_device(x, device) for x in batch)
-  return forward(
-    input_ids=ids,
-    pixel_values_videos=models.pixels(frames_dev[idx]),
-    labels=labels,
-  ).loss
-
-
-def drafter_loss(forward, lm_head, batch, events_dev, device):
-  """The drafter's answer-token cross-entropy (no mask: see target_loss)."""
-  idx, ids, _, labels = (to_device(x, device) for x in batch)
-  hidden = forward(
-    ids, use_cache=False, event_frames=events_dev[idx]
-  ).last_hidden_state
-  logits = lm_head(hidden[:, :-1]).float()
-  return torch.nn.functional.cross_entropy(
-    logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+def splice(embeds, feats, start: int):
+  """Token embeddings [B, T, D] with `feats` [B, N, D] in place of the
+  positions start..start+N (the media placeholders)."""
+  end = start + feats.shape[1]
+  return torch.cat(
+    [embeds[:, :start], feats.to(embeds.dtype), embeds[:, end:]], dim=1
   )
+
+
+def answer_loss(lm_head, hidden, labels, first: int):
+  """Mean cross-entropy of the labelled tokens of a batch, none of which
+  comes before position `first` (the text after the media): logits are made
+  only from there."""
+  logits = lm_head(hidden[:, first - 1 : -1]).float()
+  return torch.nn.functional.cross_entropy(
+    logits.reshape(-1, logits.shape[-1]), labels[:, first:].reshape(-1)
+  )
+
+
+# The losses below are the models' own forward passes with the media spliced
+# in at a fixed position (every prompt starts with the same prefix, so the
+# placeholders of a batch sit at one known span): the models' generic
+# placeholder search (a data-dependent mask and a count check) would make
+# the host wait for the GPU every step and break the compiled graph. Neither
+# takes an attention mask: batches are right-padded and the padding is
+# unlabelled, so under causal attention no real token ever sees a pad and
+# the loss equals the masked one, while SDPA takes its causal kernel.
+
+
+def target_loss(model, ids, labels, frames, start: int):
+  """The target's answer-token loss; `frames`: uint8 clips of the batch,
+  `start`: first media position."""
+  inner = model.model
+  px = models.pixels(frames)
+  out = inner.video_tower(px.flatten(0, 1), output_hidden_states=True)
+  feats = inner.multi_modal_projector(
+    out.hidden_states[model.config.vision_feature_layer]
+  )
+  feats = feats.reshape(px.shape[0], -1, feats.shape[-1])
+  lm = inner.language_model
+  embeds = splice(lm.get_input_embeddings()(ids), feats, start)
+  hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+  return answer_loss(model.lm_head, hidden, labels, start + feats.shape[1])
+
+
+def drafter_loss(model, ids, labels, events, start: int):
+  """The drafter's answer-token loss; `events`: event frames of the batch."""
+  lm = model.lm.model
+  feats = model.encoder(events)
+  embeds = splice(lm.embed_tokens(ids), feats, start)
+  hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+  return answer_loss(model.lm.lm_head, hidden, labels, start + feats.shape[1])
 
 
 def make_batches(name: str, tokenizer, scenes, preset, seed: int) -> Batches:
@@ -346,19 +408,31 @@ def make_batches(name: str, tokenizer, scenes, preset, seed: int) -> Batches:
     seed,
     preset.batch_size,
     max_answer=preset.max_new_tokens,
+    turns=preset.turns,
+    turn_room=preset.turn_room,
   )
 
 
-def make_loss(name: str, model, media, device, compile_mode: str):
-  """The training loss of model `name` on a batch: the pool's media (clips
-  for the target, event frames for the drafter) go to the device once, the
-  model is compiled as `compile_mode` says."""
+def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
+  """The training loss of model `name` on a batch of `batches`: the pool's
+  media (clips for the target, event frames for the drafter) go to the
+  device once, the loss is compiled as `compile_mode` says."""
   media_dev = torch.from_numpy(media).to(device)
-  forward = compiled(model.to(device), device, compile_mode)
-  if name == "target":
-    return lambda batch: target_loss(forward, batch, media_dev, device)
-  head = model.lm.lm_head
-  return lambda batch: drafter_loss(forward, head, batch, media_dev, device)
+  model.to(device)
+  start = batches.prompts.media_span()[0]
+  loss = target_loss if name == "target" else drafter_loss
+  fn = compiled(
+    lambda ids, labels, m: loss(model, ids, labels, m, start),
+    model,
+    device,
+    compile_mode,
+  )
+
+  def batch_loss(batch):
+    idx, ids, _, labels = (to_device(x, device) for x in batch)
+    return fn(ids, labels, media_dev[idx])
+
+  return batch_loss
 
 
 def train(
@@ -373,5 +447,5 @@ def train(
 ):
   """Trains model `name` ('target' or 'drafter') for its preset steps."""
   steps = preset.target_steps if name == "target" else preset.drafter_steps
-  loss_fn = make_loss(name, model, media, device, compile_mode)
+  loss_fn = make_loss(name, model, media, batches, device, compile_mode)
   return fit(model, loss_fn, batches, name, preset, steps, device, executor)
