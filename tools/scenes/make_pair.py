@@ -25,12 +25,11 @@ true facts for >= 95% of scenes per question type, trained in <= 6 minutes
 on one H100; the drafter is high on motion and clearly lower on static
 objects (the `moving/motion` and `still/cells` partial scores); target
 decode >= 8x one B1 adapter step and target prefill >= 3x drafter prefill
-(tools/scenes/costs.py). Measured (H100, 2026-11-27, the `gpu` preset,
-eager): target 25/31/41/72% (describe/moving/still/count), drafter
-6/33/27/16%, 431 s of training: the accuracy and time goals were NOT met;
-the cost ratios (19.2x, 4.0x) were. docs/SCENES.md has that run, the
-variants tried and the measured step times (compiled 90.6 ms, eager 123.8
-ms a target step).
+(tools/scenes/costs.py). Measured (H100, 2026-11-27, the `gpu` preset:
+4,500 target steps of four-turn sequences, compiled): target
+96/98/96/99% (describe/moving/still/count), drafter 21/75/31/14% (motion
+84%, static cells 34%), cost ratios 20.9x and 4.0x: met; 533 s of training:
+the time goal was NOT met. docs/SCENES.md has the runs and step times.
 """
 
 from __future__ import annotations

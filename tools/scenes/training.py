@@ -339,13 +339,15 @@ def to_device(x, device) -> torch.Tensor:
   return x.pin_memory().to(device, non_blocking=True)
 
 
-def splice(embeds, feats, start: int):
-  """Token embeddings [B, T, D] with `feats` [B, N, D] in place of the
-  positions start..start+N (the media placeholders)."""
-  end = start + feats.shape[1]
-  return torch.cat(
-    [embeds[:, :start], feats.to(embeds.dtype), embeds[:, end:]], dim=1
-  )
+def splice(embed, ids, feats, start: int):
+  """Input embeddings of `ids` [B, T] with `feats` [B, N, D] in place of the
+  positions start..start+N (the media placeholders). Only the text is
+  looked up: the embedding's backward then adds up a few hundred rows a
+  sequence, not also the hundreds of placeholders that all hit one row."""
+  text_before = embed(ids[:, :start])
+  text_after = embed(ids[:, start + feats.shape[1] :])
+  feats = feats.to(text_before.dtype)
+  return torch.cat([text_before, feats, text_after], dim=1)
 
 
 def answer_loss(lm_head, hidden, labels, first: int):
@@ -379,7 +381,7 @@ def target_loss(model, ids, labels, frames, start: int):
   )
   feats = feats.reshape(px.shape[0], -1, feats.shape[-1])
   lm = inner.language_model
-  embeds = splice(lm.get_input_embeddings()(ids), feats, start)
+  embeds = splice(lm.get_input_embeddings(), ids, feats, start)
   hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
   return answer_loss(model.lm_head, hidden, labels, start + feats.shape[1])
 
@@ -388,7 +390,7 @@ def drafter_loss(model, ids, labels, events, start: int):
   """The drafter's answer-token loss; `events`: event frames of the batch."""
   lm = model.lm.model
   feats = model.encoder(events)
-  embeds = splice(lm.embed_tokens(ids), feats, start)
+  embeds = splice(lm.embed_tokens, ids, feats, start)
   hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
   return answer_loss(model.lm.lm_head, hidden, labels, start + feats.shape[1])
 
