@@ -220,18 +220,48 @@ def test_training_losses_equal_the_models_own_masked_loss():
     ("drafter", drafter, events, masked_drafter),
   ):
     fixed = training.make_batches(name, tok, scenes, preset, 0)
-    loss = training.make_loss(name, model, media, fixed, cpu, "none")
-    for step in range(3):
-      f = fixed(step)
+    wants, made = [], [fixed(step) for step in range(3)]
+    for f in made:  # the model's own loss, before make_loss sets it up
       n = int(f[2].sum(1).max())  # the longest sequence, unpadded
       assert f[1].shape[1] == fixed.width > n
       assert (f[2][:, n:] == 0).all() and (f[3][:, n:] == -100).all()
-      lo = (f[0], f[1][:, :n], f[2][:, :n], f[3][:, :n])
       with torch.no_grad():
-        got, want = float(loss(f)), float(masked(*lo))
-      assert got == pytest.approx(want, rel=1e-5), name
+        wants.append(float(masked(f[0], f[1][:, :n], f[2][:, :n], f[3][:, :n])))
+    loss = training.make_loss(name, model, media, fixed, cpu, "none")
+    lm = training.language_model(name, model)
+    assert lm.config._attn_implementation == training.CAUSAL_ATTENTION
+    for f, want in zip(made, wants, strict=True):
+      with torch.no_grad():
+        assert float(loss(f)) == pytest.approx(want, rel=1e-5), name
   with pytest.raises(ValueError, match="over the fixed width 7"):
     models.lm_batch([[1, 2, 3]], [[4, 5, 6, 7, 8]], 0, width=7)
+
+
+def test_train_restores_the_attention_implementation():
+  """Training attends without a mask; the trained model goes back to the
+  implementation it came with (which honours padding masks)."""
+  import torch
+
+  from tools.scenes import models, training
+
+  preset = models.override(
+    models.PRESETS["tiny"], ["target_steps=2", "drafter_steps=2"]
+  )
+  tok = text.train_tokenizer(range(50), 512)
+  scenes = [world.make_scene(s) for s in range(8)]
+  frames = np.stack([world.render(s.seed)[1] for s in scenes])
+  events = np.stack([world.events(f) for f in frames])
+  cpu = torch.device("cpu")
+  for name, build, media in (
+    ("target", models.build_target, frames),
+    ("drafter", models.build_drafter, events),
+  ):
+    model = build(preset, tok)
+    lm = training.language_model(name, model)
+    before = lm.config._attn_implementation
+    batches = training.make_batches(name, tok, scenes, preset, 0)
+    training.train(name, model, batches, preset, media, cpu, None, "none")
+    assert lm.config._attn_implementation == before != training.CAUSAL_ATTENTION
 
 
 def test_training_sequences_are_conversations_of_distinct_questions():

@@ -415,12 +415,44 @@ def make_batches(name: str, tokenizer, scenes, preset, seed: int) -> Batches:
   )
 
 
+CAUSAL_ATTENTION = "scenes_causal_sdpa"
+
+
+def language_model(name: str, model):
+  """The transformers text model inside model `name`."""
+  return model.model.language_model if name == "target" else model.lm.model
+
+
+def causal_attention(lm) -> str:
+  """Sets the text model `lm` to transformers' own SDPA attention under a
+  name of its own; returns the implementation it had (restore it before
+  the model is used with padding).
+
+  transformers builds no attention mask for an implementation without a
+  registered mask function, so SDPA always takes its causal path. Under
+  torch.compile (torch < 2.14) the stock "sdpa" builds an explicit causal
+  mask instead, and the masked kernels took twice the time on an H100.
+  Training batches are right-padded and unlabelled there, so no mask is
+  needed (see the losses above).
+  """
+  from transformers import AttentionInterface
+  from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+  AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
+  previous = lm.config._attn_implementation
+  lm.set_attn_implementation(CAUSAL_ATTENTION)
+  return previous
+
+
 def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
   """The training loss of model `name` on a batch of `batches`: the pool's
   media (clips for the target, event frames for the drafter) go to the
-  device once, the loss is compiled as `compile_mode` says."""
+  device once, the language model attends causally without a mask
+  (`causal_attention`; `train` restores it), the loss is compiled as
+  `compile_mode` says."""
   media_dev = torch.from_numpy(media).to(device)
   model.to(device)
+  causal_attention(language_model(name, model))
   start = batches.prompts.media_span()[0]
   loss = target_loss if name == "target" else drafter_loss
   fn = compiled(
@@ -447,7 +479,13 @@ def train(
   executor=None,
   compile_mode="model",
 ):
-  """Trains model `name` ('target' or 'drafter') for its preset steps."""
+  """Trains model `name` ('target' or 'drafter') for its preset steps; the
+  model leaves with the attention implementation it came with."""
   steps = preset.target_steps if name == "target" else preset.drafter_steps
+  lm = language_model(name, model)
+  previous = lm.config._attn_implementation
   loss_fn = make_loss(name, model, media, batches, device, compile_mode)
-  return fit(model, loss_fn, batches, name, preset, steps, device, executor)
+  try:
+    return fit(model, loss_fn, batches, name, preset, steps, device, executor)
+  finally:
+    lm.set_attn_implementation(previous)
