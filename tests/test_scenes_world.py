@@ -237,6 +237,37 @@ def test_training_losses_equal_the_models_own_masked_loss():
     models.lm_batch([[1, 2, 3]], [[4, 5, 6, 7, 8]], 0, width=7)
 
 
+@pytest.mark.parametrize("name", ["target", "drafter"])
+def test_the_training_loss_traces_as_one_graph(name):
+  """Once make_loss has set a model up, its loss is one graph for
+  torch.compile (no break for dynamo to cut the compiled step at)."""
+  import torch
+
+  from tools.scenes import models, training
+
+  preset = models.PRESETS["tiny"]
+  tok = text.train_tokenizer(range(50), 512)
+  scenes = [world.make_scene(s) for s in range(8)]
+  frames = np.stack([world.render(s.seed)[1] for s in scenes])
+  media = (
+    frames if name == "target" else np.stack([world.events(f) for f in frames])
+  )
+  build = models.build_target if name == "target" else models.build_drafter
+  model = build(preset, tok)
+  batches = training.make_batches(name, tok, scenes, preset, 0)
+  training.make_loss(name, model, media, batches, torch.device("cpu"), "model")
+  loss = training.target_loss if name == "target" else training.drafter_loss
+  start = batches.prompts.media_span()[0]
+  idx, ids, _, labels = batches(1)
+  m = torch.from_numpy(media)[torch.as_tensor(idx)]
+  torch._dynamo.reset()
+  explained = torch._dynamo.explain(
+    lambda i, lab, m: loss(model, i, lab, m, start)
+  )(ids, labels, m)
+  assert explained.graph_break_count == 0, explained.break_reasons
+  assert explained.graph_count == 1
+
+
 def test_train_restores_the_attention_implementation():
   """Training attends without a mask; the trained model goes back to the
   implementation it came with (which honours padding masks)."""

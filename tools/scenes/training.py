@@ -449,12 +449,18 @@ def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
   media (clips for the target, event frames for the drafter) go to the
   device once, the language model attends causally without a mask
   (`causal_attention`; `train` restores it), the loss is compiled as
-  `compile_mode` says."""
+  `compile_mode` says: one graph (tests/test_scenes_world.py)."""
   media_dev = torch.from_numpy(media).to(device)
   model.to(device)
   causal_attention(language_model(name, model))
   start = batches.prompts.media_span()[0]
   loss = target_loss if name == "target" else drafter_loss
+  # transformers installs output hooks on a model's first call, under a
+  # lock dynamo cannot trace (two graph breaks in every compiled step):
+  # make that call eagerly, on one row.
+  idx, ids, _, labels = (torch.as_tensor(x)[:1].to(device) for x in batches(0))
+  with torch.no_grad():
+    loss(model, ids, labels, media_dev[idx], start)
   fn = compiled(
     lambda ids, labels, m: loss(model, ids, labels, m, start),
     model,
