@@ -45,9 +45,12 @@ def test_rows_and_bad_inputs(tmp_path, capsys):
   out = tmp_path / "step.json"
   argv = ["--preset", "tiny", "--steps", "1", "--modes", "none"]
   argv += ["--stream_modes", "none", "--roles", "drafter", "--json", str(out)]
+  argv += ["--set", "workers=2"]
   assert bench.main(argv) == 0
   got = json.loads(out.read_text())
   assert [r["mode"] for r in got["rows"]] == ["none", "none/stream"]
+  # The stream row steps through what the 2 workers made ahead untimed.
+  assert [r["untimed_steps"] for r in got["rows"]] == [1, 1 + 4 * 2]
   for row in got["rows"]:
     assert row["role"] == "drafter" and row["ms_per_step"] > 0
     assert row["floor_ms"] == round(row["tflop_per_step"] / 785.0 * 1e3, 2)

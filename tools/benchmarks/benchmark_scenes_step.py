@@ -7,10 +7,12 @@ compilation never warms another's):
                 as MODE (training.COMPILE_MODES), on batches made beforehand
                 and already on the device;
   MODE/stream   the same with batches made by the preset's forked workers and
-                uploaded each step, as make_pair trains.
+                uploaded each step, as make_pair trains (the batches the
+                workers made ahead during the first step are stepped through
+                untimed, so the timed steps measure the sustained stream).
 A row that fails is reported (its last error line, in the table and the
 JSON) and the others still run; the exit status is then 1.
-For each: the first step's seconds (compilation and warm-up) and the mean ms
+For each: the untimed steps' seconds (compilation and warm-up) and the mean ms
 of the next --steps steps (one synchronisation at the end), beside the
 step's FLOPs and their time at --peak_tflops (the floor a step could reach
 if it were bound by matrix arithmetic alone).
@@ -95,7 +97,11 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   model = build(preset, tokenizer).to(device)
   media = frames if role == "target" else events
   loss_fn = training.make_loss(role, model, media, batches, device, mode)
-  total = steps + 1
+  # The stream's first batches were made while the first step compiled:
+  # they are stepped through untimed, so the timed steps are fed as fast
+  # as the workers make batches.
+  drain = training.prefetch(executor)
+  total = 1 + drain + steps
   if stream:
     source = training.stream(batches, role, total, executor)
   else:
@@ -108,6 +114,8 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   t0 = time.perf_counter()
   train_step = training.train_step
   train_step(model, opt, sched, loss_fn, next(source), device)
+  for _ in range(drain):
+    train_step(model, opt, sched, loss_fn, next(source), device)
   sync()
   t1 = time.perf_counter()
   for batch in source:
@@ -123,7 +131,8 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   return {
     "role": role,
     "mode": mode + ("/stream" if stream else ""),
-    "first_step_s": round(t1 - t0, 2),
+    "first_step_s": round(t1 - t0, 2),  # with the drained ones
+    "untimed_steps": 1 + drain,
     "ms_per_step": round(1e3 * (t2 - t1) / steps, 2),
     "tflop_per_step": round(flops / 1e12, 3),
     "batch": [preset.batch_size, batches.width],

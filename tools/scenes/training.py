@@ -189,13 +189,19 @@ def make_executor(batches: dict, workers: int):
   )
 
 
+def prefetch(executor) -> int:
+  """Batches the stream keeps in flight ahead of the step (0 without
+  workers)."""
+  return 0 if executor is None else 4 * executor._max_workers
+
+
 def stream(batches: Batches, name: str, steps: int, executor=None):
   """Yields batches(0..steps-1) in order, made ahead by the executor."""
   if executor is None:
     yield from (batches(step) for step in range(steps))
     return
   pending = collections.deque()
-  window = 4 * executor._max_workers
+  window = prefetch(executor)
   for step in range(steps):
     pending.append(executor.submit(_worker_batch, (name, step)))
     if len(pending) > window:
