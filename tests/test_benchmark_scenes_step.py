@@ -24,15 +24,13 @@ def test_weight_flops_match_torch_s_count_of_a_training_step(role):
   cpu = torch.device("cpu")
   torch.manual_seed(0)
   if role == "target":
-    model, media_t = models.build_target(TINY, tok), torch.from_numpy(frames)
+    model, media = models.build_target(TINY, tok), frames
   else:
     model = models.build_drafter(TINY, tok)
-    media_t = torch.from_numpy(np.stack([world.events(f) for f in frames]))
+    media = np.stack([world.events(f) for f in frames])
   batches = training.make_batches(role, tok, scenes, TINY, 0)
   assert batches.turns > 1  # a packed batch, as make_pair trains
-  loss_fn = training.make_loss(
-    role, model, media_t.numpy(), batches, cpu, "none"
-  )
+  loss_fn = training.make_loss(role, model, media, batches, cpu, "none")
   with FlopCounterMode(display=False) as counter:
     loss_fn(batches(0)).backward()
   positions = bench.text_positions(batches)

@@ -234,7 +234,9 @@ def test_training_losses_equal_the_models_own_masked_loss():
       with torch.no_grad():
         assert float(loss(f)) == pytest.approx(want, rel=1e-5), name
   with pytest.raises(ValueError, match="over the fixed width 7"):
-    models.lm_batch([[1, 2, 3]], [[4, 5, 6, 7, 8]], 0, width=7)
+    models.pad_batch(
+      [[1, 2, 3, 4, 5, 6, 7, 8]], [[-100] * 3 + [4, 5, 6, 7, 8]], 0, width=7
+    )
 
 
 @pytest.mark.parametrize("name", ["target", "drafter"])

@@ -43,10 +43,10 @@ from tools.scenes import models, text, training, world
 
 
 def step_flops(
-  preset: models.Preset, role: str, width: int, vocab: int, text: int
+  preset: models.Preset, role: str, width: int, vocab: int, scored: int
 ):
   """FLOPs of one training step of `role` on batches `width` tokens wide,
-  `text` of them after the media (the positions the LM head scores):
+  `scored` of them after the media (the positions the LM head scores):
   {"weights": products with weights (2 per weight per token, x 3 for
   forward + backward; x 2 for the patch convolutions, whose input needs no
   gradient), "attention": the two T x T products per layer (counted in
@@ -56,7 +56,7 @@ def step_flops(
   kv = h * preset.kv_heads // preset.heads
   per_token = layers * (2 * h * h + 2 * h * kv + 3 * h * preset.intermediate)
   weights = 3 * 2 * b * width * per_token
-  weights += 3 * 2 * b * text * h * vocab  # the LM head
+  weights += 3 * 2 * b * scored * h * vocab  # the LM head
   attention = 3 * layers * b * 4 * width * width * h
   if role == "target":
     v, imgs = preset.vision_hidden, b * world.NUM_FRAMES
@@ -80,8 +80,9 @@ def text_positions(batches) -> int:
 
 
 def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
-  """One row: build, compile, train `steps` + 1 steps (make_pair's batches,
-  loss and step); returns the timings."""
+  """One row: build, compile, train 1 + prefetched + `steps` steps
+  (make_pair's batches, loss and step; the last `steps` timed); returns
+  the timings."""
   tokenizer = text.train_tokenizer(
     world.split_seeds("train", preset.tokenizer_scenes), preset.vocab_size
   )

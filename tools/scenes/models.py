@@ -450,16 +450,6 @@ def decode_answer(tokenizer, ids) -> str:
   return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
-def lm_batch(prompt_ids, answers, pad_id: int, width: int | None = None):
-  """Right-padded (input_ids, attention_mask, labels) for teacher forcing of
-  prompt + answer sequences (see pad_batch)."""
-  seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]
-  labels = [
-    [-100] * len(p) + a for p, a in zip(prompt_ids, answers, strict=True)
-  ]
-  return pad_batch(seqs, labels, pad_id, width)
-
-
 def pad_batch(seqs, labels, pad_id: int, width: int | None = None):
   """Right-padded (input_ids, attention_mask, labels) of token sequences and
   their labels (-100 where unlabelled).
@@ -470,8 +460,7 @@ def pad_batch(seqs, labels, pad_id: int, width: int | None = None):
   longest = max(len(s) for s in seqs)
   if width is not None and longest > width:
     raise ValueError(
-      f"a training sequence has {longest} tokens, over the fixed width "
-      f"{width} (prompt + max_new_tokens)"
+      f"a training sequence has {longest} tokens, over the fixed width {width}"
     )
   width = width or longest
   ids = np.full((len(seqs), width), pad_id, np.int64)

@@ -12,10 +12,13 @@ The library under `tools.scenes.make_pair` (the command) and
   whole model), `layers` (each transformer layer compiled in place; the
   layers of a stack are alike, so they share one compiled graph and the
   warm-up is a fraction of the whole model's) or `graphs` (the whole model
-  with CUDA graphs, torch.compile's "reduce-overhead": the step is bound by
-  kernel launches, not arithmetic).
+  with CUDA graphs, torch.compile's "reduce-overhead", for a step bound by
+  kernel launches; docs/SCENES.md has the measured times).
 - The loop (`fit`): AdamW (fused on CUDA), linear warm-up then cosine to 10%,
   bf16 autocast on GPU, gradient clipping at 1.
+- The losses (`target_loss`, `drafter_loss`): the models' forward passes with
+  the media spliced in at the prompts' fixed span, causal attention without
+  a mask (`causal_attention`), scored after the media only.
 - Per model ('target' or 'drafter'): `make_batches`, `make_loss` and `train`.
 """
 
@@ -429,10 +432,10 @@ def language_model(name: str, model):
   return model.model.language_model if name == "target" else model.lm.model
 
 
-def causal_attention(lm) -> str:
+def causal_attention(lm) -> None:
   """Sets the text model `lm` to transformers' own SDPA attention under a
-  name of its own; returns the implementation it had (restore it before
-  the model is used with padding).
+  name of its own (`train` restores the implementation it had before the
+  model is used with padding).
 
   transformers builds no attention mask for an implementation without a
   registered mask function, so SDPA always takes its causal path. Under
@@ -445,9 +448,7 @@ def causal_attention(lm) -> str:
   from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
   AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
-  previous = lm.config._attn_implementation
   lm.set_attn_implementation(CAUSAL_ATTENTION)
-  return previous
 
 
 def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
