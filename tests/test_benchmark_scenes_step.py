@@ -32,7 +32,7 @@ def test_weight_flops_match_torch_s_count_of_a_training_step(role):
   assert batches.turns > 1  # a packed batch, as make_pair trains
   loss_fn = training.make_loss(role, model, media, batches, cpu, "none")
   with FlopCounterMode(display=False) as counter:
-    loss_fn(batches(0)).backward()
+    loss_fn(*training.device_batch(batches(0), cpu)).backward()
   positions = bench.text_positions(batches)
   got = bench.step_flops(TINY, role, batches.width, len(tok), positions)
   assert got["weights"] == counter.get_total_flops()

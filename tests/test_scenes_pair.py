@@ -176,6 +176,29 @@ def test_preset_overrides(tmp_path, capsys):
   assert not (tmp_path / "p").exists()
 
 
+def test_compile_modes_per_model(tmp_path, capsys):
+  """--compile: one mode for both models or TARGET,DRAFTER; by default the
+  target compiled and graphed, the drafter graphed uncompiled."""
+  assert make_pair.compile_modes(None) == {
+    "target": "graphs",
+    "drafter": "eager-graphs",
+  }
+  assert make_pair.compile_modes("model") == {
+    "target": "model",
+    "drafter": "model",
+  }
+  assert make_pair.compile_modes("layers,none") == {
+    "target": "layers",
+    "drafter": "none",
+  }
+  out = str(tmp_path / "p")
+  for bad in ("fast", "model,none,none", "model,", "graphs,fast"):
+    assert make_pair.main(["--out", out, "--preset", "tiny", "--compile", bad])
+    err = capsys.readouterr().err.strip()
+    assert f"--compile {bad!r}" in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "p").exists()
+
+
 def test_plugin_dir_without_drafter_files_names_the_path(pair, tmp_path):
   out, _ = pair
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):

@@ -232,7 +232,8 @@ def test_training_losses_equal_the_models_own_masked_loss():
     assert lm.config._attn_implementation == training.CAUSAL_ATTENTION
     for f, want in zip(made, wants, strict=True):
       with torch.no_grad():
-        assert float(loss(f)) == pytest.approx(want, rel=1e-5), name
+        got = loss(*training.device_batch(f, cpu))
+        assert float(got) == pytest.approx(want, rel=1e-5), name
   with pytest.raises(ValueError, match="over the fixed width 7"):
     models.pad_batch(
       [[1, 2, 3, 4, 5, 6, 7, 8]], [[-100] * 3 + [4, 5, 6, 7, 8]], 0, width=7
@@ -358,6 +359,7 @@ def test_training_compiles_only_on_cuda_and_as_told():
   fn = model.forward
   assert training.compiled(fn, model, cuda, "model") is not fn
   assert training.compiled(fn, model, cuda, "graphs") is not fn
+  assert training.compiled(fn, model, cpu, "graphs") is fn
   assert training.compiled(fn, model, cuda, "none") is fn
   assert training.compiled(fn, model, cpu, "model") is fn
   with pytest.raises(ValueError, match="compile mode 'fast'"):

@@ -2,9 +2,10 @@ r"""Speed of the scenes pair's training step, per compile mode (torch, CUDA).
 
 Rows (each in a fresh subprocess with its own inductor cache, so one row's
 compilation never warms another's):
-  MODE          the training step of tools.scenes.training (`train_step`:
+  MODE          the training step of tools.scenes.training (`TrainStep`:
                 bf16 autocast, fused AdamW, clipping) with the model compiled
-                as MODE (training.COMPILE_MODES), on batches made beforehand
+                as MODE (training.COMPILE_MODES; `graphs` and `eager-graphs`
+                also capture the whole step as one CUDA graph), on batches made beforehand
                 and already on the device;
   MODE/stream   the same with batches made by the preset's forked workers and
                 uploaded each step, as make_pair trains (the batches the
@@ -102,6 +103,8 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   # they are stepped through untimed, so the timed steps are fed as fast
   # as the workers make batches.
   drain = training.prefetch(executor)
+  if mode in training.GRAPH_MODES:  # warm-up and capture are untimed too
+    drain = max(drain, training.TrainStep.WARMUP)
   total = 1 + drain + steps
   if stream:
     source = training.stream(batches, role, total, executor)
@@ -109,18 +112,16 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
     made = [batches(i) for i in range(total)]
     source = iter([[training.to_device(x, device) for x in b] for b in made])
   model.train()
-  opt, sched = training.optimizer(model, preset, total, device)
+  step = training.TrainStep(model, loss_fn, preset, total, device, mode)
   sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
   sync()
   t0 = time.perf_counter()
-  train_step = training.train_step
-  train_step(model, opt, sched, loss_fn, next(source), device)
-  for _ in range(drain):
-    train_step(model, opt, sched, loss_fn, next(source), device)
+  for _ in range(1 + drain):
+    step(next(source))
   sync()
   t1 = time.perf_counter()
   for batch in source:
-    loss = train_step(model, opt, sched, loss_fn, batch, device)
+    loss = step(batch)
   sync()
   t2 = time.perf_counter()
   if executor is not None:

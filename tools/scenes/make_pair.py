@@ -1,7 +1,7 @@
 """Trains the scenes pair: a VideoLlava target and an event drafter.
 
   python -m tools.scenes.make_pair --out DIR --preset gpu|tiny
-      [--set FIELD=VALUE ...] [--compile MODE] [--device D]
+      [--set FIELD=VALUE ...] [--compile MODE[,MODE]] [--device D]
 
 Deterministic for a preset and --seed (same data order, same init). Trains
 the tokenizer, then the target on (clip, question, answer), then the drafter
@@ -202,8 +202,31 @@ def _write(out: str, info: dict) -> None:
   write_json_atomic(os.path.join(out, PAIR_FILE), info)
 
 
+# How each model trains on CUDA (training.COMPILE_MODES): the target's step
+# compiled and replayed as a CUDA graph; the drafter's is short, so it is
+# replayed uncompiled, with no compilation to wait for (docs/SCENES.md).
+DEFAULT_COMPILE = {"target": "graphs", "drafter": "eager-graphs"}
+
+
+def compile_modes(arg: str | None) -> dict:
+  """{model: mode} from --compile: None (DEFAULT_COMPILE), one mode for
+  both models, or 'TARGET,DRAFTER'."""
+  if arg is None:
+    return dict(DEFAULT_COMPILE)
+  modes = arg.split(",")
+  if len(modes) == 1:
+    modes = modes * 2
+  bad = [m for m in modes if m not in training.COMPILE_MODES]
+  if len(modes) != 2 or bad:
+    raise ValueError(
+      f"--compile {arg!r}: expected MODE or TARGET_MODE,DRAFTER_MODE with "
+      f"modes from {list(training.COMPILE_MODES)}"
+    )
+  return dict(zip(("target", "drafter"), modes, strict=True))
+
+
 def make_pair(
-  out: str, preset: models.Preset, seed: int, device, compile_mode="model"
+  out: str, preset: models.Preset, seed: int, device, modes=None
 ) -> dict:
   """Trains, saves, reloads and evaluates the pair; returns pair.json.
 
@@ -211,8 +234,8 @@ def make_pair(
   pair.json's `trained`, so a run cut off later (or a rerun of one) keeps
   it: the rerun with the same preset and seed goes on from there. Each
   model's init is seeded on its own, so a resumed pair equals an
-  uninterrupted one. compile_mode: one of training.COMPILE_MODES (used on
-  CUDA only).
+  uninterrupted one. modes: {model: compile mode} (`compile_modes`;
+  used on CUDA only).
   """
   fp = fingerprint(preset, seed)
   info = check_out(out, fp)
@@ -226,8 +249,9 @@ def make_pair(
   trained = info.setdefault("trained", {})
   if trained:
     print(f"{out}: resuming this pair; trained already: {sorted(trained)}")
+  modes = compile_modes(None) if modes is None else modes
   if device.type != "cuda":
-    compile_mode = "none"
+    modes = {name: "none" for name in modes}
   t0 = time.time()
   np.random.seed(seed)
   tokenizer = text.train_tokenizer(
@@ -265,7 +289,7 @@ def make_pair(
         media[name],
         device,
         executor,
-        compile_mode,
+        modes[name],
       )
       seconds = time.time() - t1
       saves[name](model, tokenizer, os.path.join(out, name), save_dtype)
@@ -273,7 +297,7 @@ def make_pair(
       trained[name] = {
         **fit,
         "seconds": round(seconds, 1),
-        "compile": compile_mode,
+        "compile": modes[name],
       }
       _write(out, info)
   eval_dtype = preset.save_dtype
@@ -388,15 +412,17 @@ def main(argv=None) -> int:
   )
   p.add_argument(
     "--compile",
-    default="model",
-    choices=training.COMPILE_MODES,
-    help="torch.compile for training on CUDA: the whole model (default), "
-    "each transformer layer, the whole model with CUDA graphs, or none "
-    "(tools/scenes/training.py)",
+    default=None,
+    metavar="MODE[,MODE]",
+    help="how training runs on CUDA, for both models or as TARGET,DRAFTER, "
+    f"from {list(training.COMPILE_MODES)} (tools/scenes/training.py); "
+    "default: "
+    + ",".join(DEFAULT_COMPILE[k] for k in ("target", "drafter")),
   )
   args = p.parse_args(argv)
   try:
     preset = models.resolve_preset(args.preset, args.set)
+    modes = compile_modes(args.compile)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -407,7 +433,7 @@ def main(argv=None) -> int:
       preset,
       args.seed,
       device,
-      compile_mode=args.compile,
+      modes=modes,
     )
   except (PairError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -11,11 +11,13 @@ The library under `tools.scenes.make_pair` (the command) and
 - Compilation (`compiled`, CUDA only): `none`, `model` (torch.compile of the
   whole model), `layers` (each transformer layer compiled in place; the
   layers of a stack are alike, so they share one compiled graph and the
-  warm-up is a fraction of the whole model's) or `graphs` (the whole model
-  with CUDA graphs, torch.compile's "reduce-overhead", for a step bound by
-  kernel launches; docs/SCENES.md has the measured times).
-- The loop (`fit`): AdamW (fused on CUDA), linear warm-up then cosine to 10%,
-  bf16 autocast on GPU, gradient clipping at 1.
+  warm-up is a fraction of the whole model's), `graphs` (the whole model
+  compiled and the whole step, AdamW included, replayed as one CUDA graph:
+  `TrainStep`) or `eager-graphs` (the same step uncompiled: no compilation
+  to wait for, for a model small enough that its step is short either way);
+  docs/SCENES.md has the measured times.
+- The loop (`TrainStep`, `fit`): AdamW (fused on CUDA), linear warm-up then
+  cosine to 10%, bf16 autocast on GPU, gradient clipping at 1.
 - The losses (`target_loss`, `drafter_loss`): the models' forward passes with
   the media spliced in at the prompts' fixed span, causal attention without
   a mask (`causal_attention`), scored after the media only.
@@ -36,7 +38,9 @@ import tqdm
 
 from tools.scenes import models, text, world
 
-COMPILE_MODES = ("none", "model", "layers", "graphs")
+COMPILE_MODES = ("none", "model", "layers", "graphs", "eager-graphs")
+# Modes whose whole training step is replayed as one CUDA graph (`TrainStep`).
+GRAPH_MODES = ("graphs", "eager-graphs")
 
 # --------------------------------------------------------------------------
 # Data.
@@ -236,21 +240,19 @@ def _is_layer(module) -> bool:
 
 def compiled(fn, model, device, mode: str):
   """What a training step calls for the loss `fn` of `model`: `fn` itself
-  (mode `none`, or any device but CUDA), `torch.compile(fn)` (`model`: the
-  whole forward, one graph), the same replayed as CUDA graphs (`graphs`),
-  or `fn` with each transformer layer of `model` compiled in place
-  (`layers`).
+  (modes `none` and `eager-graphs`, or any device but CUDA),
+  `torch.compile(fn)` (`model`, and `graphs`, whose step `TrainStep` then
+  captures whole: the forward is one graph either way), or `fn` with each
+  transformer layer of `model` compiled in place (`layers`).
 
   Batches have one fixed shape, so each compiles once.
   """
   if mode not in COMPILE_MODES:
     raise ValueError(f"compile mode {mode!r}: expected one of {COMPILE_MODES}")
-  if mode == "none" or device.type != "cuda":
+  if mode in ("none", "eager-graphs") or device.type != "cuda":
     return fn
-  if mode == "model":
+  if mode in ("model", "graphs"):
     return torch.compile(fn)
-  if mode == "graphs":
-    return torch.compile(fn, mode="reduce-overhead")
   layers = [m for m in model.modules() if _is_layer(m)]
   if not layers:
     raise ValueError(
@@ -261,14 +263,22 @@ def compiled(fn, model, device, mode: str):
   return fn
 
 
-def optimizer(model, preset: models.Preset, steps: int, device):
-  """AdamW (fused on CUDA) and its warm-up/cosine schedule over `steps`."""
+def optimizer(model, preset: models.Preset, steps: int, device, capturable=False):
+  """AdamW (fused on CUDA) and its warm-up/cosine schedule over `steps`.
+
+  capturable: the learning rate and the step count live on the device
+  (the schedule writes into the rate), so a CUDA graph can replay the step.
+  """
+  lr = preset.lr
+  if capturable:
+    lr = torch.tensor(preset.lr, dtype=torch.float32, device=device)
   opt = torch.optim.AdamW(
     model.parameters(),
-    lr=preset.lr,
+    lr=lr,
     betas=(0.9, 0.98),
     weight_decay=0.01,
     fused=device.type == "cuda",
+    capturable=capturable,
   )
   return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(preset, steps))
 
@@ -280,29 +290,86 @@ def autocast(device):
   )
 
 
-def train_step(model, opt, sched, loss_fn, batch, device) -> torch.Tensor:
-  """One optimiser step on `batch`; returns the (undetached) loss, valid
-  until the next step (CUDA graphs reuse their outputs' memory)."""
-  torch.compiler.cudagraph_mark_step_begin()
-  with autocast(device):
-    loss = loss_fn(batch)
-  opt.zero_grad(set_to_none=True)
-  loss.backward()
-  torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-  opt.step()
-  sched.step()
-  return loss
+class TrainStep:
+  """One optimiser step per call on a batch (host arrays, as `Batches`
+  makes them): bf16 autocast, the loss, backward, clipping at 1, AdamW,
+  then the schedule. Returns the loss (detached: no step keeps an earlier
+  one's autograd graph alive), valid until the next call.
+
+  Compile modes `graphs` and `eager-graphs` (GRAPH_MODES) on CUDA: the
+  first `WARMUP` steps run as they are (on a side stream: compilation,
+  cuBLAS and AdamW state set themselves up there), the next is captured whole (forward, backward, clipping and
+  AdamW) as one CUDA graph over fixed input buffers, and from then on a
+  step is three copies into those buffers and one replay. A step
+  launches hundreds of kernels and the host could not keep up with the
+  GPU (docs/SCENES.md); a replay costs the host next to nothing.
+  The replayed kernels are the ones the step runs without the graph.
+  """
+
+  WARMUP = 3
+
+  def __init__(self, model, loss_fn, preset, steps, device, mode="none"):
+    self.model, self.loss_fn, self.device = model, loss_fn, device
+    self.graphs = mode in GRAPH_MODES and device.type == "cuda"
+    self.opt, self.sched = optimizer(
+      model, preset, steps, device, capturable=self.graphs
+    )
+    self.params = [p for p in model.parameters() if p.requires_grad]
+    self.calls = 0
+    self.side = torch.cuda.Stream(device) if self.graphs else None
+    self.graph = None
+    self.inputs = self.loss = None
+
+  def _step(self, inputs) -> torch.Tensor:
+    with autocast(self.device):
+      loss = self.loss_fn(*inputs)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+    self.opt.step()
+    return loss
+
+  def _capture(self, inputs) -> None:
+    self.inputs = [x.clone() for x in inputs]
+    self.opt.zero_grad(set_to_none=True)  # the graph makes the gradients
+    self.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(self.graph):
+      self.loss = self._step(self.inputs).detach()
+
+  def __call__(self, batch) -> torch.Tensor:
+    self.calls += 1
+    if not self.graphs:
+      inputs = device_batch(batch, self.device)
+      self.opt.zero_grad(set_to_none=True)
+      loss = self._step(inputs)
+    elif self.calls <= self.WARMUP:
+      self.side.wait_stream(torch.cuda.current_stream(self.device))
+      with torch.cuda.stream(self.side):
+        inputs = device_batch(batch, self.device)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self._step(inputs)
+      torch.cuda.current_stream(self.device).wait_stream(self.side)
+    else:
+      inputs = device_batch(batch, self.device)
+      if self.graph is None:
+        self._capture(inputs)
+      else:
+        for buf, x in zip(self.inputs, inputs, strict=True):
+          buf.copy_(x, non_blocking=True)
+      self.graph.replay()
+      loss = self.loss
+    self.sched.step()
+    return loss.detach()
 
 
-def fit(model, loss_fn, batches, name, preset, steps, device, executor):
-  """Trains `model` for `steps` of `batches` (see the module docstring).
+def fit(model, step: TrainStep, batches, name, steps, executor):
+  """Trains `model` for `steps` of `batches` with `step` (see the module
+  docstring).
 
   Returns the final loss, the loss every 100 steps and at the last, the
   first step's seconds (compilation, on CUDA) and the mean ms of the steps
   after it.
   """
-  model.to(device).train()
-  opt, sched = optimizer(model, preset, steps, device)
+  model.train()
   bar = tqdm.tqdm(
     stream(batches, name, steps, executor),
     total=steps,
@@ -312,14 +379,14 @@ def fit(model, loss_fn, batches, name, preset, steps, device, executor):
   loss_val = float("nan")
   curve = []
   t_start = t_first = time.perf_counter()
-  for step, batch in enumerate(bar):
-    loss = train_step(model, opt, sched, loss_fn, batch, device)
-    if step % 25 == 0 or step == steps - 1:
+  for i, batch in enumerate(bar):
+    loss = step(batch)
+    if i % 25 == 0 or i == steps - 1:
       loss_val = float(loss.detach())  # also waits for the step
       bar.set_postfix(loss=f"{loss_val:.4f}")
-      if step % 100 == 0 or step == steps - 1:
-        curve.append([step, round(loss_val, 4)])
-    if step == 0:
+      if i % 100 == 0 or i == steps - 1:
+        curve.append([i, round(loss_val, 4)])
+    if i == 0:
       t_first = time.perf_counter()
   model.eval()
   t_end = time.perf_counter()
@@ -346,6 +413,13 @@ def to_device(x, device) -> torch.Tensor:
   if device.type != "cuda" or x.device.type == "cuda":
     return x.to(device)
   return x.pin_memory().to(device, non_blocking=True)
+
+
+def device_batch(batch, device) -> list:
+  """The (scene idx, ids, labels) of a `Batches` batch on `device`: what a
+  loss of `make_loss` takes."""
+  idx, ids, _, labels = batch
+  return [to_device(x, device) for x in (idx, ids, labels)]
 
 
 def splice(embed, ids, feats, start: int):
@@ -452,9 +526,10 @@ def causal_attention(lm) -> None:
 
 
 def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
-  """The training loss of model `name` on a batch of `batches`: the pool's
-  media (clips for the target, event frames for the drafter) go to the
-  device once, the language model attends causally without a mask
+  """The training loss of model `name` on a batch's (idx, ids, labels)
+  tensors on `device` (`device_batch`): the pool's media (clips for the
+  target, event frames for the drafter) go to the device once and are
+  gathered there, the language model attends causally without a mask
   (`causal_attention`; `train` restores it), the loss is compiled as
   `compile_mode` says: one graph (tests/test_scenes_world.py)."""
   media_dev = torch.from_numpy(media).to(device)
@@ -465,7 +540,7 @@ def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
   # transformers installs output hooks on a model's first call, under a
   # lock dynamo cannot trace (two graph breaks in every compiled step):
   # make that call eagerly, on one row.
-  idx, ids, _, labels = (torch.as_tensor(x)[:1].to(device) for x in batches(0))
+  idx, ids, labels = (x[:1] for x in device_batch(batches(0), device))
   with torch.no_grad():
     loss(model, ids, labels, media_dev[idx], start)
   fn = compiled(
@@ -475,8 +550,7 @@ def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
     compile_mode,
   )
 
-  def batch_loss(batch):
-    idx, ids, _, labels = (to_device(x, device) for x in batch)
+  def batch_loss(idx, ids, labels):
     return fn(ids, labels, media_dev[idx])
 
   return batch_loss
@@ -498,7 +572,8 @@ def train(
   lm = language_model(name, model)
   previous = lm.config._attn_implementation
   loss_fn = make_loss(name, model, media, batches, device, compile_mode)
+  step = TrainStep(model, loss_fn, preset, steps, device, compile_mode)
   try:
-    return fit(model, loss_fn, batches, name, preset, steps, device, executor)
+    return fit(model, step, batches, name, steps, executor)
   finally:
     lm.set_attn_implementation(previous)

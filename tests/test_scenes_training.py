@@ -1,0 +1,90 @@
+"""The scenes pair's training step (tools/scenes/training.py: TrainStep)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tools.scenes import models, text, training, world
+
+TINY = models.PRESETS["tiny"]
+
+
+def _setup(device, mode, steps):
+  """A tiny drafter, its loss and `steps` batches on `device`."""
+  tok = text.train_tokenizer(range(50), 512)
+  scenes = [world.make_scene(s) for s in range(12)]
+  frames = np.stack([world.render(s.seed)[1] for s in scenes])
+  events = np.stack([world.events(f) for f in frames])
+  preset = dataclasses.replace(TINY, warmup=2, lr=3e-3)
+  batches = training.make_batches("drafter", tok, scenes, preset, 0)
+  torch.manual_seed(0)
+  model = models.build_drafter(preset, tok).to(device)
+  loss_fn = training.make_loss("drafter", model, events, batches, device, mode)
+  return model, loss_fn, preset, [batches(i) for i in range(steps)]
+
+
+def _by_hand(model, loss_fn, preset, made, device):
+  """The step written out: AdamW, clipping at 1, the schedule; losses."""
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=preset.lr, betas=(0.9, 0.98), weight_decay=0.01
+  )
+  factor = training.schedule(preset, len(made))
+  losses = []
+  for i, batch in enumerate(made):
+    for group in opt.param_groups:
+      group["lr"] = preset.lr * factor(i)
+    opt.zero_grad()
+    with training.autocast(device):
+      loss = loss_fn(*training.device_batch(batch, device))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    losses.append(float(loss))
+  return losses
+
+
+def test_train_step_is_the_step_written_out():
+  """AdamW with the warm-up/cosine schedule and clipping, one batch a call,
+  each batch fed to the loss in turn."""
+  cpu = torch.device("cpu")
+  steps = 5
+  model, loss_fn, preset, made = _setup(cpu, "none", steps)
+  step = training.TrainStep(model, loss_fn, preset, steps, cpu, "graphs")
+  assert not step.graphs  # CUDA graphs on CUDA only
+  got = [float(step(b)) for b in made]
+  # A fresh model of the same init, stepped by hand on the same batches.
+  twin, twin_loss, _, _ = _setup(cpu, "none", 0)
+  want = _by_hand(twin, twin_loss, preset, made, cpu)
+  assert got == pytest.approx(want, rel=1e-6)
+  assert len(set(got)) == steps
+  for (name, p), q in zip(
+    model.named_parameters(), twin.parameters(), strict=True
+  ):
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+  "graphed, plain", [("graphs", "model"), ("eager-graphs", "none")]
+)
+def test_graphed_step_replays_the_step(graphed, plain):
+  """On CUDA, a graph mode (warm-up, capture, replays over fixed buffers)
+  trains as its ungraphed twin does: each replay is fed its own batch (the
+  losses match step by step) and its own learning rate (the weights match
+  at the end)."""
+  cuda = torch.device("cuda")
+  steps = training.TrainStep.WARMUP + 4
+  runs = {}
+  for mode in (plain, graphed):
+    torch._dynamo.reset()
+    model, loss_fn, preset, made = _setup(cuda, mode, steps)
+    step = training.TrainStep(model, loss_fn, preset, steps, cuda, mode)
+    losses = [float(step(b)) for b in made]
+    assert step.graphs == (mode == graphed)
+    runs[mode] = losses, [p.detach().float().cpu() for p in model.parameters()]
+  assert runs[graphed][0] == pytest.approx(runs[plain][0], rel=2e-3)
+  assert len(set(runs[graphed][0])) == steps
+  for p, q in zip(runs[graphed][1], runs[plain][1], strict=True):
+    torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-4)
