@@ -88,3 +88,15 @@ def test_graphed_step_replays_the_step(graphed, plain):
   assert len(set(runs[graphed][0])) == steps
   for p, q in zip(runs[graphed][1], runs[plain][1], strict=True):
     torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.25])
+def test_schedule_warms_up_then_anneals_to_the_floor(floor):
+  preset = dataclasses.replace(TINY, warmup=4, lr_floor=floor)
+  steps = 25
+  f = [training.schedule(preset, steps)(i) for i in range(steps)]
+  assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+  assert f[4] == pytest.approx(1.0)
+  assert f[-1] == pytest.approx(floor)  # the last step's rate
+  assert f[4 + 10] == pytest.approx((1 + floor) / 2)  # half-way down
+  assert all(a > b for a, b in zip(f[4:], f[5:]))

@@ -54,6 +54,7 @@ class Preset:
   turns: int  # question/answer turns packed into one training sequence
   turn_room: int  # training tokens for turns after the first (see Batches)
   lr: float
+  lr_floor: float  # the learning rate's share of `lr` at the last step
   warmup: int
   eval_scenes: int  # held-out (test) scenes per question type
   max_new_tokens: int
@@ -78,12 +79,13 @@ PRESETS = {
     vocab_size=1024,
     tokenizer_scenes=2000,
     pool_scenes=12000,
-    target_steps=4500,
+    target_steps=5500,
     drafter_steps=2000,
     batch_size=64,
     turns=4,
     turn_room=96,
     lr=1e-3,
+    lr_floor=0.0,
     warmup=100,
     eval_scenes=100,
     max_new_tokens=96,
@@ -112,6 +114,7 @@ PRESETS = {
     turns=2,
     turn_room=32,
     lr=3e-3,
+    lr_floor=0.0,
     warmup=5,
     eval_scenes=3,
     max_new_tokens=64,

@@ -17,7 +17,7 @@ The library under `tools.scenes.make_pair` (the command) and
   to wait for, for a model small enough that its step is short either way);
   docs/SCENES.md has the measured times.
 - The loop (`TrainStep`, `fit`): AdamW (fused on CUDA), linear warm-up then
-  cosine to 10%, bf16 autocast on GPU, gradient clipping at 1.
+  cosine down to the preset's floor, bf16 autocast on GPU, gradient clipping at 1.
 - The losses (`target_loss`, `drafter_loss`): the models' forward passes with
   the media spliced in at the prompts' fixed span, causal attention without
   a mask (`causal_attention`), scored after the media only.
@@ -222,13 +222,15 @@ def stream(batches: Batches, name: str, steps: int, executor=None):
 
 
 def schedule(preset: models.Preset, steps: int):
-  """Learning-rate factor of a step: linear warm-up, then cosine to 0.1."""
+  """Learning-rate factor of a step: linear warm-up, then cosine down to
+  `preset.lr_floor` at the last step."""
 
   def lr(step):
     if step < preset.warmup:
       return (step + 1) / preset.warmup
-    t = (step - preset.warmup) / max(1, steps - preset.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    t = (step - preset.warmup) / max(1, steps - 1 - preset.warmup)
+    low = preset.lr_floor
+    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
 
   return lr
 
