@@ -25,11 +25,13 @@ true facts for >= 95% of scenes per question type, trained in <= 6 minutes
 on one H100; the drafter is high on motion and clearly lower on static
 objects (the `moving/motion` and `still/cells` partial scores); target
 decode >= 8x one B1 adapter step and target prefill >= 3x drafter prefill
-(tools/scenes/costs.py). Measured (H100, 2026-11-27, the `gpu` preset:
-4,500 target steps of four-turn sequences, compiled): target
-96/98/96/99% (describe/moving/still/count), drafter 21/75/31/14% (motion
-84%, static cells 34%), cost ratios 20.9x and 4.0x: met; 533 s of training:
-the time goal was NOT met. docs/SCENES.md has the runs and step times.
+(tools/scenes/costs.py). Measured (H100, 2026-11-27, the `gpu` preset's
+4,500 target steps of four-turn sequences): with the step replayed as a
+CUDA graph (the default), 299 s of training, target 91/93/95/97%
+(describe/moving/still/count); compiled without graphs, 533 s and
+96/98/96/99%; drafter 17-21/75/31-32/13-14% (motion 84-92%, static cells
+34-36%); cost ratios 15.8-20.9x and 4.0-4.2x. Both target goals at once:
+NOT yet met. docs/SCENES.md has the runs and step times.
 """
 
 from __future__ import annotations
