@@ -5,8 +5,8 @@ compilation never warms another's):
   MODE          the training step of tools.scenes.training (`TrainStep`:
                 bf16 autocast, fused AdamW, clipping) with the model compiled
                 as MODE (training.COMPILE_MODES; `graphs` and `eager-graphs`
-                also capture the whole step as one CUDA graph), on batches made beforehand
-                and already on the device;
+                also capture the whole step as one CUDA graph), on batches
+                made beforehand and already on the device;
   MODE/stream   the same with batches made by the preset's forked workers and
                 uploaded each step, as make_pair trains (the batches the
                 workers made ahead during the first step are stepped through

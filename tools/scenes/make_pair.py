@@ -418,8 +418,7 @@ def main(argv=None) -> int:
     metavar="MODE[,MODE]",
     help="how training runs on CUDA, for both models or as TARGET,DRAFTER, "
     f"from {list(training.COMPILE_MODES)} (tools/scenes/training.py); "
-    "default: "
-    + ",".join(DEFAULT_COMPILE[k] for k in ("target", "drafter")),
+    "default: " + ",".join(DEFAULT_COMPILE[k] for k in ("target", "drafter")),
   )
   args = p.parse_args(argv)
   try:

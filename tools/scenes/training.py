@@ -17,7 +17,8 @@ The library under `tools.scenes.make_pair` (the command) and
   to wait for, for a model small enough that its step is short either way);
   docs/SCENES.md has the measured times.
 - The loop (`TrainStep`, `fit`): AdamW (fused on CUDA), linear warm-up then
-  cosine down to the preset's floor, bf16 autocast on GPU, gradient clipping at 1.
+  cosine down to the preset's floor, bf16 autocast on GPU, gradient
+  clipping at 1.
 - The losses (`target_loss`, `drafter_loss`): the models' forward passes with
   the media spliced in at the prompts' fixed span, causal attention without
   a mask (`causal_attention`), scored after the media only.
@@ -265,7 +266,9 @@ def compiled(fn, model, device, mode: str):
   return fn
 
 
-def optimizer(model, preset: models.Preset, steps: int, device, capturable=False):
+def optimizer(
+  model, preset: models.Preset, steps: int, device, capturable=False
+):
   """AdamW (fused on CUDA) and its warm-up/cosine schedule over `steps`.
 
   capturable: the learning rate and the step count live on the device
@@ -300,12 +303,13 @@ class TrainStep:
 
   Compile modes `graphs` and `eager-graphs` (GRAPH_MODES) on CUDA: the
   first `WARMUP` steps run as they are (on a side stream: compilation,
-  cuBLAS and AdamW state set themselves up there), the next is captured whole (forward, backward, clipping and
-  AdamW) as one CUDA graph over fixed input buffers, and from then on a
-  step is three copies into those buffers and one replay. A step
-  launches hundreds of kernels and the host could not keep up with the
-  GPU (docs/SCENES.md); a replay costs the host next to nothing.
-  The replayed kernels are the ones the step runs without the graph.
+  cuBLAS and AdamW state set themselves up there), the next is captured
+  whole (forward, backward, clipping and AdamW) as one CUDA graph over
+  fixed input buffers, and from then on a step is three copies into those
+  buffers and one replay. A step launches hundreds of kernels and the host
+  could not keep up with the GPU (docs/SCENES.md); a replay costs the host
+  next to nothing. The replayed kernels are the ones the step runs without
+  the graph.
   """
 
   WARMUP = 3
