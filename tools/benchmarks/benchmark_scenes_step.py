@@ -138,7 +138,7 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
     "ms_per_step": round(1e3 * (t2 - t1) / steps, 2),
     "tflop_per_step": round(flops / 1e12, 3),
     "batch": [preset.batch_size, batches.width],
-    "final_loss": float(loss.detach()),
+    "final_loss": float(loss),
   }
 
 

@@ -315,7 +315,7 @@ class TrainStep:
   WARMUP = 3
 
   def __init__(self, model, loss_fn, preset, steps, device, mode="none"):
-    self.model, self.loss_fn, self.device = model, loss_fn, device
+    self.loss_fn, self.device = loss_fn, device
     self.graphs = mode in GRAPH_MODES and device.type == "cuda"
     self.opt, self.sched = optimizer(
       model, preset, steps, device, capturable=self.graphs
@@ -388,7 +388,7 @@ def fit(model, step: TrainStep, batches, name, steps, executor):
   for i, batch in enumerate(bar):
     loss = step(batch)
     if i % 25 == 0 or i == steps - 1:
-      loss_val = float(loss.detach())  # also waits for the step
+      loss_val = float(loss)  # also waits for the step
       bar.set_postfix(loss=f"{loss_val:.4f}")
       if i % 100 == 0 or i == steps - 1:
         curve.append([i, round(loss_val, 4)])
