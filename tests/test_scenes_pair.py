@@ -168,12 +168,54 @@ def test_preset_overrides(tmp_path, capsys):
     ("target_steps=many", "target_steps takes a int"),
     ("lr", "'lr'"),
     ("name=x", "'name=x'"),
+    ("pos_init=sinus", "pos_init=sinus: expected one of"),
   ):
     argv = ["--out", out, "--preset", "tiny", "--set", bad]
     assert make_pair.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert names in err and len(err.splitlines()) == 1, err
   assert not (tmp_path / "p").exists()
+
+
+def test_grid_positions_code_row_and_column():
+  side, dim = 4, 18  # 4 wavelengths; dims 16 and 17 left over
+  code = models.grid_positions(side, dim).reshape(side, side, dim)
+  rows, cols = code[..., :8], code[..., 8:16]
+  # The first half depends on the row alone, the second on the column.
+  assert torch.equal(rows, rows[:, :1].expand_as(rows))
+  assert torch.equal(cols, cols[:1].expand_as(cols))
+  assert torch.equal(code[..., 16:], torch.zeros(side, side, 2))
+  # Every patch has its own code; a neighbour's is nearer than a far one's.
+  flat = code.reshape(side * side, dim)
+  dist = torch.cdist(flat, flat)
+  assert (dist + torch.eye(side * side) > 1e-3).all()
+  assert dist[0, 1] < dist[0, 3] and dist[0, side] < dist[0, 3 * side]
+  # sin and cos of one wavelength: unit norm per (row, frequency).
+  assert torch.allclose(rows[..., :4] ** 2 + rows[..., 4:] ** 2, torch.ones(1))
+
+
+@pytest.mark.parametrize("pos_init", ["grid", "normal"])
+def test_pos_init_writes_the_patch_positions(pos_init):
+  tok = text.train_tokenizer(world.split_seeds("train", 20), 256)
+  preset = models.override(TINY, [f"pos_init={pos_init}"])
+  torch.manual_seed(0)
+  target = models.build_target(preset, tok)
+  drafter = models.build_drafter(preset, tok)
+  towers = [
+    (m.position_embedding.weight[1:], m.patch_embedding.weight)
+    for m in target.modules()
+    if type(m).__name__ == "CLIPVisionEmbeddings"
+  ]
+  assert len(towers) == 2  # image and video towers
+  towers.append((drafter.encoder.pos_embed[0], drafter.encoder.patch_embed.weight))
+  for pos, patch in towers:
+    side = world.SIZE // patch.shape[-1]
+    code = models.grid_positions(side, pos.shape[1])
+    scale = patch.std() * patch[0].numel() ** 0.5
+    is_grid = torch.allclose(pos, code * scale, atol=1e-6)
+    assert is_grid == (pos_init == "grid")
+    if pos_init == "normal":
+      assert pos.std() < 0.1 * scale  # the modules' own small init
 
 
 def test_compile_modes_per_model(tmp_path, capsys):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 
 import numpy as np
@@ -55,12 +56,18 @@ class Preset:
   turn_room: int  # training tokens for turns after the first (see Batches)
   lr: float
   lr_floor: float  # the learning rate's share of `lr` at the last step
+  # Init of the patch position embeddings (target vision tower and drafter
+  # event encoder): "grid" (2-D sin/cos of the patch's row and column, see
+  # `grid_positions`) or "normal" (the modules' own small random init).
+  pos_init: str
   warmup: int
   eval_scenes: int  # held-out (test) scenes per question type
   max_new_tokens: int
   workers: int  # processes rendering the training pool
   save_dtype: str  # dtype of the saved weights
 
+
+POS_INITS = ("grid", "normal")
 
 PRESETS = {
   "gpu": Preset(
@@ -86,6 +93,7 @@ PRESETS = {
     turn_room=96,
     lr=1e-3,
     lr_floor=0.1,
+    pos_init="grid",
     warmup=100,
     eval_scenes=100,
     max_new_tokens=96,
@@ -115,6 +123,7 @@ PRESETS = {
     turn_room=32,
     lr=3e-3,
     lr_floor=0.1,
+    pos_init="grid",
     warmup=5,
     eval_scenes=3,
     max_new_tokens=64,
@@ -145,6 +154,10 @@ def override(preset: Preset, assignments) -> Preset:
         f"--set {a!r}: {name} takes a {kind.__name__}, not {value!r}"
       ) from None
   out = dataclasses.replace(preset, **changes)
+  if out.pos_init not in POS_INITS:
+    raise ValueError(
+      f"--set pos_init={out.pos_init}: expected one of {list(POS_INITS)}"
+    )
   if not 1 <= out.turns <= len(text.QTYPES):
     raise ValueError(
       f"--set turns={out.turns}: expected 1 to {len(text.QTYPES)} (one turn "
@@ -216,6 +229,39 @@ def pixels(frames: torch.Tensor) -> torch.Tensor:
   return (x - 0.5) / 0.5
 
 
+def grid_positions(side: int, dim: int) -> torch.Tensor:
+  """[side * side, dim] 2-D sin/cos codes of the patches of a side x side
+  grid, row-major: the first half of the dims codes the row, the second the
+  column, each as sin and cos at dim // 4 wavelengths from 2 to 4 * side
+  patches (geometric); dims left over by dim % 4 are 0."""
+  n = dim // 4
+  waves = 2.0 * (2.0 * side) ** (torch.arange(n) / max(n - 1, 1))
+  angles = torch.arange(side)[:, None] * (2 * math.pi / waves)  # [side, n]
+  code = torch.cat([angles.sin(), angles.cos()], dim=1)  # [side, 2n]
+  rows = code[:, None].expand(side, side, 2 * n)
+  cols = code[None, :].expand(side, side, 2 * n)
+  out = torch.zeros(side * side, dim)
+  out[:, : 4 * n] = torch.cat([rows, cols], dim=2).reshape(side * side, -1)
+  return out
+
+
+@torch.no_grad()
+def init_grid_positions(positions: torch.Tensor, patch_weight) -> None:
+  """Writes `grid_positions` into the patch position embeddings
+  `positions` [side * side, dim], scaled to what the patch embedding
+  (`patch_weight`, a conv [dim, in, k, k]) gives a unit-RMS patch at init,
+  so position and content start at one scale.
+
+  With the modules' own init (normal, std 0.02) the position is a few per
+  cent of a patch's embedding and the models learn where things are late
+  and unevenly between runs (docs/SCENES.md).
+  """
+  side = math.isqrt(positions.shape[0])
+  scale = patch_weight.float().std() * math.sqrt(patch_weight[0].numel())
+  code = grid_positions(side, positions.shape[1]) * scale
+  positions.copy_(code.to(positions.dtype))
+
+
 def build_target(preset: Preset, tokenizer):
   """A fresh (seeded by the caller) VideoLlava target."""
   from transformers import (
@@ -245,6 +291,12 @@ def build_target(preset: Preset, tokenizer):
   )
   config.pad_token_id = tokenizer.pad_token_id
   model = VideoLlavaForConditionalGeneration(config)
+  if preset.pos_init == "grid":  # both towers (image and video)
+    for emb in model.modules():
+      if type(emb).__name__ == "CLIPVisionEmbeddings":
+        init_grid_positions(
+          emb.position_embedding.weight[1:], emb.patch_embedding.weight
+        )
   _set_generation(model, tokenizer)
   return model
 
@@ -351,6 +403,9 @@ def drafter_config(preset: Preset, tokenizer) -> dict:
 
 def build_drafter(preset: Preset, tokenizer) -> SceneDrafter:
   model = SceneDrafter(drafter_config(preset, tokenizer))
+  if preset.pos_init == "grid":
+    enc = model.encoder
+    init_grid_positions(enc.pos_embed[0], enc.patch_embed.weight)
   _set_generation(model.lm, tokenizer)
   return model
 
