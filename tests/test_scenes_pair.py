@@ -169,6 +169,7 @@ def test_preset_overrides(tmp_path, capsys):
     ("lr", "'lr'"),
     ("name=x", "'name=x'"),
     ("pos_init=sinus", "pos_init=sinus: expected one of"),
+    ("ema=1.0", "ema=1.0: expected 0 <= ema < 1"),
   ):
     argv = ["--out", out, "--preset", "tiny", "--set", bad]
     assert make_pair.main(argv) == 2

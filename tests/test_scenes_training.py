@@ -25,8 +25,9 @@ def _setup(device, mode, steps):
   return model, loss_fn, preset, [batches(i) for i in range(steps)]
 
 
-def _by_hand(model, loss_fn, preset, made, device):
-  """The step written out: AdamW, clipping at 1, the schedule; losses."""
+def _by_hand(model, loss_fn, preset, made, device, weights=None):
+  """The step written out: AdamW, clipping at 1, the schedule; losses.
+  `weights`: a list that gets a copy of the weights after each step."""
   opt = torch.optim.AdamW(
     model.parameters(), lr=preset.lr, betas=(0.9, 0.98), weight_decay=0.01
   )
@@ -42,6 +43,8 @@ def _by_hand(model, loss_fn, preset, made, device):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     losses.append(float(loss))
+    if weights is not None:
+      weights.append([p.detach().clone() for p in model.parameters()])
   return losses
 
 
@@ -65,6 +68,56 @@ def test_train_step_is_the_step_written_out():
     torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_finish_leaves_the_moving_average_of_the_weights():
+  """With preset.ema, the step keeps avg <- ema * avg + (1 - ema) * weights
+  after every step, from the init; `finish` puts it in the model."""
+  cpu = torch.device("cpu")
+  steps, ema = 4, 0.6
+  model, loss_fn, preset, made = _setup(cpu, "none", steps)
+  preset = dataclasses.replace(preset, ema=ema)
+  step = training.TrainStep(model, loss_fn, preset, steps, cpu)
+  twin, twin_loss, _, _ = _setup(cpu, "none", 0)
+  want = [p.detach().clone() for p in twin.parameters()]
+  weights = []
+  _by_hand(twin, twin_loss, preset, made, cpu, weights)
+  for w in weights:
+    want = [ema * a + (1 - ema) * p for a, p in zip(want, w, strict=True)]
+  for b in made:
+    step(b)
+  last = [p.detach().clone() for p in model.parameters()]
+  step.finish()
+  for p, q in zip(model.parameters(), want, strict=True):
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+  moved = [not torch.equal(p, r) for p, r in zip(model.parameters(), last)]
+  assert sum(moved) > len(moved) // 2  # the average, not the last step's
+
+
+def test_fit_leaves_the_average_in_the_model():
+  cpu = torch.device("cpu")
+  steps = 3
+  model, loss_fn, preset, made = _setup(cpu, "none", steps)
+  step = training.TrainStep(model, loss_fn, preset, steps, cpu)
+  assert preset.ema > 0
+  training.fit(model, step, lambda i: made[i], "drafter", steps, None)
+  for p, a in zip(model.parameters(), step.average, strict=True):
+    assert torch.equal(p, a)
+  assert not model.training
+
+
+def test_without_ema_finish_keeps_the_last_weights():
+  cpu = torch.device("cpu")
+  model, loss_fn, preset, made = _setup(cpu, "none", 2)
+  preset = dataclasses.replace(preset, ema=0.0)
+  step = training.TrainStep(model, loss_fn, preset, 2, cpu)
+  for b in made:
+    step(b)
+  last = [p.detach().clone() for p in model.parameters()]
+  step.finish()
+  assert step.average is None
+  for p, q in zip(model.parameters(), last, strict=True):
+    assert torch.equal(p, q)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(
   "graphed, plain", [("graphs", "model"), ("eager-graphs", "none")]
@@ -83,7 +136,11 @@ def test_graphed_step_replays_the_step(graphed, plain):
     step = training.TrainStep(model, loss_fn, preset, steps, cuda, mode)
     losses = [float(step(b)) for b in made]
     assert step.graphs == (mode == graphed)
-    runs[mode] = losses, [p.detach().float().cpu() for p in model.parameters()]
+    assert preset.ema > 0
+    weights = [p.detach().float().cpu() for p in model.parameters()]
+    step.finish()  # the average is part of the replayed step too
+    average = [p.detach().float().cpu() for p in model.parameters()]
+    runs[mode] = losses, weights + average
   assert runs[graphed][0] == pytest.approx(runs[plain][0], rel=2e-3)
   assert len(set(runs[graphed][0])) == steps
   for p, q in zip(runs[graphed][1], runs[plain][1], strict=True):

@@ -60,6 +60,9 @@ class Preset:
   # event encoder): "grid" (2-D sin/cos of the patch's row and column, see
   # `grid_positions`) or "normal" (the modules' own small random init).
   pos_init: str
+  # Decay per step of the exponential moving average of the weights that
+  # training leaves in the model (0: the last step's weights).
+  ema: float
   warmup: int
   eval_scenes: int  # held-out (test) scenes per question type
   max_new_tokens: int
@@ -94,6 +97,7 @@ PRESETS = {
     lr=1e-3,
     lr_floor=0.1,
     pos_init="grid",
+    ema=0.998,
     warmup=100,
     eval_scenes=100,
     max_new_tokens=96,
@@ -124,6 +128,7 @@ PRESETS = {
     lr=3e-3,
     lr_floor=0.1,
     pos_init="grid",
+    ema=0.9,
     warmup=5,
     eval_scenes=3,
     max_new_tokens=64,
@@ -158,6 +163,8 @@ def override(preset: Preset, assignments) -> Preset:
     raise ValueError(
       f"--set pos_init={out.pos_init}: expected one of {list(POS_INITS)}"
     )
+  if not 0 <= out.ema < 1:
+    raise ValueError(f"--set ema={out.ema}: expected 0 <= ema < 1")
   if not 1 <= out.turns <= len(text.QTYPES):
     raise ValueError(
       f"--set turns={out.turns}: expected 1 to {len(text.QTYPES)} (one turn "

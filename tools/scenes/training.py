@@ -18,7 +18,8 @@ The library under `tools.scenes.make_pair` (the command) and
   docs/SCENES.md has the measured times.
 - The loop (`TrainStep`, `fit`): AdamW (fused on CUDA), linear warm-up then
   cosine down to the preset's floor, bf16 autocast on GPU, gradient
-  clipping at 1.
+  clipping at 1; the model keeps the moving average of its weights
+  (`preset.ema`).
 - The losses (`target_loss`, `drafter_loss`): the models' forward passes with
   the media spliced in at the prompts' fixed span, causal attention without
   a mask (`causal_attention`), scored after the media only.
@@ -301,6 +302,11 @@ class TrainStep:
   then the schedule. Returns the loss (detached: no step keeps an earlier
   one's autograd graph alive), valid until the next call.
 
+  With `preset.ema` > 0 each step also moves an exponential moving average
+  of the weights towards them (`average`), and `finish` writes the average
+  into the model. The last steps' weights jitter around where the schedule
+  leaves them; their average is the better model (docs/SCENES.md).
+
   Compile modes `graphs` and `eager-graphs` (GRAPH_MODES) on CUDA: the
   first `WARMUP` steps run as they are (on a side stream: compilation,
   cuBLAS and AdamW state set themselves up there), the next is captured
@@ -321,6 +327,10 @@ class TrainStep:
       model, preset, steps, device, capturable=self.graphs
     )
     self.params = [p for p in model.parameters() if p.requires_grad]
+    self.ema = preset.ema
+    self.average = None
+    if self.ema:
+      self.average = [p.detach().clone() for p in self.params]
     self.calls = 0
     self.side = torch.cuda.Stream(device) if self.graphs else None
     self.graph = None
@@ -332,7 +342,17 @@ class TrainStep:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.params, 1.0)
     self.opt.step()
+    if self.average is not None:
+      with torch.no_grad():
+        torch._foreach_lerp_(self.average, self.params, 1.0 - self.ema)
     return loss
+
+  @torch.no_grad()
+  def finish(self) -> None:
+    """Writes the average of the weights into the model (no-op without
+    `preset.ema`)."""
+    if self.average is not None:
+      torch._foreach_copy_(self.params, self.average)
 
   def _capture(self, inputs) -> None:
     self.inputs = [x.clone() for x in inputs]
@@ -369,7 +389,8 @@ class TrainStep:
 
 def fit(model, step: TrainStep, batches, name, steps, executor):
   """Trains `model` for `steps` of `batches` with `step` (see the module
-  docstring).
+  docstring), leaving the step's average of the weights in it
+  (`TrainStep.finish`).
 
   Returns the final loss, the loss every 100 steps and at the last, the
   first step's seconds (compilation, on CUDA) and the mean ms of the steps
@@ -394,6 +415,7 @@ def fit(model, step: TrainStep, batches, name, steps, executor):
         curve.append([i, round(loss_val, 4)])
     if i == 0:
       t_first = time.perf_counter()
+  step.finish()
   model.eval()
   t_end = time.perf_counter()
   return {
