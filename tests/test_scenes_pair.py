@@ -208,7 +208,9 @@ def test_pos_init_writes_the_patch_positions(pos_init):
     if type(m).__name__ == "CLIPVisionEmbeddings"
   ]
   assert len(towers) == 2  # image and video towers
-  towers.append((drafter.encoder.pos_embed[0], drafter.encoder.patch_embed.weight))
+  towers.append(
+    (drafter.encoder.pos_embed[0], drafter.encoder.patch_embed.weight)
+  )
   for pos, patch in towers:
     side = world.SIZE // patch.shape[-1]
     code = models.grid_positions(side, pos.shape[1])

@@ -88,7 +88,8 @@ def test_finish_leaves_the_moving_average_of_the_weights():
   step.finish()
   for p, q in zip(model.parameters(), want, strict=True):
     torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-  moved = [not torch.equal(p, r) for p, r in zip(model.parameters(), last)]
+  pairs = zip(model.parameters(), last, strict=True)
+  moved = [not torch.equal(p, r) for p, r in pairs]
   assert sum(moved) > len(moved) // 2  # the average, not the last step's
 
 

@@ -120,6 +120,11 @@ def test_partial_scores_ignore_what_events_cannot_show():
   assert not text.partial_correct(
     text.answer(turned, "moving"), scene, "moving"
   )
+  # An answer to `moving` that calls an object still (a describe answer
+  # lists the static ones too) is wrong, not an error.
+  described = text.answer(scene, "describe")
+  assert len(text.parse(described, "moving")[1]) == len(scene.things)
+  assert not text.partial_correct(described, scene, "moving")
 
 
 def test_wording_varies_with_the_variant():

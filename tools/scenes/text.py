@@ -270,7 +270,10 @@ def _project(stated: tuple | None, fields) -> tuple | None:
   if stated is None:
     return None
   n, things = stated
-  return n, sorted(tuple(t[i] for i in fields) for t in things)
+  # A field the statement lacks (motion of an object called still) is "".
+  return n, sorted(
+    tuple(t[i] if i < len(t) else "" for i in fields) for t in things
+  )
 
 
 def partial_correct(text: str, scene: world.Scene, qtype: str) -> bool:
