@@ -72,7 +72,16 @@ def test_pair_layout_and_results(pair):
     attrs = results["describe_attributes"][role]
     assert list(attrs) == list(text.ATTRIBUTES)
     assert all(0.0 <= v <= 1.0 for v in attrs.values())
+  # Every object with a wrong cell is counted once, by kind.
+  seeds = world.split_seeds("test", results["eval_scenes_per_qtype"])
+  objects = sum(len(world.make_scene(s).things) for s in seeds)
+  for role in ("target", "drafter"):
+    misses = results["describe_cell_misses"][role]
+    assert list(misses) == list(text.CELL_MISSES)
+    cell = results["describe_attributes"][role]["cell"]
+    assert sum(misses.values()) == round(objects * (1 - cell))
   assert "  colour" in make_pair.report(info)
+  assert "  other_object" in make_pair.report(info)
   assert (
     results["visual_tokens"]["target"] > results["visual_tokens"]["drafter"]
   )

@@ -417,3 +417,29 @@ def test_attribute_hits_score_each_fact_of_each_object():
   assert text.attribute_hits("No idea.", scene) == {
     k: (0, v) for k, v in full.items()
   }
+
+
+def test_cell_misses_tell_a_swap_from_a_cell_nobody_is_in():
+  scene = next(
+    world.make_scene(s)
+    for s in range(200)
+    if len(world.make_scene(s).things) == 3
+  )
+  none = dict.fromkeys(text.CELL_MISSES, 0)
+  answer = text.answer(scene, "describe")
+  assert text.cell_misses(answer, scene) == none
+  a, b, c = scene.things
+  taken = {(t.row, t.col) for t in scene.things}
+  row, col = next(divmod(k, 3) for k in range(9) if divmod(k, 3) not in taken)
+  # a and b swapped (two binding errors), c sent to a cell nobody is in.
+  said = (
+    dataclasses.replace(a, row=b.row, col=b.col),
+    dataclasses.replace(b, row=a.row, col=a.col),
+    dataclasses.replace(c, row=row, col=col),
+  )
+  wrong = text.answer(dataclasses.replace(scene, things=said), "describe")
+  got = text.cell_misses(wrong, scene)
+  assert got == {"other_object": 2, "elsewhere": 1, "unstated": 0}, wrong
+  dropped = [x for x in text._sentences(answer) if c.colour not in x]
+  assert text.cell_misses(" ".join(dropped), scene)["unstated"] == 1
+  assert text.cell_misses("No idea.", scene)["unstated"] == 3

@@ -25,13 +25,13 @@ true facts for >= 95% of scenes per question type, trained in <= 6 minutes
 on one H100; the drafter is high on motion and clearly lower on static
 objects (the `moving/motion` and `still/cells` partial scores); target
 decode >= 8x one B1 adapter step and target prefill >= 3x drafter prefill
-(tools/scenes/costs.py). Measured (H100, 2026-11-27, the `gpu` preset's
-4,500 target steps of four-turn sequences): with the step replayed as a
-CUDA graph (the default), 299 s of training, target 91/93/95/97%
-(describe/moving/still/count); compiled without graphs, 533 s and
-96/98/96/99%; drafter 17-21/75/31-32/13-14% (motion 84-92%, static cells
-34-36%); cost ratios 15.8-20.9x and 4.0-4.2x. Both target goals at once:
-NOT yet met. docs/SCENES.md has the runs and step times.
+(tools/scenes/costs.py). Measured (H100, 2026-11-27, the `gpu` preset:
+4,500 target steps of four-turn sequences, the step replayed as a CUDA
+graph): 264-266 s of training; target describe/moving/still/count
+98/99/98/100% with --seed 3, 87/98/99/99% (seed 2), 51/71/78/100% (seed 0);
+drafter motion 82-98%, static cells 29-36%; cost ratios 17.6x and 3.7x.
+Both target goals at once: met by one seed, NOT reliably by the preset (the
+misses are cells swapped between objects). docs/SCENES.md has the runs.
 """
 
 from __future__ import annotations
@@ -83,12 +83,14 @@ def target_inputs(backend, prompts, question, frames) -> dict:
 
 @torch.inference_mode()
 def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
-  """Per-question-type fact accuracy of both models on scenes `seeds`, and
-  per attribute over the objects of their `describe` answers."""
+  """Per-question-type fact accuracy of both models on scenes `seeds`; per
+  attribute over the objects of their `describe` answers, and the kinds of
+  their wrong cells there (`text.cell_misses`)."""
   tok = target.tokenizer
   prompts = target_prompts(target)
   results = {"target": {}, "drafter": {}}
   hits = {r: dict.fromkeys(text.ATTRIBUTES, (0, 0)) for r in results}
+  misses = {r: dict.fromkeys(text.CELL_MISSES, 0) for r in results}
   entropies = []
   rendered = {s: world.render(s) for s in seeds}
   for qtype in tqdm.tqdm(text.QTYPES, desc="evaluate", unit="qtype"):
@@ -123,6 +125,8 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
             for name, (a, b) in got.items():
               ok, asked = hits[role][name]
               hits[role][name] = (ok + a, asked + b)
+            for kind, k in text.cell_misses(answer, rendered[s][0]).items():
+              misses[role][kind] += k
         if role == "target":
           logits = gen.hidden.float() @ backend.lm_head_weight().float().T
           logp = torch.log_softmax(logits, -1)
@@ -140,6 +144,7 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
     role: {k: a / max(b, 1) for k, (a, b) in got.items()}
     for role, got in hits.items()
   }
+  results["describe_cell_misses"] = misses
   results["target_mean_entropy_nats"] = float(np.mean(entropies))
   results["eval_scenes_per_qtype"] = len(seeds)
   return results
@@ -373,8 +378,9 @@ def plot_training(info: dict, path: str) -> None:
   plt.close(fig)
 
 
-def report(info: dict) -> str:
-  r = info["results"]
+def accuracy_table(r: dict) -> list[str]:
+  """Lines of `evaluate`'s results: per question type, per attribute and
+  wrong cells by kind, target beside drafter."""
   lines = [f"{'question':14s} {'target':>8s} {'drafter':>8s}"]
   for q in r["target"]:
     lines.append(f"{q:14s} {r['target'][q]:8.1%} {r['drafter'][q]:8.1%}")
@@ -384,6 +390,18 @@ def report(info: dict) -> str:
   for name in attrs.get("target", {}):
     t, d = attrs["target"][name], attrs["drafter"][name]
     lines.append(f"{'  ' + name:14s} {t:8.1%} {d:8.1%}")
+  misses = r.get("describe_cell_misses", {})
+  if misses:
+    lines.append("describe answers, objects with a wrong cell, by kind:")
+  for kind in misses.get("target", {}):
+    t, d = misses["target"][kind], misses["drafter"][kind]
+    lines.append(f"{'  ' + kind:14s} {t:8d} {d:8d}")
+  return lines
+
+
+def report(info: dict) -> str:
+  r = info["results"]
+  lines = accuracy_table(r)
   lines.append(
     f"held-out test scenes per type: {r['eval_scenes_per_qtype']}; target "
     f"mean next-token entropy {r['target_mean_entropy_nats']:.3f} nats; "

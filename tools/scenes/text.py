@@ -311,6 +311,29 @@ def attribute_hits(text: str, scene: world.Scene) -> dict[str, tuple[int, int]]:
   return {name: (hits[name], asked[name]) for name in ATTRIBUTES}
 
 
+# Kinds of a wrong or missing cell in a `describe` answer (`cell_misses`).
+CELL_MISSES = ("other_object", "elsewhere", "unstated")
+
+
+def cell_misses(text: str, scene: world.Scene) -> dict[str, int]:
+  """{kind: objects} over the scene's objects whose start cell a `describe`
+  answer does not state right: `other_object`, the cell of another object
+  of the scene (a binding error: what and where seen, paired up wrongly);
+  `elsewhere`, a cell no object starts in; `unstated`, the object (matched
+  by colour) not stated, or the answer unparseable."""
+  stated = parse(text, "describe")
+  said = {t[0]: t for t in stated[1]} if stated else {}
+  cells = {thing.cell for thing in scene.things}
+  out = dict.fromkeys(CELL_MISSES, 0)
+  for thing in scene.things:
+    got = said.get(thing.colour)
+    if got is None:
+      out["unstated"] += 1
+    elif got[2] != thing.cell:
+      out["other_object" if got[2] in cells else "elsewhere"] += 1
+  return out
+
+
 # --------------------------------------------------------------------------
 # Prompts and the tokenizer.
 
