@@ -260,8 +260,8 @@ def init_grid_positions(positions: torch.Tensor, patch_weight) -> None:
   so position and content start at one scale.
 
   With the modules' own init (normal, std 0.02) the position is a few per
-  cent of a patch's embedding and the models learn where things are late
-  and unevenly between runs (docs/SCENES.md).
+  cent of a patch's embedding; on the seed measured both ways the target
+  learnt faster from the grid codes (docs/SCENES.md).
   """
   side = math.isqrt(positions.shape[0])
   scale = patch_weight.float().std() * math.sqrt(patch_weight[0].numel())

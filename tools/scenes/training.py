@@ -304,8 +304,9 @@ class TrainStep:
 
   With `preset.ema` > 0 each step also moves an exponential moving average
   of the weights towards them (`average`), and `finish` writes the average
-  into the model. The last steps' weights jitter around where the schedule
-  leaves them; their average is the better model (docs/SCENES.md).
+  into the model: it smooths the last steps' jitter around where the
+  schedule leaves the weights (measured so far: no effect beyond the
+  spread between seeds; docs/SCENES.md).
 
   Compile modes `graphs` and `eager-graphs` (GRAPH_MODES) on CUDA: the
   first `WARMUP` steps run as they are (on a side stream: compilation,
