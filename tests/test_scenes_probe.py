@@ -1,7 +1,10 @@
 """Probes of a scenes pair (tools/scenes/probe.py) on the tiny pair."""
 
+import dataclasses
 import json
+import types
 
+import numpy as np
 import torch
 
 from tools.lib import backends as bk
@@ -75,7 +78,7 @@ def test_planted_feeds_the_planted_answer_then_the_still_question(
   )
 
 
-def test_probe_command_writes_both_probes(tiny_scenes_pair, tmp_path, capsys):
+def test_probe_command_writes_every_probe(tiny_scenes_pair, tmp_path, capsys):
   out, _ = tiny_scenes_pair
   path = tmp_path / "probe.json"
   argv = [
@@ -92,9 +95,11 @@ def test_probe_command_writes_both_probes(tiny_scenes_pair, tmp_path, capsys):
   assert probe.main(argv) == 0
   printed = capsys.readouterr().out
   assert "other_object" in printed and "planted:" in printed
+  assert "cell attention" in printed
   got = json.loads(path.read_text())
   assert got["evaluate"]["eval_scenes_per_qtype"] == 2
   assert set(got["planted"]) == {"scenes", "true", "planted"}
+  assert set(got["cell_attention"]) == {"right", "wrong"}
   assert got["fingerprint"]["preset"]["name"] == "tiny"
 
 
@@ -102,3 +107,114 @@ def test_probe_refuses_a_directory_without_a_pair(tmp_path, capsys):
   assert probe.main(["--pair", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
   assert str(tmp_path) in err and len(err.splitlines()) == 1
+
+
+def test_cell_tokens_point_at_the_first_token_of_each_cell(tiny_scenes_pair):
+  out, _ = tiny_scenes_pair
+  target = bk.load_backend(f"video_llava:{out}/target")
+  tok = target.tokenizer
+  scene = next(
+    world.make_scene(s)
+    for s in range(100)
+    if len(world.make_scene(s).things) == 3
+  )
+  for variant in range(4):
+    ids = models.answer_ids(tok, text.answer(scene, "describe", variant))
+    got = probe.cell_tokens(tok, ids)
+    assert sorted((c, cell) for c, cell, _ in got) == sorted(
+      (t.colour, t.cell) for t in scene.things
+    )
+    for _, cell, k in got:
+      assert tok.decode(ids[k:]).lstrip().startswith(cell)
+      assert cell not in tok.decode(ids[:k]).split(".")[-1]
+
+
+def test_object_tokens_are_the_patches_the_object_covers():
+  scene, frames = world.render(5)
+  side, first = 8, 3
+  for thing in scene.things:
+    for frame in (0, world.NUM_FRAMES - 1):
+      got = probe.object_tokens(thing, frame, side, first)
+      block = first + frame * (side * side + 1) + 1  # after the CLS token
+      assert got and all(block <= p < block + side * side for p in got)
+      colour = np.array(world.COLOURS[thing.colour])
+      for i in range(side * side):
+        r, c = divmod(i, side)
+        cut = frames[frame, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8]
+        painted = (cut == colour).all(-1).any()
+        covered = world.mask(thing, frame)[8 * r : 8 * r + 8, 8 * c : 8 * c + 8]
+        assert (block + i in got) == covered.any()
+        if painted and not covered.any():
+          raise AssertionError("colour outside the object's mask")
+
+
+def test_cell_attention_reads_the_row_that_chose_each_cell(
+  tiny_scenes_pair, monkeypatch
+):
+  """With the answer and the attention made up: the row before each cell
+  token puts 0.75 on the object's first first-frame patch (head 1) and 0.25
+  on another object's; every other row attends to token 0."""
+  out, _ = tiny_scenes_pair
+  target = bk.load_backend(f"video_llava:{out}/target")
+  tok = target.tokenizer
+  scene = next(
+    world.make_scene(s)
+    for s in world.split_seeds("test", 100)
+    if len(world.make_scene(s).things) == 2
+  )
+  a, b = scene.things
+  swapped = (
+    dataclasses.replace(a, row=b.row, col=b.col),
+    dataclasses.replace(b, row=a.row, col=a.col),
+  )
+  prompts = make_pair.target_prompts(target)
+  first, _ = prompts.media_span()
+  side = world.SIZE // target.model.config.vision_config.patch_size
+  layers = target.model.config.text_config.num_hidden_layers
+  heads = target.model.config.text_config.num_attention_heads
+  results = {}
+  for name, things in (("right", scene.things), ("wrong", swapped)):
+    told = dataclasses.replace(scene, things=things)
+    answer = models.answer_ids(tok, text.answer(told, "describe"))
+    gen = types.SimpleNamespace(
+      tokens=torch.tensor([answer]), lengths=torch.tensor([len(answer)])
+    )
+    monkeypatch.setattr(generation, "greedy_generate", lambda *a, g=gen, **k: g)
+    prompt = prompts(text.question(scene.seed, "describe"))
+    n = len(prompt) + len(answer)
+    att = torch.zeros(1, heads, n, n)
+    att[..., 0] = 1.0
+    for colour, _, k in probe.cell_tokens(tok, answer):
+      own = next(t for t in scene.things if t.colour == colour)
+      other = next(t for t in scene.things if t.colour != colour)
+      row = len(prompt) + k - 1
+      att[0, :, row] = 0.0
+      att[0, 1, row, probe.object_tokens(own, 0, side, first)[0]] = 0.75
+      att[0, 1, row, probe.object_tokens(other, 0, side, first)[0]] = 0.25
+    fake = types.SimpleNamespace(attentions=(att,) * layers)
+    monkeypatch.setattr(target.model, "forward", lambda *a, f=fake, **k: f)
+    results[name] = probe.cell_attention(target, [scene.seed], 8)
+  for name in ("right", "wrong"):
+    got = results[name][name]
+    assert got["objects"] == 2
+    assert got["own"][0] == [0.75] * layers
+    assert got["own"][1:] == [[0.0] * layers] * (world.NUM_FRAMES - 1)
+    assert got["others_first"] == [0.25] * layers
+    other = "wrong" if name == "right" else "right"
+    assert results[name][other]["objects"] == 0
+
+
+def test_cell_attention_shares_are_attention_masses(tiny_scenes_pair):
+  out, _ = tiny_scenes_pair
+  target = bk.load_backend(f"video_llava:{out}/target")
+  seeds = world.split_seeds("test", 6)
+  got = probe.cell_attention(target, seeds, 40)
+  layers = target.model.config.text_config.num_hidden_layers
+  for v in got.values():
+    assert len(v["own"]) == world.NUM_FRAMES
+    assert all(len(row) == layers for row in v["own"] + [v["others_first"]])
+    for f in range(world.NUM_FRAMES):
+      for a, b in zip(v["own"][f], v["others_first"], strict=True):
+        assert 0.0 <= a <= 1.0 and 0.0 <= b <= 1.0
+  # The model goes back to the attention it was loaded with.
+  assert target.model.config._attn_implementation != "eager"

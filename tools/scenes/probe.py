@@ -3,12 +3,16 @@
   python -m tools.scenes.probe --pair DIR [--split test] [--scenes 100]
       [--device D] [--dtype float16|float32] [--json PATH]
 
-Two probes, through the backends (`video_llava:DIR/target`,
+Three probes, through the backends (`video_llava:DIR/target`,
 `tools.scenes.drafter:make_backend:DIR`):
   evaluate  make_pair's held-out evaluation on `--scenes` scenes of
             `--split`: accuracy per question type, per attribute, and the
             kinds of wrong cells in `describe` answers (`text.cell_misses`:
             another object's cell is a binding error)
+  attention where the target looks when it names an object's cell: in each
+            layer, the share of the best head's attention on the object's
+            first-frame patches (its start cell), its last-frame patches
+            and the other objects' (`cell_attention`)
   planted   the target asked `still` as the second turn, after a `describe`
             answer that puts the static objects in cells no object starts
             in: does it answer from the video (the true cells) or copy the
@@ -23,6 +27,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 import tqdm
 
@@ -85,6 +90,133 @@ def planted(target, seeds, max_new_tokens: int) -> dict:
   return out
 
 
+def cell_tokens(tokenizer, ids) -> list[tuple[str, str, int]]:
+  """(colour, cell, k) of each object sentence of the answer `ids`: token
+  k starts the cell's name (`text.stated_cells`), so the position before
+  it is where the model chose the cell."""
+  ends = [len(tokenizer.decode(ids[:i])) for i in range(len(ids) + 1)]
+  out = []
+  for colour, cell, offset in text.stated_cells(tokenizer.decode(ids)):
+    k = next(i for i in range(len(ids)) if ends[i] <= offset < ends[i + 1])
+    out.append((colour, cell, k))
+  return out
+
+
+def object_tokens(thing, frame: int, side: int, first: int) -> list[int]:
+  """Sequence positions of the visual tokens of the patches `thing`
+  covers in `frame`: the clip's tokens start at `first`, each frame's are
+  its CLS token then side x side patches row by row."""
+  patch = world.SIZE // side
+  covered = world.mask(thing, frame).reshape(side, patch, side, patch)
+  hits = np.flatnonzero(covered.any(axis=(1, 3)))
+  return [first + frame * (side * side + 1) + 1 + int(i) for i in hits]
+
+
+@torch.inference_mode()
+def cell_attention(target, seeds, max_new_tokens: int) -> dict:
+  """Where the target looks when it names an object's cell in a `describe`
+  answer (its own greedy one), over the scenes of `seeds` with two or more
+  objects. Per stated object, at the position that chose the cell, in each
+  layer the head that gives the object's patches in the first frame (the
+  start cell) the most attention: its share on them, on the object's
+  patches in every frame, and on the other objects' first-frame patches.
+
+  Returns {"right"|"wrong": {"objects", "own" [frames][layers],
+  "others_first" [layers]}}, means over the objects whose stated cell is
+  right or wrong.
+  """
+  model = target.model
+  prompts = make_pair.target_prompts(target)
+  first, _ = prompts.media_span()
+  vision = model.config.vision_config
+  side = vision.image_size // vision.patch_size
+  layers = model.config.text_config.num_hidden_layers
+  frames_n = world.NUM_FRAMES
+  sums = {
+    k: {
+      "objects": 0,
+      "own": np.zeros((frames_n, layers)),
+      "others_first": np.zeros(layers),
+    }
+    for k in ("right", "wrong")
+  }
+  previous = model.config._attn_implementation
+  model.set_attn_implementation("eager")  # the only one that returns them
+  try:
+    for s in tqdm.tqdm(seeds, desc="cell attention", unit="scene"):
+      scene, frames = world.render(s)
+      if len(scene.things) < 2:
+        continue
+      inputs = make_pair.target_inputs(
+        target, prompts, text.question(s, "describe"), frames
+      )
+      gen = generation.greedy_generate(
+        target, target.collate([inputs]), max_new_tokens
+      )
+      answer = gen.tokens[0, : int(gen.lengths[0])].tolist()
+      prompt = inputs["input_ids"][0].tolist()
+      ids = torch.tensor([prompt + answer], device=target.device)
+      out = model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values_videos=inputs["pixel_values_videos"].to(target.device),
+        output_attentions=True,
+      )
+      att = torch.stack([a[0].float() for a in out.attentions])  # L,H,T,T
+      things = {t.colour: t for t in scene.things}
+      for colour, cell, k in cell_tokens(target.tokenizer, answer):
+        thing = things.get(colour)
+        if thing is None or k == 0:
+          continue
+        rows = att[:, :, len(prompt) + k - 1]  # [L, H, T]
+        own = [
+          rows[..., object_tokens(thing, f, side, first)].sum(-1)
+          for f in range(frames_n)
+        ]  # each [L, H]
+        best = own[0].argmax(-1)  # per layer
+        pick = torch.arange(layers)
+        others = [
+          p
+          for t in scene.things
+          if t is not thing
+          for p in object_tokens(t, 0, side, first)
+        ]
+        got = sums["right" if cell == thing.cell else "wrong"]
+        got["objects"] += 1
+        got["own"] += torch.stack([o[pick, best] for o in own]).cpu().numpy()
+        got["others_first"] += (
+          rows[..., others].sum(-1)[pick, best].cpu().numpy()
+        )
+  finally:
+    model.set_attn_implementation(previous)
+  return {
+    k: {
+      "objects": v["objects"],
+      "own": (v["own"] / max(v["objects"], 1)).round(4).tolist(),
+      "others_first": (v["others_first"] / max(v["objects"], 1))
+      .round(4)
+      .tolist(),
+    }
+    for k, v in sums.items()
+  }
+
+
+def attention_lines(got: dict) -> list[str]:
+  lines = ["cell attention (best head per layer, share of its attention):"]
+  for kind, v in got.items():
+    if not v["objects"]:
+      continue
+    lines.append(f"  cell {kind} ({v['objects']} objects), layers 1..:")
+    rows = [
+      ("first frame, own", v["own"][0]),
+      ("last frame, own", v["own"][-1]),
+      ("first frame, others", v["others_first"]),
+    ]
+    for name, vals in rows:
+      lines.append(f"    {name:20s} " + " ".join(f"{x:.2f}" for x in vals))
+  return lines
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,6 +261,8 @@ def main(argv=None) -> int:
     f"{args.split} scenes per type: {len(seeds)}; target mean next-token "
     f"entropy {results['target_mean_entropy_nats']:.3f} nats"
   )
+  attention = cell_attention(target, seeds, args.max_new_tokens)
+  print("\n".join(attention_lines(attention)))
   got = planted(target, seeds, args.max_new_tokens)
   print(
     f"planted: of {got['scenes']} scenes, `still` after a describe answer "
@@ -145,6 +279,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "evaluate": results,
         "planted": got,
+        "cell_attention": attention,
       },
     )
   return 0

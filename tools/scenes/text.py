@@ -311,6 +311,21 @@ def attribute_hits(text: str, scene: world.Scene) -> dict[str, tuple[int, int]]:
   return {name: (hits[name], asked[name]) for name in ATTRIBUTES}
 
 
+def stated_cells(text: str) -> list[tuple[str, str, int]]:
+  """(colour, cell, offset) of each object sentence of an answer that names
+  an object and a cell: the offset is where the cell's name starts in
+  `text` (what a model had to produce next, there)."""
+  out = []
+  for sentence in re.finditer(r"[^.]+\.?", text):
+    low = sentence.group().lower()
+    obj, cell = _OBJ.search(low), _CELL.search(low)
+    if obj is not None and cell is not None:
+      out.append(
+        (obj.group(1), cell.group(1), sentence.start() + cell.start(1))
+      )
+  return out
+
+
 # Kinds of a wrong or missing cell in a `describe` answer (`cell_misses`).
 CELL_MISSES = ("other_object", "elsewhere", "unstated")
 

@@ -156,7 +156,8 @@ def make_scene(seed: int) -> Scene:
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
 
 
-def _mask(thing: Thing, frame: int) -> np.ndarray:
+def mask(thing: Thing, frame: int) -> np.ndarray:
+  """Pixels [SIZE, SIZE] (bool) that `thing` covers in `frame`."""
   cx, cy = thing.centre(frame)
   r = thing.radius
   dx, dy = _XX - cx, _YY - cy
@@ -178,7 +179,7 @@ def draw(scene: Scene) -> np.ndarray:
   frames = np.repeat(canvas[None], NUM_FRAMES, axis=0)
   for t in range(NUM_FRAMES):
     for thing in scene.things:
-      frames[t][_mask(thing, t)] = COLOURS[thing.colour]
+      frames[t][mask(thing, t)] = COLOURS[thing.colour]
   return frames
 
 
