@@ -70,9 +70,10 @@ def target_prompts(backend) -> models.Prompts:
   return models.Prompts(backend.tokenizer, "<video>", count)
 
 
-def target_inputs(backend, prompts, question, frames) -> dict:
-  """Batch-1 target inputs from a question and a uint8 clip [F, H, W, 3]."""
-  ids = torch.tensor([prompts(question)])
+def target_inputs(backend, prompts, question, frames, ids=None) -> dict:
+  """Batch-1 target inputs from a question and a uint8 clip [F, H, W, 3];
+  `ids`: token ids to feed instead of the question's prompt."""
+  ids = torch.tensor([prompts(question) if ids is None else ids])
   pix = models.pixels(torch.from_numpy(frames)[None]).to(backend.dtype)
   return {
     "input_ids": ids,
@@ -384,18 +385,16 @@ def accuracy_table(r: dict) -> list[str]:
   lines = [f"{'question':14s} {'target':>8s} {'drafter':>8s}"]
   for q in r["target"]:
     lines.append(f"{q:14s} {r['target'][q]:8.1%} {r['drafter'][q]:8.1%}")
-  attrs = r.get("describe_attributes", {})
-  if attrs:
-    lines.append("describe answers, objects with each fact right:")
-  for name in attrs.get("target", {}):
-    t, d = attrs["target"][name], attrs["drafter"][name]
-    lines.append(f"{'  ' + name:14s} {t:8.1%} {d:8.1%}")
-  misses = r.get("describe_cell_misses", {})
-  if misses:
-    lines.append("describe answers, objects with a wrong cell, by kind:")
-  for kind in misses.get("target", {}):
-    t, d = misses["target"][kind], misses["drafter"][kind]
-    lines.append(f"{'  ' + kind:14s} {t:8d} {d:8d}")
+  for key, title, fmt in (
+    ("describe_attributes", "objects with each fact right", "8.1%"),
+    ("describe_cell_misses", "objects with a wrong cell, by kind", "8d"),
+  ):
+    got = r.get(key, {})
+    if got:
+      lines.append(f"describe answers, {title}:")
+    for name in got.get("target", {}):
+      t, d = got["target"][name], got["drafter"][name]
+      lines.append(f"{'  ' + name:14s} {t:{fmt}} {d:{fmt}}")
   return lines
 
 

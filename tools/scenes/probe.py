@@ -76,9 +76,8 @@ def planted(target, seeds, max_new_tokens: int) -> dict:
     fake = planted_scene(scene)
     if fake is None:
       continue
-    inputs = make_pair.target_inputs(target, prompts, "", frames)
-    ids = torch.tensor([planted_ids(prompts, scene, fake)])
-    inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+    ids = planted_ids(prompts, scene, fake)
+    inputs = make_pair.target_inputs(target, prompts, None, frames, ids)
     gen = generation.greedy_generate(
       target, target.collate([inputs]), max_new_tokens
     )
@@ -132,6 +131,7 @@ def cell_attention(target, seeds, max_new_tokens: int) -> dict:
   side = vision.image_size // vision.patch_size
   layers = model.config.text_config.num_hidden_layers
   frames_n = world.NUM_FRAMES
+  pick = torch.arange(layers)
   sums = {
     k: {
       "objects": 0,
@@ -174,7 +174,6 @@ def cell_attention(target, seeds, max_new_tokens: int) -> dict:
           for f in range(frames_n)
         ]  # each [L, H]
         best = own[0].argmax(-1)  # per layer
-        pick = torch.arange(layers)
         others = [
           p
           for t in scene.things

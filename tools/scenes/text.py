@@ -283,6 +283,12 @@ def partial_correct(text: str, scene: world.Scene, qtype: str) -> bool:
   return got is not None and got == _project(facts(scene, qtype), fields)
 
 
+def _by_colour(text: str) -> dict[str, tuple]:
+  """The objects a `describe` answer states, by colour ({} unparseable)."""
+  stated = parse(text, "describe")
+  return {t[0]: t for t in stated[1]} if stated else {}
+
+
 # Per-attribute scores of a `describe` answer: which facts a model gets
 # right object by object, where `correct` only says whether all are.
 ATTRIBUTES = ("colour", "shape", "cell", "motion", "speed")
@@ -295,8 +301,7 @@ def attribute_hits(text: str, scene: world.Scene) -> dict[str, tuple[int, int]]:
   objects, the right shape, start cell, motion (still, or the direction)
   and speed (moving objects only); an unmatched object or an unparseable
   answer gets nothing right."""
-  stated = parse(text, "describe")
-  said = {t[0]: t for t in stated[1]} if stated else {}
+  said = _by_colour(text)
   hits = dict.fromkeys(ATTRIBUTES, 0)
   asked = dict.fromkeys(ATTRIBUTES, 0)
   for thing in scene.things:
@@ -336,8 +341,7 @@ def cell_misses(text: str, scene: world.Scene) -> dict[str, int]:
   of the scene (a binding error: what and where seen, paired up wrongly);
   `elsewhere`, a cell no object starts in; `unstated`, the object (matched
   by colour) not stated, or the answer unparseable."""
-  stated = parse(text, "describe")
-  said = {t[0]: t for t in stated[1]} if stated else {}
+  said = _by_colour(text)
   cells = {thing.cell for thing in scene.things}
   out = dict.fromkeys(CELL_MISSES, 0)
   for thing in scene.things:
