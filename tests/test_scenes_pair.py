@@ -178,6 +178,7 @@ def test_preset_overrides(tmp_path, capsys):
     ("lr", "'lr'"),
     ("name=x", "'name=x'"),
     ("pos_init=sinus", "pos_init=sinus: expected one of"),
+    ("pos_scale=0", "pos_scale=0.0: expected > 0"),
     ("ema=1.0", "ema=1.0: expected 0 <= ema < 1"),
   ):
     argv = ["--out", out, "--preset", "tiny", "--set", bad]
@@ -204,10 +205,14 @@ def test_grid_positions_code_row_and_column():
   assert torch.allclose(rows[..., :4] ** 2 + rows[..., 4:] ** 2, torch.ones(1))
 
 
-@pytest.mark.parametrize("pos_init", ["grid", "normal"])
-def test_pos_init_writes_the_patch_positions(pos_init):
+@pytest.mark.parametrize(
+  "pos_init,pos_scale", [("grid", 1.0), ("grid", 2.5), ("normal", 1.0)]
+)
+def test_pos_init_writes_the_patch_positions(pos_init, pos_scale):
   tok = text.train_tokenizer(world.split_seeds("train", 20), 256)
-  preset = models.override(TINY, [f"pos_init={pos_init}"])
+  preset = models.override(
+    TINY, [f"pos_init={pos_init}", f"pos_scale={pos_scale}"]
+  )
   torch.manual_seed(0)
   target = models.build_target(preset, tok)
   drafter = models.build_drafter(preset, tok)
@@ -224,7 +229,7 @@ def test_pos_init_writes_the_patch_positions(pos_init):
     side = world.SIZE // patch.shape[-1]
     code = models.grid_positions(side, pos.shape[1])
     scale = patch.std() * patch[0].numel() ** 0.5
-    is_grid = torch.allclose(pos, code * scale, atol=1e-6)
+    is_grid = torch.allclose(pos, code * scale * pos_scale, atol=1e-6)
     assert is_grid == (pos_init == "grid")
     if pos_init == "normal":
       assert pos.std() < 0.1 * scale  # the modules' own small init

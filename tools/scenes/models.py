@@ -60,6 +60,8 @@ class Preset:
   # event encoder): "grid" (2-D sin/cos of the patch's row and column, see
   # `grid_positions`) or "normal" (the modules' own small random init).
   pos_init: str
+  # The grid codes' size against a patch's content at init (1: equal).
+  pos_scale: float
   # Decay per step of the exponential moving average of the weights that
   # training leaves in the model (0: the last step's weights).
   ema: float
@@ -97,6 +99,7 @@ PRESETS = {
     lr=1e-3,
     lr_floor=0.1,
     pos_init="grid",
+    pos_scale=1.0,
     ema=0.998,
     warmup=100,
     eval_scenes=100,
@@ -128,6 +131,7 @@ PRESETS = {
     lr=3e-3,
     lr_floor=0.1,
     pos_init="grid",
+    pos_scale=1.0,
     ema=0.9,
     warmup=5,
     eval_scenes=3,
@@ -163,6 +167,8 @@ def override(preset: Preset, assignments) -> Preset:
     raise ValueError(
       f"--set pos_init={out.pos_init}: expected one of {list(POS_INITS)}"
     )
+  if not out.pos_scale > 0:
+    raise ValueError(f"--set pos_scale={out.pos_scale}: expected > 0")
   if not 0 <= out.ema < 1:
     raise ValueError(f"--set ema={out.ema}: expected 0 <= ema < 1")
   if not 1 <= out.turns <= len(text.QTYPES):
@@ -253,18 +259,22 @@ def grid_positions(side: int, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_grid_positions(positions: torch.Tensor, patch_weight) -> None:
+def init_grid_positions(
+  positions: torch.Tensor, patch_weight, ratio: float = 1.0
+) -> None:
   """Writes `grid_positions` into the patch position embeddings
-  `positions` [side * side, dim], scaled to what the patch embedding
-  (`patch_weight`, a conv [dim, in, k, k]) gives a unit-RMS patch at init,
-  so position and content start at one scale.
+  `positions` [side * side, dim], scaled to `ratio` times what the patch
+  embedding (`patch_weight`, a conv [dim, in, k, k]) gives a unit-RMS patch
+  at init (1: position and content start at one scale).
 
   With the modules' own init (normal, std 0.02) the position is a few per
   cent of a patch's embedding; on the seed measured both ways the target
   learnt faster from the grid codes (docs/SCENES.md).
   """
   side = math.isqrt(positions.shape[0])
-  scale = patch_weight.float().std() * math.sqrt(patch_weight[0].numel())
+  scale = (
+    ratio * patch_weight.float().std() * math.sqrt(patch_weight[0].numel())
+  )
   code = grid_positions(side, positions.shape[1]) * scale
   positions.copy_(code.to(positions.dtype))
 
@@ -302,7 +312,9 @@ def build_target(preset: Preset, tokenizer):
     for emb in model.modules():
       if type(emb).__name__ == "CLIPVisionEmbeddings":
         init_grid_positions(
-          emb.position_embedding.weight[1:], emb.patch_embedding.weight
+          emb.position_embedding.weight[1:],
+          emb.patch_embedding.weight,
+          preset.pos_scale,
         )
   _set_generation(model, tokenizer)
   return model
@@ -412,7 +424,9 @@ def build_drafter(preset: Preset, tokenizer) -> SceneDrafter:
   model = SceneDrafter(drafter_config(preset, tokenizer))
   if preset.pos_init == "grid":
     enc = model.encoder
-    init_grid_positions(enc.pos_embed[0], enc.patch_embed.weight)
+    init_grid_positions(
+      enc.pos_embed[0], enc.patch_embed.weight, preset.pos_scale
+    )
   _set_generation(model.lm, tokenizer)
   return model
 
