@@ -80,8 +80,13 @@ def test_pair_layout_and_results(pair):
     assert list(misses) == list(text.CELL_MISSES)
     cell = results["describe_attributes"][role]["cell"]
     assert sum(misses.values()) == round(objects * (1 - cell))
+  for role in ("target", "drafter"):
+    forms = results["describe_wrong_cells_by_form"][role]
+    assert list(forms) == list(text.SENTENCE_FORMS)
+    assert all(0 <= wrong <= stated for wrong, stated in forms.values())
   assert "  colour" in make_pair.report(info)
   assert "  other_object" in make_pair.report(info)
+  assert "  cell_first" in make_pair.report(info)
   assert (
     results["visual_tokens"]["target"] > results["visual_tokens"]["drafter"]
   )

@@ -443,3 +443,57 @@ def test_cell_misses_tell_a_swap_from_a_cell_nobody_is_in():
   dropped = [x for x in text._sentences(answer) if c.colour not in x]
   assert text.cell_misses(" ".join(dropped), scene)["unstated"] == 1
   assert text.cell_misses("No idea.", scene)["unstated"] == 3
+
+
+def _sentence_in(thing, form: str) -> str:
+  """`thing`'s sentence as the generator writes it in `form`."""
+  k = next(
+    k
+    for k in range(100)
+    if text.SENTENCE_FORMS[int(np.random.default_rng(k).integers(3))] == form
+  )
+  return text._sentence(thing, np.random.default_rng(k))
+
+
+def test_sentence_form_is_the_form_the_generator_drew():
+  seen = set()
+  for s in range(30):
+    for thing in world.make_scene(s).things:
+      for k in range(20):
+        drawn = int(np.random.default_rng(k).integers(3))
+        sentence = text._sentence(thing, np.random.default_rng(k))
+        assert text.sentence_form(sentence) == text.SENTENCE_FORMS[drawn]
+        seen.add(drawn)
+  assert seen == {0, 1, 2}
+
+
+def test_wrong_cells_by_form_counts_each_form_apart():
+  scene = next(
+    world.make_scene(s)
+    for s in range(200)
+    if len(world.make_scene(s).things) == 3
+  )
+  a, b, c = scene.things
+  b_at_a = dataclasses.replace(b, row=a.row, col=a.col)  # b given a's cell
+  stranger = next(
+    x for x in world.COLOURS if x not in {a.colour, b.colour, c.colour}
+  )
+  other = dataclasses.replace(c, colour=stranger)  # not in the scene
+  answer = " ".join(
+    [
+      "The clip shows three objects.",
+      _sentence_in(a, "cell_first"),
+      _sentence_in(b_at_a, "cell_first"),
+      _sentence_in(c, "there_is"),
+      _sentence_in(other, "object_first"),
+    ]
+  )
+  assert text.wrong_cells_by_form(answer, scene) == {
+    "object_first": [0, 0],
+    "cell_first": [1, 2],
+    "there_is": [0, 1],
+  }, answer
+  right = text.answer(scene, "describe")
+  got = text.wrong_cells_by_form(right, scene)
+  assert sum(w for w, _ in got.values()) == 0
+  assert sum(n for _, n in got.values()) == 3

@@ -80,8 +80,24 @@ def _motion(thing: world.Thing, rng) -> str:
   return tpl.format(d=thing.direction, s=thing.speed)
 
 
+# The three forms of an object's sentence (`_sentence`), by what comes first:
+# the object and then its cell ("A red circle at the top left ..."), the cell
+# and then the object at it ("At the top left, a red circle ..."), or
+# "There is a red circle at the top left that ...".
+SENTENCE_FORMS = ("object_first", "cell_first", "there_is")
+
+
+def sentence_form(sentence: str) -> str:
+  """Which of `SENTENCE_FORMS` an object's sentence is written in."""
+  if sentence.startswith("At the "):
+    return "cell_first"
+  if sentence.startswith("There is "):
+    return "there_is"
+  return "object_first"
+
+
 def _sentence(thing: world.Thing, rng) -> str:
-  form = int(rng.integers(3))
+  form = int(rng.integers(len(SENTENCE_FORMS)))
   if form == 0:
     return (
       f"{_obj(thing, rng, True)} at the {thing.cell} {_motion(thing, rng)}."
@@ -316,18 +332,39 @@ def attribute_hits(text: str, scene: world.Scene) -> dict[str, tuple[int, int]]:
   return {name: (hits[name], asked[name]) for name in ATTRIBUTES}
 
 
-def stated_cells(text: str) -> list[tuple[str, str, int]]:
-  """(colour, cell, offset) of each object sentence of an answer that names
-  an object and a cell: the offset is where the cell's name starts in
-  `text` (what a model had to produce next, there)."""
-  out = []
+def _object_sentences(text: str):
+  """(sentence match, object match, cell match) of each sentence of an
+  answer that names an object and a cell."""
   for sentence in re.finditer(r"[^.]+\.?", text):
     low = sentence.group().lower()
     obj, cell = _OBJ.search(low), _CELL.search(low)
     if obj is not None and cell is not None:
-      out.append(
-        (obj.group(1), cell.group(1), sentence.start() + cell.start(1))
-      )
+      yield sentence, obj, cell
+
+
+def stated_cells(text: str) -> list[tuple[str, str, int]]:
+  """(colour, cell, offset) of each object sentence of an answer that names
+  an object and a cell: the offset is where the cell's name starts in
+  `text` (what a model had to produce next, there)."""
+  return [
+    (obj.group(1), cell.group(1), sentence.start() + cell.start(1))
+    for sentence, obj, cell in _object_sentences(text)
+  ]
+
+
+def wrong_cells_by_form(text: str, scene: world.Scene) -> dict[str, list]:
+  """{form: [wrong, stated]} over the sentences of an answer that name an
+  object of the scene (by colour) and a cell, by `sentence_form`: how often
+  the cell is not that object's start cell. Finding an object's cell
+  (object first) and the object at a cell (cell first) are two lookups a
+  model can learn apart."""
+  true = {thing.colour: thing.cell for thing in scene.things}
+  out = {form: [0, 0] for form in SENTENCE_FORMS}
+  for sentence, obj, cell in _object_sentences(text):
+    if obj.group(1) in true:
+      got = out[sentence_form(sentence.group().strip())]
+      got[0] += cell.group(1) != true[obj.group(1)]
+      got[1] += 1
   return out
 
 
