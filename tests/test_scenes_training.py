@@ -42,7 +42,7 @@ def _by_hand(model, loss_fn, preset, made, device, weights=None):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    losses.append(float(loss))
+    losses.append(float(loss.detach()))
     if weights is not None:
       weights.append([p.detach().clone() for p in model.parameters()])
   return losses
@@ -158,3 +158,73 @@ def test_schedule_warms_up_then_anneals_to_the_floor(floor):
   assert f[-1] == pytest.approx(floor)  # the last step's rate
   assert f[4 + 10] == pytest.approx((1 + floor) / 2)  # half-way down
   assert all(a > b for a, b in zip(f[4:-1], f[5:], strict=True))
+
+
+def test_patch_position_head_reads_rows_and_columns():
+  """The head's labels are each patch's row and column (patches row by
+  row after the CLS token): features that are one-hot in them give a loss
+  near 0 through an identity read-out, the CLS token is not scored, and
+  the same features with rows and columns swapped score high."""
+  side = 4
+  head = training.PatchPositionHead(2 * side, side)
+  with torch.no_grad():
+    head.proj.weight.copy_(30.0 * torch.eye(2 * side))
+    head.proj.bias.zero_()
+  rows, cols = np.divmod(np.arange(side * side), side)
+  feats = torch.zeros(3, 1 + side * side, 2 * side)
+  feats[:, 1 + np.arange(side * side), rows] = 1.0
+  feats[:, 1 + np.arange(side * side), side + cols] = 1.0
+  feats[:, 0] = torch.randn(3, 2 * side)  # CLS: anything
+  swapped = torch.cat([feats[..., side:], feats[..., :side]], dim=-1)
+  with torch.no_grad():
+    assert float(head.loss(feats)) < 1e-3
+    assert float(head.loss(swapped)) > 1.0
+
+
+def _tiny_target(steps=3, **changes):
+  tok = text.train_tokenizer(range(50), 512)
+  scenes = [world.make_scene(s) for s in range(8)]
+  frames = np.stack([world.render(s.seed)[1] for s in scenes])
+  preset = dataclasses.replace(TINY, target_steps=steps, **changes)
+  torch.manual_seed(0)
+  model = models.build_target(preset, tok)
+  batches = training.make_batches("target", tok, scenes, preset, 0)
+  return model, batches, frames, preset
+
+
+def test_target_loss_adds_the_weighted_position_loss():
+  model, batches, frames, _ = _tiny_target()
+  start = batches.prompts.media_span()[0]
+  idx, ids, _, labels = batches(0)
+  ids, labels = torch.as_tensor(ids), torch.as_tensor(labels)
+  clips = torch.from_numpy(frames)[torch.as_tensor(idx)]
+  head = training.PatchPositionHead(model.config.text_config.hidden_size, 4)
+  with torch.no_grad():
+    plain = training.target_loss(model, ids, labels, clips, start)
+    both = training.target_loss(
+      model, ids, labels, clips, start, head=head, weight=0.5
+    )
+    px = models.pixels(clips).flatten(0, 1)
+    out = model.model.video_tower(px, output_hidden_states=True)
+    feats = model.model.multi_modal_projector(
+      out.hidden_states[model.config.vision_feature_layer]
+    )
+    assert feats.shape[1] == 1 + 4 * 4  # tiny: 4 x 4 patches and CLS
+    want = plain + 0.5 * head.loss(feats)
+  assert float(both) == pytest.approx(float(want), rel=1e-6)
+  assert float(both) > float(plain)
+
+
+def test_pos_aux_trains_the_tower_and_leaves_only_the_models_weights():
+  """With `pos_aux` the head's loss reaches the model (its projector ends
+  elsewhere than without, from the same init and batches), and the model
+  keeps exactly its own parameters (nothing of the head is saved)."""
+  cpu = torch.device("cpu")
+  got = {}
+  for aux in (0.0, 1.0):
+    model, batches, frames, preset = _tiny_target(pos_aux=aux)
+    keys = set(model.state_dict())
+    training.train("target", model, batches, preset, frames, cpu, None, "none")
+    assert set(model.state_dict()) == keys
+    got[aux] = model.model.multi_modal_projector.linear_1.weight.detach()
+  assert not torch.equal(got[0.0], got[1.0])

@@ -98,7 +98,6 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   build = models.build_target if role == "target" else models.build_drafter
   model = build(preset, tokenizer).to(device)
   media = frames if role == "target" else events
-  loss_fn = training.make_loss(role, model, media, batches, device, mode)
   # The stream's first batches were made while the first step compiled:
   # they are stepped through untimed, so the timed steps are fed as fast
   # as the workers make batches.
@@ -106,13 +105,15 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   if mode in training.GRAPH_MODES:  # warm-up and capture are untimed too
     drain = max(drain, training.TrainStep.WARMUP)
   total = 1 + drain + steps
+  step = training.make_step(
+    role, model, media, batches, preset, total, device, mode
+  )
   if stream:
     source = training.stream(batches, role, total, executor)
   else:
     made = [batches(i) for i in range(total)]
     source = iter([[training.to_device(x, device) for x in b] for b in made])
   model.train()
-  step = training.TrainStep(model, loss_fn, preset, total, device, mode)
   sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
   sync()
   t0 = time.perf_counter()

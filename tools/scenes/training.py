@@ -22,14 +22,18 @@ The library under `tools.scenes.make_pair` (the command) and
   (`preset.ema`).
 - The losses (`target_loss`, `drafter_loss`): the models' forward passes with
   the media spliced in at the prompts' fixed span, causal attention without
-  a mask (`causal_attention`), scored after the media only.
-- Per model ('target' or 'drafter'): `make_batches`, `make_loss` and `train`.
+  a mask (`causal_attention`), scored after the media only; the target's
+  optionally plus a patch-position loss on its visual tokens
+  (`PatchPositionHead`, weight `preset.pos_aux`).
+- Per model ('target' or 'drafter'): `make_batches`, `make_loss`, `make_step`
+  and `train`.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import math
 import multiprocessing
 import time
@@ -482,20 +486,56 @@ def answer_loss(lm_head, hidden, labels, first: int):
 # the loss equals the masked one, while SDPA takes its causal kernel.
 
 
-def target_loss(model, ids, labels, frames, start: int):
+class PatchPositionHead(torch.nn.Module):
+  """A training-only linear read-out of each patch's row and column from
+  the target's visual tokens (the projector's output, the language model's
+  input), never saved with the model.
+
+  Trained, the vision tower keeps where a patch is (a linear probe finds
+  an object's cell from its patches' tower output for about 90% of
+  objects) but the projector's output loses most of it (54-64%), so the
+  language model has to rebuild it (docs/SCENES.md). `loss` asks the
+  projector to keep it.
+  """
+
+  def __init__(self, dim: int, side: int):
+    super().__init__()
+    self.side = side
+    self.proj = torch.nn.Linear(dim, 2 * side)
+
+  def loss(self, feats) -> torch.Tensor:
+    """Mean cross-entropy of the row and the column of every patch token of
+    `feats` [frames, 1 + side * side, dim] (CLS first, then the patches row
+    by row)."""
+    logits = self.proj(feats[:, 1:]).float()  # [N, P, 2 * side]
+    k = self.side
+    where = torch.arange(k * k, device=feats.device)
+    rows = (where // k).expand(feats.shape[0], -1).reshape(-1)
+    cols = (where % k).expand(feats.shape[0], -1).reshape(-1)
+    ce = torch.nn.functional.cross_entropy
+    return 0.5 * (
+      ce(logits[..., :k].reshape(-1, k), rows)
+      + ce(logits[..., k:].reshape(-1, k), cols)
+    )
+
+
+def target_loss(model, ids, labels, frames, start: int, head=None, weight=0.0):
   """The target's answer-token loss; `frames`: uint8 clips of the batch,
-  `start`: first media position."""
+  `start`: first media position. With a `PatchPositionHead`, plus `weight`
+  times its loss on the batch's visual tokens."""
   inner = model.model
   px = models.pixels(frames)
   out = inner.video_tower(px.flatten(0, 1), output_hidden_states=True)
   feats = inner.multi_modal_projector(
     out.hidden_states[model.config.vision_feature_layer]
   )
+  aux = head.loss(feats) if head is not None else None
   feats = feats.reshape(px.shape[0], -1, feats.shape[-1])
   lm = inner.language_model
   embeds = splice(lm.get_input_embeddings(), ids, feats, start)
   hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
-  return answer_loss(model.lm_head, hidden, labels, start + feats.shape[1])
+  loss = answer_loss(model.lm_head, hidden, labels, start + feats.shape[1])
+  return loss if aux is None else loss + weight * aux
 
 
 def drafter_loss(model, ids, labels, events, start: int):
@@ -554,18 +594,31 @@ def causal_attention(lm) -> None:
   lm.set_attn_implementation(CAUSAL_ATTENTION)
 
 
-def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
+def make_loss(
+  name: str,
+  model,
+  media,
+  batches: Batches,
+  device,
+  compile_mode,
+  head=None,
+  head_weight: float = 0.0,
+):
   """The training loss of model `name` on a batch's (idx, ids, labels)
   tensors on `device` (`device_batch`): the pool's media (clips for the
   target, event frames for the drafter) go to the device once and are
   gathered there, the language model attends causally without a mask
   (`causal_attention`; `train` restores it), the loss is compiled as
-  `compile_mode` says: one graph (tests/test_scenes_world.py)."""
+  `compile_mode` says: one graph (tests/test_scenes_world.py). `head`: the
+  target's `PatchPositionHead`, its loss weighted by `head_weight`."""
   media_dev = torch.from_numpy(media).to(device)
   model.to(device)
   causal_attention(language_model(name, model))
   start = batches.prompts.media_span()[0]
   loss = target_loss if name == "target" else drafter_loss
+  if head is not None:
+    head.to(device)
+    loss = functools.partial(target_loss, head=head, weight=head_weight)
   # transformers installs output hooks on a model's first call, under a
   # lock dynamo cannot trace (two graph breaks in every compiled step):
   # make that call eagerly, on one row.
@@ -585,6 +638,27 @@ def make_loss(name: str, model, media, batches: Batches, device, compile_mode):
   return batch_loss
 
 
+def make_step(
+  name, model, media, batches, preset, steps, device, compile_mode
+) -> TrainStep:
+  """The `TrainStep` of model `name` over `steps`: its loss (`make_loss`)
+  and, for the target with `preset.pos_aux` > 0, a `PatchPositionHead`
+  trained beside it (its parameters in the step's optimiser, not in the
+  model)."""
+  head = None
+  if name == "target" and preset.pos_aux > 0:
+    vision = model.config.vision_config
+    head = PatchPositionHead(
+      model.config.text_config.hidden_size,
+      vision.image_size // vision.patch_size,
+    )
+  loss_fn = make_loss(
+    name, model, media, batches, device, compile_mode, head, preset.pos_aux
+  )
+  trained = model if head is None else torch.nn.ModuleList([model, head])
+  return TrainStep(trained, loss_fn, preset, steps, device, compile_mode)
+
+
 def train(
   name,
   model,
@@ -596,12 +670,15 @@ def train(
   compile_mode="model",
 ):
   """Trains model `name` ('target' or 'drafter') for its preset steps; the
-  model leaves with the attention implementation it came with."""
+  model leaves with the attention implementation it came with. With
+  `preset.pos_aux` > 0 the target trains beside a `PatchPositionHead`,
+  dropped afterwards: the model keeps its own parameters only."""
   steps = preset.target_steps if name == "target" else preset.drafter_steps
   lm = language_model(name, model)
   previous = lm.config._attn_implementation
-  loss_fn = make_loss(name, model, media, batches, device, compile_mode)
-  step = TrainStep(model, loss_fn, preset, steps, device, compile_mode)
+  step = make_step(
+    name, model, media, batches, preset, steps, device, compile_mode
+  )
   try:
     return fit(model, step, batches, name, steps, executor)
   finally:
