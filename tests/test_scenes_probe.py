@@ -218,3 +218,60 @@ def test_cell_attention_shares_are_attention_masses(tiny_scenes_pair):
         assert 0.0 <= a <= 1.0 and 0.0 <= b <= 1.0
   # The model goes back to the attention it was loaded with.
   assert target.model.config._attn_implementation != "eager"
+
+
+def test_ridge_accuracy_reads_a_linear_label_and_not_noise():
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 3, size=400)
+  x = 3.0 * rng.normal(size=(3, 12))[y] + rng.normal(size=(400, 12))
+  assert probe.ridge_accuracy(x[:300], y[:300], x[300:], y[300:], 3) > 0.95
+  noise = rng.integers(0, 3, size=400)
+  assert (
+    probe.ridge_accuracy(x[:300], noise[:300], x[300:], noise[300:], 3) < 0.5
+  )
+
+
+def test_object_features_are_the_objects_first_frame_tokens(tiny_scenes_pair):
+  """Stage 0 of the language model is the projector's output at the
+  object's first-frame patches; the tower's stages are its hidden states
+  there; the labels are the objects' start cells."""
+  out, _ = tiny_scenes_pair
+  target = bk.load_backend(f"video_llava:{out}/target")
+  model = target.model
+  seeds = world.split_seeds("test", 3)
+  feats, cells = probe.object_features(target, seeds)
+  things = [t for s in seeds for t in world.make_scene(s).things]
+  assert cells.tolist() == [world.CELLS.index(t.cell) for t in things]
+  vision = model.config.vision_config
+  assert len(feats["tower"]) == vision.num_hidden_layers + 1
+  assert len(feats["lm"]) == model.config.text_config.num_hidden_layers + 1
+  side = vision.image_size // vision.patch_size
+  k = 0
+  with torch.no_grad():
+    for s in seeds:
+      scene, frames = world.render(s)
+      pix = models.pixels(torch.from_numpy(frames)[None])[0]
+      tower = model.model.video_tower(pix, output_hidden_states=True)
+      proj = model.model.multi_modal_projector(
+        tower.hidden_states[model.config.vision_feature_layer]
+      )
+      for thing in scene.things:
+        patch = world.SIZE // side
+        covered = world.mask(thing, 0).reshape(side, patch, side, patch)
+        idx = 1 + np.flatnonzero(covered.any(axis=(1, 3)))
+        np.testing.assert_allclose(
+          feats["lm"][0][k], proj[0, idx].mean(0).numpy(), rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+          feats["tower"][-1][k],
+          tower.hidden_states[-1][0, idx].mean(0).numpy(),
+          rtol=1e-4,
+          atol=1e-5,
+        )
+        k += 1
+  assert k == len(things)
+  got = probe.position(target, seeds, world.split_seeds("test", 2, offset=3))
+  assert len(got["tower"]) == len(feats["tower"])
+  assert len(got["lm"]) == len(feats["lm"])
+  assert all(0.0 <= v <= 1.0 for v in got["tower"] + got["lm"])
+  assert got["objects"][0] == len(things)

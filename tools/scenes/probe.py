@@ -3,7 +3,7 @@
   python -m tools.scenes.probe --pair DIR [--split test] [--scenes 100]
       [--device D] [--dtype float16|float32] [--json PATH]
 
-Three probes, through the backends (`video_llava:DIR/target`,
+Four probes, through the backends (`video_llava:DIR/target`,
 `tools.scenes.drafter:make_backend:DIR`):
   evaluate  make_pair's held-out evaluation on `--scenes` scenes of
             `--split`: accuracy per question type, per attribute, the
@@ -19,6 +19,11 @@ Three probes, through the backends (`video_llava:DIR/target`,
             answer that puts the static objects in cells no object starts
             in: does it answer from the video (the true cells) or copy the
             conversation (the planted ones)?
+  position  how well an object's start cell can be read linearly from its
+            first-frame tokens at each stage: the vision tower's layers,
+            the projector's output (the language model's input), the
+            language model's layers (a ridge read-out fit on the next
+            `--scenes` scenes of the split, `position`)
 """
 
 from __future__ import annotations
@@ -202,6 +207,96 @@ def cell_attention(target, seeds, max_new_tokens: int) -> dict:
   }
 
 
+def ridge_accuracy(x_fit, y_fit, x_eval, y_eval, classes: int) -> float:
+  """Accuracy on (x_eval, y_eval) of a ridge read-out of one-hot labels
+  fit on (x_fit, y_fit), features standardised on the fit set."""
+  mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
+
+  def design(x):
+    return np.hstack([(x - mu) / sd, np.ones((len(x), 1))])
+
+  a = design(x_fit)
+  w = np.linalg.solve(
+    a.T @ a + RIDGE * np.eye(a.shape[1]), a.T @ np.eye(classes)[y_fit]
+  )
+  return float(((design(x_eval) @ w).argmax(1) == y_eval).mean())
+
+
+RIDGE = 10.0
+
+
+@torch.inference_mode()
+def object_features(target, seeds):
+  """Per object of the scenes `seeds`, the mean of its first-frame patch
+  tokens at each stage of the target: the vision tower's embeddings and
+  each of its layers (`tower`), then the language model's input (the
+  projector's output) and each of its layers (`lm`), the clip asked
+  `describe`. Returns ({"tower": [stage][objects, dim], "lm": ...}, start
+  cells [objects] as indices of `world.CELLS`)."""
+  model = target.model
+  prompts = make_pair.target_prompts(target)
+  first, _ = prompts.media_span()
+  vision = model.config.vision_config
+  side = vision.image_size // vision.patch_size
+  feats, cells = {"tower": [], "lm": []}, []
+  for s in seeds:
+    scene, frames = world.render(s)
+    inputs = make_pair.target_inputs(
+      target, prompts, text.question(s, "describe"), frames
+    )
+    pix = inputs["pixel_values_videos"].to(target.device)
+    out = model(
+      input_ids=inputs["input_ids"].to(target.device),
+      pixel_values_videos=pix,
+      output_hidden_states=True,
+    )
+    tower = model.model.video_tower(pix[0, :1], output_hidden_states=True)
+    for thing in scene.things:
+      seq = object_tokens(thing, 0, side, first)
+      own = object_tokens(thing, 0, side, 0)  # in frame 0's own tokens
+      feats["tower"].append([h[0, own].mean(0) for h in tower.hidden_states])
+      feats["lm"].append([h[0, seq].mean(0) for h in out.hidden_states])
+      cells.append(world.CELLS.index(thing.cell))
+  stacked = {
+    k: [
+      torch.stack(stage).float().cpu().numpy() for stage in zip(*v, strict=True)
+    ]
+    for k, v in feats.items()
+  }
+  return stacked, np.array(cells)
+
+
+def position(target, fit_seeds, eval_seeds) -> dict:
+  """How well an object's start cell can be read linearly from its
+  first-frame tokens, stage by stage (`object_features`): a ridge read-out
+  fit on the objects of `fit_seeds`, its accuracy on those of
+  `eval_seeds`. {"tower": [embeddings, layer 1, ...], "lm": [input,
+  layer 1, ...], "objects": [fit, eval]}."""
+  fit, y_fit = object_features(target, fit_seeds)
+  got, y_eval = object_features(target, eval_seeds)
+  out = {
+    k: [
+      round(ridge_accuracy(a, y_fit, b, y_eval, len(world.CELLS)), 4)
+      for a, b in zip(fit[k], got[k], strict=True)
+    ]
+    for k in fit
+  }
+  out["objects"] = [len(y_fit), len(y_eval)]
+  return out
+
+
+def position_lines(got: dict) -> list[str]:
+  fit, scored = got["objects"]
+  return [
+    f"start cell read linearly from an object's first-frame tokens (ridge, "
+    f"fit on {fit} objects, scored on {scored}):",
+    "  vision tower (embeddings, layers 1..) "
+    + " ".join(f"{x:.2f}" for x in got["tower"]),
+    "  language model (input, layers 1..)   "
+    + " ".join(f"{x:.2f}" for x in got["lm"]),
+  ]
+
+
 def attention_lines(got: dict) -> list[str]:
   lines = ["cell attention (best head per layer, share of its attention):"]
   for kind, v in got.items():
@@ -264,6 +359,9 @@ def main(argv=None) -> int:
   )
   attention = cell_attention(target, seeds, args.max_new_tokens)
   print("\n".join(attention_lines(attention)))
+  fit_seeds = world.split_seeds(args.split, args.scenes, offset=args.scenes)
+  located = position(target, fit_seeds, seeds)
+  print("\n".join(position_lines(located)))
   got = planted(target, seeds, args.max_new_tokens)
   print(
     f"planted: of {got['scenes']} scenes, `still` after a describe answer "
@@ -281,6 +379,7 @@ def main(argv=None) -> int:
         "evaluate": results,
         "planted": got,
         "cell_attention": attention,
+        "position": located,
       },
     )
   return 0

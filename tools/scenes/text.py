@@ -178,15 +178,7 @@ def answer(scene: world.Scene, qtype: str, variant: int = 0) -> str:
 
 _COLOUR_RE = "|".join(world.COLOURS)
 _SHAPE_RE = "|".join(world.SHAPES)
-_CELLS = sorted(
-  {
-    "centre" if (r, c) == (1, 1) else f"{world.ROWS[r]} {world.COLS[c]}"
-    for r in range(3)
-    for c in range(3)
-  },
-  key=len,
-  reverse=True,
-)
+_CELLS = sorted(world.CELLS, key=len, reverse=True)  # longest name first
 _OBJ = re.compile(rf"\b({_COLOUR_RE}) ({_SHAPE_RE})\b")
 _CELL = re.compile(r"\bat the (" + "|".join(_CELLS) + r")\b")
 _MOVE = re.compile(r"\b(left|right|up|down) (slowly|quickly)\b")

@@ -36,6 +36,12 @@ COLS = ("left", "centre", "right")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPEEDS = {"slowly": 1, "quickly": 3}  # pixels per frame
 CELL_CENTRES = (12, 32, 52)
+# The nine start cells' names, row by row (`Thing.cell`).
+CELLS = tuple(
+  "centre" if (r, c) == (1, 1) else f"{ROWS[r]} {COLS[c]}"
+  for r in range(3)
+  for c in range(3)
+)
 BACKGROUND = 60
 CONTRAST_THRESHOLD = 0.15  # log-intensity step per event
 # Seed ranges of the splits: [start, stop).
@@ -67,9 +73,7 @@ class Thing:
   @property
   def cell(self) -> str:
     """Start cell name, e.g. 'top left', 'centre'."""
-    if (self.row, self.col) == (1, 1):
-      return "centre"
-    return f"{ROWS[self.row]} {COLS[self.col]}"
+    return CELLS[3 * self.row + self.col]
 
   def centre(self, frame: int) -> tuple[float, float]:
     if not self.moving:
