@@ -130,9 +130,9 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
             for name, (a, b) in got.items():
               ok, asked = hits[role][name]
               hits[role][name] = (ok + a, asked + b)
-            for kind, k in text.cell_misses(answer, rendered[s][0]).items():
-              misses[role][kind] += k
             scene = rendered[s][0]
+            for kind, k in text.cell_misses(answer, scene).items():
+              misses[role][kind] += k
             for form, (a, b) in text.wrong_cells_by_form(answer, scene).items():
               forms[role][form][0] += a
               forms[role][form][1] += b

@@ -207,6 +207,9 @@ def cell_attention(target, seeds, max_new_tokens: int) -> dict:
   }
 
 
+RIDGE = 10.0  # the read-out's penalty, on standardised features
+
+
 def ridge_accuracy(x_fit, y_fit, x_eval, y_eval, classes: int) -> float:
   """Accuracy on (x_eval, y_eval) of a ridge read-out of one-hot labels
   fit on (x_fit, y_fit), features standardised on the fit set."""
@@ -220,9 +223,6 @@ def ridge_accuracy(x_fit, y_fit, x_eval, y_eval, classes: int) -> float:
     a.T @ a + RIDGE * np.eye(a.shape[1]), a.T @ np.eye(classes)[y_fit]
   )
   return float(((design(x_eval) @ w).argmax(1) == y_eval).mean())
-
-
-RIDGE = 10.0
 
 
 @torch.inference_mode()

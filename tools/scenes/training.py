@@ -491,11 +491,12 @@ class PatchPositionHead(torch.nn.Module):
   the target's visual tokens (the projector's output, the language model's
   input), never saved with the model.
 
-  Trained, the vision tower keeps where a patch is (a linear probe finds
-  an object's cell from its patches' tower output for about 90% of
-  objects) but the projector's output loses most of it (54-64%), so the
-  language model has to rebuild it (docs/SCENES.md). `loss` asks the
-  projector to keep it.
+  Trained, the vision tower keeps where a patch is (a linear read-out finds
+  an object's start cell from its patches' tower output for 89-100% of
+  objects) but in three of four pairs measured the projector's output lost
+  most of it (53-72%), and the language model had to rebuild it
+  (docs/SCENES.md, `tools.scenes.probe`). `loss` asks the projector to
+  keep it.
   """
 
   def __init__(self, dim: int, side: int):
