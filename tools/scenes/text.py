@@ -88,7 +88,9 @@ SENTENCE_FORMS = ("object_first", "cell_first", "there_is")
 
 
 def sentence_form(sentence: str) -> str:
-  """Which of `SENTENCE_FORMS` an object's sentence is written in."""
+  """Which of `SENTENCE_FORMS` an object's sentence is written in (leading
+  blanks ignored)."""
+  sentence = sentence.lstrip()
   if sentence.startswith("At the "):
     return "cell_first"
   if sentence.startswith("There is "):
@@ -354,7 +356,7 @@ def wrong_cells_by_form(text: str, scene: world.Scene) -> dict[str, list]:
   out = {form: [0, 0] for form in SENTENCE_FORMS}
   for sentence, obj, cell in _object_sentences(text):
     if obj.group(1) in true:
-      got = out[sentence_form(sentence.group().strip())]
+      got = out[sentence_form(sentence.group())]
       got[0] += cell.group(1) != true[obj.group(1)]
       got[1] += 1
   return out
