@@ -1,6 +1,7 @@
 """The scenes pair's training step (tools/scenes/training.py: TrainStep)."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -160,27 +161,6 @@ def test_schedule_warms_up_then_anneals_to_the_floor(floor):
   assert all(a > b for a, b in zip(f[4:-1], f[5:], strict=True))
 
 
-def test_patch_position_head_reads_rows_and_columns():
-  """The head's labels are each patch's row and column (patches row by
-  row after the CLS token): features that are one-hot in them give a loss
-  near 0 through an identity read-out, the CLS token is not scored, and
-  the same features with rows and columns swapped score high."""
-  side = 4
-  head = training.PatchPositionHead(2 * side, side)
-  with torch.no_grad():
-    head.proj.weight.copy_(30.0 * torch.eye(2 * side))
-    head.proj.bias.zero_()
-  rows, cols = np.divmod(np.arange(side * side), side)
-  feats = torch.zeros(3, 1 + side * side, 2 * side)
-  feats[:, 1 + np.arange(side * side), rows] = 1.0
-  feats[:, 1 + np.arange(side * side), side + cols] = 1.0
-  feats[:, 0] = torch.randn(3, 2 * side)  # CLS: anything
-  swapped = torch.cat([feats[..., side:], feats[..., :side]], dim=-1)
-  with torch.no_grad():
-    assert float(head.loss(feats)) < 1e-3
-    assert float(head.loss(swapped)) > 1.0
-
-
 def _tiny_target(steps=3, **changes):
   tok = text.train_tokenizer(range(50), 512)
   scenes = [world.make_scene(s) for s in range(8)]
@@ -192,39 +172,89 @@ def _tiny_target(steps=3, **changes):
   return model, batches, frames, preset
 
 
-def test_target_loss_adds_the_weighted_position_loss():
+def test_token_weights_weigh_exactly_the_fact_words():
+  """Each fact word of a generated answer is one token of the scenes'
+  tokenizer, and that token (and no other) gets the fact weight."""
+  tok = text.train_tokenizer(range(50), 512)
+  weights = training.token_weights(tok, 7.0)
+  assert weights.shape == (len(tok),)
+  facts = 0
+  for seed in range(100, 130):
+    scene = world.make_scene(seed)
+    for qtype in text.QTYPES:
+      answer = " " + text.answer(scene, qtype, seed)
+      enc = tok(answer, add_special_tokens=False, return_offsets_mapping=True)
+      spans = set()
+      for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        word = answer[a:b].strip().lower()
+        is_fact = word in text.FACT_WORDS
+        assert float(weights[i]) == (7.0 if is_fact else 1.0), word
+        if is_fact:
+          spans.add((a + len(answer[a:b]) - len(answer[a:b].lstrip()), b))
+      for m in re.finditer(r"[A-Za-z]+", answer):
+        if m.group().lower() in text.FACT_WORDS:
+          assert m.span() in spans, (answer, m.group())
+          facts += 1
+  assert facts > 500
+
+
+def test_answer_loss_weighs_each_label_by_its_tokens_weight():
+  """With weights, the loss is the labelled tokens' cross-entropy averaged
+  with each label's weight (ignored positions count for nothing); with
+  all weights 1 it is the plain mean."""
+  torch.manual_seed(0)
+  vocab, dim, first = 11, 6, 3
+  head = torch.nn.Linear(dim, vocab, bias=False)
+  hidden = torch.randn(2, 9, dim)
+  labels = torch.randint(vocab, (2, 9))
+  labels[:, :first] = -100
+  labels[0, 5] = labels[1, 8] = -100
+  weights = torch.rand(vocab) + 0.5
+  with torch.no_grad():
+    got = training.answer_loss(head, hidden, labels, first, weights)
+    plain = training.answer_loss(head, hidden, labels, first)
+    ones = training.answer_loss(head, hidden, labels, first, torch.ones(vocab))
+    num = den = 0.0
+    for b in range(2):
+      for t in range(first, 9):
+        if labels[b, t] < 0:
+          continue
+        logp = torch.log_softmax(head(hidden[b, t - 1]), -1)
+        w = float(weights[labels[b, t]])
+        num += -w * float(logp[labels[b, t]])
+        den += w
+  assert float(got) == pytest.approx(num / den, rel=1e-5)
+  assert float(ones) == pytest.approx(float(plain), rel=1e-6)
+  assert float(got) != pytest.approx(float(plain), rel=1e-3)
+
+
+def test_make_loss_weighs_the_fact_tokens():
+  """make_loss with fact_weight w is the model's loss under
+  `token_weights(tokenizer, w)`, not the plain one."""
+  cpu = torch.device("cpu")
   model, batches, frames, _ = _tiny_target()
   start = batches.prompts.media_span()[0]
-  idx, ids, _, labels = batches(0)
-  ids, labels = torch.as_tensor(ids), torch.as_tensor(labels)
-  clips = torch.from_numpy(frames)[torch.as_tensor(idx)]
-  head = training.PatchPositionHead(model.config.text_config.hidden_size, 4)
+  idx, ids, labels = training.device_batch(batches(0), cpu)
+  weights = training.token_weights(batches.tokenizer, 4.0)
+  loss_fn = training.make_loss(
+    "target", model, frames, batches, cpu, "none", fact_weight=4.0
+  )
+  clips = torch.from_numpy(frames)[idx]
   with torch.no_grad():
+    got = loss_fn(idx, ids, labels)
+    want = training.target_loss(model, ids, labels, clips, start, weights)
     plain = training.target_loss(model, ids, labels, clips, start)
-    both = training.target_loss(
-      model, ids, labels, clips, start, head=head, weight=0.5
-    )
-    px = models.pixels(clips).flatten(0, 1)
-    out = model.model.video_tower(px, output_hidden_states=True)
-    feats = model.model.multi_modal_projector(
-      out.hidden_states[model.config.vision_feature_layer]
-    )
-    assert feats.shape[1] == 1 + 4 * 4  # tiny: 4 x 4 patches and CLS
-    want = plain + 0.5 * head.loss(feats)
-  assert float(both) == pytest.approx(float(want), rel=1e-6)
-  assert float(both) > float(plain)
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  assert float(got) != pytest.approx(float(plain), rel=1e-3)
 
 
-def test_pos_aux_trains_the_tower_and_leaves_only_the_models_weights():
-  """With `pos_aux` the head's loss reaches the model (its projector ends
-  elsewhere than without, from the same init and batches), and the model
-  keeps exactly its own parameters (nothing of the head is saved)."""
+def test_train_follows_the_presets_fact_weight():
+  """The preset's fact_weight reaches training: from the same init and
+  batches the target ends elsewhere with it than without."""
   cpu = torch.device("cpu")
   got = {}
-  for aux in (0.0, 1.0):
-    model, batches, frames, preset = _tiny_target(pos_aux=aux)
-    keys = set(model.state_dict())
+  for w in (1.0, 5.0):
+    model, batches, frames, preset = _tiny_target(fact_weight=w)
     training.train("target", model, batches, preset, frames, cpu, None, "none")
-    assert set(model.state_dict()) == keys
-    got[aux] = model.model.multi_modal_projector.linear_1.weight.detach()
-  assert not torch.equal(got[0.0], got[1.0])
+    got[w] = model.lm_head.weight.detach().clone()
+  assert not torch.equal(got[1.0], got[5.0])

@@ -245,11 +245,11 @@ def test_training_losses_equal_the_models_own_masked_loss():
     )
 
 
-@pytest.mark.parametrize("name", ["target", "drafter", "target+position"])
+@pytest.mark.parametrize("name", ["target", "drafter", "target+facts"])
 def test_the_training_loss_traces_as_one_graph(name):
   """Once make_loss has set a model up, its loss is one graph for
   torch.compile (no break for dynamo to cut the compiled step at); the
-  target's with its patch-position loss too."""
+  target's with fact tokens weighted too."""
   import functools
 
   import torch
@@ -260,9 +260,9 @@ def test_the_training_loss_traces_as_one_graph(name):
   tok = text.train_tokenizer(range(50), 512)
   scenes = [world.make_scene(s) for s in range(8)]
   frames = np.stack([world.render(s.seed)[1] for s in scenes])
-  head = None
-  if name == "target+position":
-    name, head = "target", training.PatchPositionHead(preset.hidden, 4)
+  weights = None
+  if name == "target+facts":
+    name, weights = "target", training.token_weights(tok, 3.0)
   media = (
     frames if name == "target" else np.stack([world.events(f) for f in frames])
   )
@@ -271,8 +271,8 @@ def test_the_training_loss_traces_as_one_graph(name):
   batches = training.make_batches(name, tok, scenes, preset, 0)
   training.make_loss(name, model, media, batches, torch.device("cpu"), "model")
   loss = training.target_loss if name == "target" else training.drafter_loss
-  if head is not None:
-    loss = functools.partial(loss, head=head, weight=0.1)
+  if weights is not None:
+    loss = functools.partial(loss, weights=weights)
   start = batches.prompts.media_span()[0]
   idx, ids, _, labels = batches(1)
   m = torch.from_numpy(media)[torch.as_tensor(idx)]

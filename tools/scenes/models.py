@@ -62,10 +62,10 @@ class Preset:
   pos_init: str
   # The grid codes' size against a patch's content at init (1: equal).
   pos_scale: float
-  # Weight of the target's patch-position loss in training (0: none; see
-  # training.PatchPositionHead): the projector's output is asked to say
-  # each patch's row and column, linearly.
-  pos_aux: float
+  # Weight of a fact token (`text.FACT_WORDS`: colours, shapes, cells,
+  # motions, numbers) against a wording token in both models' answer loss
+  # (1: every answer token alike; see training.token_weights).
+  fact_weight: float
   # Decay per step of the exponential moving average of the weights that
   # training leaves in the model (0: the last step's weights).
   ema: float
@@ -104,7 +104,7 @@ PRESETS = {
     lr_floor=0.1,
     pos_init="grid",
     pos_scale=1.0,
-    pos_aux=0.0,
+    fact_weight=1.0,
     ema=0.998,
     warmup=100,
     eval_scenes=100,
@@ -137,7 +137,7 @@ PRESETS = {
     lr_floor=0.1,
     pos_init="grid",
     pos_scale=1.0,
-    pos_aux=0.0,
+    fact_weight=1.0,
     ema=0.9,
     warmup=5,
     eval_scenes=3,
@@ -173,8 +173,8 @@ def override(preset: Preset, assignments) -> Preset:
     raise ValueError(
       f"--set pos_init={out.pos_init}: expected one of {list(POS_INITS)}"
     )
-  if not out.pos_aux >= 0:
-    raise ValueError(f"--set pos_aux={out.pos_aux}: expected >= 0")
+  if not out.fact_weight > 0:
+    raise ValueError(f"--set fact_weight={out.fact_weight}: expected > 0")
   if not out.pos_scale > 0:
     raise ValueError(f"--set pos_scale={out.pos_scale}: expected > 0")
   if not 0 <= out.ema < 1:

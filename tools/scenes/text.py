@@ -43,6 +43,12 @@ QUESTIONS = {
 NUMBERS = ("none", "one", "two", "three", "four")
 STILL_PHRASES = ("stays still", "does not move", "is not moving")
 MOVE_PHRASES = ("moves {d} {s}", "is moving {d} {s}", "slides {d} {s}")
+# The words that carry an answer's facts, as `parse` reads them back: the
+# rest of an answer is wording, which varies by seed.
+FACT_WORDS = frozenset(
+  (*world.COLOURS, *world.SHAPES, *world.ROWS, *world.COLS)
+  + (*world.DIRECTIONS, *world.SPEEDS, *NUMBERS)
+)
 SPECIAL_TOKENS = (
   "<unk>",
   "<s>",

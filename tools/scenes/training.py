@@ -22,9 +22,8 @@ The library under `tools.scenes.make_pair` (the command) and
   (`preset.ema`).
 - The losses (`target_loss`, `drafter_loss`): the models' forward passes with
   the media spliced in at the prompts' fixed span, causal attention without
-  a mask (`causal_attention`), scored after the media only; the target's
-  optionally plus a patch-position loss on its visual tokens
-  (`PatchPositionHead`, weight `preset.pos_aux`).
+  a mask (`causal_attention`), scored after the media only, fact tokens
+  optionally weighted above wording (`token_weights`, `preset.fact_weight`).
 - Per model ('target' or 'drafter'): `make_batches`, `make_loss`, `make_step`
   and `train`.
 """
@@ -466,14 +465,36 @@ def splice(embed, ids, feats, start: int):
   return torch.cat([text_before, feats, text_after], dim=1)
 
 
-def answer_loss(lm_head, hidden, labels, first: int):
-  """Mean cross-entropy of the labelled tokens of a batch, none of which
-  comes before position `first` (the text after the media): logits are made
-  only from there."""
+def answer_loss(lm_head, hidden, labels, first: int, weights=None):
+  """Cross-entropy of the labelled tokens of a batch, none of which comes
+  before position `first` (the text after the media): logits are made only
+  from there. Their mean, or with `weights` ([vocab], `token_weights`)
+  their mean weighted by each label's weight."""
   logits = lm_head(hidden[:, first - 1 : -1]).float()
-  return torch.nn.functional.cross_entropy(
-    logits.reshape(-1, logits.shape[-1]), labels[:, first:].reshape(-1)
-  )
+  logits, labels = logits.reshape(-1, logits.shape[-1]), labels[:, first:]
+  labels = labels.reshape(-1)
+  if weights is None:
+    return torch.nn.functional.cross_entropy(logits, labels)
+  ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+  w = weights[labels.clamp(min=0)] * (labels != -100)
+  return (ce * w).sum() / w.sum()
+
+
+def token_weights(tokenizer, fact_weight: float) -> torch.Tensor:
+  """[vocab] weights of the answer loss: `fact_weight` for the tokens that
+  spell a fact word (`text.FACT_WORDS`, each one token of the scenes'
+  tokenizer), 1 for the rest.
+
+  An answer's wording varies by seed and carries most of its loss, while
+  the facts that make it right (which cell, which colour) are a few tokens
+  of it: weighting them makes the facts a larger share of the gradient.
+  """
+  weights = torch.ones(len(tokenizer))
+  for token, i in tokenizer.get_vocab().items():
+    word = tokenizer.convert_tokens_to_string([token]).strip().lower()
+    if word in text.FACT_WORDS:
+      weights[i] = fact_weight
+  return weights
 
 
 # The losses below are the models' own forward passes with the media spliced
@@ -486,66 +507,32 @@ def answer_loss(lm_head, hidden, labels, first: int):
 # the loss equals the masked one, while SDPA takes its causal kernel.
 
 
-class PatchPositionHead(torch.nn.Module):
-  """A training-only linear read-out of each patch's row and column from
-  the target's visual tokens (the projector's output, the language model's
-  input), never saved with the model.
-
-  Trained, the vision tower keeps where a patch is (a linear read-out finds
-  an object's start cell from its patches' tower output for 89-100% of
-  objects) but in three of four pairs measured the projector's output lost
-  most of it (53-72%), and the language model had to rebuild it
-  (docs/SCENES.md, `tools.scenes.probe`). `loss` asks the projector to
-  keep it.
-  """
-
-  def __init__(self, dim: int, side: int):
-    super().__init__()
-    self.side = side
-    self.proj = torch.nn.Linear(dim, 2 * side)
-
-  def loss(self, feats) -> torch.Tensor:
-    """Mean cross-entropy of the row and the column of every patch token of
-    `feats` [frames, 1 + side * side, dim] (CLS first, then the patches row
-    by row)."""
-    logits = self.proj(feats[:, 1:]).float()  # [N, P, 2 * side]
-    k = self.side
-    where = torch.arange(k * k, device=feats.device)
-    rows = (where // k).expand(feats.shape[0], -1).reshape(-1)
-    cols = (where % k).expand(feats.shape[0], -1).reshape(-1)
-    ce = torch.nn.functional.cross_entropy
-    return 0.5 * (
-      ce(logits[..., :k].reshape(-1, k), rows)
-      + ce(logits[..., k:].reshape(-1, k), cols)
-    )
-
-
-def target_loss(model, ids, labels, frames, start: int, head=None, weight=0.0):
-  """The target's answer-token loss; `frames`: uint8 clips of the batch,
-  `start`: first media position. With a `PatchPositionHead`, plus `weight`
-  times its loss on the batch's visual tokens."""
+def target_loss(model, ids, labels, frames, start: int, weights=None):
+  """The target's answer-token loss (`weights`: as `answer_loss` takes);
+  `frames`: uint8 clips of the batch, `start`: first media position."""
   inner = model.model
   px = models.pixels(frames)
   out = inner.video_tower(px.flatten(0, 1), output_hidden_states=True)
   feats = inner.multi_modal_projector(
     out.hidden_states[model.config.vision_feature_layer]
   )
-  aux = head.loss(feats) if head is not None else None
   feats = feats.reshape(px.shape[0], -1, feats.shape[-1])
   lm = inner.language_model
   embeds = splice(lm.get_input_embeddings(), ids, feats, start)
   hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
-  loss = answer_loss(model.lm_head, hidden, labels, start + feats.shape[1])
-  return loss if aux is None else loss + weight * aux
+  first = start + feats.shape[1]
+  return answer_loss(model.lm_head, hidden, labels, first, weights)
 
 
-def drafter_loss(model, ids, labels, events, start: int):
-  """The drafter's answer-token loss; `events`: event frames of the batch."""
+def drafter_loss(model, ids, labels, events, start: int, weights=None):
+  """The drafter's answer-token loss (`weights`: as `answer_loss` takes);
+  `events`: event frames of the batch."""
   lm = model.lm.model
   feats = model.encoder(events)
   embeds = splice(lm.embed_tokens, ids, feats, start)
   hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
-  return answer_loss(model.lm.lm_head, hidden, labels, start + feats.shape[1])
+  first = start + feats.shape[1]
+  return answer_loss(model.lm.lm_head, hidden, labels, first, weights)
 
 
 def make_batches(name: str, tokenizer, scenes, preset, seed: int) -> Batches:
@@ -602,24 +589,23 @@ def make_loss(
   batches: Batches,
   device,
   compile_mode,
-  head=None,
-  head_weight: float = 0.0,
+  fact_weight: float = 1.0,
 ):
   """The training loss of model `name` on a batch's (idx, ids, labels)
   tensors on `device` (`device_batch`): the pool's media (clips for the
   target, event frames for the drafter) go to the device once and are
   gathered there, the language model attends causally without a mask
   (`causal_attention`; `train` restores it), the loss is compiled as
-  `compile_mode` says: one graph (tests/test_scenes_world.py). `head`: the
-  target's `PatchPositionHead`, its loss weighted by `head_weight`."""
+  `compile_mode` says: one graph (tests/test_scenes_world.py). With
+  `fact_weight` != 1 the answer tokens are weighted (`token_weights`)."""
   media_dev = torch.from_numpy(media).to(device)
   model.to(device)
   causal_attention(language_model(name, model))
   start = batches.prompts.media_span()[0]
   loss = target_loss if name == "target" else drafter_loss
-  if head is not None:
-    head.to(device)
-    loss = functools.partial(target_loss, head=head, weight=head_weight)
+  if fact_weight != 1:
+    weights = token_weights(batches.tokenizer, fact_weight).to(device)
+    loss = functools.partial(loss, weights=weights)
   # transformers installs output hooks on a model's first call, under a
   # lock dynamo cannot trace (two graph breaks in every compiled step):
   # make that call eagerly, on one row.
@@ -642,22 +628,12 @@ def make_loss(
 def make_step(
   name, model, media, batches, preset, steps, device, compile_mode
 ) -> TrainStep:
-  """The `TrainStep` of model `name` over `steps`: its loss (`make_loss`)
-  and, for the target with `preset.pos_aux` > 0, a `PatchPositionHead`
-  trained beside it (its parameters in the step's optimiser, not in the
-  model)."""
-  head = None
-  if name == "target" and preset.pos_aux > 0:
-    vision = model.config.vision_config
-    head = PatchPositionHead(
-      model.config.text_config.hidden_size,
-      vision.image_size // vision.patch_size,
-    )
+  """The `TrainStep` of model `name` over `steps`, with its loss
+  (`make_loss`, answer tokens weighted by `preset.fact_weight`)."""
   loss_fn = make_loss(
-    name, model, media, batches, device, compile_mode, head, preset.pos_aux
+    name, model, media, batches, device, compile_mode, preset.fact_weight
   )
-  trained = model if head is None else torch.nn.ModuleList([model, head])
-  return TrainStep(trained, loss_fn, preset, steps, device, compile_mode)
+  return TrainStep(model, loss_fn, preset, steps, device, compile_mode)
 
 
 def train(
@@ -671,9 +647,7 @@ def train(
   compile_mode="model",
 ):
   """Trains model `name` ('target' or 'drafter') for its preset steps; the
-  model leaves with the attention implementation it came with. With
-  `preset.pos_aux` > 0 the target trains beside a `PatchPositionHead`,
-  dropped afterwards: the model keeps its own parameters only."""
+  model leaves with the attention implementation it came with."""
   steps = preset.target_steps if name == "target" else preset.drafter_steps
   lm = language_model(name, model)
   previous = lm.config._attn_implementation
