@@ -194,6 +194,16 @@ def test_preset_overrides(tmp_path, capsys):
   assert not (tmp_path / "p").exists()
 
 
+def test_loss_label_names_the_fact_weight():
+  """The training plot says when fact tokens were weighted, and by what."""
+
+  def label(preset):
+    return make_pair.loss_label({"fingerprint": {"preset": preset}})
+
+  assert label({"fact_weight": 1.0}) == label({}) == "answer-token loss (nats)"
+  assert "fact tokens x2.5" in label({"fact_weight": 2.5})
+
+
 def test_grid_positions_code_row_and_column():
   side, dim = 4, 18  # 4 wavelengths; dims 16 and 17 left over
   code = models.grid_positions(side, dim).reshape(side, side, dim)

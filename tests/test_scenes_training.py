@@ -185,7 +185,8 @@ def test_token_weights_weigh_exactly_the_fact_words():
       answer = " " + text.answer(scene, qtype, seed)
       enc = tok(answer, add_special_tokens=False, return_offsets_mapping=True)
       spans = set()
-      for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+      pairs = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+      for i, (a, b) in pairs:
         word = answer[a:b].strip().lower()
         is_fact = word in text.FACT_WORDS
         assert float(weights[i]) == (7.0 if is_fact else 1.0), word

@@ -366,8 +366,19 @@ def make_pair(
 TRAINING_PLOT = "training.png"
 
 
+def loss_label(info: dict) -> str:
+  """What a pair's training loss is: the answer tokens' mean cross-entropy,
+  fact tokens weighted as its preset's `fact_weight` says (pairs made
+  before the field: 1)."""
+  weight = info["fingerprint"]["preset"].get("fact_weight", 1.0)
+  if weight == 1:
+    return "answer-token loss (nats)"
+  return f"answer-token loss, fact tokens x{weight:g} (nats)"
+
+
 def plot_training(info: dict, path: str) -> None:
-  """Both models' training loss (logged every 100 steps) against step."""
+  """Both models' training loss (logged every 100 steps) against step:
+  the loss they were trained on, fact tokens weighted as the preset says."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -379,7 +390,7 @@ def plot_training(info: dict, path: str) -> None:
     ax.plot(steps, losses, marker=".", label=name)
   ax.set_yscale("log")
   ax.set_xlabel("step")
-  ax.set_ylabel("answer-token loss (nats)")
+  ax.set_ylabel(loss_label(info))
   ax.set_title(f"training of {os.path.basename(os.path.dirname(path))}")
   ax.grid(alpha=0.3)
   ax.legend()
