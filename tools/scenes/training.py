@@ -35,6 +35,7 @@ import concurrent.futures
 import functools
 import math
 import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -238,6 +239,16 @@ def schedule(preset: models.Preset, steps: int):
     return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t))
 
   return lr
+
+
+def deterministic_kernels() -> None:
+  """Makes this process's training bitwise reproducible on a GPU: only
+  deterministic kernels (`torch.use_deterministic_algorithms`, which
+  torch.compile follows too) and cuBLAS with a fixed workspace. Call it
+  before any CUDA work; an op without a deterministic kernel then raises
+  instead of running. A CPU run is reproducible without it."""
+  os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+  torch.use_deterministic_algorithms(True)
 
 
 def _is_layer(module) -> bool:
