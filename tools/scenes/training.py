@@ -482,8 +482,8 @@ def answer_loss(lm_head, hidden, labels, first: int, weights=None):
   from there. Their mean, or with `weights` ([vocab], `token_weights`)
   their mean weighted by each label's weight."""
   logits = lm_head(hidden[:, first - 1 : -1]).float()
-  logits, labels = logits.reshape(-1, logits.shape[-1]), labels[:, first:]
-  labels = labels.reshape(-1)
+  logits = logits.reshape(-1, logits.shape[-1])
+  labels = labels[:, first:].reshape(-1)
   if weights is None:
     return torch.nn.functional.cross_entropy(logits, labels)
   ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
