@@ -186,6 +186,7 @@ def test_preset_overrides(tmp_path, capsys):
     ("pos_init=sinus", "pos_init=sinus: expected one of"),
     ("pos_scale=0", "pos_scale=0.0: expected > 0"),
     ("fact_weight=0", "fact_weight=0.0: expected > 0"),
+    ("cell_turns=-1", "cell_turns=-1: expected >= 0"),
     ("ema=1.0", "ema=1.0: expected 0 <= ema < 1"),
   ):
     argv = ["--out", out, "--preset", "tiny", "--set", bad]

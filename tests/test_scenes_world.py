@@ -77,6 +77,32 @@ def test_every_answer_parses_back_to_its_scene():
         assert text.correct(answer, scene, qtype), (seed, qtype, answer)
 
 
+def test_cell_answers_name_the_object_that_starts_there():
+  """A cell question names its cell; the answer states the object starting
+  there (colour, shape, motion, in a cell-first sentence), or no object."""
+  empty = 0
+  for seed in SEEDS:
+    scene = world.make_scene(seed)
+    at = {thing.cell: thing for thing in scene.things}
+    for cell in world.CELLS:
+      assert cell in text.cell_question(seed, cell, seed)
+      answer = text.cell_answer(scene, cell, seed)
+      stated = [(c, where) for c, where, _ in text.stated_cells(answer)]
+      colours = [c for c in world.COLOURS if c in answer]
+      if cell not in at:
+        empty += 1
+        assert stated == [] and colours == [], answer
+        continue
+      thing = at[cell]
+      assert stated == [(thing.colour, cell)], answer
+      assert colours == [thing.colour] and thing.shape in answer
+      assert text.sentence_form(answer) == "cell_first"
+      moves = text._MOVE.findall(answer.lower())
+      want = [(thing.direction, thing.speed)] if thing.moving else []
+      assert moves == want, answer
+  assert 0 < empty < 9 * len(SEEDS)
+
+
 def test_parser_rejects_answers_of_another_scene():
   wrong = 0
   for seed in range(40):
@@ -146,6 +172,11 @@ def test_tokenizer_round_trips_every_answer():
       assert tok.unk_token_id not in ids
       assert tok.decode(ids) == answer
       lengths.append(len(ids))
+    for cell in world.CELLS:
+      answer = " " + text.cell_answer(scene, cell, seed)
+      ids = tok(answer, add_special_tokens=False)["input_ids"]
+      assert tok.unk_token_id not in ids
+      assert tok.decode(ids) == answer
   assert max(lengths) >= 40
   ids = tok(text.prompt("Describe the scene.", "<video>" * 3))["input_ids"]
   assert ids[0] == tok.bos_token_id
@@ -359,6 +390,39 @@ def test_training_sequences_are_conversations_of_distinct_questions():
   short = training.Batches(tok, scenes, "<video>", 4, 0, 4, 5)
   with pytest.raises(ValueError, match=r"training scene \d+ \(step 0\)"):
     short(0)
+
+
+def test_cell_turns_follow_the_regular_turns():
+  """With cell_turns each conversation keeps its regular turns as they were
+  and ends with that many questions about one cell, answered from its scene
+  (the cell an object's start about three times in four); Batches packs
+  them as labelled turns."""
+  from tools.scenes import models, training
+
+  scenes = [world.make_scene(s) for s in range(30)]
+  plain = training.examples(scenes, 0, 3, 200, 2)
+  more = training.examples(scenes, 0, 3, 200, 2, cell_turns=2)
+  occupied = 0
+  for (i, qas), (j, both) in zip(plain, more, strict=True):
+    assert i == j and both[:2] == qas and len(both) == 4
+    at = {thing.cell: thing for thing in scenes[i].things}
+    for q, a in both[2:]:
+      cell = next(c for c in world.CELLS if q.endswith(f" the {c}?"))
+      stated = [(c, where) for c, where, _ in text.stated_cells(a)]
+      assert stated == ([(at[cell].colour, cell)] if cell in at else [])
+      occupied += cell in at
+  assert 0.65 < occupied / 400 < 0.85
+  tok = text.train_tokenizer(range(100), 512)
+  batches = training.Batches(tok, scenes, "<video>", 5, 0, 16, None, 2, 0, 1)
+  preset = dataclasses.replace(models.PRESETS["tiny"], cell_turns=3)
+  made = training.make_batches("target", tok, scenes, preset, 0)
+  assert made.cell_turns == 3  # the preset's field reaches the batches
+  rows = training.examples(scenes, 0, 1, 16, 2, 1)
+  _, _, _, labels = batches(1)
+  for i, (_, qas) in enumerate(rows):
+    last = models.answer_ids(tok, qas[-1][1])
+    got = [x for x in labels[i].tolist() if x != -100]
+    assert got[-len(last) :] == last
 
 
 def test_training_compiles_only_on_cuda_and_as_told():

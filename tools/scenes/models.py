@@ -54,6 +54,9 @@ class Preset:
   batch_size: int
   turns: int  # question/answer turns packed into one training sequence
   turn_room: int  # training tokens for turns after the first (see Batches)
+  # Training-only questions about one cell appended to each conversation
+  # (training.examples, text.cell_question): the object at a named place.
+  cell_turns: int
   lr: float
   lr_floor: float  # the learning rate's share of `lr` at the last step
   # Init of the patch position embeddings (target vision tower and drafter
@@ -100,6 +103,7 @@ PRESETS = {
     batch_size=64,
     turns=4,
     turn_room=96,
+    cell_turns=0,
     lr=1e-3,
     lr_floor=0.1,
     pos_init="grid",
@@ -133,6 +137,7 @@ PRESETS = {
     batch_size=8,
     turns=2,
     turn_room=32,
+    cell_turns=0,
     lr=3e-3,
     lr_floor=0.1,
     pos_init="grid",
@@ -173,6 +178,8 @@ def override(preset: Preset, assignments) -> Preset:
     raise ValueError(
       f"--set pos_init={out.pos_init}: expected one of {list(POS_INITS)}"
     )
+  if out.cell_turns < 0:
+    raise ValueError(f"--set cell_turns={out.cell_turns}: expected >= 0")
   if not out.fact_weight > 0:
     raise ValueError(f"--set fact_weight={out.fact_weight}: expected > 0")
   if not out.pos_scale > 0:

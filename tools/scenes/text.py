@@ -118,6 +118,38 @@ def _sentence(thing: world.Thing, rng) -> str:
   )
 
 
+# Training-only questions about one cell (`cell_question`, `cell_answer`):
+# the cell is named by the question, so the model must find the object at a
+# place, the lookup a cell-first sentence needs and the one pairs get wrong.
+CELL_QUESTIONS = (
+  "What is at the {cell}?",
+  "Which object is at the {cell}?",
+  "What do you see at the {cell}?",
+)
+CELL_EMPTY = ("Nothing is at the {cell}.", "There is no object at the {cell}.")
+
+
+def _cell_rng(seed: int, cell: str, variant: int) -> np.random.Generator:
+  return np.random.default_rng([seed, world.CELLS.index(cell), variant, 13])
+
+
+def cell_question(seed: int, cell: str, variant: int = 0) -> str:
+  """A question about what starts at `cell` of scene `seed`."""
+  options = CELL_QUESTIONS
+  i = int(_cell_rng(seed, cell, variant).integers(len(options)))
+  return options[i].format(cell=cell)
+
+
+def cell_answer(scene: world.Scene, cell: str, variant: int = 0) -> str:
+  """The answer to `cell_question(scene.seed, cell, variant)`: the object
+  that starts at `cell` in a cell-first sentence, or that none does."""
+  rng = _cell_rng(scene.seed, cell, variant)
+  for thing in scene.things:
+    if thing.cell == cell:
+      return f"At the {cell}, {_obj(thing, rng)} {_motion(thing, rng)}."
+  return CELL_EMPTY[int(rng.integers(len(CELL_EMPTY)))].format(cell=cell)
+
+
 def _count_phrase(n: int, noun: str = "object") -> str:
   return f"{NUMBERS[n]} {noun}{'' if n == 1 else 's'}"
 

@@ -76,14 +76,20 @@ def render_pool(seeds, executor=None):
   )
 
 
-def examples(scenes, seed: int, step: int, size: int, turns: int = 1):
+def examples(
+  scenes, seed: int, step: int, size: int, turns: int = 1, cell_turns: int = 0
+):
   """The `size` examples of a step: (scene index, [(question, answer)] of
-  `turns` distinct question types in a random order).
+  `turns` distinct question types in a random order, then `cell_turns`
+  questions about one cell each (`text.cell_question`; the cell an object's
+  start three times in four, an empty one otherwise)).
 
   Seeded by (seed, step) alone, so batches can be made in any process and
-  in any order and the data stream stays the same.
+  in any order and the data stream stays the same; the cell questions draw
+  from a stream of their own, so the rest is the same with or without them.
   """
   rng = np.random.default_rng([seed, step, 3])
+  cell_rng = np.random.default_rng([seed, step, 5])
   out = []
   for i in rng.integers(len(scenes), size=size):
     scene = scenes[int(i)]
@@ -93,6 +99,18 @@ def examples(scenes, seed: int, step: int, size: int, turns: int = 1):
       qas.append(
         (text.question(scene.seed, qtype, v), text.answer(scene, qtype, v))
       )
+    taken = [t.cell for t in scene.things]
+    empty = [c for c in world.CELLS if c not in taken]
+    for _ in range(cell_turns):
+      cells = taken if cell_rng.random() < 0.75 else empty
+      cell = cells[int(cell_rng.integers(len(cells)))]
+      v = int(cell_rng.integers(1 << 30))
+      qas.append(
+        (
+          text.cell_question(scene.seed, cell, v),
+          text.cell_answer(scene, cell, v),
+        )
+      )
     out.append((int(i), qas))
   return out
 
@@ -101,11 +119,12 @@ class Batches:
   """Token batches of a training stream: (scene idx, ids, mask, labels).
 
   Each sequence is one scene's conversation of up to `turns` question/answer
-  turns: the first turn is the prompt as asked at inference (media, first
-  question), each later one `USER: {question} ASSISTANT:` after the last
-  answer's EOS; every answer token is labelled. The media tokens and their
-  gradients are shared by all the turns, which costs little next to the
-  hundreds of media tokens and multiplies the supervision a clip gives.
+  turns and then `cell_turns` questions about one cell (`examples`): the
+  first turn is the prompt as asked at inference (media, first question),
+  each later one `USER: {question} ASSISTANT:` after the last answer's EOS;
+  every answer token is labelled. The media tokens and their gradients are
+  shared by all the turns, which costs little next to the hundreds of media
+  tokens and multiplies the supervision a clip gives.
   """
 
   def __init__(
@@ -119,6 +138,7 @@ class Batches:
     max_answer=None,
     turns=1,
     turn_room=0,
+    cell_turns=0,
   ):
     """max_answer: answer tokens (EOS included) the first turn has room for;
     batches are then all (longest prompt + max_answer + turn_room) wide (one
@@ -129,6 +149,7 @@ class Batches:
     self.prompts = models.Prompts(tokenizer, media_token, count)
     self.media_id = tokenizer.convert_tokens_to_ids(media_token)
     self.seed, self.size, self.turns = seed, size, turns
+    self.cell_turns = cell_turns
     self.max_answer = max_answer
     self.width = None
     if max_answer is not None:
@@ -157,7 +178,9 @@ class Batches:
     return ids, labels
 
   def __call__(self, step: int):
-    batch = examples(self.scenes, self.seed, step, self.size, self.turns)
+    batch = examples(
+      self.scenes, self.seed, step, self.size, self.turns, self.cell_turns
+    )
     convs = [self.conversation(i, qas, step) for i, qas in batch]
     ids, mask, labels = models.pad_batch(
       [c[0] for c in convs],
@@ -563,6 +586,7 @@ def make_batches(name: str, tokenizer, scenes, preset, seed: int) -> Batches:
     max_answer=preset.max_new_tokens,
     turns=preset.turns,
     turn_room=preset.turn_room,
+    cell_turns=preset.cell_turns,
   )
 
 
