@@ -81,8 +81,8 @@ def examples(
 ):
   """The `size` examples of a step: (scene index, [(question, answer)] of
   `turns` distinct question types in a random order, then `cell_turns`
-  questions about one cell each (`text.cell_question`; the cell an object's
-  start three times in four, an empty one otherwise)).
+  questions about one cell each (`text.cell_question`: an object's start
+  cell three times in four, an empty cell otherwise)).
 
   Seeded by (seed, step) alone, so batches can be made in any process and
   in any order and the data stream stays the same; the cell questions draw
