@@ -85,7 +85,12 @@ def test_pair_layout_and_results(pair):
     forms = results["describe_wrong_cells_by_form"][role]
     assert list(forms) == list(text.SENTENCE_FORMS)
     assert all(0 <= wrong <= stated for wrong, stated in forms.values())
+    swaps = results["describe_cell_swaps"][role]
+    assert list(swaps) == list(text.CELL_SWAPS)
+    named = swaps["earlier_object"] + swaps["later_object"]
+    assert 0 <= swaps["rest_right"] <= named <= sum(forms[f][0] for f in forms)
   assert "  colour" in make_pair.report(info)
+  assert "  later_object" in make_pair.report(info)
   assert "  other_object" in make_pair.report(info)
   assert "  cell_first" in make_pair.report(info)
   assert (

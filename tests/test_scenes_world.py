@@ -517,6 +517,32 @@ def test_cell_misses_tell_a_swap_from_a_cell_nobody_is_in():
   assert text.cell_misses("No idea.", scene)["unstated"] == 3
 
 
+def test_cell_swaps_tell_whose_cell_and_whether_the_rest_is_right():
+  """A sentence giving an object another's cell counts by where that other
+  object is named (an earlier sentence, or a later one) and, when its shape
+  and motion are right, as `rest_right`."""
+  scene = next(
+    world.make_scene(s)
+    for s in range(200)
+    if len(world.make_scene(s).things) == 3
+  )
+  a, b, c = scene.things
+  rng = np.random.default_rng(0)
+  assert text.cell_swaps(
+    text.answer(scene, "describe"), scene
+  ) == dict.fromkeys(text.CELL_SWAPS, 0)
+  shape = next(x for x in world.SHAPES if x != b.shape)
+  sentences = [  # a and c given b's cell before b is named, then b a's
+    text._sentence(dataclasses.replace(a, row=b.row, col=b.col), rng),
+    text._sentence(dataclasses.replace(c, row=b.row, col=b.col), rng),
+    text._sentence(
+      dataclasses.replace(b, row=a.row, col=a.col, shape=shape), rng
+    ),
+  ]
+  got = text.cell_swaps("I see three objects. " + " ".join(sentences), scene)
+  assert got == {"earlier_object": 1, "later_object": 2, "rest_right": 2}
+
+
 def _sentence_in(thing, form: str) -> str:
   """`thing`'s sentence as the generator writes it in `form`."""
   k = next(

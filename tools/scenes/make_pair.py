@@ -91,13 +91,15 @@ def target_inputs(backend, prompts, question, frames, ids=None) -> dict:
 def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
   """Per-question-type fact accuracy of both models on scenes `seeds`; per
   attribute over the objects of their `describe` answers, and the kinds of
-  their wrong cells there, by kind (`text.cell_misses`) and by the form of
-  the sentence that states them (`text.wrong_cells_by_form`)."""
+  their wrong cells there, by kind (`text.cell_misses`), by whose cell they
+  are (`text.cell_swaps`) and by the form of the sentence that states them
+  (`text.wrong_cells_by_form`)."""
   tok = target.tokenizer
   prompts = target_prompts(target)
   results = {"target": {}, "drafter": {}}
   hits = {r: dict.fromkeys(text.ATTRIBUTES, (0, 0)) for r in results}
   misses = {r: dict.fromkeys(text.CELL_MISSES, 0) for r in results}
+  swaps = {r: dict.fromkeys(text.CELL_SWAPS, 0) for r in results}
   forms = {r: {f: [0, 0] for f in text.SENTENCE_FORMS} for r in results}
   entropies = []
   rendered = {s: world.render(s) for s in seeds}
@@ -136,6 +138,8 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
             scene = rendered[s][0]
             for kind, k in text.cell_misses(answer, scene).items():
               misses[role][kind] += k
+            for kind, k in text.cell_swaps(answer, scene).items():
+              swaps[role][kind] += k
             for form, (a, b) in text.wrong_cells_by_form(answer, scene).items():
               forms[role][form][0] += a
               forms[role][form][1] += b
@@ -157,6 +161,7 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
     for role, got in hits.items()
   }
   results["describe_cell_misses"] = misses
+  results["describe_cell_swaps"] = swaps
   results["describe_wrong_cells_by_form"] = forms
   results["target_mean_entropy_nats"] = float(np.mean(entropies))
   results["eval_scenes_per_qtype"] = len(seeds)
@@ -405,13 +410,15 @@ def plot_training(info: dict, path: str) -> None:
 
 def accuracy_table(r: dict) -> list[str]:
   """Lines of `evaluate`'s results: per question type, per attribute,
-  wrong cells by kind and by sentence form, target beside drafter."""
+  wrong cells by kind, by whose cell and by sentence form, target beside
+  drafter."""
   lines = [f"{'question':14s} {'target':>8s} {'drafter':>8s}"]
   for q in r["target"]:
     lines.append(f"{q:14s} {r['target'][q]:8.1%} {r['drafter'][q]:8.1%}")
   for key, title, show in (
     ("describe_attributes", "objects with each fact right", "{:8.1%}"),
     ("describe_cell_misses", "objects with a wrong cell, by kind", "{:8d}"),
+    ("describe_cell_swaps", "sentences giving another object's cell", "{:8d}"),
     (
       "describe_wrong_cells_by_form",
       "wrong cells / sentences, by sentence form",
