@@ -87,10 +87,10 @@ def test_pair_layout_and_results(pair):
     assert all(0 <= wrong <= stated for wrong, stated in forms.values())
     swaps = results["describe_cell_swaps"][role]
     assert list(swaps) == list(text.CELL_SWAPS)
-    named = swaps["earlier_object"] + swaps["later_object"]
+    named = swaps["named_before"] + swaps["named_after"]
     assert 0 <= swaps["rest_right"] <= named <= sum(forms[f][0] for f in forms)
   assert "  colour" in make_pair.report(info)
-  assert "  later_object" in make_pair.report(info)
+  assert "  named_after" in make_pair.report(info)
   assert "  other_object" in make_pair.report(info)
   assert "  cell_first" in make_pair.report(info)
   assert (

@@ -540,7 +540,7 @@ def test_cell_swaps_tell_whose_cell_and_whether_the_rest_is_right():
     ),
   ]
   got = text.cell_swaps("I see three objects. " + " ".join(sentences), scene)
-  assert got == {"earlier_object": 1, "later_object": 2, "rest_right": 2}
+  assert got == {"named_before": 1, "named_after": 2, "rest_right": 2}
 
 
 def _sentence_in(thing, form: str) -> str:

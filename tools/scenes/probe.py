@@ -8,9 +8,11 @@ Four probes, through the backends (`video_llava:DIR/target`,
   evaluate  make_pair's held-out evaluation on `--scenes` scenes of
             `--split`: accuracy per question type, per attribute, the
             kinds of wrong cells in `describe` answers (`text.cell_misses`:
-            another object's cell is a binding error) and the wrong cells
-            by sentence form (`text.wrong_cells_by_form`: the object named
-            before its cell, or the cell before the object at it)
+            another object's cell is a binding error), whose cell such a
+            sentence gives and whether the rest of it is right
+            (`text.cell_swaps`), and the wrong cells by sentence form
+            (`text.wrong_cells_by_form`: the object named before its cell,
+            or the cell before the object at it)
   attention where the target looks when it names an object's cell: in each
             layer, the share of the best head's attention on the object's
             first-frame patches (its start cell), its last-frame patches

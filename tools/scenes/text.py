@@ -424,13 +424,13 @@ def cell_misses(text: str, scene: world.Scene) -> dict[str, int]:
 
 # Sentences of an answer that give an object another object's start cell
 # (`cell_swaps`): whose cell it is, and whether the rest is right.
-CELL_SWAPS = ("earlier_object", "later_object", "rest_right")
+CELL_SWAPS = ("named_before", "named_after", "rest_right")
 
 
 def cell_swaps(text: str, scene: world.Scene) -> dict[str, int]:
   """Over the sentences of an answer that give an object of the scene
-  (matched by colour) the start cell of another: `earlier_object`, the
-  other is named in an earlier sentence; `later_object`, in a later one or
+  (matched by colour) the start cell of another: `named_before`, the
+  other is named in an earlier sentence; `named_after`, in a later one or
   not at all; `rest_right`, those sentences whose shape and motion are the
   named object's own (only the cell is wrong)."""
   by_colour = {thing.colour: thing for thing in scene.things}
@@ -440,7 +440,7 @@ def cell_swaps(text: str, scene: world.Scene) -> dict[str, int]:
   for sentence, obj, cell in _object_sentences(text):
     thing, other = by_colour.get(obj.group(1)), by_cell.get(cell.group(1))
     if thing is not None and other is not None and other is not thing:
-      out["earlier_object" if other.colour in named else "later_object"] += 1
+      out["named_before" if other.colour in named else "named_after"] += 1
       got = _parse_thing(sentence.group(), "describe")
       true = _thing_fact(thing, "describe")
       if got is not None:
