@@ -127,15 +127,15 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
         for i, s in enumerate(chunk):
           n = int(gen.lengths[i])
           answer = models.decode_answer(tok, gen.tokens[i, :n].tolist())
-          right[role] += text.correct(answer, rendered[s][0], qtype)
+          scene = rendered[s][0]
+          right[role] += text.correct(answer, scene, qtype)
           if qtype in text.PARTIAL:
-            partial[role] += text.partial_correct(answer, rendered[s][0], qtype)
+            partial[role] += text.partial_correct(answer, scene, qtype)
           if qtype == "describe":
-            got = text.attribute_hits(answer, rendered[s][0])
+            got = text.attribute_hits(answer, scene)
             for name, (a, b) in got.items():
               ok, asked = hits[role][name]
               hits[role][name] = (ok + a, asked + b)
-            scene = rendered[s][0]
             for kind, k in text.cell_misses(answer, scene).items():
               misses[role][kind] += k
             for kind, k in text.cell_swaps(answer, scene).items():

@@ -135,9 +135,8 @@ def _cell_rng(seed: int, cell: str, variant: int) -> np.random.Generator:
 
 def cell_question(seed: int, cell: str, variant: int = 0) -> str:
   """A question about what starts at `cell` of scene `seed`."""
-  options = CELL_QUESTIONS
-  i = int(_cell_rng(seed, cell, variant).integers(len(options)))
-  return options[i].format(cell=cell)
+  i = int(_cell_rng(seed, cell, variant).integers(len(CELL_QUESTIONS)))
+  return CELL_QUESTIONS[i].format(cell=cell)
 
 
 def cell_answer(scene: world.Scene, cell: str, variant: int = 0) -> str:

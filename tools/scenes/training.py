@@ -99,20 +99,29 @@ def examples(
       qas.append(
         (text.question(scene.seed, qtype, v), text.answer(scene, qtype, v))
       )
-    taken = [t.cell for t in scene.things]
-    empty = [c for c in world.CELLS if c not in taken]
-    for _ in range(cell_turns):
-      cells = taken if cell_rng.random() < 0.75 else empty
-      cell = cells[int(cell_rng.integers(len(cells)))]
-      v = int(cell_rng.integers(1 << 30))
-      qas.append(
-        (
-          text.cell_question(scene.seed, cell, v),
-          text.cell_answer(scene, cell, v),
-        )
-      )
+    if cell_turns:
+      qas += _cell_qas(scene, cell_turns, cell_rng)
     out.append((int(i), qas))
   return out
+
+
+def _cell_qas(scene, n: int, rng) -> list[tuple[str, str]]:
+  """`n` (question, answer) turns about one cell of `scene` each: an
+  object's start cell three times in four, an empty cell otherwise."""
+  taken = [t.cell for t in scene.things]
+  empty = [c for c in world.CELLS if c not in taken]
+  qas = []
+  for _ in range(n):
+    cells = taken if rng.random() < 0.75 else empty
+    cell = cells[int(rng.integers(len(cells)))]
+    v = int(rng.integers(1 << 30))
+    qas.append(
+      (
+        text.cell_question(scene.seed, cell, v),
+        text.cell_answer(scene, cell, v),
+      )
+    )
+  return qas
 
 
 class Batches:
