@@ -60,7 +60,7 @@ def test_pair_layout_and_results(pair):
     assert [s for s, _ in curve] == list(range(0, steps, 100)) + [steps - 1]
     assert curve[-1][1] == round(rec["loss"], 4)
     assert curve[-1][1] < curve[0][1]  # it learnt something
-    assert rec["deterministic"] is False  # not asked for
+    assert rec["deterministic"] is False  # make_pair() alone: not asked for
   with open(os.path.join(out, make_pair.TRAINING_PLOT), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   results = info["results"]
@@ -201,25 +201,29 @@ def test_preset_overrides(tmp_path, capsys):
   assert not (tmp_path / "p").exists()
 
 
-def test_deterministic_turns_on_deterministic_kernels(tmp_path, monkeypatch):
-  """--deterministic reaches torch before training (deterministic kernels,
-  cuBLAS's fixed workspace) and each model's record says so."""
+@pytest.mark.parametrize(
+  "flag, on", [(None, True), ("--no-deterministic", False)]
+)
+def test_deterministic_kernels_by_default(tmp_path, monkeypatch, flag, on):
+  """make_pair trains within deterministic kernels (cuBLAS's fixed
+  workspace too) unless told not to, on the default seed; each model's
+  record says which, and torch's setting comes back afterwards."""
   monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
   out = tmp_path / "d"
   argv = ["--out", str(out), "--preset", "tiny", "--device", "cpu"]
   argv += ["--set", "target_steps=2", "--set", "drafter_steps=2"]
-  try:
-    assert make_pair.main(argv + ["--deterministic"]) == 0
-    assert torch.are_deterministic_algorithms_enabled()
-  finally:
-    torch.use_deterministic_algorithms(False)
-  assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+  assert not torch.are_deterministic_algorithms_enabled()
+  assert make_pair.main(argv + ([flag] if flag else [])) == 0
+  assert not torch.are_deterministic_algorithms_enabled()
+  assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) == on
   with open(out / make_pair.PAIR_FILE) as f:
-    trained = json.load(f)["trained"]
+    info = json.load(f)
+  trained = info["trained"]
   assert [trained[k]["deterministic"] for k in ("target", "drafter")] == [
-    True,
-    True,
+    on,
+    on,
   ]
+  assert info["fingerprint"]["seed"] == make_pair.DEFAULT_SEED
 
 
 def test_loss_label_names_the_fact_weight():

@@ -160,6 +160,13 @@ def test_stages_without_a_pair_stop_with_one_line(tmp_path, capsys):
   assert "--pair /nope: not a directory" in capsys.readouterr().err
 
 
+def test_default_seed_is_make_pairs():
+  from tools.scenes import make_pair
+
+  args = rp.build_parser().parse_args(["--out", "x"])
+  assert args.seed == make_pair.DEFAULT_SEED
+
+
 def test_pair_stage_passes_preset_changes_to_make_pair(tmp_path, capfd):
   argv = ["--out", str(tmp_path / "s"), "--stages", "pair", "--preset", "tiny"]
   assert rp.main(argv + ["--set", "bogus=1"]) == 2

@@ -59,6 +59,9 @@ from tools.lib import generation
 from tools.scenes import models, text, training, world
 
 PAIR_FILE = "pair.json"
+# The seed of `--preset gpu` whose pair meets both target goals, trained
+# with deterministic kernels (the default); most seeds miss one (docstring).
+DEFAULT_SEED = 2
 
 
 class PairError(Exception):
@@ -453,7 +456,12 @@ def main(argv=None) -> int:
   p.add_argument(
     "--preset", required=True, help=f"one of {list(models.PRESETS)}"
   )
-  p.add_argument("--seed", type=int, default=0, help="init and data order")
+  p.add_argument(
+    "--seed",
+    type=int,
+    default=DEFAULT_SEED,
+    help=f"init and data order (default {DEFAULT_SEED}: see the docstring)",
+  )
   p.add_argument(
     "--device", default=None, help="torch device (default: cuda if present)"
   )
@@ -475,10 +483,12 @@ def main(argv=None) -> int:
   )
   p.add_argument(
     "--deterministic",
-    action="store_true",
+    action=argparse.BooleanOptionalAction,
+    default=True,
     help="bitwise-reproducible training on a GPU: deterministic kernels "
-    "only (training.deterministic_kernels), possibly slower; each model's "
-    "record in pair.json says whether it was",
+    "only (training.deterministic_kernels); --no-deterministic may train "
+    "faster but two runs then differ, and so may their accuracy; each "
+    "model's record in pair.json says which it was",
   )
   args = p.parse_args(argv)
   try:
@@ -487,17 +497,10 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if args.deterministic:
-    training.deterministic_kernels()
   device = bk.torch_device(args.device)
   try:
-    info = make_pair(
-      args.out,
-      preset,
-      args.seed,
-      device,
-      modes=modes,
-    )
+    with training.deterministic_kernels(args.deterministic):
+      info = make_pair(args.out, preset, args.seed, device, modes=modes)
   except (PairError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -869,7 +869,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="study directory")
   p.add_argument("--pair", default=None, help="use this pair directory")
   p.add_argument("--preset", default="gpu", help="pair preset (pair stage)")
-  p.add_argument("--seed", type=int, default=0, help="pair, adapters, CIs")
+  # make_pair.DEFAULT_SEED, not imported here (it would load torch).
+  p.add_argument(
+    "--seed", type=int, default=2, help="pair, adapters, CIs (default 2)"
+  )
   p.add_argument(
     "--set",
     action="append",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import math
 import multiprocessing
@@ -273,14 +274,22 @@ def schedule(preset: models.Preset, steps: int):
   return lr
 
 
-def deterministic_kernels() -> None:
-  """Makes this process's training bitwise reproducible on a GPU: only
+@contextlib.contextmanager
+def deterministic_kernels(on: bool = True):
+  """Within it, training is bitwise reproducible on a GPU (`on`): only
   deterministic kernels (`torch.use_deterministic_algorithms`, which
-  torch.compile follows too) and cuBLAS with a fixed workspace. Call it
-  before any CUDA work; an op without a deterministic kernel then raises
-  instead of running. A CPU run is reproducible without it."""
-  os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-  torch.use_deterministic_algorithms(True)
+  torch.compile follows too) and cuBLAS with a fixed workspace; the previous
+  setting comes back on leaving. Enter it before any CUDA work; an op
+  without a deterministic kernel then raises instead of running. A CPU run
+  is reproducible without it. `on=False` leaves torch as it is."""
+  before = torch.are_deterministic_algorithms_enabled()
+  if on:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+  try:
+    yield
+  finally:
+    torch.use_deterministic_algorithms(before)
 
 
 def _is_layer(module) -> bool:
