@@ -500,13 +500,14 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  device = bk.torch_device(args.device)
-  try:
-    with training.deterministic_kernels(args.deterministic):
+  # Entered before the first CUDA work, as the kernels' settings ask.
+  with training.deterministic_kernels(args.deterministic):
+    device = bk.torch_device(args.device)
+    try:
       info = make_pair(args.out, preset, args.seed, device, modes=modes)
-  except (PairError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    except (PairError, FileNotFoundError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   print(report(info))
   return 0
 
