@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -89,6 +90,13 @@ def test_pair_layout_and_results(pair):
     assert list(swaps) == list(text.CELL_SWAPS)
     named = swaps["named_before"] + swaps["named_after"]
     assert 0 <= swaps["rest_right"] <= named <= sum(forms[f][0] for f in forms)
+  for qtype in text.FILTERED:
+    for role in ("target", "drafter"):
+      kinds = results[f"{qtype}_wrong_kind_by_form"][role]
+      assert list(kinds) == list(text.SENTENCE_FORMS)
+      assert all(0 <= wrong <= stated for wrong, stated in kinds.values())
+  assert "moving answers, static objects" in make_pair.report(info)
+  assert "still answers, moving objects" in make_pair.report(info)
   assert "  colour" in make_pair.report(info)
   assert "  named_after" in make_pair.report(info)
   assert "  other_object" in make_pair.report(info)
@@ -224,6 +232,52 @@ def test_deterministic_kernels_by_default(tmp_path, monkeypatch, flag, on):
     on,
   ]
   assert info["fingerprint"]["seed"] == make_pair.DEFAULT_SEED
+
+
+def test_evaluate_counts_objects_of_the_wrong_kind_per_model(
+  backends, monkeypatch
+):
+  """With the answers made up (the target answers `moving` and `still` by
+  describing every object, the drafter truly), evaluate adds up each
+  model's own wrong-kind sentences by form over the scenes."""
+  target, draft = backends
+  seeds = world.split_seeds("test", 6)
+  scenes = [world.make_scene(s) for s in seeds]
+  tok = target.tokenizer
+  calls = []
+
+  def made_up(backend, batch, max_new_tokens):
+    qtype = text.QTYPES[len(calls) // 2]
+    role = "target" if backend is target else "drafter"
+    calls.append((qtype, role))
+    said = "describe" if role == "target" and qtype in text.FILTERED else qtype
+    ids = [models.answer_ids(tok, text.answer(s, said)) for s in scenes]
+    width = max(map(len, ids))
+    hidden = target.model.config.text_config.hidden_size
+    return types.SimpleNamespace(
+      tokens=torch.tensor(
+        [x + [tok.pad_token_id] * (width - len(x)) for x in ids]
+      ),
+      lengths=torch.tensor([len(x) for x in ids]),
+      hidden=torch.zeros(len(ids), width, hidden),
+    )
+
+  monkeypatch.setattr(generation, "greedy_generate", made_up)
+  results = make_pair.evaluate(target, draft, seeds, 8)
+  assert calls == [(q, r) for q in text.QTYPES for r in ("target", "drafter")]
+  for qtype in text.FILTERED:
+    got = results[f"{qtype}_wrong_kind_by_form"]
+    want = {f: [0, 0] for f in text.SENTENCE_FORMS}
+    for scene in scenes:
+      answer = text.answer(scene, "describe")
+      for f, (a, b) in text.wrong_kind_by_form(answer, scene, qtype).items():
+        want[f][0] += a
+        want[f][1] += b
+    assert got["target"] == want
+    kind = [t.moving == (qtype == "moving") for s in scenes for t in s.things]
+    assert sum(a for a, _ in got["drafter"].values()) == 0
+    assert sum(b for _, b in got["drafter"].values()) == sum(kind)
+    assert sum(a for a, _ in want.values()) == kind.count(False) > 0
 
 
 def test_loss_label_names_the_fact_weight():

@@ -595,3 +595,46 @@ def test_wrong_cells_by_form_counts_each_form_apart():
   got = text.wrong_cells_by_form(right, scene)
   assert sum(w for w, _ in got.values()) == 0
   assert sum(n for _, n in got.values()) == 3
+
+
+def test_wrong_kind_by_form_counts_objects_the_question_leaves_out():
+  """In a `moving` answer a static object of the scene counts as the wrong
+  kind (in a `still` answer a moving one), by its sentence's form; objects
+  not in the scene count for nothing; a true answer has none."""
+  scene = next(
+    world.make_scene(s)
+    for s in range(500)
+    if sorted(t.moving for t in world.make_scene(s).things)
+    == [False, True, True]
+  )
+  still = next(t for t in scene.things if not t.moving)
+  movers = [t for t in scene.things if t.moving]
+  stranger = next(
+    x for x in world.COLOURS if x not in {t.colour for t in scene.things}
+  )
+  other = dataclasses.replace(still, colour=stranger)
+  moving_answer = " ".join(
+    [
+      "Three of the three objects move.",
+      _sentence_in(still, "cell_first"),
+      _sentence_in(movers[0], "there_is"),
+      _sentence_in(movers[1], "cell_first"),
+      _sentence_in(other, "cell_first"),
+    ]
+  )
+  assert text.wrong_kind_by_form(moving_answer, scene, "moving") == {
+    "object_first": [0, 0],
+    "cell_first": [1, 2],
+    "there_is": [0, 1],
+  }, moving_answer
+  assert text.wrong_kind_by_form(moving_answer, scene, "still") == {
+    "object_first": [0, 0],
+    "cell_first": [1, 2],
+    "there_is": [1, 1],
+  }
+  for qtype in text.FILTERED:
+    got = text.wrong_kind_by_form(text.answer(scene, qtype), scene, qtype)
+    assert sum(w for w, _ in got.values()) == 0
+    assert sum(n for _, n in got.values()) == (2 if qtype == "moving" else 1)
+  with pytest.raises(ValueError, match="'describe': expected one of"):
+    text.wrong_kind_by_form(moving_answer, scene, "describe")

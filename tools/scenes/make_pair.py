@@ -99,7 +99,9 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
   attribute over the objects of their `describe` answers, and the kinds of
   their wrong cells there, by kind (`text.cell_misses`), by whose cell they
   are (`text.cell_swaps`) and by the form of the sentence that states them
-  (`text.wrong_cells_by_form`)."""
+  (`text.wrong_cells_by_form`); in `moving` and `still` answers, objects
+  of the kind the question leaves out, by sentence form
+  (`text.wrong_kind_by_form`)."""
   tok = target.tokenizer
   prompts = target_prompts(target)
   results = {"target": {}, "drafter": {}}
@@ -107,6 +109,10 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
   misses = {r: dict.fromkeys(text.CELL_MISSES, 0) for r in results}
   swaps = {r: dict.fromkeys(text.CELL_SWAPS, 0) for r in results}
   forms = {r: {f: [0, 0] for f in text.SENTENCE_FORMS} for r in results}
+  kinds = {
+    q: {r: {f: [0, 0] for f in text.SENTENCE_FORMS} for r in results}
+    for q in text.FILTERED
+  }
   entropies = []
   rendered = {s: world.render(s) for s in seeds}
   for qtype in tqdm.tqdm(text.QTYPES, desc="evaluate", unit="qtype"):
@@ -137,6 +143,11 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
           right[role] += text.correct(answer, scene, qtype)
           if qtype in text.PARTIAL:
             partial[role] += text.partial_correct(answer, scene, qtype)
+          if qtype in text.FILTERED:
+            got = text.wrong_kind_by_form(answer, scene, qtype)
+            for form, (a, b) in got.items():
+              kinds[qtype][role][form][0] += a
+              kinds[qtype][role][form][1] += b
           if qtype == "describe":
             got = text.attribute_hits(answer, scene)
             for name, (a, b) in got.items():
@@ -169,6 +180,8 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
   results["describe_cell_misses"] = misses
   results["describe_cell_swaps"] = swaps
   results["describe_wrong_cells_by_form"] = forms
+  for q in text.FILTERED:
+    results[f"{q}_wrong_kind_by_form"] = kinds[q]
   results["target_mean_entropy_nats"] = float(np.mean(entropies))
   results["eval_scenes_per_qtype"] = len(seeds)
   return results
@@ -416,11 +429,12 @@ def plot_training(info: dict, path: str) -> None:
 
 def accuracy_table(r: dict) -> list[str]:
   """Lines of `evaluate`'s results: per question type, per attribute,
-  wrong cells by kind, by whose cell and by sentence form, target beside
-  drafter."""
+  wrong cells by kind, by whose cell and by sentence form, objects of the
+  wrong kind in `moving` and `still` answers, target beside drafter."""
   lines = [f"{'question':14s} {'target':>8s} {'drafter':>8s}"]
   for q in r["target"]:
     lines.append(f"{q:14s} {r['target'][q]:8.1%} {r['drafter'][q]:8.1%}")
+  forms = "{0[0]:>4d}/{0[1]:<3d}"
   for key, title, show in (
     ("describe_attributes", "objects with each fact right", "{:8.1%}"),
     ("describe_cell_misses", "objects with a wrong cell, by kind", "{:8d}"),
@@ -428,12 +442,22 @@ def accuracy_table(r: dict) -> list[str]:
     (
       "describe_wrong_cells_by_form",
       "wrong cells / sentences, by sentence form",
-      "{0[0]:>4d}/{0[1]:<3d}",
+      forms,
+    ),
+    (
+      "moving_wrong_kind_by_form",
+      "static objects / sentences, by sentence form",
+      forms,
+    ),
+    (
+      "still_wrong_kind_by_form",
+      "moving objects / sentences, by sentence form",
+      forms,
     ),
   ):
     got = r.get(key, {})
     if got:
-      lines.append(f"describe answers, {title}:")
+      lines.append(f"{key.split('_')[0]} answers, {title}:")
     for name in got.get("target", {}):
       t, d = got["target"][name], got["drafter"][name]
       lines.append(f"{'  ' + name:14s} {show.format(t)} {show.format(d)}")

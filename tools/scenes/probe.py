@@ -12,7 +12,9 @@ Four probes, through the backends (`video_llava:DIR/target`,
             sentence gives and whether the rest of it is right
             (`text.cell_swaps`), and the wrong cells by sentence form
             (`text.wrong_cells_by_form`: the object named before its cell,
-            or the cell before the object at it)
+            or the cell before the object at it); in `moving` and `still`
+            answers, objects of the kind the question leaves out, by
+            sentence form (`text.wrong_kind_by_form`)
   attention where the target looks when it names an object's cell: in each
             layer, the share of the best head's attention on the object's
             first-frame patches (its start cell), its last-frame patches

@@ -399,6 +399,29 @@ def wrong_cells_by_form(text: str, scene: world.Scene) -> dict[str, list]:
   return out
 
 
+# Question types whose answers name only some of the objects: `moving` the
+# moving ones, `still` the static ones (`wrong_kind_by_form`).
+FILTERED = ("moving", "still")
+
+
+def wrong_kind_by_form(text: str, scene: world.Scene, qtype: str) -> dict:
+  """{form: [wrong kind, stated]} over the sentences of a `moving` or
+  `still` answer that name an object of the scene (by colour) and a cell,
+  by `sentence_form`: how often the object is of the kind the question
+  leaves out (a static one in a `moving` answer, a moving one in a `still`
+  answer), whatever the sentence says of it."""
+  if qtype not in FILTERED:
+    raise ValueError(f"question type {qtype!r}: expected one of {FILTERED}")
+  moving = {thing.colour: thing.moving for thing in scene.things}
+  out = {form: [0, 0] for form in SENTENCE_FORMS}
+  for sentence, obj, _ in _object_sentences(text):
+    if obj.group(1) in moving:
+      got = out[sentence_form(sentence.group())]
+      got[0] += moving[obj.group(1)] != (qtype == "moving")
+      got[1] += 1
+  return out
+
+
 # Kinds of a wrong or missing cell in a `describe` answer (`cell_misses`).
 CELL_MISSES = ("other_object", "elsewhere", "unstated")
 
