@@ -93,6 +93,13 @@ def target_inputs(backend, prompts, question, frames, ids=None) -> dict:
   }
 
 
+def _add_counts(into: dict, got: dict) -> None:
+  """Adds `got`'s {key: [a, b]} counts into `into`'s, key by key."""
+  for key, (a, b) in got.items():
+    into[key][0] += a
+    into[key][1] += b
+
+
 @torch.inference_mode()
 def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
   """Per-question-type fact accuracy of both models on scenes `seeds`; per
@@ -145,9 +152,7 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
             partial[role] += text.partial_correct(answer, scene, qtype)
           if qtype in text.FILTERED:
             got = text.wrong_kind_by_form(answer, scene, qtype)
-            for form, (a, b) in got.items():
-              kinds[qtype][role][form][0] += a
-              kinds[qtype][role][form][1] += b
+            _add_counts(kinds[qtype][role], got)
           if qtype == "describe":
             got = text.attribute_hits(answer, scene)
             for name, (a, b) in got.items():
@@ -157,9 +162,7 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
               misses[role][kind] += k
             for kind, k in text.cell_swaps(answer, scene).items():
               swaps[role][kind] += k
-            for form, (a, b) in text.wrong_cells_by_form(answer, scene).items():
-              forms[role][form][0] += a
-              forms[role][form][1] += b
+            _add_counts(forms[role], text.wrong_cells_by_form(answer, scene))
         if role == "target":
           logits = gen.hidden.float() @ backend.lm_head_weight().float().T
           logp = torch.log_softmax(logits, -1)

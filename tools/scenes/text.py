@@ -383,20 +383,28 @@ def stated_cells(text: str) -> list[tuple[str, str, int]]:
   ]
 
 
+def _by_form(text: str, scene: world.Scene, wrong) -> dict[str, list]:
+  """{form: [wrong, stated]} over the sentences of an answer that name an
+  object of the scene (by colour) and a cell, by `sentence_form`;
+  `wrong(thing, cell)` says whether such a sentence counts as wrong."""
+  things = {thing.colour: thing for thing in scene.things}
+  out = {form: [0, 0] for form in SENTENCE_FORMS}
+  for sentence, obj, cell in _object_sentences(text):
+    thing = things.get(obj.group(1))
+    if thing is not None:
+      got = out[sentence_form(sentence.group())]
+      got[0] += wrong(thing, cell.group(1))
+      got[1] += 1
+  return out
+
+
 def wrong_cells_by_form(text: str, scene: world.Scene) -> dict[str, list]:
   """{form: [wrong, stated]} over the sentences of an answer that name an
   object of the scene (by colour) and a cell, by `sentence_form`: how often
   the cell is not that object's start cell. Finding an object's cell
   (object first) and the object at a cell (cell first) are two lookups a
   model can learn apart."""
-  true = {thing.colour: thing.cell for thing in scene.things}
-  out = {form: [0, 0] for form in SENTENCE_FORMS}
-  for sentence, obj, cell in _object_sentences(text):
-    if obj.group(1) in true:
-      got = out[sentence_form(sentence.group())]
-      got[0] += cell.group(1) != true[obj.group(1)]
-      got[1] += 1
-  return out
+  return _by_form(text, scene, lambda thing, cell: cell != thing.cell)
 
 
 # Question types whose answers name only some of the objects: `moving` the
@@ -412,14 +420,8 @@ def wrong_kind_by_form(text: str, scene: world.Scene, qtype: str) -> dict:
   answer), whatever the sentence says of it."""
   if qtype not in FILTERED:
     raise ValueError(f"question type {qtype!r}: expected one of {FILTERED}")
-  moving = {thing.colour: thing.moving for thing in scene.things}
-  out = {form: [0, 0] for form in SENTENCE_FORMS}
-  for sentence, obj, _ in _object_sentences(text):
-    if obj.group(1) in moving:
-      got = out[sentence_form(sentence.group())]
-      got[0] += moving[obj.group(1)] != (qtype == "moving")
-      got[1] += 1
-  return out
+  wanted = qtype == "moving"
+  return _by_form(text, scene, lambda thing, _: thing.moving != wanted)
 
 
 # Kinds of a wrong or missing cell in a `describe` answer (`cell_misses`).
