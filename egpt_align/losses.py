@@ -104,7 +104,7 @@ def config_weights(loss_config) -> dict:
 
 
 def combine_steps(step_losses, weights):
-  """The unrolled loss: sum_j weights[j] * step_losses[j] (egpt_align/unroll.py).
+  """The unrolled loss: sum_j weights[j] * step_losses[j] (unroll.py).
 
   One step with weight 1 returns its loss unchanged (not multiplied), so
   unroll_steps=1 is today's loss bit for bit.
