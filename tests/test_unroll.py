@@ -463,3 +463,126 @@ def test_validation_token_ce_and_loss_by_hand(steps):
     np.testing.assert_allclose(got[f"{tag}next_mse"], mse, rtol=1e-5)
     step_losses.append(mse + 0.5 * (1 - cos) + 0.3 * ce)
   np.testing.assert_allclose(got["loss"], np.mean(step_losses), rtol=1e-5)
+
+
+# --- acceptance at depth (evaluate) ------------------------------------------
+
+
+def _depth_settings(gamma, bootstrap=0):
+  from egpt_align import evaluate
+
+  return evaluate.EvalSettings(
+    batch_size=8, gamma=gamma, bootstrap=bootstrap, progress=False
+  )
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 4])
+def test_a_predictor_right_for_exactly_d_tokens_gives_d(d):
+  from egpt_align import eval_stats
+
+  gamma, lengths = 4, np.array([9, 6, 4, 12])
+  n, s = len(lengths), int(lengths.max())
+  # Draft j is right from every chain start iff j <= d.
+  steps = [np.full((n, s), j <= d) for j in range(1, gamma + 1)]
+  costs = {"draft_cost": 0.1, "verify_cost": 1.0}
+  entry = eval_stats.depth_entry(
+    steps, lengths, settings=_depth_settings(gamma, 30), costs=costs, seed=0
+  )
+  assert entry["chain_starts"] == int(np.maximum(lengths - gamma, 0).sum())
+  for k in range(1, gamma + 1):
+    assert entry[f"depth_{k}"] == (1.0 if k <= d else 0.0)
+  assert entry["tau"] == pytest.approx(1 + d)
+  assert entry["ci"]["tau"] == pytest.approx([1 + d, 1 + d])
+  assert entry["speedup"] == pytest.approx((1 + d) / (gamma * 0.1 + 1.0))
+
+
+def test_depth_shares_count_each_chain_from_its_start():
+  """Random matches against a loop over chain starts and depths."""
+  from egpt_align import eval_stats
+
+  rng = np.random.default_rng(0)
+  gamma, lengths = 3, np.array([8, 5, 3, 2, 7])
+  n, s = len(lengths), int(lengths.max())
+  steps = [rng.random((n, s)) < 0.7 for _ in range(gamma)]
+  sums = eval_stats.depth_sums(steps, lengths)
+  for i, length in enumerate(lengths):
+    starts = range(max(length - gamma, 0))
+    assert sums["starts"][i] == len(starts)
+    for d in range(1, gamma + 1):
+      # Draft j of the chain from t is made at position t + j - 1.
+      want = sum(
+        all(steps[j - 1][i, t + j - 1] for j in range(1, d + 1)) for t in starts
+      )
+      assert sums[f"depth_{d}"][i] == want, (i, d)
+
+
+def test_evaluate_depth_acceptance_is_live_drafting(tmp_path):
+  """evaluate's free-running acceptance at depth equals drafting with the
+  runtime's loop (`decode_step`, own states fed back), chain by chain; the
+  teacher-forced one reads the true-state predictions."""
+  from egpt_align import data as data_lib
+  from egpt_align import evaluate, report
+
+  gamma = 3
+  module, spec, params, batch, weight = _setup("b1", seed=4)
+  weight = np.asarray(weight)[:3]  # 3 tokens: chains match often
+  rng = np.random.default_rng(4)
+  lengths = np.concatenate([[2], rng.integers(4, S + 1, 23)])
+  target = rng.normal(size=(len(lengths), S, D)).astype(np.float32)
+  tokens = np.argmax(target @ weight.T, -1).astype(np.int32)
+  with data_lib.DatasetWriter(
+    str(tmp_path / "ds"), source_dim=D, target_dim=D, dtype="float32"
+  ) as w:
+    for i, n in enumerate(lengths):
+      w.append(
+        target[i, :n],
+        target[i, :n],
+        target_tokens=tokens[i, :n],
+        meta={"id": f"s{i}"},
+      )
+  lm_head_lib.save_lm_head(tmp_path / "head", weight, model_id="test")
+  result = evaluate.evaluate(
+    str(tmp_path / "ds"),
+    adapter="b1",
+    overrides=OV,
+    params=params,
+    lm_head=str(tmp_path / "head"),
+    settings=_depth_settings(gamma, bootstrap=20),
+  )
+  depth = result.metrics["depth_acceptance"]
+  assert depth["gamma"] == gamma and depth["fed_back"]
+
+  mask = np.arange(S)[None] < lengths[:, None]
+  live = _Live(module, spec, params, {"target": target, "mask": mask})
+  free = np.zeros(gamma)
+  forced = np.zeros(gamma)
+  starts = 0
+  tf_tokens = np.argmax(np.asarray(live.y_true) @ weight.T, -1)
+  for t in range(S - gamma):
+    drafts = [
+      np.argmax(np.asarray(y) @ weight.T, -1) for y in live.drafts(t, gamma)
+    ]
+    for i, n in enumerate(lengths):
+      if t > n - 1 - gamma:
+        continue
+      starts += 1
+      for d in range(1, gamma + 1):
+        want = tokens[i, t + 1 : t + d + 1]
+        free[d - 1] += all(drafts[j][i] == want[j] for j in range(d))
+        forced[d - 1] += all(tf_tokens[i, t + j] == want[j] for j in range(d))
+  assert depth["free_running"]["chain_starts"] == starts
+  for d in range(1, gamma + 1):
+    assert depth["free_running"][f"depth_{d}"] == pytest.approx(
+      free[d - 1] / starts
+    )
+    assert depth["teacher_forced"][f"depth_{d}"] == pytest.approx(
+      forced[d - 1] / starts
+    )
+  # The test has teeth: feeding its own states changes some chain.
+  assert not np.array_equal(free, forced)
+  assert depth["free_running"]["tau"] == pytest.approx(1 + free.sum() / starts)
+  lo, hi = depth["free_running"]["ci"]["tau"]
+  assert lo <= depth["free_running"]["tau"] <= hi
+  text = report.render_markdown(result.metrics, result.positions, [])
+  assert f"## Acceptance at depth (chain drafting, γ = {gamma})" in text
+  assert "acceptance at depth" in report.summary_text(result)
