@@ -28,6 +28,11 @@ out-of-range row reads NaN rather than a wrong value).
 Use it as
   cache = model.init_cache(batch_size, max_len)
   y, cache = model.apply(params, x_B1D, cache=cache, method='decode_step')
+
+Multi-step training (egpt_align/unroll.py) runs `unrolled_step`: step j of
+an unroll over whole sequences, attending to the earlier steps' keys and
+values as `unroll_mask` says, so every position computes what the KV-cached
+drafting loop computes for its chain.
 """
 
 import math
