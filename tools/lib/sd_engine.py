@@ -73,7 +73,7 @@ from typing import Any
 import torch
 
 from egpt_align.models import ADAPTERS, get_spec
-from tools.lib import static_kv
+from tools.lib import static_kv, tree_decode
 from tools.lib.backends import Backend, cache_length, crop_cache
 
 RUNTIMES = ("eager", "fast")
@@ -189,6 +189,11 @@ class SDConfig:
   # 'eager': HF forwards with HF KV caches; 'fast': static KV buffers and
   # captured steps (tools/lib/static_kv.py) where a model supports them.
   runtime: str = "eager"
+  # Draft trees (tree:A, two_phase_tree:P+A; tools/lib/tree_decode.py):
+  # depth, children per expanded node, verified tokens (root included).
+  tree_depth: int = 6
+  tree_topk: int = 10
+  tree_nodes: int = 60
 
   def __post_init__(self):
     if self.gamma < 1:
@@ -207,6 +212,9 @@ class SDConfig:
       raise ValueError(
         f"runtime must be one of {RUNTIMES}, not {self.runtime!r}"
       )
+    tree_decode.tr.check_config(
+      self.tree_depth, self.tree_topk, self.tree_nodes
+    )
 
   @property
   def k_prefill(self) -> int:
@@ -858,11 +866,11 @@ def parse_method(method: str) -> tuple[str, tuple[str, ...]]:
     if arg:
       raise ValueError(f"method {method!r}: {kind} takes no adapter")
     return kind, ()
-  if kind in ("prefill_hiding", "decode"):
+  if kind in ("prefill_hiding", "decode", "tree"):
     if not arg or "+" in arg:
       raise ValueError(f"method {method!r}: expected {kind}:ADAPTER")
     return kind, (arg,)
-  if kind == "two_phase":
+  if kind in ("two_phase", "two_phase_tree"):
     parts = tuple(arg.split("+"))
     if len(parts) != 2 or not all(parts):
       raise ValueError(
@@ -871,14 +879,15 @@ def parse_method(method: str) -> tuple[str, tuple[str, ...]]:
     return kind, parts
   raise ValueError(
     f"unknown method {method!r}; expected baseline, draft_tokens, "
-    "prefill_hiding:A, decode:A or two_phase:A+B"
+    "prefill_hiding:A, decode:A, two_phase:A+B, tree:A or two_phase_tree:A+B"
   )
 
 
 def check_method(method: str, models: Models) -> None:
   """Raises a clear ValueError if `models` cannot run `method`."""
   kind, names = parse_method(method)
-  needs_drafter = kind in ("draft_tokens", "prefill_hiding", "two_phase")
+  two = ("two_phase", "two_phase_tree")
+  needs_drafter = kind in ("draft_tokens", "prefill_hiding", *two)
   for i, name in enumerate(names):
     if name not in models.adapters:
       raise ValueError(
@@ -888,7 +897,7 @@ def check_method(method: str, models: Models) -> None:
     ad = models.adapters[name]
     want = role_names(
       "prefill"
-      if kind == "prefill_hiding" or (kind == "two_phase" and i == 0)
+      if kind == "prefill_hiding" or (kind in two and i == 0)
       else "decode"
     )
     if ad.kind not in want:
@@ -922,7 +931,9 @@ def run_method(
   ddev = None if models.drafter is None else torch.device(models.drafter.device)
   timer = Timer([tdev] + ([ddev] if ddev is not None else []))
   m = cfg.max_new_tokens
-  slack = max(cfg.gamma, cfg.k_prefill) + 4
+  tree = kind in tree_decode.METHOD_KINDS
+  extra = tree_decode.extra_positions(cfg) if tree else 0
+  slack = max(cfg.gamma, cfg.k_prefill, extra) + 4
   fast = cfg.runtime == "fast"
   lengths = range(1, cfg.gamma + 2)
   t_lm = d_lm = None
@@ -930,8 +941,9 @@ def run_method(
     need = target_inputs["input_ids"].shape[1] + m + slack + 1
     t_lm = models.static_lm("target", need, None, lengths)
   target = _Target(models.target, timer, m + slack, t_lm)
-  uses_drafter = kind in ("draft_tokens", "prefill_hiding", "two_phase") or (
-    kind == "decode"
+  two = ("two_phase", "two_phase_tree")
+  uses_drafter = kind in ("draft_tokens", "prefill_hiding", *two) or (
+    kind in ("decode", "tree")
     and "source" in get_spec(models.adapters[names[0]].kind).inputs
   )
   drafter = None
@@ -953,7 +965,7 @@ def run_method(
     # ---- prefill (with drafter work overlapped where the method has any).
     drafter_fn = None
     if drafter is not None:
-      if kind in ("prefill_hiding", "two_phase"):
+      if kind in ("prefill_hiding", *two):
         pre = models.adapters[names[0]]
         k_pre = min(cfg.k_prefill, m - 2)
 
@@ -980,7 +992,7 @@ def run_method(
       timer.sync()
     t1 = time.perf_counter()
     first = None
-    if kind in ("prefill_hiding", "two_phase") and pre_out is not None:
+    if kind in ("prefill_hiding", *two) and pre_out is not None:
       drafts, e0 = pre_out
       if drafts is not None:
         first = _FixedProposer(drafts.to(tdev))
@@ -1000,7 +1012,14 @@ def run_method(
         max_len=max_len,
         static=models.static_adapter(ad, max_len, lengths) if fast else None,
       )
-    tokens = _decode_loop(target, y0, cfg, eos, result, first, proposer)
+    if tree:
+      proposer = tree_decode.make_proposer(
+        models, names[-1], target, drafter, timer, cfg
+      )
+      loop = tree_decode.decode_loop
+    else:
+      loop = _decode_loop
+    tokens = loop(target, y0, cfg, eos, result, first, proposer)
     timer.sync()
     t2 = time.perf_counter()
     if overlap is not None and overlap["concurrent"]:
