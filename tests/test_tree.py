@@ -1,6 +1,7 @@
 """Tests of draft trees (tools/lib/tree.py, tools/lib/tree_decode.py), CPU."""
 
 import copy
+import json
 
 import pytest
 
@@ -155,7 +156,9 @@ def _fake_model(width, vocab, seed):
 def _reference_grow(logp, key_of, width, depth, topk, nodes):
   """EAGLE-2 growth written out over token paths (lists, no indices)."""
   first = logp("first").topk(topk)
-  frontier = [(s, (t,)) for s, t in zip(first.values, first.indices.tolist())]
+  frontier = [
+    (s, (t,)) for s, t in zip(first.values, first.indices.tolist(), strict=True)
+  ]
   every = list(frontier)
   for _ in range(1, depth):
     new = []
@@ -221,9 +224,9 @@ def _entries(t, length):
       (t.lm.k[i, :, :, :length], t.lm.v[i, :, :, :length])
       for i in range(t.lm.k.shape[0])
     ]
-  return [(k[:, :, :length], v[:, :, :length]) for k, v in hf_cache_layers(
-    t.cache
-  )]
+  return [
+    (k[:, :, :length], v[:, :, :length]) for k, v in hf_cache_layers(t.cache)
+  ]
 
 
 @pytest.mark.parametrize("static", [True, False])
@@ -283,9 +286,9 @@ def test_adapter_tree_steps_and_compaction_equal_a_chain():
     chain_in = torch.cat([xs[:5], xs[7:8], xs[8:9]])
     k, v = module.static_cache(32)
     pos = keys[:7]
-    y = module.static_step(
-      chain_in[None], k_cache=k, v_cache=v, positions=pos
-    )[0]
+    y = module.static_step(chain_in[None], k_cache=k, v_cache=v, positions=pos)[
+      0
+    ]
   torch.testing.assert_close(y1[2], y[5], atol=1e-5, rtol=1e-5)
   torch.testing.assert_close(y2[0], y[6], atol=1e-5, rtol=1e-5)
   torch.testing.assert_close(ta.k[:, :, :, :7], k[:, :, :, :7])
@@ -324,17 +327,15 @@ class TreeOracle(torch.nn.Module):
     self.lm.load_prefix(cache, self.base)
 
   def static_cache(self, max_len, device=None, dtype=None):
-    end = self.OFF + max_len
-    return self.lm.k[:, :, :, self.OFF : end], self.lm.v[:, :, :, self.OFF : end]
+    window = slice(self.OFF, self.OFF + max_len)
+    return self.lm.k[:, :, :, window], self.lm.v[:, :, :, window]
 
   def static_step(
     self, *inputs, k_cache, v_cache, positions, slots=None, mask=None
   ):
     x = inputs[0] if self.stream == "source" else inputs[-1]
     toks = (x[0].to(self.w.dtype) @ self.w.T).argmax(-1)
-    allowed = torch.zeros(
-      (toks.shape[0], self.lm.max_len), dtype=torch.bool
-    )
+    allowed = torch.zeros((toks.shape[0], self.lm.max_len), dtype=torch.bool)
     allowed[:, : self.base] = True
     allowed[:, self.OFF : self.OFF + mask.shape[1]] = mask
     h, _ = self.lm.tree_step(
@@ -369,8 +370,16 @@ class RecordingBackend(TokenPromptBackend):
     super().__init__(model, model_id="tiny", eos_token_id=eos)
     self.log, self.who = log, who
 
-  def forward(self, inputs=None, *, input_ids=None, past_key_values=None,
-              attention_mask=None, position_ids=None, **kw):
+  def forward(
+    self,
+    inputs=None,
+    *,
+    input_ids=None,
+    past_key_values=None,
+    attention_mask=None,
+    position_ids=None,
+    **kw,
+  ):
     ids = (inputs["input_ids"] if inputs is not None else input_ids)[0]
     start = cache_length(past_key_values)
     steps = ids.shape[0]
@@ -405,7 +414,10 @@ class RecordingBackend(TokenPromptBackend):
 
     def logged_tree(ids, slots, positions, allowed):
       log.call(
-        who, slots.tolist(), positions.tolist(), ids[0].tolist(),
+        who,
+        slots.tolist(),
+        positions.tolist(),
+        ids[0].tolist(),
         _reads_of(allowed),
       )
       return tree_step(ids, slots, positions, allowed)
@@ -429,8 +441,9 @@ class RecordingAdapter(torch.nn.Module):
   def static_cache(self, *args, **kw):
     return self.inner.static_cache(*args, **kw)
 
-  def static_step(self, *inputs, k_cache, v_cache, positions, slots=None,
-                  mask=None):
+  def static_step(
+    self, *inputs, k_cache, v_cache, positions, slots=None, mask=None
+  ):
     slots = positions if slots is None else slots
     if mask is None:
       keys = torch.arange(k_cache.shape[3])
@@ -440,8 +453,12 @@ class RecordingAdapter(torch.nn.Module):
       self.who, slots.tolist(), positions.tolist(), values, _reads_of(mask)
     )
     return self.inner.static_step(
-      *inputs, k_cache=k_cache, v_cache=v_cache, positions=positions,
-      slots=slots, mask=mask,
+      *inputs,
+      k_cache=k_cache,
+      v_cache=v_cache,
+      positions=positions,
+      slots=slots,
+      mask=mask,
     )
 
 
@@ -594,9 +611,7 @@ def test_trees_are_lossless_and_feed_each_model_only_its_path(
       if "source" in spec.inputs or m.startswith("two_phase"):
         _check_reads(log, "drafter", truth, int.__eq__)
       streams = {"source": h_d, "target": h_t}
-      states = [
-        [streams[x][p] for x in spec.inputs] for p in range(len(base))
-      ]
+      states = [[streams[x][p] for x in spec.inputs] for p in range(len(base))]
       _check_reads(log, name, states, _close)
       assert r.accepted > 0, m
       partial[m] = partial.get(m, 0) + sum(
@@ -612,8 +627,9 @@ def test_trees_are_lossless_and_feed_each_model_only_its_path(
 
 
 @pytest.mark.parametrize("runtime", sd.RUNTIMES)
-def test_eos_inside_the_tree_stops(target_model, noisy_model, runtime,
-                                   monkeypatch):
+def test_eos_inside_the_tree_stops(
+  target_model, noisy_model, runtime, monkeypatch
+):
   models0, log0 = _setup(target_model, noisy_model)
   cfg0 = sd.SDConfig(max_new_tokens=16, eos_token_ids=())
   toks = _run(models0, log0, "baseline", _prompt(31), cfg0).tokens
@@ -623,7 +639,10 @@ def test_eos_inside_the_tree_stops(target_model, noisy_model, runtime,
   models, log = _setup(target_model, noisy_model, eos=eos)
   _patch_moves(monkeypatch, log)
   cfg = sd.SDConfig(
-    max_new_tokens=16, runtime=runtime, tree_depth=5, tree_topk=3,
+    max_new_tokens=16,
+    runtime=runtime,
+    tree_depth=5,
+    tree_topk=3,
     tree_nodes=12,
   )
   base = _run(models, log, "baseline", _prompt(31), cfg).tokens
@@ -643,13 +662,15 @@ def test_eos_inside_the_tree_stops(target_model, noisy_model, runtime,
 
 @pytest.mark.parametrize("runtime", sd.RUNTIMES)
 @pytest.mark.parametrize("max_new", [1, 2, 3, 7])
-def test_max_new_tokens_reached_inside_the_tree(
-  recording, max_new, runtime
-):
+def test_max_new_tokens_reached_inside_the_tree(recording, max_new, runtime):
   models, log = recording
   cfg = sd.SDConfig(
-    max_new_tokens=max_new, eos_token_ids=(), runtime=runtime,
-    tree_depth=5, tree_topk=3, tree_nodes=12,
+    max_new_tokens=max_new,
+    eos_token_ids=(),
+    runtime=runtime,
+    tree_depth=5,
+    tree_topk=3,
+    tree_nodes=12,
   )
   s = _prompt(40)
   base = _run(models, log, "baseline", s, cfg).tokens
@@ -658,6 +679,24 @@ def test_max_new_tokens_reached_inside_the_tree(
   for m in TREE_METHODS:
     r = _run(models, log, m, s, cfg)
     assert r.tokens == base, (m, max_new)
-    fed = [p for row in log.rows if row[0] == "target" and row[1] != "move"
-           for p in row[2]]
+    fed = [
+      p
+      for row in log.rows
+      if row[0] == "target" and row[1] != "move"
+      for p in row[2]
+    ]
     assert max(fed) <= last, (m, max_new)
+
+
+def test_verify_benchmark_runs_on_cpu(tmp_path):
+  from tools.benchmarks import benchmark_tree_verify as bench
+
+  path = tmp_path / "tree_verify.json"
+  argv = "--shape tiny --prompt_len 20 --nodes 1,5,12 --reps 1 --device cpu"
+  assert bench.main(argv.split() + ["--json", str(path)]) == 0
+  out = json.loads(path.read_text())
+  assert sorted(out["nodes"], key=int) == ["1", "5", "12"]
+  for row in out["nodes"].values():
+    assert row["tree"]["sync_ms"] > 0 and "sync_ms" in row["tree_vs_decode"]
+  with pytest.raises(SystemExit):
+    bench.main(["--nodes", "1,a"])

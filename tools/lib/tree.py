@@ -76,9 +76,7 @@ class Tree:
 
   def to(self, device) -> Tree:
     """The same tree with its tensors on `device`."""
-    moved = {
-      f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-    }
+    moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     for name, value in moved.items():
       if isinstance(value, torch.Tensor):
         moved[name] = value.to(device)
@@ -228,12 +226,13 @@ def grow(
   f_glob = torch.arange(k, device=dev)
   scores, tokens, parents, depths = [vals], [toks], [f_glob * 0 - 1], [1]
   total = k
-  run_of: list[tuple[torch.Tensor, int]] = []  # (global ids, level)
+  run_of: list[torch.Tensor] = []  # global ids of each run's nodes
   prev = run(0, root.reshape(1), f_rows[:1]) if depth >= 2 else None
+  p_tok = p_rows = p_glob = None  # the frontier one depth up
   for d in range(1, depth):
     if d >= 2:
       prev = run(d - 1, p_tok, p_rows)
-      run_of.append((p_glob, d - 1))
+      run_of.append(p_glob)
     pv, pt = prev
     rows = f_rows if pv.shape[0] > 1 else torch.zeros_like(f_rows)
     cand = (f_score[:, None] + pv[rows]).reshape(-1)
@@ -256,13 +255,14 @@ def grow(
   par = torch.cat(parents)[sel]
   par = torch.where(par < 0, 0, where[par.clamp(min=0)])
   depth_of = torch.cat(
-    [torch.full((t.shape[0],), d, device=dev) for t, d in zip(
-      tokens, depths, strict=True
-    )]
+    [
+      torch.full((t.shape[0],), d, device=dev)
+      for t, d in zip(tokens, depths, strict=True)
+    ]
   )
   parents_t = torch.cat([par.new_full((1,), -1), par])
   runs = torch.full((total,), -1, dtype=torch.long, device=dev)
-  for glob, _ in run_of:
+  for glob in run_of:
     runs[glob] = torch.arange(glob.shape[0], device=dev)
   return Tree(
     tokens=torch.cat([root.reshape(1), torch.cat(tokens)[sel]]),

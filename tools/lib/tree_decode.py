@@ -204,8 +204,11 @@ class TreeProposer:
 
   def _adapter(self, slots, positions, allowed, srcs, tgts):
     a = self.a
-    args = [x for x, name in ((srcs, "source"), (tgts, "target")) if name
-            in self.inputs]
+    args = [
+      x
+      for x, name in ((srcs, "source"), (tgts, "target"))
+      if name in self.inputs
+    ]
     args = [x.to(a.device, a.dtype).reshape(1, -1, x.shape[-1]) for x in args]
     with self.timer.span(f"adapter:{a.name}", a.device, units=slots.shape[0]):
       return self.steps.step(args, slots, positions, allowed)
@@ -240,7 +243,7 @@ class TreeProposer:
 
   def _run(self, level: int, tokens: torch.Tensor, rows: torch.Tensor):
     """The drafter (if read) and the adapter on one depth's frontier."""
-    n, a, keys = self.n, self.a, self.steps.keys
+    n, keys = self.n, self.steps.keys
     src = None
     if level == 0:
       pos = keys[n : n + 1]
@@ -251,8 +254,10 @@ class TreeProposer:
         d.feed(tokens, host=[self.last])
         src = d.states[n : n + 1]
         self.start = d.base + n - 1  # the drafter's root slot
-        width = d.lm.max_len if d.lm is not None else (
-          self.start + 1 + max(self.depth - 2, 0) * self.width
+        width = (
+          d.lm.max_len
+          if d.lm is not None
+          else (self.start + 1 + max(self.depth - 2, 0) * self.width)
         )
         dkeys = torch.arange(width, device=d.device)
         self.vis_d = (dkeys <= self.start)[None]
