@@ -234,7 +234,8 @@ def measure(pair: str, device, dtype: str, repeats: int, runtimes=RUNTIMES):
 def shapes(pair: str) -> dict:
   """The language models' shapes of both models of a pair directory."""
   with open(os.path.join(pair, "target", "config.json")) as f:
-    t = json.load(f)["text_config"]
+    config = json.load(f)
+  t = config["text_config"]
   with open(os.path.join(pair, "drafter", models.DRAFTER_CONFIG)) as f:
     d = json.load(f)
   keys = ("hidden_size", "num_hidden_layers", "intermediate_size")
@@ -243,7 +244,7 @@ def shapes(pair: str) -> dict:
     "target": {k: t[k] for k in keys},
     "drafter": {k: d["llama"][k] for k in keys},
     "visual_tokens": {
-      "target": t.get("video_seq_length"),
+      "target": config["video_seq_length"],
       "drafter": d["num_event_tokens"],
     },
   }
