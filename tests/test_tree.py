@@ -700,3 +700,41 @@ def test_verify_benchmark_runs_on_cpu(tmp_path):
     assert row["tree"]["sync_ms"] > 0 and "sync_ms" in row["tree_vs_decode"]
   with pytest.raises(SystemExit):
     bench.main(["--nodes", "1,a"])
+
+
+def test_benchmark_cli_runs_tree_methods(tmp_path):
+  from tools import benchmark_sd as bench
+
+  out = tmp_path / "bench"
+  methods = "decode:b1,tree:b1,tree:l5,tree:l5f,two_phase_tree:l4+l5"
+  argv = [
+    "--random_models=tiny",
+    "--prompt_len=16",
+    "--num_samples=2",
+    "--warmup=1",
+    "--max_new_tokens=9",
+    "--gamma=3",
+    "--tree_depth=3",
+    "--tree_topk=2",
+    "--tree_nodes=7",
+    "--ignore_eos",
+    "--methods",
+    methods,
+    "--bootstrap=20",
+    "--no_progress",
+    "--no_plots",
+    f"--out={out}",
+  ]
+  argv += [f"--adapter={a}=random" for a in ("l4", "b1", "l5", "l5f")]
+  assert bench.main(argv) == 0
+  res = json.loads((out / "results.json").read_text())
+  assert res["config"]["tree"] == {"depth": 3, "topk": 2, "nodes": 7}
+  for m in methods.split(","):
+    for label in (m, f"{m}@eager"):
+      agg = res["aggregate"][label]
+      assert agg["n"] == 2 and agg["mismatched_samples"] == 0, label
+  assert set(res["costs"]["target_verify_tree_ms"]) >= {"7"}
+  report = (out / "report.md").read_text()
+  assert "- target tree verify: " in report and "7 tokens" in report
+  bad = argv[:-4] + ["--tree_nodes=99"] + argv[-4:]
+  assert bench.main(bad) == 2

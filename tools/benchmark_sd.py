@@ -26,6 +26,10 @@ Methods (see tools/lib/sd_engine.py for the exact algorithms):
   decode:A                 (A in l5, b1, l5f) gamma adapter drafts per
                            iteration with the adapter's KV cache
   two_phase:A+B            prefill_hiding:A, then decode:B
+  tree:A                   (A in l5, b1, l5f) an EAGLE-2 draft tree per
+                           iteration (--tree_depth, --tree_topk, --tree_nodes)
+                           verified in one target forward with a tree mask
+  two_phase_tree:A+B       prefill_hiding:A, then tree:B
 
 Runtimes (`--runtimes`, default fast,eager): every method runs on each, on
 the same samples. fast = static KV caches, rollback by position, CUDA-graph
@@ -262,7 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     "--methods",
     default="baseline,draft_tokens",
     help="comma list: baseline, draft_tokens, prefill_hiding:A, decode:A, "
-    "two_phase:A+B (baseline always runs)",
+    "two_phase:A+B, tree:A, two_phase_tree:A+B (baseline always runs)",
+  )
+  run.add_argument(
+    "--tree_depth", type=int, default=6, help="tree methods: draft depth"
+  )
+  run.add_argument(
+    "--tree_topk",
+    type=int,
+    default=10,
+    help="tree methods: children per expanded node, nodes expanded per depth",
+  )
+  run.add_argument(
+    "--tree_nodes",
+    type=int,
+    default=60,
+    help="tree methods: tokens per verification, the root included",
   )
   run.add_argument("--gamma", type=int, default=5, help="drafts per iteration")
   run.add_argument(
@@ -494,7 +513,8 @@ def run(args: argparse.Namespace) -> dict:
   dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
   adtype = bk.torch_dtype(args.adapter_dtype or dtype)
   needs_drafter = any(
-    sd.parse_method(m)[0] in ("draft_tokens", "prefill_hiding", "two_phase")
+    sd.parse_method(m)[0]
+    in ("draft_tokens", "prefill_hiding", "two_phase", "two_phase_tree")
     for m in methods
   )
   adapter_values = parse_adapters(args.adapter)
@@ -585,6 +605,9 @@ def run(args: argparse.Namespace) -> dict:
     prefill_gamma=fixed_k,
     overlap=args.overlap,
     eos_token_ids=() if args.ignore_eos else None,
+    tree_depth=args.tree_depth,
+    tree_topk=args.tree_topk,
+    tree_nodes=args.tree_nodes,
   )
 
   # ---- run.
@@ -633,7 +656,11 @@ def run(args: argparse.Namespace) -> dict:
         continue
       rec = r.to_json()
       rec["id"] = sample["id"]
-      if sd.parse_method(m)[0] in ("prefill_hiding", "two_phase"):
+      if sd.parse_method(m)[0] in (
+        "prefill_hiding",
+        "two_phase",
+        "two_phase_tree",
+      ):
         rec["prefill_gamma"] = run_cfg.k_prefill
       # Each method is checked against its own runtime's baseline, and each
       # runtime's baseline against the headline runtime's.
@@ -697,6 +724,11 @@ def run(args: argparse.Namespace) -> dict:
       "compile": not args.no_compile,
       "gamma": args.gamma,
       "prefill_gamma": "auto" if auto_k else cfg.k_prefill,
+      "tree": {
+        "depth": cfg.tree_depth,
+        "topk": cfg.tree_topk,
+        "nodes": cfg.tree_nodes,
+      },
       "max_new_tokens": args.max_new_tokens,
       "ignore_eos": args.ignore_eos,
       "warmup": args.warmup,
