@@ -11,6 +11,8 @@ One function per method (see `run_method`):
 * `decode:ADAPTER` (L5, B1, L5F): every iteration drafts gamma tokens with
   the adapter's KV-cached incremental decoding, the target verifies them.
 * `two_phase:PREFILL+DECODE`: prefill hiding, then decode-adapter drafting.
+* `tree:ADAPTER`, `two_phase_tree:PREFILL+DECODE`: the same with an EAGLE-2
+  draft tree per iteration, verified in one forward (tools/lib/tree_decode.py).
 
 Indexing convention (docs/DESIGN.md): h[t] is the state whose LM-head argmax
 is generated token t; h[0] is the last prompt position, h[t] (t >= 1) is the

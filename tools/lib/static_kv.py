@@ -13,6 +13,12 @@ one) from preallocated KV buffers [layers, 1, kv_heads, max_len, head_dim]:
   past a query's position are never read, and are overwritten before any
   later query can reach them.
 
+`tree_step(ids, slots, positions, allowed)` is the general step of draft
+trees (tools/lib/tree.py): K/V written at `slots`, rotary `positions`, each
+query reading the cache slots `allowed` marks (the prefix and its
+ancestors); `move_entries` then moves the accepted path's entries into
+place. Tree steps are captured per length like the chain steps.
+
 `StepGraphs` captures one step function per input length T once
 (`torch.cuda.CUDAGraph`) and replays it: a step costs one graph launch, no
 Python per kernel. On CUDA the per-layer computation is also compiled with
