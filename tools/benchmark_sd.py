@@ -45,7 +45,14 @@ from collections.abc import Sequence
 from tools.lib import backends as bk
 from tools.lib.random_models import SHAPES
 from tools.lib.sd_adapters import parse_adapters
-from tools.lib.sd_bench import AUTO_K_MAX, BenchSettings, run_benchmark
+from tools.lib.sd_bench import (
+  AA_LABEL,
+  AA_RANGE,
+  AUTO_K_MAX,
+  ORDERS,
+  BenchSettings,
+  run_benchmark,
+)
 from tools.lib.sd_methods import method_forms, method_help
 from tools.lib.sd_report import summary_text
 
@@ -162,6 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
     help="prefill overlap: auto = a thread on the 2nd GPU or a 2nd CUDA "
     "stream (sequential on CPU); thread = a thread on any device",
   )
+  fair = p.add_argument_group("fairness")
+  fair.add_argument(
+    "--order",
+    default="rotate",
+    choices=ORDERS,
+    help="the runs of a sample: rotate = each (method, runtime) moves one "
+    "place per sample from a seeded start (recorded), so none pays a "
+    "first-run cost systematically; fixed = the listed order every time",
+  )
+  fair.add_argument(
+    "--no_aa_control",
+    action="store_true",
+    help="do not run the baseline twice per sample (the A/A control that "
+    f"marks the run unreliable when baseline / {AA_LABEL} leaves "
+    f"[{AA_RANGE[0]}, {AA_RANGE[1]}] or its CI excludes 1)",
+  )
+  fair.add_argument(
+    "--no_shape_warmup",
+    action="store_true",
+    help="time a sample of a new input shape without first running every "
+    "method on it untimed (compilation, graph capture land in the timings)",
+  )
   out = p.add_argument_group("output")
   out.add_argument("--out", required=True, help="output directory")
   out.add_argument(
@@ -230,6 +259,9 @@ def settings(args: argparse.Namespace) -> BenchSettings:
     profile=args.profile,
     plots=not args.no_plots,
     progress=not args.no_progress,
+    order=args.order,
+    aa_control=not args.no_aa_control,
+    shape_warmup=not args.no_shape_warmup,
   )
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from egpt_align.data.format import write_json_atomic
@@ -37,10 +38,16 @@ from tools.lib.sd_engine import (
   run_method,
   token_margins,
 )
-from tools.lib.sd_methods import METHODS, check_method, parse_method
+from tools.lib.sd_methods import check_method, parse_method
 from tools.lib.sd_models import Models, SDError
 
 AUTO_K_MAX = 32
+# The A/A control: the baseline again, under this label, in every sample.
+AA_LABEL = "baseline_aa"
+# An A/A ratio outside this range (or a CI excluding 1) marks the run
+# unreliable: two runs of the same thing should time the same.
+AA_RANGE = (0.98, 1.02)
+ORDERS = ("rotate", "fixed")
 
 
 @dataclasses.dataclass
@@ -78,6 +85,9 @@ class BenchSettings:
   profile: bool = False
   plots: bool = True
   progress: bool = True
+  order: str = "rotate"  # 'rotate' (seeded start, recorded) or 'fixed'
+  aa_control: bool = True  # the baseline twice per sample (baseline_aa)
+  shape_warmup: bool = True  # untimed runs on each new input shape
 
 
 class PrefillWindow:
@@ -141,6 +151,8 @@ def _check(s: BenchSettings) -> tuple[list[str], list[str]]:
   for r in runtimes:
     if r not in RUNTIMES:
       raise ValueError(f"--runtimes: {r!r} is not one of {RUNTIMES}")
+  if s.order not in ORDERS:
+    raise ValueError(f"--order must be one of {ORDERS}, not {s.order!r}")
   if s.prefill_gamma not in (None, "auto"):
     try:
       k = int(s.prefill_gamma)
@@ -192,6 +204,12 @@ def _pair(s: BenchSettings, device, ddev, dtype):
   if not s.target or not s.samples:
     raise ValueError("give --target and --samples (or --random_models)")
   samples = media.read_samples(s.samples, s.media_root)
+  grouped = ["group" in x for x in samples]
+  if any(grouped) and not all(grouped):
+    raise ValueError(
+      f"{s.samples}: sample {samples[grouped.index(False)]['id']!r} has no "
+      "'group' while others have one (give every sample a group, or none)"
+    )
   if s.num_samples is not None:
     samples = samples[: s.warmup + s.num_samples]
   target = bk.load_backend(s.target, device=device, dtype=dtype)
@@ -256,63 +274,127 @@ class _Run:
   runs: list[tuple[str, str, str]]  # (label, method, runtime)
   runtimes: list[str]
   cfg: SDConfig
-  window: PrefillWindow
-  per_sample: dict[str, list[dict]]
-  mismatches: list[dict]
+  order_start: int  # the rotation's position on the first sample
+  window: PrefillWindow = dataclasses.field(default_factory=PrefillWindow)
+  per_sample: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+  mismatches: list[dict] = dataclasses.field(default_factory=list)
+  shapes: set = dataclasses.field(default_factory=set)  # input shapes seen
+  shape_warmups: list[dict] = dataclasses.field(default_factory=list)
 
 
-def _run_sample(run: _Run, sample: dict, warm: bool, t_in, d_in) -> None:
+def _order(run: _Run, si: int) -> list[tuple[str, str, str]]:
+  """The runs of sample `si` in the order they run.
+
+  Rotated (default): every (method, runtime) moves one place per sample, so
+  over the samples each takes each position equally often and none pays a
+  first-run cost systematically; 'fixed' keeps the listed order.
+  """
+  if run.s.order == "fixed":
+    return run.runs
+  k = (run.order_start + si) % len(run.runs)
+  return run.runs[k:] + run.runs[:k]
+
+
+def _run_one(run: _Run, label: str, method: str, runtime: str, t_in, d_in):
+  """One labelled run on one sample: (SampleResult, prefill drafts)."""
+  cfg = dataclasses.replace(run.cfg, runtime=runtime)
+  if run.s.prefill_gamma == "auto":
+    cfg = dataclasses.replace(cfg, prefill_gamma=run.window.drafts(run.s.gamma))
+  r = run_method(method, run.models, t_in, d_in, cfg)
+  if runtime == run.runtimes[0]:
+    run.window.update(r)
+  return r, cfg.k_prefill
+
+
+def _shape_key(*inputs) -> tuple:
+  return tuple(
+    (k, tuple(v.shape))
+    for x in inputs
+    if x is not None
+    for k, v in sorted(x.items())
+    if isinstance(v, torch.Tensor)
+  )
+
+
+def _warm_shape(run: _Run, sample: dict, order, t_in, d_in) -> None:
+  """Work done once per new input shape, done before the timed runs.
+
+  A prompt length not seen yet costs compilation / graph capture / kernel
+  selection once, in whichever run meets it first; every run is done once
+  untimed on such a sample, and the time it took is counted separately.
+  """
+  key = _shape_key(t_in, d_in)
+  if key in run.shapes:
+    return
+  run.shapes.add(key)
+  t0 = time.perf_counter()
+  for lab, m, rt in order:
+    try:
+      _run_one(run, lab, m, rt, t_in, d_in)
+    except SDError:
+      pass  # the timed run meets (and records) the same error
+  run.shape_warmups.append(
+    {"id": sample["id"], "ms": (time.perf_counter() - t0) * 1e3}
+  )
+
+
+def _run_sample(run: _Run, si: int, sample: dict, warm: bool, t_in, d_in):
   """Every (method, runtime) on one sample; records unless `warm`."""
   s, runtimes = run.s, run.runtimes
-  base_tokens: dict[str, list[int]] = {}  # runtime -> baseline tokens
-  margins = None
-  for lab, m, rt in run.runs:
+  order = _order(run, si)
+  if warm:
+    run.shapes.add(_shape_key(t_in, d_in))
+  elif s.shape_warmup:
+    _warm_shape(run, sample, order, t_in, d_in)
+  done: dict[str, tuple] = {}
+  for pos, (lab, m, rt) in enumerate(order):
     try:
-      cfg = dataclasses.replace(run.cfg, runtime=rt)
-      if s.prefill_gamma == "auto":
-        cfg = dataclasses.replace(cfg, prefill_gamma=run.window.drafts(s.gamma))
-      r = run_method(m, run.models, t_in, d_in, cfg)
-      if rt == runtimes[0]:
-        run.window.update(r)
+      done[lab] = (*_run_one(run, lab, m, rt, t_in, d_in), pos)
     except SDError as e:
       if m == "baseline":
         raise
-      if not warm:
-        run.per_sample[lab].append({"id": sample["id"], "error": str(e)})
+      done[lab] = (e, None, pos)
+  if warm:
+    return
+  # Each method is checked against its own runtime's baseline, and each
+  # runtime's baseline (and A/A copy) against the headline runtime's.
+  base = {
+    rt: done[sd_results.label("baseline", rt, runtimes)][0] for rt in runtimes
+  }
+  margins = None
+  for lab, m, rt in run.runs:
+    r, k_prefill, pos = done[lab]
+    if isinstance(r, SDError):
+      run.per_sample[lab].append(
+        {"id": sample["id"], "error": str(r), "position": pos}
+      )
       continue
     rec = r.to_json()
     rec["id"] = sample["id"]
+    rec["position"] = pos
+    if "group" in sample:
+      rec["group"] = sample["group"]
     if "prefill" in parse_method(m).spec.phases:
-      rec["prefill_gamma"] = cfg.k_prefill
-    # Each method is checked against its own runtime's baseline, and each
-    # runtime's baseline against the headline runtime's.
-    if m == "baseline":
-      base_tokens[rt] = r.tokens
-      ref = base_tokens[runtimes[0]]
-    else:
-      ref = base_tokens[rt]
-    if lab == "baseline":
-      rec["match"] = True
-    else:
-      diff = first_difference(r.tokens, ref)
-      rec["match"] = diff is None
-      if diff is not None and not warm:
-        if margins is None:
-          margins = token_margins(run.models.target, t_in, ref)
-        margin = margins[diff] if diff < len(margins) else None
-        rec["first_difference"] = diff
-        rec["near_tie"] = margin is not None and margin < s.tie_margin
-        run.mismatches.append(
-          {
-            "method": lab,
-            "id": sample["id"],
-            "index": diff,
-            "margin": margin,
-            "near_tie": rec["near_tie"],
-          }
-        )
-    if not warm:
-      run.per_sample[lab].append(rec)
+      rec["prefill_gamma"] = k_prefill
+    ref = base[runtimes[0] if m == "baseline" else rt].tokens
+    diff = None if lab == "baseline" else first_difference(r.tokens, ref)
+    rec["match"] = diff is None
+    if diff is not None:
+      if margins is None:
+        margins = token_margins(run.models.target, t_in, ref)
+      margin = margins[diff] if diff < len(margins) else None
+      rec["first_difference"] = diff
+      rec["near_tie"] = margin is not None and margin < s.tie_margin
+      run.mismatches.append(
+        {
+          "method": lab,
+          "id": sample["id"],
+          "index": diff,
+          "margin": margin,
+          "near_tie": rec["near_tie"],
+        }
+      )
+    run.per_sample[lab].append(rec)
 
 
 def _loop(run: _Run, samples, device, ddev) -> tuple:
@@ -343,9 +425,97 @@ def _loop(run: _Run, samples, device, ddev) -> tuple:
       d_in = _to_device(
         models.drafter.prompt_inputs(media.role_view(sample, "draft")), ddev
       )
-    _run_sample(run, sample, si < s.warmup, t_in, d_in)
+    _run_sample(run, si, sample, si < s.warmup, t_in, d_in)
   bar.close()
   return t_in, d_in
+
+
+def _aggregate(run: _Run, methods: list[str]) -> dict:
+  """aggregate, costs, A/A control, Amdahl ceiling and cost model."""
+  s, runtimes, per_sample = run.s, run.runtimes, run.per_sample
+  label = sd_results.label
+  bases = {r: per_sample[label("baseline", r, runtimes)] for r in runtimes}
+  aggregate = {}
+  for lab, _, rt in run.runs:
+    a = sd_results.aggregate(
+      per_sample[lab], bases[rt], n_boot=s.bootstrap, seed=s.seed
+    )
+    if a.get("n") and len(runtimes) > 1:
+      a["speedup_vs"] = sd_results.speedups_vs(
+        per_sample[lab], bases, n_boot=s.bootstrap, seed=s.seed
+      )
+    aggregate[lab] = a
+  costs, aa, amdahl = {}, {}, {}
+  for rt in runtimes:
+    costs[rt] = sd_results.costs_block(
+      {m: per_sample[label(m, rt, runtimes)] for m in methods},
+      methods,
+      s.gamma,
+    )
+    for m in methods:
+      model = sd_results.cost_model(
+        per_sample[label(m, rt, runtimes)],
+        costs[rt],
+        m,
+        aggregate[label(m, rt, runtimes)].get("decode_speedup"),
+      )
+      if model is not None:
+        aggregate[label(m, rt, runtimes)]["cost_model"] = model
+    if s.aa_control:
+      aa[rt] = sd_results.aa_control(aggregate[label(AA_LABEL, rt, runtimes)])
+    amdahl[rt] = sd_results.amdahl(bases[rt])
+  return {"aggregate": aggregate, "costs": costs, "aa": aa, "amdahl": amdahl}
+
+
+def _config(s: BenchSettings, run: _Run, methods, device, ddev, dtype, adtype):
+  groups = sd_results.groups_of(run.per_sample["baseline"])
+  return {
+    "target": s.target or f"random:{s.random_models}",
+    "draft": s.draft or (f"random:{s.random_models}"),
+    "samples": s.samples,
+    "methods": methods,
+    "runtimes": run.runtimes,
+    "compile": s.compile,
+    "gamma": s.gamma,
+    "prefill_gamma": "auto" if s.prefill_gamma == "auto" else run.cfg.k_prefill,
+    "max_new_tokens": s.max_new_tokens,
+    "ignore_eos": s.ignore_eos,
+    "warmup": s.warmup,
+    "dtype": dtype,
+    "adapter_dtype": str(adtype).replace("torch.", ""),
+    "device": str(device),
+    "draft_device": str(ddev),
+    "overlap": s.overlap,
+    "prompt_len": s.prompt_len if s.random_models else None,
+    "bootstrap": s.bootstrap,
+    # 'group': CIs resample whole groups (samples.jsonl `group`).
+    "ci_resampling": "sample" if groups is None else "group",
+    "num_groups": None if groups is None else len(set(groups.tolist())),
+    "tie_margin": s.tie_margin,
+    "seed": s.seed,
+    # Runs of one sample: rotated one place per sample from `order_start`
+    # (each record's `position` says where it ran), or 'fixed'.
+    "order": s.order,
+    "order_start": run.order_start if s.order == "rotate" else None,
+    "runs_per_sample": [x[0] for x in run.runs],
+    "aa_control": s.aa_control,
+    "shape_warmup": s.shape_warmup,
+  }
+
+
+def _reliability(aa: dict) -> tuple[bool | None, list[str]]:
+  """(reliable, warnings) from the A/A control of every runtime."""
+  if not aa:
+    return None, []
+  bad = [
+    f"A/A control on the {rt} runtime: baseline / {AA_LABEL} = "
+    f"{sd_report.fmt(c['ratio'], 3)} (95% CI {c['ci95']}), outside "
+    f"[{AA_RANGE[0]}, {AA_RANGE[1]}] or excluding 1: the timings of this "
+    "run are not reliable"
+    for rt, c in aa.items()
+    if not c["reliable"]
+  ]
+  return not bad, bad
 
 
 def run_benchmark(s: BenchSettings) -> dict:
@@ -365,91 +535,61 @@ def run_benchmark(s: BenchSettings) -> dict:
   for m in methods:
     check_method(m, models)
   _check_positions(s, models)
-  auto_k = s.prefill_gamma == "auto"
+  fixed_k = s.prefill_gamma not in (None, "auto")
   cfg = SDConfig(
     gamma=s.gamma,
     max_new_tokens=s.max_new_tokens,
-    prefill_gamma=None
-    if s.prefill_gamma in (None, "auto")
-    else int(s.prefill_gamma),
+    prefill_gamma=int(s.prefill_gamma) if fixed_k else None,
     overlap=s.overlap,
     eos_token_ids=() if s.ignore_eos else None,
   )
-  runs = [
-    (sd_results.label(m, r, runtimes), m, r) for r in runtimes for m in methods
-  ]
-  per_sample: dict[str, list[dict]] = {x[0]: [] for x in runs}
-  run = _Run(s, models, runs, runtimes, cfg, PrefillWindow(), per_sample, [])
+  runs = []
+  for rt in runtimes:
+    for m in methods:
+      runs.append((sd_results.label(m, rt, runtimes), m, rt))
+      if m == "baseline" and s.aa_control:
+        runs.append((sd_results.label(AA_LABEL, rt, runtimes), m, rt))
+  start = int(np.random.default_rng(s.seed).integers(len(runs)))
+  run = _Run(s, models, runs, runtimes, cfg, start)
+  run.per_sample = {x[0]: [] for x in runs}
   t_in, d_in = _loop(run, samples, device, ddev)
-
-  bases = {
-    r: per_sample[sd_results.label("baseline", r, runtimes)] for r in runtimes
-  }
-  aggregate = {}
-  for lab, _, rt in runs:
-    a = sd_results.aggregate(
-      per_sample[lab], bases[rt], n_boot=s.bootstrap, seed=s.seed
-    )
-    if a.get("n") and len(runtimes) > 1:
-      a["speedup_vs"] = sd_results.speedups_vs(
-        per_sample[lab], bases, n_boot=s.bootstrap, seed=s.seed
-      )
-    aggregate[lab] = a
-  costs = {
-    r: sd_results.costs_block(
-      {m: per_sample[sd_results.label(m, r, runtimes)] for m in methods},
-      methods,
-      s.gamma,
-    )
-    for r in runtimes
-  }
+  agg = _aggregate(run, methods)
+  reliable, warnings = _reliability(agg["aa"])
+  for w in warnings:
+    print(f"warning: {w}", file=sys.stderr)
   os.makedirs(s.out, exist_ok=True)
   results = {
     "format": "egpt_align.benchmark_sd",
     "version": 1,
-    "config": {
-      "target": s.target or f"random:{s.random_models}",
-      "draft": s.draft or (f"random:{s.random_models}"),
-      "samples": s.samples,
-      "methods": methods,
-      "runtimes": runtimes,
-      "compile": s.compile,
-      "gamma": s.gamma,
-      "prefill_gamma": "auto" if auto_k else cfg.k_prefill,
-      "max_new_tokens": s.max_new_tokens,
-      "ignore_eos": s.ignore_eos,
-      "warmup": s.warmup,
-      "dtype": dtype,
-      "adapter_dtype": str(adtype).replace("torch.", ""),
-      "device": str(device),
-      "draft_device": str(ddev),
-      "overlap": s.overlap,
-      "prompt_len": s.prompt_len if s.random_models else None,
-      "bootstrap": s.bootstrap,
-      "tie_margin": s.tie_margin,
-      "seed": s.seed,
-    },
+    "config": _config(s, run, methods, device, ddev, dtype, adtype),
     "environment": environment(device=device),
     "provenance": {
       "target": target.provenance(),
       "draft": None if drafter is None else drafter.provenance(),
       "adapters": adapter_info,
     },
-    "num_measured": len(per_sample["baseline"]),
+    "num_measured": len(run.per_sample["baseline"]),
     # What the fast runtime ran per model: 'static' or why it fell back.
     "fast_path": dict(models.fast_notes),
-    "aggregate": aggregate,
-    "costs": costs[runtimes[0]],
-    "costs_by_runtime": costs,
+    # False when an A/A control failed (None: no control ran).
+    "reliable": reliable,
+    "reliability_warnings": warnings,
+    "aa_control": agg["aa"],
+    "amdahl": agg["amdahl"],
+    # Untimed runs on samples of a new input shape (per sample, wall ms).
+    "shape_warmups": run.shape_warmups,
+    "aggregate": agg["aggregate"],
+    "costs": agg["costs"][runtimes[0]],
+    "costs_by_runtime": agg["costs"],
     "mismatches": run.mismatches,
     "mismatches_not_near_tie": int(
       sum(not x["near_tie"] for x in run.mismatches)
     ),
-    "per_sample": per_sample,
+    "per_sample": run.per_sample,
     "out": s.out,
   }
   if s.profile:
-    profiled = [m for m in methods if METHODS[parse_method(m).kind].profiled]
+    profiled = [m for m in methods if parse_method(m).spec.profiled]
     sd_report.write_profile(
       os.path.join(s.out, "profile.txt"),
       lambda m: run_method(

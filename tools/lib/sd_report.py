@@ -59,6 +59,85 @@ def _cost_lines(costs: dict) -> list[str]:
   return lines
 
 
+def _resampling(cfg: dict) -> str:
+  if cfg.get("ci_resampling") == "group":
+    return (
+      f"resampling whole groups ({cfg['num_groups']} groups of the samples "
+      "file's `group` field)"
+    )
+  return "resampling single samples (the samples file has no `group` field)"
+
+
+def _fairness_lines(results: dict) -> list[str]:
+  """The reliability verdict, run order, warm-ups, A/A and Amdahl lines."""
+  cfg = results["config"]
+  lines = []
+  if results.get("reliable") is False:
+    lines += [
+      "",
+      "**UNRELIABLE RUN**: " + "; ".join(results["reliability_warnings"]),
+    ]
+  if cfg.get("order") == "rotate":
+    lines.append(
+      f"- run order: the {len(cfg['runs_per_sample'])} runs of a sample "
+      f"rotate one place per sample (starting at {cfg['order_start']}; each "
+      "record's `position` says where it ran)"
+    )
+  elif cfg.get("order"):
+    lines.append("- run order: fixed (the listed order on every sample)")
+  warm = results.get("shape_warmups") or []
+  if cfg.get("shape_warmup"):
+    lines.append(
+      f"- work done once per new input shape: {len(warm)} samples of a new "
+      f"shape ran every method once untimed first "
+      f"({sum(w['ms'] for w in warm):.1f} ms in all, not in any timing)"
+    )
+  for rt, c in (results.get("aa_control") or {}).items():
+    lines.append(
+      f"- A/A control ({rt}): baseline / baseline again = "
+      f"{_ci(c['ratio'], c['ci95'])} end to end, "
+      f"{_ci(c['decode_ratio'], c['decode_ci95'])} decode phase; "
+      + ("within" if c["reliable"] else "NOT within")
+      + f" [{c['range'][0]}, {c['range'][1]}] with a CI holding 1"
+    )
+  for rt, a in (results.get("amdahl") or {}).items():
+    if a["baseline_prefill_share"] is not None:
+      lines.append(
+        f"- Amdahl ({rt}): the baseline's prefill is "
+        f"{100 * a['baseline_prefill_share']:.1f}% of its time, so no "
+        "decoding speedup can give more than "
+        f"{fmt(a['end_to_end_ceiling'], 3)}x end to end"
+      )
+  return lines
+
+
+def _cost_model_lines(agg: dict) -> list[str]:
+  rows = {m: a["cost_model"] for m, a in agg.items() if a.get("cost_model")}
+  if not rows:
+    return []
+  lines = [
+    "",
+    "## Cost model against the measured decode phase",
+    "",
+    "Predicted decode-phase speedup = tau / (g c + v) from the measured tau "
+    "(tokens per decode-phase verification), g (drafts per verification), c "
+    "(drafting cost per drafted token) and v (one verification), c and v "
+    "relative to one target decode step; error = predicted / measured - 1.",
+    "",
+    "| method | tau | alpha | g | c | v | predicted | measured | error |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for m, x in rows.items():
+    err = x["relative_error"]
+    lines.append(
+      f"| {m} | {x['tau']:.2f} | {x['alpha']:.3f} | "
+      f"{x['drafts_per_verification']:.2f} | {x['c']:.3f} | {x['v']:.3f} | "
+      f"{x['decode_speedup']:.3f} | {fmt(x['measured_decode_speedup'], 3)} "
+      f"| {'–' if err is None else f'{100 * err:+.1f}%'} |"
+    )
+  return lines
+
+
 def write_report(path: str, results: dict) -> None:
   """report.md: settings, per-method table, correctness, costs."""
   cfg, agg, costs = results["config"], results["aggregate"], results["costs"]
@@ -72,9 +151,12 @@ def write_report(path: str, results: dict) -> None:
     f"{cfg['warmup']} warm-up; target `{cfg['target']}`, drafter "
     f"`{cfg['draft']}`",
     "- speedup = mean(baseline total) / mean(method total) over the same "
-    "samples (ratio of mean totals), 95% paired bootstrap CI; alpha = "
-    "accepted / drafted over all verifications; tau = tokens per "
-    "verification (accepted drafts + the target's own token)",
+    "samples (ratio of mean totals); decode speedup = the same over the "
+    "decode loop alone; 95% paired bootstrap CIs, "
+    + _resampling(cfg)
+    + "; alpha = accepted / drafted over all verifications; tau = tokens "
+    "per verification (accepted drafts + the target's own token)",
+    *_fairness_lines(results),
     "",
     "| method | n | prefill ms | decode ms | total ms | speedup | decode "
     "speedup | alpha | tau | mismatches (near-tie) |",
@@ -108,6 +190,7 @@ def write_report(path: str, results: dict) -> None:
         f"| {m} | {b['prefill']:.2f} | {b['target_forward']:.2f} | "
         f"{b['drafter']:.2f} | {b['adapter']:.2f} | {b['overhead']:.2f} |"
       )
+  lines += _cost_model_lines(agg)
   ov = {
     m: a["prefill_overlap"] for m, a in agg.items() if "prefill_overlap" in a
   }
@@ -295,6 +378,17 @@ def summary_text(results: dict) -> str:
       f"verify (gamma+1) {fmt(c['target_verify_ms'].get('gamma+1'), 3)} ms, "
       f"drafter {fmt(c.get('draft_model_decode_ms'), 3)} ms/token, "
       f"adapter steps (ms) {steps or '-'}; loop overhead (ms/iter) {loop}"
+    )
+  for rt, c in (results.get("aa_control") or {}).items():
+    lines.append(
+      f"[{rt}] A/A control: baseline / baseline again "
+      f"{_ci(c['ratio'], c['ci95'])}"
+      + ("" if c["reliable"] else "  UNRELIABLE RUN")
+    )
+  for rt, a in (results.get("amdahl") or {}).items():
+    lines.append(
+      f"[{rt}] baseline prefill share {fmt(a['baseline_prefill_share'], 3)}"
+      f": end-to-end ceiling {fmt(a['end_to_end_ceiling'], 3)}x"
     )
   lines.append(
     f"fast path: {results['fast_path'] or '-'}; wrote {results['out']}"

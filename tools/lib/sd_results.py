@@ -14,31 +14,60 @@ from typing import Any
 
 import numpy as np
 
+from egpt_align import eval_stats
 from tools.lib.sd_methods import parse_method
 
 # ----------------------------------------------------------------------------
 # Aggregation.
 
 
-def bootstrap_ci(
-  stat, arrays: Sequence[np.ndarray], n: int, seed: int, level: float = 0.95
-) -> list[float] | None:
-  """Percentile CI of stat(*arrays) over paired resamples of the samples."""
-  size = len(arrays[0])
-  if size < 2 or n < 1:
-    return None
-  rng = np.random.default_rng(seed)
-  idx = rng.integers(0, size, size=(n, size))
-  vals = np.array([stat(*(a[i] for a in arrays)) for i in idx], np.float64)
-  vals = vals[np.isfinite(vals)]
-  if not len(vals):
-    return None
-  lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
-  return [float(lo), float(hi)]
+# Every CI'd statistic is a ratio of sums over the paired samples (a ratio of
+# mean totals, never a mean of per-sample ratios): (numerator, denominator).
+RATIOS = {
+  "speedup": ("base_total_ms", "total_ms"),
+  "decode_speedup": ("base_decode_ms", "decode_ms"),
+  "alpha": ("accepted", "drafted"),
+  # Tokens per verification: accepted drafts + the target's own token.
+  "tau": ("verified_tokens", "verify_iterations"),
+}
 
 
-def _ratio(a, b):
-  return float(np.mean(a) / np.mean(b)) if np.mean(b) > 0 else float("nan")
+def groups_of(recs: Sequence[dict]) -> np.ndarray | None:
+  """The records' `group` labels (from samples.jsonl), or None: per sample."""
+  if not recs or "group" not in recs[0]:
+    return None
+  return np.array([str(r["group"]) for r in recs])
+
+
+def ratio_cis(
+  columns: dict[str, np.ndarray],
+  names: Sequence[str],
+  *,
+  n_boot: int,
+  seed: int,
+  groups: np.ndarray | None,
+) -> dict[str, list[float] | None]:
+  """95% percentile bootstrap CIs of RATIOS `names`, by group if given.
+
+  None where fewer than two samples (or groups) exist or nothing is finite.
+  """
+  units = len(next(iter(columns.values())))
+  if groups is not None:
+    units = len(set(groups.tolist()))
+  cis = {}
+  if units >= 2:
+    cis, _ = eval_stats.ratio_bootstrap(
+      columns,
+      {k: RATIOS[k] for k in names},
+      num_resamples=n_boot,
+      seed=seed,
+      groups=groups,
+    )
+  return {k: cis.get(k) for k in names}
+
+
+def _ratio(a, b) -> float:
+  return float(np.sum(a) / np.sum(b)) if np.sum(b) > 0 else float("nan")
 
 
 def _phase_ms(rec: dict, prefix: str) -> float:
@@ -76,46 +105,35 @@ def aggregate(
   if not ok:
     return out
   rs, bs = [r for r, _ in ok], [b for _, b in ok]
-  tot = np.array([r["total_ms"] for r in rs])
-  btot = np.array([b["total_ms"] for b in bs])
-  dec = np.array([r["decode_ms"] for r in rs])
-  bdec = np.array([b["decode_ms"] for b in bs])
+  cols = {
+    k: np.array([r[k] for r in rs], np.float64)
+    for k in ("total_ms", "decode_ms", "accepted", "drafted")
+  }
+  cols["base_total_ms"] = np.array([b["total_ms"] for b in bs], np.float64)
+  cols["base_decode_ms"] = np.array([b["decode_ms"] for b in bs], np.float64)
+  cols["verify_iterations"] = np.array(
+    [r["verify_iterations"] for r in rs], np.float64
+  )
+  cols["verified_tokens"] = cols["accepted"] + cols["verify_iterations"]
   ntok = np.array([len(r["tokens"]) for r in rs])
+  sd = cols["drafted"].sum() > 0
+  names = list(RATIOS) if sd else ["speedup", "decode_speedup"]
+  cis = ratio_cis(cols, names, n_boot=n_boot, seed=seed, groups=groups_of(rs))
+  value = {k: _ratio(cols[RATIOS[k][0]], cols[RATIOS[k][1]]) for k in names}
   out.update(
     mean_prefill_ms=float(np.mean([r["prefill_ms"] for r in rs])),
-    mean_decode_ms=float(np.mean(dec)),
-    mean_total_ms=float(np.mean(tot)),
+    mean_decode_ms=float(np.mean(cols["decode_ms"])),
+    mean_total_ms=float(np.mean(cols["total_ms"])),
     mean_tokens=float(np.mean(ntok)),
-    ms_per_token=float(np.sum(tot) / max(np.sum(ntok), 1)),
-    # Ratio of mean totals (never the mean of per-sample ratios, D5).
-    speedup=_ratio(btot, tot),
-    speedup_ci95=bootstrap_ci(_ratio, [btot, tot], n_boot, seed),
-    decode_speedup=_ratio(bdec, dec),
-    decode_speedup_ci95=bootstrap_ci(_ratio, [bdec, dec], n_boot, seed),
+    ms_per_token=float(np.sum(cols["total_ms"]) / max(np.sum(ntok), 1)),
   )
-  drafted = np.array([r["drafted"] for r in rs], np.float64)
-  accepted = np.array([r["accepted"] for r in rs], np.float64)
-  iters = np.array([r["verify_iterations"] for r in rs], np.float64)
-  if drafted.sum() > 0:
+  for k in names:
+    out[k], out[f"{k}_ci95"] = value[k], cis[k]
+  if sd:
     out.update(
-      drafted=int(drafted.sum()),
-      accepted=int(accepted.sum()),
-      verify_iterations=int(iters.sum()),
-      alpha=float(accepted.sum() / drafted.sum()),
-      alpha_ci95=bootstrap_ci(
-        lambda a, d: a.sum() / max(d.sum(), 1),
-        [accepted, drafted],
-        n_boot,
-        seed,
-      ),
-      # Tokens per verification: accepted drafts + the target's own token.
-      tau=float((accepted.sum() + iters.sum()) / iters.sum()),
-      tau_ci95=bootstrap_ci(
-        lambda a, i: (a.sum() + i.sum()) / max(i.sum(), 1),
-        [accepted, iters],
-        n_boot,
-        seed,
-      ),
+      drafted=int(cols["drafted"].sum()),
+      accepted=int(cols["accepted"].sum()),
+      verify_iterations=int(cols["verify_iterations"].sum()),
     )
     for phase in ("prefill", "decode"):
       it = [x for r in rs for x in r["per_iteration"] if x[0] == phase]
@@ -167,16 +185,16 @@ def speedups_vs(
   """Speedup (ratio of mean totals, CI) against each runtime's baseline."""
   out = {}
   for rt, base in bases.items():
-    pairs = [
-      (r["total_ms"], b["total_ms"])
-      for r, b in zip(recs, base, strict=True)
-      if "error" not in r
-    ]
-    tot = np.array([p[0] for p in pairs])
-    btot = np.array([p[1] for p in pairs])
+    ok = [(r, b) for r, b in zip(recs, base, strict=True) if "error" not in r]
+    cols = {
+      "total_ms": np.array([r["total_ms"] for r, _ in ok], np.float64),
+      "base_total_ms": np.array([b["total_ms"] for _, b in ok], np.float64),
+    }
+    groups = groups_of([r for r, _ in ok])
+    ci = ratio_cis(cols, ["speedup"], n_boot=n_boot, seed=seed, groups=groups)
     out[rt] = {
-      "speedup": _ratio(btot, tot),
-      "speedup_ci95": bootstrap_ci(_ratio, [btot, tot], n_boot, seed),
+      "speedup": _ratio(cols["base_total_ms"], cols["total_ms"]),
+      "speedup_ci95": ci["speedup"],
     }
   return out
 
@@ -297,3 +315,82 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
     out["draft_ms_per_token"] = dpt
     out["verify_ms"] = {str(L - 1): t for L, t in verify.items()}
   return out
+
+
+# ----------------------------------------------------------------------------
+# Fairness: the A/A control, the Amdahl ceiling, the cost model.
+
+
+def aa_control(
+  agg: dict, low: float = 0.98, high: float = 1.02
+) -> dict[str, Any]:
+  """The A/A control from the aggregate of the baseline's second copy.
+
+  ratio = mean(baseline total) / mean(copy total) over the same samples;
+  reliable when it lies in [low, high] and its CI (if any) includes 1.
+  """
+  ratio, ci = agg.get("speedup"), agg.get("speedup_ci95")
+  ok = ratio is not None and low <= ratio <= high
+  if ok and ci is not None:
+    ok = ci[0] <= 1.0 <= ci[1]
+  return {
+    "ratio": ratio,
+    "ci95": ci,
+    "decode_ratio": agg.get("decode_speedup"),
+    "decode_ci95": agg.get("decode_speedup_ci95"),
+    "range": [low, high],
+    "reliable": bool(ok),
+  }
+
+
+def amdahl(base: list[dict]) -> dict[str, float | None]:
+  """The baseline's prefill share and the end-to-end ceiling it implies.
+
+  Speculative decoding shortens the decode phase only: even free decoding
+  leaves the prefill, so end to end no method can beat 1 / prefill share.
+  """
+  ok = [r for r in base if "error" not in r]
+  total = sum(r["total_ms"] for r in ok)
+  if not total:
+    return {"baseline_prefill_share": None, "end_to_end_ceiling": None}
+  share = sum(r["prefill_ms"] for r in ok) / total
+  return {
+    "baseline_prefill_share": share,
+    "end_to_end_ceiling": 1.0 / share if share > 0 else None,
+  }
+
+
+def cost_model(
+  recs: list[dict], costs: dict, method: str, measured: float | None
+) -> dict[str, float | None] | None:
+  """The decode-phase speedup the measured tau, c and v predict.
+
+  Per decode-phase verification the loop spends g c + v target steps (g:
+  drafts per verification, c: drafting cost per drafted token, v: one
+  verification, both relative to one target decode step, all measured)
+  and yields tau = (accepted + verifications) / verifications tokens (for
+  chain drafting tau = 1 + g alpha, alpha = accepted / drafted, measured:
+  not the independent-token formula). Predicted speedup = tau / (g c + v);
+  `relative_error` = predicted / measured - 1 (what the model leaves out:
+  loop overhead, plain decode steps, the prefill-phase verification).
+  """
+  its = [x for r in recs if "error" not in r for x in r["per_iteration"]]
+  its = [x for x in its if x[0] == "decode"]
+  rel = costs.get("relative") or {}
+  c, v = (rel.get("c") or {}).get(method), rel.get("v")
+  if not its or c is None or v is None:
+    return None
+  drafted = sum(x[1] for x in its)
+  tau = (sum(x[2] for x in its) + len(its)) / len(its)
+  g = drafted / len(its)
+  predicted = tau / (g * c + v)
+  return {
+    "tau": tau,
+    "alpha": sum(x[2] for x in its) / drafted,
+    "drafts_per_verification": g,
+    "c": c,
+    "v": v,
+    "decode_speedup": predicted,
+    "measured_decode_speedup": measured,
+    "relative_error": None if not measured else predicted / measured - 1.0,
+  }
