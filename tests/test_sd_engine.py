@@ -725,3 +725,45 @@ def test_static_adapter_rollback_never_reads_stale_entries():
       want, _ = ad.module.decode_step(*xs, cache=cache, position=0)
     torch.testing.assert_close(y, want[:, -1:], atol=1e-5, rtol=1e-5)
     assert tok.tolist() == (want[0, -1:] @ w.T).argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_wider_drafter_head_still_drafts_the_last_shared_id(
+  target_model, runtime
+):
+  """The drafter's head has 16 ids more than the target's vocabulary.
+
+  Its logits are built so the widest ids win over everything and, among the
+  ids both models share (0..V-1), the last one (V-1) wins: every draft must
+  be V-1 on both runtimes (the fast one takes the argmax inside its captured
+  LM-head step). Cutting the head one id short, or not at all, drafts
+  another token.
+  """
+  drafter = random_llama(SHAPE, seed=3, vocab_size=V + 16)
+  with torch.no_grad():
+    # h = e_0 * sqrt(D) for every position: a huge embedding component 0
+    # dominates the residual stream; the final norm keeps only component 0.
+    drafter.model.embed_tokens.weight[:, 0] = 100.0
+    drafter.model.norm.weight.zero_()
+    drafter.model.norm.weight[0] = 1.0
+    scale = torch.ones(V + 16)
+    scale[V - 1], scale[V:] = 2.0, 3.0
+    drafter.lm_head.weight.zero_()
+    drafter.lm_head.weight[:, 0] = scale
+  log = []
+  tb = RecordingBackend(copy.deepcopy(target_model), log, "target")
+  db = _backend(drafter)
+  models = Models(tb, db)
+  cfg = sd.SDConfig(
+    gamma=3, max_new_tokens=8, eos_token_ids=(), runtime=runtime
+  )
+  s = _prompt(97)
+  ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+  base = sd.run_method("baseline", models, ti, None, cfg).tokens
+  log.clear()
+  r = sd.run_method("draft_tokens", models, ti, di, cfg)
+  assert r.tokens == base
+  drafts = [ids[1:] for _, pos, ids in log if pos > 0 and len(ids) > 1]
+  assert drafts and all(d == [V - 1] * len(d) for d in drafts), drafts
+  if runtime == "fast":
+    assert models.fast_notes["drafter"].startswith("static")
