@@ -14,6 +14,9 @@ from tools.lib import tree as tr  # noqa: E402
 from tools.lib import tree_decode  # noqa: E402
 from tools.lib.backends import cache_length  # noqa: E402
 from tools.lib.random_models import TokenPromptBackend, random_llama  # noqa: E402
+from tools.lib.sd_methods import parse_method  # noqa: E402
+from tools.lib.sd_models import Adapter, Models, Target  # noqa: E402
+from tools.lib.sd_timing import Timer  # noqa: E402
 from tools.lib.static_kv import hf_cache_layers  # noqa: E402
 from tools.lib.twins import build_torch_adapter  # noqa: E402
 
@@ -209,9 +212,9 @@ def _backend(model, eos=2):
 
 
 def _target(backend, static: bool, prompt):
-  timer = sd.Timer([torch.device("cpu")])
+  timer = Timer([torch.device("cpu")])
   lm = backend.static_decoder(64) if static else None
-  t = sd._Target(backend, timer, 16, lm)
+  t = Target(backend, timer, 16, lm)
   with torch.inference_mode():
     t.prefill(backend.prompt_inputs(prompt))
   return t
@@ -528,7 +531,7 @@ def _setup(target_model, noisy_model, eos=2):
   adapters = {}
   for kind, stream in (("b1", "target"), ("l5", "source"), ("l5f", "target")):
     name = f"o{kind}"
-    adapters[name] = sd.Adapter(
+    adapters[name] = Adapter(
       name,
       kind,
       RecordingAdapter(TreeOracle(noisy, stream), log, name),
@@ -537,10 +540,10 @@ def _setup(target_model, noisy_model, eos=2):
     )
   torch.manual_seed(7)
   l4 = build_torch_adapter("l4", hidden_dim=D, num_heads=4, ffn_dim=64)
-  adapters["l4"] = sd.Adapter(
+  adapters["l4"] = Adapter(
     "l4", "l4", l4.eval(), torch.device("cpu"), torch.float32
   )
-  return sd.Models(tb, db, adapters), log
+  return Models(tb, db, adapters), log
 
 
 @pytest.fixture
@@ -606,7 +609,7 @@ def test_trees_are_lossless_and_feed_each_model_only_its_path(
       r = _run(models, log, m, s, cfg)
       assert r.tokens == base, (m, runtime)
       _check_reads(log, "target", truth, int.__eq__)
-      name = sd.parse_method(m)[1][-1]
+      name = parse_method(m)[1][-1]
       spec = get_spec(models.adapters[name].kind)
       if "source" in spec.inputs or m.startswith("two_phase"):
         _check_reads(log, "drafter", truth, int.__eq__)

@@ -37,7 +37,6 @@ import time
 import torch
 
 from tools.lib import backends as bk
-from tools.lib import sd_engine as sd
 from tools.lib import tree as tr
 from tools.lib import tree_decode
 from tools.lib.random_models import (
@@ -46,6 +45,8 @@ from tools.lib.random_models import (
   random_llama,
   random_prompts,
 )
+from tools.lib.sd_models import Models, Target
+from tools.lib.sd_timing import Timer
 
 
 def _parse(argv):
@@ -145,7 +146,7 @@ def run(args) -> dict:
   t0 = time.perf_counter()
   model = random_llama(args.shape, seed=args.seed, device=device, dtype=dtype)
   backend = TokenPromptBackend(model, model_id=f"random:{args.shape}")
-  models = sd.Models(backend, compile_layers=not args.no_compile)
+  models = Models(backend, compile_layers=not args.no_compile)
   need = args.prompt_len + max(args.nodes) + 8
   lm = models.static_lm("target", need, None, args.nodes)
   lm.capture_tree(args.nodes)
@@ -153,7 +154,7 @@ def run(args) -> dict:
   vocab = SHAPES[args.shape]["vocab_size"]
   sample = random_prompts(1, args.prompt_len, vocab, args.seed)[0]
   inputs = {k: v.to(device) for k, v in backend.prompt_inputs(sample).items()}
-  target = sd._Target(backend, sd.Timer([device]), 16, lm)
+  target = Target(backend, Timer([device]), 16, lm)
   rows = {}
   out = {
     "shape": args.shape,

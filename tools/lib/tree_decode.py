@@ -202,6 +202,25 @@ class TreeProposer:
     if self.src and drafter.lm is not None:
       drafter.lm.capture_tree([self.topk])
 
+  @classmethod
+  def create(cls, ctx) -> TreeProposer:
+    """The proposer of one run (a `DraftContext`; tools/lib/sd_proposers.py)
+    with the method's last (decode) adapter and the run's SDConfig."""
+    cfg, ad = ctx.config, ctx.adapters[-1]
+    src = "source" in get_spec(ad.kind).inputs
+    vocab = ctx.drafter.vocab if src else None
+    steps = tree_adapter(ctx.models, ad, cfg, vocab, ctx.fast)
+    lm = ctx.target.lm
+    if lm is not None:
+      lm.capture_tree(
+        {
+          tr.tree_size(d, cfg.tree_topk, cfg.tree_nodes)
+          for d in range(1, cfg.tree_depth + 1)
+        }
+      )
+    drafter = ctx.drafter if src else None
+    return cls(ad, ctx.target, drafter, steps, ctx.timer, cfg)
+
   def _adapter(self, slots, positions, allowed, srcs, tgts):
     a = self.a
     args = [
@@ -465,21 +484,3 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
     if phase == "decode" and proposer is not None and not tree.chain:
       proposer.after_verify(tokens, n, path, runs, depths)
   return tokens
-
-
-def make_proposer(models, method_adapter, target, drafter, timer, cfg):
-  """The TreeProposer of a tree method's decode adapter."""
-  ad = models.adapters[method_adapter]
-  src = "source" in get_spec(ad.kind).inputs
-  vocab = None
-  if src:
-    vocab = drafter.vocab
-  steps = tree_adapter(models, ad, cfg, vocab, cfg.runtime == "fast")
-  if target.lm is not None:
-    target.lm.capture_tree(
-      {
-        tr.tree_size(d, cfg.tree_topk, cfg.tree_nodes)
-        for d in range(1, cfg.tree_depth + 1)
-      }
-    )
-  return TreeProposer(ad, target, drafter if src else None, steps, timer, cfg)
