@@ -155,35 +155,47 @@ HEADLINE = {
 }
 
 
-def bootstrap_ci(
-  sums: dict[str, np.ndarray],
+def ratio_bootstrap(
+  columns: dict[str, np.ndarray],
+  ratios: dict[str, tuple[str, str]],
   *,
   num_resamples: int,
   seed: int = 0,
   level: float = 0.95,
+  groups: np.ndarray | None = None,
   chunk: int = 100,
-  ratios: dict[str, tuple[str, str]] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-  """Percentile CIs of ratio metrics (default HEADLINE), resampling samples.
+  """Percentile CIs of ratios of sums, resampling samples (or groups).
 
-  Returns ({metric: [lo, hi]}, {metric: resampled values}). Every resample
-  draws N samples with replacement; a metric is sum(w * num) / sum(w * den)
-  with w the draw counts, so all metrics share the same draws.
+  `columns`: per-sample values [N]; `ratios`: {name: (numerator column,
+  denominator column)}. Every resample draws N samples with replacement
+  (or, with `groups` [N] of group labels, as many groups as there are, each
+  with all its samples); a ratio is sum(w * num) / sum(w * den) with w the
+  draw counts, so all ratios share the same draws. Returns ({name: [lo,
+  hi]}, {name: resampled values}); a ratio with no finite value is absent.
   """
-  ratios = HEADLINE if ratios is None else ratios
-  keys = [k for k, (a, b) in ratios.items() if a in sums and b in sums]
+  keys = [k for k, (a, b) in ratios.items() if a in columns and b in columns]
   if not keys or num_resamples <= 0:
     return {}, {}
   cols = sorted({c for k in keys for c in ratios[k]})
-  mat = np.stack([sums[c] for c in cols], axis=1)  # [N, C]
+  mat = np.stack([np.asarray(columns[c], np.float64) for c in cols], axis=1)
   n = mat.shape[0]
+  if groups is None:
+    member = None
+  else:
+    _, member = np.unique(np.asarray(groups), return_inverse=True)
+    member = member.reshape(-1)
+  units = n if member is None else int(member.max()) + 1
   rng = np.random.default_rng(seed)
   parts = []
   for start in range(0, num_resamples, chunk):
     r = min(chunk, num_resamples - start)
-    draws = rng.integers(0, n, size=(r, n))
-    flat = (draws + np.arange(r)[:, None] * n).ravel()
-    w = np.bincount(flat, minlength=r * n).reshape(r, n).astype(np.float64)
+    draws = rng.integers(0, units, size=(r, units))
+    flat = (draws + np.arange(r)[:, None] * units).ravel()
+    w = np.bincount(flat, minlength=r * units).reshape(r, units)
+    w = w.astype(np.float64)
+    if member is not None:
+      w = w[:, member]  # every sample of a drawn group, as often as drawn
     parts.append(w @ mat)  # [r, C]
   tot = np.concatenate(parts)
   col = {c: i for i, c in enumerate(cols)}
@@ -201,6 +213,29 @@ def bootstrap_ci(
         float(np.percentile(vals, hi_q)),
       ]
   return cis, samples
+
+
+def bootstrap_ci(
+  sums: dict[str, np.ndarray],
+  *,
+  num_resamples: int,
+  seed: int = 0,
+  level: float = 0.95,
+  chunk: int = 100,
+) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+  """Percentile CIs of the headline ratios (HEADLINE), resampling samples.
+
+  Returns ({metric: [lo, hi]}, {metric: resampled values}); see
+  `ratio_bootstrap`.
+  """
+  return ratio_bootstrap(
+    sums,
+    HEADLINE,
+    num_resamples=num_resamples,
+    seed=seed,
+    level=level,
+    chunk=chunk,
+  )
 
 
 def speedup_entry(
@@ -326,7 +361,7 @@ def depth_entry(
   target's tokens; tau = 1 + sum_d share_d is the expected tokens per
   verification cycle of chain drafting gamma tokens from those positions;
   the speedup is tau / (gamma * c + v). CIs resample samples
-  (`bootstrap_ci`).
+  (`ratio_bootstrap`).
   """
   gamma = len(match_steps)
   sums = depth_sums(match_steps, lengths)
@@ -339,8 +374,8 @@ def depth_entry(
   c, v = costs["draft_cost"], costs["verify_cost"]
   tau = entry["tau"]
   entry["speedup"] = None if tau is None else tau / (gamma * c + v)
-  cis, _ = bootstrap_ci(
-    sums, num_resamples=settings.bootstrap, seed=seed, ratios=ratios
+  cis, _ = ratio_bootstrap(
+    sums, ratios, num_resamples=settings.bootstrap, seed=seed
   )
   entry["ci"] = cis
   return entry

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ from egpt_align import (  # noqa: E402
   sharding,
   train_state,
 )
+from tools.lib.environment import environment  # noqa: E402
 
 # Every architecture once (B1 is L5 trained on other data).
 LEVELS = tuple(name for name in models.ADAPTERS if name != "b1")
@@ -641,27 +641,12 @@ def profile_step(name, batch, seq, hidden, dtype, steps, out_dir):
 
 
 def versions():
-  out = {
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "device": str(jax.devices()[0].device_kind),
-    "backend": jax.default_backend(),
-    "num_devices": jax.device_count(),
-  }
-  try:
-    import flax
-    import optax
-
-    out["flax"] = flax.__version__
-    out["optax"] = optax.__version__
-  except ImportError:
-    pass
-  try:
-    import torch
-
-    out["torch"] = torch.__version__
-  except ImportError:
-    pass
+  out = environment(("jax", "flax", "optax", "torch"))
+  out.update(
+    device=str(jax.devices()[0].device_kind),
+    backend=jax.default_backend(),
+    num_devices=jax.device_count(),
+  )
   return out
 
 
