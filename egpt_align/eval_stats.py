@@ -321,6 +321,99 @@ def all_readings(
   return results, positions, plot_arrays
 
 
+def depth_sums(match_steps: list[np.ndarray], lengths: np.ndarray) -> dict:
+  """Per-sample counts of chain drafting's acceptance at depth 1..gamma.
+
+  `match_steps[d-1]` [N, S] says whether draft d made at position p (the
+  chain that starts at t = p - d + 1) is the target's token p + 1. Chains
+  start at t = 0 .. L - 1 - gamma (every one of their gamma tokens exists),
+  the same positions for every depth. Returns 'starts' (chains per sample),
+  'depth_{d}' (chains whose first d drafts all match) and 'tau' (starts +
+  the sum over d, so tau / starts = 1 + sum_d share_d).
+  """
+  gamma = len(match_steps)
+  n, s = match_steps[0].shape
+  starts = np.maximum(np.asarray(lengths) - gamma, 0)
+  ok = np.arange(s)[None] < starts[:, None]
+  out = {"starts": starts.astype(np.float64)}
+  tau = out["starts"].copy()
+  for d in range(1, gamma + 1):
+    shifted = np.zeros((n, s), bool)
+    shifted[:, : s - d + 1] = np.asarray(match_steps[d - 1], bool)[:, d - 1 :]
+    ok = ok & shifted
+    out[f"depth_{d}"] = ok.sum(1).astype(np.float64)
+    tau += out[f"depth_{d}"]
+  out["tau"] = tau
+  return out
+
+
+def depth_entry(
+  match_steps: list[np.ndarray],
+  lengths: np.ndarray,
+  *,
+  settings,
+  costs: dict,
+  seed: int,
+) -> dict:
+  """Acceptance at depth d = 1..gamma, expected tau and speedup, with CIs.
+
+  share_d = the share of chain starts whose first d drafts all match the
+  target's tokens; tau = 1 + sum_d share_d is the expected tokens per
+  verification cycle of chain drafting gamma tokens from those positions;
+  the speedup is tau / (gamma * c + v). CIs resample samples
+  (`ratio_bootstrap`).
+  """
+  gamma = len(match_steps)
+  sums = depth_sums(match_steps, lengths)
+  total = float(sums["starts"].sum())
+  entry: dict[str, Any] = {"chain_starts": int(total)}
+  ratios = {f"depth_{d}": (f"depth_{d}", "starts") for d in range(1, gamma + 1)}
+  ratios["tau"] = ("tau", "starts")
+  for key, (num, _) in ratios.items():
+    entry[key] = _safe_div(sums[num].sum(), total)
+  c, v = costs["draft_cost"], costs["verify_cost"]
+  tau = entry["tau"]
+  entry["speedup"] = None if tau is None else tau / (gamma * c + v)
+  cis, _ = ratio_bootstrap(
+    sums, ratios, num_resamples=settings.bootstrap, seed=seed
+  )
+  entry["ci"] = cis
+  return entry
+
+
+def depth_acceptance(
+  arrays: dict[str, np.ndarray],
+  lengths: np.ndarray,
+  *,
+  gamma: int,
+  fed_back: bool,
+  settings,
+  costs: dict,
+  seed: int,
+) -> dict:
+  """Chain drafting's acceptance at depth, free-running and teacher-forced.
+
+  Free-running: draft d comes from the adapter fed its own earlier drafts'
+  states (`adapter/step{d}/rank`, d >= 2); for an adapter that is never fed
+  its own states (L5) every draft is the teacher-forced one. Teacher-forced:
+  draft d is the prediction at t + d - 1 from the true states
+  (`adapter/next/rank`), what a per-position reading promises.
+  """
+  valid = valid_masks(lengths)["next"]
+  tf = (arrays["adapter/next/rank"] == 0) & valid
+  free = [tf]
+  for d in range(2, gamma + 1):
+    rank = arrays[f"adapter/step{d}/rank"] if fed_back else None
+    free.append(tf if rank is None else (rank == 0) & valid)
+  kw = {"settings": settings, "costs": costs, "seed": seed}
+  return {
+    "gamma": gamma,
+    "fed_back": fed_back,
+    "free_running": depth_entry(free, lengths, **kw),
+    "teacher_forced": depth_entry([tf] * gamma, lengths, **kw),
+  }
+
+
 def drafter_tokens(
   draft_NS: np.ndarray,
   target_NS: np.ndarray,
