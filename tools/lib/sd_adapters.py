@@ -14,22 +14,26 @@ from typing import Any
 import torch
 
 from egpt_align.models import ADAPTERS
-from tools.lib import bridge
+from tools.lib import torch_checkpoints
 from tools.lib import twins as ta
 from tools.lib.sd_models import Adapter
+
+# 'identity': this kind with alpha = 0 returns its input exactly
+# (h + 0 * (out - h)); with a drafter equal to the target every prefill draft
+# is accepted.
+IDENTITY_KIND = "l4"
 
 
 def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
   """(kind, module, config) of the adapter `value` names."""
   if value == "identity":
-    # L4 with alpha = 0 returns its input exactly (h + 0 * (out - h)): with
-    # a drafter equal to the target every prefill draft is accepted.
-    if name != "l4":
+    if name != IDENTITY_KIND:
       raise ValueError(
-        f"--adapter {name}=identity: only l4 can be an exact identity"
+        f"--adapter {name}=identity: only {IDENTITY_KIND} can be an exact "
+        "identity"
       )
     cfg = {"hidden_dim": hidden_dim, "alpha_init": 0.0}
-    return "l4", ta.build_torch_adapter("l4", **cfg), cfg
+    return name, ta.build_torch_adapter(name, **cfg), cfg
   if value == "random" or value.startswith("random:"):
     kind = value.split(":", 1)[1] if ":" in value else name
     if kind not in ADAPTERS:
@@ -42,7 +46,9 @@ def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
     return kind, ta.build_torch_adapter(kind, **cfg), cfg
   try:
     expect = name if name in ADAPTERS else None
-    return bridge.load_adapter_file(value, expect, trust_pickle=trust_pickle)
+    return torch_checkpoints.load_adapter_file(
+      value, expect, trust_pickle=trust_pickle
+    )
   except (ValueError, KeyError) as e:
     raise ValueError(f"--adapter {name}={value}: {e}") from e
 
@@ -65,13 +71,10 @@ def load_adapter(
   Returns the adapter and its provenance (source, kind, config, params).
   """
   kind, module, cfg = _twin(name, value, seed, trust_pickle, hidden_dim)
-  width = getattr(module, "hidden_dim", None)
-  if width is None and hasattr(module, "config"):
-    width = module.config.hidden_dim
-  if width is not None and int(width) != hidden_dim:
+  if cfg["hidden_dim"] != hidden_dim:
     raise ValueError(
-      f"--adapter {name}={value}: hidden_dim {width} != the models' "
-      f"{hidden_dim}"
+      f"--adapter {name}={value}: hidden_dim {cfg['hidden_dim']} != the "
+      f"models' {hidden_dim}"
     )
   module = module.to(device=device, dtype=dtype).eval()
   info: dict[str, Any] = {
