@@ -2,9 +2,8 @@
 
 `flax_to_state_dict` / `state_dict_to_flax` read one table per twin (its
 `naming`, tools/lib/twins/naming.py), so both directions are the same
-correspondence. `resolve_config` is the one place an adapter's config is
-settled against its parameters (export, import and the live runtime);
-`load_twin` builds the twin from a state dict. `export` writes the
+correspondence; the config of a state dict is settled by the twins
+(`resolve_config`, handed on here). `export` writes the
 reference's checkpoint dict (`model_state_dict` under the reference's key
 names, `adapter_type`, a plain-dict `config`) plus .safetensors and
 NAME.config.json; reading them back is tools/lib/torch_checkpoints.py.
@@ -28,7 +27,38 @@ import numpy as np
 import torch
 
 from tools.lib import twins as ta
+from tools.lib.twins import (
+  check_state_dict,
+  load_torch_adapter,
+  resolve_config,
+  torch_depth,
+)
 from tools.lib.twins.naming import Entry
+
+# The state-dict side (config, shapes, loading) is the twins'; bridge hands
+# it on beside the mapping.
+__all__ = [
+  "FORMAT",
+  "FORMAT_VERSION",
+  "REFERENCE_L1_CLASS",
+  "REFERENCE_L1_MODULE",
+  "check_state_dict",
+  "export",
+  "export_paths",
+  "flatten_params",
+  "flax_depth",
+  "flax_to_state_dict",
+  "load_params_npz",
+  "load_torch_adapter",
+  "model_config_of",
+  "param_table",
+  "reference_l1_config_object",
+  "resolve_config",
+  "save_params_npz",
+  "state_dict_to_flax",
+  "torch_depth",
+  "unflatten_params",
+]
 
 # ----------------------------------------------------------------------------
 # Flax <-> torch state-dict mapping.
@@ -37,13 +67,6 @@ from tools.lib.twins.naming import Entry
 def param_table(name: str, depth: int) -> list[Entry]:
   """(flax path, torch key, transpose) for every parameter, in torch order."""
   return ta.twin(name).naming.params(depth)
-
-
-def _count(indices: set[int], what: str) -> int:
-  n = len(indices)
-  if sorted(indices) != list(range(n)):
-    raise ValueError(f"{what} indices {sorted(indices)} are not 0..{n - 1}.")
-  return n
 
 
 def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
@@ -72,15 +95,7 @@ def flax_depth(name: str, params: Mapping) -> int:
   prefix = ta.twin(name).naming.stack
   pat = re.compile(rf"^{prefix}_(\d+)$")
   idx = {int(m.group(1)) for k in _unwrap(params) if (m := pat.match(str(k)))}
-  return _count(idx, f"Flax params {prefix}_*")
-
-
-def torch_depth(name: str, state_dict: Mapping) -> int:
-  """Number of layers/blocks in a torch state dict."""
-  prefix = ta.twin(name).naming.stack
-  pat = re.compile(rf"^{prefix}\.(\d+)\.")
-  idx = {int(m.group(1)) for k in state_dict if (m := pat.match(k))}
-  return _count(idx, f"state dict {prefix}.*")
+  return ta.count_stack(idx, f"Flax params {prefix}_*")
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -88,13 +103,6 @@ def _to_numpy(x) -> np.ndarray:
   if isinstance(x, torch.Tensor):
     return x.detach().to("cpu", torch.float32).numpy().copy()
   return np.array(x, dtype=np.float32, copy=True)
-
-
-def _mismatch(what, missing, unexpected) -> ValueError:
-  return ValueError(
-    f"{what} do not match the adapter's parameters: missing "
-    f"{sorted(missing)[:20]}, unexpected {sorted(unexpected)[:20]}."
-  )
 
 
 def flax_to_state_dict(name: str, params: Mapping) -> dict[str, torch.Tensor]:
@@ -105,7 +113,7 @@ def flax_to_state_dict(name: str, params: Mapping) -> dict[str, torch.Tensor]:
   table = param_table(name, flax_depth(name, params))
   want = {"/".join(fp) for fp, _, _ in table}
   if want != set(flat):
-    raise _mismatch(
+    raise ta.mismatch(
       f"Flax params for {name!r}", want - set(flat), set(flat) - want
     )
   sd = collections.OrderedDict()
@@ -128,7 +136,7 @@ def state_dict_to_flax(name: str, state_dict: Mapping) -> dict:
   table = param_table(name, torch_depth(name, state_dict))
   want = {tkey for _, tkey, _ in table}
   if want != set(state_dict):
-    raise _mismatch(
+    raise ta.mismatch(
       f"state dict keys for {name!r}",
       want - set(state_dict),
       set(state_dict) - want,
@@ -144,91 +152,6 @@ def state_dict_to_flax(name: str, state_dict: Mapping) -> dict:
       a = np.array(a.T, order="C")
     flat["/".join(fpath)] = a
   return unflatten_params(flat)
-
-
-def infer_config(name: str, state_dict: Mapping, num_heads=None) -> dict:
-  """Our model config fields read off a torch state dict's shapes."""
-  twin = ta.twin(name)
-
-  def dim(key, axis):
-    if key not in state_dict:
-      raise ValueError(f"state dict for {twin.name!r} lacks {key!r}.")
-    return int(state_dict[key].shape[axis])
-
-  depth = torch_depth(name, state_dict)
-  cfg: dict[str, Any] = {f: dim(*at) for f, at in twin.naming.dims.items()}
-  cfg[twin.naming.depth] = depth
-  if "num_heads" in twin.fields:  # Not in any shape: given or the default.
-    heads = twin.defaults["num_heads"] if num_heads is None else num_heads
-    cfg["num_heads"] = int(heads)
-    if cfg["hidden_dim"] % cfg["num_heads"]:
-      raise ValueError(
-        f"num_heads={cfg['num_heads']} does not divide hidden_dim="
-        f"{cfg['hidden_dim']}."
-      )
-  return cfg
-
-
-def resolve_config(name: str, state_dict: Mapping, model_cfg=None) -> dict:
-  """Merges a model config with the dims read off `state_dict`; checks both.
-
-  Structural fields (hidden_dim, depth, ffn_dim, ...) come from the shapes;
-  a config value that disagrees with them is an error naming the field.
-  """
-  name = ta.check_name(name)
-  model_cfg = ta.check_fields(name, dict(model_cfg or {}))
-  inferred = infer_config(name, state_dict, model_cfg.get("num_heads"))
-  for key, value in model_cfg.items():
-    if key in inferred and inferred[key] != value:
-      raise ValueError(
-        f"config field {key}={value!r} disagrees with the parameters, "
-        f"whose shapes give {key}={inferred[key]!r} (adapter {name!r})."
-      )
-  cfg = {**inferred, **model_cfg}
-  check_state_dict(name, state_dict, **cfg)
-  return cfg
-
-
-def expected_shapes(name: str, **cfg) -> dict[str, tuple[int, ...]]:
-  """State-dict key -> shape of the twin for `cfg`, built on the meta device."""
-  with torch.device("meta"):
-    model = ta.build_torch_adapter(name, **cfg)
-  return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_state_dict(name: str, state_dict: Mapping, **cfg) -> None:
-  """Raises a ValueError naming every key whose presence or shape is wrong."""
-  want = expected_shapes(name, **cfg)
-  have = {k: tuple(v.shape) for k, v in state_dict.items()}
-  if set(want) != set(have):
-    raise _mismatch(
-      f"state dict keys for {name!r}",
-      set(want) - set(have),
-      set(have) - set(want),
-    )
-  bad = [f"{k}: {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
-  if bad:
-    raise ValueError(
-      f"state dict shapes for {name!r} with config {cfg} differ: {bad[:20]}"
-    )
-
-
-def load_torch_adapter(
-  name: str, state_dict: Mapping, **cfg
-) -> torch.nn.Module:
-  """Builds the twin for `cfg` and loads `state_dict` into it (strict)."""
-  check_state_dict(name, state_dict, **cfg)
-  model = ta.build_torch_adapter(name, **cfg)
-  model.load_state_dict(state_dict, strict=True)
-  return model
-
-
-def load_twin(
-  name: str, state_dict: Mapping, model_cfg=None
-) -> tuple[torch.nn.Module, dict]:
-  """(twin, resolved config) for a state dict and the config beside it."""
-  cfg = resolve_config(name, state_dict, model_cfg)
-  return load_torch_adapter(name, state_dict, **cfg), cfg
 
 
 # ----------------------------------------------------------------------------

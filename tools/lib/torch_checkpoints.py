@@ -153,56 +153,72 @@ def load_checkpoint(path, trust_pickle: bool = False) -> dict:
   return ckpt
 
 
+# Reference `adapter_type` -> registry names (None, as the reference's L1
+# files have it, is L1).
+NAMES_OF_TYPE = {
+  ref_type: models.from_ref_type(ref_type)
+  for ref_type in (None, *(s.ref_type for s in models.ADAPTERS.values()))
+}
+
+
+def _twin(name: Any, what: str) -> ta.Twin:
+  if not isinstance(name, str) or name.lower() not in ta.BY_NAME:
+    raise ValueError(
+      f"{what} {name!r} is not an adapter name; expected one of "
+      f"{list(ta.BY_NAME)}"
+    )
+  return ta.BY_NAME[name.lower()]
+
+
 def adapter_name(ckpt: Mapping, adapter: str | None = None) -> str:
   """Our adapter name for a checkpoint dict (`adapter` overrides L5/B1)."""
   recorded = ckpt.get("egpt_align_adapter")
   ref_type = ckpt.get("adapter_type")
   if recorded:
-    name = ta.check_name(recorded)
+    held = _twin(recorded, "the checkpoint's egpt_align_adapter")
   elif ref_type != UNKNOWN:
-    name = _name_of_type(ref_type, ckpt.get("vlm_only"), warn=adapter is None)
+    held = _of_type(ref_type, ckpt.get("vlm_only"), warn=adapter is None)
   elif adapter is not None:
-    return ta.check_name(adapter)
+    return _twin(adapter, "--adapter").name
   else:
     raise ValueError(
       "this .safetensors file names no adapter (no metadata, no "
       "NAME.config.json beside it): pass --adapter."
     )
   if adapter is None:
-    return name
-  adapter = ta.check_name(adapter)
-  held = ta.twin(name).spec.ref_type
-  if ta.twin(adapter).spec.ref_type != held:
+    return held.name
+  asked = _twin(adapter, "--adapter")
+  if asked.spec.ref_type != held.spec.ref_type:
     raise ValueError(
-      f"--adapter {adapter} does not fit this checkpoint, which holds "
-      f"{name} ({held})."
+      f"--adapter {asked.name} does not fit this checkpoint, which holds "
+      f"{held.name} ({held.spec.ref_type})."
     )
-  return adapter
+  return asked.name
 
 
-def _name_of_type(ref_type: str | None, vlm_only, warn: bool) -> str:
-  """The registry name of a reference `adapter_type` (None: L1).
+def _of_type(ref_type: str | None, vlm_only, warn: bool) -> ta.Twin:
+  """The adapter of a reference `adapter_type` (None: L1).
 
   'L5_EAGLE' is L5 or B1 (L5 trained with the reference's --vlm_only): the
   file's `vlm_only` tells; without it the registry's first name is taken.
   """
-  names = models.from_ref_type(ref_type)
-  if not names:
-    known = sorted({a.ref_type for a in models.ADAPTERS.values()})
+  if ref_type not in NAMES_OF_TYPE:
+    known = sorted(t for t in NAMES_OF_TYPE if t is not None)
     raise ValueError(
       f"unknown adapter_type {ref_type!r}; expected one of {known} (or "
       "none, for L1). The reference would silently load it as L1; we refuse."
     )
-  fits = [n for n in names if ta.twin(n).vlm_only == bool(vlm_only)]
-  name = (fits or names)[0]
-  if warn and len(names) > 1 and not vlm_only:
-    others = " or ".join(f"--adapter {n}" for n in names if n != name)
+  twins = [ta.BY_NAME[n] for n in NAMES_OF_TYPE[ref_type]]
+  held = ([t for t in twins if t.vlm_only == bool(vlm_only)] or twins)[0]
+  if warn and len(twins) > 1 and not vlm_only:
+    others = " or ".join(f"--adapter {t.name}" for t in twins if t is not held)
     warnings.warn(
-      f"adapter_type {ref_type!r} is used for {', '.join(names)} (the file "
-      f"does not say which); importing as {name}. Pass {others} otherwise.",
+      f"adapter_type {ref_type!r} is used for "
+      f"{', '.join(t.name for t in twins)} (the file does not say which); "
+      f"importing as {held.name}. Pass {others} otherwise.",
       stacklevel=3,
     )
-  return name
+  return held
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -219,7 +235,7 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 def model_config(name: str, ckpt: Mapping) -> dict[str, Any]:
   """Our model fields from a checkpoint's `egpt_align_config` or `config`."""
-  twin = ta.twin(name)
+  twin = ta.BY_NAME[name]
   ours = ckpt.get("egpt_align_config")
   if ours:
     fields = set(twin.fields) | ta.IGNORED_FIELDS
@@ -249,8 +265,8 @@ def load_adapter_file(
     raise ValueError(
       f"the checkpoint holds a {kind} adapter, not the {expect} asked for"
     )
-  state = dict(ckpt["model_state_dict"])
-  return (kind, *bridge.load_twin(kind, state, model_config(kind, ckpt)))
+  cfg = model_config(kind, ckpt)
+  return (kind, *ta.load_twin(kind, dict(ckpt["model_state_dict"]), cfg))
 
 
 def convert(ckpt: Mapping, adapter: str | None = None, num_heads=None):
@@ -265,13 +281,14 @@ def convert(ckpt: Mapping, adapter: str | None = None, num_heads=None):
         f"num_heads={cfg['num_heads']}."
       )
     cfg["num_heads"] = num_heads
-  if "num_heads" in ta.twin(name).fields and "num_heads" not in cfg:
+  twin = ta.BY_NAME[name]
+  if "num_heads" in twin.fields and "num_heads" not in cfg:
     warnings.warn(
       "checkpoint does not record num_heads; assuming "
-      f"{ta.twin(name).defaults['num_heads']} (the reference default). Pass "
+      f"{twin.defaults['num_heads']} (the reference default). Pass "
       "--num_heads otherwise.",
       stacklevel=2,
     )
-  cfg = bridge.resolve_config(name, state_dict, cfg)
+  cfg = ta.resolve_config(name, state_dict, cfg)
   params = bridge.state_dict_to_flax(name, state_dict)
   return name, params, cfg
