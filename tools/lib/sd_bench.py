@@ -32,7 +32,6 @@ from tools.lib.random_models import (
 from tools.lib.sd_adapters import load_adapter
 from tools.lib.sd_engine import (
   RUNTIMES,
-  SampleResult,
   SDConfig,
   first_difference,
   run_method,
@@ -41,7 +40,9 @@ from tools.lib.sd_engine import (
 from tools.lib.sd_methods import check_method, parse_method
 from tools.lib.sd_models import Models, SDError
 
-AUTO_K_MAX = 32
+# AUTO_K_MAX: the bound of every 'auto' prefill_gamma this run reports.
+from tools.lib.sd_proposers import AUTO_K_MAX, PrefillWindow  # noqa: F401
+
 # The A/A control: the baseline again, under this label, in every sample.
 AA_LABEL = "baseline_aa"
 # An A/A ratio outside this range (or a CI excluding 1) marks the run
@@ -88,48 +89,6 @@ class BenchSettings:
   order: str = "rotate"  # 'rotate' (seeded start, recorded) or 'fixed'
   aa_control: bool = True  # the baseline twice per sample (baseline_aa)
   shape_warmup: bool = True  # untimed runs on each new input shape
-
-
-class PrefillWindow:
-  """Running means that size the prefill-hiding draft window ('auto').
-
-  K = (target prefill - drafter prefill - adapter call) / drafter ms per
-  token: the drafts that fit while the target prefills (the reference's
-  "free tokens", measured live instead of assumed).
-  """
-
-  def __init__(self):
-    self.sums: dict[str, list[float]] = {}
-
-  def _add(self, key: str, ms: float, n: float) -> None:
-    acc = self.sums.setdefault(key, [0.0, 0.0])
-    acc[0] += ms
-    acc[1] += n
-
-  def _mean(self, key: str) -> float | None:
-    acc = self.sums.get(key)
-    return acc[0] / acc[1] if acc and acc[1] else None
-
-  def update(self, result: SampleResult) -> None:
-    """Adds one run's prefill-side spans."""
-    for name, v in result.phases.items():
-      if name == "target_prefill":
-        self._add("target", v["ms"], v["calls"])
-      elif name == "draft_prefill":
-        self._add("drafter", v["ms"], v["calls"])
-      elif name in ("draft_decode", "prefill_draft_decode"):
-        self._add("token", v["ms"], v["units"])
-      elif name.startswith("prefill_adapter:"):
-        self._add("adapter", v["ms"], v["calls"])
-
-  def drafts(self, default: int) -> int:
-    """The current window, or `default` before anything was measured."""
-    target, drafter = self._mean("target"), self._mean("drafter")
-    token = self._mean("token")
-    if target is None or drafter is None or not token:
-      return default
-    free = target - drafter - (self._mean("adapter") or 0.0)
-    return int(min(max(free // token, 1), AUTO_K_MAX))
 
 
 # ----------------------------------------------------------------------------
