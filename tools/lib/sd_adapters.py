@@ -26,15 +26,24 @@ IDENTITY_KIND = "l4"
 
 def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
   """(kind, module, config) of the adapter `value` names."""
+  made = value == "identity" or value.split(":", 1)[0] == "random"
+  if not made:
+    try:
+      expect = name if name in ADAPTERS else None
+      return torch_checkpoints.load_adapter_file(
+        value, expect, trust_pickle=trust_pickle
+      )
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"--adapter {name}={value}: {e}") from e
+  cfg = {"hidden_dim": hidden_dim}
   if value == "identity":
     if name != IDENTITY_KIND:
       raise ValueError(
         f"--adapter {name}=identity: only {IDENTITY_KIND} can be an exact "
         "identity"
       )
-    cfg = {"hidden_dim": hidden_dim, "alpha_init": 0.0}
-    return name, ta.build_torch_adapter(name, **cfg), cfg
-  if value == "random" or value.startswith("random:"):
+    kind, cfg["alpha_init"] = name, 0.0
+  else:
     kind = value.split(":", 1)[1] if ":" in value else name
     if kind not in ADAPTERS:
       raise ValueError(
@@ -42,15 +51,7 @@ def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
         f"one of {tuple(ADAPTERS)} or write {name}=random:KIND"
       )
     torch.manual_seed(seed)
-    cfg = {"hidden_dim": hidden_dim}
-    return kind, ta.build_torch_adapter(kind, **cfg), cfg
-  try:
-    expect = name if name in ADAPTERS else None
-    return torch_checkpoints.load_adapter_file(
-      value, expect, trust_pickle=trust_pickle
-    )
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"--adapter {name}={value}: {e}") from e
+  return kind, ta.build_torch_adapter(kind, **cfg), cfg
 
 
 def load_adapter(

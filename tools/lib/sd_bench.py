@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from egpt_align.data.format import write_json_atomic
-from egpt_align.models import get_spec
 from tools.lib import backends as bk
 from tools.lib import media, sd_report, sd_results
 from tools.lib.environment import environment
@@ -193,7 +192,7 @@ def _models(s: BenchSettings, target, drafter, device, ddev, adtype):
     )
     # Prefill adapters run with the drafter (on its GPU, inside the
     # overlapped prefill); decode adapters next to the target.
-    ad.device = ddev if get_spec(ad.kind).role == "prefill" else device
+    ad.device = ddev if ad.spec.role == "prefill" else device
     ad.module.to(ad.device)
     meta["device"] = str(ad.device)
     adapters[name] = ad
@@ -206,7 +205,7 @@ def _check_positions(s: BenchSettings, models: Models) -> None:
   need = s.max_new_tokens + s.gamma + 1
   for a in models.adapters.values():
     cap = getattr(a.module, "max_seq_len", None)
-    if get_spec(a.kind).role == "decode" and cap is not None and need > cap:
+    if a.spec.role == "decode" and cap is not None and need > cap:
       raise ValueError(
         f"--max_new_tokens + --gamma + 1 = {need} exceeds a decode "
         f"adapter's max_seq_len ({cap})"

@@ -23,7 +23,6 @@ import dataclasses
 
 import torch
 
-from egpt_align.models import get_spec
 from tools.lib import static_kv
 from tools.lib.sd_models import (
   Adapter,
@@ -100,7 +99,7 @@ class AdapterProposer:
     self.d = drafter
     self.w = lm_head
     self.timer = timer
-    self.inputs = get_spec(adapter.kind).inputs
+    self.inputs = adapter.spec.inputs
     if "source" in self.inputs and drafter is None:
       raise ValueError(f"adapter {adapter.name!r} needs a drafter (--draft)")
     # Fast runtime: static buffers, rolled back by `fed` alone.
@@ -124,7 +123,7 @@ class AdapterProposer:
     return cls(
       ad,
       ctx.target,
-      ctx.drafter if "source" in get_spec(ad.kind).inputs else None,
+      ctx.drafter if "source" in ad.spec.inputs else None,
       ctx.models.head_on(ad.device),
       ctx.timer,
       max_len=max_len,
