@@ -556,8 +556,9 @@ def run_benchmark(s: BenchSettings) -> dict:
       profiled,
       runtimes[0],
     )
-  write_json_atomic(os.path.join(s.out, "results.json"), results)
   sd_report.write_report(os.path.join(s.out, "report.md"), results)
   if s.plots:
     sd_report.write_plots(s.out, results)
+  # Last: a results.json means every output of the run was written.
+  write_json_atomic(os.path.join(s.out, "results.json"), results)
   return results
