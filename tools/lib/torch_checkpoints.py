@@ -4,8 +4,8 @@
 a .safetensors file with its NAME.config.json; `adapter_name` tells which
 registry adapter it holds, `model_config` our config fields. On top of them,
 `load_adapter_file` gives the live runtime a torch twin and `convert` gives
-tools/import_from_torch.py Flax params; both resolve the config through
-bridge.resolve_config.
+tools/import_from_torch.py Flax params; both settle the config with the
+twins' one resolver (`twins.resolve_config`).
 """
 
 from __future__ import annotations
