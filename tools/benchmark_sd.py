@@ -115,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
   )
   run.add_argument("--gamma", type=int, default=5, help="drafts per iteration")
   run.add_argument(
+    "--tree_depth", type=int, default=6, help="tree methods: draft depth"
+  )
+  run.add_argument(
+    "--tree_topk",
+    type=int,
+    default=10,
+    help="tree methods: children per expanded node, nodes expanded per depth",
+  )
+  run.add_argument(
+    "--tree_nodes",
+    type=int,
+    default=60,
+    help="tree methods: tokens per verification, the root included",
+  )
+  run.add_argument(
     "--prefill_gamma",
     default=None,
     help="drafts made during the target prefill (default: --gamma), or "
@@ -242,6 +257,9 @@ def settings(args: argparse.Namespace) -> BenchSettings:
     methods=methods,
     gamma=args.gamma,
     prefill_gamma=args.prefill_gamma,
+    tree_depth=args.tree_depth,
+    tree_topk=args.tree_topk,
+    tree_nodes=args.tree_nodes,
     max_new_tokens=args.max_new_tokens,
     ignore_eos=args.ignore_eos,
     warmup=args.warmup,

@@ -68,6 +68,9 @@ class BenchSettings:
   methods: Sequence[str] = ("baseline", "draft_tokens")
   gamma: int = 5
   prefill_gamma: int | str | None = None  # None: gamma; 'auto'
+  tree_depth: int = 6  # tree methods: draft depth,
+  tree_topk: int = 10  # children per expanded node,
+  tree_nodes: int = 60  # verified tokens (the root included)
   max_new_tokens: int = 50
   ignore_eos: bool = False
   warmup: int = 2  # discarded samples
@@ -436,6 +439,7 @@ def _config(s: BenchSettings, run: _Run, methods, device, ddev, dtype, adtype):
     "compile": s.compile,
     "gamma": s.gamma,
     "prefill_gamma": "auto" if s.prefill_gamma == "auto" else run.cfg.k_prefill,
+    "tree": {"depth": s.tree_depth, "topk": s.tree_topk, "nodes": s.tree_nodes},
     "max_new_tokens": s.max_new_tokens,
     "ignore_eos": s.ignore_eos,
     "warmup": s.warmup,
@@ -500,6 +504,9 @@ def run_benchmark(s: BenchSettings) -> dict:
     prefill_gamma=int(s.prefill_gamma) if fixed_k else None,
     overlap=s.overlap,
     eos_token_ids=() if s.ignore_eos else None,
+    tree_depth=s.tree_depth,
+    tree_topk=s.tree_topk,
+    tree_nodes=s.tree_nodes,
   )
   runs = []
   for rt in runtimes:

@@ -4,8 +4,10 @@
 method (a row of the table in tools/lib/sd_methods.py) on one sample: the
 target's prefill, with the drafter's prefill work overlapped where the
 method drafts in the prefill phase (tools/lib/sd_models.py), then one
-decode loop shared by all methods, fed by the method's proposer
+decode loop shared by all chain methods, fed by the method's proposer
 (tools/lib/sd_proposers.py), timed in named spans (tools/lib/sd_timing.py).
+Draft-tree methods run their own loop (tools/lib/tree_decode.py; the
+method table names it).
 
 Indexing convention (docs/DESIGN.md): h[t] is the state whose LM-head argmax
 is generated token t; h[0] is the last prompt position, h[t] (t >= 1) is the
@@ -43,6 +45,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tools.lib import tree as draft_tree
 from tools.lib.backends import Backend
 from tools.lib.sd_methods import check_method, needs_drafter
 from tools.lib.sd_models import (
@@ -97,6 +100,11 @@ class SDConfig:
   # 'eager': HF forwards with HF KV caches; 'fast': static KV buffers and
   # captured steps (tools/lib/static_kv.py) where a model supports them.
   runtime: str = "eager"
+  # Draft trees (tree:A, two_phase_tree:P+A; tools/lib/tree_decode.py):
+  # depth, children per expanded node, verified tokens (root included).
+  tree_depth: int = 6
+  tree_topk: int = 10
+  tree_nodes: int = 60
 
   def __post_init__(self):
     if self.gamma < 1:
@@ -115,6 +123,7 @@ class SDConfig:
       raise ValueError(
         f"runtime must be one of {RUNTIMES}, not {self.runtime!r}"
       )
+    draft_tree.check_config(self.tree_depth, self.tree_topk, self.tree_nodes)
 
   @property
   def k_prefill(self) -> int:
@@ -220,7 +229,8 @@ def run_method(
   ddev = None if models.drafter is None else torch.device(models.drafter.device)
   timer = Timer([tdev] + ([ddev] if ddev is not None else []))
   m = cfg.max_new_tokens
-  max_states = m + max(cfg.gamma, cfg.k_prefill) + 4
+  extra = kind.extra_positions(cfg) if kind.extra_positions else 0
+  max_states = m + max(cfg.gamma, cfg.k_prefill, extra) + 4
   fast = cfg.runtime == "fast"
   lengths = range(1, cfg.gamma + 2)
   t_lm = d_lm = None
@@ -281,10 +291,20 @@ def run_method(
     proposer = None
     if kind.proposer is not None:
       ctx = DraftContext(
-        models, adapters, target, drafter, timer, cfg.gamma, m, fast, lengths
+        models,
+        adapters,
+        target,
+        drafter,
+        timer,
+        cfg.gamma,
+        m,
+        fast,
+        lengths,
+        cfg,
       )
       proposer = kind.proposer(ctx)
-    tokens = _decode_loop(target, y0, cfg, eos, result, first, proposer)
+    loop = kind.loop or _decode_loop
+    tokens = loop(target, y0, cfg, eos, result, first, proposer)
     timer.sync()
     t2 = time.perf_counter()
     if overlap is not None and overlap["concurrent"]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from egpt_align.models import ADAPTERS
+from tools.lib import tree_decode
 from tools.lib.sd_models import Adapter, Models
 from tools.lib.sd_proposers import AdapterProposer, TokenProposer
 
@@ -38,6 +39,11 @@ class MethodKind:
   # `draft_ms_per_token` (read by egpt_align.speedup): 'drafter', or
   # 'adapter' (keyed by its decode adapter's label); None: not there.
   cost_key: str | None = None
+  # Its decode loop (None: sd_engine's chain loop), and the cache positions
+  # one iteration may use beyond the accepted tokens, from the SDConfig
+  # (None: gamma / prefill_gamma).
+  loop: Callable[..., list[int]] | None = None
+  extra_positions: Callable[[Any], int] | None = None
 
 
 METHODS: dict[str, MethodKind] = {
@@ -78,6 +84,26 @@ METHODS: dict[str, MethodKind] = {
       phases=("prefill", "decode"),
       proposer=AdapterProposer.create,
       uses_drafter=True,
+    ),
+    MethodKind(
+      "tree",
+      "an EAGLE-2 draft tree per iteration (--tree_depth, --tree_topk, "
+      "--tree_nodes), verified in one target forward with a tree mask",
+      slots=("decode",),
+      phases=("decode",),
+      proposer=tree_decode.TreeProposer.create,
+      loop=tree_decode.decode_loop,
+      extra_positions=tree_decode.extra_positions,
+    ),
+    MethodKind(
+      "two_phase_tree",
+      "prefill_hiding:A, then tree:B",
+      slots=("prefill", "decode"),
+      phases=("prefill", "decode"),
+      proposer=tree_decode.TreeProposer.create,
+      uses_drafter=True,
+      loop=tree_decode.decode_loop,
+      extra_positions=tree_decode.extra_positions,
     ),
   )
 }

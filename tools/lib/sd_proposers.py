@@ -20,6 +20,7 @@ target's LM head; `PrefillWindow` sizes K ('auto') from live timings.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -47,6 +48,7 @@ class DraftContext:
   max_new_tokens: int
   fast: bool  # the fast runtime: static adapter steps
   lengths: range  # input lengths the static steps capture
+  config: Any = None  # the run's SDConfig (tree methods read their knobs)
 
 
 class TokenProposer:

@@ -39,6 +39,19 @@ def _cost_lines(costs: dict) -> list[str]:
       for k, v in costs["target_verify_ms"].items()
       if k != "gamma+1"
     ),
+  ]
+  base = costs.get("target_decode_ms")
+  tree = costs.get("target_verify_tree_ms") or {}
+  if tree:
+    lines.append(
+      "- target tree verify: "
+      + ", ".join(
+        f"{k} tokens {fmt(v, 3)} ms"
+        + (f" ({v / base:.2f}x decode)" if base else "")
+        for k, v in tree.items()
+      )
+    )
+  lines += [
     f"- drafter decode: {fmt(costs.get('draft_model_decode_ms'), 3)} ms/token",
     "- SD-loop overhead beyond the model calls (ms per loop iteration): "
     + ", ".join(

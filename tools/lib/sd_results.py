@@ -209,20 +209,25 @@ def _span_rate(records, name_fn, per: str = "calls") -> float | None:
   return ms / cnt if cnt else None
 
 
+def _ms_by_length(ok: dict, methods, prefix: str) -> dict[int, float]:
+  """Mean ms per call of the spans `prefix`L], by length L."""
+  by_len: dict[int, list[float]] = {}
+  for m in methods:
+    for rec in ok[m]:
+      for k, v in rec["phases"].items():
+        if k.startswith(prefix):
+          acc = by_len.setdefault(int(k[len(prefix) : -1]), [0.0, 0])
+          acc[0] += v["ms"]
+          acc[1] += v["calls"]
+  return {L: a[0] / a[1] for L, a in sorted(by_len.items()) if a[1]}
+
+
 def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
   """Measured per-phase costs; keys read by egpt_align (speedup.py)."""
   ok = {m: [r for r in per_sample[m] if "error" not in r] for m in methods}
   base = _span_rate(ok.get("baseline", []), lambda k: k == "target_decode")
-  verify_by_len: dict[int, list[float]] = {}
-  for m in methods:
-    for rec in ok[m]:
-      for k, v in rec["phases"].items():
-        if k.startswith("target_verify["):
-          length = int(k[len("target_verify[") : -1])
-          acc = verify_by_len.setdefault(length, [0.0, 0])
-          acc[0] += v["ms"]
-          acc[1] += v["calls"]
-  verify = {L: a[0] / a[1] for L, a in sorted(verify_by_len.items()) if a[1]}
+  verify = _ms_by_length(ok, methods, "target_verify[")
+  tree_verify = _ms_by_length(ok, methods, "target_verify_tree[")
   draft_model = _span_rate(
     [r for m in methods for r in ok[m]],
     lambda k: k == "draft_decode",
@@ -288,6 +293,8 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
       "gamma+1": verify.get(gamma + 1),
       **{f"{L}": t for L, t in verify.items()},
     },
+    # Draft trees: one verification of L tokens (tree mask), by L.
+    "target_verify_tree_ms": {f"{L}": t for L, t in tree_verify.items()},
     "draft_model_decode_ms": draft_model,
     "draft_model_prefill_ms": _span_rate(
       [r for m in methods for r in ok[m]], lambda k: k == "draft_prefill"
