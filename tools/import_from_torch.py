@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from egpt_align import models
-from tools.lib import bridge
+from tools.lib import bridge, torch_checkpoints
 
 
 def output_paths(out) -> dict[str, Path]:
@@ -68,8 +68,10 @@ def main(argv=None) -> dict[str, Path]:
   """CLI entry point."""
   args = parse_args(argv)
   try:
-    ckpt = bridge.load_checkpoint(args.checkpoint, args.trust_pickle)
-    name, params, cfg = bridge.convert(ckpt, args.adapter, args.num_heads)
+    ckpt = torch_checkpoints.load_checkpoint(args.checkpoint, args.trust_pickle)
+    name, params, cfg = torch_checkpoints.convert(
+      ckpt, args.adapter, args.num_heads
+    )
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from e
   paths = output_paths(args.out)

@@ -48,8 +48,17 @@ from egpt_align import (  # noqa: E402
 )
 from tools.lib.environment import environment  # noqa: E402
 
-# Every architecture once (B1 is L5 trained on other data).
-LEVELS = tuple(name for name in models.ADAPTERS if name != "b1")
+
+def _architectures() -> tuple[str, ...]:
+  """The first registry name of each module class (B1 is L5 on other data)."""
+  first = {}
+  for name, spec in models.ADAPTERS.items():
+    first.setdefault(spec.module, name)
+  return tuple(first.values())
+
+
+# Every architecture once.
+LEVELS = _architectures()
 
 
 def _optim_config():
@@ -71,7 +80,7 @@ def matmul_flops_per_step(params, tokens):
 
 def attention_flops_per_step(name, batch, seq, hidden):
   """QK^T and PV: 4*B*S^2*D forward, x3 with the backward."""
-  if name in ("l4", "l5", "b1", "l5f"):
+  if "num_heads" in models.adapter_fields(name):
     return 12 * batch * seq * seq * hidden
   return 0
 
@@ -494,12 +503,8 @@ def bench_torch(name, batch, seq, hidden, mode, steps, windows):
     return 0.5 * align + 0.5 * nmse
 
   def fwd_loss(src, tgt, m):
-    if name == "l5f":
-      pred = model(src, tgt, m.bool())
-    elif name == "b1":
-      pred = model(tgt, m.bool())
-    else:
-      pred = model(src, m.bool())
+    streams = {"source": src, "target": tgt}
+    pred = model(*(streams[k] for k in spec.inputs), m.bool())
     return ref_loss(pred.float(), tgt, m)
 
   if mode == "compile":

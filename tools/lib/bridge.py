@@ -1,17 +1,12 @@
-"""Converts adapters between egpt_align params and torch checkpoints.
+"""Converts adapters between egpt_align params and torch state dicts.
 
-Writing: `export` turns Flax params into the reference's checkpoint dict
-(`model_state_dict` under the reference's key names, `adapter_type`, a
-plain-dict `config`) plus .safetensors and NAME.config.json. Reading:
-`load_checkpoint` reads a reference checkpoint or one of our exports (safely:
-pickled configs only with `trust_pickle`), `adapter_name` tells which adapter
-it holds, and `convert` gives Flax params and our model config.
-
-The mapping functions `flax_to_state_dict` / `state_dict_to_flax` are driven by
-one table per adapter, so both directions are the same correspondence:
-Dense kernels `[in, out]` are torch `weight.T`, the attention `in_proj` kernel
-`[D, 3D]` is `in_proj_weight.T` (columns q | k | v), LayerNorm `scale` is
-`weight`, alphas are 0-d.
+`flax_to_state_dict` / `state_dict_to_flax` read one table per twin (its
+`naming`, tools/lib/twins/naming.py), so both directions are the same
+correspondence; the config of a state dict is settled by the twins
+(`resolve_config`, handed on here). `export` writes the
+reference's checkpoint dict (`model_state_dict` under the reference's key
+names, `adapter_type`, a plain-dict `config`) plus .safetensors and
+NAME.config.json; reading them back is tools/lib/torch_checkpoints.py.
 The command lines are tools/export_to_torch.py and tools/import_from_torch.py.
 """
 
@@ -21,11 +16,9 @@ import collections
 import contextlib
 import json
 import os
-import pickle
 import re
 import sys
 import types
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,100 +26,47 @@ from typing import Any
 import numpy as np
 import torch
 
-from egpt_align import models
 from tools.lib import twins as ta
+from tools.lib.twins import (
+  check_state_dict,
+  load_torch_adapter,
+  resolve_config,
+  torch_depth,
+)
+from tools.lib.twins.naming import Entry
+
+# The state-dict side (config, shapes, loading) is the twins'; bridge hands
+# it on beside the mapping.
+__all__ = [
+  "FORMAT",
+  "FORMAT_VERSION",
+  "REFERENCE_L1_CLASS",
+  "REFERENCE_L1_MODULE",
+  "check_state_dict",
+  "export",
+  "export_paths",
+  "flatten_params",
+  "flax_depth",
+  "flax_to_state_dict",
+  "load_params_npz",
+  "load_torch_adapter",
+  "model_config_of",
+  "param_table",
+  "reference_l1_config_object",
+  "resolve_config",
+  "save_params_npz",
+  "state_dict_to_flax",
+  "torch_depth",
+  "unflatten_params",
+]
 
 # ----------------------------------------------------------------------------
 # Flax <-> torch state-dict mapping.
 
-# One entry: (flax path, torch key, transpose?).
-_Entry = tuple[tuple[str, ...], str, bool]
 
-
-def _ln(fpath: tuple[str, ...], tkey: str) -> list[_Entry]:
-  return [
-    (fpath + ("scale",), tkey + ".weight", False),
-    (fpath + ("bias",), tkey + ".bias", False),
-  ]
-
-
-def _dense(fpath, tkey, bias=True) -> list[_Entry]:
-  out = [(fpath + ("kernel",), tkey + ".weight", True)]
-  if bias:
-    out.append((fpath + ("bias",), tkey + ".bias", False))
-  return out
-
-
-def _transformer_layer(i: int) -> list[_Entry]:
-  f, t = (f"layers_{i}",), f"layers.{i}"
-  return (
-    _ln(f + ("attn_norm",), t + ".attn_norm")
-    + [
-      (f + ("attn", "in_proj", "kernel"), t + ".attn.in_proj_weight", True),
-      (f + ("attn", "in_proj", "bias"), t + ".attn.in_proj_bias", False),
-    ]
-    + _dense(f + ("attn", "out_proj"), t + ".attn.out_proj")
-    + _ln(f + ("ffn_norm",), t + ".ffn_norm")
-    + _dense(f + ("ffn_up",), t + ".ffn.0")
-    + _dense(f + ("ffn_down",), t + ".ffn.3")
-  )
-
-
-def param_table(name: str, depth: int) -> list[_Entry]:
+def param_table(name: str, depth: int) -> list[Entry]:
   """(flax path, torch key, transpose) for every parameter, in torch order."""
-  name = ta.check_name(name)
-  table: list[_Entry] = []
-  if name in ("l1", "l2"):
-    f, t = ("layers", "layers") if name == "l1" else ("blocks", "blocks")
-    for i in range(depth):
-      p, k = (f"{f}_{i}",), f"{t}.{i}"
-      table += [(p + ("alpha_param",), k + ".alpha_param", False)]
-      table += _dense(p + ("down_proj",), k + ".down_proj", bias=False)
-      table += _dense(p + ("up_proj",), k + ".up_proj", bias=False)
-      table += _ln(p + ("layer_norm",), k + ".layer_norm")
-    table += _ln(("final_norm",), "final_norm")
-  elif name == "l3":
-    table += _ln(("input_norm",), "input_norm")
-    for i in range(depth):
-      p, k = (f"blocks_{i}",), f"blocks.{i}"
-      table += _dense(p + ("down",), k + ".0", bias=False)
-      table += _ln(p + ("norm",), k + ".1")
-      table += _dense(p + ("up",), k + ".4", bias=False)
-    table += [((f"alphas_{i}",), f"alphas.{i}", False) for i in range(depth)]
-    table += _ln(("final_norm",), "final_norm")
-  elif name == "l4":
-    table += [(("alpha",), "alpha", False)]
-    for i in range(depth):
-      table += _transformer_layer(i)
-    table += _ln(("output_norm",), "output_proj.0")
-    table += _dense(("output_proj",), "output_proj.1")
-  else:
-    table += [
-      (("pos_embed",), "pos_embed", False),
-      (("alpha",), "alpha", False),
-    ]
-    if name == "l5f":
-      table += _dense(("fusion_proj",), "fusion_proj")
-      table += _ln(("fusion_norm",), "fusion_norm")
-      table += _dense(("gate",), "gate.0")
-    else:
-      table += _ln(("input_norm",), "input_norm")
-    for i in range(depth):
-      table += _transformer_layer(i)
-    table += _ln(("output_norm",), "output_norm")
-    table += _dense(("output_proj",), "output_proj")
-  return table
-
-
-def _depth_prefix(name: str) -> str:
-  return "blocks" if name in ("l2", "l3") else "layers"
-
-
-def _count(indices: set[int], what: str) -> int:
-  n = len(indices)
-  if sorted(indices) != list(range(n)):
-    raise ValueError(f"{what} indices {sorted(indices)} are not 0..{n - 1}.")
-  return n
+  return ta.twin(name).naming.params(depth)
 
 
 def flatten_params(params: Mapping) -> dict[str, np.ndarray]:
@@ -152,20 +92,10 @@ def _unwrap(params: Mapping) -> Mapping:
 
 def flax_depth(name: str, params: Mapping) -> int:
   """Number of layers/blocks in a Flax params tree."""
-  name = ta.check_name(name)
-  prefix = _depth_prefix(name)
+  prefix = ta.twin(name).naming.stack
   pat = re.compile(rf"^{prefix}_(\d+)$")
   idx = {int(m.group(1)) for k in _unwrap(params) if (m := pat.match(str(k)))}
-  return _count(idx, f"Flax params {prefix}_*")
-
-
-def torch_depth(name: str, state_dict: Mapping) -> int:
-  """Number of layers/blocks in a torch state dict."""
-  name = ta.check_name(name)
-  prefix = _depth_prefix(name)
-  pat = re.compile(rf"^{prefix}\.(\d+)\.")
-  idx = {int(m.group(1)) for k in state_dict if (m := pat.match(k))}
-  return _count(idx, f"state dict {prefix}.*")
+  return ta.count_stack(idx, f"Flax params {prefix}_*")
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -173,13 +103,6 @@ def _to_numpy(x) -> np.ndarray:
   if isinstance(x, torch.Tensor):
     return x.detach().to("cpu", torch.float32).numpy().copy()
   return np.array(x, dtype=np.float32, copy=True)
-
-
-def _mismatch(what, missing, unexpected) -> ValueError:
-  return ValueError(
-    f"{what} do not match the adapter's parameters: missing "
-    f"{sorted(missing)[:20]}, unexpected {sorted(unexpected)[:20]}."
-  )
 
 
 def flax_to_state_dict(name: str, params: Mapping) -> dict[str, torch.Tensor]:
@@ -190,7 +113,7 @@ def flax_to_state_dict(name: str, params: Mapping) -> dict[str, torch.Tensor]:
   table = param_table(name, flax_depth(name, params))
   want = {"/".join(fp) for fp, _, _ in table}
   if want != set(flat):
-    raise _mismatch(
+    raise ta.mismatch(
       f"Flax params for {name!r}", want - set(flat), set(flat) - want
     )
   sd = collections.OrderedDict()
@@ -213,7 +136,7 @@ def state_dict_to_flax(name: str, state_dict: Mapping) -> dict:
   table = param_table(name, torch_depth(name, state_dict))
   want = {tkey for _, tkey, _ in table}
   if want != set(state_dict):
-    raise _mismatch(
+    raise ta.mismatch(
       f"state dict keys for {name!r}",
       want - set(state_dict),
       set(state_dict) - want,
@@ -229,97 +152,6 @@ def state_dict_to_flax(name: str, state_dict: Mapping) -> dict:
       a = np.array(a.T, order="C")
     flat["/".join(fpath)] = a
   return unflatten_params(flat)
-
-
-def infer_config(name: str, state_dict: Mapping, num_heads=None) -> dict:
-  """Our model config fields read off a torch state dict's shapes."""
-  name = ta.check_name(name)
-  sd = state_dict
-
-  def dim(key, axis=0):
-    if key not in sd:
-      raise ValueError(f"state dict for {name!r} lacks {key!r}.")
-    return int(sd[key].shape[axis])
-
-  depth = torch_depth(name, sd)
-  cfg: dict[str, Any] = {}
-  if name in ("l1", "l2"):
-    prefix = "layers" if name == "l1" else "blocks"
-    cfg["hidden_dim"] = dim("final_norm.weight")
-    cfg["bottleneck_dim"] = dim(f"{prefix}.0.down_proj.weight")
-    cfg["num_layers" if name == "l1" else "num_blocks"] = depth
-  elif name == "l3":
-    cfg["hidden_dim"] = dim("final_norm.weight")
-    cfg["bottleneck_dim"] = dim("blocks.0.0.weight")
-    cfg["num_blocks"] = depth
-  else:
-    key = "output_proj.0.weight" if name == "l4" else "output_norm.weight"
-    cfg["hidden_dim"] = dim(key)
-    cfg["ffn_dim"] = dim("layers.0.ffn.0.weight")
-    cfg["num_layers"] = depth
-    cfg["num_heads"] = 8 if num_heads is None else int(num_heads)
-    if cfg["hidden_dim"] % cfg["num_heads"]:
-      raise ValueError(
-        f"num_heads={cfg['num_heads']} does not divide hidden_dim="
-        f"{cfg['hidden_dim']}."
-      )
-    if name != "l4":
-      cfg["max_seq_len"] = dim("pos_embed", 1)
-  return cfg
-
-
-def resolve_config(name: str, state_dict: Mapping, model_cfg=None) -> dict:
-  """Merges a model config with the dims read off `state_dict`; checks both.
-
-  Structural fields (hidden_dim, depth, ffn_dim, ...) come from the shapes;
-  a config value that disagrees with them is an error naming the field.
-  """
-  name = ta.check_name(name)
-  model_cfg = ta.check_fields(name, dict(model_cfg or {}))
-  inferred = infer_config(name, state_dict, model_cfg.get("num_heads"))
-  for key, value in model_cfg.items():
-    if key in inferred and inferred[key] != value:
-      raise ValueError(
-        f"config field {key}={value!r} disagrees with the parameters, "
-        f"whose shapes give {key}={inferred[key]!r} (adapter {name!r})."
-      )
-  cfg = {**inferred, **model_cfg}
-  check_state_dict(name, state_dict, **cfg)
-  return cfg
-
-
-def expected_shapes(name: str, **cfg) -> dict[str, tuple[int, ...]]:
-  """State-dict key -> shape of the twin for `cfg`, built on the meta device."""
-  with torch.device("meta"):
-    model = ta.build_torch_adapter(name, **cfg)
-  return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_state_dict(name: str, state_dict: Mapping, **cfg) -> None:
-  """Raises a ValueError naming every key whose presence or shape is wrong."""
-  want = expected_shapes(name, **cfg)
-  have = {k: tuple(v.shape) for k, v in state_dict.items()}
-  if set(want) != set(have):
-    raise _mismatch(
-      f"state dict keys for {name!r}",
-      set(want) - set(have),
-      set(have) - set(want),
-    )
-  bad = [f"{k}: {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
-  if bad:
-    raise ValueError(
-      f"state dict shapes for {name!r} with config {cfg} differ: {bad[:20]}"
-    )
-
-
-def load_torch_adapter(
-  name: str, state_dict: Mapping, **cfg
-) -> torch.nn.Module:
-  """Builds the twin for `cfg` and loads `state_dict` into it (strict)."""
-  check_state_dict(name, state_dict, **cfg)
-  model = ta.build_torch_adapter(name, **cfg)
-  model.load_state_dict(state_dict, strict=True)
-  return model
 
 
 # ----------------------------------------------------------------------------
@@ -410,8 +242,9 @@ def export(
   loading it then needs `torch.load(..., weights_only=False)`, as the
   reference's own L1 files do.
   """
-  name = models.get_spec(name).name
-  if reference_l1_config and name != "l1":
+  twin = ta.twin(name)
+  name = twin.name
+  if reference_l1_config and twin.naming.config_class is None:
     raise ValueError(
       f"--reference_l1_config applies to l1 exports only, not {name!r}"
     )
@@ -419,67 +252,84 @@ def export(
     raise ValueError(f"--format must be pt, safetensors or both, not {fmt!r}.")
   model_config = dict(model_config or {})
   cfg_name = model_config.pop("name", None)
-  if cfg_name is not None and models.get_spec(cfg_name).name != name:
+  if cfg_name is not None and ta.check_name(cfg_name) != name:
     raise ValueError(
       f"adapter {name!r} disagrees with the config's model.name {cfg_name!r}."
     )
   state_dict = flax_to_state_dict(name, params)
   cfg = resolve_config(name, state_dict, model_config)
-  ref_config = ta.reference_config(name, **cfg)
   extra = {k: v for k, v in _plain(model_config).items() if v is not None}
-  ours = {"name": name, **extra, **cfg}
-  metrics = _plain(dict(metrics)) if metrics else None
+  info = {
+    "adapter_type": twin.spec.ref_type,
+    "config": ta.reference_config(name, **cfg),
+    "epoch": int(epoch),
+    "egpt_align_adapter": name,
+    "egpt_align_config": {"name": name, **extra, **cfg},
+    "vlm_only": twin.vlm_only,
+    "step": step,
+    "metrics": _plain(dict(metrics)) if metrics else None,
+  }
   paths = export_paths(out)
   paths["pt"].parent.mkdir(parents=True, exist_ok=True)
   written = []
   if fmt in ("pt", "both"):
-    ckpt = {
-      "model_state_dict": state_dict,
-      "adapter_type": models.get_spec(name).ref_type,
-      "config": (
-        reference_l1_config_object(ref_config)
-        if reference_l1_config
-        else ref_config
-      ),
-      "epoch": int(epoch),
-      "egpt_align_adapter": name,
-      "egpt_align_config": ours,
-      "vlm_only": name == "b1",
-    }
-    if step is not None:
-      ckpt["egpt_align_step"] = int(step)
-    if metrics:
-      ckpt["metrics"] = metrics
-    with _reference_module_importable():
-      _atomic(paths["pt"], lambda f: torch.save(ckpt, f))
+    _write_pt(paths["pt"], state_dict, info, reference_l1_config)
     written.append(paths["pt"])
   if fmt in ("safetensors", "both"):
-    from safetensors.torch import save_file
-
-    meta = {
-      "format": "pt",
-      "egpt_align_adapter": name,
-      "adapter_type": models.get_spec(name).ref_type,
-    }
-    tmp = paths["safetensors"].with_name(paths["safetensors"].name + ".tmp")
-    save_file(dict(state_dict), str(tmp), metadata=meta)
-    os.replace(tmp, paths["safetensors"])
-    sidecar = {
-      "format": FORMAT,
-      "version": FORMAT_VERSION,
-      "adapter": name,
-      "adapter_type": models.get_spec(name).ref_type,
-      "vlm_only": name == "b1",
-      "config": ref_config,
-      "model": ours,
-      "epoch": int(epoch),
-      "step": step,
-      "metrics": metrics,
-    }
-    text = json.dumps(sidecar, indent=2) + "\n"
-    _atomic(paths["config"], lambda f: f.write(text.encode()))
+    _write_safetensors(paths, state_dict, info)
     written += [paths["safetensors"], paths["config"]]
   return written
+
+
+def _write_pt(path: Path, state_dict, info: dict, pickled_config: bool):
+  """PATH.pt: the reference's checkpoint dict plus our fields."""
+  ckpt = {
+    "model_state_dict": state_dict,
+    "adapter_type": info["adapter_type"],
+    "config": (
+      reference_l1_config_object(info["config"])
+      if pickled_config
+      else info["config"]
+    ),
+    "epoch": info["epoch"],
+    "egpt_align_adapter": info["egpt_align_adapter"],
+    "egpt_align_config": info["egpt_align_config"],
+    "vlm_only": info["vlm_only"],
+  }
+  if info["step"] is not None:
+    ckpt["egpt_align_step"] = int(info["step"])
+  if info["metrics"]:
+    ckpt["metrics"] = info["metrics"]
+  with _reference_module_importable():
+    _atomic(path, lambda f: torch.save(ckpt, f))
+
+
+def _write_safetensors(paths: dict[str, Path], state_dict, info: dict):
+  """PATH.safetensors (name and type in its header) + PATH.config.json."""
+  from safetensors.torch import save_file
+
+  meta = {
+    "format": "pt",
+    "egpt_align_adapter": info["egpt_align_adapter"],
+    "adapter_type": info["adapter_type"],
+  }
+  tmp = paths["safetensors"].with_name(paths["safetensors"].name + ".tmp")
+  save_file(dict(state_dict), str(tmp), metadata=meta)
+  os.replace(tmp, paths["safetensors"])
+  sidecar = {
+    "format": FORMAT,
+    "version": FORMAT_VERSION,
+    "adapter": info["egpt_align_adapter"],
+    "adapter_type": info["adapter_type"],
+    "vlm_only": info["vlm_only"],
+    "config": info["config"],
+    "model": info["egpt_align_config"],
+    "epoch": info["epoch"],
+    "step": info["step"],
+    "metrics": info["metrics"],
+  }
+  text = json.dumps(sidecar, indent=2) + "\n"
+  _atomic(paths["config"], lambda f: f.write(text.encode()))
 
 
 # Where the reference's L1 config class lives: its trainer imports it from
@@ -539,252 +389,3 @@ def _atomic(path: Path, write) -> None:
   with open(tmp, "wb") as f:
     write(f)
   os.replace(tmp, path)
-
-
-UNKNOWN = "<unknown: bare .safetensors>"
-
-
-class RefHiddenAdapterConfig:
-  """Stand-in for the reference's pickled L1 `HiddenAdapterConfig`."""
-
-  def __init__(self, **fields):
-    self.__dict__.update(dataclass_defaults())
-    self.__dict__.update(fields)
-
-  def __setstate__(self, state):
-    if isinstance(state, tuple) and len(state) == 2:  # (dict, slotstate)
-      state = {**(state[0] or {}), **(state[1] or {})}
-    self.__dict__.update(dataclass_defaults())
-    self.__dict__.update(state)
-
-  def to_dict(self) -> dict[str, Any]:
-    """The config fields as a plain dict."""
-    return dict(self.__dict__)
-
-
-def dataclass_defaults() -> dict[str, Any]:
-  """The reference `HiddenAdapterConfig` defaults."""
-  import dataclasses
-
-  return dataclasses.asdict(ta.HiddenAdapterConfig())
-
-
-def _is_config_global(full_name: str) -> bool:
-  return full_name.rsplit(".", 1)[-1] == "HiddenAdapterConfig"
-
-
-class _ShimUnpickler(pickle.Unpickler):
-  def find_class(self, module, name):
-    if name == "HiddenAdapterConfig":
-      return RefHiddenAdapterConfig
-    return super().find_class(module, name)
-
-
-_SHIM_PICKLE = types.SimpleNamespace(
-  Unpickler=_ShimUnpickler, load=pickle.load, __name__="shim_pickle"
-)
-
-
-def load_torch_checkpoint(path, trust_pickle: bool = False) -> dict:
-  """Loads a .pt dict safely; pickled configs only with `trust_pickle`."""
-  path = str(path)
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    if not trust_pickle:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      raise ValueError(
-        f"{path}: holds pickled Python objects that a safe "
-        f"torch.load(weights_only=True) refuses ({first}). Reference L1 "
-        "checkpoints store their HiddenAdapterConfig dataclass this way. If "
-        "you trust this file, rerun with --trust_pickle (trust_pickle=True)."
-      ) from None
-  names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-  config_names = [n for n in names if _is_config_global(n)]
-  if len(config_names) == len(names):
-    # Only the config class: stay in the weights-only unpickler, with the
-    # shim allowed under the reference's class path.
-    allowed = [(RefHiddenAdapterConfig, n) for n in config_names]
-    with torch.serialization.safe_globals(allowed):
-      return torch.load(path, map_location="cpu", weights_only=True)
-  others = sorted(set(names) - set(config_names))
-  warnings.warn(
-    f"{path}: unpickling arbitrary globals {others} because of --trust_pickle.",
-    stacklevel=2,
-  )
-  return torch.load(
-    path, map_location="cpu", weights_only=False, pickle_module=_SHIM_PICKLE
-  )
-
-
-def load_safetensors_checkpoint(path) -> dict:
-  """Loads our .safetensors export plus its NAME.config.json sidecar."""
-  from safetensors import safe_open
-  from safetensors.torch import load_file
-
-  path = Path(path)
-  state_dict = load_file(str(path))
-  with safe_open(str(path), framework="pt") as f:
-    meta = f.metadata() or {}
-  sidecar = path.with_name(path.name[: -len(".safetensors")] + ".config.json")
-  # Without a type the reference convention would mean L1; here it means
-  # "unknown", so the name must come from the header, the sidecar or --adapter.
-  ckpt: dict[str, Any] = {
-    "model_state_dict": state_dict,
-    "adapter_type": meta.get("adapter_type", UNKNOWN),
-    "egpt_align_adapter": meta.get("egpt_align_adapter"),
-  }
-  if sidecar.exists():
-    try:
-      with open(sidecar) as f:
-        info = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{sidecar}: not valid JSON ({e}).") from None
-    fields = {
-      "egpt_align_adapter": info.get("adapter"),
-      "egpt_align_config": info.get("model"),
-      "adapter_type": info.get("adapter_type"),
-      "config": info.get("config"),
-      "vlm_only": info.get("vlm_only"),
-      "epoch": info.get("epoch"),
-      "metrics": info.get("metrics"),
-    }
-    ckpt.update({k: v for k, v in fields.items() if v is not None})
-  return ckpt
-
-
-def load_checkpoint(path, trust_pickle: bool = False) -> dict:
-  """A checkpoint dict from a .pt or .safetensors file."""
-  path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no such file.")
-  if path.suffix == ".safetensors":
-    return load_safetensors_checkpoint(path)
-  ckpt = load_torch_checkpoint(path, trust_pickle)
-  if not isinstance(ckpt, Mapping) or "model_state_dict" not in ckpt:
-    keys = sorted(ckpt) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-    raise ValueError(
-      f"{path}: expected a checkpoint dict with 'model_state_dict' (the "
-      f"reference's save_checkpoint format); found {keys}."
-    )
-  return ckpt
-
-
-def adapter_name(ckpt: Mapping, adapter: str | None = None) -> str:
-  """Our adapter name for a checkpoint dict (`adapter` overrides L5/B1)."""
-  if ckpt.get("egpt_align_adapter"):
-    name = models.get_spec(ckpt["egpt_align_adapter"]).name
-  else:
-    ref_type = ckpt.get("adapter_type")
-    if ref_type != UNKNOWN and models.from_ref_type(ref_type):
-      # None (the reference writes no type for L1) is L1; 'L5_EAGLE' is L5
-      # or B1: the registry lists l5 first.
-      name = models.from_ref_type(ref_type)[0]
-    elif ref_type == UNKNOWN and adapter is not None:
-      return models.get_spec(adapter).name
-    elif ref_type == UNKNOWN:
-      raise ValueError(
-        "this .safetensors file names no adapter (no metadata, no "
-        "NAME.config.json beside it): pass --adapter."
-      )
-    else:
-      known = sorted({a.ref_type for a in models.ADAPTERS.values()})
-      raise ValueError(
-        f"unknown adapter_type {ref_type!r}; expected one of {known} (or "
-        "none, for L1). The reference would silently load it as L1; we refuse."
-      )
-    if name == "l5" and ckpt.get("vlm_only"):
-      name = "b1"
-  if adapter is None:
-    if name == "l5" and "egpt_align_adapter" not in ckpt:
-      warnings.warn(
-        "adapter_type 'L5_EAGLE' is used for both L5 and B1 (L5 trained with "
-        "--vlm_only); importing as l5. Pass --adapter b1 for a B1 checkpoint.",
-        stacklevel=2,
-      )
-    return name
-  adapter = models.get_spec(adapter).name
-  if models.get_spec(adapter).ref_type != models.get_spec(name).ref_type:
-    raise ValueError(
-      f"--adapter {adapter} does not fit this checkpoint, which holds "
-      f"{name} ({models.get_spec(name).ref_type})."
-    )
-  return adapter
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-  if config is None:
-    return {}
-  if isinstance(config, Mapping):
-    return dict(config)
-  if hasattr(config, "to_dict"):
-    return config.to_dict()
-  if hasattr(config, "__dict__"):
-    return dict(vars(config))
-  raise ValueError(f"checkpoint 'config' of type {type(config)} is unusable.")
-
-
-def model_config(name: str, ckpt: Mapping) -> dict[str, Any]:
-  """Our model fields from a checkpoint's `egpt_align_config` or `config`."""
-  ours = ckpt.get("egpt_align_config")
-  if ours:
-    fields = set(ta.CONFIG_FIELDS[name]) | ta.IGNORED_FIELDS
-    return {k: v for k, v in dict(ours).items() if k in fields and k != "name"}
-  ref = _config_dict(ckpt.get("config"))
-  for flag in ("use_layer_norm", "use_gelu"):
-    if ref.get(flag, True) is not True:
-      raise ValueError(
-        f"checkpoint config has {flag}={ref[flag]!r}; egpt_align supports "
-        "only the reference default True."
-      )
-  if ref.get("use_token_embed"):
-    raise ValueError(
-      "checkpoint config has use_token_embed=True; egpt_align does not "
-      "support the optional token embedding."
-    )
-  if "alpha" in ref:
-    ref["alpha_init"] = ref.pop("alpha")
-  keep = set(ta.CONFIG_FIELDS[name])
-  return {k: v for k, v in ref.items() if k in keep}
-
-
-def load_adapter_file(
-  path, expect: str | None = None, *, trust_pickle: bool = False
-) -> tuple[str, torch.nn.Module, dict]:
-  """(kind, torch twin, model config) of an exported or reference file.
-
-  `expect`: the kind the caller asks for; a file holding another is an
-  error (a reference L5_EAGLE file, L5 or B1, is read as `expect`).
-  """
-  ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
-  kind = adapter_name(ckpt, None if ckpt.get("egpt_align_adapter") else expect)
-  if expect is not None and kind != expect:
-    raise ValueError(
-      f"the checkpoint holds a {kind} adapter, not the {expect} asked for"
-    )
-  state = dict(ckpt["model_state_dict"])
-  cfg = resolve_config(kind, state, model_config(kind, ckpt))
-  return kind, load_torch_adapter(kind, state, **cfg), cfg
-
-
-def convert(ckpt: Mapping, adapter: str | None = None, num_heads=None):
-  """(name, flax params, model config) from a checkpoint dict."""
-  name = adapter_name(ckpt, adapter)
-  state_dict = dict(ckpt["model_state_dict"])
-  cfg = model_config(name, ckpt)
-  if num_heads is not None:
-    if "num_heads" in cfg and cfg["num_heads"] != num_heads:
-      raise ValueError(
-        f"--num_heads {num_heads} disagrees with the checkpoint's "
-        f"num_heads={cfg['num_heads']}."
-      )
-    cfg["num_heads"] = num_heads
-  if name in ("l4", "l5", "b1", "l5f") and "num_heads" not in cfg:
-    warnings.warn(
-      "checkpoint does not record num_heads; assuming 8 (the reference "
-      "default). Pass --num_heads otherwise.",
-      stacklevel=2,
-    )
-  cfg = resolve_config(name, state_dict, cfg)
-  params = state_dict_to_flax(name, state_dict)
-  return name, params, cfg

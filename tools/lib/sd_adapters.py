@@ -14,23 +14,36 @@ from typing import Any
 import torch
 
 from egpt_align.models import ADAPTERS
-from tools.lib import bridge
+from tools.lib import torch_checkpoints
 from tools.lib import twins as ta
 from tools.lib.sd_models import Adapter
+
+# 'identity': this kind with alpha = 0 returns its input exactly
+# (h + 0 * (out - h)); with a drafter equal to the target every prefill draft
+# is accepted.
+IDENTITY_KIND = "l4"
 
 
 def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
   """(kind, module, config) of the adapter `value` names."""
-  if value == "identity":
-    # L4 with alpha = 0 returns its input exactly (h + 0 * (out - h)): with
-    # a drafter equal to the target every prefill draft is accepted.
-    if name != "l4":
-      raise ValueError(
-        f"--adapter {name}=identity: only l4 can be an exact identity"
+  made = value == "identity" or value.split(":", 1)[0] == "random"
+  if not made:
+    try:
+      expect = name if name in ADAPTERS else None
+      return torch_checkpoints.load_adapter_file(
+        value, expect, trust_pickle=trust_pickle
       )
-    cfg = {"hidden_dim": hidden_dim, "alpha_init": 0.0}
-    return "l4", ta.build_torch_adapter("l4", **cfg), cfg
-  if value == "random" or value.startswith("random:"):
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"--adapter {name}={value}: {e}") from e
+  cfg = {"hidden_dim": hidden_dim}
+  if value == "identity":
+    if name != IDENTITY_KIND:
+      raise ValueError(
+        f"--adapter {name}=identity: only {IDENTITY_KIND} can be an exact "
+        "identity"
+      )
+    kind, cfg["alpha_init"] = name, 0.0
+  else:
     kind = value.split(":", 1)[1] if ":" in value else name
     if kind not in ADAPTERS:
       raise ValueError(
@@ -38,13 +51,7 @@ def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
         f"one of {tuple(ADAPTERS)} or write {name}=random:KIND"
       )
     torch.manual_seed(seed)
-    cfg = {"hidden_dim": hidden_dim}
-    return kind, ta.build_torch_adapter(kind, **cfg), cfg
-  try:
-    expect = name if name in ADAPTERS else None
-    return bridge.load_adapter_file(value, expect, trust_pickle=trust_pickle)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"--adapter {name}={value}: {e}") from e
+  return kind, ta.build_torch_adapter(kind, **cfg), cfg
 
 
 def load_adapter(
@@ -65,13 +72,10 @@ def load_adapter(
   Returns the adapter and its provenance (source, kind, config, params).
   """
   kind, module, cfg = _twin(name, value, seed, trust_pickle, hidden_dim)
-  width = getattr(module, "hidden_dim", None)
-  if width is None and hasattr(module, "config"):
-    width = module.config.hidden_dim
-  if width is not None and int(width) != hidden_dim:
+  if cfg["hidden_dim"] != hidden_dim:
     raise ValueError(
-      f"--adapter {name}={value}: hidden_dim {width} != the models' "
-      f"{hidden_dim}"
+      f"--adapter {name}={value}: hidden_dim {cfg['hidden_dim']} != the "
+      f"models' {hidden_dim}"
     )
   module = module.to(device=device, dtype=dtype).eval()
   info: dict[str, Any] = {

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from egpt_align.data.format import write_json_atomic
-from egpt_align.models import get_spec
 from tools.lib import backends as bk
 from tools.lib import media, sd_report, sd_results
 from tools.lib.environment import environment
@@ -32,7 +31,6 @@ from tools.lib.random_models import (
 from tools.lib.sd_adapters import load_adapter
 from tools.lib.sd_engine import (
   RUNTIMES,
-  SampleResult,
   SDConfig,
   first_difference,
   run_method,
@@ -41,7 +39,9 @@ from tools.lib.sd_engine import (
 from tools.lib.sd_methods import check_method, parse_method
 from tools.lib.sd_models import Models, SDError
 
-AUTO_K_MAX = 32
+# AUTO_K_MAX: the bound of every 'auto' prefill_gamma this run reports.
+from tools.lib.sd_proposers import AUTO_K_MAX, PrefillWindow  # noqa: F401
+
 # The A/A control: the baseline again, under this label, in every sample.
 AA_LABEL = "baseline_aa"
 # An A/A ratio outside this range (or a CI excluding 1) marks the run
@@ -91,48 +91,6 @@ class BenchSettings:
   order: str = "rotate"  # 'rotate' (seeded start, recorded) or 'fixed'
   aa_control: bool = True  # the baseline twice per sample (baseline_aa)
   shape_warmup: bool = True  # untimed runs on each new input shape
-
-
-class PrefillWindow:
-  """Running means that size the prefill-hiding draft window ('auto').
-
-  K = (target prefill - drafter prefill - adapter call) / drafter ms per
-  token: the drafts that fit while the target prefills (the reference's
-  "free tokens", measured live instead of assumed).
-  """
-
-  def __init__(self):
-    self.sums: dict[str, list[float]] = {}
-
-  def _add(self, key: str, ms: float, n: float) -> None:
-    acc = self.sums.setdefault(key, [0.0, 0.0])
-    acc[0] += ms
-    acc[1] += n
-
-  def _mean(self, key: str) -> float | None:
-    acc = self.sums.get(key)
-    return acc[0] / acc[1] if acc and acc[1] else None
-
-  def update(self, result: SampleResult) -> None:
-    """Adds one run's prefill-side spans."""
-    for name, v in result.phases.items():
-      if name == "target_prefill":
-        self._add("target", v["ms"], v["calls"])
-      elif name == "draft_prefill":
-        self._add("drafter", v["ms"], v["calls"])
-      elif name in ("draft_decode", "prefill_draft_decode"):
-        self._add("token", v["ms"], v["units"])
-      elif name.startswith("prefill_adapter:"):
-        self._add("adapter", v["ms"], v["calls"])
-
-  def drafts(self, default: int) -> int:
-    """The current window, or `default` before anything was measured."""
-    target, drafter = self._mean("target"), self._mean("drafter")
-    token = self._mean("token")
-    if target is None or drafter is None or not token:
-      return default
-    free = target - drafter - (self._mean("adapter") or 0.0)
-    return int(min(max(free // token, 1), AUTO_K_MAX))
 
 
 # ----------------------------------------------------------------------------
@@ -237,7 +195,7 @@ def _models(s: BenchSettings, target, drafter, device, ddev, adtype):
     )
     # Prefill adapters run with the drafter (on its GPU, inside the
     # overlapped prefill); decode adapters next to the target.
-    ad.device = ddev if get_spec(ad.kind).role == "prefill" else device
+    ad.device = ddev if ad.spec.role == "prefill" else device
     ad.module.to(ad.device)
     meta["device"] = str(ad.device)
     adapters[name] = ad
@@ -250,7 +208,7 @@ def _check_positions(s: BenchSettings, models: Models) -> None:
   need = s.max_new_tokens + s.gamma + 1
   for a in models.adapters.values():
     cap = getattr(a.module, "max_seq_len", None)
-    if get_spec(a.kind).role == "decode" and cap is not None and need > cap:
+    if a.spec.role == "decode" and cap is not None and need > cap:
       raise ValueError(
         f"--max_new_tokens + --gamma + 1 = {need} exceeds a decode "
         f"adapter's max_seq_len ({cap})"
@@ -605,8 +563,9 @@ def run_benchmark(s: BenchSettings) -> dict:
       profiled,
       runtimes[0],
     )
-  write_json_atomic(os.path.join(s.out, "results.json"), results)
   sd_report.write_report(os.path.join(s.out, "report.md"), results)
   if s.plots:
     sd_report.write_plots(s.out, results)
+  # Last: a results.json means every output of the run was written.
+  write_json_atomic(os.path.join(s.out, "results.json"), results)
   return results

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from egpt_align.models import ADAPTERS, get_spec
+from egpt_align.models import ADAPTERS
 from tools.lib import tree_decode
 from tools.lib.sd_models import Adapter, Models
 from tools.lib.sd_proposers import AdapterProposer, TokenProposer
@@ -169,9 +169,7 @@ def needs_drafter(method: Method, adapters: Mapping[str, Adapter]) -> bool:
   """Whether `method` runs the drafter LM (adapters keyed by label)."""
   if method.spec.uses_drafter:
     return True
-  return any(
-    "source" in get_spec(adapters[a].kind).inputs for a in method.adapters
-  )
+  return any("source" in adapters[a].spec.inputs for a in method.adapters)
 
 
 def check_method(method: str, models: Models) -> Method:
@@ -183,11 +181,11 @@ def check_method(method: str, models: Models) -> Method:
         f"method {method!r}: no adapter named {name!r} (have "
         f"{sorted(models.adapters)}; pass --adapter {name}=FILE)"
       )
-    kind = models.adapters[name].kind
-    if get_spec(kind).role != role:
+    adapter = models.adapters[name]
+    if adapter.spec.role != role:
       raise ValueError(
-        f"method {method!r}: adapter {name!r} is a {kind}; this slot needs "
-        f"one of {role_names(role)}"
+        f"method {method!r}: adapter {name!r} is a {adapter.kind}; this "
+        f"slot needs one of {role_names(role)}"
       )
   if models.drafter is None and needs_drafter(parsed, models.adapters):
     raise ValueError(f"method {method!r} needs a drafter model (--draft)")

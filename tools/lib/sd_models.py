@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from egpt_align.models import ADAPTERS, get_spec
+from egpt_align.models import ADAPTERS, AdapterSpec
 from tools.lib import static_kv
 from tools.lib.backends import Backend, cache_length, crop_cache
 from tools.lib.sd_timing import Timer
@@ -44,6 +44,7 @@ class Adapter:
   module: torch.nn.Module
   device: torch.device
   dtype: torch.dtype
+  spec: AdapterSpec = dataclasses.field(init=False)  # the kind's registry entry
 
   def __post_init__(self):
     if self.kind not in ADAPTERS:
@@ -51,6 +52,7 @@ class Adapter:
         f"adapter {self.name!r}: unknown kind {self.kind!r}; expected one of "
         f"{tuple(ADAPTERS)}"
       )
+    self.spec = ADAPTERS[self.kind]
 
 
 # ----------------------------------------------------------------------------
@@ -445,7 +447,7 @@ class Models:
     sa = static_kv.StaticAdapter(
       adapter.module,
       self.head_on(adapter.device),
-      len(get_spec(adapter.kind).inputs),
+      len(adapter.spec.inputs),
       min(static_kv.static_length(needed), cap),
       device=adapter.device,
       dtype=adapter.dtype,

@@ -14,7 +14,7 @@ drafter stepping in lockstep on the accepted and drafted tokens; L5F gets
 both (its target stream takes its own predictions beyond the accepted
 prefix). `prefill_drafts` is the drafter side of prefill hiding: drafter
 prefill + K greedy steps, mapped by a prefill adapter (L1-L4) through the
-target's LM head.
+target's LM head; `PrefillWindow` sizes K ('auto') from live timings.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from egpt_align.models import get_spec
 from tools.lib import static_kv
 from tools.lib.sd_models import (
   Adapter,
@@ -102,7 +101,7 @@ class AdapterProposer:
     self.d = drafter
     self.w = lm_head
     self.timer = timer
-    self.inputs = get_spec(adapter.kind).inputs
+    self.inputs = adapter.spec.inputs
     if "source" in self.inputs and drafter is None:
       raise ValueError(f"adapter {adapter.name!r} needs a drafter (--draft)")
     # Fast runtime: static buffers, rolled back by `fed` alone.
@@ -126,7 +125,7 @@ class AdapterProposer:
     return cls(
       ad,
       ctx.target,
-      ctx.drafter if "source" in get_spec(ad.kind).inputs else None,
+      ctx.drafter if "source" in ad.spec.inputs else None,
       ctx.models.head_on(ad.device),
       ctx.timer,
       max_len=max_len,
@@ -250,3 +249,49 @@ def prefill_drafts(
     y = adapter.module(hs)
     e = greedy_token(y[0].to(lm_head.dtype) @ lm_head.T)
   return e[1:], e[:1]
+
+
+# Most drafts the 'auto' prefill window asks for.
+AUTO_K_MAX = 32
+
+
+class PrefillWindow:
+  """Running means that size the prefill-hiding draft window ('auto').
+
+  K = (target prefill - drafter prefill - adapter call) / drafter ms per
+  token: the drafts that fit while the target prefills (the reference's
+  "free tokens", measured live instead of assumed).
+  """
+
+  def __init__(self):
+    self.sums: dict[str, list[float]] = {}
+
+  def _add(self, key: str, ms: float, n: float) -> None:
+    acc = self.sums.setdefault(key, [0.0, 0.0])
+    acc[0] += ms
+    acc[1] += n
+
+  def _mean(self, key: str) -> float | None:
+    acc = self.sums.get(key)
+    return acc[0] / acc[1] if acc and acc[1] else None
+
+  def update(self, result) -> None:
+    """Adds one run's prefill-side spans (`result`: a SampleResult)."""
+    for name, v in result.phases.items():
+      if name == "target_prefill":
+        self._add("target", v["ms"], v["calls"])
+      elif name == "draft_prefill":
+        self._add("drafter", v["ms"], v["calls"])
+      elif name in ("draft_decode", "prefill_draft_decode"):
+        self._add("token", v["ms"], v["units"])
+      elif name.startswith("prefill_adapter:"):
+        self._add("adapter", v["ms"], v["calls"])
+
+  def drafts(self, default: int) -> int:
+    """The current window, or `default` before anything was measured."""
+    target, drafter = self._mean("target"), self._mean("drafter")
+    token = self._mean("token")
+    if target is None or drafter is None or not token:
+      return default
+    free = target - drafter - (self._mean("adapter") or 0.0)
+    return int(min(max(free // token, 1), AUTO_K_MAX))

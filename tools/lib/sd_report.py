@@ -151,6 +151,85 @@ def _cost_model_lines(agg: dict) -> list[str]:
   return lines
 
 
+def _overlap_lines(agg: dict) -> list[str]:
+  """Measured prefill overlap: each side alone vs concurrent."""
+  ov = {
+    m: a["prefill_overlap"] for m, a in agg.items() if "prefill_overlap" in a
+  }
+  if not ov:
+    return []
+  lines = [
+    "",
+    "## Measured prefill overlap (mean ms)",
+    "",
+    "Each side is also timed alone after the run; saved = target alone + "
+    "drafter alone - concurrent wall (negative: concurrency cost more "
+    "than it hid). 'in region' = each side's time while running "
+    "concurrently, contention included.",
+    "",
+    "| method | target alone | drafter alone | concurrent wall | saved | "
+    "target in region | drafter in region | concurrent |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for m, o in ov.items():
+    lines.append(
+      f"| {m} | {o['target_alone_ms']:.2f} | {o['drafter_alone_ms']:.2f} | "
+      f"{o['wall_ms']:.2f} | {o['overlap_ms']:.2f} | {o['target_ms']:.2f} "
+      f"| {o['drafter_ms']:.2f} | {o['concurrent']} |"
+    )
+  return lines
+
+
+def _runtime_lines(results: dict, runtimes: list[str]) -> list[str]:
+  """Speedups against each runtime's baseline (several runtimes)."""
+  if len(runtimes) <= 1:
+    return []
+  lines = [
+    "",
+    "## Speedup against each runtime's baseline",
+    "",
+    "Ratio of mean totals against the `baseline` of each runtime "
+    f"({', '.join(runtimes)}; fast path per model: "
+    f"{results.get('fast_path') or '-'}).",
+    "",
+    "| method | " + " | ".join(f"vs {r} baseline" for r in runtimes) + " |",
+    "|---|" + "---|" * len(runtimes),
+  ]
+  for m, a in results["aggregate"].items():
+    vs = a.get("speedup_vs")
+    if vs:
+      lines.append(
+        f"| {m} | "
+        + " | ".join(
+          _ci(vs[r]["speedup"], vs[r]["speedup_ci95"]) for r in runtimes
+        )
+        + " |"
+      )
+  return lines
+
+
+def _correctness_lines(results: dict) -> list[str]:
+  """Tokens that differ from the baseline, near-tie or not."""
+  cfg, bad = results["config"], results.get("mismatches", [])
+  lines = ["", "## Correctness", ""]
+  if not bad:
+    lines.append("Every method's tokens equal the baseline's on every sample.")
+  else:
+    lines.append(
+      f"{len(bad)} (method, sample) pairs differ from the baseline; "
+      f"near-tie = baseline top-2 logit margin < {cfg['tie_margin']} at the "
+      "first differing token:"
+    )
+    lines.append("")
+    for x in bad[:50]:
+      lines.append(
+        f"- {x['method']} / {x['id']}: first difference at token "
+        f"{x['index']}, margin {fmt(x['margin'], 4)}"
+        + (" (near-tie)" if x["near_tie"] else " (NOT a near-tie)")
+      )
+  return lines
+
+
 def write_report(path: str, results: dict) -> None:
   """report.md: settings, per-method table, correctness, costs."""
   cfg, agg, costs = results["config"], results["aggregate"], results["costs"]
@@ -204,73 +283,14 @@ def write_report(path: str, results: dict) -> None:
         f"{b['drafter']:.2f} | {b['adapter']:.2f} | {b['overhead']:.2f} |"
       )
   lines += _cost_model_lines(agg)
-  ov = {
-    m: a["prefill_overlap"] for m, a in agg.items() if "prefill_overlap" in a
-  }
-  if ov:
-    lines += [
-      "",
-      "## Measured prefill overlap (mean ms)",
-      "",
-      "Each side is also timed alone after the run; saved = target alone + "
-      "drafter alone - concurrent wall (negative: concurrency cost more "
-      "than it hid). 'in region' = each side's time while running "
-      "concurrently, contention included.",
-      "",
-      "| method | target alone | drafter alone | concurrent wall | saved | "
-      "target in region | drafter in region | concurrent |",
-      "|---|---|---|---|---|---|---|---|",
-    ]
-    for m, o in ov.items():
-      lines.append(
-        f"| {m} | {o['target_alone_ms']:.2f} | {o['drafter_alone_ms']:.2f} | "
-        f"{o['wall_ms']:.2f} | {o['overlap_ms']:.2f} | {o['target_ms']:.2f} "
-        f"| {o['drafter_ms']:.2f} | {o['concurrent']} |"
-      )
+  lines += _overlap_lines(agg)
   runtimes = cfg.get("runtimes") or ["eager"]
-  if len(runtimes) > 1:
-    lines += [
-      "",
-      "## Speedup against each runtime's baseline",
-      "",
-      "Ratio of mean totals against the `baseline` of each runtime "
-      f"({', '.join(runtimes)}; fast path per model: "
-      f"{results.get('fast_path') or '-'}).",
-      "",
-      "| method | " + " | ".join(f"vs {r} baseline" for r in runtimes) + " |",
-      "|---|" + "---|" * len(runtimes),
-    ]
-    for m, a in agg.items():
-      vs = a.get("speedup_vs")
-      if vs:
-        lines.append(
-          f"| {m} | "
-          + " | ".join(
-            _ci(vs[r]["speedup"], vs[r]["speedup_ci95"]) for r in runtimes
-          )
-          + " |"
-        )
+  lines += _runtime_lines(results, runtimes)
   by_rt = results.get("costs_by_runtime") or {runtimes[0]: costs}
   for rt, c in by_rt.items():
     lines += ["", f"## Measured costs ({rt} runtime)", ""]
     lines += _cost_lines(c)
-  bad = results.get("mismatches", [])
-  lines += ["", "## Correctness", ""]
-  if not bad:
-    lines.append("Every method's tokens equal the baseline's on every sample.")
-  else:
-    lines.append(
-      f"{len(bad)} (method, sample) pairs differ from the baseline; "
-      f"near-tie = baseline top-2 logit margin < {cfg['tie_margin']} at the "
-      "first differing token:"
-    )
-    lines.append("")
-    for x in bad[:50]:
-      lines.append(
-        f"- {x['method']} / {x['id']}: first difference at token "
-        f"{x['index']}, margin {fmt(x['margin'], 4)}"
-        + (" (near-tie)" if x["near_tie"] else " (NOT a near-tie)")
-      )
+  lines += _correctness_lines(results)
   lines += [
     "",
     "Plots: speedup.png, breakdown.png, acceptance.png.",

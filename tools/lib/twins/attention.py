@@ -1,207 +1,29 @@
-"""PyTorch twins of the egpt_align adapters (the state-dict mapping: bridge).
+"""Torch twins of the attention adapters L4, L5 / B1 and L5F, with tables.
 
-The twins have the reference's state-dict key names, shapes, order and
-initialisation (REFERENCE_NOTES §2), and compute the reference formulas with
-the padding mask used everywhere (L4/L5/L5F as key-padding mask; L5/L5F also
-causal), so they match the Flax modules in `egpt_align.models`.
+The reference's state-dict key names, shapes, order and initialisation
+(REFERENCE_NOTES §2), computing the reference formulas with the padding mask
+used everywhere (L4/L5/L5F as key-padding mask; L5/L5F also causal).
+L5/B1/L5F also decode with a KV cache (`init_cache` / `decode_step` /
+`truncate`, or preallocated `static_cache` / `static_step`).
 
 Masks follow egpt_align: `mask` is `[B, S]` bool, True = valid.  Padded query
 positions get finite (but meaningless) outputs, never NaN, even for rows that
 are entirely padding.
-
 """
 
 from __future__ import annotations
-
-import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from egpt_align import models
-
-# Flax-only fields (compute dtype etc.) that do not change the torch module.
-IGNORED_FIELDS = frozenset({"name", "dtype", "param_dtype"})
-
-# Our (Flax) model config fields each twin understands: the registry's
-# module fields less the Flax-only ones.
-CONFIG_FIELDS = {
-  name: tuple(f for f in models.adapter_fields(name) if f not in IGNORED_FIELDS)
-  for name in models.ADAPTERS
-}
-
-
-def check_name(name: str) -> str:
-  """The registry name (lower-cased) or a ValueError naming the choices."""
-  return models.get_spec(name).name
+from tools.lib.twins.naming import Entry, Naming, dense, ln, scalar
 
 
 def _neg(dtype: torch.dtype) -> float:
   # Half of the most negative value: two of them (causal + padding) still sum
   # to a finite number, so fully masked rows give a uniform softmax, not NaN.
   return torch.finfo(dtype).min / 2
-
-
-# ----------------------------------------------------------------------------
-# L1 / L2: bottleneck blocks.
-
-
-@dataclasses.dataclass
-class HiddenAdapterConfig:
-  """L1 configuration, field for field as the reference's dataclass."""
-
-  hidden_dim: int = 4096
-  bottleneck_dim: int = 256
-  num_layers: int = 1
-  dropout: float = 0.1
-  alpha: float = 0.1
-  use_layer_norm: bool = True
-  use_gelu: bool = True
-
-
-class BottleneckAdapter(nn.Module):
-  """y = x + a * W_up(Dropout(GELU(W_down(LN(x))))), no biases."""
-
-  def __init__(
-    self,
-    hidden_dim: int = 4096,
-    bottleneck_dim: int = 256,
-    dropout: float = 0.1,
-    alpha: float = 0.1,
-    use_layer_norm: bool = True,
-    use_gelu: bool = True,
-  ):
-    super().__init__()
-    self.down_proj = nn.Linear(hidden_dim, bottleneck_dim, bias=False)
-    self.up_proj = nn.Linear(bottleneck_dim, hidden_dim, bias=False)
-    self.layer_norm = (
-      nn.LayerNorm(hidden_dim) if use_layer_norm else nn.Identity()
-    )
-    self.act = nn.GELU() if use_gelu else nn.ReLU()
-    self.dropout = nn.Dropout(dropout)
-    self.alpha_param = nn.Parameter(torch.tensor(float(alpha)))
-    nn.init.kaiming_normal_(
-      self.down_proj.weight, mode="fan_in", nonlinearity="linear"
-    )
-    nn.init.zeros_(self.up_proj.weight)
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    h = self.dropout(self.act(self.down_proj(self.layer_norm(x))))
-    return x + self.alpha_param * self.up_proj(h)
-
-
-class HiddenStateAdapter(nn.Module):
-  """L1: `num_layers` bottleneck blocks, then a final LayerNorm."""
-
-  def __init__(self, config: HiddenAdapterConfig | None = None):
-    super().__init__()
-    self.config = config = config or HiddenAdapterConfig()
-    self.layers = nn.ModuleList(
-      [
-        BottleneckAdapter(
-          config.hidden_dim,
-          config.bottleneck_dim,
-          config.dropout,
-          config.alpha,
-          config.use_layer_norm,
-          config.use_gelu,
-        )
-        for _ in range(config.num_layers)
-      ]
-    )
-    self.final_norm = nn.LayerNorm(config.hidden_dim)
-
-  def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-    """Position-wise, so `mask` is accepted and not needed."""
-    del mask
-    for layer in self.layers:
-      x = layer(x)
-    return self.final_norm(x)
-
-
-class MultiLayerBottleneckAdapter(nn.Module):
-  """L2: `num_blocks` bottleneck blocks, then a final LayerNorm."""
-
-  def __init__(
-    self,
-    hidden_dim: int = 4096,
-    bottleneck_dim: int = 256,
-    num_blocks: int = 3,
-    dropout: float = 0.1,
-    alpha: float = 0.1,
-  ):
-    super().__init__()
-    self.hidden_dim = hidden_dim
-    self.bottleneck_dim = bottleneck_dim
-    self.num_blocks = num_blocks
-    self.blocks = nn.ModuleList(
-      [
-        BottleneckAdapter(hidden_dim, bottleneck_dim, dropout, alpha)
-        for _ in range(num_blocks)
-      ]
-    )
-    self.final_norm = nn.LayerNorm(hidden_dim)
-
-  def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-    """Position-wise, so `mask` is accepted and not needed."""
-    del mask
-    for block in self.blocks:
-      x = block(x)
-    return self.final_norm(x)
-
-
-class WideBottleneckAdapter(nn.Module):
-  """L3: x = LN_in(h); x += a_i * Drop(W2(Drop(GELU(LN(W1 x))))); LN."""
-
-  def __init__(
-    self,
-    hidden_dim: int = 4096,
-    bottleneck_dim: int = 1024,
-    num_blocks: int = 2,
-    dropout: float = 0.1,
-    alpha: float = 0.1,
-  ):
-    super().__init__()
-    self.hidden_dim = hidden_dim
-    self.bottleneck_dim = bottleneck_dim
-    self.num_blocks = num_blocks
-    self.input_norm = nn.LayerNorm(hidden_dim)
-    self.blocks = nn.ModuleList(
-      [
-        nn.Sequential(
-          nn.Linear(hidden_dim, bottleneck_dim, bias=False),
-          nn.LayerNorm(bottleneck_dim),
-          nn.GELU(),
-          nn.Dropout(dropout),
-          nn.Linear(bottleneck_dim, hidden_dim, bias=False),
-          nn.Dropout(dropout),
-        )
-        for _ in range(num_blocks)
-      ]
-    )
-    self.alphas = nn.ParameterList(
-      [nn.Parameter(torch.tensor(float(alpha))) for _ in range(num_blocks)]
-    )
-    self.final_norm = nn.LayerNorm(hidden_dim)
-    for block in self.blocks:
-      # The reference leaves the default leaky_relu gain here (std sqrt(2/in)).
-      nn.init.kaiming_normal_(block[0].weight, mode="fan_in")
-      nn.init.zeros_(block[4].weight)
-
-  def forward(self, x: torch.Tensor, mask=None) -> torch.Tensor:
-    """Position-wise, so `mask` is accepted and not needed."""
-    del mask
-    x = self.input_norm(x)
-    for block, alpha in zip(self.blocks, self.alphas, strict=True):
-      x = x + alpha * block(x)
-    return self.final_norm(x)
-
-
-# ----------------------------------------------------------------------------
-# L4 / L5 / L5F: transformer layers.
 
 
 class TransformerLayer(nn.Module):
@@ -281,6 +103,26 @@ class TransformerLayer(nn.Module):
     return x + self.ffn(self.ffn_norm(x))
 
 
+def _layer_params(i: int) -> list[Entry]:
+  """One TransformerLayer's parameters, Flax `layers_i` / torch `layers.i`."""
+  f, t = (f"layers_{i}",), f"layers.{i}"
+  return (
+    ln(f + ("attn_norm",), t + ".attn_norm")
+    + [
+      (f + ("attn", "in_proj", "kernel"), t + ".attn.in_proj_weight", True),
+      (f + ("attn", "in_proj", "bias"), t + ".attn.in_proj_bias", False),
+    ]
+    + dense(f + ("attn", "out_proj"), t + ".attn.out_proj")
+    + ln(f + ("ffn_norm",), t + ".ffn_norm")
+    + dense(f + ("ffn_up",), t + ".ffn.0")
+    + dense(f + ("ffn_down",), t + ".ffn.3")
+  )
+
+
+def _layers_params(depth: int) -> list[Entry]:
+  return [e for i in range(depth) for e in _layer_params(i)]
+
+
 def _padding_mask(mask, x: torch.Tensor):
   """Float key-padding mask from a bool [B, S] valid mask (or None)."""
   if mask is None:
@@ -303,8 +145,28 @@ def _causal_mask(seq_len: int, x: torch.Tensor) -> torch.Tensor:
   return zeros.masked_fill(upper, _neg(x.dtype))
 
 
+def _attention_params(depth: int) -> list[Entry]:
+  return (
+    scalar(("alpha",), "alpha")
+    + _layers_params(depth)
+    + ln(("output_norm",), "output_proj.0")
+    + dense(("output_proj",), "output_proj.1")
+  )
+
+
 class AttentionAdapter(nn.Module):
   """L4: bidirectional transformer layers, out = h + a (proj(LN(x)) - h)."""
+
+  naming = Naming(
+    params=_attention_params,
+    stack="layers",
+    depth="num_layers",
+    dims={
+      "hidden_dim": ("output_proj.0.weight", 0),
+      "ffn_dim": ("layers.0.ffn.0.weight", 0),
+    },
+    reference=("hidden_dim", "num_heads", "ffn_dim", "num_layers", "dropout"),
+  )
 
   def __init__(
     self,
@@ -508,8 +370,44 @@ class _CausalAdapter(nn.Module):
     return self.output_proj(self.output_norm(h)), cache
 
 
+def _eagle_params(depth: int) -> list[Entry]:
+  return (
+    scalar(("pos_embed",), "pos_embed")
+    + scalar(("alpha",), "alpha")
+    + ln(("input_norm",), "input_norm")
+    + _layers_params(depth)
+    + ln(("output_norm",), "output_norm")
+    + dense(("output_proj",), "output_proj")
+  )
+
+
+# The causal twins' config read off a state dict.
+_CAUSAL_DIMS = {
+  "hidden_dim": ("output_norm.weight", 0),
+  "ffn_dim": ("layers.0.ffn.0.weight", 0),
+  "max_seq_len": ("pos_embed", 1),
+}
+_CAUSAL_REFERENCE = (
+  "hidden_dim",
+  "num_heads",
+  "ffn_dim",
+  "num_layers",
+  "dropout",
+  "max_seq_len",
+)
+
+
 class EAGLEStyleAdapter(_CausalAdapter):
   """L5 / B1: causal layers over LN(h) + pos; out = h + a (proj - h)."""
+
+  naming = Naming(
+    params=_eagle_params,
+    stack="layers",
+    depth="num_layers",
+    dims=_CAUSAL_DIMS,
+    reference=_CAUSAL_REFERENCE,
+    fixed={"use_token_embed": False},
+  )
 
   def __init__(
     self,
@@ -553,8 +451,29 @@ class EAGLEStyleAdapter(_CausalAdapter):
     return x + self.alpha * (out - x), cache
 
 
+def _fused_params(depth: int) -> list[Entry]:
+  return (
+    scalar(("pos_embed",), "pos_embed")
+    + scalar(("alpha",), "alpha")
+    + dense(("fusion_proj",), "fusion_proj")
+    + ln(("fusion_norm",), "fusion_norm")
+    + dense(("gate",), "gate.0")
+    + _layers_params(depth)
+    + ln(("output_norm",), "output_norm")
+    + dense(("output_proj",), "output_proj")
+  )
+
+
 class FusedEAGLEAdapter(_CausalAdapter):
   """L5F: gated fusion of [source ; target], causal layers, target residual."""
+
+  naming = Naming(
+    params=_fused_params,
+    stack="layers",
+    depth="num_layers",
+    dims=_CAUSAL_DIMS,
+    reference=_CAUSAL_REFERENCE,
+  )
 
   def __init__(
     self,
@@ -605,81 +524,3 @@ class FusedEAGLEAdapter(_CausalAdapter):
     """Decodes (e, v) [B, T, D] (usually T = 1) at `position`."""
     out, cache = self._cached_stack(self._fuse(e, v), cache, position, mask)
     return v + self.alpha * (out - v), cache
-
-
-TWIN_CLASSES = {
-  "l1": HiddenStateAdapter,
-  "l2": MultiLayerBottleneckAdapter,
-  "l3": WideBottleneckAdapter,
-  "l4": AttentionAdapter,
-  "l5": EAGLEStyleAdapter,
-  "b1": EAGLEStyleAdapter,
-  "l5f": FusedEAGLEAdapter,
-}
-
-
-def reference_config(name: str, **cfg) -> dict[str, Any]:
-  """The reference constructor kwargs (plain dict) for our model config."""
-  name = check_name(name)
-  cfg = check_fields(name, cfg)
-  d = {"hidden_dim": cfg.get("hidden_dim", 4096)}
-  if name == "l1":
-    d.update(
-      bottleneck_dim=cfg.get("bottleneck_dim", 256),
-      num_layers=cfg.get("num_layers", 1),
-      dropout=cfg.get("dropout", 0.1),
-      alpha=cfg.get("alpha_init", 0.1),
-      use_layer_norm=True,
-      use_gelu=True,
-    )
-  elif name in ("l2", "l3"):
-    d.update(
-      bottleneck_dim=cfg.get("bottleneck_dim", 256 if name == "l2" else 1024),
-      num_blocks=cfg.get("num_blocks", 3 if name == "l2" else 2),
-      dropout=cfg.get("dropout", 0.1),
-      alpha=cfg.get("alpha_init", 0.1),
-    )
-  else:
-    d.update(
-      num_heads=cfg.get("num_heads", 8),
-      ffn_dim=cfg.get("ffn_dim", 2048),
-      num_layers=cfg.get("num_layers", 1),
-      dropout=cfg.get("dropout", 0.1),
-    )
-    if name != "l4":
-      d["max_seq_len"] = cfg.get("max_seq_len", 512)
-    if name in ("l5", "b1"):
-      d["use_token_embed"] = False
-  return d
-
-
-def check_fields(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """`cfg` less Flax-only fields and Nones; an unknown field is an error."""
-  # None means "the adapter default" (as in egpt_align's run configs).
-  cfg = {
-    k: v for k, v in cfg.items() if k not in IGNORED_FIELDS and v is not None
-  }
-  unknown = sorted(set(cfg) - set(CONFIG_FIELDS[name]))
-  if unknown:
-    raise ValueError(
-      f"Unknown config field(s) {unknown} for adapter {name!r}; expected "
-      f"some of {CONFIG_FIELDS[name]}."
-    )
-  return cfg
-
-
-def build_torch_adapter(name: str, **cfg) -> nn.Module:
-  """The torch twin of adapter `name` from our (Flax) model config fields."""
-  name = check_name(name)
-  ref = reference_config(name, **cfg)
-  if name == "l1":
-    return HiddenStateAdapter(HiddenAdapterConfig(**ref))
-  alpha = cfg.get("alpha_init", 0.1)
-  if name not in ("l2", "l3"):
-    ref["alpha"] = alpha
-  return TWIN_CLASSES[name](**ref)
-
-
-def num_params(module: nn.Module) -> int:
-  """Trainable parameter count (works on the meta device)."""
-  return sum(p.numel() for p in module.parameters() if p.requires_grad)
