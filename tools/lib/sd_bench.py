@@ -471,7 +471,9 @@ def _reliability(aa: dict) -> tuple[bool | None, list[str]]:
     return None, []
   bad = [
     f"A/A control on the {rt} runtime: baseline / {AA_LABEL} = "
-    f"{sd_report.fmt(c['ratio'], 3)} (95% CI {c['ci95']}), outside "
+    f"{sd_report.fmt(c['ratio'], 3)} (95% CI "
+    f"[{', '.join(sd_report.fmt(x, 3) for x in c['ci95'] or (None, None))}]), "
+    "outside "
     f"[{AA_RANGE[0]}, {AA_RANGE[1]}] or excluding 1: the timings of this "
     "run are not reliable"
     for rt, c in aa.items()
