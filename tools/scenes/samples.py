@@ -10,7 +10,8 @@ starting K into the split) it writes the clip as 8 PNG frames
 drafter plugin as `{"events": FILE}`) and one sample line per question type
 into DIR/samples.jsonl (docs/PLUGINS.md schema; `seed` and `qtype` are extra
 fields the dump tool ignores, kept for scoring answers with
-tools/scenes/text.py). Rerunning with the same arguments rewrites the same
+tools/scenes/text.py; `group` is the scene, so that statistics can resample
+scenes rather than samples). Rerunning with the same arguments rewrites the same
 files.
 """
 
@@ -52,6 +53,7 @@ def write_samples(
           "media": {"target": {"video": clip}, "draft": {"events": ev}},
           "seed": seed,
           "qtype": qtype,
+          "group": str(seed),
         }
       )
   path = os.path.join(out, "samples.jsonl")
