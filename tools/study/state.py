@@ -12,6 +12,13 @@ import tarfile
 from tools.study import layout
 from tools.study.pair import StudyError
 
+BENCH_SETTINGS = (
+  "bench_samples",
+  "eager_samples",
+  "gamma",
+  "bench_max_new_tokens",
+  "runtimes",
+)
 # The settings each stage's outputs depend on: a finished stage run with
 # other values is refused (use another --out or --redo it).
 STAGE_SETTINGS = {
@@ -19,8 +26,8 @@ STAGE_SETTINGS = {
   "dump": ("train_scenes", "val_scenes", "test_scenes", "dump_max_new_tokens"),
   "train": ("epochs", "batch_size"),
   "evaluate": ("bootstrap",),
-  "bench1": ("bench_scenes", "gamma", "bench_max_new_tokens", "runtimes"),
-  "bench2": ("bench_scenes", "gamma", "bench_max_new_tokens", "runtimes"),
+  "bench1": BENCH_SETTINGS,
+  "bench2": BENCH_SETTINGS,
 }
 # What each stage writes under DIR: a --redo removes it first, so the stage
 # starts clean (a dump resumes only what this run began).
