@@ -107,7 +107,7 @@ class ScenesPair:
 
   def samples(self, study, split: str) -> str:
     """DIR/samples/SPLIT/samples.jsonl, written once (deterministic)."""
-    from tools.scenes import samples as samples_lib
+    from tools.scenes import splits
 
     out = study.p("samples", split)
     path = os.path.join(out, "samples.jsonl")
@@ -117,7 +117,7 @@ class ScenesPair:
       with open(marker) as f:
         if json.load(f).get("num") == num:
           return path
-    samples_lib.write_samples(out, split, num)
+    splits.write_samples(out, split, num)
     with open(marker, "w") as f:
       json.dump({"split": split, "num": num}, f)
     return path
