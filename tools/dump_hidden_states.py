@@ -250,6 +250,8 @@ def _options(spec: str, template: str | None, num_frames: int | None) -> dict:
 RESUME_KEYS = (
   ("pairing",),
   ("max_new_tokens",),
+  ("source", "weights_fingerprint"),
+  ("target", "weights_fingerprint"),
   ("source", "model_id"),
   ("source", "prompt_template"),
   ("target", "model_id"),
