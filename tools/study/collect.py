@@ -138,6 +138,8 @@ def live_entry(benches: dict[str, dict]) -> dict:
     if rt == "fast":
       out["fast_path"] = bench.get("fast_path")
     out["by_runtime"][rt] = {
+      # The benchmark's A/A control (a second baseline), when it runs one.
+      "aa_control": bench.get("aa_control"),
       "num_measured": bench.get("num_measured"),
       "target_decode_ms": costs.get("target_decode_ms"),
       "target_prefill_ms": costs.get("target_prefill_ms"),
