@@ -161,3 +161,28 @@ def test_a_redo_removes_the_stages_outputs(tmp_path):
   assert not os.path.exists(study.p("data"))
   assert not os.path.exists(study.p("samples"))
   assert os.path.exists(study.p("lm_head.npy"))  # another stage's
+
+
+def test_an_interrupt_ends_the_running_tool_and_reaches_the_study(tmp_path):
+  import signal
+  import sys
+  import threading
+
+  from tools.study import stages
+
+  pid_file = tmp_path / "pid"
+  child = (
+    "import os, time; "
+    f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+  )
+
+  def interrupt():
+    while not pid_file.exists() or not pid_file.read_text():
+      threading.Event().wait(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  threading.Thread(target=interrupt, daemon=True).start()
+  with pytest.raises(KeyboardInterrupt):
+    stages.run_tool([sys.executable, "-c", child], "sleeper")
+  with pytest.raises(ProcessLookupError):  # ended and reaped
+    os.kill(int(pid_file.read_text()), 0)
