@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -492,3 +493,44 @@ def test_benchmark_dump_smoke(tmp_path, capsys):
   assert res["free_running"]["positions"] == 4 * 4
   assert res["reference"]["speedup_vs_reference"] == 1.0
   assert "samples/s" in capsys.readouterr().out
+
+
+def test_resume_accepts_the_same_models_moved_and_refuses_others(
+  models, tmp_path, monkeypatch, capsys
+):
+  """A dataset's identity is what its models are (a fingerprint of their
+  weights and config), not the directory they were loaded from."""
+  out = tmp_path / "moved"
+  real = dump.Dumper.process
+  calls = {"n": 0}
+
+  def interrupted(self, batch):
+    calls["n"] += 1
+    if calls["n"] == 2:
+      raise KeyboardInterrupt
+    return real(self, batch)
+
+  monkeypatch.setattr(dump.Dumper, "process", interrupted)
+  extra = ("--store_dtype", "float32", "--batch_size", "2")
+  assert _run(models, out, *extra) == dump.EXIT_INTERRUPTED
+  monkeypatch.setattr(dump.Dumper, "process", real)
+  moved = tmp_path / "elsewhere"
+  shutil.copytree(models["root"] / "target", moved / "target")
+  shutil.copytree(models["root"] / "draft", moved / "draft")
+  spec = {"target": f"causal_lm:{moved / 'target'}"}
+  spec["draft"] = f"causal_lm:{moved / 'draft'}"
+  capsys.readouterr()
+  assert _run(models, out, *extra, **spec) == 0
+  assert '"samples_already_done": 2' in capsys.readouterr().err
+  assert open_dataset(str(out)).num_samples == NUM
+  # Other weights under the same path are another model.
+  other = tmp_path / "other"
+  shutil.copytree(moved / "draft", other / "draft")
+  fresh = tmp_path / "fresh"
+  draft = f"causal_lm:{other / 'draft'}"
+  assert _run(models, fresh, *extra, "--max_samples", "2", draft=draft) == 0
+  tp.make_llama(2, hidden=32).save_pretrained(other / "draft")
+  capsys.readouterr()
+  assert _run(models, fresh, *extra, draft=draft) == dump.EXIT_USAGE
+  err = capsys.readouterr().err
+  assert "cannot resume" in err and "weights_fingerprint" in err

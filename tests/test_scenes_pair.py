@@ -12,7 +12,7 @@ from tools import dump_hidden_states as dump
 from tools.lib import backends as bk
 from tools.lib import generation
 from tools.scenes import drafter as drafter_lib
-from tools.scenes import make_pair, models, samples, text, world
+from tools.scenes import make_pair, models, splits, text, world
 from tools.scenes import pair as pair_lib
 
 torch.set_num_threads(1)
@@ -35,7 +35,15 @@ def backends(pair):
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("samples"))
-  return samples.write_samples(out, "test", 2)
+  return splits.write_samples(out, "test", 2)
+
+
+def test_samples_name_their_scene_as_the_group(split):
+  with open(split) as f:
+    lines = [json.loads(line) for line in f]
+  assert len(lines) == 2 * len(text.QTYPES)
+  assert {x["group"] for x in lines} == {str(x["seed"]) for x in lines}
+  assert len({x["group"] for x in lines}) == 2
 
 
 def _sample(path, role, index=0):

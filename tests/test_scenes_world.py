@@ -146,6 +146,16 @@ def test_partial_scores_ignore_what_events_cannot_show():
   assert not text.partial_correct(
     text.answer(turned, "moving"), scene, "moving"
   )
+  # The right motion from a wrong start cell is a wrong motion fact.
+  moved = dataclasses.replace(
+    scene,
+    things=tuple(
+      dataclasses.replace(t, row=(t.row + 1) % 3) if t.moving else t
+      for t in scene.things
+    ),
+  )
+  assert text.answer(moved, "moving") != text.answer(scene, "moving")
+  assert not text.partial_correct(text.answer(moved, "moving"), scene, "moving")
   # An answer to `moving` that calls an object still (a describe answer
   # lists the static ones too) is wrong, not an error.
   described = text.answer(scene, "describe")

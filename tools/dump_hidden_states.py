@@ -277,6 +277,8 @@ def _options(spec: str, template: str | None, num_frames: int | None) -> dict:
 RESUME_KEYS = (
   ("pairing",),
   ("max_new_tokens",),
+  ("source", "weights_fingerprint"),
+  ("target", "weights_fingerprint"),
   ("source", "model_id"),
   ("source", "prompt_template"),
   ("target", "model_id"),
@@ -285,14 +287,47 @@ RESUME_KEYS = (
 )
 
 
+def weights_fingerprint(backend: bk.Backend) -> str | None:
+  """What a model is, not where it was loaded from: a hash of its config
+  (without the path it came from) and of each parameter's name, shape,
+  dtype, sum and sum of squares (computed where the weights live)."""
+  import hashlib
+
+  model = getattr(backend, "model", None)
+  if not isinstance(model, torch.nn.Module):
+    return None
+  h = hashlib.sha256()
+  config = getattr(model, "config", None)
+  if config is not None and hasattr(config, "to_dict"):
+    cfg = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+  with torch.no_grad():
+    for name, p in model.state_dict().items():
+      x = p.detach().double()
+      stats = torch.stack([x.sum(), (x * x).sum()]).cpu().tolist()
+      h.update(f"{name}{tuple(p.shape)}{p.dtype}{stats}".encode())
+  return h.hexdigest()[:16]
+
+
+def _same_model(old: dict, new: dict, role: str) -> bool:
+  """Both provenances fingerprint ROLE's weights and the prints agree."""
+  a = (old.get(role) or {}).get("weights_fingerprint")
+  return a is not None and a == (new.get(role) or {}).get("weights_fingerprint")
+
+
 def check_resume(out: str, provenance: dict) -> None:
-  """Refuses to append to a dataset that a different setup produced."""
+  """Refuses to append to a dataset that a different setup produced.
+
+  A model moved to another directory is the same model: when both runs
+  fingerprinted its weights, the fingerprints decide, not `model_id`."""
   path = os.path.join(out, "header.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
     old = json.load(f).get("provenance", {})
   for keys in RESUME_KEYS:
+    if keys[-1] == "model_id" and _same_model(old, provenance, keys[0]):
+      continue
     a, b = old, provenance
     for k in keys:
       a = a.get(k) if isinstance(a, dict) else None
@@ -433,8 +468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     "pairing": args.pairing,
     "max_new_tokens": args.max_new_tokens,
     "samples_file": os.path.abspath(args.samples),
-    "source": draft.provenance(),
-    "target": target.provenance(),
+    "source": {
+      **draft.provenance(),
+      "weights_fingerprint": weights_fingerprint(draft),
+    },
+    "target": {
+      **target.provenance(),
+      "weights_fingerprint": weights_fingerprint(target),
+    },
     "states": "last layer, post final norm, at the positions predicting "
     "each generated token",
   }

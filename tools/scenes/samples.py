@@ -10,55 +10,17 @@ starting K into the split) it writes the clip as 8 PNG frames
 drafter plugin as `{"events": FILE}`) and one sample line per question type
 into DIR/samples.jsonl (docs/PLUGINS.md schema; `seed` and `qtype` are extra
 fields the dump tool ignores, kept for scoring answers with
-tools/scenes/text.py). Rerunning with the same arguments rewrites the same
+tools/scenes/text.py; `group` is the scene, so that statistics can resample
+scenes rather than samples). Rerunning with the same arguments rewrites the same
 files.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-import numpy as np
-import tqdm
-
-from tools.scenes import text, world
-
-
-def write_samples(
-  out: str, split: str, num: int, offset: int = 0, qtypes=text.QTYPES
-) -> str:
-  """Writes the media and DIR/samples.jsonl; returns the samples path."""
-  from PIL import Image
-
-  seeds = world.split_seeds(split, num, offset)
-  os.makedirs(os.path.join(out, "events"), exist_ok=True)
-  lines = []
-  for seed in tqdm.tqdm(seeds, desc=f"write {split} scenes", unit="scene"):
-    _, frames = world.render(seed)
-    clip = os.path.join("clips", str(seed))
-    os.makedirs(os.path.join(out, clip), exist_ok=True)
-    for t, frame in enumerate(frames):
-      Image.fromarray(frame).save(os.path.join(out, clip, f"frame_{t}.png"))
-    ev = os.path.join("events", f"{seed}.npy")
-    np.save(os.path.join(out, ev), world.events(frames))
-    for qtype in qtypes:
-      lines.append(
-        {
-          "id": f"{seed}_{qtype}",
-          "question": text.question(seed, qtype),
-          "media": {"target": {"video": clip}, "draft": {"events": ev}},
-          "seed": seed,
-          "qtype": qtype,
-        }
-      )
-  path = os.path.join(out, "samples.jsonl")
-  with open(path, "w") as f:
-    for line in lines:
-      f.write(json.dumps(line) + "\n")
-  return path
+from tools.scenes import splits, text, world
 
 
 def main(argv=None) -> int:
@@ -85,7 +47,9 @@ def main(argv=None) -> int:
     print("error: --num must be >= 1 and --offset >= 0", file=sys.stderr)
     return 2
   try:
-    path = write_samples(args.out, args.split, args.num, args.offset, qtypes)
+    path = splits.write_samples(
+      args.out, args.split, args.num, args.offset, qtypes
+    )
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

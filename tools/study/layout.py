@@ -1,4 +1,4 @@
-"""What a scenes study runs and where it keeps it (reproduce and results)."""
+"""What a study runs and where it keeps it: adapters, methods, stages."""
 
 import datetime
 
@@ -23,6 +23,9 @@ def kind(name: str) -> str:
 
 
 PREFILL_ADAPTERS = tuple(n for n, s in _REGISTRY.items() if s.role == "prefill")
+# The decode adapters of every live method: the objective-next ones (the
+# reference-objective rows stay in the seed's offline table).
+LIVE_DECODE_ADAPTERS = NEXT_ADAPTERS
 DECODE_ADAPTERS = tuple(
   n for n in ADAPTERS if _REGISTRY[kind(n)].role == "decode"
 )
@@ -30,12 +33,41 @@ DECODE_ADAPTERS = tuple(
 METHODS = (
   ("baseline", "draft_tokens")
   + tuple(f"prefill_hiding:{a}" for a in PREFILL_ADAPTERS)
-  + tuple(f"decode:{a}" for a in DECODE_ADAPTERS)
-  + ("two_phase:l4+l5f", "two_phase:l4+b1")
+  + tuple(f"decode:{a}" for a in LIVE_DECODE_ADAPTERS)
   + ("two_phase:l4+l5f_next", "two_phase:l4+b1_next")
 )
+# The adapters the live methods load (exported and handed to the benchmark).
+LIVE_ADAPTERS = PREFILL_ADAPTERS + LIVE_DECODE_ADAPTERS
 # Benchmark stage -> its folder under DIR/bench (one GPU, two GPUs).
 BENCH_DIRS = {"bench1": "gpus1", "bench2": "gpus2"}
+SETTING_NAMES = {"gpus1": "one GPU", "gpus2": "two GPUs"}
+CPU_SETTING_NAMES = {"gpus1": "CPU", "gpus2": "CPU, drafter as a second device"}
+
+
+def setting_name(sub: str, device: str | None) -> str:
+  """How the report names a live setting ('one GPU'; 'CPU' on a CPU)."""
+  if device and "cpu" in device.lower():
+    return CPU_SETTING_NAMES[sub]
+  return SETTING_NAMES[sub]
+
+
+STAGES = (
+  "pair",
+  "dump",
+  "lm_head",
+  "train",
+  "evaluate",
+  "export",
+  "bench1",
+  "bench2",
+  "results",
+)
+GROUPS = {
+  "A": STAGES[:7] + ("results",),
+  "B": ("bench1", "bench2", "results"),
+  "all": STAGES,
+}
+SPLITS = ("train", "val", "test")
 
 
 def objective(name: str) -> str | None:

@@ -1,0 +1,1 @@
+"""The staged, resumable study of a pair: `python -m tools.study`."""

@@ -1,0 +1,359 @@
+r"""The study of a pair, in stages that resume from their outputs.
+
+  python -m tools.study --out DIR (--scenes PRESET|PAIR_DIR |
+      --target SPEC --draft SPEC --samples TRAIN.jsonl,VAL.jsonl,TEST.jsonl
+      --max_new_tokens N) [--stages A] [--redo STAGE,...]
+      [--unpack PARTS] [--pack PARTS] [budget flags]
+
+The pair: `--scenes PRESET` makes the scenes pair in DIR/pair
+(tools/scenes/, `tiny` on a CPU, `gpu` on one GPU), `--scenes PAIR_DIR`
+reuses one made by `python -m tools.scenes.make_pair`; or any two models as
+backend specs (`video_llava:PATH`, `causal_lm:PATH`, `module:factory:ARG`,
+docs/PLUGINS.md) with a samples file per split. Later runs on DIR may
+leave the pair flags out: study.json remembers them.
+
+Stages (in order; each records itself in DIR/study.json when done and is
+skipped on the next run, so a run cut off by a time limit resumes):
+  pair      make or check the pair
+  dump      teacher-forced hidden states of each split
+            (tools/dump_hidden_states.py)
+  lm_head   the target's LM head (tools/extract_lm_head.py)
+  train     l1 l2 l3 l4 l5 b1 l5f with experiments/*.py, the same epochs
+            and batch for all, at the target's hidden size; then l5_next
+            b1_next l5f_next: the same recipes with the loss objective
+            'next' (the fix of the reference's dual objective)
+  evaluate  each on the test split with the LM head (baselines, 95% CIs)
+            and the target's own next-token entropy there
+  export    each to torch (in this process)
+  bench1    every live method on the test samples, drafter on the
+            target's GPU (tools/benchmark_sd.py; the decode adapters are
+            the objective-next ones), one run per runtime
+  bench2    the same with the drafter on a second GPU (--draft_device2)
+  results   DIR/report/RESULTS.md, results/results.json and plots
+Groups: A = pair..bench1 + results (one GPU); B = bench1, bench2, results
+(two GPUs); all = every stage. --redo STAGE removes the stage's outputs
+and runs it again from the start.
+
+--pack PARTS writes the small outputs (study.json, LM head, exports,
+eval and benchmark JSON, the report, and a pair made in DIR/pair) as a tar
+cut into parts of at most --part_mib MiB; --unpack PARTS restores them
+into --out first. Datasets and training runs stay behind.
+
+Exit status: 0 every asked stage done; 2 a bad input or a failed stage
+(one `error:` line); 3 stages left for lack of time (--time_limit_s; they
+are named, and the same command resumes there); 130 interrupted (what
+finished is kept; the same command resumes).
+
+On a CPU (a few minutes):
+  python -m tools.study --out /tmp/study --scenes tiny --train_scenes 16 \
+    --val_scenes 4 --test_scenes 4 --epochs 2 --bench_samples 4 \
+    --eager_samples 4 --bench_max_new_tokens 16 --dtype float32
+On one GPU (the defaults are sized for the gpu preset on one H100; a
+single call of at most ~10 minutes resumes where the previous one stopped):
+  python -m tools.study --out DIR --scenes gpu --stages A --pack PARTS
+"""
+
+from __future__ import annotations
+
+import os
+
+# JAX allocates GPU memory on demand: the benchmark subprocesses share it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse
+import json
+import sys
+import time
+
+from tools.study import layout, live, pair, stages, state
+from tools.study.pair import StudyError
+
+EXIT_OK, EXIT_USAGE, EXIT_TIME_LEFT, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+def stage_pair(study) -> dict:
+  return study.pair.prepare(study)
+
+
+def stage_results(study) -> dict:
+  from tools.study import report
+
+  paths = report.write(study.out, study.p("report"), study.pair)
+  return {"files": [os.path.relpath(p, study.out) for p in paths]}
+
+
+RUNNERS = {
+  "pair": stage_pair,
+  "dump": stages.stage_dump,
+  "lm_head": stages.stage_lm_head,
+  "train": stages.stage_train,
+  "evaluate": stages.stage_evaluate,
+  "export": stages.stage_export,
+  "bench1": lambda s: live.stage_bench(s, "bench1"),
+  "bench2": lambda s: live.stage_bench(s, "bench2"),
+  "results": stage_results,
+}
+
+
+def parse_stages(value: str) -> list[str]:
+  out = []
+  for item in value.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    for n in layout.GROUPS.get(item, (item,)):
+      if n not in layout.STAGES:
+        raise StudyError(
+          f"--stages: unknown stage {n!r}; expected stages "
+          f"{list(layout.STAGES)} or groups {list(layout.GROUPS)}"
+        )
+      if n not in out:
+        out.append(n)
+  return sorted(out, key=layout.STAGES.index)
+
+
+def make_pair_object(args, out: str):
+  """The pair from the flags, else from DIR/study.json's pair record."""
+  specs = (args.target, args.draft, args.samples)
+  if args.scenes and any(specs):
+    raise StudyError("--scenes and --target/--draft/--samples: pass one")
+  if any(specs) and not all(specs):
+    raise StudyError("--target, --draft and --samples go together")
+  record = {}
+  path = os.path.join(out, layout.STUDY_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      record = json.load(f).get("pair") or {}
+  if args.scenes or (not any(specs) and record.get("kind") == "scenes"):
+    from tools.scenes.study_pair import ScenesPair
+
+    return ScenesPair(args.scenes or record["source"], out, args)
+  if all(specs) or record.get("kind") == "specs":
+    return pair.SpecPair(
+      args.target or record["target"],
+      args.draft or record["draft"],
+      args.samples or record["samples"],
+      args.max_new_tokens or record.get("max_new_tokens"),
+    )
+  raise StudyError(
+    f"no pair: pass --scenes PRESET|PAIR_DIR or --target/--draft/--samples "
+    f"(or --out a study directory that has one; {path} has none)"
+  )
+
+
+def versions() -> dict:
+  import platform
+  import subprocess
+
+  out = {"python": platform.python_version()}
+  for mod in ("jax", "flax", "optax", "torch", "transformers", "numpy"):
+    try:
+      out[mod] = __import__(mod).__version__
+    except ImportError:
+      out[mod] = None
+  try:
+    out["git_commit"] = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      capture_output=True,
+      text=True,
+      check=False,
+    ).stdout.strip()
+  except OSError:
+    out["git_commit"] = None
+  return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+    prog="python -m tools.study",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("--out", required=True, help="study directory")
+  g = p.add_argument_group("the pair")
+  g.add_argument("--scenes", default=None, help="scenes preset or pair dir")
+  g.add_argument("--target", default=None, metavar="SPEC")
+  g.add_argument("--draft", default=None, metavar="SPEC")
+  g.add_argument("--samples", default=None, metavar="TRAIN,VAL,TEST")
+  g.add_argument(
+    "--max_new_tokens", type=int, default=None, help="with --target"
+  )
+  g.add_argument("--seed", type=int, default=2, help="pair, adapters, CIs")
+  g.add_argument(
+    "--set",
+    action="append",
+    default=None,
+    metavar="FIELD=VALUE",
+    help="change one field of the scenes preset (make_pair --set)",
+  )
+  p.add_argument("--stages", default="A", help="comma list of stages/groups")
+  p.add_argument("--redo", default="", help="stages to rerun from scratch")
+  p.add_argument("--unpack", default=None, help="restore packed parts first")
+  p.add_argument("--pack", default=None, help="write packed parts here")
+  p.add_argument("--part_mib", type=float, default=15.0, help="part size")
+  p.add_argument(
+    "--pack_dtype",
+    default="float16",
+    choices=("float16", "float32"),
+    help="exported adapters' weights in the pack (float16 halves them)",
+  )
+  b = p.add_argument_group("budget")
+  b.add_argument("--train_scenes", type=int, default=800, help="scenes x4")
+  b.add_argument("--val_scenes", type=int, default=50, help="scenes x4")
+  b.add_argument("--test_scenes", type=int, default=101, help="scenes x4")
+  b.add_argument(
+    "--dump_max_new_tokens", type=int, default=None, help="default: pair's"
+  )
+  b.add_argument("--dump_batch_size", type=int, default=64)
+  b.add_argument("--epochs", type=int, default=10, help="every adapter")
+  b.add_argument("--batch_size", type=int, default=64, help="every adapter")
+  b.add_argument("--bootstrap", type=int, default=1000, help="CI resamples")
+  b.add_argument(
+    "--bench_samples", type=int, default=400, help="fast runtime's samples"
+  )
+  b.add_argument(
+    "--eager_samples", type=int, default=100, help="eager runtime's samples"
+  )
+  b.add_argument(
+    "--bench_max_new_tokens", type=int, default=None, help="default: pair's"
+  )
+  b.add_argument("--gamma", type=int, default=5, help="drafts per iteration")
+  b.add_argument("--warmup", type=int, default=2, help="benchmark warm-up")
+  b.add_argument(
+    "--time_limit_s",
+    type=float,
+    default=0.0,
+    help="wall budget of this invocation: a benchmark stage starts only "
+    f"with {live.MIN_BENCH_S} s left and stops sampling in time; stages "
+    "left give exit status 3 (0 = no limit)",
+  )
+  b.add_argument(
+    "--bench_time_budget_s",
+    type=float,
+    default=200.0,
+    help="per benchmark run: start no new sample after this (0 = none)",
+  )
+  r = p.add_argument_group("runtime")
+  r.add_argument("--device", default=None, help="torch device (cuda if any)")
+  r.add_argument("--dtype", default=None, help="torch dtype (tools' default)")
+  r.add_argument("--runtimes", default="fast,eager", help="benchmark runtimes")
+  r.add_argument("--no_compile", action="store_true", help="benchmark_sd")
+  r.add_argument(
+    "--draft_device1", default=None, help="bench1 drafter (default: --device)"
+  )
+  r.add_argument(
+    "--draft_device2", default=None, help="bench2 drafter (default: cuda:1)"
+  )
+  r.add_argument("--no_progress", action="store_true")
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return run(args)
+  except StudyError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _open(args):
+  """The study directory with its pair (after --unpack, before stages)."""
+  if args.unpack:
+    n = state.unpack(args.unpack, args.out)
+    print(f"unpacked {n} files into {args.out}")
+  the_pair = make_pair_object(args, args.out)
+  study = state.Study(args.out, args, the_pair)
+  study.state["pair"] = the_pair.record()
+  study.state.setdefault("runs", []).append(
+    {"started": layout.now(), "argv": sys.argv[1:], "versions": versions()}
+  )
+  study.save()
+  return study
+
+
+def run(args) -> int:
+  t_start = time.perf_counter()
+  stage_list = parse_stages(args.stages)
+  redo = parse_stages(args.redo) if args.redo else []
+  study = _open(args)
+  try:
+    return _run_stages(study, stage_list, redo, t_start)
+  except study.pair.errors as e:
+    raise StudyError(str(e)) from e
+
+
+def _run_stages(study, stage_list, redo, t_start) -> int:
+  args = study.args
+  study.deadline = t_start + args.time_limit_s if args.time_limit_s else None
+  for stage in redo:
+    print(f"{stage}: --redo, removing its outputs")
+    study.forget(stage)
+  if "pair" not in stage_list and set(stage_list) - {"results"}:
+    study.pair.check()  # A clear error before any stage runs.
+  if set(stage_list) & {"dump", "train", "bench1"}:
+    study.pair.warn_if_slow(args)
+  timings, left, current = {}, [], None
+  try:
+    for stage in stage_list:
+      if study.done(stage) and stage != "results":
+        study.check(stage)
+        print(f"== {stage}: done earlier, kept")
+        continue
+      if stage in layout.BENCH_DIRS and study.deadline is not None:
+        remaining = study.deadline - time.perf_counter()
+        if remaining < live.MIN_BENCH_S:
+          left.append(stage)
+          continue
+      current = stage
+      print(f"== {stage}", flush=True)
+      t0 = time.perf_counter()
+      info = RUNNERS[stage](study)
+      timings[stage] = time.perf_counter() - t0
+      study.record(stage, timings[stage], **info)
+      current = None
+      print(f"-- {stage}: {timings[stage]:.1f} s")
+      print(report_table(study, stage), flush=True)
+  except KeyboardInterrupt:
+    return _interrupted(study, current)
+  except Exception as e:
+    preemption = sys.modules.get("egpt_align.preemption")
+    if preemption and isinstance(e, preemption.TrainingInterrupted):
+      return _interrupted(study, current)
+    raise
+  finally:
+    # Also after a failed stage: what finished comes back with the parts.
+    if args.pack:
+      extra = study.pair.pack_patterns()
+      state.pack(study, args.pack, args.part_mib, args.pack_dtype, extra)
+    if timings:
+      print(
+        "stage times (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+      )
+  if left:
+    print(
+      f"stages left for lack of time (--time_limit_s {args.time_limit_s:.0f},"
+      f" each needs {live.MIN_BENCH_S} s): {', '.join(left)}; run the same "
+      "command again to resume",
+      file=sys.stderr,
+    )
+    return EXIT_TIME_LEFT
+  return EXIT_OK
+
+
+def _interrupted(study, stage) -> int:
+  finished = [s for s in layout.STAGES if study.done(s)]
+  print(
+    f"interrupted during stage {stage or '-'}; finished: "
+    f"{', '.join(finished) or 'none'}; run the same command again to resume",
+    file=sys.stderr,
+  )
+  return EXIT_INTERRUPTED
+
+
+def report_table(study, stage: str) -> str:
+  """A short table of what the stage produced."""
+  from tools.study import report
+
+  return report.stage_table(study, stage)

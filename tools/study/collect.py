@@ -1,0 +1,198 @@
+"""results.json: everything RESULTS.md and its plots state, from DIR."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from egpt_align import metrics as metrics_lib
+from tools.study import layout
+from tools.study.pair import StudyError
+
+ACCEPT_KEYS = tuple(
+  f"accept_{metrics_lib.threshold_key(t)}" for t in metrics_lib.THRESHOLDS
+)
+# Metric key in egpt_align.evaluate -> its label in the seed's table.
+SEED_COLUMNS = tuple(
+  (k, f"Accept@{t:.2f}")
+  for k, t in zip(ACCEPT_KEYS, metrics_lib.THRESHOLDS, strict=True)
+) + (
+  ("cos_sim_mean", "cos"),
+  ("token_top1", "token top-1"),
+  ("token_consecutive_mean", "leading run (tokens)"),
+)
+PCT = set(ACCEPT_KEYS) | {"token_top1"}
+BASELINES = ("untrained", "raw_source", "copy_target", "drafter_tokens")
+
+
+def load(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise StudyError(f"{path}: missing")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _metric(m: dict, extra_ci: dict, key: str) -> dict:
+  ci = (m.get("ci") or {}).get(key) or extra_ci.get(key)
+  return {"value": m.get(key), "ci95": ci}
+
+
+def adapter_entry(study: dict, study_dir: str, name: str) -> dict:
+  metrics = load(os.path.join(study_dir, "eval", name, "metrics.json"))
+  extra = load(os.path.join(study_dir, "eval", name, "accept_ci.json"))
+  extra = extra["accept_ci"]
+  prim = metrics["primary_reading"]
+  res = metrics["results"]
+  stages = study["stages"]
+  train = stages.get("train", {}).get("adapters", {}).get(name, {})
+  out = {
+    "primary_reading": prim,
+    "params": stages.get("export", {}).get("params", {}).get(name),
+    "epochs": train.get("epochs_run"),
+    "best_epoch": train.get("best_epoch"),
+    "best_val_loss": train.get("best_val_loss"),
+    "train_seconds": train.get("seconds"),
+    "test_samples": metrics["data"]["num_samples"],
+    "test_positions": metrics["data"]["total_valid_positions"],
+    "metrics": {
+      k: _metric(res["adapter"][prim], extra["adapter"][prim], k)
+      for k, _ in SEED_COLUMNS
+    },
+    "baselines": {},
+  }
+  if "same" in res["adapter"] and prim != "same":
+    out["same_reading"] = {
+      k: _metric(res["adapter"]["same"], extra["adapter"]["same"], k)
+      for k, _ in SEED_COLUMNS
+    }
+  for base in BASELINES:
+    if base not in res:
+      continue
+    reading = prim if prim in res[base] else next(iter(res[base]))
+    ex = extra.get(base, {}).get(reading, {})
+    out["baselines"][base] = {
+      "reading": reading,
+      **{k: _metric(res[base][reading], ex, k) for k, _ in SEED_COLUMNS},
+    }
+  return out
+
+
+def _method_row(a: dict, rt: str, rel: dict, m: str) -> dict:
+  if not a.get("n"):
+    return {"n": 0, "failed": a.get("failed")}
+  vs = a.get("speedup_vs") or {}
+  own = vs.get(rt) or {
+    "speedup": a.get("speedup"),
+    "speedup_ci95": a.get("speedup_ci95"),
+  }
+  ov = a.get("prefill_overlap")
+  acc_prefill = None
+  if a.get("drafted_prefill") is not None:
+    acc_prefill = a["alpha_prefill"] * a["drafted_prefill"] / a["n"]
+  return {
+    "n": a["n"],
+    "alpha": a.get("alpha"),
+    "alpha_ci95": a.get("alpha_ci95"),
+    "tau": a.get("tau"),
+    "tau_ci95": a.get("tau_ci95"),
+    "c": (rel.get("c") or {}).get(m),
+    "v": rel.get("v"),
+    "prefill_overlap_ms": None if ov is None else ov["overlap_ms"],
+    "prefill_concurrent": None if ov is None else ov["concurrent"],
+    "accepted_in_prefill_per_sample": acc_prefill,
+    "mean_total_ms": a["mean_total_ms"],
+    "speedup": own["speedup"],
+    "speedup_ci95": own["speedup_ci95"],
+    "decode_speedup": a.get("decode_speedup"),
+    "decode_speedup_ci95": a.get("decode_speedup_ci95"),
+    "mismatches": a["mismatched_samples"],
+    "near_tie_flips": a["near_tie_flips"],
+  }
+
+
+def live_entry(benches: dict[str, dict]) -> dict:
+  """Per runtime, per method: what the live tables show.
+
+  `benches`: runtime -> that run's results.json (one runtime each)."""
+  first = next(iter(benches.values()))
+  cfg = first["config"]
+  out = {
+    "device": first["environment"].get("device"),
+    "num_gpus": first["environment"].get("num_gpus"),
+    "target_device": cfg.get("device"),
+    "draft_device": cfg.get("draft_device"),
+    "dtype": cfg.get("dtype"),
+    "gamma": cfg.get("gamma"),
+    "max_new_tokens": cfg.get("max_new_tokens"),
+    "warmup": cfg.get("warmup"),
+    "runtimes": list(benches),
+    "environment": first["environment"],
+    "fast_path": None,
+    "by_runtime": {},
+    "mismatch_list": [],
+  }
+  for rt, bench in benches.items():
+    costs = (bench.get("costs_by_runtime") or {}).get(rt) or bench["costs"]
+    rel = costs.get("relative") or {}
+    agg = bench["aggregate"]
+    if rt == "fast":
+      out["fast_path"] = bench.get("fast_path")
+    out["by_runtime"][rt] = {
+      # The benchmark's A/A control (a second baseline), when it runs one.
+      "aa_control": bench.get("aa_control"),
+      "num_measured": bench.get("num_measured"),
+      "target_decode_ms": costs.get("target_decode_ms"),
+      "target_prefill_ms": costs.get("target_prefill_ms"),
+      "methods": {
+        m: _method_row(agg.get(m, {}), rt, rel, m)
+        for m in bench["config"]["methods"]
+      },
+    }
+    out["mismatch_list"] += bench.get("mismatches", [])
+  return out
+
+
+def collect(study_dir: str, pair) -> dict:
+  """results.json: everything RESULTS.md and the plots state."""
+  from tools.study import verdicts
+
+  study = load(os.path.join(study_dir, layout.STUDY_FILE))
+  stages = study["stages"]
+  data = {
+    "format": "egpt_align.study_results",
+    "version": 2,
+    "generated": layout.now(),
+    "study": {
+      "runs": study.get("runs", []),
+      "stage_seconds": {
+        k: v.get("seconds") for k, v in stages.items() if v.get("done")
+      },
+      "settings": {k: v.get("settings") for k, v in stages.items()},
+      "dump": stages.get("dump"),
+      "train_device": stages.get("train", {}).get("device"),
+      "pair_kind": pair.name,
+    },
+    "pair": pair.results_info(study_dir),
+    "target": stages.get("evaluate", {}).get("target"),
+    "adapters": {},
+    "live": {},
+  }
+  if stages.get("evaluate", {}).get("done"):
+    # The adapters this study evaluated (a study made before the *_next
+    # adapters existed has the seed's seven only).
+    done = stages["evaluate"].get("adapters", {})
+    for name in layout.ADAPTERS:
+      if name in done:
+        data["adapters"][name] = adapter_entry(study, study_dir, name)
+  for stage, sub in layout.BENCH_DIRS.items():
+    rec = stages.get(stage, {})
+    if rec.get("done"):
+      data["live"][sub] = live_entry(
+        {
+          rt: load(os.path.join(study_dir, r["dir"], "results.json"))
+          for rt, r in rec["runtimes"].items()
+        }
+      )
+  data["claims"] = verdicts.claims(data)
+  data["goal"] = verdicts.goal(data)
+  return data

@@ -1,0 +1,389 @@
+"""RESULTS.md, its plots and results.json, generated whole from DIR.
+
+Every number and verdict in RESULTS.md is computed from results.json
+(tools/study/collect.py); the verdict rules are tools/study/verdicts.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tools.study import collect, layout, plots, verdicts
+from tools.study.collect import PCT, SEED_COLUMNS
+from tools.study.verdicts import ci_num, ci_pct, num, pct, setting
+
+BASELINE_NAMES = {
+  "untrained": "untrained (same adapter, fresh init)",
+  "raw_source": "no adapter: the drafter's own state",
+  "copy_target": "no adapter: target[t] as the guess for target[t+1]",
+  "drafter_tokens": "no adapter: the drafter's own greedy tokens",
+}
+
+
+def _fmt_metric(key: str, m: dict) -> str:
+  if key in PCT:
+    return ci_pct(m["value"], m["ci95"])
+  nd = 2 if key == "token_consecutive_mean" else 3
+  return ci_num(m["value"], m["ci95"], nd)
+
+
+def seed_table(data: dict) -> list[str]:
+  cols = ["params", "epochs", "best val loss"] + [c for _, c in SEED_COLUMNS]
+  lines = [
+    "| adapter | reading | " + " | ".join(cols) + " |",
+    "|---|---|" + "---|" * len(cols),
+  ]
+  for name, a in data["adapters"].items():
+    lines.append(
+      f"| {layout.title(name)} | {a['primary_reading']} | "
+      f"{a['params'] if a['params'] is not None else '–'} | "
+      f"{a['epochs']} | {num(a['best_val_loss'], 4)} | "
+      + " | ".join(_fmt_metric(k, a["metrics"][k]) for k, _ in SEED_COLUMNS)
+      + " |"
+    )
+  return lines
+
+
+def baseline_table(data: dict) -> list[str]:
+  lines = [
+    "| adapter | prediction | reading | "
+    + " | ".join(c for _, c in SEED_COLUMNS)
+    + " |",
+    "|---|---|---|" + "---|" * len(SEED_COLUMNS),
+  ]
+  for name, a in data["adapters"].items():
+    rows = [("trained", a["primary_reading"], a["metrics"])]
+    for base, b in a["baselines"].items():
+      rows.append((BASELINE_NAMES[base], b["reading"], b))
+    for label, reading, m in rows:
+      lines.append(
+        f"| {layout.title(name)} | {label} | {reading} | "
+        + " | ".join(
+          _fmt_metric(k, m[k]) if m[k]["value"] is not None else "–"
+          for k, _ in SEED_COLUMNS
+        )
+        + " |"
+      )
+  return lines
+
+
+def live_tables(data: dict) -> list[str]:
+  lines = []
+  for sub, live in data["live"].items():
+    for rt, block in live["by_runtime"].items():
+      fast = live.get("fast_path") if rt == "fast" else None
+      lines += [
+        "",
+        f"### {setting(data, sub)}, {rt} runtime",
+        "",
+        f"Target on {live['target_device']}, drafter on "
+        f"{live['draft_device']} ({live['device']}); {live['dtype']}; "
+        f"γ = {live['gamma']}; max_new_tokens {live['max_new_tokens']}; "
+        f"{block['num_measured']} test samples after {live['warmup']} "
+        f"warm-up; target decode {num(block['target_decode_ms'], 3)} "
+        f"ms/token, prefill {num(block['target_prefill_ms'], 2)} ms."
+        + (
+          " Fast path per model: "
+          + "; ".join(f"{k}: {v}" for k, v in fast.items())
+          + "."
+          if fast
+          else ""
+        ),
+        "",
+        "| method | α | τ | c | v | prefill overlap ms | accepted in "
+        "prefill / sample | speedup | decode-phase speedup | mismatches "
+        "(near-tie) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+      ]
+      for m, r in block["methods"].items():
+        if not r.get("n"):
+          lines.append(f"| {m} | failed: {r.get('failed')} |")
+          continue
+        lines.append(
+          f"| {m} | {ci_num(r['alpha'], r['alpha_ci95'])} | "
+          f"{ci_num(r['tau'], r['tau_ci95'], 2)} | {num(r['c'])} | "
+          f"{num(r['v'])} | {num(r['prefill_overlap_ms'], 2)} | "
+          f"{num(r['accepted_in_prefill_per_sample'], 2)} | "
+          f"{ci_num(r['speedup'], r['speedup_ci95'])} | "
+          f"{ci_num(r['decode_speedup'], r['decode_speedup_ci95'])} | "
+          f"{r['mismatches']} ({r['near_tie_flips']}) |"
+        )
+    mism = live["mismatch_list"]
+    if mism:
+      lines += ["", f"Mismatches vs greedy ({setting(data, sub)}):", ""]
+      for x in mism[:30]:
+        lines.append(
+          f"- {x['method']} / {x['id']}: first difference at token "
+          f"{x['index']}, top-2 margin {num(x['margin'], 4)}"
+          + (" (near-tie)" if x["near_tie"] else " (NOT a near-tie)")
+        )
+  return lines
+
+
+def objective_section(data: dict) -> list[str]:
+  """The next-state adapters under the reference's objective and 'next'."""
+  ads = data["adapters"]
+  pairs = [
+    (layout.kind(n), n)
+    for n in layout.NEXT_ADAPTERS
+    if n in ads and layout.kind(n) in ads
+  ]
+  if not pairs:
+    return []
+  sub, rt, rows = verdicts.headline_live(data)
+  rows = rows or {}
+  lines = [
+    "## The reference's dual objective",
+    "",
+    "The reference trains L5, B1 and L5F to pull one output towards both "
+    "target[t] and target[t+1] (REFERENCE_NOTES D8). The same recipes with "
+    "the loss objective `next` (output[t] towards target[t+1] only) train "
+    "the `(objective next)` rows, which are the decode adapters of every "
+    "live method; next-position reading, test split:",
+    "",
+    "| adapter | token top-1, reference objective | token top-1, objective "
+    "next | Accept@0.90, reference | Accept@0.90, next | live α, next |",
+    "|---|---|---|---|---|---|",
+  ]
+  for ref, nxt in pairs:
+    r = rows.get(f"decode:{nxt}", {})
+    alpha = ci_num(r["alpha"], r.get("alpha_ci95")) if r.get("n") else "–"
+    lines.append(
+      f"| {ref.upper()} | {ci_pct(*verdicts._v(ads[ref], 'token_top1'))} | "
+      f"{ci_pct(*verdicts._v(ads[nxt], 'token_top1'))} | "
+      f"{ci_pct(*verdicts._v(ads[ref], 'accept_90'))} | "
+      f"{ci_pct(*verdicts._v(ads[nxt], 'accept_90'))} | {alpha} |"
+    )
+  if sub:
+    lines += ["", f"Live α: {setting(data, sub)}, {rt} runtime."]
+  return lines + [""]
+
+
+def goal_lines(data: dict) -> list[str]:
+  lines = ["## The 2× goal", ""]
+  g = data["goal"]["by_setting"]
+  if not g:
+    lines.append("No live measurement yet.")
+  for key, e in g.items():
+    sub, rt = key.split("/")
+    s = (
+      f"- {setting(data, sub)}, {rt} runtime: best lossless method "
+      f"{e['best_method']} at {ci_num(e['speedup'], e['speedup_ci95'])}× "
+      f"end to end (decode phase "
+      f"{ci_num(e['decode_speedup'], e['decode_speedup_ci95'])}×) "
+      + ("— reaches 2× (CI above 2)." if e["reached"] else "— 2× not shown.")
+    )
+    x = e.get("analysis")
+    if x:
+      s += (
+        f" Best drafting method {x['method']}: measured α "
+        f"{num(x['alpha'])}, c {num(x['c'])}, v {num(x['v'])} (γ = "
+        f"{x['gamma']}); the cost model τ/(γc + v) gives "
+        f"{num(x['model_speedup'])}× and at most "
+        f"{num(x['ceiling_at_alpha_1'])}× at α = 1, so the limiting term is "
+        f"{x['limited_by']}."
+      )
+    lines.append(s)
+  return lines
+
+
+def regenerate_lines(data: dict) -> list[str]:
+  lines = [
+    "",
+    "## How to regenerate",
+    "",
+    "```",
+    "python -m tools.study --out DIR PAIR_FLAGS --stages A --pack PARTS"
+    "      # one GPU",
+    "python -m tools.study --out DIR --unpack PARTS --stages B --redo bench1"
+    "   # two GPUs",
+    "```",
+    "",
+  ]
+  for r in data["study"]["runs"]:
+    argv = list(r.get("argv", []))
+    for i, a in enumerate(argv[:-1]):  # Machine-local paths read as names.
+      if a in ("--pack", "--unpack"):
+        argv[i + 1] = "PARTS"
+    v = r.get("versions", {})
+    lines.append(
+      f"- {r.get('started')}: `python -m tools.study "
+      + " ".join(argv)
+      + "` ("
+      + ", ".join(
+        f"{k} {val}" for k, val in v.items() if val and k != "git_commit"
+      )
+      + ")"
+    )
+  devices = sorted(
+    {f"{x['device']} ({setting(data, s)})" for s, x in data["live"].items()}
+  )
+  lines += [
+    "",
+    f"Adapters trained and evaluated on "
+    f"{data['study'].get('train_device') or '–'}. Live: "
+    f"{', '.join(devices) or '–'}; versions as listed per run above"
+    + ". Stage times (s): "
+    + ", ".join(
+      f"{k} {val}" for k, val in data["study"]["stage_seconds"].items()
+    )
+    + ".",
+    "",
+  ]
+  return lines
+
+
+LIVE_INTRO = (
+  "tools/benchmark_sd.py on the test samples: every method interleaved on "
+  "every sample, tokens checked against the target's own greedy tokens; "
+  "each runtime is its own run. α = accepted / drafted; τ = tokens per "
+  "verification; c = drafting time per drafted token and v = one "
+  "verification, both relative to one target decode step; prefill overlap "
+  "= target alone + drafter alone − concurrent wall (measured); speedup = "
+  "ratio of mean end-to-end times against the same runtime's baseline, "
+  "decode-phase speedup the same over the decoding phase alone (95% "
+  "paired bootstrap CIs). The decode adapters are the objective-next ones."
+)
+
+
+def render(data: dict, pair, plot_paths: list[str]) -> str:
+  t = data["target"] or {}
+  lines = [
+    f"# {pair.title()}",
+    "",
+    f"Generated {data['generated']} by `python -m tools.study` from "
+    "`results/results.json`; every number and verdict below is computed "
+    "from it.",
+    "",
+    "## The pair and the task",
+    "",
+    *pair.describe(data["pair"]),
+    f"The target on the test answers: mean next-token entropy "
+    f"{num(t.get('mean_entropy_nats'))} nats, mean top-1 probability "
+    f"{pct(t.get('mean_top1_prob'))} over {t.get('positions')} positions "
+    "(its own greedy answers, teacher-forced states through its LM head): "
+    "how predictable the task is.",
+    "",
+    "## The seed's table",
+    "",
+    "Test split, each adapter trained with its experiments/*.py recipe at "
+    "the target's hidden size, the same epochs and batch for all; best-"
+    "validation checkpoint. Primary reading: `next` (output[t] vs "
+    "target[t+1]) for L5/B1/L5F, `same` otherwise. Brackets: 95% bootstrap "
+    "CI over test samples. Leading run: tokens matched from the first "
+    "position on."
+    + (
+      " The `(objective next)` rows are the same recipes with the loss "
+      "objective `next` (see the reference's dual objective below)."
+      if any(n in data["adapters"] for n in layout.NEXT_ADAPTERS)
+      else " This study predates the `(objective next)` adapters."
+    ),
+    "",
+    *seed_table(data),
+    "",
+    "Baselines beside each adapter (same metrics, same reading):",
+    "",
+    *baseline_table(data),
+    "",
+    "## Live speculative decoding",
+    "",
+    LIVE_INTRO,
+    *live_tables(data),
+  ]
+  if "gpus2" not in data["live"]:
+    lines += [
+      "",
+      "The two-GPU table is absent: this study ran no bench2 stage (it "
+      "needs a machine with two GPUs: `--stages B`).",
+    ]
+  lines += ["", "## The seed's claims", ""]
+  for c in data["claims"]:
+    lines += [f"**{c['claim']}: {c['verdict']}.** {c['text']} {c['rule']}", ""]
+  lines += objective_section(data)
+  lines += goal_lines(data)
+  if plot_paths:
+    lines += ["", "## Plots", ""]
+    for p in plot_paths:
+      lines.append(f"![{os.path.basename(p)}](results/{os.path.basename(p)})")
+  lines += regenerate_lines(data)
+  return "\n".join(lines)
+
+
+def write(study_dir: str, out_dir: str, pair) -> list[str]:
+  """OUT/RESULTS.md, OUT/results/results.json and OUT/results/*.png."""
+  data = collect.collect(study_dir, pair)
+  sub = os.path.join(out_dir, "results")
+  os.makedirs(sub, exist_ok=True)
+  path_json = os.path.join(sub, "results.json")
+  with open(path_json, "w") as f:
+    json.dump(data, f, indent=1)
+  plot_paths = plots.make_plots(data, sub)
+  path_md = os.path.join(out_dir, "RESULTS.md")
+  with open(path_md, "w") as f:
+    f.write(render(data, pair, plot_paths))
+  return [path_md, path_json] + plot_paths
+
+
+def bench_table(live: dict) -> str:
+  """A short text table of one benchmark stage (printed after it)."""
+  lines = []
+  for rt, block in live["by_runtime"].items():
+    lines.append(
+      f"[{rt}] {'method':22s} {'alpha':>6s} {'tau':>5s} {'speedup':>8s} "
+      f"{'mism':>4s}"
+    )
+    for m, r in block["methods"].items():
+      if not r.get("n"):
+        lines.append(f"[{rt}] {m:22s} failed")
+        continue
+      lines.append(
+        f"[{rt}] {m:22s} {num(r['alpha']):>6s} {num(r['tau'], 2):>5s} "
+        f"{num(r['speedup']):>8s} {r['mismatches']:4d}"
+      )
+  return "\n".join(lines)
+
+
+def stage_table(study, stage: str) -> str:
+  """A short table of what a stage produced."""
+  rec = study.state["stages"].get(stage, {})
+  if stage == "train":
+    lines = [f"{'adapter':8s} {'epochs':>6s} {'best val loss':>14s} {'s':>7s}"]
+    for n, r in rec.get("adapters", {}).items():
+      lines.append(
+        f"{n:8s} {r['epochs_run']:6d} {num(r['best_val_loss'], 4):>14s} "
+        f"{r['seconds']:7.1f}"
+      )
+    return "\n".join(lines)
+  if stage == "evaluate":
+    lines = [f"{'adapter':8s} {'reading':>7s} {'top-1':>7s} {'Acc@.90':>8s}"]
+    for n, r in rec.get("adapters", {}).items():
+      lines.append(
+        f"{n:8s} {r['primary_reading']:>7s} {num(r['token_top1']):>7s} "
+        f"{num(r['accept_90']):>8s}"
+      )
+    t = rec.get("target", {})
+    lines.append(
+      f"target on the test answers: entropy "
+      f"{num(t.get('mean_entropy_nats'))} nats, top-1 p "
+      f"{num(t.get('mean_top1_prob'))}"
+    )
+    return "\n".join(lines)
+  if stage == "dump":
+    return "\n".join(
+      f"{s:6s} {v['samples']:6d} samples" for s, v in rec["splits"].items()
+    )
+  if stage in layout.BENCH_DIRS:
+    return bench_table(
+      collect.live_entry(
+        {
+          rt: collect.load(study.p(r["dir"], "results.json"))
+          for rt, r in rec["runtimes"].items()
+        }
+      )
+    )
+  return ", ".join(
+    f"{k}={v}"
+    for k, v in rec.items()
+    if k not in ("settings", "done") and not isinstance(v, dict)
+  )
