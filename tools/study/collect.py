@@ -96,8 +96,9 @@ def verify_cost(costs: dict, method: str, tree_nodes: int | None):
   base = costs.get("target_decode_ms")
   if method.split(":")[0] in ("tree", "two_phase_tree"):
     ms = (costs.get("target_verify_tree_ms") or {}).get(str(tree_nodes))
-    return ms / base if ms and base else None
-  return (costs.get("relative") or {}).get("v")
+  else:
+    ms = (costs.get("target_verify_ms") or {}).get("gamma+1")
+  return ms / base if ms and base else None
 
 
 def _decode_costs(a: dict, costs: dict, m: str, nodes) -> dict:

@@ -27,11 +27,25 @@ from tools.study.verdicts import num
 
 COMMAND = (
   "python -m tools.benchmark_sd --random_models vicuna7b --prompt_len 600 "
-  "--max_new_tokens 64 --ignore_eos --num_samples 20 --gamma G "
-  "--tree_depth D --tree_topk K --tree_nodes N --methods "
+  "--max_new_tokens 64 --ignore_eos --num_samples 20 --gamma {gamma} "
+  "--tree_depth {depth} --tree_topk {topk} --tree_nodes {nodes} --methods "
   "baseline,decode:b1,tree:b1,decode:l5f,tree:l5f --adapter b1=random "
   "--adapter l5f=random --runtimes fast --device cuda --out OUT"
 )
+
+
+def command(data: dict) -> str:
+  """The 7B run that fits this study (its gamma and tree flags)."""
+  live = (data.get("live") or {}).get("gpus1") or {}
+  tree = live.get("tree") or {}
+  return COMMAND.format(
+    gamma=live.get("gamma", "G"),
+    depth=tree.get("depth", "D"),
+    topk=tree.get("topk", "K"),
+    nodes=tree.get("nodes", "N"),
+  )
+
+
 PROJECTED_KINDS = ("decode", "tree")
 
 
@@ -84,7 +98,7 @@ def project(data: dict, path: str | None) -> dict:
   its inputs; or `available: False` with the reason."""
   if not path:
     return _absent(
-      "no 7B costs were given: run the command below on one GPU and pass "
+      "no 7B costs were given: run the command below on a GPU and pass "
       "its results.json with --costs_7b"
     )
   bench = load_costs(path)
@@ -133,7 +147,7 @@ def lines(data: dict) -> list[str]:
       f"The projection is absent: {p['why']}.",
       "",
       "```",
-      COMMAND,
+      command(data),
       "```",
       "",
     ]
