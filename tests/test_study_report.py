@@ -314,3 +314,17 @@ def test_readme_quotes_only_numbers_of_the_generated_results():
   section = readme[start : readme.index("\n## ", start + 1)]
   quoted = re.findall(r"\d+(?:\.\d+)?(?:[–-]\d+(?:\.\d+)?)?\s?[%×]", section)
   assert [q for q in quoted if q not in results] == []
+
+
+def test_the_aa_control_is_read_per_runtime_as_the_verdicts_read_it():
+  from tools.study import collect, report, verdicts
+
+  aa = {"ratio": 1.03, "ci95": [1.01, 1.05], "reliable": False}
+  bench = {"aa_control": {"fast": {**aa, "range": [0.98, 1.02]}}}
+  entry = collect.aa_entry(bench, "fast")
+  assert entry["speedup"] == 1.03 and entry["speedup_ci95"] == [1.01, 1.05]
+  assert collect.aa_entry(bench, "eager") is None
+  assert "the run is UNRELIABLE" in report.aa_text(entry)
+  data = {"live": {"gpus1": {"by_runtime": {"fast": {"aa_control": entry}}}}}
+  line, text = verdicts._aa_line(data, "gpus1", "fast")
+  assert line == 1.05 and "A/A control's upper end" in text
