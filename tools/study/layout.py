@@ -72,9 +72,6 @@ def live_adapters(adapters) -> tuple[str, ...]:
   return tuple(a for a in ADAPTERS if a in used)
 
 
-LIVE_ADAPTERS = live_adapters(ADAPTERS)
-
-
 def parse_adapters(value: str | None) -> tuple[str, ...]:
   """--adapters: a comma list of study adapters (None or '': all), in
   study order; ValueError naming an unknown one."""
