@@ -552,6 +552,16 @@ def test_weight_update_sharding_layout():
     assert all(_spec_of(s) == () for s in jax.tree.leaves(flat))
 
 
+def test_weight_update_sharding_min_size_is_inclusive():
+  """A leaf of exactly min_size elements is split; one fewer is not."""
+  mesh = sharding.make_mesh()  # 8 devices
+  for shape in ((64,), (8, 8), (2, 32)):
+    exact = sharding.weight_update_sharding(shape, mesh, min_size=64)
+    assert _spec_of(exact) != (), shape
+    above = sharding.weight_update_sharding(shape, mesh, min_size=65)
+    assert _spec_of(above) == (), shape
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_sharded_weight_update_matches_replicated(dtype):
   mesh = sharding.make_mesh()  # 8 devices
