@@ -142,7 +142,12 @@ def test_one_device_matches_eight(reference_run, tmp_path):
 
 
 def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
-  """Stop at step 4, resume, SIGTERM at step 9, resume: as uninterrupted."""
+  """Stop at step 4, resume, SIGTERM at step 10, resume: as uninterrupted.
+
+  One process stops at the step after the signal whatever
+  config.distributed.stop_check_every_steps is (the check every N steps is
+  for several processes): here 1000, and a step that is no multiple of 10.
+  """
   ref_dir, ref_result, ref_params = reference_run
   workdir = str(tmp_path)
   steps_per_epoch = ref_result["step"] // 2
@@ -154,16 +159,17 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
   def batches_then_sigterm(self, epoch, start_step=0):
     for i, batch in enumerate(original(self, epoch, start_step)):
       yield batch
-      # SIGTERM after the 2nd batch of the 2nd training epoch.
-      if self.shuffle and epoch == 1 and start_step + i == 1:
+      # SIGTERM after the 3rd batch of the 2nd training epoch (step 10).
+      if self.shuffle and epoch == 1 and start_step + i == 2:
         os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(data.InputPipeline, "batches", batches_then_sigterm)
+  rare_checks = {"distributed.stop_check_every_steps": 1000}
   with pytest.raises(train.TrainingInterrupted) as info:
-    train.train_and_evaluate(_tiny_config(), workdir)
+    train.train_and_evaluate(_tiny_config(**rare_checks), workdir)
   assert info.value.signum == signal.SIGTERM
-  # The flag is seen after the step in flight: step 3 of the epoch.
-  assert info.value.step == steps_per_epoch + 3
+  # The flag is seen after the step in flight: step 4 of the epoch, 11.
+  assert info.value.step == steps_per_epoch + 4 == 11
   ckpt = checkpoint.Checkpointer(workdir)
   # The newest (mid-epoch) checkpoint and the best epoch-end one are kept.
   assert ckpt.latest_step() == info.value.step
