@@ -40,6 +40,11 @@ def _assert_one_line_error(proc, *fragments):
   "override, fragments",
   [
     ("--config.batch_sise=3", ("'batch_sise'", 'did you mean "batch_size"')),
+    (
+      "--config.optim.lr_typo=1",
+      ("'optim.lr_typo'", 'did you mean "optim.learning_rate"'),
+    ),
+    ("--config.data.xx=1", ("'data.xx'", "config.data has buckets, cache")),
     ("--config.batch_size=abc", ("--config.batch_size=abc", "abc")),
     ("--config.data.train=/no/such/dir", ("config.data.train=/no/such/dir",)),
   ],
