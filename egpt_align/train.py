@@ -59,6 +59,11 @@ def _resolve_data(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses a bad config before anything is written (synthetic data)."""
+  try:
+    models.get_spec(config.model.name)
+  except ValueError as e:
+    raise ValueError(f"config.model.name: {e}") from None
   if config.num_epochs < 1:
     raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
   if config.log_every_steps < 1:

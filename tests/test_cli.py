@@ -45,16 +45,20 @@ def _assert_one_line_error(proc, *fragments):
       ("'optim.lr_typo'", 'did you mean "optim.learning_rate"'),
     ),
     ("--config.data.xx=1", ("'data.xx'", "config.data has buckets, cache")),
+    ("--config.model.name=l9", ("config.model.name", "'l9'", "'l5f'")),
     ("--config.batch_size=abc", ("--config.batch_size=abc", "abc")),
     ("--config.data.train=/no/such/dir", ("config.data.train=/no/such/dir",)),
   ],
 )
 def test_train_user_errors(tmp_path, override, fragments):
+  workdir = tmp_path / "run"
   proc = _run(
-    "-m", "egpt_align.train", "--config", DEMO, "--workdir", str(tmp_path),
+    "-m", "egpt_align.train", "--config", DEMO, "--workdir", str(workdir),
     override,
   )  # fmt: skip
   _assert_one_line_error(proc, *fragments)
+  # Refused before anything is written (the demo's synthetic data first).
+  assert not workdir.exists()
 
 
 def test_train_missing_config_file(tmp_path):
