@@ -175,24 +175,17 @@ def _to_numpy(x) -> np.ndarray:
   return np.array(x, dtype=np.float32, copy=True)
 
 
-def _mismatch(what, missing, unexpected) -> ValueError:
-  return ValueError(
-    f"{what} do not match the adapter's parameters: missing "
-    f"{sorted(missing)[:20]}, unexpected {sorted(unexpected)[:20]}."
-  )
-
-
 def flax_to_state_dict(name: str, params: Mapping) -> dict[str, torch.Tensor]:
   """Flax params (tree or {'params': tree}) -> torch state dict (float32)."""
   name = ta.check_name(name)
   params = _unwrap(params)
   flat = flatten_params(params)
   table = param_table(name, flax_depth(name, params))
-  want = {"/".join(fp) for fp, _, _ in table}
-  if want != set(flat):
-    raise _mismatch(
-      f"Flax params for {name!r}", want - set(flat), set(flat) - want
-    )
+  models.check_param_shapes(
+    f"Flax params do not fit adapter {name!r}",
+    {k: np.shape(v) for k, v in flat.items()},
+    {"/".join(fp): None for fp, _, _ in table},
+  )
   sd = collections.OrderedDict()
   for fpath, tkey, transpose in table:
     a = _to_numpy(flat["/".join(fpath)])
@@ -211,13 +204,11 @@ def state_dict_to_flax(name: str, state_dict: Mapping) -> dict:
   """torch state dict -> nested Flax params dict of float32 numpy arrays."""
   name = ta.check_name(name)
   table = param_table(name, torch_depth(name, state_dict))
-  want = {tkey for _, tkey, _ in table}
-  if want != set(state_dict):
-    raise _mismatch(
-      f"state dict keys for {name!r}",
-      want - set(state_dict),
-      set(state_dict) - want,
-    )
+  models.check_param_shapes(
+    f"state dict keys do not fit adapter {name!r}",
+    {k: tuple(v.shape) for k, v in state_dict.items()},
+    {tkey: None for _, tkey, _ in table},
+  )
   flat = {}
   for fpath, tkey, transpose in table:
     a = _to_numpy(state_dict[tkey])
@@ -297,19 +288,11 @@ def expected_shapes(name: str, **cfg) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(name: str, state_dict: Mapping, **cfg) -> None:
   """Raises a ValueError naming every key whose presence or shape is wrong."""
-  want = expected_shapes(name, **cfg)
-  have = {k: tuple(v.shape) for k, v in state_dict.items()}
-  if set(want) != set(have):
-    raise _mismatch(
-      f"state dict keys for {name!r}",
-      set(want) - set(have),
-      set(have) - set(want),
-    )
-  bad = [f"{k}: {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
-  if bad:
-    raise ValueError(
-      f"state dict shapes for {name!r} with config {cfg} differ: {bad[:20]}"
-    )
+  models.check_param_shapes(
+    f"state dict does not fit adapter {name!r} with config {cfg}",
+    {k: tuple(v.shape) for k, v in state_dict.items()},
+    expected_shapes(name, **cfg),
+  )
 
 
 def load_torch_adapter(
