@@ -17,6 +17,7 @@ import difflib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -141,6 +142,23 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def _traceback_wanted() -> bool:
   return os.environ.get("EGPT_ALIGN_TRACEBACK", "") not in ("", "0")
+
+
+def exit_now(error: BaseException) -> NoReturn:
+  """Reports `error` and leaves with os._exit, skipping exit handlers.
+
+  For one process of several, whose normal exit would wait in
+  jax.distributed's shutdown for peers: a user error is one `error:` line
+  (status 2), anything else its traceback (status 1).
+  """
+  if isinstance(error, USER_ERRORS) and not _traceback_wanted():
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    code = EXIT_USER_ERROR
+  else:
+    traceback.print_exception(error)
+    code = 1
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def run_absl(main: Callable[[list[str]], Any]) -> None:

@@ -14,7 +14,8 @@ history.json (the reference's per-epoch keys), training_curves.png and
 checkpoints/ (newest + best by validation loss). Started again on the same
 workdir it resumes exactly where the newest checkpoint left off (same data
 order, RNG and schedule). SIGINT / SIGTERM save a checkpoint and exit
-non-zero.
+non-zero. One run owns a workdir at a time (workdir.py): a second training
+on it is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import functools
 import math
 import os
 import sys
-import traceback
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +40,7 @@ from egpt_align import cli, losses, models, optim, sharding
 from egpt_align import data as data_lib
 from egpt_align import metric_writer as writer_lib
 from egpt_align import train_state as state_lib
+from egpt_align import workdir as workdir_lib
 from egpt_align.data import format as format_lib
 from egpt_align.data import splits
 from egpt_align.preemption import AgreedStop, SignalFlag, TrainingInterrupted
@@ -304,15 +305,22 @@ def train_and_evaluate(
   `devices` restricts the mesh (default: all devices). Multi-process callers
   run `sharding.initialize_multihost()` first (the CLI does, given
   `config.multihost`); every process then calls this with the same config.
+  The run owns the workdir (workdir.owned): a second run on it is refused.
   """
   config = copy.deepcopy(config)
   _resolve_data(config)
   _check_config(config)
   workdir = os.path.abspath(workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.owned(workdir):
+    return _train(config, workdir, devices)
+
+
+def _train(config, workdir: str, devices) -> dict[str, Any]:
+  """train_and_evaluate's body, run while the workdir is owned."""
   is_main = jax.process_index() == 0
   progress = is_main and config.progress_bar
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
 
   mesh = sharding.make_mesh(devices=list(devices) if devices else None)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -615,16 +623,14 @@ def main(argv) -> None:
   except TrainingInterrupted as e:
     logging.error("%s", e)
     sys.exit(128 + e.signum)
-  except Exception:
+  except Exception as e:
     if jax.process_count() == 1:
       raise
     # A normal exit would wait minutes in jax.distributed's shutdown barrier
     # for peers that may be blocked in a collective with this process. Leave
     # now: the coordination service then ends the others within
     # config.distributed.heartbeat_timeout_s.
-    traceback.print_exc()
-    sys.stderr.flush()
-    os._exit(1)
+    cli.exit_now(e)
   if jax.process_index() == 0:
     best = result["best"] or {}
     print(

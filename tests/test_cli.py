@@ -62,6 +62,19 @@ def test_train_user_errors(tmp_path, override, fragments):
   assert not workdir.exists()
 
 
+def test_train_refuses_a_workdir_in_use(tmp_path):
+  from egpt_align import workdir
+
+  with workdir.owned(str(tmp_path)):
+    proc = _run(
+      "-m", "egpt_align.train", "--config", DEMO, "--workdir", str(tmp_path),
+    )  # fmt: skip
+  _assert_one_line_error(
+    proc, f"{tmp_path} is in use by another training run (pid {os.getpid()}"
+  )
+  assert os.listdir(tmp_path) == [workdir.LOCK_FILE]  # nothing written
+
+
 def test_train_missing_config_file(tmp_path):
   proc = _run(
     "-m", "egpt_align.train", "--config", str(tmp_path / "nope.py"),

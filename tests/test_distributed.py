@@ -219,6 +219,24 @@ def test_two_processes_match_one_and_resume_after_sigterm(reference, tmp_path):
   _assert_same_run(again, reference)
 
 
+def test_a_workdir_in_use_refuses_every_process(tmp_path):
+  """Process 0 finds the workdir locked: both processes exit 2 at once."""
+  from egpt_align import workdir as workdir_lib
+
+  busy = tmp_path / "busy"
+  busy.mkdir()
+  with workdir_lib.owned(str(busy)):
+    run = _Run(busy, 2, 4)
+    codes = run.wait()
+  assert codes == [2, 2], (codes, run.log(0)[-2000:], run.log(1)[-2000:])
+  assert f"in use by another training run (pid {os.getpid()}" in run.log(0)
+  assert "process 0 could not lock it" in run.log(1)
+  for i in (0, 1):
+    errors = [x for x in run.log(i).splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in run.log(i), run.log(i)
+  assert os.listdir(busy) == [workdir_lib.LOCK_FILE]  # nothing written
+
+
 def test_killed_process_ends_the_others(tmp_path):
   """SIGKILL one process: the other exits non-zero, checkpoints stay."""
   run = _Run(tmp_path / "killed", 2, 4, "--config.stop_after_steps=0")

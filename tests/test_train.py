@@ -24,6 +24,7 @@ from egpt_align import (
   train,
   train_state,
 )
+from egpt_align import workdir as workdir_lib
 from egpt_align.configs import base
 from egpt_align.data import splits, synthetic
 
@@ -198,6 +199,41 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
   train_steps = [r["step"] for r in got if "train/loss" in r]
   assert train_steps == sorted(set(train_steps))
   assert {r["step"] for r in want if "train/loss" in r} <= set(train_steps)
+
+
+_HOLD = """
+import sys, time
+from egpt_align import workdir
+with workdir.owned(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_workdir_is_owned_by_one_run(tmp_path):
+  """A second run is refused before writing; a dead holder blocks nothing."""
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLD, workdir],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lib.WorkdirBusy) as info:
+      train.train_and_evaluate(_tiny_config(), workdir)
+    assert str(info.value).startswith(
+      f"{workdir} is in use by another training run (pid {holder.pid} on "
+    )
+    assert os.listdir(workdir) == [workdir_lib.LOCK_FILE]
+  finally:
+    holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
+    holder.wait()
+  assert os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  with workdir_lib.owned(workdir):
+    pass  # the kernel dropped the dead holder's lock
 
 
 def test_eval_aggregation_is_exact(tmp_path):
