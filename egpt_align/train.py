@@ -209,9 +209,9 @@ def _zero_sums() -> dict[str, Any]:
 
 
 def _restore(ckpt, workdir, abstract_state, steps_per_epoch):
-  """(state, meta) from the newest checkpoint; checks the epoch length."""
-  latest = ckpt.latest_step()
-  state, meta = ckpt.restore(latest, abstract_state)
+  """(state, meta) from the newest intact checkpoint; checks the epoch
+  length."""
+  latest, state, meta = ckpt.restore_newest_intact(abstract_state)
   if meta["steps_per_epoch"] != steps_per_epoch:
     raise ValueError(
       f"{workdir}: the checkpoint was made with {meta['steps_per_epoch']} "

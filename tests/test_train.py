@@ -201,6 +201,56 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
   assert {r["step"] for r in want if "train/loss" in r} <= set(train_steps)
 
 
+def _delete_half(directory):
+  """Deletes every second file under `directory` (a damaged checkpoint)."""
+  files = sorted(
+    os.path.join(root, f) for root, _, fs in os.walk(directory) for f in fs
+  )
+  for path in files[::2]:
+    os.remove(path)
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(
+  reference_run, tmp_path, caplog
+):
+  _, ref_result, ref_params = reference_run
+  workdir = str(tmp_path)
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  train.train_and_evaluate(_tiny_config(stop_after_steps=10), workdir)
+  assert sorted(os.listdir(ckpt_dir)) == ["10", "7"]  # newest + best
+  _delete_half(os.path.join(ckpt_dir, "10"))
+
+  # Resumes from step 7, says so, sets step 10 aside and saves a new one.
+  with caplog.at_level("WARNING"):
+    result = train.train_and_evaluate(
+      _tiny_config(stop_after_steps=10), workdir
+    )
+  assert result["stopped_at_step"] == 10
+  assert "checkpoint step 10 does not restore" in caplog.text
+  assert "resuming from step 7, the newest intact checkpoint" in caplog.text
+  broken = os.path.join(workdir, checkpoint.BROKEN_DIR, "10")
+  assert os.path.isdir(broken) and broken in caplog.text
+  checkpoint.load_params(workdir, 10)  # the new step 10 restores
+  # ... and the rest of the run is the uninterrupted one.
+  result = train.train_and_evaluate(_tiny_config(), workdir)
+  params, _ = checkpoint.load_params(workdir, "latest")
+  _params_close(params, ref_params, rtol=1e-6, atol=1e-7)
+  assert result["step"] == ref_result["step"]
+
+  # Nothing restores: one error naming every step and what to do.
+  for step in os.listdir(ckpt_dir):
+    _delete_half(os.path.join(ckpt_dir, step))
+  steps = sorted(map(int, os.listdir(ckpt_dir)), reverse=True)
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(_tiny_config(), workdir)
+  message = str(info.value)
+  assert message.startswith(f"no checkpoint in {ckpt_dir} restores (step ")
+  assert all(f"step {k}: " in message for k in steps)
+  assert message.endswith(
+    f"delete {ckpt_dir} to start over, or train in a new workdir"
+  )
+
+
 _HOLD = """
 import sys, time
 from egpt_align import workdir
