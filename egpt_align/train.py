@@ -41,6 +41,7 @@ from egpt_align import data as data_lib
 from egpt_align import metric_writer as writer_lib
 from egpt_align import train_state as state_lib
 from egpt_align import workdir as workdir_lib
+from egpt_align.configs import base as base_config
 from egpt_align.data import format as format_lib
 from egpt_align.data import splits
 from egpt_align.preemption import AgreedStop, SignalFlag, TrainingInterrupted
@@ -358,7 +359,11 @@ def _train(config, workdir: str, devices) -> dict[str, Any]:
     format_lib.write_json_atomic(
       os.path.join(workdir, checkpoint_lib.CONFIG_FILE), config.to_dict()
     )
-    logging.info("config:\n%s", config)
+    logging.info(
+      "config (changed from configs/base.py; all of it in %s):\n  %s",
+      checkpoint_lib.CONFIG_FILE,
+      "\n  ".join(base_config.summary(config)),
+    )
 
   # State: fresh, or restored from the newest checkpoint.
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))

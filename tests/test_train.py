@@ -453,6 +453,17 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
     in history["readings"]["val_cos_sim, val_accept_*, val_token_top1"]
   )
   assert "same pos.: cos" in proc.stderr and "next pos.: cos" in proc.stderr
+  # The log's config: the changed keys and essentials; config.json has all.
+  log = proc.stderr.splitlines()
+  start = next(i for i, x in enumerate(log) if "config (changed from" in x)
+  shown = []
+  for line in log[start + 1 :]:
+    if not line.startswith("  "):
+      break
+    shown.append(line.strip())
+  assert "num_epochs: 1" in shown and "model.name: 'l5'" in shown
+  assert not any(line.startswith("optim.b2") for line in shown)
+  assert 10 < len(shown) < 25
   assert (workdir / "training_curves.png").stat().st_size > 0
   assert checkpoint.Checkpointer(str(workdir)).all_steps() == [3]
   try:
