@@ -616,9 +616,11 @@ if __name__ == "__main__":
   )
   flags.DEFINE_string(
     "compilation_cache",
-    os.path.join("~", ".cache", "egpt_align", "jax"),
+    os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    or os.path.join("~", ".cache", "egpt_align", "jax"),
     "Persistent XLA compilation cache directory: later runs of the same "
-    "adapter and shapes skip compiling ('' = off).",
+    "adapter and shapes skip compiling ('' = off; default "
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/egpt_align/jax).",
   )
   FLAGS = flags.FLAGS
   cli.run_absl(main)

@@ -464,9 +464,15 @@ def test_cli_writes_report(tmp_path):
   pytest.importorskip("egpt_align.configs.base")
   _, head = _head(tmp_path)
   workdir, path, lengths = _make_run(tmp_path, head)
+  import matplotlib
+
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  # A home of its own: the compilation cache goes to the session's temporary
+  # one (tests/conftest.py), never to the user's ~/.cache/egpt_align/jax.
+  env["MPLCONFIGDIR"] = matplotlib.get_configdir()
+  env["HOME"] = str(tmp_path / "home")
   bench = tmp_path / "bench.json"
   bench.write_text(
     json.dumps(
@@ -497,6 +503,7 @@ def test_cli_writes_report(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"costs from {bench}" in proc.stdout
+  assert not (tmp_path / "home" / ".cache").exists()
   out = os.path.join(workdir, "eval_val_ds")  # RUN/eval_<data name>
   for name in (
     "metrics.json",
