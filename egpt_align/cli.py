@@ -90,12 +90,17 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
       path = arg.removeprefix("--config=")
   if path is None or "config" not in flags.FLAGS:
     return None
-  config = flags.FLAGS["config"].parser.parse(path)
+  try:
+    config = flags.FLAGS["config"].parser.parse(path)
+  except Exception:  # noqa: BLE001 -- the file's own error is reported
+    return None
+  if not hasattr(config, "keys"):  # ml_collections' deferred load error
+    return None
   for arg in argv:
     if not arg.startswith("--config."):
       continue
-    path = arg.removeprefix("--config.").partition("=")[0]
-    parts = path.split(".")
+    key = arg.removeprefix("--config.").partition("=")[0]
+    parts = key.split(".")
     node = config
     for depth, part in enumerate(parts):
       if not hasattr(node, "keys"):
@@ -105,7 +110,7 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
         node = node[part]
         continue
       prefix = "".join(f"{p}." for p in parts[:depth])
-      message = f"no config key '{path}' ({arg})"
+      message = f"no config key '{key}' ({arg})"
       guesses = _suggestions(part, keys)
       if guesses:
         names = " or ".join(f'"{prefix}{g}"' for g in guesses)
@@ -131,13 +136,20 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # Raised by ml_collections while applying --config.KEY=VALUE.
     raise UserError(_config_error(e, argv)) from e
+  except OSError as e:  # an override applied to a config that did not load
+    raise UserError(_load_error(e)) from e
   if "config" in flags.FLAGS and flags.FLAGS["config"].present:
     try:  # ml_collections defers a config file's load error to first use.
       flags.FLAGS["config"].value.keys  # noqa: B018
     except OSError as e:
-      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-      raise UserError(f"--config: {lines[-1]}") from e
+      raise UserError(_load_error(e)) from e
   return rest
+
+
+def _load_error(error: OSError) -> str:
+  """'--config: <why>' from ml_collections' multi-line load failure."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f"--config: {lines[-1]}"
 
 
 def _traceback_wanted() -> bool:

@@ -210,8 +210,7 @@ def _zero_sums() -> dict[str, Any]:
 
 
 def _restore(ckpt, workdir, abstract_state, steps_per_epoch):
-  """(state, meta) from the newest intact checkpoint; checks the epoch
-  length."""
+  """(state, meta) of the newest checkpoint that restores; checks epochs."""
   latest, state, meta = ckpt.restore_newest_intact(abstract_state)
   if meta["steps_per_epoch"] != steps_per_epoch:
     raise ValueError(

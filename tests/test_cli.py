@@ -75,10 +75,11 @@ def test_train_refuses_a_workdir_in_use(tmp_path):
   assert os.listdir(tmp_path) == [workdir.LOCK_FILE]  # nothing written
 
 
-def test_train_missing_config_file(tmp_path):
+@pytest.mark.parametrize("override", [(), ("--config.batch_size=8",)])
+def test_train_missing_config_file(tmp_path, override):
   proc = _run(
     "-m", "egpt_align.train", "--config", str(tmp_path / "nope.py"),
-    "--workdir", str(tmp_path),
+    "--workdir", str(tmp_path), *override,
   )  # fmt: skip
   _assert_one_line_error(proc, "--config", "nope.py")
 
