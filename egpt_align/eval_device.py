@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from egpt_align import lm_head as lm_head_lib
 from egpt_align import metrics as metrics_lib
-from egpt_align import sharding
+from egpt_align import sharding, unroll
 
 
 def _shift_left(x: jax.Array) -> jax.Array:
@@ -48,8 +48,15 @@ def make_eval_step(
   use_head: bool,
   stored_tokens: bool,
   logits_dtype: Any,
+  depth: int = 0,
 ):
-  """The jitted step: batch -> {pred/reading/cos|rank: [B, S]}."""
+  """The jitted step: batch -> {pred/reading/cos|rank: [B, S]}.
+
+  With `depth` > 1 (and the LM head), also the adapter's free-running
+  drafts: `adapter/step{j}/rank` for j = 2..depth, the rank of token p+1
+  under draft j made at position p, fed its own states as live
+  (`unroll.forward`; step 1 is `adapter/next/rank`).
+  """
 
   def step(params, params0, weight_VD, batch):
     mask = batch["mask"]
@@ -85,6 +92,11 @@ def make_eval_step(
         out[f"{pname}/{r}/cos"] = metrics_lib.cosine(pred, targets[r])
         if use_head:
           out[f"{pname}/{r}/rank"] = lm_head_lib.token_rank(lg, toks[r])
+    if use_head and depth > 1:
+      drafts = unroll.forward(module, spec, params, batch, depth)
+      for j, pred in enumerate(drafts[1:], start=2):
+        lg = lm_head_lib.logits(pred, weight_VD, dtype=logits_dtype)
+        out[f"adapter/step{j}/rank"] = lm_head_lib.token_rank(lg, toks["next"])
     return out
 
   return jax.jit(step)

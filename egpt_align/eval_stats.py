@@ -155,40 +155,54 @@ HEADLINE = {
 }
 
 
-def bootstrap_ci(
-  sums: dict[str, np.ndarray],
+def ratio_bootstrap(
+  columns: dict[str, np.ndarray],
+  ratios: dict[str, tuple[str, str]],
   *,
   num_resamples: int,
   seed: int = 0,
   level: float = 0.95,
+  groups: np.ndarray | None = None,
   chunk: int = 100,
 ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-  """Percentile CIs of the headline ratios, resampling samples.
+  """Percentile CIs of ratios of sums, resampling samples (or groups).
 
-  Returns ({metric: [lo, hi]}, {metric: resampled values}). Every resample
-  draws N samples with replacement; a metric is sum(w * num) / sum(w * den)
-  with w the draw counts, so all metrics share the same draws.
+  `columns`: per-sample values [N]; `ratios`: {name: (numerator column,
+  denominator column)}. Every resample draws N samples with replacement
+  (or, with `groups` [N] of group labels, as many groups as there are, each
+  with all its samples); a ratio is sum(w * num) / sum(w * den) with w the
+  draw counts, so all ratios share the same draws. Returns ({name: [lo,
+  hi]}, {name: resampled values}); a ratio with no finite value is absent.
   """
-  keys = [k for k, (a, b) in HEADLINE.items() if a in sums and b in sums]
+  keys = [k for k, (a, b) in ratios.items() if a in columns and b in columns]
   if not keys or num_resamples <= 0:
     return {}, {}
-  cols = sorted({c for k in keys for c in HEADLINE[k]})
-  mat = np.stack([sums[c] for c in cols], axis=1)  # [N, C]
+  cols = sorted({c for k in keys for c in ratios[k]})
+  mat = np.stack([np.asarray(columns[c], np.float64) for c in cols], axis=1)
   n = mat.shape[0]
+  if groups is None:
+    member = None
+  else:
+    _, member = np.unique(np.asarray(groups), return_inverse=True)
+    member = member.reshape(-1)
+  units = n if member is None else int(member.max()) + 1
   rng = np.random.default_rng(seed)
   parts = []
   for start in range(0, num_resamples, chunk):
     r = min(chunk, num_resamples - start)
-    draws = rng.integers(0, n, size=(r, n))
-    flat = (draws + np.arange(r)[:, None] * n).ravel()
-    w = np.bincount(flat, minlength=r * n).reshape(r, n).astype(np.float64)
+    draws = rng.integers(0, units, size=(r, units))
+    flat = (draws + np.arange(r)[:, None] * units).ravel()
+    w = np.bincount(flat, minlength=r * units).reshape(r, units)
+    w = w.astype(np.float64)
+    if member is not None:
+      w = w[:, member]  # every sample of a drawn group, as often as drawn
     parts.append(w @ mat)  # [r, C]
   tot = np.concatenate(parts)
   col = {c: i for i, c in enumerate(cols)}
   lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
   cis, samples = {}, {}
   for k in keys:
-    num, den = HEADLINE[k]
+    num, den = ratios[k]
     with np.errstate(invalid="ignore", divide="ignore"):
       vals = tot[:, col[num]] / tot[:, col[den]]
     vals = vals[np.isfinite(vals)]
@@ -199,6 +213,29 @@ def bootstrap_ci(
         float(np.percentile(vals, hi_q)),
       ]
   return cis, samples
+
+
+def bootstrap_ci(
+  sums: dict[str, np.ndarray],
+  *,
+  num_resamples: int,
+  seed: int = 0,
+  level: float = 0.95,
+  chunk: int = 100,
+) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+  """Percentile CIs of the headline ratios (HEADLINE), resampling samples.
+
+  Returns ({metric: [lo, hi]}, {metric: resampled values}); see
+  `ratio_bootstrap`.
+  """
+  return ratio_bootstrap(
+    sums,
+    HEADLINE,
+    num_resamples=num_resamples,
+    seed=seed,
+    level=level,
+    chunk=chunk,
+  )
 
 
 def speedup_entry(
@@ -282,6 +319,99 @@ def all_readings(
       if match is not None:
         plot_arrays[f"{pname}/{r}/match"] = match[valid[r]]
   return results, positions, plot_arrays
+
+
+def depth_sums(match_steps: list[np.ndarray], lengths: np.ndarray) -> dict:
+  """Per-sample counts of chain drafting's acceptance at depth 1..gamma.
+
+  `match_steps[d-1]` [N, S] says whether draft d made at position p (the
+  chain that starts at t = p - d + 1) is the target's token p + 1. Chains
+  start at t = 0 .. L - 1 - gamma (every one of their gamma tokens exists),
+  the same positions for every depth. Returns 'starts' (chains per sample),
+  'depth_{d}' (chains whose first d drafts all match) and 'tau' (starts +
+  the sum over d, so tau / starts = 1 + sum_d share_d).
+  """
+  gamma = len(match_steps)
+  n, s = match_steps[0].shape
+  starts = np.maximum(np.asarray(lengths) - gamma, 0)
+  ok = np.arange(s)[None] < starts[:, None]
+  out = {"starts": starts.astype(np.float64)}
+  tau = out["starts"].copy()
+  for d in range(1, gamma + 1):
+    shifted = np.zeros((n, s), bool)
+    shifted[:, : s - d + 1] = np.asarray(match_steps[d - 1], bool)[:, d - 1 :]
+    ok = ok & shifted
+    out[f"depth_{d}"] = ok.sum(1).astype(np.float64)
+    tau += out[f"depth_{d}"]
+  out["tau"] = tau
+  return out
+
+
+def depth_entry(
+  match_steps: list[np.ndarray],
+  lengths: np.ndarray,
+  *,
+  settings,
+  costs: dict,
+  seed: int,
+) -> dict:
+  """Acceptance at depth d = 1..gamma, expected tau and speedup, with CIs.
+
+  share_d = the share of chain starts whose first d drafts all match the
+  target's tokens; tau = 1 + sum_d share_d is the expected tokens per
+  verification cycle of chain drafting gamma tokens from those positions;
+  the speedup is tau / (gamma * c + v). CIs resample samples
+  (`ratio_bootstrap`).
+  """
+  gamma = len(match_steps)
+  sums = depth_sums(match_steps, lengths)
+  total = float(sums["starts"].sum())
+  entry: dict[str, Any] = {"chain_starts": int(total)}
+  ratios = {f"depth_{d}": (f"depth_{d}", "starts") for d in range(1, gamma + 1)}
+  ratios["tau"] = ("tau", "starts")
+  for key, (num, _) in ratios.items():
+    entry[key] = _safe_div(sums[num].sum(), total)
+  c, v = costs["draft_cost"], costs["verify_cost"]
+  tau = entry["tau"]
+  entry["speedup"] = None if tau is None else tau / (gamma * c + v)
+  cis, _ = ratio_bootstrap(
+    sums, ratios, num_resamples=settings.bootstrap, seed=seed
+  )
+  entry["ci"] = cis
+  return entry
+
+
+def depth_acceptance(
+  arrays: dict[str, np.ndarray],
+  lengths: np.ndarray,
+  *,
+  gamma: int,
+  fed_back: bool,
+  settings,
+  costs: dict,
+  seed: int,
+) -> dict:
+  """Chain drafting's acceptance at depth, free-running and teacher-forced.
+
+  Free-running: draft d comes from the adapter fed its own earlier drafts'
+  states (`adapter/step{d}/rank`, d >= 2); for an adapter that is never fed
+  its own states (L5) every draft is the teacher-forced one. Teacher-forced:
+  draft d is the prediction at t + d - 1 from the true states
+  (`adapter/next/rank`), what a per-position reading promises.
+  """
+  valid = valid_masks(lengths)["next"]
+  tf = (arrays["adapter/next/rank"] == 0) & valid
+  free = [tf]
+  for d in range(2, gamma + 1):
+    rank = arrays[f"adapter/step{d}/rank"] if fed_back else None
+    free.append(tf if rank is None else (rank == 0) & valid)
+  kw = {"settings": settings, "costs": costs, "seed": seed}
+  return {
+    "gamma": gamma,
+    "fed_back": fed_back,
+    "free_running": depth_entry(free, lengths, **kw),
+    "teacher_forced": depth_entry([tf] * gamma, lengths, **kw),
+  }
 
 
 def drafter_tokens(

@@ -41,7 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from egpt_align import checkpoint, cli, eval_device, models, train_state
+from egpt_align import (
+  checkpoint,
+  cli,
+  eval_device,
+  models,
+  train_state,
+  unroll,
+)
 from egpt_align import eval_stats as stats
 from egpt_align import lm_head as lm_head_lib
 from egpt_align import speedup as speedup_lib
@@ -254,6 +261,10 @@ def evaluate(
   indices, subset = _select(
     indices, n_total, data_path, subset, settings.max_samples
   )
+  # Acceptance at depth for decode adapters: free-running drafts need the
+  # adapter re-run on its own states (b1, l5f); L5's equal step 1.
+  depth_report = spec.role == "decode" and head is not None
+  fed_back = unroll.feeds_back(spec)
   n_dev = jax.device_count()
   # Divisible across devices.
   batch_size = -(-settings.batch_size // n_dev) * n_dev
@@ -264,6 +275,7 @@ def evaluate(
     use_head=head is not None,
     stored_tokens=stored_tokens,
     logits_dtype=jnp.dtype(settings.logits_dtype),
+    depth=settings.gamma if depth_report and fed_back else 0,
   )
   t_loop = time.perf_counter()
   arrays, num_batches, compile_s = eval_device.run(
@@ -289,6 +301,17 @@ def evaluate(
     costs=costs,
     seed=seed,
   )
+  depth = None
+  if depth_report:
+    depth = stats.depth_acceptance(
+      arrays,
+      lengths,
+      gamma=settings.gamma,
+      fed_back=fed_back,
+      settings=settings,
+      costs=costs,
+      seed=seed,
+    )
   # The drafter's own greedy tokens against the target tokens (same position).
   if cross_model and dataset.has_draft_tokens:
     if stored_tokens or head is not None:
@@ -342,6 +365,8 @@ def evaluate(
     "results": results,
     "notes": _notes(spec),
   }
+  if depth is not None:
+    metrics["depth_acceptance"] = depth
   plot_arrays["lengths"] = lengths
   return EvalResult(
     metrics=format_lib.to_jsonable(metrics),
@@ -403,9 +428,10 @@ def _notes(spec) -> list[str]:
   if spec.predicts_next:
     notes.append(
       "Token metrics are teacher-forced: every position sees the true "
-      "earlier states. Drafting several tokens ahead would feed back the "
-      "adapter's own predictions, so live acceptance will be lower "
-      "(docs/REFERENCE_NOTES.md D9)."
+      "earlier states. Drafting several tokens ahead feeds back the "
+      "adapter's own predictions, so live acceptance is lower "
+      "(docs/REFERENCE_NOTES.md D9); 'Acceptance at depth' drafts "
+      "free-running as live (with an LM head)."
     )
   return notes
 

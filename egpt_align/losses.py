@@ -103,6 +103,21 @@ def config_weights(loss_config) -> dict:
   }
 
 
+def combine_steps(step_losses, weights):
+  """The unrolled loss: sum_j weights[j] * step_losses[j] (unroll.py).
+
+  One step with weight 1 returns its loss unchanged (not multiplied), so
+  unroll_steps=1 is today's loss bit for bit.
+  """
+  if len(step_losses) != len(weights):
+    raise ValueError(
+      f"{len(step_losses)} step losses but {len(weights)} weights"
+    )
+  if len(step_losses) == 1 and weights[0] == 1.0:
+    return step_losses[0]
+  return sum(w * x for w, x in zip(weights, step_losses, strict=True))
+
+
 def align_loss(mse, cos_sim, cos_weight: float):
   """MSE + cos_weight * (1 - cosine): the same-position alignment term."""
   return mse + cos_weight * (1.0 - cos_sim)

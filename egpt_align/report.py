@@ -273,6 +273,7 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     lines.append("No token metrics (no LM head and no stored tokens).")
   lines.append("")
 
+  lines += _depth_section(metrics.get("depth_acceptance"))
   if "adapter" in res:
     lines += _hidden_detail(res, primary)
     if primary == "next" and "same" in res["adapter"]:
@@ -313,6 +314,45 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     "",
   ]
   return "\n".join(lines)
+
+
+def _depth_section(depth: dict | None) -> list[str]:
+  """Acceptance at depth, free-running beside teacher-forced."""
+  if not depth:
+    return []
+  free, tf = depth["free_running"], depth["teacher_forced"]
+  gamma = depth["gamma"]
+  rows = [
+    [f"first {d} drafts accepted"]
+    + [_with_ci(e, f"depth_{d}", True) for e in (free, tf)]
+    for d in range(1, gamma + 1)
+  ]
+  rows.append(
+    ["τ = 1 + Σ_d share_d"] + [_with_ci(e, "tau", False) for e in (free, tf)]
+  )
+  rows.append(
+    ["expected speedup τ / (γ·c + v)"]
+    + [_fmt(e.get("speedup")) for e in (free, tf)]
+  )
+  how = (
+    "the adapter fed its own predicted states, with the attention of the "
+    "runtime's KV cache (egpt_align/unroll.py)"
+    if depth["fed_back"]
+    else "this adapter reads only the drafter's states, which are the true "
+    "ones while the drafts are right, so free-running equals teacher-forced"
+  )
+  return [
+    f"## Acceptance at depth (chain drafting, γ = {gamma})",
+    "",
+    f"From every position t with t + {gamma} tokens left "
+    f"({free['chain_starts']} chain starts), draft {gamma} tokens: "
+    f"free-running = {how}; teacher-forced = each draft from the true "
+    "states before it. A share is the fraction of starts whose first d "
+    "drafts all match the target's tokens.",
+    "",
+    *_table(["", "free-running [CI]", "teacher-forced [CI]"], rows),
+    "",
+  ]
 
 
 def _hidden_detail(res, reading, heading=True) -> list[str]:
@@ -576,6 +616,14 @@ def summary_text(result) -> str:
     if sp:
       parts.append(f"speedup={sp['speedup']:.3f}x")
     lines.append(f"  {_col_name(p, r, primary)}: " + ", ".join(parts))
+  depth = m.get("depth_acceptance")
+  if depth:
+    free, tf = depth["free_running"], depth["teacher_forced"]
+    lines.append(
+      f"  acceptance at depth (γ={depth['gamma']}): τ free-running "
+      f"{_with_ci(free, 'tau', False)}, teacher-forced "
+      f"{_with_ci(tf, 'tau', False)}"
+    )
   note = m["settings"]["costs"].get("note")
   lines += [f"note: {note}"] if note else []
   lines += [f"verdict: {x}" for x in verdict(m)]

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from egpt_align import checkpoint as checkpoint_lib
-from egpt_align import cli, losses, models, optim, sharding
+from egpt_align import cli, losses, models, optim, sharding, unroll
 from egpt_align import data as data_lib
 from egpt_align import metric_writer as writer_lib
 from egpt_align import train_state as state_lib
@@ -77,6 +77,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
       f"config.loss.objective must be one of {losses.OBJECTIVES}, got "
       f"{config.loss.objective!r}"
     )
+  unroll.settings(config.loss, models.get_spec(config.model.name))
   syn = config.data.synthetic
   has_head = config.lm_head or (syn.enabled and syn.lm_head)
   if config.loss.token_ce_weight > 0 and not has_head:

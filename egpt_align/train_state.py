@@ -20,7 +20,7 @@ import ml_collections
 import optax
 
 from egpt_align import lm_head as lm_head_lib
-from egpt_align import losses, metrics, models, sharding
+from egpt_align import losses, metrics, models, sharding, unroll
 
 
 @flax.struct.dataclass
@@ -199,6 +199,127 @@ def forward(model, spec, params, batch, *, deterministic, rng=None):
   return pred.astype(jnp.float32)
 
 
+def _step_loss(pred, target, mask, lm_weight, *, spec, loss_config, ce_dtype):
+  """(loss, aux) of one prediction: the token CE (if on) and the loss."""
+  # Padding rows of e.g. L1 at init are exact zero vectors: the loss's
+  # cosine (metrics.normalize) keeps a finite gradient there.
+  ce = None
+  if loss_config.token_ce_weight > 0:
+    p, t, m = metrics.shift_pairs(
+      pred, target, mask, _ce_shift(spec, loss_config.objective)
+    )
+    ce = lm_head_lib.token_ce_loss(
+      p, t, lm_weight, m, soft=loss_config.token_ce_soft, dtype=ce_dtype
+    )
+  return losses.adapter_loss(
+    pred,
+    target,
+    mask,
+    predicts_next=spec.predicts_next,
+    token_ce=ce,
+    **losses.config_weights(loss_config),
+  )
+
+
+def unrolled_loss(
+  model,
+  spec,
+  params,
+  batch,
+  lm_weight,
+  *,
+  loss_config,
+  deterministic,
+  rng=None,
+  ce_dtype=jnp.float32,
+):
+  """(loss, aux) over `loss_config.unroll_steps` steps (egpt_align/unroll.py).
+
+  Step j's loss is the one-step loss of its prediction over the positions
+  whose whole live chain is valid (`unroll.chain_masks`); the total is
+  `losses.combine_steps` with `loss_config.unroll_weights`. aux holds step
+  1's terms under the usual names and `step{j}_loss` for every step.
+  """
+  k, weights, stop = unroll.settings(loss_config, spec)
+  target = batch["target"].astype(jnp.float32)
+  preds = unroll.forward(
+    model,
+    spec,
+    params,
+    batch,
+    k,
+    stop_gradient=stop,
+    deterministic=deterministic,
+    rng=rng,
+  )
+  step_losses = []
+  aux = {}
+  for j, (pred, chain) in enumerate(
+    zip(preds, unroll.chain_masks(batch["mask"], k), strict=True), start=1
+  ):
+    loss_j, aux_j = _step_loss(
+      pred,
+      target,
+      chain,
+      lm_weight,
+      spec=spec,
+      loss_config=loss_config,
+      ce_dtype=ce_dtype,
+    )
+    if j == 1:
+      aux.update(aux_j)
+    aux[f"step{j}_loss"] = loss_j
+    step_losses.append(loss_j)
+  loss = losses.combine_steps(step_losses, weights)
+  aux["loss"] = loss
+  return loss, aux
+
+
+def training_loss(
+  params,
+  *,
+  batch,
+  lm_weight,
+  model,
+  spec,
+  loss_config,
+  deterministic: bool,
+  rng=None,
+  ce_dtype=jnp.float32,
+):
+  """(loss, aux) of `params` on a batch: what `train_step` differentiates.
+
+  unroll_steps = 1 is the teacher-forced loss of one forward; more steps
+  are `unrolled_loss`.
+  """
+  steps, weights, _ = unroll.settings(loss_config, spec)
+  if steps > 1:
+    return unrolled_loss(
+      model,
+      spec,
+      params,
+      batch,
+      lm_weight,
+      loss_config=loss_config,
+      deterministic=deterministic,
+      rng=rng,
+      ce_dtype=ce_dtype,
+    )
+  pred = forward(
+    model, spec, params, batch, deterministic=deterministic, rng=rng
+  )
+  loss, aux = _step_loss(
+    pred,
+    batch["target"].astype(jnp.float32),
+    batch["mask"],
+    lm_weight,
+    spec=spec,
+    loss_config=loss_config,
+    ce_dtype=ce_dtype,
+  )
+  return losses.combine_steps([loss], weights), aux
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -223,31 +344,17 @@ def train_step(
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
   mask = batch["mask"]
-  target = batch["target"].astype(jnp.float32)
-
-  def loss_fn(params):
-    pred = forward(
-      model, spec, params, batch, deterministic=False, rng=dropout_rng
-    )
-    # Padding rows of e.g. L1 at init are exact zero vectors: the loss's
-    # cosine (metrics.normalize) keeps a finite gradient there.
-    ce = None
-    if loss_config.token_ce_weight > 0:
-      p, t, m = metrics.shift_pairs(
-        pred, target, mask, _ce_shift(spec, loss_config.objective)
-      )
-      ce = lm_head_lib.token_ce_loss(
-        p, t, lm_weight, m, soft=loss_config.token_ce_soft, dtype=ce_dtype
-      )
-    loss, aux = losses.adapter_loss(
-      pred,
-      target,
-      mask,
-      predicts_next=spec.predicts_next,
-      token_ce=ce,
-      **losses.config_weights(loss_config),
-    )
-    return loss, aux
+  loss_fn = functools.partial(
+    training_loss,
+    batch=batch,
+    lm_weight=lm_weight,
+    model=model,
+    spec=spec,
+    loss_config=loss_config,
+    deterministic=False,
+    rng=dropout_rng,
+    ce_dtype=ce_dtype,
+  )
 
   fast = state.compute_params
   # With bf16 compute, differentiate through the bf16 kernel copies; the
@@ -305,26 +412,35 @@ def eval_step(
   """Summable validation statistics of one batch (padding rows masked)."""
   mask = batch["mask"]
   target = batch["target"].astype(jnp.float32)
-  pred = forward(model, spec, params, batch, deterministic=True)
+  steps = unroll.settings(loss_config, spec)[0]
+  if steps > 1:
+    preds = unroll.forward(model, spec, params, batch, steps)
+  else:
+    preds = [forward(model, spec, params, batch, deterministic=True)]
+  chains = unroll.chain_masks(mask, steps)
+  ce_shift = _ce_shift(spec, loss_config.objective)
   out = {}
-  for shift in _readings(spec, loss_config.objective):
-    prefix = "next_" if shift else ""
-    sums = metrics.hidden_state_sums(
-      pred, target, mask, shift=shift, thresholds=metrics.THRESHOLDS
-    )
-    out.update({prefix + k: v for k, v in sums.items()})
-    if lm_weight is not None:
-      p, t, m = metrics.shift_pairs(pred, target, mask, shift)
+  for j, (pred, chain) in enumerate(zip(preds, chains, strict=True), start=1):
+    # Step 1: both readings; a later step (objective next): its next one.
+    shifts = _readings(spec, loss_config.objective) if j == 1 else (1,)
+    step_prefix = "" if j == 1 else f"step{j}_"
+    for shift in shifts:
+      prefix = step_prefix + ("next_" if shift else "")
+      sums = metrics.hidden_state_sums(
+        pred, target, chain, shift=shift, thresholds=metrics.THRESHOLDS
+      )
+      out.update({prefix + k: v for k, v in sums.items()})
+      if lm_weight is None:
+        continue
+      p, t, m = metrics.shift_pairs(pred, target, chain, shift)
       agree = lm_head_lib.topk_agreement(p, t, lm_weight, m, ks=(1,))
       out[prefix + "token_top1"] = agree["top1"]
-      if loss_config.token_ce_weight > 0 and shift == _ce_shift(
-        spec, loss_config.objective
-      ):
+      if loss_config.token_ce_weight > 0 and shift == ce_shift:
         ce = lm_head_lib.token_ce_loss(
           p, t, lm_weight, m, soft=loss_config.token_ce_soft
         )
         # The mean times the count is the batch sum: exact aggregation.
-        out["token_ce_sum"] = ce * jnp.sum(m, dtype=jnp.float32)
+        out[step_prefix + "token_ce_sum"] = ce * jnp.sum(m, dtype=jnp.float32)
   return out
 
 
@@ -337,13 +453,42 @@ def finalize_eval(
   reference averages per-batch losses, which over-weights a short last
   batch, D12).
   """
+  steps, weights, _ = unroll.settings(loss_config, spec)
   out = {}
+  later = {k for k in sums if k.startswith("step")}
+  first = {k: v for k, v in sums.items() if k not in later}
+  step_losses = [_finalize_step(first, out, spec=spec, loss_config=loss_config)]
+  for j in range(2, steps + 1):
+    tag = f"step{j}_"
+    own = {k[len(tag) :]: v for k, v in sums.items() if k.startswith(tag)}
+    fin = {}
+    step_losses.append(
+      _finalize_step(own, fin, spec=spec, loss_config=loss_config)
+    )
+    out.update({tag + k: v for k, v in fin.items() if k.startswith("next_")})
+    if "token_ce" in fin:
+      out[tag + "token_ce"] = fin["token_ce"]
+  if steps > 1:
+    out.update({f"step{j}_loss": x for j, x in enumerate(step_losses, 1)})
+  out["loss"] = losses.combine_steps(step_losses, weights)
+  return out
+
+
+def _finalize_step(sums, out, *, spec, loss_config) -> float:
+  """Fills `out` with one prediction's metrics; returns its loss.
+
+  A later unrolled step has only the `next_` reading (objective next),
+  which is all its loss reads.
+  """
+  terms = {}
   same = {k: v for k, v in sums.items() if not k.startswith("next_")}
-  fin = metrics.finalize_sums(same)
-  out.update(fin)
-  out["n_valid"] = float(same["n_valid"])
-  if "token_top1" in same:
-    out["token_top1"] = same["token_top1"] / max(same["n_valid"], 1.0)
+  if "n_valid" in same:
+    fin = metrics.finalize_sums(same)
+    out.update(fin)
+    out["n_valid"] = float(same["n_valid"])
+    if "token_top1" in same:
+      out["token_top1"] = same["token_top1"] / max(same["n_valid"], 1.0)
+    terms.update(mse=fin["mse"], cos_sim=fin["cos_sim"])
   nxt = {k[5:]: v for k, v in sums.items() if k.startswith("next_")}
   if nxt:
     fin_next = metrics.finalize_sums(nxt)
@@ -351,8 +496,6 @@ def finalize_eval(
     out["next_n_valid"] = float(nxt["n_valid"])
     if "token_top1" in nxt:
       out["next_token_top1"] = nxt["token_top1"] / max(nxt["n_valid"], 1.0)
-  terms = {"mse": fin["mse"], "cos_sim": fin["cos_sim"]}
-  if nxt:
     terms.update(next_mse=fin_next["mse"], next_cos_sim=fin_next["cos_sim"])
   weights = losses.config_weights(loss_config)
   if "token_ce_sum" in sums:
@@ -364,9 +507,7 @@ def finalize_eval(
     )
   else:
     weights["token_ce_weight"] = 0.0
-  loss = losses.combine(terms, predicts_next=spec.predicts_next, **weights)
-  out["loss"] = loss
-  return out
+  return losses.combine(terms, predicts_next=spec.predicts_next, **weights)
 
 
 def load_lm_head(path: str, hidden_dim: int, mesh) -> jax.Array:

@@ -47,10 +47,9 @@ def tiny_scenes_pair(tmp_path_factory):
   """The tiny scenes pair, trained once for every test that needs one."""
   import torch
 
-  from tools.scenes import make_pair, models
+  from tools.scenes import models
+  from tools.scenes import pair as pair_lib
 
   out = str(tmp_path_factory.mktemp("scenes") / "pair")
-  info = make_pair.make_pair(
-    out, models.PRESETS["tiny"], 0, torch.device("cpu")
-  )
+  info = pair_lib.make_pair(out, models.PRESETS["tiny"], 0, torch.device("cpu"))
   return out, info

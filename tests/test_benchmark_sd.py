@@ -9,8 +9,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from tools import benchmark_sd as bench  # noqa: E402
-from tools.lib import bridge, sd_results  # noqa: E402
+from tools.lib import bridge, sd_bench, sd_engine, sd_results  # noqa: E402
 from tools.lib import twins as ta  # noqa: E402
+from tools.lib.sd_adapters import load_adapter  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,7 +73,7 @@ def test_cli_random_models_end_to_end(tmp_path):
       )
   assert res["config"]["prefill_gamma"] == "auto"
   for r in res["per_sample"]["prefill_hiding:l4"]:
-    assert 1 <= r["prefill_gamma"] <= bench.AUTO_K_MAX
+    assert 1 <= r["prefill_gamma"] <= sd_bench.AUTO_K_MAX
   # Overlap measured (sequential on CPU: 0) for the prefill-hiding methods.
   ov = res["aggregate"]["prefill_hiding:l4"]["prefill_overlap"]
   assert ov["overlap_ms"] == 0.0 and ov["concurrent"] is False
@@ -171,7 +172,7 @@ def test_load_exported_adapters(tmp_path):
   }
   x = torch.randn(1, 6, 32)
   for name, src in (("l5", l5), ("l3", l3)):
-    ad, info = bench.load_adapter(
+    ad, info = load_adapter(
       name,
       files[name],
       hidden_dim=32,
@@ -182,7 +183,7 @@ def test_load_exported_adapters(tmp_path):
     with torch.no_grad():
       torch.testing.assert_close(ad.module(x), src(x))
   with pytest.raises(ValueError, match="hidden_dim"):
-    bench.load_adapter(
+    load_adapter(
       "l5",
       files["l5"],
       hidden_dim=64,
@@ -194,7 +195,7 @@ def test_load_exported_adapters(tmp_path):
     with pytest.raises(
       ValueError, match=f"holds a l5 adapter, not the {asked}"
     ):
-      bench.load_adapter(
+      load_adapter(
         asked,
         files["l5"],
         hidden_dim=32,
@@ -298,7 +299,7 @@ def test_aggregate_is_ratio_of_mean_totals():
 
   base = [rec(10.0), rec(100.0)]
   meth = [rec(5.0, 10, 9, 2), rec(100.0, 10, 1, 2)]
-  a = sd_results.aggregate("x", meth, base, n_boot=200, seed=0)
+  a = sd_results.aggregate(meth, base, n_boot=200, seed=0)
   assert a["speedup"] == pytest.approx(110.0 / 105.0)
   # The reference's mean of per-sample ratios would say 1.5.
   assert a["speedup"] != pytest.approx(np.mean([10 / 5, 100 / 100]))
@@ -310,7 +311,7 @@ def test_aggregate_is_ratio_of_mean_totals():
   # of resampled means, i.e. stays within [min ratio, max ratio].
   assert 1.0 - 1e-9 <= lo and hi <= 2.0 + 1e-9
   err = sd_results.aggregate(
-    "y", [{"id": "a", "error": "x"}], base[:1], n_boot=0, seed=0
+    [{"id": "a", "error": "x"}], base[:1], n_boot=0, seed=0
   )
   assert err == {"n": 0, "failed": 1}
 
@@ -347,7 +348,7 @@ def test_cli_errors(tmp_path, capsys, extra, msg):
 @pytest.mark.parametrize("tie_margin, rc", [(1e9, 0), (0.0, 1)])
 def test_mismatch_reported_with_margin(tmp_path, monkeypatch, tie_margin, rc):
   """A method whose output differs is counted, located and classified."""
-  real = bench.sd.run_method
+  real = sd_bench.run_method
 
   def corrupt(method, *a, **kw):
     r = real(method, *a, **kw)
@@ -355,7 +356,7 @@ def test_mismatch_reported_with_margin(tmp_path, monkeypatch, tie_margin, rc):
       r.tokens = r.tokens[:3] + [(r.tokens[3] + 1) % 128] + r.tokens[4:]
     return r
 
-  monkeypatch.setattr(bench.sd, "run_method", corrupt)
+  monkeypatch.setattr(sd_bench, "run_method", corrupt)
   out = tmp_path / "m"
   argv = [
     "--random_models=tiny",
@@ -386,11 +387,11 @@ def test_mismatch_reported_with_margin(tmp_path, monkeypatch, tie_margin, rc):
 
 
 def test_prefill_window():
-  w = bench.PrefillWindow()
+  w = sd_bench.PrefillWindow()
   assert w.drafts(5) == 5  # nothing measured yet
 
   def result(phases):
-    r = bench.sd.SampleResult([], 0.0, 0.0, 0.0)
+    r = sd_engine.SampleResult([], 0.0, 0.0, 0.0)
     r.phases = phases
     return r
 
@@ -406,6 +407,6 @@ def test_prefill_window():
   )
   assert w.drafts(5) == 7  # (100 - 20 - 5) // 10
   w.update(result({"target_prefill": {"ms": 2000.0, "units": 1, "calls": 1}}))
-  assert w.drafts(5) == bench.AUTO_K_MAX
+  assert w.drafts(5) == sd_bench.AUTO_K_MAX
   w.update(result({"draft_prefill": {"ms": 5000.0, "units": 1, "calls": 1}}))
   assert w.drafts(5) == 1  # never below one draft

@@ -13,6 +13,7 @@ from tools.lib import backends as bk
 from tools.lib import generation
 from tools.scenes import drafter as drafter_lib
 from tools.scenes import make_pair, models, samples, text, world
+from tools.scenes import pair as pair_lib
 
 torch.set_num_threads(1)
 TINY = models.PRESETS["tiny"]
@@ -62,7 +63,7 @@ def test_pair_layout_and_results(pair):
     assert curve[-1][1] == round(rec["loss"], 4)
     assert curve[-1][1] < curve[0][1]  # it learnt something
     assert rec["deterministic"] is False  # make_pair() alone: not asked for
-  with open(os.path.join(out, make_pair.TRAINING_PLOT), "rb") as f:
+  with open(os.path.join(out, pair_lib.TRAINING_PLOT), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   results = info["results"]
   for role in ("target", "drafter"):
@@ -95,12 +96,12 @@ def test_pair_layout_and_results(pair):
       kinds = results[f"{qtype}_wrong_kind_by_form"][role]
       assert list(kinds) == list(text.SENTENCE_FORMS)
       assert all(0 <= wrong <= stated for wrong, stated in kinds.values())
-  assert "moving answers, static objects" in make_pair.report(info)
-  assert "still answers, moving objects" in make_pair.report(info)
-  assert "  colour" in make_pair.report(info)
-  assert "  named_after" in make_pair.report(info)
-  assert "  other_object" in make_pair.report(info)
-  assert "  cell_first" in make_pair.report(info)
+  assert "moving answers, static objects" in pair_lib.report(info)
+  assert "still answers, moving objects" in pair_lib.report(info)
+  assert "  colour" in pair_lib.report(info)
+  assert "  named_after" in pair_lib.report(info)
+  assert "  other_object" in pair_lib.report(info)
+  assert "  cell_first" in pair_lib.report(info)
   assert (
     results["visual_tokens"]["target"] > results["visual_tokens"]["drafter"]
   )
@@ -108,9 +109,9 @@ def test_pair_layout_and_results(pair):
 
 def test_same_pair_is_kept_another_is_refused(pair, tmp_path, capsys):
   out, info = pair
-  assert make_pair.make_pair(out, TINY, 0, torch.device("cpu")) == info
-  with pytest.raises(make_pair.PairError, match="holds another pair"):
-    make_pair.make_pair(out, TINY, 1, torch.device("cpu"))
+  assert pair_lib.make_pair(out, TINY, 0, torch.device("cpu")) == info
+  with pytest.raises(pair_lib.PairError, match="holds another pair"):
+    pair_lib.make_pair(out, TINY, 1, torch.device("cpu"))
   assert make_pair.main(["--out", out, "--preset", "gpu"]) == 2
   assert "holds another pair" in capsys.readouterr().err
   (tmp_path / "junk").write_text("x")
@@ -146,8 +147,8 @@ def test_a_cut_off_run_goes_on_from_the_saved_target(
   with monkeypatch.context() as m:
     m.setattr(training, "train", train_but("drafter", KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-      make_pair.make_pair(out, TINY, 0, cpu)
-  with open(os.path.join(out, make_pair.PAIR_FILE)) as f:
+      pair_lib.make_pair(out, TINY, 0, cpu)
+  with open(os.path.join(out, pair_lib.PAIR_FILE)) as f:
     state = json.load(f)
   assert not state["complete"] and list(state["trained"]) == ["target"]
   assert os.path.isfile(os.path.join(out, "target", "model.safetensors"))
@@ -155,7 +156,7 @@ def test_a_cut_off_run_goes_on_from_the_saved_target(
   retrained = AssertionError("the saved target was trained again")
   with monkeypatch.context() as m:
     m.setattr(training, "train", train_but("target", retrained))
-    info = make_pair.make_pair(out, TINY, 0, cpu)
+    info = pair_lib.make_pair(out, TINY, 0, cpu)
   assert info["complete"] and set(info["trained"]) == {"target", "drafter"}
   for role, name in (
     ("target", "model.safetensors"),
@@ -170,11 +171,11 @@ def test_a_cut_off_run_goes_on_from_the_saved_target(
   assert info["results"]["drafter"] == whole["results"]["drafter"]
 
   info["complete"] = False
-  with open(os.path.join(out, make_pair.PAIR_FILE), "w") as f:
+  with open(os.path.join(out, pair_lib.PAIR_FILE), "w") as f:
     json.dump(info, f)
   os.rename(os.path.join(out, "drafter"), os.path.join(out, "gone"))
-  with pytest.raises(make_pair.PairError, match=r"p/drafter: missing"):
-    make_pair.make_pair(out, TINY, 0, cpu)
+  with pytest.raises(pair_lib.PairError, match=r"p/drafter: missing"):
+    pair_lib.make_pair(out, TINY, 0, cpu)
 
 
 def test_unknown_preset_is_one_line(tmp_path, capsys):
@@ -224,14 +225,14 @@ def test_deterministic_kernels_by_default(tmp_path, monkeypatch, flag, on):
   assert make_pair.main(argv + ([flag] if flag else [])) == 0
   assert not torch.are_deterministic_algorithms_enabled()
   assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) == on
-  with open(out / make_pair.PAIR_FILE) as f:
+  with open(out / pair_lib.PAIR_FILE) as f:
     info = json.load(f)
   trained = info["trained"]
   assert [trained[k]["deterministic"] for k in ("target", "drafter")] == [
     on,
     on,
   ]
-  assert info["fingerprint"]["seed"] == make_pair.DEFAULT_SEED
+  assert info["fingerprint"]["seed"] == pair_lib.DEFAULT_SEED
 
 
 def test_evaluate_counts_objects_of_the_wrong_kind_per_model(
@@ -263,7 +264,7 @@ def test_evaluate_counts_objects_of_the_wrong_kind_per_model(
     )
 
   monkeypatch.setattr(generation, "greedy_generate", made_up)
-  results = make_pair.evaluate(target, draft, seeds, 8)
+  results = pair_lib.evaluate(target, draft, seeds, 8)
   assert calls == [(q, r) for q in text.QTYPES for r in ("target", "drafter")]
   for qtype in text.FILTERED:
     got = results[f"{qtype}_wrong_kind_by_form"]
@@ -284,7 +285,7 @@ def test_loss_label_names_the_fact_weight():
   """The training plot says when fact tokens were weighted, and by what."""
 
   def label(preset):
-    return make_pair.loss_label({"fingerprint": {"preset": preset}})
+    return pair_lib.loss_label({"fingerprint": {"preset": preset}})
 
   assert label({"fact_weight": 1.0}) == label({}) == "answer-token loss (nats)"
   assert "fact tokens x2.5" in label({"fact_weight": 2.5})
@@ -340,15 +341,15 @@ def test_pos_init_writes_the_patch_positions(pos_init, pos_scale):
 def test_compile_modes_per_model(tmp_path, capsys):
   """--compile: one mode for both models or TARGET,DRAFTER; by default the
   target compiled and graphed, the drafter graphed uncompiled."""
-  assert make_pair.compile_modes(None) == {
+  assert pair_lib.compile_modes(None) == {
     "target": "graphs",
     "drafter": "eager-graphs",
   }
-  assert make_pair.compile_modes("model") == {
+  assert pair_lib.compile_modes("model") == {
     "target": "model",
     "drafter": "model",
   }
-  assert make_pair.compile_modes("layers,none") == {
+  assert pair_lib.compile_modes("layers,none") == {
     "target": "layers",
     "drafter": "none",
   }
@@ -373,8 +374,8 @@ def test_target_is_fed_the_files_as_trained(backends, split):
   sample, line = _sample(split, "target")
   got = target.prompt_inputs(sample)
   _, frames = world.render(line["seed"])
-  want = make_pair.target_inputs(
-    target, make_pair.target_prompts(target), line["question"], frames
+  want = pair_lib.target_inputs(
+    target, pair_lib.target_prompts(target), line["question"], frames
   )
   assert torch.equal(got["input_ids"], want["input_ids"])
   torch.testing.assert_close(

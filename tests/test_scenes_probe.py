@@ -9,7 +9,8 @@ import torch
 
 from tools.lib import backends as bk
 from tools.lib import generation
-from tools.scenes import make_pair, models, probe, text, world
+from tools.scenes import models, probe, text, world
+from tools.scenes import pair as pair_lib
 
 
 def _scene_with_static():
@@ -59,7 +60,7 @@ def test_planted_feeds_the_planted_answer_then_the_still_question(
   scene = _scene_with_static()
   got = probe.planted(target, [scene.seed, scene.seed], 8)
   assert got["scenes"] == 2 and got["true"] + got["planted"] <= 2
-  prompts = make_pair.target_prompts(target)
+  prompts = pair_lib.target_prompts(target)
   fake = probe.planted_scene(scene)
   want = probe.planted_ids(prompts, scene, fake)
   _, frames = world.render(scene.seed)
@@ -167,7 +168,7 @@ def test_cell_attention_reads_the_row_that_chose_each_cell(
     dataclasses.replace(a, row=b.row, col=b.col),
     dataclasses.replace(b, row=a.row, col=a.col),
   )
-  prompts = make_pair.target_prompts(target)
+  prompts = pair_lib.target_prompts(target)
   first, _ = prompts.media_span()
   side = world.SIZE // target.model.config.vision_config.patch_size
   layers = target.model.config.text_config.num_hidden_layers

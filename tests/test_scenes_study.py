@@ -161,10 +161,10 @@ def test_stages_without_a_pair_stop_with_one_line(tmp_path, capsys):
 
 
 def test_default_seed_is_make_pairs():
-  from tools.scenes import make_pair
+  from tools.scenes import pair
 
   args = rp.build_parser().parse_args(["--out", "x"])
-  assert args.seed == make_pair.DEFAULT_SEED
+  assert args.seed == pair.DEFAULT_SEED
 
 
 def test_pair_stage_passes_preset_changes_to_make_pair(tmp_path, capfd):

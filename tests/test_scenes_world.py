@@ -455,6 +455,12 @@ def test_training_compiles_only_on_cuda_and_as_told():
   # The video tower's layers (and the unused image tower's, never called).
   assert names.count("CLIPEncoderLayer") == 2 * tiny.vision_layers
   assert len(names) == tiny.target_layers + 2 * tiny.vision_layers
+  # `layers-graphs`: the same layers compiled, and the step graphed whole.
+  target = models.build_target(tiny, tok)
+  assert training.compiled(fn, target, cuda, "layers-graphs") is fn
+  done = [m for m in target.modules() if m._compiled_call_impl is not None]
+  assert len(done) == tiny.target_layers + 2 * tiny.vision_layers
+  assert "layers-graphs" in training.GRAPH_MODES
 
 
 def test_attribute_hits_score_each_fact_of_each_object():

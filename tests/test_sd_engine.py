@@ -1,4 +1,5 @@
-"""Tests of tools/lib/sd_engine.py: lossless SD on tiny random Llamas (CPU)."""
+"""Tests of the live SD runtime (tools/lib/sd_engine.py and the modules under
+it): lossless SD on tiny random Llamas (CPU)."""
 
 import copy
 import dataclasses
@@ -13,6 +14,8 @@ from egpt_align.models import get_spec  # noqa: E402
 from tools.lib import sd_engine as sd  # noqa: E402
 from tools.lib.backends import cache_length, crop_cache  # noqa: E402
 from tools.lib.random_models import TokenPromptBackend, random_llama  # noqa: E402
+from tools.lib.sd_methods import check_method, parse_method  # noqa: E402
+from tools.lib.sd_models import Adapter, Models  # noqa: E402
 from tools.lib.twins import build_torch_adapter  # noqa: E402
 
 D, V = 32, 64
@@ -71,9 +74,7 @@ def _adapter(kind, alpha=None, seed=7, name=None):
   if alpha is not None:
     kw["alpha_init"] = alpha
   module = build_torch_adapter(kind, **kw).eval()
-  return sd.Adapter(
-    name or kind, kind, module, torch.device("cpu"), torch.float32
-  )
+  return Adapter(name or kind, kind, module, torch.device("cpu"), torch.float32)
 
 
 class OracleNext(torch.nn.Module):
@@ -137,7 +138,7 @@ PREFILL_METHODS = (
 
 def test_baseline_matches_uncached_greedy(target_model):
   tb = _backend(target_model)
-  models = sd.Models(tb)
+  models = Models(tb)
   cfg = sd.SDConfig(gamma=3, max_new_tokens=12, eos_token_ids=())
   s = _prompt(1)
   r = sd.run_method("baseline", models, tb.prompt_inputs(s), None, cfg)
@@ -157,7 +158,7 @@ def test_every_method_equals_baseline_with_partial_accepts(
     k: _adapter(k, alpha=1.0)
     for k in ("l1", "l2", "l3", "l4", "b1", "l5", "l5f")
   }
-  models = sd.Models(tb, db, adapters)
+  models = Models(tb, db, adapters)
   methods = [
     "draft_tokens",
     "prefill_hiding:l4",
@@ -210,11 +211,11 @@ def test_identity_adapters_accept_everything(target_model, runtime):
   adapters = {"l4": _adapter("l4", alpha=0.0)}
   adapters.update(
     {
-      f"o{k}": sd.Adapter(f"o{k}", k, o, torch.device("cpu"), torch.float32)
+      f"o{k}": Adapter(f"o{k}", k, o, torch.device("cpu"), torch.float32)
       for k, o in oracles.items()
     }
   )
-  models = sd.Models(tb, db, adapters)
+  models = Models(tb, db, adapters)
   cfg = sd.SDConfig(
     gamma=4, max_new_tokens=18, eos_token_ids=(), runtime=runtime
   )
@@ -250,7 +251,7 @@ def test_identity_adapters_accept_everything(target_model, runtime):
 def test_eos_inside_accepted_prefix_stops(target_model, runtime):
   """EOS accepted as a draft ends generation; later drafts are dropped."""
   tb0 = _backend(target_model)
-  models0 = sd.Models(tb0)
+  models0 = Models(tb0)
   cfg0 = sd.SDConfig(gamma=5, max_new_tokens=16, eos_token_ids=())
   s = None
   for seed in range(30, 60):
@@ -267,7 +268,7 @@ def test_eos_inside_accepted_prefix_stops(target_model, runtime):
   assert s is not None, "no prompt with a usable EOS candidate"
   tb = _backend(target_model, eos=eos)
   db = _backend(copy.deepcopy(target_model), eos=eos)
-  models = sd.Models(tb, db, {"l4": _adapter("l4", alpha=0.0)})
+  models = Models(tb, db, {"l4": _adapter("l4", alpha=0.0)})
   cfg = sd.SDConfig(gamma=5, max_new_tokens=16, runtime=runtime)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
   base = sd.run_method("baseline", models, ti, None, cfg)
@@ -285,7 +286,7 @@ def test_eos_inside_accepted_prefix_stops(target_model, runtime):
 def test_max_new_tokens_never_exceeded(target_model, max_new, runtime):
   tb, db = _backend(target_model), _backend(copy.deepcopy(target_model))
   adapters = {"l4": _adapter("l4", alpha=0.0), "b1": _adapter("b1", 1.0)}
-  models = sd.Models(tb, db, adapters)
+  models = Models(tb, db, adapters)
   cfg = sd.SDConfig(
     gamma=5, max_new_tokens=max_new, eos_token_ids=(), runtime=runtime
   )
@@ -307,7 +308,7 @@ def test_max_new_tokens_never_exceeded(target_model, max_new, runtime):
 
 def test_phases_and_overlap_recorded(target_model, noisy_model):
   tb, db = _backend(target_model), _backend(noisy_model)
-  models = sd.Models(tb, db, {"l4": _adapter("l4"), "l5": _adapter("l5")})
+  models = Models(tb, db, {"l4": _adapter("l4"), "l5": _adapter("l5")})
   cfg = sd.SDConfig(gamma=3, max_new_tokens=10, eos_token_ids=())
   s = _prompt(50)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
@@ -326,19 +327,19 @@ def test_phases_and_overlap_recorded(target_model, noisy_model):
 
 
 def test_method_parsing_and_checks(target_model):
-  assert sd.parse_method("two_phase:l4+b1") == ("two_phase", ("l4", "b1"))
+  assert parse_method("two_phase:l4+b1") == ("two_phase", ("l4", "b1"))
   for bad in ("decode", "two_phase:l4", "foo", "baseline:l4", "decode:a+b"):
     with pytest.raises(ValueError):
-      sd.parse_method(bad)
+      parse_method(bad)
   tb = _backend(target_model)
-  models = sd.Models(tb, None, {"l4": _adapter("l4"), "b1": _adapter("b1")})
+  models = Models(tb, None, {"l4": _adapter("l4"), "b1": _adapter("b1")})
   with pytest.raises(ValueError, match="needs a drafter"):
-    sd.check_method("draft_tokens", models)
+    check_method("draft_tokens", models)
   with pytest.raises(ValueError, match="needs one of"):
-    sd.check_method("decode:l4", models)
+    check_method("decode:l4", models)
   with pytest.raises(ValueError, match="no adapter named"):
-    sd.check_method("decode:l5", models)
-  sd.check_method("decode:b1", models)  # B1 needs no drafter
+    check_method("decode:l5", models)
+  check_method("decode:b1", models)  # B1 needs no drafter
 
 
 def test_first_difference():
@@ -363,7 +364,7 @@ def test_token_margins_match_logits(target_model):
 def test_thread_overlap_is_lossless_and_measured(target_model, noisy_model):
   """The concurrent prefill path (a drafter thread) on CPU."""
   tb, db = _backend(target_model), _backend(noisy_model)
-  models = sd.Models(tb, db, {"l4": _adapter("l4"), "b1": _adapter("b1")})
+  models = Models(tb, db, {"l4": _adapter("l4"), "b1": _adapter("b1")})
   s = _prompt(70)
   ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
   cfg = sd.SDConfig(gamma=3, max_new_tokens=10, eos_token_ids=())
@@ -409,7 +410,7 @@ def test_overlap_reuses_one_drafter_thread(target_model, noisy_model):
   thread per sample pays CUDA's per-thread set-up each time), and an error
   raised there reaches the caller."""
   tb, db = _backend(target_model), ThreadNoting(noisy_model)
-  models = sd.Models(tb, db, {"l4": _adapter("l4")})
+  models = Models(tb, db, {"l4": _adapter("l4")})
   cfg = sd.SDConfig(
     gamma=3, max_new_tokens=6, eos_token_ids=(), overlap="thread"
   )
@@ -426,18 +427,6 @@ def test_overlap_reuses_one_drafter_thread(target_model, noisy_model):
     sd.run_method(
       "draft_tokens", models, tb.prompt_inputs(s), db.prompt_inputs(s), cfg
     )
-
-
-def test_per_method_functions(target_model):
-  tb = _backend(target_model)
-  models = sd.Models(tb, _backend(target_model), {"l4": _adapter("l4", 0.0)})
-  s = _prompt(80)
-  ti = tb.prompt_inputs(s)
-  cfg = sd.SDConfig(gamma=2, max_new_tokens=6, eos_token_ids=())
-  base = sd.baseline(models, ti, cfg).tokens
-  assert sd.draft_tokens(models, ti, ti, cfg).tokens == base
-  r = sd.prefill_hiding(models, "l4", ti, ti, cfg)
-  assert r.tokens == base and r.accepted == r.drafted == 2
 
 
 # ----------------------------------------------------------------------------
@@ -584,7 +573,7 @@ def recording(target_model, noisy_model):
   # prediction is told apart from a true state).
   noisy = _backend(copy.deepcopy(noisy_model))
   for kind, stream in (("b1", "target"), ("l5", "source"), ("l5f", "target")):
-    adapters[f"o{kind}"] = sd.Adapter(
+    adapters[f"o{kind}"] = Adapter(
       f"o{kind}",
       kind,
       OracleNext(noisy, stream),
@@ -594,7 +583,7 @@ def recording(target_model, noisy_model):
   for name, ad in adapters.items():
     if get_spec(ad.kind).role == "decode":
       ad.module = RecordingAdapter(ad.module, log, name)
-  return sd.Models(tb, db, adapters), log
+  return Models(tb, db, adapters), log
 
 
 FED_METHODS = (
@@ -646,7 +635,7 @@ def test_every_model_is_fed_only_accepted_text(
       assert _verifications(log, truth) == [
         (k, acc) for _, k, acc in r.per_iteration
       ], m
-      kind, names = sd.parse_method(m)
+      kind, names = parse_method(m)
       if kind in ("decode", "two_phase"):
         ad = models.adapters[names[-1]]
         truths = [
@@ -674,7 +663,7 @@ def test_eos_as_first_token_ends_generation(target_model, runtime):
   tb = RecordingBackend(copy.deepcopy(target_model), log, "target", eos=y0)
   db = RecordingBackend(copy.deepcopy(target_model), log, "drafter", eos=y0)
   adapters = {k: _adapter(k) for k in ("l4", "b1", "l5f")}
-  models = sd.Models(tb, db, adapters)
+  models = Models(tb, db, adapters)
   cfg = sd.SDConfig(gamma=3, max_new_tokens=10, runtime=runtime)
   ti = tb0.prompt_inputs(s)
   for m in ("baseline", "draft_tokens", "prefill_hiding:l4", "decode:b1"):
@@ -736,3 +725,45 @@ def test_static_adapter_rollback_never_reads_stale_entries():
       want, _ = ad.module.decode_step(*xs, cache=cache, position=0)
     torch.testing.assert_close(y, want[:, -1:], atol=1e-5, rtol=1e-5)
     assert tok.tolist() == (want[0, -1:] @ w.T).argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("runtime", sd.RUNTIMES)
+def test_wider_drafter_head_still_drafts_the_last_shared_id(
+  target_model, runtime
+):
+  """The drafter's head has 16 ids more than the target's vocabulary.
+
+  Its logits are built so the widest ids win over everything and, among the
+  ids both models share (0..V-1), the last one (V-1) wins: every draft must
+  be V-1 on both runtimes (the fast one takes the argmax inside its captured
+  LM-head step). Cutting the head one id short, or not at all, drafts
+  another token.
+  """
+  drafter = random_llama(SHAPE, seed=3, vocab_size=V + 16)
+  with torch.no_grad():
+    # h = e_0 * sqrt(D) for every position: a huge embedding component 0
+    # dominates the residual stream; the final norm keeps only component 0.
+    drafter.model.embed_tokens.weight[:, 0] = 100.0
+    drafter.model.norm.weight.zero_()
+    drafter.model.norm.weight[0] = 1.0
+    scale = torch.ones(V + 16)
+    scale[V - 1], scale[V:] = 2.0, 3.0
+    drafter.lm_head.weight.zero_()
+    drafter.lm_head.weight[:, 0] = scale
+  log = []
+  tb = RecordingBackend(copy.deepcopy(target_model), log, "target")
+  db = _backend(drafter)
+  models = Models(tb, db)
+  cfg = sd.SDConfig(
+    gamma=3, max_new_tokens=8, eos_token_ids=(), runtime=runtime
+  )
+  s = _prompt(97)
+  ti, di = tb.prompt_inputs(s), db.prompt_inputs(s)
+  base = sd.run_method("baseline", models, ti, None, cfg).tokens
+  log.clear()
+  r = sd.run_method("draft_tokens", models, ti, di, cfg)
+  assert r.tokens == base
+  drafts = [ids[1:] for _, pos, ids in log if pos > 0 and len(ids) > 1]
+  assert drafts and all(d == [V - 1] * len(d) for d in drafts), drafts
+  if runtime == "fast":
+    assert models.fast_notes["drafter"].startswith("static")

@@ -46,8 +46,9 @@ from collections.abc import Sequence
 import torch
 import tqdm
 
+from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
-from tools.lib import generation, media
+from tools.lib import dump_parts, generation, media
 
 SAMPLES_HELP = """\
 samples file (JSONL), one object per line:
@@ -152,9 +153,10 @@ class Dumper:
       self.written += 1
       self.positions += len(rec["target_tokens"])
 
-  def run(self, samples: Sequence[dict]) -> None:
-    """Processes every sample not yet in the dataset."""
-    done = set(self.writer.done_ids)
+  def run(self, samples: Sequence[dict], done_elsewhere=()) -> None:
+    """Processes every sample not yet in the dataset (nor in
+    `done_elsewhere`: ids a joined dataset holds already)."""
+    done = set(self.writer.done_ids) | set(done_elsewhere)
     todo = [s for s in samples if s["id"] not in done]
     self.skipped = len(samples) - len(todo)
     bar = tqdm.tqdm(
@@ -235,6 +237,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--target_prompt", default=None, help="target template")
   p.add_argument("--draft_prompt", default=None, help="drafter template")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
+  p.add_argument(
+    "--processes",
+    type=_positive,
+    default=None,
+    help="dump with N processes, one per GPU (pinned with "
+    "CUDA_VISIBLE_DEVICES; on a CPU they share it): starts the N parts "
+    "(--num_shards N --shard I), then joins them into --out, which reads "
+    "as a single-process dump (tools/lib/dump_parts.py)",
+  )
+  p.add_argument(
+    "--num_shards",
+    type=_positive,
+    default=1,
+    help="split the samples into N parts of whole batches (not the "
+    "dataset's shards); this process dumps part --shard into "
+    "OUT/parts/part-I-of-N, resumably",
+  )
+  p.add_argument(
+    "--shard", type=int, default=0, help="which part, 0 <= I < --num_shards"
+  )
+  p.add_argument(
+    "--join",
+    action="store_true",
+    help="with --num_shards N: join the N finished parts into --out and exit",
+  )
   return p
 
 
@@ -277,25 +304,109 @@ def check_resume(out: str, provenance: dict) -> None:
       )
 
 
+def launch(args, argv: Sequence[str]) -> int:
+  """--processes N: runs the N parts as children (one per GPU), then joins
+  them into --out (tools/lib/dump_parts.py)."""
+  num = args.processes
+  device = args.device or ""
+  if args.num_shards != 1 or args.join or device.startswith("cuda:"):
+    print(
+      "error: --processes starts the parts itself: give no --num_shards, "
+      "--shard, --join or --device cuda:K with it",
+      file=sys.stderr,
+    )
+    return EXIT_USAGE
+  gpus = None
+  if not device.startswith("cpu") and torch.cuda.is_available():
+    gpus = dump_parts.visible_gpus(torch.cuda.device_count())
+    if len(gpus) < num:
+      print(
+        f"error: --processes {num}: only {len(gpus)} GPU(s) visible "
+        f"({gpus}); one process per GPU",
+        file=sys.stderr,
+      )
+      return EXIT_USAGE
+  where = "one per GPU " + ",".join(gpus[:num]) if gpus else "on the CPU"
+  print(f"dumping with {num} processes, {where}", file=sys.stderr)
+  sigs = [signal.SIGTERM] + (
+    [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
+  )
+  old = {s: signal.signal(s, _raise_interrupt) for s in sigs}
+  try:
+    codes = dump_parts.launch(argv, args.out, num, gpus and gpus[:num])
+  except KeyboardInterrupt:
+    codes = [EXIT_INTERRUPTED]
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  for i, code in enumerate(codes):
+    if code not in (EXIT_OK, EXIT_FAILED):
+      print(
+        f"part {i} of {num} exited with status {code}:\n"
+        + dump_parts.log_tail(args.out, i, num),
+        file=sys.stderr,
+      )
+  if EXIT_INTERRUPTED in codes:
+    print("interrupted: rerun the same command to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  if any(c not in (EXIT_OK, EXIT_FAILED) for c in codes):
+    return EXIT_USAGE
+  return join(args, num)
+
+
+def join(args, num: int | None = None) -> int:
+  """Joins the finished parts into --out (--join, or after `launch`)."""
+  num = num or args.num_shards
+  if num < 2:
+    print("error: --join needs --num_shards N >= 2", file=sys.stderr)
+    return EXIT_USAGE
+  try:
+    total = dump_parts.join(args.out, num)
+  except (OSError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  print("summary: " + json.dumps({"out": args.out, **total}), file=sys.stderr)
+  if total["samples_failed"]:
+    print(
+      f"{total['samples_failed']} sample(s) failed, see "
+      f"{os.path.join(args.out, dump_parts.FAILURES_FILE)}; rerun to retry "
+      "them",
+      file=sys.stderr,
+    )
+    return EXIT_FAILED
+  return EXIT_OK
+
+
 def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the process exit status."""
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
   try:
     from egpt_align.data import DatasetWriter
   except ImportError:  # the package may not re-export it
     from egpt_align.data.writer import DatasetWriter
 
+  if args.processes is not None and args.processes > 1:
+    return launch(args, argv)
+  if args.join:
+    return join(args)
   try:
     samples = media.read_samples(args.samples, args.media_root)
+    if args.max_samples >= 0:
+      samples = samples[: args.max_samples]
+    samples = dump_parts.part_samples(
+      samples, args.num_shards, args.shard, args.batch_size
+    )
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
-  if args.max_samples >= 0:
-    samples = samples[: args.max_samples]
+  out, joined = args.out, set()
+  if args.num_shards > 1:
+    out = dump_parts.part_dir(args.out, args.shard, args.num_shards)
   device = str(bk.torch_device(args.device))
   dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
   torch.set_grad_enabled(False)
@@ -329,8 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   }
   try:
     check_resume(args.out, provenance)
+    if out != args.out:
+      check_resume(out, provenance)
+      joined = dump_parts.dataset_ids(args.out)
     writer = DatasetWriter(
-      args.out,
+      out,
       source_dim=draft.hidden_size,
       target_dim=target.hidden_size,
       dtype=args.store_dtype,
@@ -348,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairing=args.pairing,
     max_new_tokens=args.max_new_tokens,
     batch_size=args.batch_size,
-    failures_path=os.path.join(args.out, "failures.jsonl"),
+    failures_path=os.path.join(out, dump_parts.FAILURES_FILE),
     progress=not args.no_progress,
   )
   sigs = [signal.SIGTERM] + (
@@ -359,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   interrupted = False
   try:
     with writer:  # closing flushes every finished sample, also on interrupt
-      dumper.run(samples)
+      dumper.run(samples, joined)
   except KeyboardInterrupt:
     interrupted = True
   finally:
@@ -367,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       signal.signal(s, h)
   elapsed = time.perf_counter() - start
   summary = {
-    "out": args.out,
+    "out": out,
     "pairing": args.pairing,
     "samples_written": dumper.written,
     "samples_already_done": getattr(dumper, "skipped", 0),
@@ -380,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     "interrupted": interrupted,
   }
   print("summary: " + json.dumps(summary), file=sys.stderr)
+  if out != args.out:
+    write_json_atomic(os.path.join(out, dump_parts.SUMMARY_FILE), summary)
   if interrupted:
     print(
       "interrupted: finished samples are kept; rerun the same command to "
@@ -390,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if dumper.failed:
     print(
       f"{len(dumper.failed)} sample(s) failed, see "
-      f"{os.path.join(args.out, 'failures.jsonl')}; rerun to retry them",
+      f"{os.path.join(out, dump_parts.FAILURES_FILE)}; rerun to retry them",
       file=sys.stderr,
     )
     return EXIT_FAILED

@@ -111,6 +111,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.cos_weight = 0.5  # weight of (1 - cos) next to the MSE
   config.loss.token_ce_weight = 0.0  # >0: + w * token CE via lm_head
   config.loss.token_ce_soft = True  # EAGLE-style soft targets (else argmax)
+  # Multi-step ("training-time test") training of b1 / l5f (egpt_align/
+  # unroll.py): step j feeds the adapter its step j-1 predictions, with the
+  # attention of live drafting; needs objective 'next' when > 1.
+  config.loss.unroll_steps = 1  # k >= 1; 1 = teacher forcing (reference)
+  config.loss.unroll_weights = config_dict.placeholder(tuple)  # None: 1/k each
+  config.loss.unroll_stop_gradient = True  # detach fed-back states (HASS)
 
   # Target LM head (NAME.npy + NAME.json, tools/extract_lm_head.py): enables
   # token top-1 agreement in validation and the token CE loss.

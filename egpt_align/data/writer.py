@@ -46,6 +46,17 @@ def _shard_manifest(path: str) -> dict | None:
     return None
 
 
+def _shard_ids(shard_dir: str) -> list[str]:
+  """The `meta['id']` of each sample of a shard that has one, in order."""
+  ids = []
+  with open(os.path.join(shard_dir, fmt.META_FILE)) as f:
+    for line in f:
+      sample_id = json.loads(line).get("id")
+      if sample_id is not None:
+        ids.append(str(sample_id))
+  return ids
+
+
 class DatasetWriter:
   """Appends samples to a dataset directory, one atomic shard at a time.
 
@@ -110,12 +121,7 @@ class DatasetWriter:
     self._recover()
     self.done_ids: set[str] = set()
     for shard in self.header["shards"]:
-      meta_path = os.path.join(self.path, shard["name"], fmt.META_FILE)
-      with open(meta_path) as f:
-        for line in f:
-          sample_id = json.loads(line).get("id")
-          if sample_id is not None:
-            self.done_ids.add(str(sample_id))
+      self.done_ids.update(_shard_ids(os.path.join(self.path, shard["name"])))
     self._buffer: list[dict] = []
     self._closed = False
 
@@ -308,6 +314,45 @@ class DatasetWriter:
         self.done_ids.add(str(s["meta"]["id"]))
     self._buffer = []
 
+  def adopt(self, shard_dir: str, manifest: dict) -> None:
+    """Appends a finished shard of another dataset of the same dims and
+    dtype (`manifest`: its entry in that dataset's header) as the next
+    shard, after any buffered samples (flushed first), as `flush` does:
+    its files hard-linked (copied where a link fails) into a temporary
+    directory, checked against the manifest's sizes, renamed into place,
+    then recorded. The other dataset is left as it was."""
+    if self._closed:
+      raise RuntimeError(f"DatasetWriter({self.path}) is closed")
+    self.flush()
+    where = f"{shard_dir}: cannot adopt it into {self.path}"
+    if not self._files_ok(shard_dir, manifest):
+      raise ValueError(f"{where}: its files differ from its manifest")
+    if self.header["shards"]:
+      for stream in fmt.TOKEN_STREAMS:
+        if manifest.get(f"has_{stream}") != self.header[f"has_{stream}"]:
+          raise ValueError(
+            f"{where}: it has has_{stream}={manifest.get(f'has_{stream}')} "
+            f"but the dataset has {self.header[f'has_{stream}']}"
+          )
+    name = fmt.shard_name(len(self.header["shards"]))
+    tmp = os.path.join(self.path, fmt.TMP_PREFIX + name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for fname in list(manifest["files"]) + [fmt.SHARD_MANIFEST]:
+      src, dst = os.path.join(shard_dir, fname), os.path.join(tmp, fname)
+      try:
+        os.link(src, dst)
+      except OSError:
+        shutil.copyfile(src, dst)
+    manifest = dict(manifest, name=name)
+    # A new file: the other dataset's manifest (linked) stays as it was.
+    os.remove(os.path.join(tmp, fmt.SHARD_MANIFEST))
+    fmt.write_json_atomic(os.path.join(tmp, fmt.SHARD_MANIFEST), manifest)
+    os.replace(tmp, os.path.join(self.path, name))
+    self._record(manifest)
+    self._write_header()
+    self.done_ids.update(_shard_ids(os.path.join(self.path, name)))
+
   def close(self) -> None:
     """Finalises the last shard and the header."""
     if self._closed:
@@ -325,3 +370,51 @@ class DatasetWriter:
     # producer stops with an exception (e.g. KeyboardInterrupt).
     self.close()
     return False
+
+
+def join_datasets(
+  path: str, parts, provenance: dict | None = None
+) -> DatasetWriter:
+  """Appends the samples of the datasets `parts`, in order, to the dataset
+  at `path` (made if missing; `provenance` merged into its header, as a
+  writer's): every shard of each part is adopted whole (`adopt`), so the
+  joined dataset reads sample for sample as the parts one after the other.
+  A part's shard whose samples `path` already holds (by `meta['id']`, from
+  an earlier join that stopped half way) is skipped; one that holds some of
+  them is an error. The parts must share dims and dtype (the error names
+  the part). Returns the closed writer."""
+  parts = list(parts)
+  if not parts:
+    raise ValueError(f"{path}: no datasets to join")
+  first = fmt.read_header(parts[0])
+  writer = DatasetWriter(
+    path,
+    source_dim=first["source_dim"],
+    target_dim=first["target_dim"],
+    dtype=first["dtype"],
+    samples_per_shard=first["samples_per_shard"],
+    provenance=provenance,
+    resume=True,
+  )
+  with writer:
+    for part in parts:
+      header = fmt.read_header(part)
+      for key in ("source_dim", "target_dim", "dtype"):
+        if header[key] != first[key]:
+          raise ValueError(
+            f"{part}: {key}={header[key]!r}, but {parts[0]} has "
+            f"{first[key]!r}; only datasets of one setup can be joined"
+          )
+      for manifest in header["shards"]:
+        shard_dir = os.path.join(part, manifest["name"])
+        ids = _shard_ids(shard_dir)
+        held = [i for i in ids if i in writer.done_ids]
+        if ids and len(held) == len(ids):
+          continue
+        if held:
+          raise ValueError(
+            f"{shard_dir}: {len(held)} of its {len(ids)} samples are in "
+            f"{path} already (first {held[0]!r}); cannot join it"
+          )
+        writer.adopt(shard_dir, manifest)
+  return writer

@@ -28,6 +28,11 @@ out-of-range row reads NaN rather than a wrong value).
 Use it as
   cache = model.init_cache(batch_size, max_len)
   y, cache = model.apply(params, x_B1D, cache=cache, method='decode_step')
+
+Multi-step training (egpt_align/unroll.py) runs `unrolled_step`: step j of
+an unroll over whole sequences, attending to the earlier steps' keys and
+values as `unroll_mask` says, so every position computes what the KV-cached
+drafting loop computes for its chain.
 """
 
 import math
@@ -109,6 +114,7 @@ class MultiHeadSelfAttention(nn.Module):
     deterministic: bool,
     kv_cache: dict | None = None,
     position_B: jax.Array | None = None,
+    kv_prefix: dict | None = None,
   ):
     dtype = resolve_dtype(self.dtype)
     b, s, d = x_BSD.shape
@@ -124,7 +130,7 @@ class MultiHeadSelfAttention(nn.Module):
       name="in_proj",
     )(x_BSD)
     new_cache = None
-    if kv_cache is None and _HEADS_FIRST["on"]:
+    if kv_cache is None and kv_prefix is None and _HEADS_FIRST["on"]:
       # Full sequence: one explicit transpose of q|k|v to [3, B, H, S, Dh],
       # the layout the batched attention matmuls read.
       qkv = qkv.reshape(b, s, 3, h, dh).transpose(2, 0, 3, 1, 4)
@@ -140,6 +146,12 @@ class MultiHeadSelfAttention(nn.Module):
         v = _write_rows(kv_cache["v"], v, position_B)
         new_cache = {"k": k, "v": v}
         k, v = k.astype(dtype), v.astype(dtype)
+      elif kv_prefix is not None:
+        # An unrolled step: this stream's keys/values come after those of
+        # the earlier steps' streams; it returns its own for the next step.
+        new_cache = {"k": k, "v": v}
+        k = jnp.concatenate([kv_prefix["k"].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([kv_prefix["v"].astype(v.dtype), v], axis=1)
     logits = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / math.sqrt(dh))
     if mask_BQK is not None:
@@ -177,6 +189,7 @@ class TransformerLayer(nn.Module):
     deterministic: bool,
     kv_cache: dict | None = None,
     position_B: jax.Array | None = None,
+    kv_prefix: dict | None = None,
   ):
     dtype = resolve_dtype(self.dtype)
     d = x_BSD.shape[-1]
@@ -188,6 +201,7 @@ class TransformerLayer(nn.Module):
       deterministic=deterministic,
       kv_cache=kv_cache,
       position_B=position_B,
+      kv_prefix=kv_prefix,
     )
     x_BSD = x_BSD + a.astype(jnp.float32)
     h = layer_norm("ffn_norm")(x_BSD)
@@ -209,8 +223,14 @@ def _check_heads(module):
     )
 
 
-def _run_layers(module, x_BSD, mask_BQK, deterministic, cache, position_B):
-  """Applies module.num_layers TransformerLayers named layers_{i}."""
+def _run_layers(
+  module, x_BSD, mask_BQK, deterministic, cache, position_B, prefix=None
+):
+  """Applies module.num_layers TransformerLayers named layers_{i}.
+
+  `prefix` ({layers_i: {k, v}}) holds the earlier unrolled steps' keys and
+  values; each layer then returns its own stream's (see `unroll_mask`).
+  """
   new_cache = {}
   for i in range(module.num_layers):
     name = f"layers_{i}"
@@ -227,6 +247,7 @@ def _run_layers(module, x_BSD, mask_BQK, deterministic, cache, position_B):
       deterministic=deterministic,
       kv_cache=None if cache is None else cache[name],
       position_B=position_B,
+      kv_prefix=None if prefix is None else prefix[name],
     )
     new_cache[name] = layer_cache
   return x_BSD, new_cache
@@ -304,6 +325,8 @@ class _CausalAdapter(nn.Module):
     deterministic: bool = True,
     cache: dict | None = None,
     position=None,
+    unroll_step: int = 0,
+    unroll_prefix: dict | None = None,
   ):
     name = type(self).__name__
     _check_heads(self)
@@ -319,13 +342,26 @@ class _CausalAdapter(nn.Module):
     )
     x, residual = self._embed(inputs)
 
-    if cache is None:
-      if s > self.max_seq_len:
+    if unroll_step:
+      if cache is not None:
+        raise ValueError(f"{name}: an unrolled step takes no KV cache")
+      _check_length(name, s, self.max_seq_len)
+      x = x + pos_embed[:, :s].astype(jnp.float32)
+      if unroll_prefix is None:
+        unroll_prefix = self._empty_prefix(b)
+      have = unroll_prefix["layers_0"]["k"].shape[1]
+      if have != (unroll_step - 1) * s:
         raise ValueError(
-          f"{name}: sequence length {s} exceeds max_seq_len="
-          f"{self.max_seq_len} (the positional table has "
-          f"{self.max_seq_len} rows)"
+          f"{name}: unrolled step {unroll_step} needs the keys of "
+          f"{unroll_step - 1} earlier steps ({(unroll_step - 1) * s} "
+          f"positions), got {have}"
         )
+      mask_BQK = unroll_mask(s, unroll_step, mask)
+      x, new_cache = _run_layers(
+        self, x, mask_BQK, deterministic, None, None, unroll_prefix
+      )
+    elif cache is None:
+      _check_length(name, s, self.max_seq_len)
       x = x + pos_embed[:, :s].astype(jnp.float32)
       causal_QK = jnp.tril(jnp.ones((s, s), bool))
       if mask is None:
@@ -363,13 +399,41 @@ class _CausalAdapter(nn.Module):
     out = _output_head(self, x)
     alpha = scalar_param(self, "alpha", self.alpha_init)
     y = residual + alpha * (out - residual)
-    return y if cache is None else (y, new_cache)
+    if cache is None and not unroll_step:
+      return y
+    return y, new_cache
 
   def decode_step(self, *inputs, cache, position=None, mask=None):
     """Runs new positions against the KV cache; returns (y_BTD, new_cache)."""
     return self(
       *inputs, mask=mask, deterministic=True, cache=cache, position=position
     )
+
+  def unrolled_step(
+    self, *inputs, step, prefix=None, mask=None, deterministic=True
+  ):
+    """Step `step` of a multi-step unroll; returns (y_BSD, own keys/values).
+
+    `inputs` are this step's [B, S, D] streams (the earlier step's output
+    fed back, see egpt_align/unroll.py); `prefix` ({layers_i: {k, v}} of
+    [B, (step-1)*S, H, Dh], the earlier steps' returned keys/values
+    concatenated in step order; None at step 1). Attention follows
+    `unroll_mask`; positions and pos_embed rows are 0..S-1 at every step.
+    """
+    return self(
+      *inputs,
+      mask=mask,
+      deterministic=deterministic,
+      unroll_step=step,
+      unroll_prefix=prefix,
+    )
+
+  def _empty_prefix(self, batch_size: int) -> dict:
+    dh = self.hidden_dim // self.num_heads
+    empty = jnp.zeros((batch_size, 0, self.num_heads, dh), jnp.float32)
+    return {
+      f"layers_{i}": {"k": empty, "v": empty} for i in range(self.num_layers)
+    }
 
   def init_cache(
     self,
@@ -398,6 +462,47 @@ class _CausalAdapter(nn.Module):
         "v": jnp.zeros(shape, dtype),
       }
     return cache
+
+
+def _check_length(name, s, max_seq_len):
+  if s > max_seq_len:
+    raise ValueError(
+      f"{name}: sequence length {s} exceeds max_seq_len={max_seq_len} (the "
+      f"positional table has {max_seq_len} rows)"
+    )
+
+
+def unroll_mask(seq_len: int, step: int, mask_BS=None) -> jax.Array:
+  """Which keys unrolled step `step` attends to: bool [B or 1, S, step*S].
+
+  Keys are laid out stream-major: stream 1 (the true input states, step 1)
+  at key columns 0..S-1, stream s (the step-s inputs, fed back from step
+  s-1) at columns (s-1)*S .. s*S-1. The query at position p of step j is
+  draft j of the chain that starts at t = p - j + 1, as live drafting
+  computes it: the runtime's KV cache then holds the true states at
+  positions <= t and, at positions t+1 .. p, the adapter's own predictions
+  fed back at steps 2 .. j (position t + s - 1 holds step s's input). So
+  the query attends to
+
+    stream 1 at positions q <= p - j + 1     (true states, causal),
+    stream s at position q  = p - j + s      (s = 2 .. j, one key each),
+
+  and to nothing else: never a true state after t, never another chain's
+  prediction, never a position after p. Step 1 is the causal mask. With
+  `mask_BS`, a key at an invalid (padding) position is masked as in the
+  full-sequence call. Queries with t < 0 (p < j - 1) have no live
+  counterpart; they see only keys of chains that also start before 0 and
+  the losses and metrics mask them out.
+  """
+  p = jnp.arange(seq_len)[:, None]
+  q = jnp.arange(seq_len)[None, :]
+  blocks = [q <= p - step + 1]
+  blocks += [q == p - step + s for s in range(2, step + 1)]
+  mask_QK = jnp.concatenate(blocks, axis=1)[None]
+  if mask_BS is None:
+    return mask_QK
+  keys_BK = jnp.tile(jnp.asarray(mask_BS, bool), (1, step))
+  return mask_QK & keys_BK[:, None, :]
 
 
 def _check_positions(name, position, s, max_len, max_seq_len):

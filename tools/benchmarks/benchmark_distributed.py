@@ -23,7 +23,6 @@ and writes OUT/results.json (the per-run logs next to it).
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ import time
 import numpy as np
 
 from egpt_align.data.format import write_json_atomic
+from tools.lib.environment import environment
 
 REPO = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,13 +134,7 @@ def _max_rel_diff(a: dict, b: dict) -> float:
 
 
 def _versions() -> dict:
-  out = {"python": platform.python_version()}
-  for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint"):
-    try:
-      module = __import__(name, fromlist=["__version__"])
-      out[name] = module.__version__
-    except ImportError:
-      out[name] = None
+  out = environment(("jax", "jaxlib", "flax", "optax", "orbax.checkpoint"))
   try:
     smi = subprocess.run(
       ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -38,6 +37,7 @@ import tqdm
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import generation, media, random_models
+from tools.lib.environment import environment
 
 SMALL = {
   "hidden": 64,
@@ -267,9 +267,7 @@ def main(argv=None) -> int:
     "benchmark": "tools/benchmarks/benchmark_dump.py",
     "device": dev_name,
     "dtype": dtype_name,
-    "torch": torch.__version__,
-    "transformers": __import__("transformers").__version__,
-    "python": platform.python_version(),
+    **environment(("torch", "transformers")),
     "params_per_model": params,
     "config": {
       k: getattr(args, k)

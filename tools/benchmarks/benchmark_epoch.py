@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from egpt_align import train  # noqa: E402
 from egpt_align.configs import base  # noqa: E402
 from tools.benchmarks import datasets  # noqa: E402
+from tools.lib.environment import environment
 
 
 def run_level(name, data_dir, workdir, *, cache, batch_size, epochs, dtype):
@@ -87,7 +88,7 @@ def main(argv=None):
     )
   info = {
     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    "jax": jax.__version__,
+    **environment(("jax",)),
     "device": str(jax.devices()[0].device_kind),
     "num_samples": args.num_samples,
     "hidden_dim": args.hidden_dim,

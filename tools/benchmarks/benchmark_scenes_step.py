@@ -40,6 +40,7 @@ import time
 import torch
 
 from tools.lib import backends as bk
+from tools.lib.environment import environment
 from tools.scenes import models, text, training, world
 
 
@@ -235,8 +236,7 @@ def main(argv=None) -> int:
       "device": torch.cuda.get_device_name(device)
       if device.type == "cuda"
       else platform.processor() or "cpu",
-      "torch": torch.__version__,
-      "python": platform.python_version(),
+      **environment(("torch",)),
       "preset": args.preset,
       "set": args.set,
       "steps": args.steps,

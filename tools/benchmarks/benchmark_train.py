@@ -14,6 +14,10 @@ devices with the global batch fixed and scaled.
 
   # GPU, full size (about 5 minutes on an H100):
   python -m tools.benchmarks.benchmark_train --out runs/bench_train
+  # Multi-step training (config.loss.unroll_steps, objective next), a row
+  # per k = 1..4 for B1 (one H100, under 9 minutes):
+  python -m tools.benchmarks.benchmark_train --levels= --torch= \
+    --unroll b1 --out runs/bench_unroll
   # CPU smoke test:
   python -m tools.benchmarks.benchmark_train --small --out /tmp/bench_train
 """
@@ -23,7 +27,6 @@ import dataclasses
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +46,7 @@ from egpt_align import (  # noqa: E402
   sharding,
   train_state,
 )
+from tools.lib.environment import environment  # noqa: E402
 
 # Every architecture once (B1 is L5 trained on other data).
 LEVELS = tuple(name for name in models.ADAPTERS if name != "b1")
@@ -228,8 +232,13 @@ def build_jax_step(
   shard_update=True,
   gather_at_end=False,
   variant=DEFAULT,
+  unroll_steps=None,
 ):
   """Initial state and the jitted train step, as the trainer builds them.
+
+  `unroll_steps` (an int) trains with the loss objective 'next' and that
+  many unrolled steps (config.loss.unroll_steps); None keeps the base
+  config's loss (the reference objective, one step).
 
   'full' is the trainer's own `train_state.train_step` (or, for a `variant`
   that swaps the forward or the loss, `variant_train_step`). The ablations
@@ -244,6 +253,9 @@ def build_jax_step(
   config = base.get_config()
   if variant.mu_dtype:
     config.optim.mu_dtype = variant.mu_dtype
+  if unroll_steps is not None:
+    config.loss.objective = "next"
+    config.loss.unroll_steps = unroll_steps
   model = models.create_adapter(name, hidden_dim=hidden, dtype=dtype)
   spec = models.get_spec(name)
   tx, schedule = optim.create_optimizer(
@@ -355,11 +367,12 @@ def bench_jax(
   variant="full",
   shard_update=True,
   gather_at_end=False,
+  unroll_steps=None,
 ):
   """Times our jitted step on `devices`; returns a result dict.
 
   `variant` is 'full' (the trainer's step), an ablation (fwd, grad, nodrop,
-  opt) or a COMPARE name.
+  opt) or a COMPARE name; `unroll_steps` as in `build_jax_step`.
   """
   impl = COMPARE.get(variant, DEFAULT)
   ablation = "full" if variant in COMPARE else variant
@@ -379,6 +392,7 @@ def bench_jax(
     shard_update,
     gather_at_end,
     impl,
+    unroll_steps,
   )
   bsh = sharding.batch_sharding(mesh)
   dev_batch = jax.device_put(host, bsh)
@@ -417,10 +431,15 @@ def bench_jax(
   flops = matmul_flops_per_step(params, tokens) + attention_flops_per_step(
     name, batch, seq, hidden
   )
+  # k unrolled forwards and backwards (attention over k streams of keys
+  # is a small part at S = 50, not counted).
+  flops *= unroll_steps or 1
   loss = float(holder["metrics"]["loss"])
   return {
     "impl": f"jax {jnp.dtype(dtype).name} compute"
-    + ("" if variant == "full" else f" [{variant}]"),
+    + ("" if variant == "full" else f" [{variant}]")
+    + ("" if unroll_steps is None else f" [next, unroll k={unroll_steps}]"),
+    "unroll_steps": unroll_steps,
     "level": name,
     "devices": len(devices),
     "batch": batch,
@@ -536,6 +555,41 @@ def bench_torch(name, batch, seq, hidden, mode, steps, windows):
   }
 
 
+def bench_unroll(name, ks, args, dtype) -> list[dict]:
+  """A row per k: the trainer's step with objective next, k unrolled steps.
+
+  A k that fails (out of memory, say) is one `error:` line and a row with
+  the error; the others still run. `vs_k1` is ms / (k = 1's ms).
+  """
+  rows = []
+  base_ms = None
+  for k in ks:
+    try:
+      r = bench_jax(
+        name,
+        args.batch,
+        args.seq,
+        args.hidden,
+        dtype,
+        jax.devices()[:1],
+        args.steps,
+        args.windows,
+        unroll_steps=k,
+      )
+    except Exception as e:  # report, keep going
+      line = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+      print(f"error: {name} unroll k={k}: {type(e).__name__}: {line[:300]}")
+      r = {"level": name, "unroll_steps": k, "impl": "jax", "error": line}
+    else:
+      if k == 1:
+        base_ms = r["ms"]
+      if base_ms:
+        r["vs_k1"] = r["ms"] / base_ms
+      print(json.dumps(r), flush=True)
+    rows.append(r)
+  return rows
+
+
 def profile_step(name, batch, seq, hidden, dtype, steps, out_dir):
   """Traces `steps` steps and prints the device kernels by total time."""
   import collections
@@ -587,27 +641,12 @@ def profile_step(name, batch, seq, hidden, dtype, steps, out_dir):
 
 
 def versions():
-  out = {
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "device": str(jax.devices()[0].device_kind),
-    "backend": jax.default_backend(),
-    "num_devices": jax.device_count(),
-  }
-  try:
-    import flax
-    import optax
-
-    out["flax"] = flax.__version__
-    out["optax"] = optax.__version__
-  except ImportError:
-    pass
-  try:
-    import torch
-
-    out["torch"] = torch.__version__
-  except ImportError:
-    pass
+  out = environment(("jax", "flax", "optax", "torch"))
+  out.update(
+    device=str(jax.devices()[0].device_kind),
+    backend=jax.default_backend(),
+    num_devices=jax.device_count(),
+  )
   return out
 
 
@@ -663,6 +702,15 @@ def main(argv=None):
     default="",
     help="levels to also time with alternative implementations: "
     + ", ".join(COMPARE),
+  )
+  p.add_argument(
+    "--unroll",
+    default="",
+    help="levels (b1, l5f) to time with the loss objective 'next' and "
+    "config.loss.unroll_steps = each of --unroll_steps",
+  )
+  p.add_argument(
+    "--unroll_steps", default="1,2,3,4", help="the k of the --unroll rows"
   )
   p.add_argument("--ceiling_n", type=int, default=8192)
   p.add_argument(
@@ -729,6 +777,12 @@ def main(argv=None):
   for name in [x for x in args.compare.split(",") if x]:
     for variant in variants:
       one_card(name, variant)
+  unroll_rows = []
+  for name in [x for x in args.unroll.split(",") if x]:
+    unroll_rows += bench_unroll(
+      name, [int(k) for k in args.unroll_steps.split(",") if k], args, dtype
+    )
+  rows += unroll_rows
   for name in [x for x in args.profile.split(",") if x]:
     profile_step(
       name, args.batch, args.seq, args.hidden, dtype, args.steps, args.out
@@ -784,6 +838,22 @@ def main(argv=None):
       f"| {r['level']} | {r['impl']} | {r['ms']:.2f} | "
       f"{r['tokens_per_s']:,.0f} | {tf} | {frac} |"
     )
+  if unroll_rows:
+    print()
+    print("| level | k | ms/step | x k=1 | at most k x k=1 |")
+    print("|---|---|---|---|---|")
+    for r in unroll_rows:
+      if "error" in r:
+        print(f"| {r['level']} | {r['unroll_steps']} | error ||| ")
+        continue
+      ratio = r.get("vs_k1")
+      print(
+        f"| {r['level']} | {r['unroll_steps']} | {r['ms']:.2f} | "
+        + ("-" if ratio is None else f"{ratio:.2f}")
+        + " | "
+        + ("-" if ratio is None else str(ratio <= r["unroll_steps"]))
+        + " |"
+      )
   if scaling:
     print()
     print(

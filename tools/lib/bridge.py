@@ -731,6 +731,25 @@ def model_config(name: str, ckpt: Mapping) -> dict[str, Any]:
   return {k: v for k, v in ref.items() if k in keep}
 
 
+def load_adapter_file(
+  path, expect: str | None = None, *, trust_pickle: bool = False
+) -> tuple[str, torch.nn.Module, dict]:
+  """(kind, torch twin, model config) of an exported or reference file.
+
+  `expect`: the kind the caller asks for; a file holding another is an
+  error (a reference L5_EAGLE file, L5 or B1, is read as `expect`).
+  """
+  ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
+  kind = adapter_name(ckpt, None if ckpt.get("egpt_align_adapter") else expect)
+  if expect is not None and kind != expect:
+    raise ValueError(
+      f"the checkpoint holds a {kind} adapter, not the {expect} asked for"
+    )
+  state = dict(ckpt["model_state_dict"])
+  cfg = resolve_config(kind, state, model_config(kind, ckpt))
+  return kind, load_torch_adapter(kind, state, **cfg), cfg
+
+
 def convert(ckpt: Mapping, adapter: str | None = None, num_heads=None):
   """(name, flax params, model config) from a checkpoint dict."""
   name = adapter_name(ckpt, adapter)

@@ -139,13 +139,19 @@ def read_samples(path: str, media_root: str | None = None) -> list[dict]:
           f"{where} (id {sid!r}): unknown media roles {unknown}; "
           f"expected {list(ROLES)}"
         )
-      samples.append(
-        {
-          "id": sid,
-          "question": obj["question"],
-          "media": {r: _resolve(media.get(r, {}), root) for r in ROLES},
-        }
-      )
+      sample = {
+        "id": sid,
+        "question": obj["question"],
+        "media": {r: _resolve(media.get(r, {}), root) for r in ROLES},
+      }
+      if "group" in obj:
+        group = obj["group"]
+        if not isinstance(group, (str, int)) or isinstance(group, bool):
+          raise ValueError(
+            f"{where} (id {sid!r}): 'group' must be a string, got {group!r}"
+          )
+        sample["group"] = str(group)
+      samples.append(sample)
   return samples
 
 

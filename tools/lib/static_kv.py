@@ -13,6 +13,12 @@ one) from preallocated KV buffers [layers, 1, kv_heads, max_len, head_dim]:
   past a query's position are never read, and are overwritten before any
   later query can reach them.
 
+`tree_step(ids, slots, positions, allowed)` is the general step of draft
+trees (tools/lib/tree.py): K/V written at `slots`, rotary `positions`, each
+query reading the cache slots `allowed` marks (the prefix and its
+ancestors); `move_entries` then moves the accepted path's entries into
+place. Tree steps are captured per length like the chain steps.
+
 `StepGraphs` captures one step function per input length T once
 (`torch.cuda.CUDAGraph`) and replays it: a step costs one graph launch, no
 Python per kernel. On CUDA the per-layer computation is also compiled with
@@ -179,7 +185,7 @@ def _head_step(x, norm_weight, eps, lm_head, vocab):
   return h, logits.argmax(-1)
 
 
-def _capture(owner, lengths, compile_layers: bool) -> StepGraphs:
+def capture_steps(owner, lengths, compile_layers: bool) -> StepGraphs:
   """StepGraphs of owner._forward, trying the fastest mode first.
 
   Modes: 'graphs+compile' (CUDA graphs of compiled layers), 'graphs',
@@ -273,7 +279,7 @@ class StepGraphs:
     return tuple(t.clone() for t in out)
 
 
-def _cuda_compile(fn: Callable, device, enabled: bool) -> Callable:
+def cuda_compile(fn: Callable, device, enabled: bool) -> Callable:
   if not enabled or torch.device(device).type != "cuda":
     return fn
   import torch._dynamo.config as dynamo_config
@@ -350,11 +356,12 @@ class StaticLM:
     self.cos, self.sin = cos[0], sin[0]  # [max_len, Dh], model dtype
     self.positions = positions
     self._layer, self._head = _layer_step, _head_step
-    self.graphs = _capture(self, lengths, compile_layers)
+    self.graphs = capture_steps(self, lengths, compile_layers)
+    self.tree_graphs = None  # `capture_tree`
 
   def _set_compiled(self, compiled: bool) -> None:
-    self._layer = _cuda_compile(_layer_step, self.device, compiled)
-    self._head = _cuda_compile(_head_step, self.device, compiled)
+    self._layer = cuda_compile(_layer_step, self.device, compiled)
+    self._head = cuda_compile(_head_step, self.device, compiled)
 
   def _example(self, steps: int) -> tuple:
     ids = torch.zeros((1, steps), dtype=torch.long, device=self.device)
@@ -369,15 +376,58 @@ class StaticLM:
     # Query i sees the cache positions <= pos[i]: the accepted prefix and
     # the new tokens before it, never stale entries past it.
     allowed = self.positions[None, :] <= pos[:, None]
+    return self._tree_forward(ids, pos, pos, allowed)
+
+  @torch.inference_mode()
+  def _tree_forward(self, ids, slots, pos, allowed):
+    """K/V written at `slots`, rotary `pos`, `allowed` [T, max_len] bool."""
     bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
     bias = bias.masked_fill(~allowed, torch.finfo(self.dtype).min)
     cos, sin = self.cos[pos][None], self.sin[pos][None]
     x = F.embedding(ids[0], self.embed)
     for i, weights in enumerate(self.weights):
       x = self._layer(
-        x, pos, cos, sin, bias, self.k[i], self.v[i], weights, self.dims
+        x, slots, cos, sin, bias, self.k[i], self.v[i], weights, self.dims
       )
     return self._head(x, *self.norm, self.lm_head, self.vocab)
+
+  def _tree_example(self, steps: int) -> tuple:
+    ids, start = self._example(steps)
+    slots = start + self.positions[:steps]
+    return ids, slots, slots.clone(), self.positions[None] <= slots[:, None]
+
+  def capture_tree(self, lengths: Iterable[int]) -> None:
+    """Captures `tree_step` for input lengths not captured yet.
+
+    Same mode as the chain steps: graphs (of compiled layers, if those are
+    compiled) on CUDA, eager on CPU.
+    """
+    if self.tree_graphs is None:
+      self.tree_graphs = StepGraphs(
+        self._tree_forward, self._tree_example, (), self.device
+      )
+    if self.mode == "eager":
+      return
+    todo = set(lengths) - set(self.tree_graphs.graphs)
+    if todo:
+      more = StepGraphs(
+        self._tree_forward, self._tree_example, todo, self.device
+      )
+      self.tree_graphs.graphs.update(more.graphs)
+
+  def tree_step(self, ids, slots, positions, allowed):
+    """Feeds ids [1, T] into cache `slots` [T] at rotary `positions` [T].
+
+    Query i reads the cache slots where `allowed[i]` ([T, max_len] bool) is
+    set: a draft tree's node reads the prefix and its ancestors (its own
+    slot included). Returns (hidden [T, D], argmax [T]).
+    """
+    self.capture_tree(())
+    return self.tree_graphs(ids.shape[1], ids, slots, positions, allowed)
+
+  def move_entries(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copies the K/V entries at cache slots `src` to slots `dst`."""
+    move_slots((self.k, self.v), src, dst)
 
   def load_prefix(self, cache, length: int) -> None:
     """Copies the first `length` positions of an HF cache into the buffers."""
@@ -431,13 +481,13 @@ class StaticAdapter:
     self.positions = torch.arange(self.max_len, device=self.device)
     self.mode = "eager"
     self._compiled = None
-    self.graphs = _capture(self, lengths, compile_step)
+    self.graphs = capture_steps(self, lengths, compile_step)
 
   def _set_compiled(self, compiled: bool) -> None:
     # Only the one-position step (all drafting steps but the catch-up) is
     # compiled: one compilation per adapter.
     self._compiled = (
-      _cuda_compile(self._step, self.device, True) if compiled else None
+      cuda_compile(self._step, self.device, True) if compiled else None
     )
 
   def _example(self, steps: int) -> tuple:
@@ -468,6 +518,16 @@ class StaticAdapter:
         f"adapter positions up to {position + steps} exceed {self.max_len}"
       )
     return self.graphs(steps, int(position), *inputs)
+
+
+def move_slots(buffers, src: torch.Tensor, dst: torch.Tensor) -> None:
+  """Copies entries src -> dst along dim 3 of [L, 1, H, M, Dh] buffers.
+
+  The source entries are gathered before any is written, so the two index
+  sets may overlap.
+  """
+  for buf in buffers:
+    buf[:, :, :, dst] = buf[:, :, :, src]
 
 
 def static_length(needed: int) -> int:

@@ -439,19 +439,27 @@ class _CausalAdapter(nn.Module):
       torch.zeros(shape, dtype=dtype, device=device),
     )
 
-  def static_step(self, *inputs, k_cache, v_cache, positions):
+  def static_step(
+    self, *inputs, k_cache, v_cache, positions, slots=None, mask=None
+  ):
     """`decode_step` on `static_cache` buffers at positions [T] (a tensor).
 
     Batch 1, every position valid. Query p reads the cache positions <= p
     only, so rolling back is decoding from a smaller position: entries past
     it are never read and are overwritten first. No host syncs.
+
+    Draft trees: `slots` [T] are the cache entries written (default: the
+    positions) and `mask` [T, max_len] bool the entries each query reads
+    (default: positions <= its own); `positions` index the positional table.
     """
     x = self._stack_input(*inputs)
-    keys = torch.arange(k_cache.shape[3], device=x.device)
-    mask = (keys[None, :] <= positions[:, None])[None, None]
+    if mask is None:
+      keys = torch.arange(k_cache.shape[3], device=x.device)
+      mask = keys[None, :] <= positions[:, None]
+    slots = positions if slots is None else slots
     h = x + self.pos_embed[0].index_select(0, positions)[None].to(x.dtype)
     for i, layer in enumerate(self.layers):
-      h = layer.cached_at(h, k_cache[i], v_cache[i], positions, mask)
+      h = layer.cached_at(h, k_cache[i], v_cache[i], slots, mask[None, None])
     out = self.output_proj(self.output_norm(h))
     res = inputs[-1]
     return res + self.alpha * (out - res)

@@ -81,9 +81,50 @@ class Preset:
 
 POS_INITS = ("grid", "normal")
 
+# `gpu`, the study's pair: costs shaped like the real pair's (EventGPT and
+# Video-LLaVA both decode with Vicuna-7B): the drafter's language model is
+# the target's shape (64 event tokens against 520 visual tokens), deep and
+# narrow so that a decode step is many launch-bound layers against the one
+# layer of a B1 adapter step (docs/SCENES.md, "Costs"). `gpu16x3`: the
+# pair before it (target 16 layers of 256, drafter 3), whose drafter steps
+# at a quarter of the target's cost.
 PRESETS = {
   "gpu": Preset(
     name="gpu",
+    hidden=128,
+    heads=4,
+    kv_heads=2,
+    intermediate=384,
+    target_layers=40,
+    drafter_layers=40,
+    vision_hidden=192,
+    vision_layers=4,
+    vision_heads=6,
+    patch=8,
+    event_patch=8,
+    vocab_size=1024,
+    tokenizer_scenes=2000,
+    pool_scenes=12000,
+    target_steps=4500,
+    drafter_steps=2000,
+    batch_size=64,
+    turns=4,
+    turn_room=96,
+    cell_turns=2,
+    lr=1e-3,
+    lr_floor=0.1,
+    pos_init="grid",
+    pos_scale=1.0,
+    fact_weight=1.0,
+    ema=0.998,
+    warmup=100,
+    eval_scenes=100,
+    max_new_tokens=96,
+    workers=12,
+    save_dtype="float16",
+  ),
+  "gpu16x3": Preset(
+    name="gpu16x3",
     hidden=256,
     heads=8,
     kv_heads=4,

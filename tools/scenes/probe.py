@@ -45,7 +45,8 @@ import tqdm
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import generation
-from tools.scenes import make_pair, models, text, world
+from tools.scenes import models, text, world
+from tools.scenes import pair as pair_lib
 
 
 def planted_scene(scene: world.Scene) -> world.Scene | None:
@@ -80,7 +81,7 @@ def planted_ids(prompts: models.Prompts, scene, planted) -> list[int]:
 def planted(target, seeds, max_new_tokens: int) -> dict:
   """{"scenes", "true", "planted"}: scenes asked, `still` answers stating
   the true cells, and those stating the planted ones."""
-  prompts = make_pair.target_prompts(target)
+  prompts = pair_lib.target_prompts(target)
   out = {"scenes": 0, "true": 0, "planted": 0}
   for s in tqdm.tqdm(seeds, desc="planted", unit="scene"):
     scene, frames = world.render(s)
@@ -88,7 +89,7 @@ def planted(target, seeds, max_new_tokens: int) -> dict:
     if fake is None:
       continue
     ids = planted_ids(prompts, scene, fake)
-    inputs = make_pair.target_inputs(target, prompts, None, frames, ids)
+    inputs = pair_lib.target_inputs(target, prompts, None, frames, ids)
     gen = generation.greedy_generate(
       target, target.collate([inputs]), max_new_tokens
     )
@@ -136,7 +137,7 @@ def cell_attention(target, seeds, max_new_tokens: int) -> dict:
   right or wrong.
   """
   model = target.model
-  prompts = make_pair.target_prompts(target)
+  prompts = pair_lib.target_prompts(target)
   first, _ = prompts.media_span()
   vision = model.config.vision_config
   side = vision.image_size // vision.patch_size
@@ -158,7 +159,7 @@ def cell_attention(target, seeds, max_new_tokens: int) -> dict:
       scene, frames = world.render(s)
       if len(scene.things) < 2:
         continue
-      inputs = make_pair.target_inputs(
+      inputs = pair_lib.target_inputs(
         target, prompts, text.question(s, "describe"), frames
       )
       gen = generation.greedy_generate(
@@ -238,14 +239,14 @@ def object_features(target, seeds):
   `describe`. Returns ({"tower": [stage][objects, dim], "lm": ...}, start
   cells [objects] as indices of `world.CELLS`)."""
   model = target.model
-  prompts = make_pair.target_prompts(target)
+  prompts = pair_lib.target_prompts(target)
   first, _ = prompts.media_span()
   vision = model.config.vision_config
   side = vision.image_size // vision.patch_size
   feats, cells = {"tower": [], "lm": []}, []
   for s in seeds:
     scene, frames = world.render(s)
-    inputs = make_pair.target_inputs(
+    inputs = pair_lib.target_inputs(
       target, prompts, text.question(s, "describe"), frames
     )
     pix = inputs["pixel_values_videos"].to(target.device)
@@ -329,7 +330,7 @@ def main(argv=None) -> int:
   p.add_argument("--max_new_tokens", type=int, default=96)
   p.add_argument("--json", default=None, help="write the results here")
   args = p.parse_args(argv)
-  path = os.path.join(args.pair, make_pair.PAIR_FILE)
+  path = os.path.join(args.pair, pair_lib.PAIR_FILE)
   if not os.path.isfile(path):
     print(
       f"error: {path}: missing; --pair takes a make_pair directory",
@@ -355,8 +356,8 @@ def main(argv=None) -> int:
   seeds = world.split_seeds(args.split, args.scenes)
   with open(path) as f:
     info = json.load(f)
-  results = make_pair.evaluate(target, drafter, seeds, args.max_new_tokens)
-  print("\n".join(make_pair.accuracy_table(results)))
+  results = pair_lib.evaluate(target, drafter, seeds, args.max_new_tokens)
+  print("\n".join(pair_lib.accuracy_table(results)))
   print(
     f"{args.split} scenes per type: {len(seeds)}; target mean next-token "
     f"entropy {results['target_mean_entropy_nats']:.3f} nats"

@@ -14,8 +14,10 @@ The library under `tools.scenes.make_pair` (the command) and
   warm-up is a fraction of the whole model's), `graphs` (the whole model
   compiled and the whole step, AdamW included, replayed as one CUDA graph:
   `TrainStep`) or `eager-graphs` (the same step uncompiled: no compilation
-  to wait for, for a model small enough that its step is short either way);
-  docs/SCENES.md has the measured times.
+  to wait for, for a model small enough that its step is short either way)
+  or `layers-graphs` (each layer compiled as in `layers`, the whole step
+  replayed as in `graphs`: a deep stack compiles one layer, not all of
+  them); docs/SCENES.md has the measured times.
 - The loop (`TrainStep`, `fit`): AdamW (fused on CUDA), linear warm-up then
   cosine down to the preset's floor, bf16 autocast on GPU, gradient
   clipping at 1; the model keeps the moving average of its weights
@@ -45,9 +47,18 @@ import tqdm
 
 from tools.scenes import models, text, world
 
-COMPILE_MODES = ("none", "model", "layers", "graphs", "eager-graphs")
+COMPILE_MODES = (
+  "none",
+  "model",
+  "layers",
+  "graphs",
+  "eager-graphs",
+  "layers-graphs",
+)
 # Modes whose whole training step is replayed as one CUDA graph (`TrainStep`).
-GRAPH_MODES = ("graphs", "eager-graphs")
+GRAPH_MODES = ("graphs", "eager-graphs", "layers-graphs")
+# Modes that compile each transformer layer in place (`compiled`).
+LAYER_MODES = ("layers", "layers-graphs")
 
 # --------------------------------------------------------------------------
 # Data.
@@ -302,9 +313,13 @@ def compiled(fn, model, device, mode: str):
   (modes `none` and `eager-graphs`, or any device but CUDA),
   `torch.compile(fn)` (`model`, and `graphs`, whose step `TrainStep` then
   captures whole: the forward is one graph either way), or `fn` with each
-  transformer layer of `model` compiled in place (`layers`).
+  transformer layer of `model` compiled in place (`layers`, and
+  `layers-graphs`, whose step `TrainStep` captures whole).
 
-  Batches have one fixed shape, so each compiles once.
+  Batches have one fixed shape, so each compiles once; the layers of a
+  stack are alike and share one compiled graph (the recompile limit is
+  raised to the number of layers, so a layer that did guard on something
+  of its own would still be compiled, never left eager).
   """
   if mode not in COMPILE_MODES:
     raise ValueError(f"compile mode {mode!r}: expected one of {COMPILE_MODES}")
@@ -317,6 +332,12 @@ def compiled(fn, model, device, mode: str):
     raise ValueError(
       f"{type(model).__name__}: no transformer layers to compile"
     )
+  from torch._dynamo import config as dynamo_config
+
+  for name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(dynamo_config, name):
+      limit = max(getattr(dynamo_config, name), len(layers) + 8)
+      setattr(dynamo_config, name, limit)
   for layer in layers:
     layer.compile()
   return fn

@@ -1,0 +1,198 @@
+"""The live benchmark proves its own fairness (tools/lib/sd_bench.py).
+
+A fake runtime stands in for the models' timings (`sd_bench._run_one`
+times nothing): each run costs 10 ms, plus what the test puts on the first
+run of a sample, on the first run of a new prompt shape, or on one label.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tools.lib import sd_bench, sd_results  # noqa: E402
+from tools.lib.sd_engine import SampleResult  # noqa: E402
+
+
+class FakeRuntime:
+  """Costs of one run: 10 ms + extras (see the module docstring)."""
+
+  def __init__(self, first_extra=0.0, shape_extra=0.0, slow=None):
+    self.first_extra, self.shape_extra = first_extra, shape_extra
+    self.slow = slow or {}
+    self.last = None
+    self.shapes = set()
+    self.calls = []  # (sample inputs id, label)
+
+  def __call__(self, run, label, method, runtime, t_in, d_in):
+    ms = 10.0
+    if id(t_in) != self.last:  # a new sample's prompt inputs
+      self.last = id(t_in)
+      ms += self.first_extra
+    shape = tuple(t_in["input_ids"].shape)
+    if shape not in self.shapes:
+      self.shapes.add(shape)
+      ms += self.shape_extra
+    ms *= self.slow.get(label, 1.0)
+    self.calls.append((id(t_in), label))
+    r = SampleResult([1, 2, 3], prefill_ms=2.0, decode_ms=ms - 2.0, total_ms=ms)
+    return r, 1
+
+
+def _settings(tmp_path, **kw):
+  base = dict(
+    out=str(tmp_path / "bench"),
+    random_models="tiny",
+    prompt_len=4,
+    num_samples=6,
+    warmup=0,
+    methods=("baseline", "decode:b1"),
+    adapters={"b1": "random"},
+    runtimes=("fast",),
+    bootstrap=200,
+    shape_warmup=False,
+    plots=False,
+    progress=False,
+  )
+  base.update(kw)
+  return sd_bench.BenchSettings(**base)
+
+
+@pytest.mark.parametrize("order", ["fixed", "rotate"])
+def test_first_run_cost_biases_fixed_order_only(tmp_path, monkeypatch, order):
+  """The first run of every sample costs 5 ms more.
+
+  In a fixed order the baseline always pays it: decode:b1 (as fast as the
+  baseline) shows a 1.5x speedup and the A/A control flags the run. Rotated,
+  each of the 3 runs is first in 2 of the 6 samples: no bias at all.
+  """
+  fake = FakeRuntime(first_extra=5.0)
+  monkeypatch.setattr(sd_bench, "_run_one", fake)
+  res = sd_bench.run_benchmark(_settings(tmp_path, order=order))
+  agg = res["aggregate"]
+  positions = {
+    lab: [r["position"] for r in recs]
+    for lab, recs in res["per_sample"].items()
+  }
+  if order == "fixed":
+    assert agg["decode:b1"]["speedup"] == pytest.approx(1.5)
+    assert res["aa_control"]["fast"]["ratio"] == pytest.approx(1.5)
+    assert res["reliable"] is False
+    assert positions["baseline"] == [0] * 6
+  else:
+    assert agg["decode:b1"]["speedup"] == pytest.approx(1.0)
+    assert res["aa_control"]["fast"]["ratio"] == pytest.approx(1.0)
+    assert res["reliable"] is True
+    # Every run takes every position equally often.
+    for pos in positions.values():
+      assert sorted(pos) == [0, 0, 1, 1, 2, 2]
+    assert res["config"]["order_start"] in (0, 1, 2)
+  assert res["config"]["order"] == order
+  assert res["config"]["runs_per_sample"] == [
+    "baseline",
+    "baseline_aa",
+    "decode:b1",
+  ]
+
+
+def test_aa_control_flags_a_slowed_second_baseline(
+  tmp_path, monkeypatch, capsys
+):
+  fake = FakeRuntime(slow={"baseline_aa": 1.1})
+  monkeypatch.setattr(sd_bench, "_run_one", fake)
+  res = sd_bench.run_benchmark(_settings(tmp_path))
+  aa = res["aa_control"]["fast"]
+  assert aa["ratio"] == pytest.approx(1 / 1.1)
+  assert aa["reliable"] is False and res["reliable"] is False
+  assert "A/A control on the fast runtime" in capsys.readouterr().err
+  report = (tmp_path / "bench" / "report.md").read_text()
+  assert "UNRELIABLE RUN" in report
+  with open(tmp_path / "bench" / "results.json") as f:
+    assert json.load(f)["reliable"] is False
+  # The method's own speedup is not touched by the control's copy.
+  assert res["aggregate"]["decode:b1"]["speedup"] == pytest.approx(1.0)
+
+
+def test_new_shape_cost_is_warm_up_not_timing(tmp_path, monkeypatch):
+  """A new prompt length costs 50 ms once; it lands in the warm-up count.
+
+  Samples of lengths 4, 4, 5, 5, 6, 4 in groups a, a, b, b, c, c.
+  """
+  lengths, groups = [4, 4, 5, 5, 6, 4], "aabbcc"
+
+  def prompts(num, prompt_len, vocab_size, seed):
+    return [
+      {"id": f"s{i}", "question": "", "input_ids": [3] * n, "group": g}
+      for i, (n, g) in enumerate(zip(lengths, groups, strict=True))
+    ][:num]
+
+  monkeypatch.setattr(sd_bench, "random_prompts", prompts)
+  fake = FakeRuntime(shape_extra=50.0)
+  monkeypatch.setattr(sd_bench, "_run_one", fake)
+  res = sd_bench.run_benchmark(_settings(tmp_path, shape_warmup=True))
+  timed = [r["total_ms"] for recs in res["per_sample"].values() for r in recs]
+  assert timed == [10.0] * len(timed)
+  assert [w["id"] for w in res["shape_warmups"]] == ["s0", "s2", "s4"]
+  report = (tmp_path / "bench" / "report.md").read_text()
+  assert "3 samples of a new shape" in report
+  # CIs resample the samples file's groups, and say so.
+  assert res["config"]["ci_resampling"] == "group"
+  assert res["config"]["num_groups"] == 3
+  assert "resampling whole groups (3 groups" in report
+  assert [r["group"] for r in res["per_sample"]["baseline"]] == list(groups)
+
+
+def _rec(total, group=None, base=False):
+  r = {
+    "tokens": [1] * 4,
+    "prefill_ms": 1.0,
+    "decode_ms": total - 1.0,
+    "total_ms": total,
+    "drafted": 0 if base else 8,
+    "accepted": 0 if base else 4,
+    "verify_iterations": 0 if base else 2,
+    "per_iteration": [] if base else [["decode", 4, 2], ["decode", 4, 2]],
+    "phases": {},
+    "overlap": None,
+    "first_draft_match": None,
+    "match": True,
+  }
+  if group is not None:
+    r["group"] = group
+  return r
+
+
+def test_group_bootstrap_is_wider_with_a_repeated_scene():
+  """One scene asked 7 times is one scene: by group its CI is wider."""
+  totals = [5.0, 8.0, 10.0, 12.0, 9.0, 7.0] + [5.0] * 6
+  groups = [f"scene{i}" for i in range(6)] + ["scene0"] * 6
+
+  def width(grouped):
+    g = groups if grouped else [None] * len(groups)
+    recs = [_rec(t, x) for t, x in zip(totals, g, strict=True)]
+    base = [_rec(10.0, x, base=True) for x in g]
+    a = sd_results.aggregate(recs, base, n_boot=2000, seed=0)
+    assert a["speedup"] == pytest.approx(len(totals) * 10.0 / sum(totals))
+    lo, hi = a["speedup_ci95"]
+    return hi - lo
+
+  per_sample, by_group = width(False), width(True)
+  assert by_group > 1.5 * per_sample
+  assert sd_results.groups_of([_rec(1.0)]) is None
+  assert list(sd_results.groups_of([_rec(1.0, "x")])) == ["x"]
+
+
+def test_cost_model_uses_measured_tau():
+  """tau = (accepted + verifications) / verifications, not a formula."""
+  recs = [_rec(10.0)]  # 2 verifications of 4 drafts, 2 accepted each
+  costs = {"relative": {"c": {"decode:b1": 0.1}, "v": 1.2}}
+  m = sd_results.cost_model(recs, costs, "decode:b1", measured=1.25)
+  assert m["tau"] == pytest.approx(3.0)  # 1 + g alpha = 1 + 4 * 0.5
+  assert m["drafts_per_verification"] == pytest.approx(4.0)
+  assert m["decode_speedup"] == pytest.approx(3.0 / (4 * 0.1 + 1.2))
+  assert m["relative_error"] == pytest.approx(m["decode_speedup"] / 1.25 - 1)
+  assert np.isfinite(m["alpha"]) and m["alpha"] == pytest.approx(0.5)
+  assert sd_results.cost_model([_rec(10.0, base=True)], costs, "x", 1.0) is None

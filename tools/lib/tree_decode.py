@@ -1,0 +1,486 @@
+"""Draft-tree speculative decoding for the decode adapters (L5, B1, L5F).
+
+`tree:A` grows an EAGLE-2 dynamic tree (tools/lib/tree.py) with the decode
+adapter A every iteration, verifies all its nodes in one target forward (a
+tree attention mask and tree position ids over the target's KV cache) and
+keeps the longest accepted path; `two_phase_tree:P+A` verifies the prefill
+drafts of P first (a chain), then grows trees with A. Lossless: the tokens
+are the target's greedy tokens.
+
+What each model is fed in one iteration with n accepted tokens (h[t] and
+h_d[t] as in tools/lib/sd_engine.py; token n-1, the root, is not yet fed):
+
+* adapter, catch-up: positions fed..n-1 with true inputs (causal); its
+  output at n-1 gives the depth-1 candidates.
+* drafter (L5, L5F): catch-up to token n-2, then the root token (state
+  h_d[n]); then, for each depth d = 1 .. depth-2, the k frontier tokens of
+  depth d in one forward, each reading the prefix and its ancestors.
+* adapter runs: the root run at position n (inputs h_d[n] / its own output
+  at n-1), then one run per depth d = 1 .. depth-2 at position n + d on the
+  frontier (h_d of the node / the parent run's output). A run on a node
+  gives its children's children: these adapters predict the state one
+  token late. B1 reads no tokens, so its runs are one row per depth.
+* target: root + tree nodes, slots P..P+T-1, positions P + depth.
+
+After the verification every cache keeps exactly the accepted path's
+entries, moved to the slots a token-by-token decode of the path would have
+filled: the target all of them; the drafter the root and the path nodes it
+was fed; the adapter its true positions (< n for B1 / L5F, whose inputs
+beyond n are its own predictions; for L5 the root and path runs, up to
+position n + accepted - 1, like the chain).
+
+Span names: target_verify_tree[T], draft_decode_tree (one per depth),
+adapter:NAME (every adapter call), and the chain ones of sd_engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from egpt_align.models import get_spec
+from tools.lib import static_kv
+from tools.lib import tree as tr
+
+METHOD_KINDS = ("tree", "two_phase_tree")
+
+
+def extra_positions(cfg) -> int:
+  """Cache positions a tree iteration may use beyond the accepted tokens."""
+  return max(cfg.tree_nodes, (cfg.tree_depth - 1) * cfg.tree_topk + 1)
+
+
+class TreeAdapter:
+  """A decode adapter's tree steps on static buffers, top-k log-probs out.
+
+  `step(inputs, slots, positions, allowed)` decodes [1, T, D] inputs into
+  cache `slots` at table `positions`, each query reading the slots set in
+  `allowed` [T, max_len]; returns (outputs [T, D], log-probs [T, K],
+  tokens [T, K]) of the target's LM head (the first `vocab` ids). On CUDA
+  every length in `lengths` is a captured graph; lengths 1 and K (the
+  catch-up after a full accept and a depth's run) are compiled.
+  """
+
+  def __init__(
+    self,
+    module: torch.nn.Module,
+    lm_head: torch.Tensor,
+    num_inputs: int,
+    max_len: int,
+    *,
+    topk: int,
+    vocab: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    lengths=(),
+    compile_step: bool = True,
+  ):
+    self.module = module
+    self.lm_head = lm_head.detach()
+    self.num_inputs = num_inputs
+    self.topk, self.vocab = topk, vocab
+    self.device, self.dtype = torch.device(device), dtype
+    self.k, self.v = module.static_cache(max_len, device, dtype)
+    self.max_len = int(max_len)
+    self.keys = torch.arange(self.max_len, device=self.device)
+    self.mode = "eager"
+    self._compiled = None
+    self.graphs = static_kv.capture_steps(self, lengths, compile_step)
+
+  def _set_compiled(self, compiled: bool) -> None:
+    self._compiled = (
+      static_kv.cuda_compile(self._step, self.device, True)
+      if compiled
+      else None
+    )
+
+  def _example(self, steps: int) -> tuple:
+    dim = self.k.shape[2] * self.k.shape[4]
+    x = torch.zeros((1, steps, dim), dtype=self.dtype, device=self.device)
+    slots = self.max_len - steps + self.keys[:steps]
+    allowed = self.keys[None] <= slots[:, None]
+    return (slots, slots.clone(), allowed) + tuple(
+      x.clone() for _ in range(self.num_inputs)
+    )
+
+  @torch.inference_mode()
+  def _forward(self, slots, positions, allowed, *inputs):
+    if self._compiled is not None and inputs[0].shape[1] in (1, self.topk):
+      return self._compiled(slots, positions, allowed, *inputs)
+    return self._step(slots, positions, allowed, *inputs)
+
+  def _step(self, slots, positions, allowed, *inputs):
+    y = self.module.static_step(
+      *inputs,
+      k_cache=self.k,
+      v_cache=self.v,
+      positions=positions,
+      slots=slots,
+      mask=allowed,
+    )[0]
+    logits = F.linear(y.to(self.lm_head.dtype), self.lm_head)
+    if self.vocab is not None:
+      logits = logits[:, : self.vocab]
+    logp = torch.log_softmax(logits.float(), dim=-1).clamp(max=0.0)
+    top = logp.topk(self.topk, dim=-1)
+    return y, top.values, top.indices
+
+  def step(self, inputs, slots, positions, allowed):
+    return self.graphs(inputs[0].shape[1], slots, positions, allowed, *inputs)
+
+  def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copies the K/V entries at slots `src` to slots `dst`."""
+    static_kv.move_slots((self.k, self.v), src, dst)
+
+
+def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
+  """The adapter's TreeAdapter, built once per size (kept by `models`)."""
+  module = adapter.module
+  if not callable(getattr(module, "static_step", None)):
+    raise ValueError(
+      f"adapter {adapter.name!r}: draft trees need the module's "
+      "static_step (the L5 / B1 / L5F twins have it)"
+    )
+  width = cfg.tree_topk if "source" in get_spec(adapter.kind).inputs else 1
+  need = cfg.max_new_tokens + 2 + (cfg.tree_depth - 1) * width
+  cap = getattr(module, "max_seq_len", need)
+  if need > cap:
+    raise ValueError(
+      f"adapter {adapter.name!r}: a tree needs {need} adapter positions "
+      f"(max_new_tokens + 2 + (tree_depth - 1) * {width}), its table has "
+      f"{cap}; lower --max_new_tokens, --tree_depth or --tree_topk"
+    )
+  key = ("tree_adapter", adapter.name, vocab, cfg.tree_topk, fast)
+  ta = models._static.get(key)
+  if ta is not None and ta.max_len >= need:
+    return ta
+  models._static.pop(key, None)
+  steps = max(cfg.tree_depth, cfg.k_prefill) + 2
+  ta = TreeAdapter(
+    module,
+    models.head_on(adapter.device),
+    len(get_spec(adapter.kind).inputs),
+    min(static_kv.static_length(need), cap),
+    topk=cfg.tree_topk,
+    vocab=vocab,
+    device=adapter.device,
+    dtype=adapter.dtype,
+    lengths=set(range(1, steps + 1)) | {cfg.tree_topk} if fast else (),
+    compile_step=models.compile_layers and fast,
+  )
+  models._static[key] = ta
+  models.fast_notes[f"tree_adapter:{adapter.name}"] = f"static ({ta.mode})"
+  return ta
+
+
+def _rows_with(vis: torch.Tensor, rows, slots) -> torch.Tensor:
+  """vis[rows] with each row's own slot set (a node reads itself)."""
+  allowed = vis[rows].clone()
+  allowed[torch.arange(slots.shape[0], device=slots.device), slots] = True
+  return allowed
+
+
+class TreeProposer:
+  """tree:ADAPTER: grows one draft tree per iteration (module docstring)."""
+
+  def __init__(self, adapter, target, drafter, steps: TreeAdapter, timer, cfg):
+    self.a, self.t, self.d = adapter, target, drafter
+    self.steps = steps
+    self.timer = timer
+    self.inputs = get_spec(adapter.kind).inputs
+    self.src = "source" in self.inputs
+    if self.src and drafter is None:
+      raise ValueError(f"adapter {adapter.name!r} needs a drafter (--draft)")
+    self.depth, self.topk, self.nodes = (
+      cfg.tree_depth,
+      cfg.tree_topk,
+      cfg.tree_nodes,
+    )
+    self.width = self.topk if self.src else 1
+    self.fed = 0  # leading adapter positions fed with true inputs
+    self.hbuf = None  # drafter states of the runs [depth, width, D]
+    if self.src and drafter.lm is not None:
+      drafter.lm.capture_tree([self.topk])
+
+  @classmethod
+  def create(cls, ctx) -> TreeProposer:
+    """The proposer of one run (a `DraftContext`; tools/lib/sd_proposers.py)
+    with the method's last (decode) adapter and the run's SDConfig."""
+    cfg, ad = ctx.config, ctx.adapters[-1]
+    src = "source" in get_spec(ad.kind).inputs
+    vocab = ctx.drafter.vocab if src else None
+    steps = tree_adapter(ctx.models, ad, cfg, vocab, ctx.fast)
+    lm = ctx.target.lm
+    if lm is not None:
+      lm.capture_tree(
+        {
+          tr.tree_size(d, cfg.tree_topk, cfg.tree_nodes)
+          for d in range(1, cfg.tree_depth + 1)
+        }
+      )
+    drafter = ctx.drafter if src else None
+    return cls(ad, ctx.target, drafter, steps, ctx.timer, cfg)
+
+  def _adapter(self, slots, positions, allowed, srcs, tgts):
+    a = self.a
+    args = [
+      x
+      for x, name in ((srcs, "source"), (tgts, "target"))
+      if name in self.inputs
+    ]
+    args = [x.to(a.device, a.dtype).reshape(1, -1, x.shape[-1]) for x in args]
+    with self.timer.span(f"adapter:{a.name}", a.device, units=slots.shape[0]):
+      return self.steps.step(args, slots, positions, allowed)
+
+  def propose(self, tokens: list[int], budget: int) -> tr.Tree:
+    n = len(tokens)
+    depth = min(self.depth, budget)
+    p0 = self.fed
+    srcs = tgts = None
+    if self.src:
+      self.d.sync_to(tokens)
+      self.d.catch_up(tokens, n - 1, self.t.tokens_dev)
+      srcs = self.d.states[p0:n]
+    if "target" in self.inputs:
+      tgts = self.t.states[p0:n]
+    pos = p0 + self.steps.keys[: n - p0]
+    allowed = self.steps.keys[None] <= pos[:, None]
+    y, vals, toks = self._adapter(pos, pos, allowed, srcs, tgts)
+    self.fed = n
+    self.n, self.y, self.last = n, y[-1:], tokens[-1]
+    nodes = tr.tree_size(depth, self.topk, self.nodes)
+    root = self.t.tokens_dev[n - 1 : n].to(self.a.device)
+    self.tree = tr.grow(
+      root,
+      (vals[-1], toks[-1]),
+      self._run,
+      depth=depth,
+      topk=self.topk,
+      nodes=nodes,
+    ).to(self.t.device)
+    return self.tree
+
+  def _run(self, level: int, tokens: torch.Tensor, rows: torch.Tensor):
+    """The drafter (if read) and the adapter on one depth's frontier."""
+    n, keys = self.n, self.steps.keys
+    src = None
+    if level == 0:
+      pos = keys[n : n + 1]
+      allowed = keys[None] <= pos[:, None]
+      tgt = self.y
+      if self.src:
+        d = self.d
+        d.feed(tokens, host=[self.last])
+        src = d.states[n : n + 1]
+        self.start = d.base + n - 1  # the drafter's root slot
+        width = (
+          d.lm.max_len
+          if d.lm is not None
+          else (self.start + 1 + max(self.depth - 2, 0) * self.width)
+        )
+        dkeys = torch.arange(width, device=d.device)
+        self.vis_d = (dkeys <= self.start)[None]
+        if self.hbuf is None:
+          self.hbuf = d.states.new_empty(
+            (self.depth, self.width, d.states.shape[-1])
+          )
+    else:
+      width = self.width
+      rows = rows if width > 1 else rows[:1] * 0
+      first = n + 1 + (level - 1) * width
+      slots = keys[first : first + width]
+      pos = torch.full_like(slots, n + level)
+      allowed = _rows_with(self.vis_a, rows, slots)
+      tgt = self.y[rows]
+      if self.src:
+        src = self._feed_drafter(level, tokens, rows)
+    y, vals, toks = self._adapter(
+      pos if level == 0 else slots, pos, allowed, src, tgt
+    )
+    self.vis_a = allowed
+    self.y = y
+    return vals, toks
+
+  def _feed_drafter(self, level, tokens, rows) -> torch.Tensor:
+    """Feeds one depth's frontier tokens to the drafter; their states."""
+    d, width = self.d, self.width
+    first = self.start + 1 + (level - 1) * width
+    slots = torch.arange(first, first + width, device=d.device)
+    pos = torch.full_like(slots, self.start + level)
+    allowed = _rows_with(self.vis_d, rows.to(d.device), slots)
+    self.vis_d = allowed
+    ids = tokens.to(d.device).reshape(1, -1)
+    with self.timer.span("draft_decode_tree", d.device, units=width):
+      if d.lm is not None:
+        h, _ = d.lm.tree_step(ids, slots, pos, allowed)
+      else:
+        end = first + width
+        h, _, d.cache = d.b.forward(
+          input_ids=ids,
+          past_key_values=d.cache,
+          attention_mask=tr.hf_tree_mask(allowed[:, :end], d.b.dtype),
+          position_ids=pos[None],
+          logits_to_keep=1,
+        )
+        h = h[0]
+    self.hbuf[level] = h
+    return h
+
+  def after_verify(self, tokens, n, path, runs, depths) -> None:
+    """Keeps the accepted path's entries (module docstring)."""
+    tree = self.tree
+    offs = [
+      -1 if r < 0 or i == 0 else 1 + (depths[i] - 1) * self.width + r
+      for i, r in enumerate(runs)
+    ]
+    root_run = int(tree.depth >= 2)
+    moved = tr.moved_depth(path, offs)
+    accepted = len(path) - 1
+    if "target" in self.inputs:
+      self.fed = n
+    else:
+      self.fed = n + min(root_run + moved, accepted)
+      src, dst = tr.path_moves(path[: self.fed - n], offs)
+      if src:
+        dev = self.steps.device
+        self.steps.move(
+          torch.tensor(src, device=dev) + n, torch.tensor(dst, device=dev) + n
+        )
+    if self.src:
+      self._keep_drafter(tokens, n, path[: 1 + moved], offs, root_run, moved)
+
+  def _keep_drafter(self, tokens, n, path, offs, root_run, moved) -> None:
+    d = self.d
+    fed = n - 1 + root_run + moved
+    src, dst = tr.path_moves(path, offs)
+    if moved:
+      levels = torch.arange(1, moved + 1, device=d.device)
+      rows = torch.tensor([offs[v] - 1 for v in path[1:]], device=d.device)
+      rows = rows - (levels - 1) * self.width
+      d.states[n + 1 : n + 1 + moved] = self.hbuf[levels, rows]
+    if d.lm is not None:
+      if src:
+        s = torch.tensor(src, device=d.device) + self.start
+        d.lm.move_entries(s, torch.tensor(dst, device=d.device) + self.start)
+    elif root_run:
+      d.cache = tr.move_cache_entries(
+        d.cache,
+        [self.start + s for s in src],
+        [self.start + x for x in dst],
+        d.base + fed,
+      )
+    d.fed_ids()
+    d.fed_host = list(tokens[:fed])
+    d.num_fed = fed
+    d.next_token = None
+    d.sync_to(tokens)
+
+
+# ----------------------------------------------------------------------------
+# Verification and the decode loop.
+
+
+def verify(target, tree: tr.Tree):
+  """One target forward over the tree; returns (hidden [T, D], greedy [T])."""
+  if tree.chain:
+    k = tree.size - 1
+    name = f"target_verify[{k + 1}]" if k else "target_decode"
+    return target.forward(tree.tokens.view(1, -1), name)
+  start, size = target.length, tree.size
+  slots = start + torch.arange(size, device=target.device)
+  pos = start + tree.depths
+  ids = tree.tokens.view(1, -1)
+  with target.timer.span(
+    f"target_verify_tree[{size}]", target.device, units=size
+  ):
+    if target.lm is not None:
+      allowed = tr.tree_allowed(tree, start, target.lm.max_len)
+      h, g = target.lm.tree_step(ids, slots, pos, allowed)
+    else:
+      allowed = tr.tree_allowed(tree, start, start + size)
+      h, logits, target.cache = target.b.forward(
+        input_ids=ids,
+        past_key_values=target.cache,
+        attention_mask=tr.hf_tree_mask(allowed, target.b.dtype),
+        position_ids=pos[None],
+      )
+      h, g = h[0], logits[0].argmax(-1)
+  target.length += size
+  return h, g
+
+
+def keep_path(target, path: list[int], start: int) -> None:
+  """The target's cache keeps the prefix, the root and the accepted path."""
+  src, dst = tr.path_moves(path)
+  keep = start + len(path)
+  if target.lm is not None:
+    if src:
+      s = torch.tensor(src, device=target.device) + start
+      target.lm.move_entries(s, torch.tensor(dst, device=target.device) + start)
+  else:
+    target.cache = tr.move_cache_entries(
+      target.cache, [start + s for s in src], [start + d for d in dst], keep
+    )
+  target.length = keep
+
+
+def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
+  """Greedy SD with one draft tree per iteration (see sd_engine's loop)."""
+  tokens = [y0]
+  m = cfg.max_new_tokens
+  done = y0 in eos or m == 1
+  while not done:
+    n = len(tokens)
+    budget = m - n - 1  # tree depth that can still be followed by a token
+    root = target.tokens_dev[n - 1 : n]
+    phase = "decode"
+    if first is not None and first.drafts is not None:
+      drafts, phase = first.take(budget), "prefill"
+      if drafts is not None and drafts.numel() == 0:
+        drafts = None
+      tree = tr.chain_tree(root, drafts)
+    elif proposer is not None and budget > 0:
+      tree = proposer.propose(tokens, budget)
+    else:
+      tree = tr.chain_tree(root, None)
+    start = target.length
+    h, g = verify(target, tree)
+    k = tree.size - 1
+    parts = [tree.tokens, g]
+    if not tree.chain:
+      parts += [tree.parents, tree.depths, tree.runs]
+    host = torch.cat([p.to(target.device) for p in parts]).tolist()  # sync
+    toks, greedy = host[: k + 1], host[k + 1 : 2 * k + 2]
+    if tree.chain:
+      parents = list(range(-1, k))
+    else:
+      parents = host[2 * k + 2 : 3 * k + 3]
+      depths, runs = host[3 * k + 3 : 4 * k + 4], host[4 * k + 4 :]
+    path = tr.accept_path(toks, parents, greedy)
+    new = [toks[i] for i in path[1:]] + [greedy[path[-1]]]
+    for i, t in enumerate(new):
+      if t in eos:
+        new = new[: i + 1]
+        done = True
+        break
+    if len(new) > m - n:
+      raise AssertionError("budget overrun")  # depth <= m - n - 1
+    idx = torch.tensor(path[: len(new)], device=target.device)
+    target.states[n : n + len(new)] = h[idx]
+    target.tokens_dev[n : n + len(new)] = g[idx]
+    tokens.extend(new)
+    result.iterations += 1
+    if k:
+      kept = min(len(path) - 1, len(new))
+      result.drafted += k
+      result.accepted += kept
+      result.verify_iterations += 1
+      result.per_iteration.append((phase, k, kept))
+    if len(tokens) >= m:
+      done = True
+    if done:
+      break
+    keep_path(target, path, start)
+    if phase == "decode" and proposer is not None and not tree.chain:
+      proposer.after_verify(tokens, n, path, runs, depths)
+  return tokens
