@@ -187,7 +187,7 @@ def check_param_shapes(
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
   shapes = [
-    f"{k} {tuple(have[k])} != {tuple(want[k])}"
+    f"{k}: {tuple(have[k])} != {tuple(want[k])}"
     for k in sorted(set(want) & set(have))
     if want[k] is not None and tuple(have[k]) != tuple(want[k])
   ]
