@@ -12,6 +12,7 @@ the lock: process 0 takes it and tells the others whether it got it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
+from absl import logging
 
 LOCK_FILE = ".lock"
 
@@ -35,8 +37,9 @@ def _holder(fd: int) -> str:
   return text or "holder unknown"
 
 
-def _lock(path: str) -> int:
-  """An open fd of `path` holding an exclusive flock; WorkdirBusy if taken."""
+def _lock(path: str) -> int | None:
+  """An open fd of `path` holding an exclusive flock; WorkdirBusy if taken
+  (None, with a warning, on a filesystem without flock)."""
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -48,6 +51,17 @@ def _lock(path: str) -> int:
       f"{workdir} is in use by another training run ({holder}; lock "
       f"{path}); wait for it to end or pass another --workdir"
     ) from None
+  except OSError as e:
+    os.close(fd)
+    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+      raise
+    logging.warning(
+      "%s: the filesystem does not support flock (%s); nothing stops a "
+      "second training run on this workdir",
+      path,
+      e.strerror,
+    )
+    return None
   except BaseException:
     os.close(fd)
     raise
