@@ -6,6 +6,8 @@ Layout under a run's workdir:
   WORKDIR/checkpoints/<step>/state     TrainState(step, params, opt_state)
   WORKDIR/checkpoints/<step>/meta      JSON: epoch, early-stopping counters,
                                        best metric, history, seed, config
+  WORKDIR/checkpoints_broken/<step>    checkpoints that did not restore on
+                                       resume, set aside (restore_newest_intact)
 
 Epoch-end checkpoints carry the validation loss as their orbax metric; the
 preservation policy keeps the newest checkpoint (for resume) and the one with
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +36,7 @@ from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
+BROKEN_DIR = "checkpoints_broken"  # steps that did not restore, set aside
 CONFIG_FILE = "config.json"
 METRIC = "val_loss"
 
@@ -145,6 +149,57 @@ class Checkpointer:
     )
     return restored["state"], dict(restored["meta"])
 
+  def restore_newest_intact(self, abstract_state: Any) -> tuple[int, Any, dict]:
+    """(step, state, meta) of the newest checkpoint that restores.
+
+    A newer one that does not (files deleted or cut short outside orbax) is
+    moved to WORKDIR/checkpoints_broken/STEP with a warning, so that later
+    saves can take its step again. With none intact, a ValueError names each
+    and what to do. Every process agrees on the step.
+    """
+    broken = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        error = None
+      except Exception as e:  # noqa: BLE001 -- orbax raises bare Exception
+        error = " ".join(str(e).split())[:300] or type(e).__name__
+      if _everywhere(error is None):
+        self._set_aside(broken, step)
+        return step, state, meta
+      broken.append((step, error or "it does not restore on another process"))
+    listed = "; ".join(f"step {k}: {e}" for k, e in broken)
+    raise ValueError(
+      f"no checkpoint in {self.directory} restores ({listed}); delete "
+      f"{self.directory} to start over, or train in a new workdir"
+    )
+
+  def _set_aside(self, broken: list[tuple[int, str]], resumed: int) -> None:
+    """Moves broken step directories out of orbax's sight (process 0)."""
+    if not broken:
+      return
+    root = os.path.join(os.path.dirname(self.directory), BROKEN_DIR)
+    for step, error in broken:
+      dest = os.path.join(root, str(step))
+      if jax.process_index() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(dest):
+          dest += f".{int(time.time())}"
+        os.replace(os.path.join(self.directory, str(step)), dest)
+      absl_logging.warning(
+        "checkpoint step %d does not restore (%s): moved to %s; resuming "
+        "from step %d, the newest intact checkpoint",
+        step,
+        error,
+        dest,
+        resumed,
+      )
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("checkpoints set aside")
+    self.manager.reload()
+
   def restore_meta(self, step: int) -> dict:
     restored = self.manager.restore(
       step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -176,6 +231,16 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _everywhere(ok: bool) -> bool:
+  """True when `ok` holds on every process."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.int32(ok))
+  return bool(np.all(np.asarray(flags)))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

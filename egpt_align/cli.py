@@ -13,9 +13,11 @@ too.
 from __future__ import annotations
 
 import ast
+import difflib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -63,13 +65,66 @@ def fail(message: str) -> NoReturn:
   sys.exit(EXIT_USER_ERROR)
 
 
-def _config_error(error: BaseException) -> str:
-  # ml_collections: "'batch_sise'\nDid you mean "batch_size" instead of ...".
-  message = one_line(error)
-  key, _, hint = message.partition(" Did you mean")
-  if hint:
-    return f"no config key {key}; did you mean{hint}"
-  return f"bad --config override: {message}"
+def _suggestions(word: str, keys: Sequence[str]) -> list[str]:
+  """Keys `word` may have meant: by initials ('lr' for learning_rate), then
+  difflib's close matches."""
+  head = word.split("_")[0]
+  initials = [
+    k
+    for k in keys
+    if len(head) > 1 and "".join(w[:1] for w in k.split("_")) == head
+  ]
+  close = difflib.get_close_matches(word, keys, n=3, cutoff=0.5)
+  return list(dict.fromkeys(initials + close))[:3]
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
+  """'no config key ...; did you mean ...' for the first override whose key
+  the loaded config lacks (None if every key exists)."""
+  # absl leaves the flag unparsed when an override fails: load the file anew.
+  path = None
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif arg.startswith("--config="):
+      path = arg.removeprefix("--config=")
+  if path is None or "config" not in flags.FLAGS:
+    return None
+  try:
+    config = flags.FLAGS["config"].parser.parse(path)
+  except Exception:  # noqa: BLE001 -- the file's own error is reported
+    return None
+  if not hasattr(config, "keys"):  # ml_collections' deferred load error
+    return None
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg.removeprefix("--config.").partition("=")[0]
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+      if not hasattr(node, "keys"):
+        break  # a leaf given sub-keys: ml_collections' message says more
+      keys = list(node.keys())
+      if part in keys:
+        node = node[part]
+        continue
+      prefix = "".join(f"{p}." for p in parts[:depth])
+      message = f"no config key '{key}' ({arg})"
+      guesses = _suggestions(part, keys)
+      if guesses:
+        names = " or ".join(f'"{prefix}{g}"' for g in guesses)
+        return f"{message}; did you mean {names}?"
+      where = f"config.{prefix[:-1]}" if prefix else "the config"
+      return f"{message}; {where} has {', '.join(sorted(keys))}"
+  return None
+
+
+def _config_error(error: BaseException, argv: Sequence[str]) -> str:
+  unknown = _unknown_override(argv)
+  if unknown:
+    return unknown
+  return f"bad --config override: {one_line(error)}"
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -77,21 +132,45 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    raise UserError(one_line(e)) from e
+    raise UserError(_unknown_override(argv) or one_line(e)) from e
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # Raised by ml_collections while applying --config.KEY=VALUE.
-    raise UserError(_config_error(e)) from e
+    raise UserError(_config_error(e, argv)) from e
+  except OSError as e:  # an override applied to a config that did not load
+    raise UserError(_load_error(e)) from e
   if "config" in flags.FLAGS and flags.FLAGS["config"].present:
     try:  # ml_collections defers a config file's load error to first use.
       flags.FLAGS["config"].value.keys  # noqa: B018
     except OSError as e:
-      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-      raise UserError(f"--config: {lines[-1]}") from e
+      raise UserError(_load_error(e)) from e
   return rest
+
+
+def _load_error(error: OSError) -> str:
+  """'--config: <why>' from ml_collections' multi-line load failure."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f"--config: {lines[-1]}"
 
 
 def _traceback_wanted() -> bool:
   return os.environ.get("EGPT_ALIGN_TRACEBACK", "") not in ("", "0")
+
+
+def exit_now(error: BaseException) -> NoReturn:
+  """Reports `error` and leaves with os._exit, skipping exit handlers.
+
+  For one process of several, whose normal exit would wait in
+  jax.distributed's shutdown for peers: a user error is one `error:` line
+  (status 2), anything else its traceback (status 1).
+  """
+  if isinstance(error, USER_ERRORS) and not _traceback_wanted():
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    code = EXIT_USER_ERROR
+  else:
+    traceback.print_exception(error)
+    code = 1
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def run_absl(main: Callable[[list[str]], Any]) -> None:

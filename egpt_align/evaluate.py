@@ -151,6 +151,19 @@ def _select(indices, n_total, data_path, subset, max_samples):
   return indices, subset
 
 
+def run_data(config, workdir: str):
+  """(data, hold-out indices or None) a run is evaluated on by default.
+
+  Its data.test, else data.val, else the trainer's own hold-out of
+  data.train (synthetic data included), as an opened dataset.
+  """
+  data = config.data.get("test") or config.data.get("val")
+  if data:
+    return data, None
+  _, _, dataset, holdout = splits.open_data(config, workdir)
+  return dataset, holdout
+
+
 def evaluate(
   data=None,
   *,
@@ -186,13 +199,10 @@ def evaluate(
     if lm_head is None and config.get("lm_head"):
       lm_head = config.lm_head
     if data is None:
-      data = config.data.get("test") or config.data.get("val")
-      if not data:
-        # The trainer's own hold-out of data.train (synthetic data included).
-        _, _, data, holdout = splits.open_data(config, workdir)
-        if indices is None:
-          indices = holdout
-          subset = f"validation hold-out of data.train ({len(holdout)})"
+      data, holdout = run_data(config, workdir)
+      if holdout is not None and indices is None:
+        indices = holdout
+        subset = f"validation hold-out of data.train ({len(holdout)})"
   t_start = time.perf_counter()
   if params is None:
     raise ValueError(
@@ -209,6 +219,17 @@ def evaluate(
   dataset, data_path = _open(data)
 
   spec = models.get_spec(adapter)
+  cross_model = "source" in spec.inputs
+  # Before the device loop: a bad --bench_json costs no evaluation.
+  costs = speedup_lib.resolve_costs(
+    spec.name,
+    settings.gamma,
+    bench_json=settings.bench_json,
+    draft_cost=settings.draft_cost,
+    verify_cost=settings.verify_cost,
+    # Cross-model adapters draft through the drafter's own decode.
+    fallback="drafter" if cross_model else None,
+  )
   overrides = dict(overrides or {})
   if overrides.get("hidden_dim") is None:
     overrides["hidden_dim"] = int(dataset.target_dim)
@@ -218,9 +239,15 @@ def evaluate(
   params0 = _init_params(spec, module, dataset, seed)
   fresh = isinstance(params, str) and params == "init"
   params = params0 if fresh else _unwrap(params)
+  if not fresh:
+    set_fields = {k: v for k, v in overrides.items() if v is not None}
+    models.check_param_shapes(
+      f"the parameters do not fit adapter {spec.name!r} ({set_fields})",
+      models.param_shapes(params),
+      models.param_shapes(params0),
+    )
   head = _load_head(lm_head, dataset, data_path)
 
-  cross_model = "source" in spec.inputs
   raw_source = cross_model and dataset.source_dim == dataset.target_dim
   readings = eval_device.readings(spec, raw_source)
   stored_tokens = bool(dataset.has_target_tokens)
@@ -266,15 +293,6 @@ def evaluate(
   t_loop = time.perf_counter() - t_loop
 
   lengths = np.asarray(dataset.lengths)[indices].astype(np.int64)
-  costs = speedup_lib.resolve_costs(
-    spec.name,
-    settings.gamma,
-    bench_json=settings.bench_json,
-    draft_cost=settings.draft_cost,
-    verify_cost=settings.verify_cost,
-    # Cross-model adapters draft through the drafter's own decode.
-    fallback="drafter" if cross_model else None,
-  )
   results, positions, plot_arrays = stats.all_readings(
     arrays,
     readings,
@@ -450,6 +468,32 @@ def _load_npz_params(path: str) -> tuple[str, dict, dict]:
   return name, model_cfg, checkpoint.load_params_npz(stem + ".npz")
 
 
+# What an evaluation directory holds (report.write_outputs); one of these in
+# --out means an earlier evaluation, kept unless --overwrite.
+_OUTPUTS = ("metrics.json", "report.md")
+
+
+def default_out(workdir: str, data: str | None = None) -> str:
+  """The CLI's output directory: RUN/eval_<data name>[_holdout]."""
+  holdout = None
+  if data is None:
+    data, holdout = run_data(checkpoint.read_config(workdir), workdir)
+  path = data if isinstance(data, str | os.PathLike) else data.path
+  name = os.path.basename(os.path.normpath(path))
+  suffix = "_holdout" if holdout is not None else ""
+  return os.path.join(workdir, f"eval_{name}{suffix}")
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  """Refuses to replace an earlier evaluation unless asked to."""
+  found = [f for f in _OUTPUTS if os.path.exists(os.path.join(out, f))]
+  if found and not overwrite:
+    raise cli.UserError(
+      f"{out} already holds an evaluation ({', '.join(found)}); pass "
+      "--overwrite to replace it, or --out DIR to write elsewhere"
+    )
+
+
 def main(argv):
   """absl entry point."""
   del argv
@@ -464,6 +508,8 @@ def main(argv):
     )
   if FLAGS.workdir is None and (FLAGS.data is None or FLAGS.out is None):
     raise cli.UserError("--params/--adapter need --data and --out")
+  out = FLAGS.out or default_out(FLAGS.workdir, FLAGS.data)
+  _check_out(out, FLAGS.overwrite)
   step = FLAGS.step if FLAGS.step is not None else "best"
   costs_note = (
     f"costs from {FLAGS.bench_json}"
@@ -493,7 +539,31 @@ def main(argv):
     kwargs = {"adapter": name, "overrides": overrides, "params": params}
   elif FLAGS.adapter is not None:
     kwargs = {"adapter": FLAGS.adapter, "params": "init"}
-  result = evaluate(
+  try:
+    result = _evaluate_flags(step, kwargs)
+  except models.ParamsMismatch as e:
+    if FLAGS.params is None:
+      raise
+    raise cli.UserError(
+      f"--params {FLAGS.params} (adapter {kwargs['adapter']!r} as its "
+      f"config.json says): {e}"
+    ) from None
+  paths = report.write_outputs(result, out)
+  print(report.summary_text(result))
+  for p in paths:
+    print("wrote", p)
+  t = result.metrics["timing"]
+  print(
+    f"evaluated {result.metrics['data']['num_samples']} samples, "
+    f"{result.metrics['data']['total_valid_positions']} positions: "
+    f"device loop {t['device_loop_s']:.2f} s (compile "
+    f"{t['compile_s']:.2f} s), total {t['evaluate_s']:.2f} s"
+  )
+
+
+def _evaluate_flags(step, kwargs) -> EvalResult:
+  """evaluate() with the command line's data and settings."""
+  return evaluate(
     FLAGS.data,
     workdir=FLAGS.workdir,
     step=step,
@@ -510,22 +580,6 @@ def main(argv):
       pad_multiple=FLAGS.pad_multiple,
     ),
     **kwargs,
-  )
-  data_path = result.metrics["data"]["path"]
-  name = os.path.basename(os.path.normpath(data_path or "data"))
-  if result.metrics["data"]["subset"]:
-    name += "_holdout"
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "eval_" + name)
-  paths = report.write_outputs(result, out)
-  print(report.summary_text(result))
-  for p in paths:
-    print("wrote", p)
-  t = result.metrics["timing"]
-  print(
-    f"evaluated {result.metrics['data']['num_samples']} samples, "
-    f"{result.metrics['data']['total_valid_positions']} positions: "
-    f"device loop {t['device_loop_s']:.2f} s (compile "
-    f"{t['compile_s']:.2f} s), total {t['evaluate_s']:.2f} s"
   )
 
 
@@ -554,6 +608,11 @@ if __name__ == "__main__":
     "lm_head", None, "LM head NAME[.npy] (default: the run's config.lm_head)."
   )
   flags.DEFINE_string("out", None, "Output dir (default RUN/eval_<data>).")
+  flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace an earlier evaluation in the output dir (else refused).",
+  )
   flags.DEFINE_integer("step", None, "Checkpoint step (default: best).")
   flags.DEFINE_string(
     "bench_json", None, "tools/benchmark_sd.py JSON with measured costs."
@@ -583,9 +642,11 @@ if __name__ == "__main__":
   )
   flags.DEFINE_string(
     "compilation_cache",
-    os.path.join("~", ".cache", "egpt_align", "jax"),
+    os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    or os.path.join("~", ".cache", "egpt_align", "jax"),
     "Persistent XLA compilation cache directory: later runs of the same "
-    "adapter and shapes skip compiling ('' = off).",
+    "adapter and shapes skip compiling ('' = off; default "
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/egpt_align/jax).",
   )
   FLAGS = flags.FLAGS
   cli.run_absl(main)

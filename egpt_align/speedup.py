@@ -130,7 +130,12 @@ def costs_from_bench(
   if not isinstance(bench, dict):
     where = os.fspath(bench)
     with open(where) as f:
-      bench = json.load(f)
+      try:
+        bench = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+  if not isinstance(bench, dict):
+    raise ValueError(f"{where}: expected a JSON object (see speedup.py)")
   costs = bench.get("costs")
   if not isinstance(costs, dict):
     raise ValueError(f"{where}: missing object 'costs' (see speedup.py)")

@@ -14,7 +14,8 @@ history.json (the reference's per-epoch keys), training_curves.png and
 checkpoints/ (newest + best by validation loss). Started again on the same
 workdir it resumes exactly where the newest checkpoint left off (same data
 order, RNG and schedule). SIGINT / SIGTERM save a checkpoint and exit
-non-zero.
+non-zero. One run owns a workdir at a time (workdir.py): a second training
+on it is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import functools
 import math
 import os
 import sys
-import traceback
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +40,8 @@ from egpt_align import cli, losses, models, optim, sharding, unroll
 from egpt_align import data as data_lib
 from egpt_align import metric_writer as writer_lib
 from egpt_align import train_state as state_lib
+from egpt_align import workdir as workdir_lib
+from egpt_align.configs import base as base_config
 from egpt_align.data import format as format_lib
 from egpt_align.data import splits
 from egpt_align.preemption import AgreedStop, SignalFlag, TrainingInterrupted
@@ -59,6 +61,11 @@ def _resolve_data(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses a bad config before anything is written (synthetic data)."""
+  try:
+    models.get_spec(config.model.name)
+  except ValueError as e:
+    raise ValueError(f"config.model.name: {e}") from None
   if config.num_epochs < 1:
     raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
   if config.log_every_steps < 1:
@@ -204,9 +211,8 @@ def _zero_sums() -> dict[str, Any]:
 
 
 def _restore(ckpt, workdir, abstract_state, steps_per_epoch):
-  """(state, meta) from the newest checkpoint; checks the epoch length."""
-  latest = ckpt.latest_step()
-  state, meta = ckpt.restore(latest, abstract_state)
+  """(state, meta) of the newest checkpoint that restores; checks epochs."""
+  latest, state, meta = ckpt.restore_newest_intact(abstract_state)
   if meta["steps_per_epoch"] != steps_per_epoch:
     raise ValueError(
       f"{workdir}: the checkpoint was made with {meta['steps_per_epoch']} "
@@ -300,15 +306,22 @@ def train_and_evaluate(
   `devices` restricts the mesh (default: all devices). Multi-process callers
   run `sharding.initialize_multihost()` first (the CLI does, given
   `config.multihost`); every process then calls this with the same config.
+  The run owns the workdir (workdir.owned): a second run on it is refused.
   """
   config = copy.deepcopy(config)
   _resolve_data(config)
   _check_config(config)
   workdir = os.path.abspath(workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.owned(workdir):
+    return _train(config, workdir, devices)
+
+
+def _train(config, workdir: str, devices) -> dict[str, Any]:
+  """train_and_evaluate's body, run while the workdir is owned."""
   is_main = jax.process_index() == 0
   progress = is_main and config.progress_bar
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
 
   mesh = sharding.make_mesh(devices=list(devices) if devices else None)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -346,7 +359,11 @@ def train_and_evaluate(
     format_lib.write_json_atomic(
       os.path.join(workdir, checkpoint_lib.CONFIG_FILE), config.to_dict()
     )
-    logging.info("config:\n%s", config)
+    logging.info(
+      "config (changed from configs/base.py; all of it in %s):\n  %s",
+      checkpoint_lib.CONFIG_FILE,
+      "\n  ".join(base_config.summary(config)),
+    )
 
   # State: fresh, or restored from the newest checkpoint.
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
@@ -611,16 +628,14 @@ def main(argv) -> None:
   except TrainingInterrupted as e:
     logging.error("%s", e)
     sys.exit(128 + e.signum)
-  except Exception:
+  except Exception as e:
     if jax.process_count() == 1:
       raise
     # A normal exit would wait minutes in jax.distributed's shutdown barrier
     # for peers that may be blocked in a collective with this process. Leave
     # now: the coordination service then ends the others within
     # config.distributed.heartbeat_timeout_s.
-    traceback.print_exc()
-    sys.stderr.flush()
-    os._exit(1)
+    cli.exit_now(e)
   if jax.process_index() == 0:
     best = result["best"] or {}
     print(

@@ -140,3 +140,26 @@ def test_base_loads_locked_without_data():
   assert train_state.compute_dtype("auto") == (
     "bfloat16" if jax.default_backend() == "gpu" else "float32"
   )
+
+
+def test_summary_lists_changed_keys_and_the_essentials():
+  """The run's log shows what differs from the base, not all 75 keys."""
+  config = base.get_config()
+  assert base.summary(config) == [
+    f"{k}: {v!r}"
+    for k, v in sorted(
+      {
+        "batch_size": 64,
+        "data.train": None,
+        "data.val": None,
+        "model.name": "l1",
+        "num_epochs": 50,
+        "optim.learning_rate": 1e-3,
+      }.items()
+    )
+  ]
+  config.optim.b2 = 0.99
+  config.model.num_heads = 4  # a placeholder given a value
+  lines = base.summary(config)
+  assert "optim.b2: 0.99" in lines and "model.num_heads: 4" in lines
+  assert len(lines) == 8

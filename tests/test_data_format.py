@@ -82,7 +82,9 @@ def test_round_trip_exact(tmp_path, dtype):
     np.testing.assert_array_equal(got["target_tokens"], s["target_tokens"])
     np.testing.assert_array_equal(got["draft_tokens"], s["draft_tokens"])
     assert got["meta"] == s["meta"]
+    assert ds.meta(i) == s["meta"]  # shards of 4: samples 4.. are in later ones
   assert ds[-1]["meta"]["id"] == "s10"
+  assert ds.meta(-1)["id"] == "s10"
   with pytest.raises(IndexError, match="out of range"):
     ds[11]
 
@@ -309,12 +311,15 @@ def test_length_longer_than_stored(tmp_path):
     data.open_dataset(path)
 
 
-def test_nan_in_stored_shard_found_by_validate(tmp_path):
+@pytest.mark.parametrize("row_in_sample", [0, 1])
+def test_nan_in_stored_shard_found_by_validate(tmp_path, row_in_sample):
   path = _write(str(tmp_path / "ds"), _samples(6))
   f = os.path.join(path, "shard-00001", "source.npy")
   arr = np.load(f)
   ds = data.open_dataset(path)
-  row = int(ds.shards[1].offsets[1]) + 1  # inside shard sample 1 = sample 5
+  # Shard sample 1 = sample 5: its first row (where sample 4 ends) or inside.
+  assert ds.lengths[5] >= 2
+  row = int(ds.shards[1].offsets[1]) + row_in_sample
   arr[row, 3] = np.array(np.nan, ml_dtypes.bfloat16).view(np.uint16)
   _rewrite(path, "shard-00001", "source.npy", arr)
   ds = data.open_dataset(path)  # opening stays cheap: no value scan

@@ -21,6 +21,10 @@ import pytest
 
 from egpt_align import checkpoint
 
+# One worker runs this module (pyproject: --dist loadgroup), so the module's
+# fixtures (the reference run, the stopped run) are made once.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12  # 3 epochs of 4 steps (72 training samples, global batch 16)
 CHECK_EVERY = 3  # config.distributed.stop_check_every_steps
@@ -185,38 +189,67 @@ def reference(tmp_path_factory):
   return _params(run.workdir), _train_losses(run.workdir)
 
 
-def test_two_processes_match_one_and_resume_after_sigterm(reference, tmp_path):
-  # Uninterrupted: 2 processes x 4 devices give the 1 x 8 result.
+def test_two_processes_match_one(reference, tmp_path):
+  """Uninterrupted: 2 processes x 4 devices give the 1 x 8 result."""
   whole = _Run(tmp_path / "two", 2, 4)
   whole.succeed()
   _assert_same_run(whole.workdir, reference)
   assert "training from step 0" in whole.log(0)
   assert "training from step" not in whole.log(1)  # process 0 logs
 
-  # SIGTERM to process 0 only, during its first step (the compile): both
-  # processes stop at the same agreed step and save one checkpoint there.
-  stopped = _Run(tmp_path / "stopped", 2, 4)
-  stopped.wait_for(
-    lambda: "training from step 0" in stopped.log(0), "training started"
-  )
-  stopped.procs[0].send_signal(signal.SIGTERM)
-  codes = stopped.wait()
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+  """(run, k): SIGTERM to process 0 only, during its first step (the
+  compile); both processes stopped at step k."""
+  run = _Run(tmp_path_factory.mktemp("stopped") / "run", 2, 4)
+  run.wait_for(lambda: "training from step 0" in run.log(0), "training started")
+  run.procs[0].send_signal(signal.SIGTERM)
+  codes = run.wait()
   assert codes == [128 + signal.SIGTERM] * 2, (
     codes,
-    stopped.log(0)[-2000:],
-    stopped.log(1)[-2000:],
+    run.log(0)[-2000:],
+    run.log(1)[-2000:],
   )
-  k = _steps(stopped.workdir)[-1]
-  assert 0 < k < STEPS and k % CHECK_EVERY == 0, k
-  assert f"interrupted by signal 15 at step {k}" in stopped.log(1)
+  return run, _steps(run.workdir)[-1]
 
-  # Restarted from step k: as 2 processes, and as 1 process of 8 devices.
-  again = tmp_path / "again"
-  shutil.copytree(stopped.workdir, again)
-  _Run(stopped.workdir, 2, 4).succeed()
-  _assert_same_run(stopped.workdir, reference)
-  _Run(again, 1, 8).succeed()
-  _assert_same_run(again, reference)
+
+def test_sigterm_on_one_process_stops_all_at_one_agreed_step(stopped):
+  run, k = stopped
+  # One checkpoint, at a step where the processes check their flags.
+  assert 0 < k < STEPS and k % CHECK_EVERY == 0, k
+  assert f"interrupted by signal 15 at step {k}" in run.log(1)
+
+
+@pytest.mark.parametrize("processes, devices", [(2, 4), (1, 8)])
+def test_stopped_run_resumes_on_any_process_count(
+  stopped, reference, tmp_path, processes, devices
+):
+  """Restarted from step k, as 2 processes or as 1 of 8 devices: as if
+  never stopped."""
+  run, _ = stopped
+  workdir = tmp_path / "again"
+  shutil.copytree(run.workdir, workdir)
+  _Run(workdir, processes, devices).succeed()
+  _assert_same_run(workdir, reference)
+
+
+def test_a_workdir_in_use_refuses_every_process(tmp_path):
+  """Process 0 finds the workdir locked: both processes exit 2 at once."""
+  from egpt_align import workdir as workdir_lib
+
+  busy = tmp_path / "busy"
+  busy.mkdir()
+  with workdir_lib.owned(str(busy)):
+    run = _Run(busy, 2, 4)
+    codes = run.wait()
+  assert codes == [2, 2], (codes, run.log(0)[-2000:], run.log(1)[-2000:])
+  assert f"in use by another training run (pid {os.getpid()}" in run.log(0)
+  assert "process 0 could not lock it" in run.log(1)
+  for i in (0, 1):
+    errors = [x for x in run.log(i).splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in run.log(i), run.log(i)
+  assert os.listdir(busy) == [workdir_lib.LOCK_FILE]  # nothing written
 
 
 def test_killed_process_ends_the_others(tmp_path):

@@ -7,6 +7,7 @@ LayerNorm), the target is a noisy version, and every metric is recomputed
 here in plain numpy loops.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -463,9 +464,15 @@ def test_cli_writes_report(tmp_path):
   pytest.importorskip("egpt_align.configs.base")
   _, head = _head(tmp_path)
   workdir, path, lengths = _make_run(tmp_path, head)
+  import matplotlib
+
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  # A home of its own: the compilation cache goes to the session's temporary
+  # one (tests/conftest.py), never to the user's ~/.cache/egpt_align/jax.
+  env["MPLCONFIGDIR"] = matplotlib.get_configdir()
+  env["HOME"] = str(tmp_path / "home")
   bench = tmp_path / "bench.json"
   bench.write_text(
     json.dumps(
@@ -496,6 +503,7 @@ def test_cli_writes_report(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"costs from {bench}" in proc.stdout
+  assert not (tmp_path / "home" / ".cache").exists()
   out = os.path.join(workdir, "eval_val_ds")  # RUN/eval_<data name>
   for name in (
     "metrics.json",
@@ -527,6 +535,28 @@ def test_cli_writes_report(tmp_path):
   text = open(os.path.join(out, "report.md")).read()
   assert "untrained adapter" in text and "drafter's own tokens" in text
   assert "![cosine_hist](cosine_hist.png)" in text
+
+  # A second evaluation into the same directory is refused in one line
+  # (before evaluating), unless --overwrite; a bad --bench_json is refused
+  # before the evaluation runs. Neither touches the first report.
+  before = open(os.path.join(out, "metrics.json")).read()
+  again = [sys.executable, "-m", "egpt_align.evaluate", f"--workdir={workdir}"]
+  run = functools.partial(
+    subprocess.run, env=env, capture_output=True, text=True, timeout=300
+  )
+  proc = run(again)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+    f"error: {out} already holds an evaluation (metrics.json, report.md); "
+    "pass --overwrite to replace it, or --out DIR to write elsewhere"
+  )
+  (tmp_path / "bad_bench.json").write_text("{not json")
+  proc = run(again + ["--overwrite", f"--bench_json={tmp_path}/bad_bench.json"])
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {tmp_path}/bad_bench.json: not JSON"), last
+  assert "evaluated" not in proc.stdout and "Traceback" not in proc.stderr
+  assert open(os.path.join(out, "metrics.json")).read() == before
 
 
 def _verdict_metrics(adapter_top1, speedups):
@@ -621,6 +651,45 @@ def test_errors(tmp_path):
       settings=evaluate.EvalSettings(progress=False, pad_multiple=64),
     )
   assert speedup.tokens_per_cycle(1.0, 1) == 2.0
+
+
+def test_bad_inputs_are_refused_before_the_device_loop(tmp_path, monkeypatch):
+  """A bench JSON without costs, or L5 weights under another adapter's name
+  (the L4 forward would ignore pos_embed and run), never reach the loop."""
+  rng = np.random.default_rng(0)
+  sources = [rng.normal(size=(4, D)).astype(np.float32)]
+  path = _write(tmp_path / "ds", sources, sources)
+
+  def no_loop(*args, **kwargs):
+    raise AssertionError("the evaluation ran")
+
+  monkeypatch.setattr(evaluate.eval_device, "run", no_loop)
+  settings = functools.partial(
+    evaluate.EvalSettings, progress=False, pad_multiple=64
+  )
+  (tmp_path / "bench.json").write_text(json.dumps({"runs": []}))
+  with pytest.raises(ValueError, match="bench.json: missing object 'costs'"):
+    evaluate.evaluate(
+      path,
+      adapter="l1",
+      params="init",
+      overrides=L1_OV,
+      settings=settings(bench_json=str(tmp_path / "bench.json")),
+    )
+  _, l5 = _init("l5", L5_OV, 0)
+  l4_ov = {k: v for k, v in L5_OV.items() if k != "max_seq_len"}
+  for name, ov, fragment in (
+    ("l4", l4_ov, "unexpected ['input_norm/bias', 'input_norm/scale', 'pos"),
+    ("l1", L1_OV, "missing ['final_norm/bias'"),
+    ("l5", {**L5_OV, "ffn_dim": 48}, "(32, 64) != (32, 48)"),
+  ):
+    with pytest.raises(models.ParamsMismatch) as info:
+      evaluate.evaluate(
+        path, adapter=name, overrides=ov, params=l5, settings=settings()
+      )
+    message = str(info.value)
+    assert f"do not fit adapter {name!r}" in message, message
+    assert fragment in message, message
 
 
 def test_params_npz_path(tmp_path):

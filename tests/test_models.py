@@ -353,6 +353,8 @@ def np_mha(x, p, num_heads, allowed):
     sl = slice(h * dh, (h + 1) * dh)
     logits = q[..., sl] / math.sqrt(dh) @ np.swapaxes(k[..., sl], -1, -2)
     logits = np.where(allowed, logits, -np.inf)
+    # A query with no allowed key (padding): a uniform softmax, as ours.
+    logits = np.where(allowed.any(-1, keepdims=True), logits, 0.0)
     logits = logits - logits.max(-1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(-1, keepdims=True)
@@ -494,6 +496,35 @@ def test_padding_never_changes_valid_outputs(name, perturbed):
     # Without the mask padding leaks into valid outputs (the reference's D11).
     y2 = np.asarray(_apply(model, params, *garbage))
     assert np.abs(y2[MASK] - y0[MASK]).max() > 1e-3
+
+
+# Left padding and holes: a causal adapter's valid query sees padded keys
+# before it, so only a key mask (not a query mask, nor causality alone) keeps
+# them out.
+HOLES = np.array(
+  [
+    [False, False, True, True, True, True, True],  # left padding
+    [True, False, True, False, False, True, True],  # holes
+    [False, True, True, False, True, False, False],  # both, then right pad
+  ]
+)
+
+
+@pytest.mark.parametrize("name", ["l4", "l5", "b1", "l5f"])
+def test_padding_mask_is_a_key_mask(name, perturbed):
+  """Documented (models/attention.py): the [B, S] mask masks keys."""
+  model, params = perturbed[name]
+  clean = _inputs(name, seed=7)
+  garbage = tuple(
+    np.where(HOLES[..., None], x, 50.0 * g)
+    for x, g in zip(clean, _inputs(name, seed=8), strict=True)
+  )
+  y0 = np.asarray(_apply(model, params, *clean, mask=HOLES))
+  y1 = np.asarray(_apply(model, params, *garbage, mask=HOLES))
+  np.testing.assert_allclose(y1[HOLES], y0[HOLES], rtol=1e-6, atol=1e-6)
+  assert np.all(np.isfinite(y1))
+  ref = np_forward(name, params, clean, HOLES)
+  np.testing.assert_allclose(y0[HOLES], ref[HOLES], rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["l4", "l5", "l5f"])

@@ -24,6 +24,7 @@ from egpt_align import (
   train,
   train_state,
 )
+from egpt_align import workdir as workdir_lib
 from egpt_align.configs import base
 from egpt_align.data import splits, synthetic
 
@@ -142,7 +143,12 @@ def test_one_device_matches_eight(reference_run, tmp_path):
 
 
 def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
-  """Stop at step 4, resume, SIGTERM at step 9, resume: as uninterrupted."""
+  """Stop at step 4, resume, SIGTERM at step 10, resume: as uninterrupted.
+
+  One process stops at the step after the signal whatever
+  config.distributed.stop_check_every_steps is (the check every N steps is
+  for several processes): here 1000, and a step that is no multiple of 10.
+  """
   ref_dir, ref_result, ref_params = reference_run
   workdir = str(tmp_path)
   steps_per_epoch = ref_result["step"] // 2
@@ -154,16 +160,17 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
   def batches_then_sigterm(self, epoch, start_step=0):
     for i, batch in enumerate(original(self, epoch, start_step)):
       yield batch
-      # SIGTERM after the 2nd batch of the 2nd training epoch.
-      if self.shuffle and epoch == 1 and start_step + i == 1:
+      # SIGTERM after the 3rd batch of the 2nd training epoch (step 10).
+      if self.shuffle and epoch == 1 and start_step + i == 2:
         os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(data.InputPipeline, "batches", batches_then_sigterm)
+  rare_checks = {"distributed.stop_check_every_steps": 1000}
   with pytest.raises(train.TrainingInterrupted) as info:
-    train.train_and_evaluate(_tiny_config(), workdir)
+    train.train_and_evaluate(_tiny_config(**rare_checks), workdir)
   assert info.value.signum == signal.SIGTERM
-  # The flag is seen after the step in flight: step 3 of the epoch.
-  assert info.value.step == steps_per_epoch + 3
+  # The flag is seen after the step in flight: step 4 of the epoch, 11.
+  assert info.value.step == steps_per_epoch + 4 == 11
   ckpt = checkpoint.Checkpointer(workdir)
   # The newest (mid-epoch) checkpoint and the best epoch-end one are kept.
   assert ckpt.latest_step() == info.value.step
@@ -192,6 +199,91 @@ def test_interrupted_runs_resume_exactly(reference_run, tmp_path, monkeypatch):
   train_steps = [r["step"] for r in got if "train/loss" in r]
   assert train_steps == sorted(set(train_steps))
   assert {r["step"] for r in want if "train/loss" in r} <= set(train_steps)
+
+
+def _delete_half(directory):
+  """Deletes every second file under `directory` (a damaged checkpoint)."""
+  files = sorted(
+    os.path.join(root, f) for root, _, fs in os.walk(directory) for f in fs
+  )
+  for path in files[::2]:
+    os.remove(path)
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(
+  reference_run, tmp_path, caplog
+):
+  _, ref_result, ref_params = reference_run
+  workdir = str(tmp_path)
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  train.train_and_evaluate(_tiny_config(stop_after_steps=10), workdir)
+  assert sorted(os.listdir(ckpt_dir)) == ["10", "7"]  # newest + best
+  _delete_half(os.path.join(ckpt_dir, "10"))
+
+  # Resumes from step 7, says so, sets step 10 aside and saves a new one.
+  with caplog.at_level("WARNING"):
+    result = train.train_and_evaluate(
+      _tiny_config(stop_after_steps=10), workdir
+    )
+  assert result["stopped_at_step"] == 10
+  assert "checkpoint step 10 does not restore" in caplog.text
+  assert "resuming from step 7, the newest intact checkpoint" in caplog.text
+  broken = os.path.join(workdir, checkpoint.BROKEN_DIR, "10")
+  assert os.path.isdir(broken) and broken in caplog.text
+  checkpoint.load_params(workdir, 10)  # the new step 10 restores
+  # ... and the rest of the run is the uninterrupted one.
+  result = train.train_and_evaluate(_tiny_config(), workdir)
+  params, _ = checkpoint.load_params(workdir, "latest")
+  _params_close(params, ref_params, rtol=1e-6, atol=1e-7)
+  assert result["step"] == ref_result["step"]
+
+  # Nothing restores: one error naming every step and what to do.
+  for step in os.listdir(ckpt_dir):
+    _delete_half(os.path.join(ckpt_dir, step))
+  steps = sorted(map(int, os.listdir(ckpt_dir)), reverse=True)
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(_tiny_config(), workdir)
+  message = str(info.value)
+  assert message.startswith(f"no checkpoint in {ckpt_dir} restores (step ")
+  assert all(f"step {k}: " in message for k in steps)
+  assert message.endswith(
+    f"delete {ckpt_dir} to start over, or train in a new workdir"
+  )
+
+
+_HOLD = """
+import sys, time
+from egpt_align import workdir
+with workdir.owned(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_workdir_is_owned_by_one_run(tmp_path):
+  """A second run is refused before writing; a dead holder blocks nothing."""
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLD, workdir],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lib.WorkdirBusy) as info:
+      train.train_and_evaluate(_tiny_config(), workdir)
+    assert str(info.value).startswith(
+      f"{workdir} is in use by another training run (pid {holder.pid} on "
+    )
+    assert os.listdir(workdir) == [workdir_lib.LOCK_FILE]
+  finally:
+    holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
+    holder.wait()
+  assert os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  with workdir_lib.owned(workdir):
+    pass  # the kernel dropped the dead holder's lock
 
 
 def test_eval_aggregation_is_exact(tmp_path):
@@ -361,6 +453,17 @@ def test_cli_smoke_run_writes_outputs(tmp_path):
     in history["readings"]["val_cos_sim, val_accept_*, val_token_top1"]
   )
   assert "same pos.: cos" in proc.stderr and "next pos.: cos" in proc.stderr
+  # The log's config: the changed keys and essentials; config.json has all.
+  log = proc.stderr.splitlines()
+  start = next(i for i, x in enumerate(log) if "config (changed from" in x)
+  shown = []
+  for line in log[start + 1 :]:
+    if not line.startswith("  "):
+      break
+    shown.append(line.strip())
+  assert "num_epochs: 1" in shown and "model.name: 'l5'" in shown
+  assert not any(line.startswith("optim.b2") for line in shown)
+  assert 10 < len(shown) < 25
   assert (workdir / "training_curves.png").stat().st_size > 0
   assert checkpoint.Checkpointer(str(workdir)).all_steps() == [3]
   try:
@@ -550,6 +653,16 @@ def test_weight_update_sharding_layout():
       state, mesh, shard_update=shard_update, min_size=min_size
     )
     assert all(_spec_of(s) == () for s in jax.tree.leaves(flat))
+
+
+def test_weight_update_sharding_min_size_is_inclusive():
+  """A leaf of exactly min_size elements is split; one fewer is not."""
+  mesh = sharding.make_mesh()  # 8 devices
+  for shape in ((64,), (8, 8), (2, 32)):
+    exact = sharding.weight_update_sharding(shape, mesh, min_size=64)
+    assert _spec_of(exact) != (), shape
+    above = sharding.weight_update_sharding(shape, mesh, min_size=65)
+    assert _spec_of(above) == (), shape
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -12,8 +12,20 @@ make `--help`-style loading and `--config.batch_size=...` fail before the
 user could pass the path. The trainer raises a clear error instead.
 """
 
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
+
+# Shown in the run's log whatever their value (with every changed key).
+ESSENTIAL = (
+  "model.name",
+  "data.train",
+  "data.val",
+  "batch_size",
+  "num_epochs",
+  "optim.learning_rate",
+)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -137,3 +149,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint.async_save = True  # save in the background
 
   return config
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def summary(config: ml_collections.ConfigDict) -> list[str]:
+  """'key: value' lines for the log: the keys whose value differs from
+  get_config()'s, plus ESSENTIAL ones (the full config is config.json)."""
+  base, flat = _flat(get_config().to_dict()), _flat(config.to_dict())
+  return [
+    f"{key}: {value!r}"
+    for key, value in sorted(flat.items())
+    if key in ESSENTIAL or key not in base or base[key] != value
+  ]

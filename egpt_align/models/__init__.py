@@ -170,9 +170,60 @@ def adapter_inputs(name: str, batch: dict) -> tuple:
   return tuple(batch[k] for k in spec.inputs)
 
 
+class ParamsMismatch(ValueError):
+  """A parameter tree that does not fit the adapter it is loaded into."""
+
+
+def check_param_shapes(
+  what: str,
+  have: Mapping[str, tuple[int, ...]],
+  want: Mapping[str, tuple[int, ...] | None],
+) -> None:
+  """Raises ParamsMismatch naming every missing, unexpected or misshapen key.
+
+  `have` and `want` map parameter names to shapes (None in `want`: any
+  shape). The one check behind evaluation, export and the SD benchmark.
+  """
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  shapes = [
+    f"{k}: {tuple(have[k])} != {tuple(want[k])}"
+    for k in sorted(set(want) & set(have))
+    if want[k] is not None and tuple(have[k]) != tuple(want[k])
+  ]
+  parts = [
+    f"{label} {items[:20]}"
+    + (f" (+{len(items) - 20})" if len(items) > 20 else "")
+    for label, items in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("wrong shapes", shapes),
+    )
+    if items
+  ]
+  if parts:
+    raise ParamsMismatch(f"{what}: {'; '.join(parts)}")
+
+
+def param_shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
+  """{'layers_0/attn/in_proj/kernel': shape} of a (nested) params tree."""
+  flat = {}
+
+  def visit(prefix: str, node: Any) -> None:
+    if isinstance(node, Mapping):
+      for key, value in node.items():
+        visit(f"{prefix}/{key}" if prefix else str(key), value)
+    else:
+      flat[prefix] = tuple(getattr(node, "shape", ()))
+
+  visit("", params)
+  return flat
+
+
 __all__ = [
   "ADAPTERS",
   "AdapterSpec",
+  "ParamsMismatch",
   "AttentionAdapter",
   "BottleneckAdapter",
   "BottleneckBlock",
@@ -185,8 +236,10 @@ __all__ = [
   "WideBottleneckAdapter",
   "adapter_fields",
   "adapter_inputs",
+  "check_param_shapes",
   "count_params",
   "create_adapter",
   "from_ref_type",
   "get_spec",
+  "param_shapes",
 ]

@@ -121,6 +121,7 @@ def main(argv=None) -> int:
       f"--data={args.data}",
       f"--lm_head={head_path}",
       f"--out={out_dir}",
+      "--overwrite",  # a repeated benchmark replaces its earlier runs
       f"--batch_size={args.batch_size}",
       f"--bootstrap={args.bootstrap}",
       f"--logits_dtype={args.logits_dtype}",

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from egpt_align import models
 from tools.lib import twins as ta
 from tools.lib.twins import (
   check_state_dict,
@@ -111,11 +112,11 @@ def flax_to_state_dict(name: str, params: Mapping) -> dict[str, torch.Tensor]:
   params = _unwrap(params)
   flat = flatten_params(params)
   table = param_table(name, flax_depth(name, params))
-  want = {"/".join(fp) for fp, _, _ in table}
-  if want != set(flat):
-    raise ta.mismatch(
-      f"Flax params for {name!r}", want - set(flat), set(flat) - want
-    )
+  models.check_param_shapes(
+    f"Flax params do not fit adapter {name!r}",
+    {k: np.shape(v) for k, v in flat.items()},
+    {"/".join(fp): None for fp, _, _ in table},
+  )
   sd = collections.OrderedDict()
   for fpath, tkey, transpose in table:
     a = _to_numpy(flat["/".join(fpath)])
@@ -134,13 +135,11 @@ def state_dict_to_flax(name: str, state_dict: Mapping) -> dict:
   """torch state dict -> nested Flax params dict of float32 numpy arrays."""
   name = ta.check_name(name)
   table = param_table(name, torch_depth(name, state_dict))
-  want = {tkey for _, tkey, _ in table}
-  if want != set(state_dict):
-    raise ta.mismatch(
-      f"state dict keys for {name!r}",
-      want - set(state_dict),
-      set(state_dict) - want,
-    )
+  models.check_param_shapes(
+    f"state dict keys do not fit adapter {name!r}",
+    {k: tuple(v.shape) for k, v in state_dict.items()},
+    {tkey: None for _, tkey, _ in table},
+  )
   flat = {}
   for fpath, tkey, transpose in table:
     a = _to_numpy(state_dict[tkey])

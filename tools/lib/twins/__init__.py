@@ -170,14 +170,6 @@ def torch_depth(name: str, state_dict: Mapping) -> int:
   return count_stack(idx, f"state dict {prefix}.*")
 
 
-def mismatch(what, missing, unexpected) -> ValueError:
-  """The error for parameter names that do not match an adapter's."""
-  return ValueError(
-    f"{what} do not match the adapter's parameters: missing "
-    f"{sorted(missing)[:20]}, unexpected {sorted(unexpected)[:20]}."
-  )
-
-
 def infer_config(name: str, state_dict: Mapping, num_heads=None) -> dict:
   """Our model config fields read off a torch state dict's shapes."""
   t = twin(name)
@@ -230,19 +222,11 @@ def expected_shapes(name: str, **cfg) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(name: str, state_dict: Mapping, **cfg) -> None:
   """Raises a ValueError naming every key whose presence or shape is wrong."""
-  want = expected_shapes(name, **cfg)
-  have = {k: tuple(v.shape) for k, v in state_dict.items()}
-  if set(want) != set(have):
-    raise mismatch(
-      f"state dict keys for {name!r}",
-      set(want) - set(have),
-      set(have) - set(want),
-    )
-  bad = [f"{k}: {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
-  if bad:
-    raise ValueError(
-      f"state dict shapes for {name!r} with config {cfg} differ: {bad[:20]}"
-    )
+  models.check_param_shapes(
+    f"state dict does not fit adapter {name!r} with config {cfg}",
+    {k: tuple(v.shape) for k, v in state_dict.items()},
+    expected_shapes(name, **cfg),
+  )
 
 
 def load_torch_adapter(
