@@ -1,12 +1,13 @@
-"""The study end to end on the toy plugin pair, run once for the module.
+"""The study end to end on the toy plugin pair, run once for the session.
 
-Two tiny random Llamas (tests/toy_plugin.py) as target and drafter: every
-stage of `python -m tools.study` (dump, LM head, ten adapters trained,
-evaluated and exported, every live method on two settings and two
+Two tiny random Llamas (tests/toy_plugin.py) as target and drafter: the
+stages of group A of `python -m tools.study` (dump, LM head, a budget of
+adapters trained, evaluated and exported, their live methods on two
 runtimes, the report), then pack, unpack into another directory and
-regenerate. Random models accept nothing, so the report must say that no
-claim is judged. Nothing here depends on how fast the machine is (no time
-limit unless a test sets one).
+regenerate; the second-GPU stage with the benchmark faked. Random models
+accept nothing, so the report must say that no claim is judged. Nothing
+here depends on how fast the machine is (no time limit unless a test sets
+one).
 """
 
 import json
@@ -33,9 +34,16 @@ def _write_samples(path, n, offset):
   return str(path)
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-  root = tmp_path_factory.mktemp("study")
+# The e2e study trains a budget of adapters that covers every code path:
+# a prefill adapter, and one decode adapter at k = 1 and k > 1 (chains,
+# trees, the k comparison, the offline prediction); the tables the others
+# fill are tested on hand-made results (tests/test_study_report.py).
+ADAPTERS = ("l4", "b1_next", "b1_ttt")
+TREE = {"depth": 3, "topk": 2, "nodes": 5}  # not the defaults: passed on
+GAMMA = 3
+
+
+def _run_study(root):
   samples = ",".join(
     _write_samples(root / f"{split}.jsonl", n, off)
     for split, n, off in (("train", 16, 0), ("val", 4, 100), ("test", 6, 200))
@@ -43,14 +51,43 @@ def study(tmp_path_factory):
   out = str(root / "study")
   argv = [
     "--out", out, "--target", TARGET, "--draft", DRAFT,
-    "--samples", samples, "--max_new_tokens", "8", "--stages", "all",
+    "--samples", samples, "--max_new_tokens", "8", "--stages", "A",
+    "--adapters", ",".join(ADAPTERS), "--gamma", str(GAMMA),
+    "--tree_depth", str(TREE["depth"]), "--tree_topk", str(TREE["topk"]),
+    "--tree_nodes", str(TREE["nodes"]),
     "--epochs", "1", "--batch_size", "8", "--bootstrap", "50",
     "--bench_samples", "4", "--eager_samples", "4", "--warmup", "1",
-    "--device", "cpu", "--dtype", "float32", "--draft_device2", "cpu",
+    "--device", "cpu", "--dtype", "float32",
     "--no_progress", "--pack", str(root / "parts"),
   ]  # fmt: skip
   assert cli.main(argv) == 0
-  return {"root": root, "out": out, "argv": argv}
+  return argv
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory, request):
+  """One study for the session, shared by pytest-xdist's workers (the
+  first to arrive runs it under a file lock; the others wait for it)."""
+  from filelock import FileLock
+
+  base = tmp_path_factory.getbasetemp()
+  if hasattr(request.config, "workerinput"):
+    base = base.parent  # the run's directory, shared by its workers
+  root = base / "study_e2e"
+  with FileLock(str(root) + ".lock"):
+    argv_file = root / "argv.json"
+    if not argv_file.exists():
+      root.mkdir(exist_ok=True)
+      argv_file.write_text(json.dumps(_run_study(root)))
+  argv = json.loads(argv_file.read_text())
+  return {"root": root, "out": str(root / "study"), "argv": argv}
+
+
+def _copy(study, tmp_path, name="copy"):
+  """The whole study directory copied (tests that run stages change it)."""
+  copy = str(tmp_path / name)
+  shutil.copytree(study["out"], copy)
+  return copy
 
 
 def _results(out):
@@ -58,35 +95,47 @@ def _results(out):
     return json.load(f)
 
 
+def _bench(out, sub="gpus1", rt="fast"):
+  with open(os.path.join(out, "bench", sub, rt, "results.json")) as f:
+    return json.load(f)
+
+
 def test_every_method_is_lossless_in_fp32(study):
-  for sub in ("gpus1", "gpus2"):
-    for rt in ("fast", "eager"):
-      path = os.path.join(study["out"], "bench", sub, rt, "results.json")
-      with open(path) as f:
-        bench = json.load(f)
-      assert bench["config"]["dtype"] == "float32"
-      assert bench["config"]["runtimes"] == [rt]
-      assert bench["mismatches"] == []
-      assert set(bench["aggregate"]) == set(layout.METHODS)
-      for lab, a in bench["aggregate"].items():
-        assert a["n"] == 4 and a["mismatched_samples"] == 0, lab
+  methods = layout.methods_of(ADAPTERS)
+  assert methods == (
+    "baseline", "draft_tokens", "prefill_hiding:l4", "decode:b1_next",
+    "decode:b1_ttt", "tree:b1_next", "tree:b1_ttt", "two_phase:l4+b1_next",
+  )  # fmt: skip
+  for rt in ("fast", "eager"):
+    bench = _bench(study["out"], rt=rt)
+    assert bench["config"]["dtype"] == "float32"
+    assert bench["config"]["runtimes"] == [rt]
+    assert bench["mismatches"] == []
+    # Every study method, and the A/A control's second baseline.
+    assert set(bench["aggregate"]) == set(methods) | {"baseline_aa"}
+    for lab, a in bench["aggregate"].items():
+      assert a["n"] == 4 and a["mismatched_samples"] == 0, lab
 
 
 def test_live_methods_draft_with_the_objective_next_adapters(study):
-  decode = [m for m in layout.METHODS if m.split(":")[0] in ("decode",)]
-  assert decode == [f"decode:{n}" for n in layout.NEXT_ADAPTERS]
+  decode = [m for m in layout.METHODS if m.split(":")[0] == "decode"]
+  assert decode == [f"decode:{n}" for n in layout.LIVE_DECODE_ADAPTERS]
+  assert set(layout.LIVE_DECODE_ADAPTERS) == set(
+    layout.NEXT_ADAPTERS + layout.TTT_ADAPTERS
+  )
   for m in layout.METHODS:
-    if m.startswith("two_phase:"):
-      assert m.split("+")[1] in layout.NEXT_ADAPTERS
-  path = os.path.join(study["out"], "bench", "gpus1", "fast", "results.json")
-  with open(path) as f:
-    loaded = json.load(f)["provenance"]["adapters"]
-  assert set(loaded) == set(layout.LIVE_ADAPTERS)
+    if m.startswith(("two_phase:", "tree:")):
+      assert layout.method_adapters(m)[-1] in layout.LIVE_DECODE_ADAPTERS
+  bench = _bench(study["out"])
+  assert set(bench["provenance"]["adapters"]) == {"l4", "b1_next", "b1_ttt"}
+  # The study's gamma and tree flags reached the benchmark.
+  assert bench["config"]["gamma"] == GAMMA
+  assert bench["config"]["tree"] == TREE
 
 
 def test_results_json_has_every_adapter_method_and_claim(study):
   data = _results(study["out"])
-  assert list(data["adapters"]) == list(layout.ADAPTERS)
+  assert list(data["adapters"]) == list(ADAPTERS)
   for name, a in data["adapters"].items():
     want = "next" if name in layout.DECODE_ADAPTERS else "same"
     assert a["primary_reading"] == want
@@ -96,11 +145,34 @@ def test_results_json_has_every_adapter_method_and_claim(study):
       assert m["value"] is not None and m["ci95"] is not None, (name, key)
       assert m["ci95"][0] <= m["value"] + 1e-9 <= m["ci95"][1] + 2e-9
     assert "untrained" in a["baselines"]
-  for sub in ("gpus1", "gpus2"):
-    for rt, block in data["live"][sub]["by_runtime"].items():
-      assert set(block["methods"]) == set(layout.METHODS), (sub, rt)
-      for m, r in block["methods"].items():
-        assert r["n"] == 4 and r["mismatches"] == 0, (sub, rt, m)
+  # Acceptance at depth at the live gamma, for the decode adapters only.
+  assert "depth_acceptance" not in data["adapters"]["l4"]
+  for name, k in (("b1_next", 1), ("b1_ttt", 4)):
+    a = data["adapters"][name]
+    assert a["unroll_steps"] == k
+    depth = a["depth_acceptance"]
+    assert depth["gamma"] == GAMMA
+    for reading in ("free_running", "teacher_forced"):
+      assert set(depth[reading]) == {"depth_1", "depth_2", "depth_3", "tau"}
+  for rt, block in data["live"]["gpus1"]["by_runtime"].items():
+    assert set(block["methods"]) == set(layout.methods_of(ADAPTERS)), rt
+    for m, r in block["methods"].items():
+      assert r["n"] == 4 and r["mismatches"] == 0, (rt, m)
+    assert block["aa_control"]["speedup_ci95"] is not None
+  comp = data["comparisons"]
+  assert [(r["method"]) for r in comp["chains_and_trees"]] == [
+    "decode:b1_next", "tree:b1_next", "decode:b1_ttt", "tree:b1_ttt",
+  ]  # fmt: skip
+  assert [r["unroll_steps"] for r in comp["unroll"]] == [1, 4]
+  assert [r["adapter"] for r in comp["offline_vs_live"]] == [
+    "b1_next",
+    "b1_ttt",
+  ]
+  p = data["projection_7b"]
+  assert not p["available"] and "no 7B costs were given" in p["why"]
+  # The toy pair's hidden 32 cannot hold the seed's ratios: said why.
+  w = data["prefill_widths"]
+  assert w["axis"] == "recipe" and "hidden 32" in w["why_not"]
   # Random models accept nothing: no claim is judged, and each says why.
   assert len(data["claims"]) == 5
   for c in data["claims"]:
@@ -110,14 +182,19 @@ def test_results_json_has_every_adapter_method_and_claim(study):
   assert data["study"]["dump"]["splits"]["test"]["groups"] == 6
 
 
-def test_next_adapters_train_their_recipe_with_objective_next(study):
-  for name in layout.ADAPTERS:
+def test_adapters_train_their_recipes(study):
+  want = {
+    "l4": ("l4", "reference", 1),
+    "b1_next": ("b1", "next", 1),
+    "b1_ttt": ("b1", "next", 4),
+  }
+  for name, (model, objective, k) in want.items():
     with open(os.path.join(study["out"], "runs", name, "config.json")) as f:
       config = json.load(f)
-    assert config["model"]["name"] == layout.kind(name)
+    assert config["model"]["name"] == model
     assert config["model"]["hidden_dim"] == 32  # the toy target's width
-    want = "next" if name.endswith("_next") else "reference"
-    assert config["loss"]["objective"] == want, name
+    assert config["loss"]["objective"] == objective, name
+    assert config["loss"]["unroll_steps"] == k, name
 
 
 def test_results_md_has_every_section(study):
@@ -128,7 +205,12 @@ def test_results_md_has_every_section(study):
     "## The seed's table",
     "## Live speculative decoding",
     "### CPU, fast runtime",
-    "### CPU, drafter as a second device, eager runtime",
+    "### CPU, eager runtime",
+    "## Chains and trees per decode adapter",
+    "## Multi-step training: k = 1 against k > 1",
+    "## Offline prediction against live τ",
+    "## Projected for a 7B pair (not measured)",
+    "## L1–L4 on the seed's capacity axis",
     "## The seed's claims",
     "## The 2× goal",
     "## Plots",
@@ -136,9 +218,12 @@ def test_results_md_has_every_section(study):
   ):
     assert heading in text, heading
   assert "one GPU" not in text.split("## How to regenerate")[0]
-  for name in layout.ADAPTERS:
+  assert "The two-GPU table is absent" in text
+  assert "The projection is absent: no 7B costs were given" in text
+  assert "A/A control (baseline / baseline again): " in text
+  for name in ADAPTERS:
     assert f"| {layout.title(name)} |" in text
-  for m in layout.METHODS:
+  for m in layout.methods_of(ADAPTERS):
     assert f"| {m} |" in text
   assert f"Target `{TARGET}`, drafter `{DRAFT}`." in text
   assert "mean next-token entropy" in text
@@ -147,11 +232,13 @@ def test_results_md_has_every_section(study):
 
 
 def test_rerun_keeps_finished_stages_and_refuses_changed_settings(
-  study, capsys
+  study, tmp_path, capsys
 ):
+  copy = _copy(study, tmp_path)
   # The pair flags are left out: study.json remembers the pair.
-  argv = ["--out", study["out"], "--stages", "dump,train,evaluate,export"]
+  argv = ["--out", copy, "--stages", "dump,train,evaluate,export"]
   argv += ["--epochs", "1", "--batch_size", "8", "--bootstrap", "50"]
+  argv += ["--adapters", ",".join(ADAPTERS), "--gamma", str(GAMMA)]
   capsys.readouterr()
   assert cli.main(argv) == 0
   out = capsys.readouterr().out
@@ -160,36 +247,126 @@ def test_rerun_keeps_finished_stages_and_refuses_changed_settings(
   argv[argv.index("--epochs") + 1] = "2"
   assert cli.main(argv) == 2
   assert "stage train was run with --epochs 1" in capsys.readouterr().err
-
-
-def _copy(study, tmp_path):
-  """The study's small outputs unpacked into another directory."""
-  copy = str(tmp_path / "copy")
-  state.unpack(str(study["root"] / "parts"), copy)
-  return copy
+  argv[argv.index("--epochs") + 1] = "1"
+  argv[argv.index("--gamma") + 1] = "5"
+  assert cli.main(argv) == 2
+  assert "stage evaluate was run with --gamma 3" in capsys.readouterr().err
+  argv[argv.index("--adapters") + 1] = "l4,b1_nxt"
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: --adapters: unknown adapter(s) ['b1_nxt']")
 
 
 def test_unpacked_parts_regenerate_the_results(study, tmp_path):
-  copy = _copy(study, tmp_path)
+  copy = str(tmp_path / "copy")
+  state.unpack(str(study["root"] / "parts"), copy)
   assert cli.main(["--out", copy, "--stages", "results"]) == 0
   assert not os.path.exists(os.path.join(copy, "data", "train", "shard_0"))
   again, first = _results(copy), _results(study["out"])
-  for key in ("adapters", "live", "claims", "goal", "pair"):
+  for key in ("adapters", "live", "claims", "goal", "pair", "comparisons"):
     assert again[key] == first[key], key
+
+
+def _costs_7b(study, path, **config):
+  """A 7B-shaped run's results.json made from the study's own fast run:
+  the methods renamed to the 7B run's (`decode:b1`), the costs scaled."""
+  bench = _bench(study["out"])
+  bench["config"].update(target="random:vicuna7b", **config)
+  bench["aggregate"] = {
+    "decode:b1": bench["aggregate"]["decode:b1_next"],
+    "tree:b1": bench["aggregate"]["tree:b1_next"],
+  }
+  bench["costs"]["target_decode_ms"] *= 4
+  with open(path, "w") as f:
+    json.dump(bench, f)
+  return bench
+
+
+def test_the_7b_projection_reads_costs_7b_and_is_kept(study, tmp_path, capsys):
+  copy = _copy(study, tmp_path)
+  bench = _costs_7b(study, tmp_path / "7b.json")
+  argv = ["--out", copy, "--stages", "results"]
+  assert cli.main(argv + ["--costs_7b", str(tmp_path / "7b.json")]) == 0
+  p = _results(copy)["projection_7b"]
+  assert p["available"] and p["why"] is None
+  live = _results(copy)["live"]["gpus1"]["by_runtime"]["fast"]["methods"]
+  # decode:b1_ttt maps to the 7B run's decode:b1; the formula by hand.
+  base = bench["costs"]["target_decode_ms"]
+  for m, m7 in (("decode:b1_ttt", "decode:b1"), ("tree:b1_next", "tree:b1")):
+    model = bench["aggregate"][m7]["cost_model"]
+    draft = model["drafts_per_verification"] * model["c"]
+    if m7.startswith("tree"):
+      verify = bench["costs"]["target_verify_tree_ms"][str(TREE["nodes"])]
+    else:
+      verify = bench["costs"]["target_verify_ms"][str(GAMMA + 1)]
+    want = live[m]["tau"] / (draft + verify / base)
+    assert p["methods"][m]["method_7b"] == m7
+    assert p["methods"][m]["decode_speedup"] == pytest.approx(want), m
+  # Kept in the study directory: a later results run still projects.
+  assert cli.main(argv) == 0
+  assert _results(copy)["projection_7b"]["available"]
+  with open(os.path.join(copy, "report", "RESULTS.md")) as f:
+    text = f.read()
+  assert "(projected)" in text and "not a measured speedup" in text
+  # A run at another gamma does not fit; a wrong file is one error line.
+  _costs_7b(study, tmp_path / "g.json", gamma=GAMMA + 1)
+  assert cli.main(argv + ["--costs_7b", str(tmp_path / "g.json")]) == 0
+  p = _results(copy)["projection_7b"]
+  assert not p["available"] and f"its γ is {GAMMA + 1}" in p["why"]
+  capsys.readouterr()
+  bad = os.path.join(copy, layout.STUDY_FILE)
+  assert cli.main(argv + ["--costs_7b", bad]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "expected a tools/benchmark_sd.py" in err
+
+
+def test_bench2_hands_the_second_device_to_the_benchmark(
+  study, tmp_path, monkeypatch
+):
+  """bench2 on a CPU, the benchmark replaced by a copy of bench1's run:
+  what the study asks of it, and the two-setting report."""
+  from tools.study import live
+
+  copy = _copy(study, tmp_path)
+  cmds = []
+
+  def fake_tool(cmd, what, ok=(0,)):
+    cmds.append(cmd)
+    out = cmd[cmd.index("--out") + 1]
+    rt = cmd[cmd.index("--runtimes") + 1]
+    shutil.copytree(os.path.join(copy, "bench", "gpus1", rt), out)
+    return 0
+
+  monkeypatch.setattr(live, "run_tool", fake_tool)
+  argv = ["--out", copy, "--stages", "bench2,results", "--adapters"]
+  argv += [",".join(ADAPTERS), "--gamma", str(GAMMA), "--tree_nodes", "5"]
+  argv += ["--tree_depth", "3", "--tree_topk", "2", "--bench_samples", "4"]
+  argv += ["--eager_samples", "4", "--warmup", "1", "--draft_device2", "cpu"]
+  assert cli.main(argv) == 0
+  assert len(cmds) == 2
+  for cmd in cmds:
+    assert cmd[cmd.index("--draft_device") + 1] == "cpu"
+    assert cmd[cmd.index("--tree_nodes") + 1] == "5"
+    assert cmd[cmd.index("--methods") + 1] == ",".join(
+      layout.methods_of(ADAPTERS)
+    )
+  with open(os.path.join(copy, "report", "RESULTS.md")) as f:
+    text = f.read()
+  assert "### CPU, drafter as a second device, eager runtime" in text
+  assert "The two-GPU table is absent" not in text
 
 
 def test_a_stage_left_for_time_exits_3_and_names_it(study, tmp_path, capsys):
   copy = _copy(study, tmp_path)
-  argv = ["--out", copy, "--stages", "bench1,bench2", "--redo", "bench1"]
+  argv = ["--out", copy, "--stages", "bench1", "--redo", "bench1"]
   argv += ["--time_limit_s", "1", "--bench_samples", "4"]
-  argv += ["--eager_samples", "4"]
+  argv += ["--eager_samples", "4", "--adapters", ",".join(ADAPTERS)]
+  argv += ["--gamma", str(GAMMA)]
   assert cli.main(argv) == cli.EXIT_TIME_LEFT
   err = capsys.readouterr().err
   assert "stages left for lack of time" in err and "bench1" in err
-  assert "bench2" not in err  # done earlier, kept
-  # The redo removed bench1's outputs; bench2's stay.
+  # The redo removed bench1's outputs.
   assert not os.path.exists(os.path.join(copy, "bench", "gpus1"))
-  assert os.path.isdir(os.path.join(copy, "bench", "gpus2"))
 
 
 def test_an_interrupt_is_one_line_naming_what_finished(
@@ -211,7 +388,7 @@ def test_an_interrupt_is_one_line_naming_what_finished(
 
 
 def test_a_study_without_the_next_adapters_still_renders(study, tmp_path):
-  """A study made before the *_next adapters: the seed's seven, no
+  """A study made before the *_next adapters: the seed's only, no
   objective section, and the table says why."""
   from tools.study import collect, report
 
@@ -220,15 +397,16 @@ def test_a_study_without_the_next_adapters_still_renders(study, tmp_path):
   path = os.path.join(copy, layout.STUDY_FILE)
   with open(path) as f:
     st = json.load(f)
-  for name in layout.NEXT_ADAPTERS:
-    del st["stages"]["evaluate"]["adapters"][name]
+  for name in layout.NEXT_ADAPTERS + layout.TTT_ADAPTERS:
+    st["stages"]["evaluate"]["adapters"].pop(name, None)
   with open(path, "w") as f:
     json.dump(st, f)
   pair = cli.make_pair_object(
     cli.build_parser().parse_args(["--out", copy]), copy
   )
   data = collect.collect(copy, pair)
-  assert list(data["adapters"]) == list(layout.SEED_ADAPTERS)
+  assert list(data["adapters"]) == ["l4"]
   text = report.render(data, pair, [])
   assert "This study predates the `(objective next)` adapters." in text
   assert "## The reference's dual objective" not in text
+  assert "## Multi-step training" not in text

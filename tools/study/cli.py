@@ -19,17 +19,23 @@ skipped on the next run, so a run cut off by a time limit resumes):
             (tools/dump_hidden_states.py)
   lm_head   the target's LM head (tools/extract_lm_head.py)
   train     l1 l2 l3 l4 l5 b1 l5f with experiments/*.py, the same epochs
-            and batch for all, at the target's hidden size; then l5_next
-            b1_next l5f_next: the same recipes with the loss objective
-            'next' (the fix of the reference's dual objective)
-  evaluate  each on the test split with the LM head (baselines, 95% CIs)
-            and the target's own next-token entropy there
+            and batch for all, at the target's hidden size (L1-L4's
+            widths scaled to the seed's parameter ratios, --prefill_widths);
+            then l5_next b1_next l5f_next: the same recipes with the loss
+            objective 'next' (the fix of the reference's dual objective);
+            then b1_ttt l5f_ttt: experiments/*_ttt.py (objective next,
+            trained several steps deep on their own predictions)
+  evaluate  each on the test split with the LM head (baselines, 95% CIs;
+            acceptance at depth at --gamma for the decode adapters) and
+            the target's own next-token entropy there
   export    each to torch (in this process)
   bench1    every live method on the test samples, drafter on the
             target's GPU (tools/benchmark_sd.py; the decode adapters are
-            the objective-next ones), one run per runtime
+            the objective-next ones, as chains and as draft trees), one
+            run per runtime
   bench2    the same with the drafter on a second GPU (--draft_device2)
-  results   DIR/report/RESULTS.md, results/results.json and plots
+  results   DIR/report/RESULTS.md, results/results.json and plots (with
+            --costs_7b, the decode methods projected for a 7B pair)
 Groups: A = pair..bench1 + results (one GPU); B = bench1, bench2, results
 (two GPUs); all = every stage. --redo STAGE removes the stage's outputs
 and runs it again from the start.
@@ -51,6 +57,9 @@ On a CPU (a few minutes):
 On one GPU (the defaults are sized for the gpu preset on one H100; a
 single call of at most ~10 minutes resumes where the previous one stopped):
   python -m tools.study --out DIR --scenes gpu --stages A --pack PARTS
+The 7B projection: run tools/benchmark_sd.py on the 7B-shaped random pair
+(the command is in RESULTS.md when the projection is absent), then
+  python -m tools.study --out DIR --stages results --costs_7b RESULTS_JSON
 """
 
 from __future__ import annotations
@@ -76,9 +85,19 @@ def stage_pair(study) -> dict:
 
 
 def stage_results(study) -> dict:
-  from tools.study import report
+  from tools.study import projection, report
 
-  paths = report.write(study.out, study.p("report"), study.pair)
+  kept = study.p(layout.COSTS_7B_FILE)
+  if study.args.costs_7b:  # kept in DIR: later runs and the pack have it
+    bench = projection.load_costs(study.args.costs_7b)
+    with open(kept, "w") as f:
+      json.dump({k: v for k, v in bench.items() if k != "per_sample"}, f)
+  paths = report.write(
+    study.out,
+    study.p("report"),
+    study.pair,
+    costs_7b=kept if os.path.isfile(kept) else None,
+  )
   return {"files": [os.path.relpath(p, study.out) for p in paths]}
 
 
@@ -209,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--batch_size", type=int, default=64, help="every adapter")
   b.add_argument("--bootstrap", type=int, default=1000, help="CI resamples")
   b.add_argument(
+    "--adapters",
+    default=None,
+    metavar="A,B,...",
+    help="train, evaluate and export only these study adapters (default: "
+    f"all of {', '.join(layout.ADAPTERS)}); the live stages run the "
+    "methods whose adapters are all among them. A later run with more "
+    "adapters adds them to the finished stages",
+  )
+  b.add_argument(
+    "--prefill_widths",
+    default="seed",
+    choices=("seed", "recipe"),
+    help="L1-L4 widths: seed = scaled so their parameter counts stand in "
+    "the seed's ratios at hidden 4096 (tools/study/widths.py); recipe = "
+    "experiments/*.py's",
+  )
+  b.add_argument(
     "--bench_samples", type=int, default=400, help="fast runtime's samples"
   )
   b.add_argument(
@@ -218,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     "--bench_max_new_tokens", type=int, default=None, help="default: pair's"
   )
   b.add_argument("--gamma", type=int, default=5, help="drafts per iteration")
+  b.add_argument("--tree_depth", type=int, default=6, help="tree methods")
+  b.add_argument(
+    "--tree_topk", type=int, default=10, help="tree methods: children/node"
+  )
+  b.add_argument(
+    "--tree_nodes", type=int, default=60, help="tree methods: node budget"
+  )
+  b.add_argument(
+    "--costs_7b",
+    default=None,
+    metavar="RESULTS_JSON",
+    help="results.json of tools/benchmark_sd.py on the 7B-shaped random "
+    "pair (same gamma and tree flags): RESULTS.md projects each decode "
+    "method's decode-phase speedup from its live tau and those costs",
+  )
   b.add_argument("--warmup", type=int, default=2, help="benchmark warm-up")
   b.add_argument(
     "--time_limit_s",
@@ -274,6 +325,10 @@ def _open(args):
 
 def run(args) -> int:
   t_start = time.perf_counter()
+  try:
+    layout.parse_adapters(args.adapters)
+  except ValueError as e:
+    raise StudyError(str(e)) from e
   stage_list = parse_stages(args.stages)
   redo = parse_stages(args.redo) if args.redo else []
   study = _open(args)
@@ -298,8 +353,11 @@ def _run_stages(study, stage_list, redo, t_start) -> int:
     for stage in stage_list:
       if study.done(stage) and stage != "results":
         study.check(stage)
-        print(f"== {stage}: done earlier, kept")
-        continue
+        missing = study.missing(stage)
+        if not missing:
+          print(f"== {stage}: done earlier, kept")
+          continue
+        print(f"== {stage}: done earlier without {', '.join(missing)}")
       if stage in layout.BENCH_DIRS and study.deadline is not None:
         remaining = study.deadline - time.perf_counter()
         if remaining < live.MIN_BENCH_S:

@@ -52,6 +52,7 @@ def adapter_entry(study: dict, study_dir: str, name: str) -> dict:
     "best_epoch": train.get("best_epoch"),
     "best_val_loss": train.get("best_val_loss"),
     "train_seconds": train.get("seconds"),
+    "unroll_steps": train.get("unroll_steps"),
     "test_samples": metrics["data"]["num_samples"],
     "test_positions": metrics["data"]["total_valid_positions"],
     "metrics": {
@@ -65,6 +66,12 @@ def adapter_entry(study: dict, study_dir: str, name: str) -> dict:
       k: _metric(res["adapter"]["same"], extra["adapter"]["same"], k)
       for k, _ in SEED_COLUMNS
     }
+  if depth := metrics.get("depth_acceptance"):
+    out["depth_acceptance"] = {
+      "gamma": depth["gamma"],
+      "fed_back": depth["fed_back"],
+      **{r: _depth(depth[r]) for r in ("free_running", "teacher_forced")},
+    }
   for base in BASELINES:
     if base not in res:
       continue
@@ -77,7 +84,37 @@ def adapter_entry(study: dict, study_dir: str, name: str) -> dict:
   return out
 
 
-def _method_row(a: dict, rt: str, rel: dict, m: str) -> dict:
+def _depth(entry: dict) -> dict:
+  """One reading of acceptance at depth: {depth_d | tau: value, CI}."""
+  keys = [k for k in entry if k.startswith("depth_")] + ["tau"]
+  return {k: _metric(entry, {}, k) for k in keys}
+
+
+def verify_cost(costs: dict, method: str, tree_nodes: int | None):
+  """One verification of `method`, in target decode steps: a chain's
+  gamma + 1 tokens, or a tree's `tree_nodes` (tree mask)."""
+  base = costs.get("target_decode_ms")
+  if method.split(":")[0] in ("tree", "two_phase_tree"):
+    ms = (costs.get("target_verify_tree_ms") or {}).get(str(tree_nodes))
+  else:
+    ms = (costs.get("target_verify_ms") or {}).get("gamma+1")
+  return ms / base if ms and base else None
+
+
+def _decode_costs(a: dict, costs: dict, m: str, nodes) -> dict:
+  """Per decode-phase verification, in target decode steps: drafting
+  (drafts per verification x cost per draft) and the verification."""
+  model = a.get("cost_model") or {}
+  g, c = model.get("drafts_per_verification"), model.get("c")
+  return {
+    "drafts_per_verification": g,
+    "draft_cost": None if g is None or c is None else g * c,
+    "verify_cost": verify_cost(costs, m, nodes),
+  }
+
+
+def _method_row(a: dict, rt: str, costs: dict, m: str, nodes=None) -> dict:
+  rel = costs.get("relative") or {}
   if not a.get("n"):
     return {"n": 0, "failed": a.get("failed")}
   vs = a.get("speedup_vs") or {}
@@ -95,6 +132,7 @@ def _method_row(a: dict, rt: str, rel: dict, m: str) -> dict:
     "alpha_ci95": a.get("alpha_ci95"),
     "tau": a.get("tau"),
     "tau_ci95": a.get("tau_ci95"),
+    **_decode_costs(a, costs, m, nodes),
     "c": (rel.get("c") or {}).get(m),
     "v": rel.get("v"),
     "prefill_overlap_ms": None if ov is None else ov["overlap_ms"],
@@ -107,6 +145,22 @@ def _method_row(a: dict, rt: str, rel: dict, m: str) -> dict:
     "decode_speedup_ci95": a.get("decode_speedup_ci95"),
     "mismatches": a["mismatched_samples"],
     "near_tie_flips": a["near_tie_flips"],
+  }
+
+
+def aa_entry(bench: dict, rt: str) -> dict | None:
+  """The A/A control of runtime RT (baseline / its second copy), as the
+  verdicts read it: speedup, speedup_ci95, reliable."""
+  aa = (bench.get("aa_control") or {}).get(rt)
+  if not aa:
+    return None
+  return {
+    "speedup": aa.get("ratio"),
+    "speedup_ci95": aa.get("ci95"),
+    "decode_speedup": aa.get("decode_ratio"),
+    "decode_speedup_ci95": aa.get("decode_ci95"),
+    "range": aa.get("range"),
+    "reliable": aa.get("reliable"),
   }
 
 
@@ -123,6 +177,7 @@ def live_entry(benches: dict[str, dict]) -> dict:
     "draft_device": cfg.get("draft_device"),
     "dtype": cfg.get("dtype"),
     "gamma": cfg.get("gamma"),
+    "tree": cfg.get("tree"),
     "max_new_tokens": cfg.get("max_new_tokens"),
     "warmup": cfg.get("warmup"),
     "runtimes": list(benches),
@@ -133,18 +188,19 @@ def live_entry(benches: dict[str, dict]) -> dict:
   }
   for rt, bench in benches.items():
     costs = (bench.get("costs_by_runtime") or {}).get(rt) or bench["costs"]
-    rel = costs.get("relative") or {}
+    nodes = (bench["config"].get("tree") or {}).get("nodes")
     agg = bench["aggregate"]
     if rt == "fast":
       out["fast_path"] = bench.get("fast_path")
     out["by_runtime"][rt] = {
       # The benchmark's A/A control (a second baseline), when it runs one.
-      "aa_control": bench.get("aa_control"),
+      "aa_control": aa_entry(bench, rt),
       "num_measured": bench.get("num_measured"),
       "target_decode_ms": costs.get("target_decode_ms"),
       "target_prefill_ms": costs.get("target_prefill_ms"),
+      "amdahl": bench.get("amdahl"),
       "methods": {
-        m: _method_row(agg.get(m, {}), rt, rel, m)
+        m: _method_row(agg.get(m, {}), rt, costs, m, nodes)
         for m in bench["config"]["methods"]
       },
     }
@@ -152,9 +208,10 @@ def live_entry(benches: dict[str, dict]) -> dict:
   return out
 
 
-def collect(study_dir: str, pair) -> dict:
-  """results.json: everything RESULTS.md and the plots state."""
-  from tools.study import verdicts
+def collect(study_dir: str, pair, costs_7b: str | None = None) -> dict:
+  """results.json: everything RESULTS.md and the plots state (`costs_7b`:
+  the 7B-shaped pair's benchmark results.json, for the projection)."""
+  from tools.study import compare, projection, verdicts
 
   study = load(os.path.join(study_dir, layout.STUDY_FILE))
   stages = study["stages"]
@@ -193,6 +250,9 @@ def collect(study_dir: str, pair) -> dict:
           for rt, r in rec["runtimes"].items()
         }
       )
+  data["prefill_widths"] = stages.get("train", {}).get("prefill_widths")
+  data["comparisons"] = compare.comparisons(data)
+  data["projection_7b"] = projection.project(data, costs_7b)
   data["claims"] = verdicts.claims(data)
   data["goal"] = verdicts.goal(data)
   return data

@@ -5,6 +5,8 @@ import datetime
 from egpt_align.models import ADAPTERS as _REGISTRY
 
 STUDY_FILE = "study.json"
+# The 7B-shaped pair's benchmark results.json (--costs_7b), kept in DIR.
+COSTS_7B_FILE = "costs_7b.json"
 # The seed's seven adapters, each with its experiments/*.py recipe (the
 # reference's objective) ...
 SEED_ADAPTERS = tuple(_REGISTRY)  # l1 l2 l3 l4 l5 b1 l5f
@@ -14,30 +16,77 @@ NEXT_SUFFIX = "_next"
 NEXT_ADAPTERS = tuple(
   f"{n}{NEXT_SUFFIX}" for n, s in _REGISTRY.items() if s.predicts_next
 )
-ADAPTERS = SEED_ADAPTERS + NEXT_ADAPTERS
+# ... and B1/L5F trained several steps deep ("training-time test", issue
+# 32): experiments/b1_ttt.py and l5f_ttt.py (objective next, k > 1).
+TTT_SUFFIX = "_ttt"
+TTT_ADAPTERS = ("b1_ttt", "l5f_ttt")
+ADAPTERS = SEED_ADAPTERS + NEXT_ADAPTERS + TTT_ADAPTERS
 
 
 def kind(name: str) -> str:
   """The registry adapter a study adapter is ('b1_next' -> 'b1')."""
-  return name.removesuffix(NEXT_SUFFIX)
+  return name.removesuffix(NEXT_SUFFIX).removesuffix(TTT_SUFFIX)
+
+
+def recipe(name: str) -> str:
+  """The experiments/*.py file a study adapter trains with."""
+  return name if name.endswith(TTT_SUFFIX) else kind(name)
 
 
 PREFILL_ADAPTERS = tuple(n for n, s in _REGISTRY.items() if s.role == "prefill")
-# The decode adapters of every live method: the objective-next ones (the
-# reference-objective rows stay in the seed's offline table).
-LIVE_DECODE_ADAPTERS = NEXT_ADAPTERS
+# The decode adapters of every live method: the objective-next ones, k = 1
+# and k > 1 (the reference-objective rows stay in the seed's offline table).
+LIVE_DECODE_ADAPTERS = NEXT_ADAPTERS + TTT_ADAPTERS
 DECODE_ADAPTERS = tuple(
   n for n in ADAPTERS if _REGISTRY[kind(n)].role == "decode"
 )
+# The adapters that also draft trees (EAGLE-2, tools/lib/tree_decode.py):
+# B1 and L5F at k = 1 and k > 1 (L5 steps the drafter at every depth).
+TREE_ADAPTERS = ("b1_next", "l5f_next") + TTT_ADAPTERS
 # Every live method of the study, in table order.
 METHODS = (
   ("baseline", "draft_tokens")
   + tuple(f"prefill_hiding:{a}" for a in PREFILL_ADAPTERS)
   + tuple(f"decode:{a}" for a in LIVE_DECODE_ADAPTERS)
+  + tuple(f"tree:{a}" for a in TREE_ADAPTERS)
   + ("two_phase:l4+l5f_next", "two_phase:l4+b1_next")
 )
-# The adapters the live methods load (exported and handed to the benchmark).
-LIVE_ADAPTERS = PREFILL_ADAPTERS + LIVE_DECODE_ADAPTERS
+
+
+def method_adapters(method: str) -> tuple[str, ...]:
+  """The study adapters a live method loads ('two_phase:l4+b1_next')."""
+  _, _, rest = method.partition(":")
+  return tuple(a for a in rest.split("+") if a)
+
+
+def methods_of(adapters) -> tuple[str, ...]:
+  """The live methods whose adapters are all in `adapters`, table order."""
+  have = set(adapters)
+  return tuple(m for m in METHODS if set(method_adapters(m)) <= have)
+
+
+def live_adapters(adapters) -> tuple[str, ...]:
+  """The adapters the live methods of `adapters` load (exported and handed
+  to the benchmark)."""
+  used = {a for m in methods_of(adapters) for a in method_adapters(m)}
+  return tuple(a for a in ADAPTERS if a in used)
+
+
+def parse_adapters(value: str | None) -> tuple[str, ...]:
+  """--adapters: a comma list of study adapters (None or '': all), in
+  study order; ValueError naming an unknown one."""
+  if not value:
+    return ADAPTERS
+  names = [n.strip() for n in value.split(",") if n.strip()]
+  unknown = [n for n in names if n not in ADAPTERS]
+  if unknown:
+    raise ValueError(
+      f"--adapters: unknown adapter(s) {unknown}; expected names of "
+      f"{list(ADAPTERS)}"
+    )
+  return tuple(n for n in ADAPTERS if n in names)
+
+
 # Benchmark stage -> its folder under DIR/bench (one GPU, two GPUs).
 BENCH_DIRS = {"bench1": "gpus1", "bench2": "gpus2"}
 SETTING_NAMES = {"gpus1": "one GPU", "gpus2": "two GPUs"}
@@ -76,14 +125,19 @@ def objective(name: str) -> str | None:
 
 
 def title(name: str) -> str:
-  """How tables name a study adapter ('b1_next' -> 'B1 (objective next)')."""
+  """How tables name a study adapter ('b1_next' -> 'B1 (objective next)',
+  'b1_ttt' -> 'B1 (objective next, multi-step)')."""
   if name.endswith(NEXT_SUFFIX):
     return f"{kind(name).upper()} (objective next)"
+  if name.endswith(TTT_SUFFIX):
+    return f"{kind(name).upper()} (objective next, multi-step)"
   return name.upper()
 
 
 def short(name: str) -> str:
-  """A plot label ('b1_next' -> 'B1 next')."""
+  """A plot label ('b1_next' -> 'B1 next', 'b1_ttt' -> 'B1 ttt')."""
+  if name.endswith(TTT_SUFFIX):
+    return f"{kind(name).upper()} ttt"
   return title(name).replace(" (objective next)", " next")
 
 

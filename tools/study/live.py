@@ -31,6 +31,7 @@ def run_benchmark(
   num_samples: int,
   runtime: str,
   gamma: int,
+  tree: tuple[int, int, int],
   max_new: int,
   warmup: int,
   seed: int,
@@ -56,6 +57,12 @@ def run_benchmark(
     ",".join(methods),
     "--gamma",
     str(gamma),
+    "--tree_depth",
+    str(tree[0]),
+    "--tree_topk",
+    str(tree[1]),
+    "--tree_nodes",
+    str(tree[2]),
     "--max_new_tokens",
     str(max_new),
     "--warmup",
@@ -129,7 +136,11 @@ def stage_bench(study, stage: str) -> dict:
     args.draft_device2 = "cuda:1"
   if stage == "bench1" and not args.draft_device1:
     args.draft_device1 = args.device or ("cuda:0" if _has_cuda() else "cpu")
-  adapters = {n: study.p("exports", f"{n}.pt") for n in layout.LIVE_ADAPTERS}
+  methods = layout.methods_of(study.adapters)
+  adapters = {
+    n: study.p("exports", f"{n}.pt")
+    for n in layout.live_adapters(study.adapters)
+  }
   for path in adapters.values():
     if not os.path.isfile(path):
       raise StudyError(
@@ -139,7 +150,7 @@ def stage_bench(study, stage: str) -> dict:
   samples = study.pair.samples(study, "test")
   with open(samples) as f:
     available = sum(1 for line in f if line.strip())
-  info = {"runtimes": {}}
+  info = {"methods": list(methods), "runtimes": {}}
   for rt, n in runtime_samples(args).items():
     if n + args.warmup > available:
       raise StudyError(
@@ -152,11 +163,12 @@ def stage_bench(study, stage: str) -> dict:
       draft=study.pair.draft_spec(),
       samples=samples,
       adapters=adapters,
-      methods=layout.METHODS,
+      methods=methods,
       out=out,
       num_samples=n,
       runtime=rt,
       gamma=args.gamma,
+      tree=(args.tree_depth, args.tree_topk, args.tree_nodes),
       max_new=max_new_tokens(study, "bench_max_new_tokens"),
       warmup=args.warmup,
       seed=args.seed,

@@ -103,7 +103,8 @@ def make_plots(data: dict, out_dir: str) -> list[str]:
     for rt, block in live["by_runtime"].items()
   ]
   if settings:
-    methods = [m for m in layout.METHODS if m != "baseline"]
+    measured = {m for _, _, rows in settings for m in rows}
+    methods = [m for m in layout.METHODS if m != "baseline" and m in measured]
     fig, ax = plt.subplots(figsize=(10, 4))
     _bars(
       ax,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from tools.study import collect, layout, plots, verdicts
+from tools.study import collect, compare, layout, plots, projection, verdicts
 from tools.study.collect import PCT, SEED_COLUMNS
 from tools.study.verdicts import ci_num, ci_pct, num, pct, setting
 
@@ -68,6 +68,22 @@ def baseline_table(data: dict) -> list[str]:
   return lines
 
 
+def aa_text(aa: dict | None) -> str:
+  """The A/A control's sentence of a live table's header."""
+  if not aa:
+    return " No A/A control was run."
+  return (
+    f" A/A control (baseline / baseline again): "
+    f"{ci_num(aa['speedup'], aa['speedup_ci95'])}"
+    + (
+      ", reliable."
+      if aa["reliable"]
+      else f", outside {aa['range']} or its CI excludes 1: the run is "
+      "UNRELIABLE."
+    )
+  )
+
+
 def live_tables(data: dict) -> list[str]:
   lines = []
   for sub, live in data["live"].items():
@@ -83,6 +99,7 @@ def live_tables(data: dict) -> list[str]:
         f"{block['num_measured']} test samples after {live['warmup']} "
         f"warm-up; target decode {num(block['target_decode_ms'], 3)} "
         f"ms/token, prefill {num(block['target_prefill_ms'], 2)} ms."
+        + aa_text(block.get("aa_control"))
         + (
           " Fast path per model: "
           + "; ".join(f"{k}: {v}" for k, v in fast.items())
@@ -157,6 +174,36 @@ def objective_section(data: dict) -> list[str]:
     )
   if sub:
     lines += ["", f"Live α: {setting(data, sub)}, {rt} runtime."]
+  return lines + [""]
+
+
+def widths_lines(data: dict) -> list[str]:
+  """How L1-L4 were sized: on the seed's capacity axis, or why not."""
+  w = data.get("prefill_widths")
+  if not w:
+    return []
+  lines = ["## L1–L4 on the seed's capacity axis", ""]
+  if w["axis"] != "seed":
+    return lines + [
+      "L1–L4 keep their recipes' widths (experiments/*.py), not scaled to "
+      f"the seed's parameter ratios: {w['why_not']}.",
+      "",
+    ]
+  lines += [
+    f"At the pair's hidden size ({w['hidden']}) the recipes' widths do not "
+    "form the seed's axis, so each width was scaled (tools/study/widths.py"
+    ") until the parameter counts stand in the seed's ratios at hidden "
+    f"4096 (largest relative error {100 * w['max_relative_error']:.1f}%):",
+    "",
+    "| adapter | width | params | ratio to L1 | the seed's ratio at 4096 |",
+    "|---|---|---|---|---|",
+  ]
+  for name, over in w["overrides"].items():
+    field, value = next(iter(over.items()))
+    lines.append(
+      f"| {name.upper()} | {field} {value} | {w['params'][name]} | "
+      f"{num(w['ratios'][name], 2)} | {num(w['seed_ratios'][name], 2)} |"
+    )
   return lines + [""]
 
 
@@ -297,7 +344,9 @@ def render(data: dict, pair, plot_paths: list[str]) -> str:
       "The two-GPU table is absent: this study ran no bench2 stage (it "
       "needs a machine with two GPUs: `--stages B`).",
     ]
-  lines += ["", "## The seed's claims", ""]
+  lines += ["", *compare.render(data), *projection.lines(data)]
+  lines += widths_lines(data)
+  lines += ["## The seed's claims", ""]
   for c in data["claims"]:
     lines += [f"**{c['claim']}: {c['verdict']}.** {c['text']} {c['rule']}", ""]
   lines += objective_section(data)
@@ -310,9 +359,10 @@ def render(data: dict, pair, plot_paths: list[str]) -> str:
   return "\n".join(lines)
 
 
-def write(study_dir: str, out_dir: str, pair) -> list[str]:
-  """OUT/RESULTS.md, OUT/results/results.json and OUT/results/*.png."""
-  data = collect.collect(study_dir, pair)
+def write(study_dir: str, out_dir: str, pair, costs_7b=None) -> list[str]:
+  """OUT/RESULTS.md, OUT/results/results.json and OUT/results/*.png
+  (`costs_7b`: the 7B-shaped pair's benchmark results.json, if any)."""
+  data = collect.collect(study_dir, pair, costs_7b)
   sub = os.path.join(out_dir, "results")
   os.makedirs(sub, exist_ok=True)
   path_json = os.path.join(sub, "results.json")

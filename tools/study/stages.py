@@ -133,13 +133,18 @@ def experiment_config(name: str):
   return module.get_config()
 
 
-def train_config(study, name: str):
-  """The experiment's recipe with the study's data, epochs and batch (and,
-  for the *_next adapters, the loss objective 'next')."""
+def train_config(study, name: str, widths: dict | None = None):
+  """The experiment's recipe with the study's data, epochs and batch (for
+  the *_next adapters, the loss objective 'next'; for L1-L4, the widths of
+  `widths['overrides']` when given)."""
   args = study.args
-  config = experiment_config(layout.kind(name))
+  config = experiment_config(layout.recipe(name))
   if objective := layout.objective(name):
     config.loss.objective = objective
+  for field, value in (
+    ((widths or {}).get("overrides") or {}).get(name, {}).items()
+  ):
+    setattr(config.model, field, value)
   config.data.train = study.p("data", "train")
   config.data.val = study.p("data", "val")
   config.lm_head = study.p("lm_head")
@@ -151,6 +156,20 @@ def train_config(study, name: str):
   return config
 
 
+def prefill_widths(study) -> dict:
+  """L1-L4's widths: on the seed's axis (tools/study/widths.py) unless
+  --prefill_widths recipe, or when no widths fit (the reason recorded)."""
+  from tools.study import widths
+
+  hidden = hidden_size(study)
+  if study.args.prefill_widths == "recipe":
+    return {"axis": "recipe", "why_not": "--prefill_widths recipe"}
+  try:
+    return {"axis": "seed", **widths.solve(hidden), "why_not": None}
+  except widths.WidthError as e:
+    return {"axis": "recipe", "why_not": str(e)}
+
+
 class _DropTrackedMetricWarning(logging.Filter):
   """Orbax warns when a checkpoint saved on an interrupt has no metrics
   (the best-checkpoint choice skips it, as it should)."""
@@ -160,20 +179,24 @@ class _DropTrackedMetricWarning(logging.Filter):
 
 
 def stage_train(study) -> dict:
+  """Trains the selected adapters not trained yet (a study that gains
+  adapters keeps the ones it has)."""
   import jax
 
   from egpt_align import train
 
   logging.getLogger("absl").addFilter(_DropTrackedMetricWarning())
-  done = study.state["stages"].get("train_partial", {})
-  for name in layout.ADAPTERS:
+  earlier = study.state["stages"].get("train", {})
+  done = dict(earlier.get("adapters", {}))
+  done.update(study.state["stages"].get("train_partial", {}))
+  widths = earlier.get("prefill_widths") or prefill_widths(study)
+  for name in study.adapters:
     if name in done:
       print(f"train {name}: done earlier, kept")
       continue
     t0 = time.perf_counter()
-    out = train.train_and_evaluate(
-      train_config(study, name), study.p("runs", name)
-    )
+    config = train_config(study, name, widths)
+    out = train.train_and_evaluate(config, study.p("runs", name))
     best = out.get("best") or {}
     done[name] = {
       "seconds": round(time.perf_counter() - t0, 1),
@@ -183,6 +206,8 @@ def stage_train(study) -> dict:
       "steps": out["step"],
       "val_cos_best": best.get("cos_sim"),
       "val_accept_90_best": best.get("accept_90"),
+      "unroll_steps": int(config.loss.unroll_steps),
+      "objective": config.loss.objective,
     }
     study.state["stages"]["train_partial"] = done
     study.save()
@@ -194,7 +219,8 @@ def stage_train(study) -> dict:
   study.state["stages"].pop("train_partial", None)
   dev = jax.devices()[0]
   return {
-    "adapters": done,
+    "adapters": {n: done[n] for n in layout.ADAPTERS if n in done},
+    "prefill_widths": widths,
     "device": f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev)}",
   }
 
@@ -278,8 +304,12 @@ def stage_evaluate(study) -> dict:
   from egpt_align import evaluate as ev
   from egpt_align import report
 
-  info = {"adapters": {}}
-  for name in layout.ADAPTERS:
+  earlier = study.state["stages"].get("evaluate", {})
+  info = {"adapters": dict(earlier.get("adapters", {}))}
+  for name in study.adapters:
+    if name in info["adapters"]:
+      print(f"evaluate {name}: done earlier, kept")
+      continue
     out = study.p("eval", name)
     result = ev.evaluate(
       study.p("data", "test"),
@@ -287,6 +317,8 @@ def stage_evaluate(study) -> dict:
       lm_head=study.p("lm_head"),
       settings=ev.EvalSettings(
         bootstrap=study.args.bootstrap,
+        # Acceptance at depth at the live gamma (decode adapters).
+        gamma=study.args.gamma,
         progress=not study.args.no_progress,
       ),
     )
@@ -306,7 +338,10 @@ def stage_evaluate(study) -> dict:
       "token_top1": a.get("token_top1"),
       "accept_90": a.get("accept_90"),
     }
-  info["target"] = target_predictability(study)
+  info["adapters"] = {
+    n: info["adapters"][n] for n in layout.ADAPTERS if n in info["adapters"]
+  }
+  info["target"] = earlier.get("target") or target_predictability(study)
   return info
 
 
@@ -319,9 +354,13 @@ def stage_export(study) -> dict:
 
   os.makedirs(study.p("exports"), exist_ok=True)
   trained = study.state["stages"].get("train", {}).get("adapters", {})
-  files, params = {}, {}
-  for name in layout.ADAPTERS:
+  earlier = study.state["stages"].get("export", {})
+  files = dict(earlier.get("files", {}))
+  params = dict(earlier.get("params", {}))
+  for name in study.adapters:
     path = study.p("exports", f"{name}.pt")
+    if name in files and os.path.isfile(path):
+      continue
     tree, config = checkpoint.load_params(study.p("runs", name), "best")
     model_cfg = bridge.model_config_of(config)
     bridge.export(

@@ -18,14 +18,17 @@ BENCH_SETTINGS = (
   "gamma",
   "bench_max_new_tokens",
   "runtimes",
+  "tree_depth",
+  "tree_topk",
+  "tree_nodes",
 )
 # The settings each stage's outputs depend on: a finished stage run with
 # other values is refused (use another --out or --redo it).
 STAGE_SETTINGS = {
   "pair": ("seed", "set"),
   "dump": ("train_scenes", "val_scenes", "test_scenes", "dump_max_new_tokens"),
-  "train": ("epochs", "batch_size"),
-  "evaluate": ("bootstrap",),
+  "train": ("epochs", "batch_size", "prefill_widths"),
+  "evaluate": ("bootstrap", "gamma"),
   "bench1": BENCH_SETTINGS,
   "bench2": BENCH_SETTINGS,
 }
@@ -51,6 +54,8 @@ class Study:
     self.args = args
     self.pair = pair
     self.path = os.path.join(self.out, layout.STUDY_FILE)
+    # The adapters this run asks for (--adapters; all by default).
+    self.adapters = layout.parse_adapters(getattr(args, "adapters", None))
     self.state = {"stages": {}, "created": layout.now()}
     if os.path.isfile(self.path):
       with open(self.path) as f:
@@ -62,18 +67,36 @@ class Study:
   def done(self, stage: str) -> bool:
     return bool(self.state["stages"].get(stage, {}).get("done"))
 
+  def missing(self, stage: str) -> list[str]:
+    """What this run's adapters need of a finished stage that its record
+    lacks (adapters, or live methods): the stage runs again for them."""
+    rec = self.state["stages"].get(stage, {})
+    if stage in ("train", "evaluate"):
+      have = rec.get("adapters", {})
+    elif stage == "export":
+      have = rec.get("files", {})
+    elif stage in layout.BENCH_DIRS:
+      have = rec.get("methods", ())
+      return [m for m in layout.methods_of(self.adapters) if m not in have]
+    else:
+      return []
+    return [a for a in self.adapters if a not in have]
+
   def settings(self, stage: str) -> dict:
     return {
       k: getattr(self.args, k, None) for k in STAGE_SETTINGS.get(stage, ())
     }
 
   def check(self, stage: str) -> None:
-    """Refuses a finished stage whose settings differ from this run's."""
+    """Refuses a finished stage whose settings differ from this run's (a
+    setting its record predates is not compared)."""
     rec = self.state["stages"].get(stage, {})
     if not rec.get("done"):
       return
     for k, v in self.settings(stage).items():
-      old = rec.get("settings", {}).get(k)
+      if k not in rec.get("settings", {}):
+        continue
+      old = rec["settings"][k]
       if old != v:
         raise StudyError(
           f"{self.path}: stage {stage} was run with --{k} {old!r}, this run "
@@ -117,6 +140,7 @@ class Study:
 PACK_PREFIX = "study.tar.part"
 PACK_PATTERNS = (
   layout.STUDY_FILE,
+  layout.COSTS_7B_FILE,
   "lm_head.npy",
   "lm_head.json",
   "exports/*",

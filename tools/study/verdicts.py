@@ -144,11 +144,16 @@ def claim_plateau(data: dict) -> dict:
       + f"; best {hi.upper()}, worst {lo.upper()}: {parts[label]}"
     )
   verdict = _combine(list(parts.values()))
-  text = (
-    "; ".join(texts)
-    + ". The widths are each recipe's at this hidden size; they are not "
-    "scaled to the seed's parameter ratios at 4096."
+  w = data.get("prefill_widths") or {}
+  axis = (
+    " The widths are scaled so the parameter counts stand in the seed's "
+    "ratios at hidden 4096 (the seed's capacity axis)."
+    if w.get("axis") == "seed"
+    else " The widths are each recipe's at this hidden size, not scaled "
+    "to the seed's parameter ratios at 4096"
+    + (f" ({w['why_not']})." if w.get("why_not") else ".")
   )
+  text = "; ".join(texts) + "." + axis
   return _claim(name, verdict, text, rule)
 
 
