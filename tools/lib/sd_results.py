@@ -367,6 +367,17 @@ def amdahl(base: list[dict]) -> dict[str, float | None]:
   }
 
 
+def verify_cost(costs: dict, method: str, tree_nodes: int | None):
+  """One verification of `method`, in target decode steps: a chain's
+  gamma + 1 tokens, or a tree's `tree_nodes` (tree mask)."""
+  base = costs.get("target_decode_ms")
+  if method.split(":")[0] in ("tree", "two_phase_tree"):
+    ms = (costs.get("target_verify_tree_ms") or {}).get(str(tree_nodes))
+  else:
+    ms = (costs.get("target_verify_ms") or {}).get("gamma+1")
+  return ms / base if ms and base else None
+
+
 def cost_model(
   recs: list[dict], costs: dict, method: str, measured: float | None
 ) -> dict[str, float | None] | None:

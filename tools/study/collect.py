@@ -6,6 +6,7 @@ import json
 import os
 
 from egpt_align import metrics as metrics_lib
+from tools.lib import sd_results
 from tools.study import layout
 from tools.study.pair import StudyError
 
@@ -90,17 +91,6 @@ def _depth(entry: dict) -> dict:
   return {k: _metric(entry, {}, k) for k in keys}
 
 
-def verify_cost(costs: dict, method: str, tree_nodes: int | None):
-  """One verification of `method`, in target decode steps: a chain's
-  gamma + 1 tokens, or a tree's `tree_nodes` (tree mask)."""
-  base = costs.get("target_decode_ms")
-  if method.split(":")[0] in ("tree", "two_phase_tree"):
-    ms = (costs.get("target_verify_tree_ms") or {}).get(str(tree_nodes))
-  else:
-    ms = (costs.get("target_verify_ms") or {}).get("gamma+1")
-  return ms / base if ms and base else None
-
-
 def _decode_costs(a: dict, costs: dict, m: str, nodes) -> dict:
   """Per decode-phase verification, in target decode steps: drafting
   (drafts per verification x cost per draft) and the verification."""
@@ -109,7 +99,7 @@ def _decode_costs(a: dict, costs: dict, m: str, nodes) -> dict:
   return {
     "drafts_per_verification": g,
     "draft_cost": None if g is None or c is None else g * c,
-    "verify_cost": verify_cost(costs, m, nodes),
+    "verify_cost": sd_results.verify_cost(costs, m, nodes),
   }
 
 

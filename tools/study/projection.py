@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 
+from tools.lib.sd_results import verify_cost
 from tools.study import layout
-from tools.study.collect import verify_cost
 from tools.study.verdicts import num
 
 COMMAND = (
