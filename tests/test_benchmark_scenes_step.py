@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tools.benchmarks import benchmark_scenes_step as bench
-from tools.scenes import models, text, training, world
+from tools.scenes import models, text, train_data, training, world
 
 TINY = models.PRESETS["tiny"]
 
@@ -28,11 +28,11 @@ def test_weight_flops_match_torch_s_count_of_a_training_step(role):
   else:
     model = models.build_drafter(TINY, tok)
     media = np.stack([world.events(f) for f in frames])
-  batches = training.make_batches(role, tok, scenes, TINY, 0)
+  batches = train_data.make_batches(role, tok, scenes, TINY, 0)
   assert batches.turns > 1  # a packed batch, as make_pair trains
   loss_fn = training.make_loss(role, model, media, batches, cpu, "none")
   with FlopCounterMode(display=False) as counter:
-    loss_fn(*training.device_batch(batches(0), cpu)).backward()
+    loss_fn(*train_data.device_batch(batches(0), cpu)).backward()
   positions = bench.text_positions(batches)
   got = bench.step_flops(TINY, role, batches.width, len(tok), positions)
   assert got["weights"] == counter.get_total_flops()

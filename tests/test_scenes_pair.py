@@ -12,7 +12,7 @@ from tools import dump_hidden_states as dump
 from tools.lib import backends as bk
 from tools.lib import generation
 from tools.scenes import drafter as drafter_lib
-from tools.scenes import make_pair, models, splits, text, world
+from tools.scenes import make_pair, models, splits, text, token_ids, world
 from tools.scenes import pair as pair_lib
 
 torch.set_num_threads(1)
@@ -260,7 +260,7 @@ def test_evaluate_counts_objects_of_the_wrong_kind_per_model(
     role = "target" if backend is target else "drafter"
     calls.append((qtype, role))
     said = "describe" if role == "target" and qtype in text.FILTERED else qtype
-    ids = [models.answer_ids(tok, text.answer(s, said)) for s in scenes]
+    ids = [token_ids.answer_ids(tok, text.answer(s, said)) for s in scenes]
     width = max(map(len, ids))
     hidden = target.model.config.text_config.hidden_size
     return types.SimpleNamespace(

@@ -9,7 +9,7 @@ import torch
 
 from tools.lib import backends as bk
 from tools.lib import generation
-from tools.scenes import models, probe, text, world
+from tools.scenes import models, probe, text, token_ids, world
 from tools.scenes import pair as pair_lib
 
 
@@ -120,7 +120,7 @@ def test_cell_tokens_point_at_the_first_token_of_each_cell(tiny_scenes_pair):
     if len(world.make_scene(s).things) == 3
   )
   for variant in range(4):
-    ids = models.answer_ids(tok, text.answer(scene, "describe", variant))
+    ids = token_ids.answer_ids(tok, text.answer(scene, "describe", variant))
     got = probe.cell_tokens(tok, ids)
     assert sorted((c, cell) for c, cell, _ in got) == sorted(
       (t.colour, t.cell) for t in scene.things
@@ -176,7 +176,7 @@ def test_cell_attention_reads_the_row_that_chose_each_cell(
   results = {}
   for name, things in (("right", scene.things), ("wrong", swapped)):
     told = dataclasses.replace(scene, things=things)
-    answer = models.answer_ids(tok, text.answer(told, "describe"))
+    answer = token_ids.answer_ids(tok, text.answer(told, "describe"))
     gen = types.SimpleNamespace(
       tokens=torch.tensor([answer]), lengths=torch.tensor([len(answer)])
     )

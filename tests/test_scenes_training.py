@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools.scenes import models, text, training, world
+from tools.scenes import models, text, train_data, train_losses, training, world
 
 TINY = models.PRESETS["tiny"]
 
@@ -19,7 +19,7 @@ def _setup(device, mode, steps):
   frames = np.stack([world.render(s.seed)[1] for s in scenes])
   events = np.stack([world.events(f) for f in frames])
   preset = dataclasses.replace(TINY, warmup=2, lr=3e-3)
-  batches = training.make_batches("drafter", tok, scenes, preset, 0)
+  batches = train_data.make_batches("drafter", tok, scenes, preset, 0)
   torch.manual_seed(0)
   model = models.build_drafter(preset, tok).to(device)
   loss_fn = training.make_loss("drafter", model, events, batches, device, mode)
@@ -39,7 +39,7 @@ def _by_hand(model, loss_fn, preset, made, device, weights=None):
       group["lr"] = preset.lr * factor(i)
     opt.zero_grad()
     with training.autocast(device):
-      loss = loss_fn(*training.device_batch(batch, device))
+      loss = loss_fn(*train_data.device_batch(batch, device))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -168,7 +168,7 @@ def _tiny_target(steps=3, **changes):
   preset = dataclasses.replace(TINY, target_steps=steps, **changes)
   torch.manual_seed(0)
   model = models.build_target(preset, tok)
-  batches = training.make_batches("target", tok, scenes, preset, 0)
+  batches = train_data.make_batches("target", tok, scenes, preset, 0)
   return model, batches, frames, preset
 
 
@@ -176,7 +176,7 @@ def test_token_weights_weigh_exactly_the_fact_words():
   """Each fact word of a generated answer is one token of the scenes'
   tokenizer, and that token (and no other) gets the fact weight."""
   tok = text.train_tokenizer(range(50), 512)
-  weights = training.token_weights(tok, 7.0)
+  weights = train_losses.token_weights(tok, 7.0)
   assert weights.shape == (len(tok),)
   facts = 0
   for seed in range(100, 130):
@@ -212,9 +212,11 @@ def test_answer_loss_weighs_each_label_by_its_tokens_weight():
   labels[0, 5] = labels[1, 8] = -100
   weights = torch.rand(vocab) + 0.5
   with torch.no_grad():
-    got = training.answer_loss(head, hidden, labels, first, weights)
-    plain = training.answer_loss(head, hidden, labels, first)
-    ones = training.answer_loss(head, hidden, labels, first, torch.ones(vocab))
+    got = train_losses.answer_loss(head, hidden, labels, first, weights)
+    plain = train_losses.answer_loss(head, hidden, labels, first)
+    ones = train_losses.answer_loss(
+      head, hidden, labels, first, torch.ones(vocab)
+    )
     num = den = 0.0
     for b in range(2):
       for t in range(first, 9):
@@ -235,16 +237,16 @@ def test_make_loss_weighs_the_fact_tokens():
   cpu = torch.device("cpu")
   model, batches, frames, _ = _tiny_target()
   start = batches.prompts.media_span()[0]
-  idx, ids, labels = training.device_batch(batches(0), cpu)
-  weights = training.token_weights(batches.tokenizer, 4.0)
+  idx, ids, labels = train_data.device_batch(batches(0), cpu)
+  weights = train_losses.token_weights(batches.tokenizer, 4.0)
   loss_fn = training.make_loss(
     "target", model, frames, batches, cpu, "none", fact_weight=4.0
   )
   clips = torch.from_numpy(frames)[idx]
   with torch.no_grad():
     got = loss_fn(idx, ids, labels)
-    want = training.target_loss(model, ids, labels, clips, start, weights)
-    plain = training.target_loss(model, ids, labels, clips, start)
+    want = train_losses.target_loss(model, ids, labels, clips, start, weights)
+    plain = train_losses.target_loss(model, ids, labels, clips, start)
   assert float(got) == pytest.approx(float(want), rel=1e-6)
   assert float(got) != pytest.approx(float(plain), rel=1e-3)
 

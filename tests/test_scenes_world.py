@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tools.scenes import text, world
+from tools.scenes import text, token_ids, train_data, train_losses, world
 
 SEEDS = list(range(60)) + world.split_seeds("test", 20)
 
@@ -194,15 +194,14 @@ def test_tokenizer_round_trips_every_answer():
 
 
 def test_training_batches_are_the_same_from_worker_processes():
-  from tools.scenes import training
 
   tok = text.train_tokenizer(range(100), 512)
   scenes = [world.make_scene(s) for s in range(30)]
-  batches = training.Batches(tok, scenes, "<video>", 17, 0, 4)
-  executor = training.make_executor({"target": batches}, 2)
+  batches = train_data.Batches(tok, scenes, "<video>", 17, 0, 4)
+  executor = train_data.make_executor({"target": batches}, 2)
   with executor:
-    got = list(training.stream(batches, "target", 12, executor))
-  want = list(training.stream(batches, "target", 12))
+    got = list(train_data.stream(batches, "target", 12, executor))
+  want = list(train_data.stream(batches, "target", 12))
   assert len(got) == len(want) == 12
   for g, w in zip(got, want, strict=True):
     for a, b in zip(g, w, strict=True):
@@ -265,7 +264,7 @@ def test_training_losses_equal_the_models_own_masked_loss():
     ("target", target, frames, masked_target),
     ("drafter", drafter, events, masked_drafter),
   ):
-    fixed = training.make_batches(name, tok, scenes, preset, 0)
+    fixed = train_data.make_batches(name, tok, scenes, preset, 0)
     wants, made = [], [fixed(step) for step in range(3)]
     for f in made:  # the model's own loss, before make_loss sets it up
       n = int(f[2].sum(1).max())  # the longest sequence, unpadded
@@ -274,14 +273,14 @@ def test_training_losses_equal_the_models_own_masked_loss():
       with torch.no_grad():
         wants.append(float(masked(f[0], f[1][:, :n], f[2][:, :n], f[3][:, :n])))
     loss = training.make_loss(name, model, media, fixed, cpu, "none")
-    lm = training.language_model(name, model)
-    assert lm.config._attn_implementation == training.CAUSAL_ATTENTION
+    lm = train_losses.language_model(name, model)
+    assert lm.config._attn_implementation == train_losses.CAUSAL_ATTENTION
     for f, want in zip(made, wants, strict=True):
       with torch.no_grad():
-        got = loss(*training.device_batch(f, cpu))
+        got = loss(*train_data.device_batch(f, cpu))
         assert float(got) == pytest.approx(want, rel=1e-5), name
   with pytest.raises(ValueError, match="over the fixed width 7"):
-    models.pad_batch(
+    token_ids.pad_batch(
       [[1, 2, 3, 4, 5, 6, 7, 8]], [[-100] * 3 + [4, 5, 6, 7, 8]], 0, width=7
     )
 
@@ -303,15 +302,17 @@ def test_the_training_loss_traces_as_one_graph(name):
   frames = np.stack([world.render(s.seed)[1] for s in scenes])
   weights = None
   if name == "target+facts":
-    name, weights = "target", training.token_weights(tok, 3.0)
+    name, weights = "target", train_losses.token_weights(tok, 3.0)
   media = (
     frames if name == "target" else np.stack([world.events(f) for f in frames])
   )
   build = models.build_target if name == "target" else models.build_drafter
   model = build(preset, tok)
-  batches = training.make_batches(name, tok, scenes, preset, 0)
+  batches = train_data.make_batches(name, tok, scenes, preset, 0)
   training.make_loss(name, model, media, batches, torch.device("cpu"), "model")
-  loss = training.target_loss if name == "target" else training.drafter_loss
+  loss = (
+    train_losses.target_loss if name == "target" else train_losses.drafter_loss
+  )
   if weights is not None:
     loss = functools.partial(loss, weights=weights)
   start = batches.prompts.media_span()[0]
@@ -345,11 +346,13 @@ def test_train_restores_the_attention_implementation():
     ("drafter", models.build_drafter, events),
   ):
     model = build(preset, tok)
-    lm = training.language_model(name, model)
+    lm = train_losses.language_model(name, model)
     before = lm.config._attn_implementation
-    batches = training.make_batches(name, tok, scenes, preset, 0)
+    batches = train_data.make_batches(name, tok, scenes, preset, 0)
     training.train(name, model, batches, preset, media, cpu, None, "none")
-    assert lm.config._attn_implementation == before != training.CAUSAL_ATTENTION
+    assert (
+      lm.config._attn_implementation == before != train_losses.CAUSAL_ATTENTION
+    )
 
 
 def test_training_sequences_are_conversations_of_distinct_questions():
@@ -358,16 +361,17 @@ def test_training_sequences_are_conversations_of_distinct_questions():
   question type at most once; exactly the answers are labelled; a later
   turn that does not fit the width is left out, the first never is (an
   answer over max_new_tokens is an error)."""
-  from tools.scenes import models, training
 
   tok = text.train_tokenizer(range(100), 512)
   scenes = [world.make_scene(s) for s in range(30)]
   turns, room = 3, 40
-  batches = training.Batches(tok, scenes, "<video>", 5, 0, 16, 64, turns, room)
+  batches = train_data.Batches(
+    tok, scenes, "<video>", 5, 0, 16, 64, turns, room
+  )
   assert batches.width == batches.prompts.longest() + 64 + room
   dropped = 0
   for step in range(4):
-    rows = training.examples(scenes, 0, step, 16, turns)
+    rows = train_data.examples(scenes, 0, step, 16, turns)
     idx, ids, mask, labels = batches(step)
     np.testing.assert_array_equal(idx, [r[0] for r in rows])
     for i, (scene_idx, qas) in enumerate(rows):
@@ -381,7 +385,7 @@ def test_training_sequences_are_conversations_of_distinct_questions():
       want_ids, want_labels = [], []
       for k, (q, a) in enumerate(qas):
         head = batches.prompts.follow_up(q) if k else batches.prompts(q)
-        ans = models.answer_ids(tok, a)
+        ans = token_ids.answer_ids(tok, a)
         if k and len(want_ids) + len(head) + len(ans) > batches.width:
           dropped += 1
           break
@@ -397,7 +401,7 @@ def test_training_sequences_are_conversations_of_distinct_questions():
         tok.decode(batches.prompts.follow_up("Q?")) == "USER: Q? ASSISTANT:"
       )
   assert dropped > 0  # the room of 40 is too small for every third turn
-  short = training.Batches(tok, scenes, "<video>", 4, 0, 4, 5)
+  short = train_data.Batches(tok, scenes, "<video>", 4, 0, 4, 5)
   with pytest.raises(ValueError, match=r"training scene \d+ \(step 0\)"):
     short(0)
 
@@ -407,11 +411,11 @@ def test_cell_turns_follow_the_regular_turns():
   and ends with that many questions about one cell, answered from its scene
   (the cell an object's start about three times in four); Batches packs
   them as labelled turns."""
-  from tools.scenes import models, training
+  from tools.scenes import models
 
   scenes = [world.make_scene(s) for s in range(30)]
-  plain = training.examples(scenes, 0, 3, 200, 2)
-  more = training.examples(scenes, 0, 3, 200, 2, cell_turns=2)
+  plain = train_data.examples(scenes, 0, 3, 200, 2)
+  more = train_data.examples(scenes, 0, 3, 200, 2, cell_turns=2)
   occupied = 0
   for (i, qas), (j, both) in zip(plain, more, strict=True):
     assert i == j and both[:2] == qas and len(both) == 4
@@ -423,14 +427,14 @@ def test_cell_turns_follow_the_regular_turns():
       occupied += cell in at
   assert 0.65 < occupied / 400 < 0.85
   tok = text.train_tokenizer(range(100), 512)
-  batches = training.Batches(tok, scenes, "<video>", 5, 0, 16, None, 2, 0, 1)
+  batches = train_data.Batches(tok, scenes, "<video>", 5, 0, 16, None, 2, 0, 1)
   preset = dataclasses.replace(models.PRESETS["tiny"], cell_turns=3)
-  made = training.make_batches("target", tok, scenes, preset, 0)
+  made = train_data.make_batches("target", tok, scenes, preset, 0)
   assert made.cell_turns == 3  # the preset's field reaches the batches
-  rows = training.examples(scenes, 0, 1, 16, 2, 1)
+  rows = train_data.examples(scenes, 0, 1, 16, 2, 1)
   _, _, _, labels = batches(1)
   for i, (_, qas) in enumerate(rows):
-    last = models.answer_ids(tok, qas[-1][1])
+    last = token_ids.answer_ids(tok, qas[-1][1])
     got = [x for x in labels[i].tolist() if x != -100]
     assert got[-len(last) :] == last
 

@@ -57,16 +57,8 @@ from tools.lib.sd_methods import method_forms, method_help
 from tools.lib.sd_report import summary_text
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The command-line interface."""
-  p = argparse.ArgumentParser(
-    prog="benchmark_sd.py",
-    description=__doc__,
-    epilog="methods:\n" + method_help() + "\n\nexit status: 0 ok; 1 some "
-    "method's tokens differ from the baseline's other than by a near-tie "
-    "flip; 2 bad arguments or inputs",
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+def _model_args(p: argparse.ArgumentParser) -> None:
+  """The 'models and samples' flags: the pair, its samples, adapters."""
   src = p.add_argument_group("models and samples")
   src.add_argument("--target", metavar="SPEC", help="target model spec")
   src.add_argument("--draft", metavar="SPEC", help="drafter model spec")
@@ -107,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     action="store_true",
     help="allow pickled configs in reference .pt files (reference L1)",
   )
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+  """The 'decoding' flags: methods, their settings, devices, runtimes."""
   run = p.add_argument_group("decoding")
   run.add_argument(
     "--methods",
@@ -184,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     help="prefill overlap: auto = a thread on the 2nd GPU or a 2nd CUDA "
     "stream (sequential on CPU); thread = a thread on any device",
   )
+
+
+def _fairness_args(p: argparse.ArgumentParser) -> None:
+  """The 'fairness' flags: run order, the A/A control, shape warm-up."""
   fair = p.add_argument_group("fairness")
   fair.add_argument(
     "--order",
@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     help="time a sample of a new input shape without first running every "
     "method on it untimed (compilation, graph capture land in the timings)",
   )
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+  """The 'output' flags: directory, statistics, time budget, profile."""
   out = p.add_argument_group("output")
   out.add_argument("--out", required=True, help="output directory")
   out.add_argument(
@@ -236,6 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
   )
   out.add_argument("--no_plots", action="store_true")
   out.add_argument("--no_progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line interface."""
+  p = argparse.ArgumentParser(
+    prog="benchmark_sd.py",
+    description=__doc__,
+    epilog="methods:\n" + method_help() + "\n\nexit status: 0 ok; 1 some "
+    "method's tokens differ from the baseline's other than by a near-tie "
+    "flip; 2 bad arguments or inputs",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  _model_args(p)
+  _decoding_args(p)
+  _fairness_args(p)
+  _output_args(p)
   return p
 
 

@@ -416,6 +416,64 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _load_models(args, device: str, dtype: str):
+  """(target, draft) backends as the flags give them."""
+  print(f"loading target {args.target} ({device}, {dtype})", file=sys.stderr)
+  target = bk.load_backend(
+    args.target,
+    device=device,
+    dtype=dtype,
+    **_options(args.target, args.target_prompt, args.num_frames),
+  )
+  print(f"loading draft {args.draft}", file=sys.stderr)
+  draft = bk.load_backend(
+    args.draft,
+    device=device,
+    dtype=dtype,
+    **_options(args.draft, args.draft_prompt, args.num_frames),
+  )
+  return target, draft
+
+
+def _provenance(args, target, draft) -> dict:
+  """The dataset header's provenance (a resume must match it)."""
+  return {
+    "tool": "tools/dump_hidden_states.py",
+    "pairing": args.pairing,
+    "max_new_tokens": args.max_new_tokens,
+    "samples_file": os.path.abspath(args.samples),
+    "source": {
+      **draft.provenance(),
+      "weights_fingerprint": weights_fingerprint(draft),
+    },
+    "target": {
+      **target.provenance(),
+      "weights_fingerprint": weights_fingerprint(target),
+    },
+    "states": "last layer, post final norm, at the positions predicting "
+    "each generated token",
+  }
+
+
+def _run_to_end(dumper, writer, samples, joined) -> bool:
+  """Dumps `samples`, SIGTERM / SIGHUP turned into an interrupt for the
+  time; whether it was interrupted (finished samples are kept)."""
+  sigs = [signal.SIGTERM] + (
+    [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
+  )
+  old = {s: signal.signal(s, _raise_interrupt) for s in sigs}
+  interrupted = False
+  try:
+    with writer:  # closing flushes every finished sample, also on interrupt
+      dumper.run(samples, joined)
+  except KeyboardInterrupt:
+    interrupted = True
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  return interrupted
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the process exit status."""
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -446,39 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
   torch.set_grad_enabled(False)
   try:
-    print(f"loading target {args.target} ({device}, {dtype})", file=sys.stderr)
-    target = bk.load_backend(
-      args.target,
-      device=device,
-      dtype=dtype,
-      **_options(args.target, args.target_prompt, args.num_frames),
-    )
-    print(f"loading draft {args.draft}", file=sys.stderr)
-    draft = bk.load_backend(
-      args.draft,
-      device=device,
-      dtype=dtype,
-      **_options(args.draft, args.draft_prompt, args.num_frames),
-    )
+    target, draft = _load_models(args, device, dtype)
   except (ValueError, OSError) as e:
     print(f"error: cannot load a model: {e}", file=sys.stderr)
     return EXIT_USAGE
-  provenance = {
-    "tool": "tools/dump_hidden_states.py",
-    "pairing": args.pairing,
-    "max_new_tokens": args.max_new_tokens,
-    "samples_file": os.path.abspath(args.samples),
-    "source": {
-      **draft.provenance(),
-      "weights_fingerprint": weights_fingerprint(draft),
-    },
-    "target": {
-      **target.provenance(),
-      "weights_fingerprint": weights_fingerprint(target),
-    },
-    "states": "last layer, post final norm, at the positions predicting "
-    "each generated token",
-  }
+  provenance = _provenance(args, target, draft)
   try:
     check_resume(args.out, provenance)
     if out != args.out:
@@ -506,20 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures_path=os.path.join(out, dump_parts.FAILURES_FILE),
     progress=not args.no_progress,
   )
-  sigs = [signal.SIGTERM] + (
-    [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
-  )
-  old = {s: signal.signal(s, _raise_interrupt) for s in sigs}
   start = time.perf_counter()
-  interrupted = False
-  try:
-    with writer:  # closing flushes every finished sample, also on interrupt
-      dumper.run(samples, joined)
-  except KeyboardInterrupt:
-    interrupted = True
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
+  interrupted = _run_to_end(dumper, writer, samples, joined)
   elapsed = time.perf_counter() - start
   summary = {
     "out": out,

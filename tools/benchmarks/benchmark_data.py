@@ -260,7 +260,18 @@ def time_reference(path, batch_size, max_steps, device):
   }
 
 
-def main(argv=None):
+PIPELINE_MODES = (
+  "stream_cold",
+  "stream_cold_mmap",
+  "stream_hot",
+  "stream_hot_pinned",
+  "host",
+  "device",
+  "device_gather1",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     description=(
       "Measure valid tokens/s delivered to the device by the input "
@@ -319,7 +330,143 @@ def main(argv=None):
   parser.add_argument("--keep", action="store_true", help="keep the files")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", help="write the results as JSON here")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def time_mode(mode, ds, ds_path, args, device) -> dict:
+  """One of PIPELINE_MODES: the pipeline built with its cache, warmed as
+  the mode says, then timed."""
+  cache = mode.split("_")[0] if mode.startswith(("host", "device")) else "none"
+  t0 = time.perf_counter()
+  gather = 1 if mode == "device_gather1" else args.gather_batches
+  pipe = data.InputPipeline(
+    ds,
+    cache=cache,
+    gather_batches=gather,
+    global_batch_size=args.batch_size,
+    seed=args.seed,
+    num_workers=args.num_workers,
+    prefetch=args.prefetch,
+  )
+  if mode.endswith("pinned"):
+    pipe = PinnedUpload(pipe, device)
+  build = time.perf_counter() - t0
+  if pipe.steps_per_epoch == 0:
+    raise SystemExit(
+      f"{args.num_samples} samples give no full batch of "
+      f"{args.batch_size} in any length bucket; raise --num_samples"
+    )
+  note = ""
+  if mode.startswith("stream_cold"):
+    if mode == "stream_cold_mmap":
+      pipe.readahead = False
+    note = (
+      "cold (page cache dropped)"
+      if drop_page_cache(dataset_files(ds_path))
+      else "could not drop page cache: hot"
+    )
+    note += ", read-ahead " + ("on" if pipe.readahead else "off")
+  elif mode.startswith("stream_hot"):
+    time_pipeline(pipe, 1, min(args.max_steps, 20))  # warm + compile
+    note = "files in page cache"
+  else:
+    time_pipeline(pipe, 1, 3)  # compile every bucket shape once
+    time_pipeline(pipe, 1, args.max_steps)
+  on_device = mode.startswith("device")
+  epochs = args.device_epochs if on_device else 1
+  r = time_pipeline(pipe, epochs, args.max_steps, args.window)
+  if on_device and args.window:
+    # The same with a wait on every batch (what earlier runs reported).
+    r["tokens_per_s_window0"] = time_pipeline(pipe, epochs, args.max_steps, 0)[
+      "tokens_per_s"
+    ]
+  r["cache_build_seconds"] = build
+  r["note"] = note
+  return r
+
+
+def _upload_rate(upload, host, valid, nbytes, reps, note) -> dict:
+  """`upload(host)` timed `reps` times after one untimed call."""
+  jax.block_until_ready(upload(host))
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    jax.block_until_ready(upload(host))
+  dt = time.perf_counter() - t0
+  return {
+    "tokens": int(valid),
+    "steps": reps,
+    "seconds": dt,
+    "tokens_per_s": valid / dt,
+    "batches_per_s": reps / dt,
+    "gbytes_per_s": nbytes / dt / 1e9,
+    "note": note.format(gbps=nbytes / dt / 1e9),
+  }
+
+
+def time_h2d(args, lengths, rng, device) -> dict:
+  """The streaming modes' ceiling: uploading one ready, padded batch (both
+  streams, mean bucket length) again and again; 'h2d' as numpy, and
+  'h2d_pinned' staged through pinned host memory where the backend can."""
+  seq_len = int(np.ceil(lengths.mean() / 8) * 8)
+  shape = (args.batch_size, seq_len, args.hidden_dim)
+  host = {
+    k: rng.integers(0, 1 << 15, shape, dtype=np.uint16)
+    for k in ("source", "target")
+  }
+  reps = 30
+  valid = reps * args.batch_size * lengths.mean()
+  nbytes = reps * 2 * int(np.prod(shape)) * 2
+  out = {}
+  out["h2d"] = _upload_rate(
+    lambda h: jax.device_put(h, device),
+    host,
+    valid,
+    nbytes,
+    reps,
+    "device_put of a ready batch: {gbps:.1f} GB/s",
+  )
+  print(f"h2d: {out['h2d']['tokens_per_s']:,.0f} tokens/s", flush=True)
+  # The same through pinned host memory (numpy -> pinned_host -> device),
+  # to see whether staging through page-locked memory would pay.
+  try:
+    pinned = jax.sharding.SingleDeviceSharding(
+      device, memory_kind="pinned_host"
+    )
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    out["h2d_pinned"] = _upload_rate(
+      lambda h: jax.device_put(jax.device_put(h, pinned), on_device),
+      host,
+      valid,
+      nbytes,
+      reps,
+      "numpy -> pinned_host -> device: {gbps:.1f} GB/s",
+    )
+  except Exception as e:  # noqa: BLE001 -- optional diagnostic
+    print(f"h2d_pinned skipped: {e}", flush=True)
+  return out
+
+
+def _print_table(results, args, lengths, device) -> None:
+  print()
+  print(
+    f"hidden {args.hidden_dim}, batch {args.batch_size}, "
+    f"{args.num_samples} samples, mean length {lengths.mean():.1f}, "
+    f"device {device}"
+  )
+  print(
+    f"{'mode':16s} {'tokens/s':>14s} {'batches/s':>10s} {'steps':>7s} "
+    f"{'pad %':>6s} {'build s':>8s}  note"
+  )
+  for mode, r in results["modes"].items():
+    print(
+      f"{mode:16s} {r['tokens_per_s']:14,.0f} {r['batches_per_s']:10.1f} "
+      f"{r['steps']:7d} {100 * r.get('padding_fraction', 0):6.1f} "
+      f"{r.get('cache_build_seconds', 0):8.2f}  {r.get('note', '')}"
+    )
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
   modes = args.modes.split(",")
 
   work = args.dir or tempfile.mkdtemp(prefix="egpt_bench_data_")
@@ -352,123 +499,13 @@ def main(argv=None):
       )
     results["write_seconds"] = time.perf_counter() - t0
     ds = data.open_dataset(ds_path)
-    common = dict(
-      global_batch_size=args.batch_size,
-      seed=args.seed,
-      num_workers=args.num_workers,
-      prefetch=args.prefetch,
-    )
-    for mode in (
-      "stream_cold",
-      "stream_cold_mmap",
-      "stream_hot",
-      "stream_hot_pinned",
-      "host",
-      "device",
-      "device_gather1",
-    ):
-      if mode not in modes:
-        continue
-      cache = (
-        mode.split("_")[0] if mode.startswith(("host", "device")) else "none"
-      )
-      t0 = time.perf_counter()
-      gather = 1 if mode == "device_gather1" else args.gather_batches
-      pipe = data.InputPipeline(
-        ds, cache=cache, gather_batches=gather, **common
-      )
-      if mode.endswith("pinned"):
-        pipe = PinnedUpload(pipe, device)
-      build = time.perf_counter() - t0
-      if pipe.steps_per_epoch == 0:
-        raise SystemExit(
-          f"{args.num_samples} samples give no full batch of "
-          f"{args.batch_size} in any length bucket; raise --num_samples"
-        )
-      note = ""
-      if mode.startswith("stream_cold"):
-        if mode == "stream_cold_mmap":
-          pipe.readahead = False
-        note = (
-          "cold (page cache dropped)"
-          if drop_page_cache(dataset_files(ds_path))
-          else "could not drop page cache: hot"
-        )
-        note += ", read-ahead " + ("on" if pipe.readahead else "off")
-      elif mode.startswith("stream_hot"):
-        time_pipeline(pipe, 1, min(args.max_steps, 20))  # warm + compile
-        note = "files in page cache"
-      else:
-        time_pipeline(pipe, 1, 3)  # compile every bucket shape once
-        time_pipeline(pipe, 1, args.max_steps)
-      on_device = mode.startswith("device")
-      epochs = args.device_epochs if on_device else 1
-      r = time_pipeline(pipe, epochs, args.max_steps, args.window)
-      if on_device and args.window:
-        # The same with a wait on every batch (what earlier runs reported).
-        r["tokens_per_s_window0"] = time_pipeline(
-          pipe, epochs, args.max_steps, 0
-        )["tokens_per_s"]
-      r["cache_build_seconds"] = build
-      r["note"] = note
-      results["modes"][mode] = r
-      print(f"{mode}: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
-      del pipe
+    for mode in PIPELINE_MODES:
+      if mode in modes:
+        r = time_mode(mode, ds, ds_path, args, device)
+        results["modes"][mode] = r
+        print(f"{mode}: {r['tokens_per_s']:,.0f} tokens/s", flush=True)
     if "h2d" in modes:
-      # Ceiling of the streaming modes: uploading one ready, padded batch
-      # (both streams, mean bucket length) again and again.
-      seq_len = int(np.ceil(lengths.mean() / 8) * 8)
-      shape = (args.batch_size, seq_len, args.hidden_dim)
-      host = {
-        k: rng.integers(0, 1 << 15, shape, dtype=np.uint16)
-        for k in ("source", "target")
-      }
-      jax.block_until_ready(jax.device_put(host, device))
-      reps = 30
-      t0 = time.perf_counter()
-      for _ in range(reps):
-        jax.block_until_ready(jax.device_put(host, device))
-      dt = time.perf_counter() - t0
-      valid = reps * args.batch_size * lengths.mean()
-      nbytes = reps * 2 * int(np.prod(shape)) * 2
-      results["modes"]["h2d"] = {
-        "tokens": int(valid),
-        "steps": reps,
-        "seconds": dt,
-        "tokens_per_s": valid / dt,
-        "batches_per_s": reps / dt,
-        "gbytes_per_s": nbytes / dt / 1e9,
-        "note": f"device_put of a ready batch: {nbytes / dt / 1e9:.1f} GB/s",
-      }
-      print(f"h2d: {valid / dt:,.0f} tokens/s", flush=True)
-      # The same through pinned host memory (numpy -> pinned_host -> device),
-      # to see whether staging through page-locked memory would pay.
-      try:
-        pinned = jax.sharding.SingleDeviceSharding(
-          device, memory_kind="pinned_host"
-        )
-        on_device = jax.sharding.SingleDeviceSharding(device)
-        jax.block_until_ready(
-          jax.device_put(jax.device_put(host, pinned), on_device)
-        )
-        t0 = time.perf_counter()
-        for _ in range(reps):
-          jax.block_until_ready(
-            jax.device_put(jax.device_put(host, pinned), on_device)
-          )
-        dt = time.perf_counter() - t0
-        note = f"numpy -> pinned_host -> device: {nbytes / dt / 1e9:.1f} GB/s"
-        results["modes"]["h2d_pinned"] = {
-          "tokens": int(valid),
-          "steps": reps,
-          "seconds": dt,
-          "tokens_per_s": valid / dt,
-          "batches_per_s": reps / dt,
-          "gbytes_per_s": nbytes / dt / 1e9,
-          "note": note,
-        }
-      except Exception as e:  # noqa: BLE001 -- optional diagnostic
-        print(f"h2d_pinned skipped: {e}", flush=True)
+      results["modes"].update(time_h2d(args, lengths, rng, device))
     if "reference" in modes and args.ref_chunks > 0:
       ref_path = os.path.join(work, "reference")
       n_ref = min(args.ref_chunks * 1000, args.num_samples)
@@ -481,23 +518,7 @@ def main(argv=None):
   finally:
     if not args.keep and not args.dir:
       shutil.rmtree(work, ignore_errors=True)
-
-  print()
-  print(
-    f"hidden {args.hidden_dim}, batch {args.batch_size}, "
-    f"{args.num_samples} samples, mean length {lengths.mean():.1f}, "
-    f"device {device}"
-  )
-  print(
-    f"{'mode':16s} {'tokens/s':>14s} {'batches/s':>10s} {'steps':>7s} "
-    f"{'pad %':>6s} {'build s':>8s}  note"
-  )
-  for mode, r in results["modes"].items():
-    print(
-      f"{mode:16s} {r['tokens_per_s']:14,.0f} {r['batches_per_s']:10.1f} "
-      f"{r['steps']:7d} {100 * r.get('padding_fraction', 0):6.1f} "
-      f"{r.get('cache_build_seconds', 0):8.2f}  {r.get('note', '')}"
-    )
+  _print_table(results, args, lengths, device)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)

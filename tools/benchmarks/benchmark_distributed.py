@@ -148,7 +148,69 @@ def _versions() -> dict:
   return out
 
 
-def main(argv=None):
+def _dataset(data_dir, out, train_samples, seq, hidden) -> str:
+  """The dataset of the runs (DATA_DIR, else OUT/data), written once."""
+  # Every sample `seq` long; 2 % held out for validation (not timed).
+  num_samples = int(np.ceil(train_samples / 0.98)) + 1
+  data_dir = os.path.abspath(data_dir or os.path.join(out, "data"))
+  if not os.path.exists(os.path.join(data_dir, "header.json")):
+    # The JAX benchmarks' dataset writer (tools/benchmarks/datasets.py).
+    from tools.benchmarks import datasets
+
+    datasets.write_dataset(
+      data_dir,
+      np.full(num_samples, seq, np.int32),
+      hidden,
+      np.random.default_rng(0),
+      samples_per_shard=1024,
+    )
+  return data_dir
+
+
+def _overrides(level, data_dir, seq, batch, epochs, log_every) -> list[str]:
+  """The trainer flags every run shares."""
+  return [
+    f"--config.model.name={level}",
+    f"--config.data.train={data_dir}",
+    "--config.data.val_fraction=0.02",
+    f"--config.data.buckets=({seq},)",
+    f"--config.batch_size={batch}",
+    f"--config.num_epochs={epochs}",
+    f"--config.log_every_steps={log_every}",
+    "--config.eval_at_start=False",
+    "--config.early_stopping_patience=0",
+    "--config.checkpoint.enabled=False",
+    "--config.progress_bar=False",
+  ]
+
+
+def _compare(results) -> None:
+  """Each run's largest relative loss difference from the first run's."""
+  base = results[0]
+  for r in results:
+    r["train_loss_max_rel_diff"] = _max_rel_diff(
+      r["train_loss"], base["train_loss"]
+    )
+    r["val_loss_max_rel_diff"] = _max_rel_diff(r["val_loss"], base["val_loss"])
+    r["equal"] = (
+      r["train_loss_max_rel_diff"] < 1e-3 and r["val_loss_max_rel_diff"] < 1e-3
+    )
+
+
+def _print_table(results) -> None:
+  base = results[0]
+  print("| run | ms/step | vs 1 process | train loss Δ | val loss Δ | equal |")
+  print("|---|---|---|---|---|---|")
+  for r in results:
+    ratio = r["ms_per_step"] / base["ms_per_step"]
+    print(
+      f"| {r['run']} | {r['ms_per_step']:.3f} | {ratio:.3f}x | "
+      f"{r['train_loss_max_rel_diff']:.1e} | "
+      f"{r['val_loss_max_rel_diff']:.1e} | {r['equal']} |"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
@@ -173,7 +235,11 @@ def main(argv=None):
     help="extra trainer config override for every run, e.g. "
     "--set dropout_rng_impl=threefry2x32",
   )
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
   small = args.small
 
   def pick(value, gpu, cpu):
@@ -189,35 +255,9 @@ def main(argv=None):
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
 
-  # Every sample `seq` long; 2 % held out for validation (not timed).
-  train_samples = spe * batch
-  num_samples = int(np.ceil(train_samples / 0.98)) + 1
-  data_dir = os.path.abspath(args.data_dir or os.path.join(out, "data"))
-  if not os.path.exists(os.path.join(data_dir, "header.json")):
-    # The JAX benchmarks' dataset writer (tools/benchmarks/datasets.py).
-    from tools.benchmarks import datasets
-
-    datasets.write_dataset(
-      data_dir,
-      np.full(num_samples, seq, np.int32),
-      hidden,
-      np.random.default_rng(0),
-      samples_per_shard=1024,
-    )
-  overrides = [
-    f"--config.model.name={level}",
-    f"--config.data.train={data_dir}",
-    "--config.data.val_fraction=0.02",
-    f"--config.data.buckets=({seq},)",
-    f"--config.batch_size={batch}",
-    f"--config.num_epochs={epochs}",
-    f"--config.log_every_steps={log_every}",
-    "--config.eval_at_start=False",
-    "--config.early_stopping_patience=0",
-    "--config.checkpoint.enabled=False",
-    "--config.progress_bar=False",
-    *(f"--config.{kv}" for kv in args.set),
-  ]
+  data_dir = _dataset(args.data_dir, out, spe * batch, seq, hidden)
+  overrides = _overrides(level, data_dir, seq, batch, epochs, log_every)
+  overrides += [f"--config.{kv}" for kv in args.set]
   runs = [
     ("1 process x 2 devices", 1, []),
     ("2 processes x 1 device, stop check every 10 steps", 2, []),
@@ -245,15 +285,7 @@ def main(argv=None):
     results.append(
       {"run": name, "processes": processes, "wall_s": wall, **summary}
     )
-  base = results[0]
-  for r in results:
-    r["train_loss_max_rel_diff"] = _max_rel_diff(
-      r["train_loss"], base["train_loss"]
-    )
-    r["val_loss_max_rel_diff"] = _max_rel_diff(r["val_loss"], base["val_loss"])
-    r["equal"] = (
-      r["train_loss_max_rel_diff"] < 1e-3 and r["val_loss_max_rel_diff"] < 1e-3
-    )
+  _compare(results)
   report = {
     "level": level,
     "hidden": hidden,
@@ -272,15 +304,7 @@ def main(argv=None):
     f"\n{level} hidden {hidden}, batch {batch} x {seq}, {epochs} epochs of "
     f"{spe} steps; ms/step = median after epoch 1"
   )
-  print("| run | ms/step | vs 1 process | train loss Δ | val loss Δ | equal |")
-  print("|---|---|---|---|---|---|")
-  for r in results:
-    ratio = r["ms_per_step"] / base["ms_per_step"]
-    print(
-      f"| {r['run']} | {r['ms_per_step']:.3f} | {ratio:.3f}x | "
-      f"{r['train_loss_max_rel_diff']:.1e} | "
-      f"{r['val_loss_max_rel_diff']:.1e} | {r['equal']} |"
-    )
+  _print_table(results)
   print(f"wrote {os.path.join(out, 'results.json')}")
   if not all(r["equal"] for r in results):
     raise SystemExit("the runs disagree: see the loss differences above")

@@ -58,7 +58,7 @@ def make_data(path: str, args) -> None:
       w.append(src, tgt, draft_tokens=draft, meta={"id": f"b{i}"})
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
@@ -78,15 +78,11 @@ def main(argv=None) -> int:
   )
   parser.add_argument("--pad_multiple", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=2)
-  args = parser.parse_args(argv)
-  if args.small:
-    args.num_samples, args.hidden, args.vocab = 64, 64, 512
-    args.batch_size, args.repeats, args.bootstrap = 16, 1, 100
-    args.min_len, args.max_len = 4, 20
-    if args.data == parser.get_default("data"):
-      args.data = "/tmp/egpt_bench_eval_small"
+  return parser
 
-  head_path = os.path.join(args.data, "lm_head")
+
+def ensure_data(args, head_path) -> None:
+  """The random dataset and LM head in --data, written unless there."""
   want = (args.num_samples, args.hidden, args.vocab)
   have = None
   if os.path.exists(head_path + ".json"):
@@ -96,7 +92,6 @@ def main(argv=None) -> int:
       ds.source_dim,
       lm_head.load_lm_head(head_path).vocab_size,
     )
-  t0 = time.perf_counter()
   if have != want:
     print(f"writing {args.num_samples} random samples to {args.data} ...")
     make_data(args.data, args)
@@ -106,6 +101,81 @@ def main(argv=None) -> int:
       (w / np.sqrt(args.hidden)).astype(np.float16),
       model_id="random",
     )
+
+
+def run_evaluate(args, head_path, cache_dir, out_dir):
+  """One `egpt_align.evaluate` process over the data: (0, its timings) or
+  (its exit status, None) after printing its output's tail."""
+  cmd = [
+    sys.executable,
+    "-m",
+    "egpt_align.evaluate",
+    f"--adapter={args.adapter}",
+    f"--data={args.data}",
+    f"--lm_head={head_path}",
+    f"--out={out_dir}",
+    "--overwrite",  # a repeated benchmark replaces its earlier runs
+    f"--batch_size={args.batch_size}",
+    f"--bootstrap={args.bootstrap}",
+    f"--logits_dtype={args.logits_dtype}",
+    f"--pad_multiple={args.pad_multiple}",
+    # A fresh cache: run 0 compiles (cold), later runs reuse it (warm).
+    f"--compilation_cache={cache_dir}",
+  ]
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  t = time.perf_counter()
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  wall = time.perf_counter() - t
+  if proc.returncode != 0:
+    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+    return proc.returncode, None
+  with open(os.path.join(out_dir, "metrics.json")) as f:
+    m = json.load(f)
+  return 0, {
+    "wall_s": wall,
+    "evaluate_s": m["timing"]["evaluate_s"],
+    "device_loop_s": m["timing"]["device_loop_s"],
+    "compile_s": m["timing"]["compile_s"],
+    "num_samples": m["data"]["num_samples"],
+    "positions": m["data"]["total_valid_positions"],
+    "num_batches": m["settings"]["num_batches"],
+    "devices": m["settings"]["devices"],
+  }
+
+
+def _print_table(args, result) -> None:
+  print(
+    f"\nevaluate {args.adapter}: {args.num_samples} samples, hidden "
+    f"{args.hidden}, vocab {args.vocab}, batch {args.batch_size}, "
+    f"logits {args.logits_dtype}, device {result['device']}"
+  )
+  print(
+    f"{'run':>4} {'positions':>10} {'wall s':>8} {'evaluate s':>11} "
+    f"{'device loop s':>14} {'compile s':>10} {'positions/s':>12}"
+  )
+  for i, r in enumerate(result["runs"]):
+    print(
+      f"{i:>4} {r['positions']:>10} {r['wall_s']:>8.2f} "
+      f"{r['evaluate_s']:>11.2f} {r['device_loop_s']:>14.2f} "
+      f"{r['compile_s']:>10.2f} "
+      f"{r['positions'] / r['device_loop_s']:>12.0f}"
+    )
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.small:
+    args.num_samples, args.hidden, args.vocab = 64, 64, 512
+    args.batch_size, args.repeats, args.bootstrap = 16, 1, 100
+    args.min_len, args.max_len = 4, 20
+    if args.data == parser.get_default("data"):
+      args.data = "/tmp/egpt_bench_eval_small"
+  head_path = os.path.join(args.data, "lm_head")
+  t0 = time.perf_counter()
+  ensure_data(args, head_path)
   setup_s = time.perf_counter() - t0
 
   runs = []
@@ -113,45 +183,10 @@ def main(argv=None) -> int:
   shutil.rmtree(cache_dir, ignore_errors=True)
   for r in range(args.repeats):
     out_dir = os.path.join(args.data, f"eval_run{r}")
-    cmd = [
-      sys.executable,
-      "-m",
-      "egpt_align.evaluate",
-      f"--adapter={args.adapter}",
-      f"--data={args.data}",
-      f"--lm_head={head_path}",
-      f"--out={out_dir}",
-      "--overwrite",  # a repeated benchmark replaces its earlier runs
-      f"--batch_size={args.batch_size}",
-      f"--bootstrap={args.bootstrap}",
-      f"--logits_dtype={args.logits_dtype}",
-      f"--pad_multiple={args.pad_multiple}",
-      # A fresh cache: run 0 compiles (cold), later runs reuse it (warm).
-      f"--compilation_cache={cache_dir}",
-    ]
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-      print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-      return proc.returncode
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-      m = json.load(f)
-    runs.append(
-      {
-        "wall_s": wall,
-        "evaluate_s": m["timing"]["evaluate_s"],
-        "device_loop_s": m["timing"]["device_loop_s"],
-        "compile_s": m["timing"]["compile_s"],
-        "num_samples": m["data"]["num_samples"],
-        "positions": m["data"]["total_valid_positions"],
-        "num_batches": m["settings"]["num_batches"],
-        "devices": m["settings"]["devices"],
-      }
-    )
+    status, run = run_evaluate(args, head_path, cache_dir, out_dir)
+    if status != 0:
+      return status
+    runs.append(run)
 
   import jax
 
@@ -163,22 +198,7 @@ def main(argv=None) -> int:
   }
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
-  print(
-    f"\nevaluate {args.adapter}: {args.num_samples} samples, hidden "
-    f"{args.hidden}, vocab {args.vocab}, batch {args.batch_size}, "
-    f"logits {args.logits_dtype}, device {result['device']}"
-  )
-  print(
-    f"{'run':>4} {'positions':>10} {'wall s':>8} {'evaluate s':>11} "
-    f"{'device loop s':>14} {'compile s':>10} {'positions/s':>12}"
-  )
-  for i, r in enumerate(runs):
-    print(
-      f"{i:>4} {r['positions']:>10} {r['wall_s']:>8.2f} "
-      f"{r['evaluate_s']:>11.2f} {r['device_loop_s']:>14.2f} "
-      f"{r['compile_s']:>10.2f} "
-      f"{r['positions'] / r['device_loop_s']:>12.0f}"
-    )
+  _print_table(args, result)
   print(f"wrote {args.out}")
   return 0
 

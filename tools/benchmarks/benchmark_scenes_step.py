@@ -41,7 +41,7 @@ import torch
 
 from tools.lib import backends as bk
 from tools.lib.environment import environment
-from tools.scenes import models, text, training, world
+from tools.scenes import models, text, train_data, training, world
 
 
 def step_flops(
@@ -90,11 +90,11 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   )
   pool = world.split_seeds("train", min(preset.pool_scenes, 512))
   scenes = [world.make_scene(s) for s in pool]
-  batches = training.make_batches(role, tokenizer, scenes, preset, 0)
+  batches = train_data.make_batches(role, tokenizer, scenes, preset, 0)
   executor = None
   if stream:
-    executor = training.make_executor({role: batches}, preset.workers)
-  frames, events = training.render_pool(pool, executor)
+    executor = train_data.make_executor({role: batches}, preset.workers)
+  frames, events = train_data.render_pool(pool, executor)
   torch.manual_seed(0)
   build = models.build_target if role == "target" else models.build_drafter
   model = build(preset, tokenizer).to(device)
@@ -102,7 +102,7 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
   # The stream's first batches were made while the first step compiled:
   # they are stepped through untimed, so the timed steps are fed as fast
   # as the workers make batches.
-  drain = training.prefetch(executor)
+  drain = train_data.prefetch(executor)
   if mode in training.GRAPH_MODES:  # warm-up and capture are untimed too
     drain = max(drain, training.TrainStep.WARMUP)
   total = 1 + drain + steps
@@ -110,10 +110,10 @@ def measure(preset, role: str, mode: str, stream: bool, steps: int, device):
     role, model, media, batches, preset, total, device, mode
   )
   if stream:
-    source = training.stream(batches, role, total, executor)
+    source = train_data.stream(batches, role, total, executor)
   else:
     made = [batches(i) for i in range(total)]
-    source = iter([[training.to_device(x, device) for x in b] for b in made])
+    source = iter([[train_data.to_device(x, device) for x in b] for b in made])
   model.train()
   sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
   sync()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tools.lib import backends as bk
-from tools.scenes import models, text, world
+from tools.scenes import models, text, token_ids, world
 
 EVENT_TEMPLATE = text.prompt("{question}", "<event>")
 
@@ -34,7 +34,9 @@ class SceneDrafterBackend(bk.HFBackend):
     self.tokenizer = tokenizer
     self.num_event_tokens = int(model.config["num_event_tokens"])
     self.prompt_template = EVENT_TEMPLATE
-    self.prompts = models.Prompts(tokenizer, "<event>", self.num_event_tokens)
+    self.prompts = token_ids.Prompts(
+      tokenizer, "<event>", self.num_event_tokens
+    )
     self._set_special_ids(model, tokenizer)
 
   def provenance(self) -> dict:

@@ -20,7 +20,6 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -55,7 +54,7 @@ class Preset:
   turns: int  # question/answer turns packed into one training sequence
   turn_room: int  # training tokens for turns after the first (see Batches)
   # Training-only questions about one cell appended to each conversation
-  # (training.examples, text.cell_question): the object at a named place.
+  # (train_data.examples, text.cell_question): the object at a named place.
   cell_turns: int
   lr: float
   lr_floor: float  # the learning rate's share of `lr` at the last step
@@ -67,7 +66,7 @@ class Preset:
   pos_scale: float
   # Weight of a fact token (`text.FACT_WORDS`: colours, shapes, cells,
   # motions, numbers) against a wording token in both models' answer loss
-  # (1: every answer token alike; see training.token_weights).
+  # (1: every answer token alike; see train_losses.token_weights).
   fact_weight: float
   # Decay per step of the exponential moving average of the weights that
   # training leaves in the model (0: the last step's weights).
@@ -528,81 +527,3 @@ def load_drafter(path: str, dtype=torch.float32):
   tokenizer = AutoTokenizer.from_pretrained(path)
   _set_generation(model.lm, tokenizer)
   return model.to(dtype).eval(), tokenizer
-
-
-# --------------------------------------------------------------------------
-# Prompts and training batches.
-
-
-class Prompts:
-  """Prompt token ids per question text, for one model's media token."""
-
-  def __init__(self, tokenizer, media_token: str, count: int):
-    self.tokenizer = tokenizer
-    self.media_token, self.count = media_token, count
-    self.media = media_token * count
-    self._cache: dict = {}
-
-  def longest(self) -> int:
-    """Tokens of the longest prompt over every question wording."""
-    return max(
-      len(self(q)) for wordings in text.QUESTIONS.values() for q in wordings
-    )
-
-  def __call__(self, question: str) -> list[int]:
-    if question not in self._cache:
-      full = text.prompt(question, "<m>").replace("<m>", self.media)
-      self._cache[question] = self.tokenizer(full)["input_ids"]
-    return self._cache[question]
-
-  def media_span(self) -> tuple[int, int]:
-    """(first, end) positions of the media tokens; the same in every prompt
-    (they follow the fixed prefix)."""
-    ids = self(text.QUESTIONS[text.QTYPES[0]][0])
-    media_id = self.tokenizer.convert_tokens_to_ids(self.media_token)
-    first = ids.index(media_id)
-    return first, first + self.count
-
-  def follow_up(self, question: str) -> list[int]:
-    """Token ids of a later turn's question in a multi-turn sequence (after
-    the previous answer's EOS): `USER: {question} ASSISTANT:`, no media."""
-    key = ("follow_up", question)
-    if key not in self._cache:
-      full = f"{text.PROMPT_PREFIX} {question} {text.PROMPT_SUFFIX}"
-      self._cache[key] = self.tokenizer(full, add_special_tokens=False)[
-        "input_ids"
-      ]
-    return self._cache[key]
-
-
-def answer_ids(tokenizer, answer: str) -> list[int]:
-  """Token ids of an answer as the model generates it (EOS appended)."""
-  ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-  return ids + [tokenizer.eos_token_id]
-
-
-def decode_answer(tokenizer, ids) -> str:
-  return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-
-
-def pad_batch(seqs, labels, pad_id: int, width: int | None = None):
-  """Right-padded (input_ids, attention_mask, labels) of token sequences and
-  their labels (-100 where unlabelled).
-
-  `width`: pad every batch to this many tokens (one shape for every step,
-  so a compiled model compiles once); a longer sequence is an error.
-  """
-  longest = max(len(s) for s in seqs)
-  if width is not None and longest > width:
-    raise ValueError(
-      f"a training sequence has {longest} tokens, over the fixed width {width}"
-    )
-  width = width or longest
-  ids = np.full((len(seqs), width), pad_id, np.int64)
-  mask = np.zeros((len(seqs), width), np.int64)
-  out = np.full((len(seqs), width), -100, np.int64)
-  for i, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
-    ids[i, : len(s)] = s
-    mask[i, : len(s)] = 1
-    out[i, : len(lab)] = lab
-  return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(out)

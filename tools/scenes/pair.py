@@ -35,7 +35,7 @@ import tqdm
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import generation
-from tools.scenes import models, text, training, world
+from tools.scenes import models, text, token_ids, train_data, training, world
 
 PAIR_FILE = "pair.json"
 # The default seed: of seeds 0-7, one of the two whose `gpu16x3` pair meets
@@ -52,10 +52,10 @@ class PairError(Exception):
 # Held-out evaluation through the backends.
 
 
-def target_prompts(backend) -> models.Prompts:
+def target_prompts(backend) -> token_ids.Prompts:
   """Prompt ids of the target backend (its own count of video tokens)."""
   count = backend.video_tokens(world.SIZE, world.SIZE)
-  return models.Prompts(backend.tokenizer, "<video>", count)
+  return token_ids.Prompts(backend.tokenizer, "<video>", count)
 
 
 def target_inputs(backend, prompts, question, frames, ids=None) -> dict:
@@ -122,7 +122,7 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
         )
         for i, s in enumerate(chunk):
           n = int(gen.lengths[i])
-          answer = models.decode_answer(tok, gen.tokens[i, :n].tolist())
+          answer = token_ids.decode_answer(tok, gen.tokens[i, :n].tolist())
           scene = rendered[s][0]
           right[role] += text.correct(answer, scene, qtype)
           if qtype in text.PARTIAL:
@@ -316,15 +316,15 @@ def make_pair(
   pool = world.split_seeds("train", preset.pool_scenes)
   scenes = [world.make_scene(s) for s in pool]
   batches = {
-    name: training.make_batches(name, tokenizer, scenes, preset, seed + k)
+    name: train_data.make_batches(name, tokenizer, scenes, preset, seed + k)
     for name, k in OFFSETS.items()
   }
   save_dtype = bk.torch_dtype(preset.save_dtype)
   with contextlib.ExitStack() as stack:
-    executor = training.make_executor(batches, preset.workers)
+    executor = train_data.make_executor(batches, preset.workers)
     if executor is not None:
       stack.enter_context(executor)
-    frames, events = training.render_pool(pool, executor)
+    frames, events = train_data.render_pool(pool, executor)
     prep_s = time.time() - t0
     media = {"target": frames, "drafter": events}
     for name, offset in OFFSETS.items():

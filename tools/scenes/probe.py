@@ -45,8 +45,8 @@ import tqdm
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import generation
-from tools.scenes import models, text, world
 from tools.scenes import pair as pair_lib
+from tools.scenes import text, token_ids, world
 
 
 def planted_scene(scene: world.Scene) -> world.Scene | None:
@@ -66,14 +66,14 @@ def planted_scene(scene: world.Scene) -> world.Scene | None:
   return dataclasses.replace(scene, things=tuple(things))
 
 
-def planted_ids(prompts: models.Prompts, scene, planted) -> list[int]:
+def planted_ids(prompts: token_ids.Prompts, scene, planted) -> list[int]:
   """Token ids: the `describe` prompt, the answer of `planted`, then the
-  `still` question as a later turn (as `training.Batches` packs turns)."""
+  `still` question as a later turn (as `train_data.Batches` packs turns)."""
   tok = prompts.tokenizer
   seed = scene.seed
   return (
     prompts(text.question(seed, "describe"))
-    + models.answer_ids(tok, text.answer(planted, "describe"))
+    + token_ids.answer_ids(tok, text.answer(planted, "describe"))
     + prompts.follow_up(text.question(seed, "still"))
   )
 
@@ -94,7 +94,9 @@ def planted(target, seeds, max_new_tokens: int) -> dict:
       target, target.collate([inputs]), max_new_tokens
     )
     n = int(gen.lengths[0])
-    answer = models.decode_answer(target.tokenizer, gen.tokens[0, :n].tolist())
+    answer = token_ids.decode_answer(
+      target.tokenizer, gen.tokens[0, :n].tolist()
+    )
     out["scenes"] += 1
     out["true"] += text.correct(answer, scene, "still")
     out["planted"] += text.correct(answer, fake, "still")
