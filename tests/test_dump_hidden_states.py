@@ -89,6 +89,7 @@ def _prompt(tok, q):
   return torch.tensor([tok(bk.VICUNA_TEMPLATE.format(question=q))["input_ids"]])
 
 
+@torch.no_grad()
 def _reference(models):
   """Independent per-sample computation: HF generate + one full forward."""
   tok, target, draft = models["tok"], models["target"], models["draft"]

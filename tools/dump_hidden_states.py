@@ -476,6 +476,12 @@ def _run_to_end(dumper, writer, samples, joined) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the process exit status."""
+  # Without gradients, and without leaving the caller's grad mode changed.
+  with torch.no_grad():
+    return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
   try:
@@ -502,7 +508,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = dump_parts.part_dir(args.out, args.shard, args.num_shards)
   device = str(bk.torch_device(args.device))
   dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-  torch.set_grad_enabled(False)
   try:
     target, draft = _load_models(args, device, dtype)
   except (ValueError, OSError) as e:
