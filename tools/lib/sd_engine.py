@@ -81,6 +81,15 @@ class SampleResult:
   overlap: dict[str, float] | None = None  # measured prefill overlap (ms)
   first_draft_match: bool | None = None  # prefill drafter's token 0 == y0
 
+  def count(self, phase: str, drafted: int, kept: int) -> None:
+    """Counts one target forward of the loop that verified `drafted`."""
+    self.iterations += 1
+    if drafted:
+      self.drafted += drafted
+      self.accepted += kept
+      self.verify_iterations += 1
+      self.per_iteration.append((phase, drafted, kept))
+
   def to_json(self) -> dict:
     """A JSON-able dict."""
     return dataclasses.asdict(self)
@@ -187,13 +196,7 @@ def _decode_loop(
     # Accepted drafts equal the target's own tokens: new == g[:len(new)].
     target.tokens_dev[n : n + len(new)] = g[: len(new)]
     tokens.extend(new)
-    result.iterations += 1
-    if k:
-      kept = min(j, len(new))
-      result.drafted += k
-      result.accepted += kept
-      result.verify_iterations += 1
-      result.per_iteration.append((phase, k, kept))
+    result.count(phase, k, min(j, len(new)))
     if len(tokens) >= m:
       done = True
     if done:

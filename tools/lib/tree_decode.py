@@ -469,13 +469,7 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
     target.states[n : n + len(new)] = h[idx]
     target.tokens_dev[n : n + len(new)] = g[idx]
     tokens.extend(new)
-    result.iterations += 1
-    if k:
-      kept = min(len(path) - 1, len(new))
-      result.drafted += k
-      result.accepted += kept
-      result.verify_iterations += 1
-      result.per_iteration.append((phase, k, kept))
+    result.count(phase, k, min(len(path) - 1, len(new)))
     if len(tokens) >= m:
       done = True
     if done:
