@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import torch
 from tools.lib import backends as bk
 from tools.lib import tree as tr
 from tools.lib import tree_decode
+from tools.lib.environment import environment
 from tools.lib.random_models import (
   SHAPES,
   TokenPromptBackend,
@@ -160,10 +160,7 @@ def run(args) -> dict:
     "shape": args.shape,
     "prompt_len": args.prompt_len,
     "dtype": dtype,
-    "device": torch.cuda.get_device_name(device)
-    if device.type == "cuda"
-    else platform.processor() or "cpu",
-    "torch": torch.__version__,
+    **environment(("torch",), device=device),
     "mode": lm.mode,
     "max_len": lm.max_len,
     "tree_depth": args.tree_depth,

@@ -38,7 +38,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from egpt_align.models import get_spec
 from tools.lib import static_kv
 from tools.lib import tree as tr
 
@@ -141,7 +140,7 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
       f"adapter {adapter.name!r}: draft trees need the module's "
       "static_step (the L5 / B1 / L5F twins have it)"
     )
-  width = cfg.tree_topk if "source" in get_spec(adapter.kind).inputs else 1
+  width = cfg.tree_topk if "source" in adapter.spec.inputs else 1
   need = cfg.max_new_tokens + 2 + (cfg.tree_depth - 1) * width
   cap = getattr(module, "max_seq_len", need)
   if need > cap:
@@ -159,7 +158,7 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
   ta = TreeAdapter(
     module,
     models.head_on(adapter.device),
-    len(get_spec(adapter.kind).inputs),
+    len(adapter.spec.inputs),
     min(static_kv.static_length(need), cap),
     topk=cfg.tree_topk,
     vocab=vocab,
@@ -187,7 +186,7 @@ class TreeProposer:
     self.a, self.t, self.d = adapter, target, drafter
     self.steps = steps
     self.timer = timer
-    self.inputs = get_spec(adapter.kind).inputs
+    self.inputs = adapter.spec.inputs
     self.src = "source" in self.inputs
     if self.src and drafter is None:
       raise ValueError(f"adapter {adapter.name!r} needs a drafter (--draft)")
@@ -207,7 +206,7 @@ class TreeProposer:
     """The proposer of one run (a `DraftContext`; tools/lib/sd_proposers.py)
     with the method's last (decode) adapter and the run's SDConfig."""
     cfg, ad = ctx.config, ctx.adapters[-1]
-    src = "source" in get_spec(ad.kind).inputs
+    src = "source" in ad.spec.inputs
     vocab = ctx.drafter.vocab if src else None
     steps = tree_adapter(ctx.models, ad, cfg, vocab, ctx.fast)
     lm = ctx.target.lm

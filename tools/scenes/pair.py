@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -35,6 +34,7 @@ import tqdm
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import generation
+from tools.lib.environment import environment
 from tools.scenes import models, text, token_ids, train_data, training, world
 
 PAIR_FILE = "pair.json"
@@ -211,15 +211,7 @@ def check_out(out: str, fp: dict) -> dict | None:
 
 
 def versions() -> dict:
-  import tokenizers
-  import transformers
-
-  return {
-    "torch": torch.__version__,
-    "transformers": transformers.__version__,
-    "tokenizers": tokenizers.__version__,
-    "python": sys.version.split()[0],
-  }
+  return environment(("torch", "transformers", "tokenizers"))
 
 
 def _write(out: str, info: dict) -> None:

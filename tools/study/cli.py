@@ -74,6 +74,7 @@ import json
 import sys
 import time
 
+from tools.lib.environment import environment
 from tools.study import layout, live, pair, stages, state
 from tools.study.pair import StudyError
 
@@ -161,25 +162,8 @@ def make_pair_object(args, out: str):
 
 
 def versions() -> dict:
-  import platform
-  import subprocess
-
-  out = {"python": platform.python_version()}
-  for mod in ("jax", "flax", "optax", "torch", "transformers", "numpy"):
-    try:
-      out[mod] = __import__(mod).__version__
-    except ImportError:
-      out[mod] = None
-  try:
-    out["git_commit"] = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"],
-      capture_output=True,
-      text=True,
-      check=False,
-    ).stdout.strip()
-  except OSError:
-    out["git_commit"] = None
-  return out
+  """The software the study ran with (one record, tools.lib.environment)."""
+  return environment(("jax", "flax", "optax", "torch", "transformers", "numpy"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -331,8 +331,13 @@ def claim_two_phase(data: dict) -> dict:
   return _claim(name, verdict, text, rule)
 
 
-CLAIMS = (claim_plateau, claim_b1_l5, claim_l5f_b1, claim_prefill)
-CLAIMS += (claim_two_phase,)
+CLAIMS = (
+  claim_plateau,
+  claim_b1_l5,
+  claim_l5f_b1,
+  claim_prefill,
+  claim_two_phase,
+)
 
 
 def claims(data: dict) -> list[dict]:
