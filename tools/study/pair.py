@@ -61,10 +61,6 @@ class StudyPair:
     """The generation length when no --*_max_new_tokens is given."""
     return None
 
-  def on_gpu_recipe(self) -> bool:
-    """True when the pair's recipe is sized for a GPU (a CPU run warns)."""
-    return False
-
   def results_info(self, study_dir: str) -> dict | None:
     """The pair's own entry of results.json (None: nothing to add)."""
     return None
