@@ -84,6 +84,21 @@ def test_table_reads_the_config_back(name):
   assert ta.resolve_config(name, state, {"num_heads": heads}) == cfg
 
 
+@pytest.mark.parametrize("name", ["l1", "l5f"])
+def test_loading_names_every_key_that_does_not_fit(name):
+  """One ValueError naming the missing key and the mis-shaped one, raised
+  before torch's own strict load (which stops at the first)."""
+  cfg = tiny_config(name)
+  state = dict(ta.build_torch_adapter(name, **cfg).state_dict())
+  missing, *rest = sorted(state)
+  del state[missing]
+  bad = rest[-1]
+  state[bad] = torch.zeros(*state[bad].shape, 3)
+  with pytest.raises(ValueError) as e:
+    ta.load_torch_adapter(name, state, **cfg)
+  assert missing in str(e.value) and bad in str(e.value)
+
+
 @pytest.mark.parametrize("name", list(models.ADAPTERS))
 def test_reference_config_is_the_twin_constructor(name):
   twin = ta.twin(name)

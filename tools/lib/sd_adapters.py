@@ -24,17 +24,8 @@ from tools.lib.sd_models import Adapter
 IDENTITY_KIND = "l4"
 
 
-def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
-  """(kind, module, config) of the adapter `value` names."""
-  made = value == "identity" or value.split(":", 1)[0] == "random"
-  if not made:
-    try:
-      expect = name if name in ADAPTERS else None
-      return torch_checkpoints.load_adapter_file(
-        value, expect, trust_pickle=trust_pickle
-      )
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"--adapter {name}={value}: {e}") from e
+def _made(name: str, value: str, seed: int, hidden_dim: int):
+  """(kind, module, config) of 'identity' or 'random[:KIND]'."""
   cfg = {"hidden_dim": hidden_dim}
   if value == "identity":
     if name != IDENTITY_KIND:
@@ -52,6 +43,19 @@ def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
       )
     torch.manual_seed(seed)
   return kind, ta.build_torch_adapter(kind, **cfg), cfg
+
+
+def _twin(name: str, value: str, seed: int, trust_pickle: bool, hidden_dim):
+  """(kind, module, config) of the adapter `value` names."""
+  if value == "identity" or value.split(":", 1)[0] == "random":
+    return _made(name, value, seed, hidden_dim)
+  try:
+    expect = name if name in ADAPTERS else None
+    return torch_checkpoints.load_adapter_file(
+      value, expect, trust_pickle=trust_pickle
+    )
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"--adapter {name}={value}: {e}") from e
 
 
 def load_adapter(

@@ -193,12 +193,9 @@ def infer_config(name: str, state_dict: Mapping, num_heads=None) -> dict:
   return cfg
 
 
-def resolve_config(name: str, state_dict: Mapping, model_cfg=None) -> dict:
-  """Merges a model config with the dims read off `state_dict`; checks both.
-
-  Structural fields (hidden_dim, depth, ffn_dim, ...) come from the shapes;
-  a config value that disagrees with them is an error naming the field.
-  """
+def _merged_config(name: str, state_dict: Mapping, model_cfg) -> dict:
+  """A model config merged with the dims read off `state_dict`; a config
+  value that disagrees with the shapes is an error naming the field."""
   name = check_name(name)
   model_cfg = check_fields(name, dict(model_cfg or {}))
   inferred = infer_config(name, state_dict, model_cfg.get("num_heads"))
@@ -208,7 +205,16 @@ def resolve_config(name: str, state_dict: Mapping, model_cfg=None) -> dict:
         f"config field {key}={value!r} disagrees with the parameters, "
         f"whose shapes give {key}={inferred[key]!r} (adapter {name!r})."
       )
-  cfg = {**inferred, **model_cfg}
+  return {**inferred, **model_cfg}
+
+
+def resolve_config(name: str, state_dict: Mapping, model_cfg=None) -> dict:
+  """Merges a model config with the dims read off `state_dict`; checks both.
+
+  Structural fields (hidden_dim, depth, ffn_dim, ...) come from the shapes;
+  a config value that disagrees with them is an error naming the field.
+  """
+  cfg = _merged_config(name, state_dict, model_cfg)
   check_state_dict(name, state_dict, **cfg)
   return cfg
 
@@ -220,21 +226,27 @@ def expected_shapes(name: str, **cfg) -> dict[str, tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_state_dict(name: str, state_dict: Mapping, **cfg) -> None:
-  """Raises a ValueError naming every key whose presence or shape is wrong."""
+def _check_shapes(name, cfg, state_dict: Mapping, expected: Mapping) -> None:
   models.check_param_shapes(
     f"state dict does not fit adapter {name!r} with config {cfg}",
     {k: tuple(v.shape) for k, v in state_dict.items()},
-    expected_shapes(name, **cfg),
+    dict(expected),
   )
+
+
+def check_state_dict(name: str, state_dict: Mapping, **cfg) -> None:
+  """Raises a ValueError naming every key whose presence or shape is wrong."""
+  _check_shapes(name, cfg, state_dict, expected_shapes(name, **cfg))
 
 
 def load_torch_adapter(
   name: str, state_dict: Mapping, **cfg
 ) -> torch.nn.Module:
-  """Builds the twin for `cfg` and loads `state_dict` into it (strict)."""
-  check_state_dict(name, state_dict, **cfg)
+  """Builds the twin for `cfg` and loads `state_dict` into it, once every
+  key and shape is checked (one error naming all that differ)."""
   model = build_torch_adapter(name, **cfg)
+  want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  _check_shapes(name, cfg, state_dict, want)
   model.load_state_dict(state_dict, strict=True)
   return model
 
@@ -243,7 +255,7 @@ def load_twin(
   name: str, state_dict: Mapping, model_cfg=None
 ) -> tuple[torch.nn.Module, dict]:
   """(twin, resolved config) for a state dict and the config beside it."""
-  cfg = resolve_config(name, state_dict, model_cfg)
+  cfg = _merged_config(name, state_dict, model_cfg)
   return load_torch_adapter(name, state_dict, **cfg), cfg
 
 
