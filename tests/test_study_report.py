@@ -193,10 +193,13 @@ def test_a_7b_run_that_does_not_fit_is_absent_with_why(tmp_path, config, why):
 # L1-L4 on the seed's axis.
 
 
-def test_seed_ratios_come_from_the_registry_at_4096():
+def test_seed_ratios_come_from_the_recipes_at_4096():
   r = widths.seed_ratios()
   assert r["l1"] == 1.0
   assert r["l4"] == pytest.approx(100_714_497 / 2_113_537)
+  # experiments/l3.py trains 3 blocks (25,188,355 params), as the
+  # reference's command does, not the registry's default 2 (16.8M).
+  assert r["l3"] == pytest.approx(25_188_355 / 2_113_537)
   # At 4096 the recipes' own widths are the solution.
   s = widths.solve(4096)
   assert s["overrides"] == {

@@ -1,6 +1,8 @@
 """What a study runs and where it keeps it: adapters, methods, stages."""
 
 import datetime
+import importlib.util
+import os
 
 from egpt_align.models import ADAPTERS as _REGISTRY
 
@@ -31,6 +33,16 @@ def kind(name: str) -> str:
 def recipe(name: str) -> str:
   """The experiments/*.py file a study adapter trains with."""
   return name if name.endswith(TTT_SUFFIX) else kind(name)
+
+
+def experiment_config(name: str):
+  """experiments/NAME.py's get_config() (the file the trainer CLI loads)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+  path = os.path.join(root, "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 PREFILL_ADAPTERS = tuple(n for n, s in _REGISTRY.items() if s.role == "prefill")

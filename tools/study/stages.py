@@ -7,7 +7,6 @@ work (train, evaluate, export) runs in this process.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -123,22 +122,12 @@ def stage_lm_head(study) -> dict:
     return {"lm_head": json.load(f)}
 
 
-def experiment_config(name: str):
-  """experiments/NAME.py's get_config() (the file the trainer CLI loads)."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-  path = os.path.join(root, "experiments", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def train_config(study, name: str, widths: dict | None = None):
   """The experiment's recipe with the study's data, epochs and batch (for
   the *_next adapters, the loss objective 'next'; for L1-L4, the widths of
   `widths['overrides']` when given)."""
   args = study.args
-  config = experiment_config(layout.recipe(name))
+  config = layout.experiment_config(layout.recipe(name))
   if objective := layout.objective(name):
     config.loss.objective = objective
   for field, value in (

@@ -1,14 +1,15 @@
 """L1-L4 widths on the seed's capacity axis at any hidden size.
 
-The seed compares L1-L4 at hidden 4096, where their parameter counts grow
-2.11M : 6.32M : 16.8M : 100.7M (1 : 2.99 : 7.95 : 47.7). At a smaller
+The seed compares L1-L4 at hidden 4096, where the recipes that train them
+(experiments/*.py, as the reference's command builds them: L3 with 3 blocks)
+have 2.10M : 6.30M : 25.2M : 100.7M parameters. At a smaller
 hidden size the recipes' fixed widths (bottleneck 256 and 1024, FFN 2048)
 no longer form that axis: at hidden 256 a 256-wide bottleneck is no
 bottleneck, and L4 (whose count grows as hidden^2) ends up smaller than
 L3. `solve(hidden)` picks each adapter's width (L1-L3 `bottleneck_dim`,
 L4 `ffn_dim`) so that the four counts stand in the seed's ratios again.
-Every count comes from the registry (egpt_align.models), never a formula
-written here.
+Every count comes from the adapter the trainer builds from the recipe
+(egpt_align.train_state.create_model), never a formula written here.
 """
 
 from __future__ import annotations
@@ -33,16 +34,22 @@ class WidthError(ValueError):
 
 @functools.cache
 def param_count(name: str, hidden: int, width: int | None = None) -> int:
-  """Adapter NAME's parameter count at HIDDEN (registry, never run)."""
+  """Adapter NAME's parameter count at HIDDEN as its recipe trains it (the
+  width overridden when given; shapes only, nothing run)."""
   import jax
   import jax.numpy as jnp
 
-  from egpt_align.models import ADAPTERS, count_params, create_adapter
+  from egpt_align.models import ADAPTERS, count_params
+  from egpt_align.train_state import create_model
+  from tools.study import layout
 
-  overrides = {"hidden_dim": hidden}
+  # The recipe's model block (experiments/NAME.py: L3 trains 3 blocks, not
+  # the registry's default 2) built as the trainer builds it, at HIDDEN.
+  config = layout.experiment_config(name).model.to_dict()
+  config["hidden_dim"] = hidden
   if width is not None:
-    overrides[WIDTH_FIELD[name]] = width
-  model = create_adapter(name, **overrides)
+    config[WIDTH_FIELD[name]] = width
+  model = create_model(config)
   n_in = len(ADAPTERS[name].inputs)
   x = jnp.zeros((1, 2, hidden), jnp.float32)
   shapes = jax.eval_shape(
