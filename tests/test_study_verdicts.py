@@ -128,6 +128,9 @@ def test_l5f_over_b1_reads_offline_and_live(offline, live_alpha, verdict):
   assert c["verdict"] == verdict, c["text"]
   if live_alpha:
     assert "live α" in c["text"] and "live τ" in c["text"]
+    assert "offline reading alone" not in c["text"]
+  else:
+    assert "judged on the offline reading alone" in c["text"]
 
 
 @pytest.mark.parametrize(

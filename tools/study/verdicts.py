@@ -238,6 +238,8 @@ def claim_l5f_b1(data: dict) -> dict:
     + ", ".join(f"{k} {v}" for k, v in readings.items())
     + "."
   )
+  if len(readings) == 1:
+    text += " Live α and τ not measured: judged on the offline reading alone."
   return _claim(name, verdict, text, rule)
 
 
