@@ -356,6 +356,22 @@ def test_bench2_hands_the_second_device_to_the_benchmark(
   assert "The two-GPU table is absent" not in text
 
 
+def test_results_without_a_live_stage_say_so(study, tmp_path):
+  copy = _copy(study, tmp_path)
+  shutil.rmtree(os.path.join(copy, "bench"))
+  path = os.path.join(copy, "study.json")
+  with open(path) as f:
+    state = json.load(f)
+  del state["stages"]["bench1"]
+  with open(path, "w") as f:
+    json.dump(state, f)
+  assert cli.main(["--out", copy, "--stages", "results"]) == 0
+  with open(os.path.join(copy, "report", "RESULTS.md")) as f:
+    text = f.read()
+  assert "The one-GPU tables are absent: this study ran no bench1" in text
+  assert "No live measurement yet." in text
+
+
 def test_a_stage_left_for_time_exits_3_and_names_it(study, tmp_path, capsys):
   copy = _copy(study, tmp_path)
   argv = ["--out", copy, "--stages", "bench1", "--redo", "bench1"]

@@ -338,6 +338,13 @@ def render(data: dict, pair, plot_paths: list[str]) -> str:
     LIVE_INTRO,
     *live_tables(data),
   ]
+  if "gpus1" not in data["live"]:
+    lines += [
+      "",
+      "The one-GPU tables are absent: this study ran no bench1 stage yet "
+      "(`--stages bench1,results` on a GPU, after `--unpack` of the parts "
+      "that stage A packed).",
+    ]
   if "gpus2" not in data["live"]:
     lines += [
       "",
