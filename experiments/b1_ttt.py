@@ -18,7 +18,7 @@ A step unrolls 4 forwards and backwards: expect up to about 4x the B1 step
 time (`python -m tools.benchmarks.benchmark_train --levels= --torch= \
 --unroll b1` times k = 1..4).
 
-Measured on the scenes pair (`gpu` preset, hidden 128; docs/RESULTS.md,
+Expected, as measured on the scenes pair (`gpu` preset, hidden 128; docs/RESULTS.md,
 "Multi-step training"; 10 epochs, batch 64, seed 2, trained on a CPU,
 2026-12-07), free-running acceptance at depth 5 on the test split, against
 B1 with objective next (k = 1): 24.2% [22.5, 25.9]:
