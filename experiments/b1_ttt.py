@@ -18,12 +18,13 @@ A step unrolls 4 forwards and backwards: expect up to about 4x the B1 step
 time (`python -m tools.benchmarks.benchmark_train --levels= --torch= \
 --unroll b1` times k = 1..4).
 
-Expected, as measured on the scenes pair (`gpu` preset, hidden 128; docs/RESULTS.md,
-"Multi-step training"; 10 epochs, batch 64, seed 2, trained on a CPU,
-2026-12-07), free-running acceptance at depth 5 on the test split, against
+Expected, as measured on the scenes pair (`gpu` preset, hidden 128;
+docs/RESULTS.md, "Multi-step training"; 10 epochs, batch 64, seed 2,
+trained on a CPU, 2026-12-07), free-running acceptance at depth 5 on the test split, against
 B1 with objective next (k = 1): 24.2% [22.5, 25.9]:
   this recipe (k = 4, equal weights)            18.0% [16.7, 19.5]
-  k = 4, --config.loss.unroll_weights='(1.0,0.5,0.25,0.125)'   24.0%
+  k = 4, weights (1, 0.5, 0.25, 0.125)          24.0%
+    (--config.loss.unroll_weights='(1.0,0.5,0.25,0.125)')
   k = 2 (--config.loss.unroll_steps=2)          24.1%
 So no k tried beats k = 1 here (issue 32's goal was +10 points): with equal
 weights the first step gets a quarter of the loss and the chain's first
