@@ -20,8 +20,8 @@ time (`python -m tools.benchmarks.benchmark_train --levels= --torch= \
 
 Expected, as measured on the scenes pair (`gpu` preset, hidden 128;
 docs/RESULTS.md, "Multi-step training"; 10 epochs, batch 64, seed 2,
-trained on a CPU, 2026-12-07), free-running acceptance at depth 5 on the test split, against
-B1 with objective next (k = 1): 24.2% [22.5, 25.9]:
+trained on a CPU, 2026-12-07), free-running acceptance at depth 5 on the
+test split, against B1 with objective next (k = 1): 24.2% [22.5, 25.9]:
   this recipe (k = 4, equal weights)            18.0% [16.7, 19.5]
   k = 4, weights (1, 0.5, 0.25, 0.125)          24.0%
     (--config.loss.unroll_weights='(1.0,0.5,0.25,0.125)')
