@@ -369,6 +369,10 @@ def test_results_without_a_live_stage_say_so(study, tmp_path):
   with open(os.path.join(copy, "report", "RESULTS.md")) as f:
     text = f.read()
   assert "The one-GPU tables are absent: this study ran no bench1" in text
+  # The recorded runs name their paths, which are machine-local.
+  runs = text.split("## How to regenerate")[1]
+  assert "`python -m tools.study --out DIR " in runs
+  assert str(tmp_path) not in runs and study["out"] not in runs
   assert "No live measurement yet." in text
 
 

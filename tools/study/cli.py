@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = build_parser().parse_args(argv)
+  args.argv = argv  # recorded in study.json's runs
   try:
     return run(args)
   except StudyError as e:
@@ -301,7 +303,7 @@ def _open(args):
   study = state.Study(args.out, args, the_pair)
   study.state["pair"] = the_pair.record()
   study.state.setdefault("runs", []).append(
-    {"started": layout.now(), "argv": sys.argv[1:], "versions": versions()}
+    {"started": layout.now(), "argv": args.argv, "versions": versions()}
   )
   study.save()
   return study

@@ -235,6 +235,15 @@ def goal_lines(data: dict) -> list[str]:
   return lines
 
 
+# The recorded runs' path arguments, shown as names (they are machine-local).
+PATH_NAMES = {
+  "--out": "DIR",
+  "--pack": "PARTS",
+  "--unpack": "PARTS",
+  "--costs_7b": "RESULTS_JSON",
+}
+
+
 def regenerate_lines(data: dict) -> list[str]:
   lines = [
     "",
@@ -251,8 +260,8 @@ def regenerate_lines(data: dict) -> list[str]:
   for r in data["study"]["runs"]:
     argv = list(r.get("argv", []))
     for i, a in enumerate(argv[:-1]):  # Machine-local paths read as names.
-      if a in ("--pack", "--unpack"):
-        argv[i + 1] = "PARTS"
+      if a in PATH_NAMES:
+        argv[i + 1] = PATH_NAMES[a]
     v = r.get("versions", {})
     lines.append(
       f"- {r.get('started')}: `python -m tools.study "
