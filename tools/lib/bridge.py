@@ -137,7 +137,7 @@ def state_dict_to_flax(name: str, state_dict: Mapping) -> dict:
   table = param_table(name, torch_depth(name, state_dict))
   models.check_param_shapes(
     f"state dict keys do not fit adapter {name!r}",
-    {k: tuple(v.shape) for k, v in state_dict.items()},
+    ta.state_shapes(state_dict),
     {tkey: None for _, tkey, _ in table},
   )
   flat = {}

@@ -65,6 +65,11 @@ METHODS = (
 )
 
 
+def method_kind(method: str) -> str:
+  """A live method's kind ('two_phase:l4+b1_next' -> 'two_phase')."""
+  return method.partition(":")[0]
+
+
 def method_adapters(method: str) -> tuple[str, ...]:
   """The study adapters a live method loads ('two_phase:l4+b1_next')."""
   _, _, rest = method.partition(":")

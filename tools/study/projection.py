@@ -74,8 +74,8 @@ def load_costs(path: str) -> dict:
 
 def seven_b_method(method: str) -> str:
   """The 7B run's method of the same kind ('tree:b1_ttt' -> 'tree:b1')."""
-  kind, _, rest = method.partition(":")
-  return f"{kind}:{layout.kind(rest)}"
+  (adapter,) = layout.method_adapters(method)
+  return f"{layout.method_kind(method)}:{layout.kind(adapter)}"
 
 
 def _mismatch(bench: dict, live: dict) -> str | None:
@@ -118,7 +118,7 @@ def project(data: dict, path: str | None) -> dict:
     "methods": {},
   }
   for m, r in live["by_runtime"]["fast"]["methods"].items():
-    if m.split(":")[0] not in PROJECTED_KINDS or not r.get("n"):
+    if layout.method_kind(m) not in PROJECTED_KINDS or not r.get("n"):
       continue
     m7 = seven_b_method(m)
     model = (bench["aggregate"].get(m7) or {}).get("cost_model") or {}

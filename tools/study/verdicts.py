@@ -99,7 +99,7 @@ def accepts_nothing(data: dict) -> str | None:
       r.get("alpha")
       for block in live["by_runtime"].values()
       for m, r in block["methods"].items()
-      if r.get("n") and m.split(":")[0] in ("prefill_hiding", "decode")
+      if r.get("n") and layout.method_kind(m) in ("prefill_hiding", "decode")
     ]
     if alphas and all((a or 0) <= 0 for a in alphas):
       return "every adapter method accepted 0 drafted tokens live (α = 0)"
@@ -279,7 +279,11 @@ def claim_prefill(data: dict) -> dict:
     "(1) and the CI crosses it; fails: no prefill draft accepted."
   )
   sub, rt, rows = headline_live(data)
-  ph = {m: r for m, r in (rows or {}).items() if m.startswith("prefill_hid")}
+  ph = {
+    m: r
+    for m, r in (rows or {}).items()
+    if layout.method_kind(m) == "prefill_hiding"
+  }
   if not ph:
     return _unmeasured(name, rule)
   best = max(ph, key=lambda m: ph[m]["accepted_in_prefill_per_sample"] or 0)
@@ -313,7 +317,11 @@ def claim_two_phase(data: dict) -> dict:
     "below 1; not shown when it crosses 1."
   )
   sub, rt, rows = headline_live(data)
-  tp = {m: r for m, r in (rows or {}).items() if m.startswith("two_phase:")}
+  tp = {
+    m: r
+    for m, r in (rows or {}).items()
+    if layout.method_kind(m) == "two_phase"
+  }
   if not tp:
     return _unmeasured(name, rule)
   best = max(tp, key=lambda m: tp[m]["decode_speedup"] or 0)

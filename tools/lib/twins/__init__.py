@@ -219,17 +219,22 @@ def resolve_config(name: str, state_dict: Mapping, model_cfg=None) -> dict:
   return cfg
 
 
+def state_shapes(state_dict: Mapping) -> dict[str, tuple[int, ...]]:
+  """State-dict key -> shape."""
+  return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
 def expected_shapes(name: str, **cfg) -> dict[str, tuple[int, ...]]:
   """State-dict key -> shape of the twin for `cfg`, built on the meta device."""
   with torch.device("meta"):
     model = build_torch_adapter(name, **cfg)
-  return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  return state_shapes(model.state_dict())
 
 
 def _check_shapes(name, cfg, state_dict: Mapping, expected: Mapping) -> None:
   models.check_param_shapes(
     f"state dict does not fit adapter {name!r} with config {cfg}",
-    {k: tuple(v.shape) for k, v in state_dict.items()},
+    state_shapes(state_dict),
     dict(expected),
   )
 
@@ -245,8 +250,7 @@ def load_torch_adapter(
   """Builds the twin for `cfg` and loads `state_dict` into it, once every
   key and shape is checked (one error naming all that differ)."""
   model = build_torch_adapter(name, **cfg)
-  want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-  _check_shapes(name, cfg, state_dict, want)
+  _check_shapes(name, cfg, state_dict, state_shapes(model.state_dict()))
   model.load_state_dict(state_dict, strict=True)
   return model
 
@@ -297,6 +301,7 @@ __all__ = [
   "num_params",
   "reference_config",
   "resolve_config",
+  "state_shapes",
   "torch_depth",
   "truncate_cache",
   "twin",
