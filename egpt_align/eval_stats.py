@@ -221,9 +221,11 @@ def bootstrap_ci(
   num_resamples: int,
   seed: int = 0,
   level: float = 0.95,
+  groups: np.ndarray | None = None,
   chunk: int = 100,
 ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-  """Percentile CIs of the headline ratios (HEADLINE), resampling samples.
+  """Percentile CIs of the headline ratios (HEADLINE), resampling samples
+  (or, with `groups`, whole groups).
 
   Returns ({metric: [lo, hi]}, {metric: resampled values}); see
   `ratio_bootstrap`.
@@ -234,6 +236,7 @@ def bootstrap_ci(
     num_resamples=num_resamples,
     seed=seed,
     level=level,
+    groups=groups,
     chunk=chunk,
   )
 
@@ -289,8 +292,10 @@ def all_readings(
   settings,
   costs: dict,
   seed: int,
+  groups: np.ndarray | None = None,
 ) -> tuple[dict, dict, dict]:
-  """(results, positions, plot arrays) of every prediction and reading."""
+  """(results, positions, plot arrays) of every prediction and reading; CIs
+  resample samples, or whole groups when `groups` [N] labels them."""
   valid = valid_masks(lengths)
   results: dict[str, dict] = {}
   positions: dict[str, dict] = {}
@@ -301,7 +306,7 @@ def all_readings(
       rank = arrays.get(f"{pname}/{r}/rank")
       m, per_pos, sums = reading_metrics(cos, rank, valid[r])
       cis, samples = bootstrap_ci(
-        sums, num_resamples=settings.bootstrap, seed=seed
+        sums, num_resamples=settings.bootstrap, seed=seed, groups=groups
       )
       m["ci"] = cis
       match = None if rank is None else (rank == 0) & valid[r]
@@ -354,14 +359,15 @@ def depth_entry(
   settings,
   costs: dict,
   seed: int,
+  groups: np.ndarray | None = None,
 ) -> dict:
   """Acceptance at depth d = 1..gamma, expected tau and speedup, with CIs.
 
   share_d = the share of chain starts whose first d drafts all match the
   target's tokens; tau = 1 + sum_d share_d is the expected tokens per
   verification cycle of chain drafting gamma tokens from those positions;
-  the speedup is tau / (gamma * c + v). CIs resample samples
-  (`ratio_bootstrap`).
+  the speedup is tau / (gamma * c + v). CIs resample samples, or whole
+  groups when `groups` labels them (`ratio_bootstrap`).
   """
   gamma = len(match_steps)
   sums = depth_sums(match_steps, lengths)
@@ -375,7 +381,7 @@ def depth_entry(
   tau = entry["tau"]
   entry["speedup"] = None if tau is None else tau / (gamma * c + v)
   cis, _ = ratio_bootstrap(
-    sums, ratios, num_resamples=settings.bootstrap, seed=seed
+    sums, ratios, num_resamples=settings.bootstrap, seed=seed, groups=groups
   )
   entry["ci"] = cis
   return entry
@@ -390,6 +396,7 @@ def depth_acceptance(
   settings,
   costs: dict,
   seed: int,
+  groups: np.ndarray | None = None,
 ) -> dict:
   """Chain drafting's acceptance at depth, free-running and teacher-forced.
 
@@ -405,7 +412,7 @@ def depth_acceptance(
   for d in range(2, gamma + 1):
     rank = arrays[f"adapter/step{d}/rank"] if fed_back else None
     free.append(tf if rank is None else (rank == 0) & valid)
-  kw = {"settings": settings, "costs": costs, "seed": seed}
+  kw = {"settings": settings, "costs": costs, "seed": seed, "groups": groups}
   return {
     "gamma": gamma,
     "fed_back": fed_back,
@@ -422,12 +429,15 @@ def drafter_tokens(
   settings,
   costs: dict,
   seed: int,
+  groups: np.ndarray | None = None,
 ) -> tuple[dict, list]:
   """(metrics, per-position list) of the drafter's own greedy tokens."""
   valid = valid_masks(lengths)["same"]
   match = (draft_NS == target_NS) & valid
   m, per_pos, sums = reading_metrics(None, None, valid, match_NS=match)
-  cis, samples = bootstrap_ci(sums, num_resamples=settings.bootstrap, seed=seed)
+  cis, samples = bootstrap_ci(
+    sums, num_resamples=settings.bootstrap, seed=seed, groups=groups
+  )
   m["ci"] = cis
   drafter_costs = dict(costs)
   if settings.bench_json:

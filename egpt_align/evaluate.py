@@ -261,6 +261,9 @@ def evaluate(
   indices, subset = _select(
     indices, n_total, data_path, subset, settings.max_samples
   )
+  # CIs resample the independent unit: the sample, or its group (a scene
+  # that several questions share) when the samples file named one.
+  groups = dataset.groups(indices)
   # Acceptance at depth for decode adapters: free-running drafts need the
   # adapter re-run on its own states (b1, l5f); L5's equal step 1.
   depth_report = spec.role == "decode" and head is not None
@@ -300,6 +303,7 @@ def evaluate(
     settings=settings,
     costs=costs,
     seed=seed,
+    groups=groups,
   )
   depth = None
   if depth_report:
@@ -311,6 +315,7 @@ def evaluate(
       settings=settings,
       costs=costs,
       seed=seed,
+      groups=groups,
     )
   # The drafter's own greedy tokens against the target tokens (same position).
   if cross_model and dataset.has_draft_tokens:
@@ -325,6 +330,7 @@ def evaluate(
         settings=settings,
         costs=costs,
         seed=seed,
+        groups=groups,
       )
       results["drafter_tokens"] = {"same": m}
       positions["drafter_tokens"] = {"same": per_pos}
@@ -352,6 +358,8 @@ def evaluate(
       "thresholds": list(stats.THRESHOLDS),
       "cos_match_thresholds": list(stats.COS_MATCH_THRESHOLDS),
       "bootstrap_resamples": settings.bootstrap,
+      "ci_unit": "sample" if groups is None else "group",
+      "ci_units": len(indices) if groups is None else len(set(groups)),
       "ci_level": 0.95,
       "gamma": settings.gamma,
       "costs": costs,
@@ -368,6 +376,8 @@ def evaluate(
   if depth is not None:
     metrics["depth_acceptance"] = depth
   plot_arrays["lengths"] = lengths
+  if groups is not None:
+    plot_arrays["groups"] = groups
   return EvalResult(
     metrics=format_lib.to_jsonable(metrics),
     positions=format_lib.to_jsonable(positions),

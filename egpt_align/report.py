@@ -172,7 +172,7 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
   lines += [
     f"- Settings: batch {st['batch_size']} on {st['devices']} device(s), "
     f"logits in {st['logits_dtype']}, {st['bootstrap_resamples']} bootstrap "
-    "resamples over samples, 95% percentile CIs in brackets",
+    f"resamples over {_ci_units(st)}, 95% percentile CIs in brackets",
     "",
   ]
   if metrics["notes"]:
@@ -309,7 +309,8 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     "- Standard deviations are population (ddof = 0, np.std) and medians "
     "are np.median (mean of the two middle values); the reference's keys of "
     "the same names used torch's ddof = 1 std and lower-middle median "
-    "(docs/REFERENCE_NOTES.md §3). CIs resample samples with replacement; "
+    "(docs/REFERENCE_NOTES.md §3). CIs resample samples with replacement "
+    "(whole groups when the samples file gives each sample a 'group'); "
     "each headline metric is a ratio of per-sample sums.",
     "",
   ]
@@ -628,3 +629,13 @@ def summary_text(result) -> str:
   lines += [f"note: {note}"] if note else []
   lines += [f"verdict: {x}" for x in verdict(m)]
   return "\n".join(lines)
+
+
+def _ci_units(settings: dict) -> str:
+  """'samples', or 'N groups (whole groups: ...)' from evaluate's settings."""
+  if settings.get("ci_unit") == "group":
+    return (
+      f"{settings['ci_units']} groups (each drawn with all its samples: "
+      "samples of one group are not independent)"
+    )
+  return "samples"

@@ -53,7 +53,9 @@ def models(tmp_path_factory):
   with open(samples, "w") as f:
     for i, q in enumerate(_questions()):
       media = {"draft": {"seed": i}}
-      f.write(json.dumps({"id": f"s{i}", "question": q, "media": media}) + "\n")
+      # Two questions per scene: the group evaluation resamples as a unit.
+      rec = {"id": f"s{i}", "question": q, "media": media, "group": i // 2}
+      f.write(json.dumps(rec) + "\n")
   return {
     "root": root,
     "tok": tok,
@@ -141,6 +143,7 @@ def test_teacher_forced_equals_independent_forward(
   for i, ref in enumerate(reference):
     s = ds[i]
     assert s["meta"]["id"] == f"s{i}"
+    assert s["meta"]["group"] == str(i // 2)
     want_text = models["tok"].decode(ref["tokens"], skip_special_tokens=True)
     assert s["meta"]["target_text"] == want_text
     np.testing.assert_array_equal(s["target_tokens"], ref["tokens"])
@@ -197,6 +200,7 @@ def test_free_running_pairs_by_step_and_truncates(models, tmp_path):
     assert len(s["target_tokens"]) == n
     assert s["meta"]["target_length"] == len(t)
     assert s["meta"]["draft_length"] == len(d)
+    assert s["meta"]["group"] == str(i // 2)
     np.testing.assert_array_equal(s["target_tokens"], t[:n])
     np.testing.assert_array_equal(s["draft_tokens"], d[:n])
     # The drafter's states follow ITS OWN text: h_d[t] at its own tokens.
@@ -400,6 +404,11 @@ def test_bad_samples_file_is_a_clear_error(models, tmp_path, capsys):
   bad.write_text('{"id": "a", "question": "q", "media": {"verifier": {}}}\n')
   assert _run(models, tmp_path / "o", samples=str(bad)) == dump.EXIT_USAGE
   assert "unknown media roles ['verifier']" in capsys.readouterr().err
+  bad.write_text(
+    '{"id": "a", "question": "q", "group": 1}\n{"id": "b", "question": "q"}\n'
+  )
+  assert _run(models, tmp_path / "o", samples=str(bad)) == dump.EXIT_USAGE
+  assert "bad.jsonl: sample 'b' has no 'group'" in capsys.readouterr().err
 
 
 def test_help_documents_schema_and_specs(capsys):

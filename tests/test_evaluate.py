@@ -43,13 +43,16 @@ COND = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98)
 GAMMA = 3
 
 
-def _write(path, sources, targets, **tokens):
+def _write(path, sources, targets, groups=None, **tokens):
   with data_lib.DatasetWriter(
     str(path), source_dim=D, target_dim=D, dtype="float32", resume=False
   ) as w:
     for i, (s, t) in enumerate(zip(sources, targets, strict=True)):
       kw = {k: v[i] for k, v in tokens.items()}
-      w.append(s, t, meta={"id": f"s{i}"}, **kw)
+      meta = {"id": f"s{i}"}
+      if groups is not None and groups[i] is not None:
+        meta["group"] = groups[i]
+      w.append(s, t, meta=meta, **kw)
   return str(path)
 
 
@@ -201,6 +204,82 @@ def test_exact_next_position_l5(tmp_path):
   assert m["data"]["total_valid_next_positions"] == int((lengths - 1).sum())
   assert "copy_target" in m["results"]
   assert any("Primary reading is `next`" in n for n in m["notes"])
+
+
+def test_cis_resample_whole_groups_when_samples_name_them(tmp_path):
+  # 6 distinct samples, each written 4 times as one group. A group bootstrap
+  # draws 6 groups, so every CI equals that of the 6 distinct samples alone;
+  # treating the 24 copies as independent gives other (narrower) CIs.
+  rng = np.random.default_rng(4)
+  module, params = _init("l5", L5_OV, 0)
+  params = _perturb(params, 2)
+  lengths = rng.integers(6, 15, 6)
+  sources = [rng.normal(size=(n, D)).astype(np.float32) for n in lengths]
+  outs = _apply_padded(module, params, sources)
+  targets = [
+    np.concatenate([np.zeros((1, D)), o[: len(s) - 1]], 0).astype(np.float32)
+    + rng.normal(size=(len(s), D)).astype(np.float32) * 0.6
+    for s, o in zip(sources, outs, strict=True)
+  ]
+  w, head = _head(tmp_path)
+  tokens = [np.argmax(t @ w.T, -1).astype(np.int32) for t in targets]
+  settings = evaluate.EvalSettings(
+    batch_size=8, gamma=GAMMA, bootstrap=200, progress=False, pad_multiple=64
+  )
+
+  def run(name, copies, groups):
+    rep = lambda xs: [x for x in xs for _ in range(copies)]  # noqa: E731
+    path = _write(
+      tmp_path / name,
+      rep(sources),
+      rep(targets),
+      groups=groups,
+      target_tokens=rep(tokens),
+    )
+    return evaluate.evaluate(
+      path, adapter="l5", overrides=L5_OV, params=params, lm_head=head,
+      settings=settings, seed=7,
+    )
+
+  def cis(m):
+    a = m["results"]["adapter"]["next"]["ci"]
+    d = m["depth_acceptance"]["teacher_forced"]["ci"]
+    return a, d
+
+  alone = run("alone", 1, None).metrics
+  grouped_result = run("grouped", 4, [f"g{i // 4}" for i in range(24)])
+  grouped = grouped_result.metrics
+  loose = run("loose", 4, None).metrics
+  assert grouped["settings"]["ci_unit"] == "group"
+  assert grouped["settings"]["ci_units"] == 6
+  assert loose["settings"]["ci_unit"] == "sample"
+  assert loose["settings"]["ci_units"] == 24
+  a_alone, d_alone = cis(alone)
+  a_grp, d_grp = cis(grouped)
+  assert a_alone["token_top1"][1] > a_alone["token_top1"][0]
+  for key in ("token_top1", "accept_90"):
+    np.testing.assert_allclose(a_grp[key], a_alone[key])
+  np.testing.assert_allclose(d_grp["tau"], d_alone["tau"])
+  a_loose, _ = cis(loose)
+  width = lambda ci: ci[1] - ci[0]  # noqa: E731
+  assert width(a_loose["token_top1"]) < width(a_grp["token_top1"])
+  text = report.render_markdown(grouped, grouped_result.positions, [])
+  assert "resamples over 6 groups" in text
+
+  # Some samples with a group and some without: one line naming the sample.
+  mixed = _write(
+    tmp_path / "mixed",
+    sources,
+    targets,
+    groups=["a", "a", None, "b", "b", "b"],
+    target_tokens=tokens,
+  )
+  msg = "meta.jsonl: sample 's2' has no 'group'"
+  with pytest.raises(data_lib.DatasetFormatError, match=msg):
+    evaluate.evaluate(
+      mixed, adapter="l5", overrides=L5_OV, params=params, lm_head=head,
+      settings=settings,
+    )
 
 
 def _np_metrics(pred, targets, tok_same, lengths, w):

@@ -211,6 +211,25 @@ class HiddenStateDataset:
     shard = self.shards[self.shard_of[i]]
     return shard.meta[i - shard.first]
 
+  def groups(self, indices: Sequence[int] | None = None) -> np.ndarray | None:
+    """The samples' `group` labels (meta 'group': the unit that is really
+    independent, e.g. the scene several questions share), or None when no
+    sample has one. Some samples with a group and some without is an error
+    that names the first without."""
+    idx = range(self.num_samples) if indices is None else indices
+    labels = [self.meta(int(i)).get("group") for i in idx]
+    if all(g is None for g in labels):
+      return None
+    if any(g is None for g in labels):
+      i = int(list(idx)[labels.index(None)])
+      shard = self.shards[self.shard_of[i]]
+      raise fmt.DatasetFormatError(
+        f"{os.path.join(shard.dir, fmt.META_FILE)}: sample "
+        f"{self.meta(i).get('id', i)!r} has no 'group' while others have "
+        "one (give every sample a group, or none)"
+      )
+    return np.array([str(g) for g in labels])
+
   def read_batch(
     self,
     indices: Sequence[int],

@@ -121,6 +121,15 @@ def _np32(x: torch.Tensor) -> np.ndarray:
   return x.detach().float().cpu().numpy()
 
 
+def _ids(sample: dict) -> dict:
+  """The sample's id, question and (when the samples file gives one) group,
+  which evaluation resamples as the independent unit."""
+  out = {"id": sample["id"], "question": sample["question"]}
+  if "group" in sample:
+    out["group"] = sample["group"]
+  return out
+
+
 def _text(key: str, backend: Backend, tokens: torch.Tensor) -> dict:
   """{key: decoded text} when the backend has a tokenizer, else {}."""
   tok = getattr(backend, "tokenizer", None)
@@ -181,8 +190,7 @@ def run_batch(
           "target_tokens": gen.tokens[i, :n_i].cpu().numpy(),
           "draft_tokens": d_ids[j, :n_i].cpu().numpy(),
           "meta": {
-            "id": items[i][0]["id"],
-            "question": items[i][0]["question"],
+            **_ids(items[i][0]),
             **_text("target_text", target, gen.tokens[i, :n_i]),
           },
         }
@@ -200,8 +208,7 @@ def run_batch(
         "target_tokens": gen.tokens[i, :n_i].cpu().numpy(),
         "draft_tokens": d_gen.tokens[i, :n_i].cpu().numpy(),
         "meta": {
-          "id": s["id"],
-          "question": s["question"],
+          **_ids(s),
           "target_length": int(t_len[i]),
           "draft_length": int(d_len[i]),
           **_text("target_text", target, gen.tokens[i, : t_len[i]]),

@@ -152,6 +152,12 @@ def read_samples(path: str, media_root: str | None = None) -> list[dict]:
           )
         sample["group"] = str(group)
       samples.append(sample)
+  grouped = ["group" in x for x in samples]
+  if any(grouped) and not all(grouped):
+    raise ValueError(
+      f"{path}: sample {samples[grouped.index(False)]['id']!r} has no "
+      "'group' while others have one (give every sample a group, or none)"
+    )
   return samples
 
 

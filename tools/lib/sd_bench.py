@@ -165,12 +165,6 @@ def _pair(s: BenchSettings, device, ddev, dtype):
   if not s.target or not s.samples:
     raise ValueError("give --target and --samples (or --random_models)")
   samples = media.read_samples(s.samples, s.media_root)
-  grouped = ["group" in x for x in samples]
-  if any(grouped) and not all(grouped):
-    raise ValueError(
-      f"{s.samples}: sample {samples[grouped.index(False)]['id']!r} has no "
-      "'group' while others have one (give every sample a group, or none)"
-    )
   if s.num_samples is not None:
     samples = samples[: s.warmup + s.num_samples]
   target = bk.load_backend(s.target, device=device, dtype=dtype)

@@ -214,9 +214,10 @@ def stage_train(study) -> dict:
   }
 
 
-def ratio_ci(num, den, *, resamples: int, seed: int):
-  """95% percentile CI of sum(num) / sum(den), resampling samples
-  (egpt_align.eval_stats.bootstrap_ci, the project's one bootstrap)."""
+def ratio_ci(num, den, *, resamples: int, seed: int, groups=None):
+  """95% percentile CI of sum(num) / sum(den), resampling samples, or whole
+  groups when `groups` labels them (egpt_align.eval_stats.bootstrap_ci, the
+  project's one bootstrap)."""
   from egpt_align import eval_stats
 
   num = np.asarray(num, np.float64)
@@ -228,6 +229,7 @@ def ratio_ci(num, den, *, resamples: int, seed: int):
     {a: num, b: np.asarray(den, np.float64)},
     num_resamples=resamples,
     seed=seed,
+    groups=groups,
   )
   return cis.get(key)
 
@@ -237,11 +239,13 @@ def accept_cis(result, *, resamples: int, seed: int) -> dict:
 
   egpt_align.evaluate gives CIs for Accept@0.90 only; the per-position
   cosines it returns (flattened valid positions, sample-major) are split
-  back into samples here and resampled the same way (by sample).
+  back into samples here and resampled the same way (by sample, or by the
+  samples' groups when evaluate found them).
   """
   from egpt_align import metrics
 
   lengths = np.asarray(result.arrays["lengths"], np.int64)
+  groups = result.arrays.get("groups")
   out = {}
   for key, flat in result.arrays.items():
     if not key.endswith("/cos"):
@@ -253,7 +257,7 @@ def accept_cis(result, *, resamples: int, seed: int) -> dict:
     for t in metrics.THRESHOLDS:
       hits = np.array([(p > t).sum() for p in parts], np.float64)
       cis[f"accept_{metrics.threshold_key(t)}"] = ratio_ci(
-        hits, n, resamples=resamples, seed=seed
+        hits, n, resamples=resamples, seed=seed, groups=groups
       )
     out.setdefault(pname, {})[reading] = cis
   return out
