@@ -232,9 +232,10 @@ def expected_shapes(name: str, **cfg) -> dict[str, tuple[int, ...]]:
 
 
 def _check_shapes(name, cfg, state_dict: Mapping, expected: Mapping) -> None:
+  have = state_shapes(state_dict)
   models.check_param_shapes(
     f"state dict does not fit adapter {name!r} with config {cfg}",
-    state_shapes(state_dict),
+    have,
     dict(expected),
   )
 
