@@ -331,3 +331,21 @@ def test_the_aa_control_is_read_per_runtime_as_the_verdicts_read_it():
   data = {"live": {"gpus1": {"by_runtime": {"fast": {"aa_control": entry}}}}}
   line, text = verdicts._aa_line(data, "gpus1", "fast")
   assert line == 1.05 and "A/A control's upper end" in text
+
+
+def test_the_table_says_what_its_cis_resample():
+  from tools.study import report
+
+  def data(*units):
+    return {
+      "adapters": {
+        f"a{i}": {"ci_unit": u, "ci_units": n, "test_samples": 404}
+        for i, (u, n) in enumerate(units)
+      }
+    }
+
+  text = report.ci_over(data(("group", 101), ("group", 101)))
+  assert text.startswith("the 101 test groups (scenes)")
+  assert "404 in all" in text
+  assert report.ci_over(data(("sample", 404))) == "the 404 test samples"
+  assert "differ" in report.ci_over(data(("group", 101), ("sample", 404)))

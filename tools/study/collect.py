@@ -55,6 +55,11 @@ def adapter_entry(study: dict, study_dir: str, name: str) -> dict:
     "train_seconds": train.get("seconds"),
     "unroll_steps": train.get("unroll_steps"),
     "test_samples": metrics["data"]["num_samples"],
+    # What the CIs resample: samples, or groups (scenes) of samples.
+    "ci_unit": metrics["settings"].get("ci_unit", "sample"),
+    "ci_units": metrics["settings"].get(
+      "ci_units", metrics["data"]["num_samples"]
+    ),
     "test_positions": metrics["data"]["total_valid_positions"],
     "metrics": {
       k: _metric(res["adapter"][prim], extra["adapter"][prim], k)

@@ -327,7 +327,7 @@ def render(data: dict, pair, plot_paths: list[str]) -> str:
     "the target's hidden size, the same epochs and batch for all; best-"
     "validation checkpoint. Primary reading: `next` (output[t] vs "
     "target[t+1]) for L5/B1/L5F, `same` otherwise. Brackets: 95% bootstrap "
-    "CI over test samples. Leading run: tokens matched from the first "
+    f"CI over {ci_over(data)}. Leading run: tokens matched from the first "
     "position on."
     + (
       " The `(objective next)` rows are the same recipes with the loss "
@@ -453,3 +453,20 @@ def stage_table(study, stage: str) -> str:
     for k, v in rec.items()
     if k not in ("settings", "done") and not isinstance(v, dict)
   )
+
+
+def ci_over(data: dict) -> str:
+  """What the offline CIs resample, from the adapters' evaluations."""
+  units = {
+    (a.get("ci_unit", "sample"), a.get("ci_units"), a.get("test_samples"))
+    for a in data["adapters"].values()
+  }
+  if len(units) != 1:
+    return "test samples or groups (the adapters' evaluations differ)"
+  unit, n, samples = units.pop()
+  if unit == "group":
+    return (
+      f"the {n} test groups (scenes), each drawn with all its samples "
+      f"({samples} in all), as questions on one scene are not independent"
+    )
+  return f"the {samples} test samples"
