@@ -61,7 +61,7 @@ def _settings(tmp_path, **kw):
   return sd_bench.BenchSettings(**base)
 
 
-@pytest.mark.parametrize("order", ["fixed", "rotate"])
+@pytest.mark.parametrize("order", ["fixed", "rotate", "balanced"])
 def test_first_run_cost_biases_fixed_order_only(tmp_path, monkeypatch, order):
   """The first run of every sample costs 5 ms more.
 
@@ -196,3 +196,85 @@ def test_cost_model_uses_measured_tau():
   assert m["relative_error"] == pytest.approx(m["decode_speedup"] / 1.25 - 1)
   assert np.isfinite(m["alpha"]) and m["alpha"] == pytest.approx(0.5)
   assert sd_results.cost_model([_rec(10.0, base=True)], costs, "x", 1.0) is None
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 18])
+def test_williams_orders_balance_positions_and_neighbours(n):
+  rows = sd_bench.williams_orders(n)
+  assert len(rows) == (n if n % 2 == 0 else 2 * n)
+  each = len(rows) // n
+  for row in rows:
+    assert sorted(row) == list(range(n))
+  for pos in range(n):
+    assert sorted(r[pos] for r in rows) == sorted(list(range(n)) * each)
+  follows = {}
+  for row in rows:
+    for a, b in zip(row, row[1:], strict=False):
+      follows[a, b] = follows.get((a, b), 0) + 1
+  want = {(a, b): each for a in range(n) for b in range(n) if a != b}
+  assert follows == want
+
+
+def test_balanced_order_moves_the_aa_copy_away_from_the_baseline(
+  tmp_path, monkeypatch
+):
+  """A run made 5 ms slower by the run just before it being the baseline
+  (an after-effect the baseline leaves). Rotated, the A/A copy follows the
+  baseline on every sample but those where it runs first (6 of 8 here) and
+  pays it far more often than the other runs; balanced, every other run
+  follows the baseline equally often (2 of 8: a Williams cycle of 4)."""
+
+  class AfterBaseline(FakeRuntime):
+    prev = None
+
+    def __call__(self, run, label, method, runtime, t_in, d_in):
+      new_sample = id(t_in) != self.last
+      r, k = super().__call__(run, label, method, runtime, t_in, d_in)
+      if self.prev == "baseline" and not new_sample:
+        r.total_ms += 5.0
+        r.decode_ms += 5.0
+      self.prev = label
+      return r, k
+
+  def mean_ms(order):
+    fake = AfterBaseline()
+    monkeypatch.setattr(sd_bench, "_run_one", fake)
+    settings = _settings(
+      tmp_path / order,
+      order=order,
+      num_samples=8,
+      methods=("baseline", "decode:b1", "decode:b1_copy"),
+      adapters={"b1": "random", "b1_copy": "random:b1"},
+    )
+    res = sd_bench.run_benchmark(settings)
+    assert res["config"]["order"] == order
+    return {
+      lab: np.mean([r["total_ms"] for r in recs])
+      for lab, recs in res["per_sample"].items()
+    }
+
+  rot = mean_ms("rotate")
+  assert rot["baseline_aa"] == pytest.approx(10 + 5 * 6 / 8)
+  assert rot["decode:b1"] == pytest.approx(10)  # never after the baseline
+  bal = mean_ms("balanced")
+  for lab in ("baseline_aa", "decode:b1", "decode:b1_copy"):
+    assert bal[lab] == pytest.approx(10 + 5 * 2 / 8), lab
+  assert bal["baseline"] == pytest.approx(10)
+
+
+def test_timed_runs_run_without_the_garbage_collector(tmp_path, monkeypatch):
+  import gc
+
+  seen = []
+
+  class Watch(FakeRuntime):
+    def __call__(self, *a):
+      seen.append(gc.isenabled())
+      return super().__call__(*a)
+
+  monkeypatch.setattr(sd_bench, "_run_one", Watch())
+  res = sd_bench.run_benchmark(_settings(tmp_path))
+  assert seen and not any(seen)
+  assert gc.isenabled()
+  assert "garbage collector" in (tmp_path / "bench" / "report.md").read_text()
+  assert res["config"]["gc"].startswith("off")

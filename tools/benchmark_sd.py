@@ -187,11 +187,14 @@ def _fairness_args(p: argparse.ArgumentParser) -> None:
   fair = p.add_argument_group("fairness")
   fair.add_argument(
     "--order",
-    default="rotate",
+    default="balanced",
     choices=ORDERS,
-    help="the runs of a sample: rotate = each (method, runtime) moves one "
-    "place per sample from a seeded start (recorded), so none pays a "
-    "first-run cost systematically; fixed = the listed order every time",
+    help="the runs of a sample: balanced = the orders of a Williams design "
+    "in turn from a seeded start (recorded): each (method, runtime) takes "
+    "every position, and follows every other one, equally often, so none "
+    "pays a first-run cost or a neighbour's after-effect systematically; "
+    "rotate = each moves one place per sample (positions balanced, "
+    "neighbours fixed); fixed = the listed order every time",
   )
   fair.add_argument(
     "--no_aa_control",

@@ -9,7 +9,9 @@ tools/benchmark_sd.py is its command line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -47,7 +49,7 @@ AA_LABEL = "baseline_aa"
 # An A/A ratio outside this range (or a CI excluding 1) marks the run
 # unreliable: two runs of the same thing should time the same.
 AA_RANGE = (0.98, 1.02)
-ORDERS = ("rotate", "fixed")
+ORDERS = ("balanced", "rotate", "fixed")
 
 
 @dataclasses.dataclass
@@ -88,7 +90,7 @@ class BenchSettings:
   profile: bool = False
   plots: bool = True
   progress: bool = True
-  order: str = "rotate"  # 'rotate' (seeded start, recorded) or 'fixed'
+  order: str = "balanced"  # 'balanced', 'rotate' (seeded start) or 'fixed'
   aa_control: bool = True  # the baseline twice per sample (baseline_aa)
   shape_warmup: bool = True  # untimed runs on each new input shape
 
@@ -237,17 +239,56 @@ class _Run:
   shape_warmups: list[dict] = dataclasses.field(default_factory=list)
 
 
+def williams_orders(n: int) -> list[list[int]]:
+  """A Williams design: orders of 0..n-1 in which every item takes every
+  position equally often and directly follows every other item equally
+  often (n orders for even n, 2n for odd n)."""
+  first, lo, hi = [0], 1, n - 1
+  while len(first) < n:
+    first.append(lo)
+    lo += 1
+    if len(first) < n:
+      first.append(hi)
+      hi -= 1
+  rows = [[(x + i) % n for x in first] for i in range(n)]
+  if n % 2:
+    rows += [row[::-1] for row in rows]
+  return rows
+
+
 def _order(run: _Run, si: int) -> list[tuple[str, str, str]]:
   """The runs of sample `si` in the order they run.
 
-  Rotated (default): every (method, runtime) moves one place per sample, so
-  over the samples each takes each position equally often and none pays a
-  first-run cost systematically; 'fixed' keeps the listed order.
+  Balanced (default): the orders of a Williams design in turn from a seeded
+  start, so over the samples every (method, runtime) takes each position
+  equally often and follows each other one equally often: none pays a
+  first-run cost, or the after-effect of one neighbour, systematically.
+  Rotated: each moves one place per sample (positions balanced, neighbours
+  fixed: the A/A copy always follows the baseline). 'fixed' keeps the
+  listed order.
   """
   if run.s.order == "fixed":
     return run.runs
+  if run.s.order == "balanced":
+    rows = williams_orders(len(run.runs))
+    return [run.runs[j] for j in rows[(run.order_start + si) % len(rows)]]
   k = (run.order_start + si) % len(run.runs)
   return run.runs[k:] + run.runs[:k]
+
+
+@contextlib.contextmanager
+def _no_gc():
+  """Python's garbage collector off for one timed run (as timeit does): a
+  collection pass (milliseconds) lands in whichever run triggers it, not
+  in the method's cost. Collected between runs instead."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
+    gc.collect(1)
 
 
 def _run_one(run: _Run, label: str, method: str, runtime: str, t_in, d_in):
@@ -304,7 +345,8 @@ def _run_sample(run: _Run, si: int, sample: dict, warm: bool, t_in, d_in):
   done: dict[str, tuple] = {}
   for pos, (lab, m, rt) in enumerate(order):
     try:
-      done[lab] = (*_run_one(run, lab, m, rt, t_in, d_in), pos)
+      with _no_gc():
+        done[lab] = (*_run_one(run, lab, m, rt, t_in, d_in), pos)
     except SDError as e:
       if m == "baseline":
         raise
@@ -449,10 +491,12 @@ def _config(s: BenchSettings, run: _Run, methods, device, ddev, dtype, adtype):
     "num_groups": None if groups is None else len(set(groups.tolist())),
     "tie_margin": s.tie_margin,
     "seed": s.seed,
-    # Runs of one sample: rotated one place per sample from `order_start`
-    # (each record's `position` says where it ran), or 'fixed'.
+    # Runs of one sample: the Williams design's orders or the rotation in
+    # turn from `order_start` (each record's `position` says where it ran),
+    # or 'fixed'.
     "order": s.order,
-    "order_start": run.order_start if s.order == "rotate" else None,
+    "order_start": None if s.order == "fixed" else run.order_start,
+    "gc": "off in timed runs, objects loaded before them frozen",
     "runs_per_sample": [x[0] for x in run.runs],
     "aa_control": s.aa_control,
     "shape_warmup": s.shape_warmup,
@@ -513,7 +557,14 @@ def run_benchmark(s: BenchSettings) -> dict:
   start = int(np.random.default_rng(s.seed).integers(len(runs)))
   run = _Run(s, models, runs, runtimes, cfg, start)
   run.per_sample = {x[0]: [] for x in runs}
-  t_in, d_in = _loop(run, samples, device, ddev)
+  # What is loaded now lives to the end: frozen, the collections between
+  # runs (_no_gc) skip it.
+  gc.collect()
+  gc.freeze()
+  try:
+    t_in, d_in = _loop(run, samples, device, ddev)
+  finally:
+    gc.unfreeze()
   agg = _aggregate(run, methods)
   reliable, warnings = _reliability(agg["aa"])
   for w in warnings:

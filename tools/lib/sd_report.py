@@ -90,7 +90,15 @@ def _fairness_lines(results: dict) -> list[str]:
       "",
       "**UNRELIABLE RUN**: " + "; ".join(results["reliability_warnings"]),
     ]
-  if cfg.get("order") == "rotate":
+  if cfg.get("order") == "balanced":
+    lines.append(
+      f"- run order: the {len(cfg['runs_per_sample'])} runs of a sample "
+      "follow the orders of a Williams design in turn (starting at "
+      f"{cfg['order_start']}): each takes every position and follows every "
+      "other run equally often over a full cycle; each record's `position` "
+      "says where it ran"
+    )
+  elif cfg.get("order") == "rotate":
     lines.append(
       f"- run order: the {len(cfg['runs_per_sample'])} runs of a sample "
       f"rotate one place per sample (starting at {cfg['order_start']}; each "
@@ -98,6 +106,8 @@ def _fairness_lines(results: dict) -> list[str]:
     )
   elif cfg.get("order"):
     lines.append("- run order: fixed (the listed order on every sample)")
+  if cfg.get("gc"):
+    lines.append(f"- Python's garbage collector: {cfg['gc']}")
   warm = results.get("shape_warmups") or []
   if cfg.get("shape_warmup"):
     lines.append(
