@@ -221,6 +221,9 @@ def test_results_md_has_every_section(study):
   assert "The two-GPU table is absent" in text
   assert "The projection is absent: no 7B costs were given" in text
   assert "A/A control (baseline / baseline again): " in text
+  # The samples have groups: offline and live CIs resample whole groups.
+  assert "95% bootstrap CI over the 6 test groups" in text
+  assert "groups; CIs resample whole groups) after" in text
   for name in ADAPTERS:
     assert f"| {layout.title(name)} |" in text
   for m in layout.methods_of(ADAPTERS):

@@ -345,7 +345,7 @@ def test_the_table_says_what_its_cis_resample():
     }
 
   text = report.ci_over(data(("group", 101), ("group", 101)))
-  assert text.startswith("the 101 test groups (scenes)")
+  assert text.startswith("the 101 test groups")
   assert "404 in all" in text
   assert report.ci_over(data(("sample", 404))) == "the 404 test samples"
   assert "differ" in report.ci_over(data(("group", 101), ("sample", 404)))

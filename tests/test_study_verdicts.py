@@ -31,6 +31,7 @@ def _row(**kw):
     "tau_ci95": [1.8, 2.2],
     "c": 0.1,
     "v": 1.1,
+    "drafts_per_verification": 5,
     "speedup": 1.3,
     "speedup_ci95": [1.1, 1.5],
     "decode_speedup": 1.3,
@@ -192,6 +193,46 @@ def test_best_method_never_has_mismatches():
   everything_wrong = {m: _row(mismatches=1) for m in rows}
   assert verdicts.best_lossless(everything_wrong) is None
   assert verdicts.goal(_data(rows=everything_wrong))["by_setting"] == {}
+
+
+def test_near_tie_flips_do_not_make_a_method_lossy():
+  rows = {
+    # Three mismatches, all near-tie flips (float16 numerics): lossless.
+    "decode:b1_next": _row(speedup=3.0, mismatches=3, near_tie_flips=3),
+    # One of two is not a near tie: left out.
+    "decode:l5f_next": _row(speedup=4.0, mismatches=2, near_tie_flips=1),
+    "decode:l5_next": _row(speedup=1.5),
+  }
+  assert verdicts.best_lossless(rows) == "decode:b1_next"
+  _, _, kept = verdicts.headline_live(_data(rows=rows))
+  assert "decode:b1_next" in kept and "decode:l5f_next" not in kept
+
+
+@pytest.mark.parametrize(
+  "prefill_ceiling, c, tau, limited",
+  [
+    (1.9, 0.05, 3.0, "the prefill"),  # decode could reach 2x, prefill not
+    (5.0, 0.5, 3.0, "cost"),  # (5 + 1) / (5 * 0.5 + 1.1) = 1.67 < 2
+    (5.0, 0.05, 2.0, "acceptance"),  # 2.0 / 1.35 = 1.48; full: 4.44
+  ],
+)
+def test_the_goal_names_what_stops_the_best_drafting_method(
+  prefill_ceiling, c, tau, limited
+):
+  data = _data(rows={"decode:b1_next": _row(c=c, tau=tau, speedup=1.2)})
+  block = data["live"]["gpus1"]["by_runtime"]["fast"]
+  block["amdahl"] = {
+    "fast": {
+      "baseline_prefill_share": 1 / prefill_ceiling,
+      "end_to_end_ceiling": prefill_ceiling,
+    }
+  }
+  x = verdicts.goal(data)["by_setting"]["gpus1/fast"]["analysis"]
+  assert x["model_decode_speedup"] == pytest.approx(tau / (5 * c + 1.1))
+  assert x["decode_ceiling_full_acceptance"] == pytest.approx(
+    6 / (5 * c + 1.1)
+  )
+  assert x["limited_by"].startswith(limited)
 
 
 def test_a_study_that_accepts_nothing_judges_no_claim():

@@ -191,6 +191,9 @@ def live_entry(benches: dict[str, dict]) -> dict:
       # The benchmark's A/A control (a second baseline), when it runs one.
       "aa_control": aa_entry(bench, rt),
       "num_measured": bench.get("num_measured"),
+      # What the CIs resample: 'group' (scenes) or 'sample'.
+      "ci_resampling": bench["config"].get("ci_resampling", "sample"),
+      "num_groups": bench["config"].get("num_groups"),
       "target_decode_ms": costs.get("target_decode_ms"),
       "target_prefill_ms": costs.get("target_prefill_ms"),
       "amdahl": bench.get("amdahl"),

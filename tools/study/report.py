@@ -96,8 +96,13 @@ def live_tables(data: dict) -> list[str]:
         f"Target on {live['target_device']}, drafter on "
         f"{live['draft_device']} ({live['device']}); {live['dtype']}; "
         f"γ = {live['gamma']}; max_new_tokens {live['max_new_tokens']}; "
-        f"{block['num_measured']} test samples after {live['warmup']} "
-        f"warm-up; target decode {num(block['target_decode_ms'], 3)} "
+        f"{block['num_measured']} test samples "
+        + (
+          f"({block['num_groups']} groups; CIs resample whole groups) "
+          if block.get("ci_resampling") == "group"
+          else "(CIs resample samples) "
+        )
+        + f"after {live['warmup']} warm-up; target decode {num(block['target_decode_ms'], 3)} "
         f"ms/token, prefill {num(block['target_prefill_ms'], 2)} ms."
         + aa_text(block.get("aa_control"))
         + (
@@ -223,14 +228,21 @@ def goal_lines(data: dict) -> list[str]:
     )
     x = e.get("analysis")
     if x:
+      k = x["drafts_per_verification"]
       s += (
-        f" Best drafting method {x['method']}: measured α "
-        f"{num(x['alpha'])}, c {num(x['c'])}, v {num(x['v'])} (γ = "
-        f"{x['gamma']}); the cost model τ/(γc + v) gives "
-        f"{num(x['model_speedup'])}× and at most "
-        f"{num(x['ceiling_at_alpha_1'])}× at α = 1, so the limiting term is "
-        f"{x['limited_by']}."
+        f" Best drafting method {x['method']}: measured τ "
+        f"{num(x['tau'], 2)}, c {num(x['c'])}, v {num(x['v'])} ({k:g} "
+        f"drafts per verification); the decode-phase cost model τ/(kc + v) "
+        f"gives {num(x['model_decode_speedup'])}× and at most "
+        f"{num(x['decode_ceiling_full_acceptance'])}× at full acceptance"
       )
+      if x.get("end_to_end_ceiling") is not None:
+        s += (
+          f"; the target's prefill is {pct(x['prefill_share'])} of its "
+          f"end-to-end time, so no decode speedup can exceed "
+          f"{num(x['end_to_end_ceiling'])}× end to end"
+        )
+      s += f". The limiting term is {x['limited_by']}."
     lines.append(s)
   return lines
 
@@ -466,7 +478,8 @@ def ci_over(data: dict) -> str:
   unit, n, samples = units.pop()
   if unit == "group":
     return (
-      f"the {n} test groups (scenes), each drawn with all its samples "
-      f"({samples} in all), as questions on one scene are not independent"
+      f"the {n} test groups (the samples file's `group`, e.g. one scene), "
+      f"each drawn with all its samples ({samples} in all), as samples of "
+      "one group are not independent"
     )
   return f"the {samples} test samples"
