@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tools.lib import sd_bench, sd_results  # noqa: E402
+from tools.lib import fair_runs, sd_bench, sd_results  # noqa: E402
 from tools.lib.sd_engine import SampleResult  # noqa: E402
 
 
@@ -200,7 +200,7 @@ def test_cost_model_uses_measured_tau():
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 18])
 def test_williams_orders_balance_positions_and_neighbours(n):
-  rows = sd_bench.williams_orders(n)
+  rows = fair_runs.williams_orders(n)
   assert len(rows) == (n if n % 2 == 0 else 2 * n)
   each = len(rows) // n
   for row in rows:

@@ -237,8 +237,13 @@ def test_cis_resample_whole_groups_when_samples_name_them(tmp_path):
       target_tokens=rep(tokens),
     )
     return evaluate.evaluate(
-      path, adapter="l5", overrides=L5_OV, params=params, lm_head=head,
-      settings=settings, seed=7,
+      path,
+      adapter="l5",
+      overrides=L5_OV,
+      params=params,
+      lm_head=head,
+      settings=settings,
+      seed=7,
     )
 
   def cis(m):
@@ -277,7 +282,11 @@ def test_cis_resample_whole_groups_when_samples_name_them(tmp_path):
   msg = "meta.jsonl: sample 's2' has no 'group'"
   with pytest.raises(data_lib.DatasetFormatError, match=msg):
     evaluate.evaluate(
-      mixed, adapter="l5", overrides=L5_OV, params=params, lm_head=head,
+      mixed,
+      adapter="l5",
+      overrides=L5_OV,
+      params=params,
+      lm_head=head,
       settings=settings,
     )
 

@@ -229,9 +229,7 @@ def test_the_goal_names_what_stops_the_best_drafting_method(
   }
   x = verdicts.goal(data)["by_setting"]["gpus1/fast"]["analysis"]
   assert x["model_decode_speedup"] == pytest.approx(tau / (5 * c + 1.1))
-  assert x["decode_ceiling_full_acceptance"] == pytest.approx(
-    6 / (5 * c + 1.1)
-  )
+  assert x["decode_ceiling_full_acceptance"] == pytest.approx(6 / (5 * c + 1.1))
   assert x["limited_by"].startswith(limited)
 
 

@@ -9,9 +9,7 @@ tools/benchmark_sd.py is its command line.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import os
 import sys
 import time
@@ -22,7 +20,7 @@ import torch
 
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
-from tools.lib import media, sd_report, sd_results
+from tools.lib import fair_runs, media, sd_report, sd_results
 from tools.lib.environment import environment
 from tools.lib.random_models import (
   SHAPES,
@@ -239,23 +237,6 @@ class _Run:
   shape_warmups: list[dict] = dataclasses.field(default_factory=list)
 
 
-def williams_orders(n: int) -> list[list[int]]:
-  """A Williams design: orders of 0..n-1 in which every item takes every
-  position equally often and directly follows every other item equally
-  often (n orders for even n, 2n for odd n)."""
-  first, lo, hi = [0], 1, n - 1
-  while len(first) < n:
-    first.append(lo)
-    lo += 1
-    if len(first) < n:
-      first.append(hi)
-      hi -= 1
-  rows = [[(x + i) % n for x in first] for i in range(n)]
-  if n % 2:
-    rows += [row[::-1] for row in rows]
-  return rows
-
-
 def _order(run: _Run, si: int) -> list[tuple[str, str, str]]:
   """The runs of sample `si` in the order they run.
 
@@ -270,25 +251,10 @@ def _order(run: _Run, si: int) -> list[tuple[str, str, str]]:
   if run.s.order == "fixed":
     return run.runs
   if run.s.order == "balanced":
-    rows = williams_orders(len(run.runs))
+    rows = fair_runs.williams_orders(len(run.runs))
     return [run.runs[j] for j in rows[(run.order_start + si) % len(rows)]]
   k = (run.order_start + si) % len(run.runs)
   return run.runs[k:] + run.runs[:k]
-
-
-@contextlib.contextmanager
-def _no_gc():
-  """Python's garbage collector off for one timed run (as timeit does): a
-  collection pass (milliseconds) lands in whichever run triggers it, not
-  in the method's cost. Collected between runs instead."""
-  enabled = gc.isenabled()
-  gc.disable()
-  try:
-    yield
-  finally:
-    if enabled:
-      gc.enable()
-    gc.collect(1)
 
 
 def _run_one(run: _Run, label: str, method: str, runtime: str, t_in, d_in):
@@ -345,7 +311,7 @@ def _run_sample(run: _Run, si: int, sample: dict, warm: bool, t_in, d_in):
   done: dict[str, tuple] = {}
   for pos, (lab, m, rt) in enumerate(order):
     try:
-      with _no_gc():
+      with fair_runs.no_gc():
         done[lab] = (*_run_one(run, lab, m, rt, t_in, d_in), pos)
     except SDError as e:
       if m == "baseline":
@@ -559,12 +525,8 @@ def run_benchmark(s: BenchSettings) -> dict:
   run.per_sample = {x[0]: [] for x in runs}
   # What is loaded now lives to the end: frozen, the collections between
   # runs (_no_gc) skip it.
-  gc.collect()
-  gc.freeze()
-  try:
+  with fair_runs.frozen_heap():
     t_in, d_in = _loop(run, samples, device, ddev)
-  finally:
-    gc.unfreeze()
   agg = _aggregate(run, methods)
   reliable, warnings = _reliability(agg["aa"])
   for w in warnings:

@@ -102,8 +102,9 @@ def live_tables(data: dict) -> list[str]:
           if block.get("ci_resampling") == "group"
           else "(CIs resample samples) "
         )
-        + f"after {live['warmup']} warm-up; target decode {num(block['target_decode_ms'], 3)} "
-        f"ms/token, prefill {num(block['target_prefill_ms'], 2)} ms."
+        + f"after {live['warmup']} warm-up; target decode "
+        f"{num(block['target_decode_ms'], 3)} ms/token, prefill "
+        f"{num(block['target_prefill_ms'], 2)} ms."
         + aa_text(block.get("aa_control"))
         + (
           " Fast path per model: "

@@ -279,12 +279,13 @@ def claim_prefill(data: dict) -> dict:
   name = "Prefill hiding gives accepted tokens for free"
   rule = (
     "Rule (two GPUs if measured, else one; first runtime; lossless "
-    "methods, near-tie flips allowed): two named parts, for the prefill_hiding method that accepts "
-    "the most prefill drafts: (1) tokens drafted during the target's "
-    "prefill are accepted; (2) end-to-end time is saved: its speedup CI "
-    "lies above the A/A control (above 1 when none was measured). Holds: "
-    "both; partly: (1) and the CI lies wholly below the line; not shown: "
-    "(1) and the CI crosses it; fails: no prefill draft accepted."
+    "methods, near-tie flips allowed): two named parts, for the "
+    "prefill_hiding method that accepts the most prefill drafts: (1) "
+    "tokens drafted during the target's prefill are accepted; (2) "
+    "end-to-end time is saved: its speedup CI lies above the A/A control "
+    "(above 1 when none was measured). Holds: both; partly: (1) and the "
+    "CI lies wholly below the line; not shown: (1) and the CI crosses it; "
+    "fails: no prefill draft accepted."
   )
   sub, rt, rows = headline_live(data)
   ph = {
@@ -320,9 +321,9 @@ def claim_two_phase(data: dict) -> dict:
   name = "The two-phase pipeline speeds up decoding"
   rule = (
     "Rule (two GPUs if measured, else one; first runtime; lossless "
-    "methods, near-tie flips allowed): judged on the decode-phase speedup of the best two_phase "
-    "method: holds when its 95% CI lies wholly above 1; fails when wholly "
-    "below 1; not shown when it crosses 1."
+    "methods, near-tie flips allowed): judged on the decode-phase speedup "
+    "of the best two_phase method: holds when its 95% CI lies wholly "
+    "above 1; fails when wholly below 1; not shown when it crosses 1."
   )
   sub, rt, rows = headline_live(data)
   tp = {
@@ -386,8 +387,7 @@ def _limit(method: str, r: dict, amdahl: dict) -> dict:
   prefill = amdahl.get("end_to_end_ceiling")
   if prefill is not None and prefill < 2.0:
     limited = (
-      "the prefill: even a decode phase of zero time stays below 2× end "
-      "to end"
+      "the prefill: even a decode phase of zero time stays below 2× end to end"
     )
   elif full < 2.0:
     limited = "cost: even full acceptance stays below 2× at these c and v"
