@@ -408,6 +408,27 @@ def test_an_interrupt_is_one_line_naming_what_finished(
   assert err.count("\n") == 0 and "Traceback" not in err
   assert err.startswith("interrupted during stage lm_head; finished: pair")
   assert "run the same command again to resume" in err
+  # The run's record says what it did, and RESULTS.md lists it so.
+  with open(os.path.join(copy, "study.json")) as f:
+    run = json.load(f)["runs"][-1]
+  assert run["outcome"] == "interrupted during lm_head" and run["ran"] == []
+
+  def broken(s):
+    raise RuntimeError("a bug")
+
+  monkeypatch.setitem(cli.RUNNERS, "lm_head", broken)
+  with pytest.raises(RuntimeError):
+    cli.main(argv)
+  assert cli.main(["--out", copy, "--stages", "results"]) == 0
+  with open(os.path.join(copy, "study.json")) as f:
+    runs = json.load(f)["runs"]
+  assert runs[-2]["outcome"] == "failed in stage lm_head"
+  assert runs[-1] | {"outcome": "ran", "ran": ["results"]} == runs[-1]
+  with open(os.path.join(copy, "report", "RESULTS.md")) as f:
+    text = f.read()
+  assert "--redo lm_head` (" in text
+  assert " — failed in stage lm_head (ran: none)" in text
+  assert "--stages results` (" in text and " — ran: results" in text
 
 
 def test_a_study_without_the_next_adapters_still_renders(study, tmp_path):

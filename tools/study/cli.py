@@ -327,15 +327,18 @@ def run(args) -> int:
 def _run_stages(study, stage_list, redo, t_start) -> int:
   args = study.args
   study.deadline = t_start + args.time_limit_s if args.time_limit_s else None
-  for stage in redo:
-    print(f"{stage}: --redo, removing its outputs")
-    study.forget(stage)
-  if "pair" not in stage_list and set(stage_list) - {"results"}:
-    study.pair.check()  # A clear error before any stage runs.
-  if set(stage_list) & {"dump", "train", "bench1"}:
-    study.pair.warn_if_slow(args)
   timings, left, current = {}, [], None
+  # What this run did, kept beside its argv (study.json's `runs`).
+  record = study.state["runs"][-1]
+  record["outcome"], record["ran"] = "ran", []
   try:
+    for stage in redo:
+      print(f"{stage}: --redo, removing its outputs")
+      study.forget(stage)
+    if "pair" not in stage_list and set(stage_list) - {"results"}:
+      study.pair.check()  # A clear error before any stage runs.
+    if set(stage_list) & {"dump", "train", "bench1"}:
+      study.pair.warn_if_slow(args)
     for stage in stage_list:
       if study.done(stage) and stage != "results":
         study.check(stage)
@@ -351,21 +354,35 @@ def _run_stages(study, stage_list, redo, t_start) -> int:
           continue
       current = stage
       print(f"== {stage}", flush=True)
+      if stage == "results":
+        # The stage renders this record: the file it writes is its output.
+        record["ran"].append(stage)
+        study.save()
       t0 = time.perf_counter()
       info = RUNNERS[stage](study)
       timings[stage] = time.perf_counter() - t0
+      if stage != "results":
+        record["ran"].append(stage)
       study.record(stage, timings[stage], **info)
       current = None
       print(f"-- {stage}: {timings[stage]:.1f} s")
       print(report_table(study, stage), flush=True)
   except KeyboardInterrupt:
+    record["outcome"] = f"interrupted during {current}"
     return _interrupted(study, current)
   except Exception as e:
     preemption = sys.modules.get("egpt_align.preemption")
     if preemption and isinstance(e, preemption.TrainingInterrupted):
+      record["outcome"] = f"interrupted during {current}"
       return _interrupted(study, current)
+    record["outcome"] = (
+      f"failed in stage {current}" if current else "failed before a stage ran"
+    )
     raise
   finally:
+    if left:
+      record["left_for_time"] = list(left)
+    study.save()
     # Also after a failed stage: what finished comes back with the parts.
     if args.pack:
       extra = study.pair.pack_patterns()

@@ -284,6 +284,7 @@ def regenerate_lines(data: dict) -> list[str]:
         f"{k} {val}" for k, val in v.items() if val and k != "git_commit"
       )
       + ")"
+      + _run_outcome(r)
     )
   devices = sorted(
     {f"{x['device']} ({setting(data, s)})" for s, x in data["live"].items()}
@@ -484,3 +485,18 @@ def ci_over(data: dict) -> str:
       "one group are not independent"
     )
   return f"the {samples} test samples"
+
+
+def _run_outcome(run: dict) -> str:
+  """' — ran: dump, train' / ' — failed in stage dump (ran: none)' ... of
+  one recorded run; '' for runs recorded before outcomes were."""
+  if "outcome" not in run:
+    return ""
+  ran = ", ".join(run.get("ran", [])) or "none"
+  if run["outcome"] == "ran":
+    text = f" — ran: {ran}"
+  else:
+    text = f" — {run['outcome']} (ran: {ran})"
+  if run.get("left_for_time"):
+    text += f"; left for time: {', '.join(run['left_for_time'])}"
+  return text
