@@ -155,6 +155,28 @@ HEADLINE = {
 }
 
 
+def resampling(groups) -> dict:
+  """How a result's CIs resample, as results record it (evaluate's
+  settings, the live benchmark's config): 'group' with the number of groups
+  when `groups` [N] labels the samples, else 'sample'."""
+  if groups is None:
+    return {"ci_resampling": "sample", "num_groups": None}
+  return {
+    "ci_resampling": "group",
+    "num_groups": len(set(np.asarray(groups).tolist())),
+  }
+
+
+def resampling_text(record: dict) -> str:
+  """The unit a `resampling` record's CIs draw, in words."""
+  if record.get("ci_resampling") == "group":
+    return (
+      f"whole groups ({record['num_groups']} groups of the samples file's "
+      "`group` field)"
+    )
+  return "single samples (the samples file has no `group` field)"
+
+
 def ratio_bootstrap(
   columns: dict[str, np.ndarray],
   ratios: dict[str, tuple[str, str]],

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from egpt_align import eval_stats as stats
 from egpt_align import metrics as metrics_lib
 from egpt_align.data import format as format_lib
 
@@ -172,7 +173,8 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
   lines += [
     f"- Settings: batch {st['batch_size']} on {st['devices']} device(s), "
     f"logits in {st['logits_dtype']}, {st['bootstrap_resamples']} bootstrap "
-    f"resamples over {_ci_units(st)}, 95% percentile CIs in brackets",
+    f"resamples of {stats.resampling_text(st)}, 95% percentile CIs in "
+    "brackets",
     "",
   ]
   if metrics["notes"]:
@@ -629,13 +631,3 @@ def summary_text(result) -> str:
   lines += [f"note: {note}"] if note else []
   lines += [f"verdict: {x}" for x in verdict(m)]
   return "\n".join(lines)
-
-
-def _ci_units(settings: dict) -> str:
-  """'samples', or 'N groups (whole groups: ...)' from evaluate's settings."""
-  if settings.get("ci_unit") == "group":
-    return (
-      f"{settings['ci_units']} groups (each drawn with all its samples: "
-      "samples of one group are not independent)"
-    )
-  return "samples"

@@ -255,10 +255,10 @@ def test_cis_resample_whole_groups_when_samples_name_them(tmp_path):
   grouped_result = run("grouped", 4, [f"g{i // 4}" for i in range(24)])
   grouped = grouped_result.metrics
   loose = run("loose", 4, None).metrics
-  assert grouped["settings"]["ci_unit"] == "group"
-  assert grouped["settings"]["ci_units"] == 6
-  assert loose["settings"]["ci_unit"] == "sample"
-  assert loose["settings"]["ci_units"] == 24
+  assert grouped["settings"]["ci_resampling"] == "group"
+  assert grouped["settings"]["num_groups"] == 6
+  assert loose["settings"]["ci_resampling"] == "sample"
+  assert loose["settings"]["num_groups"] is None
   a_alone, d_alone = cis(alone)
   a_grp, d_grp = cis(grouped)
   assert a_alone["token_top1"][1] > a_alone["token_top1"][0]
@@ -269,7 +269,7 @@ def test_cis_resample_whole_groups_when_samples_name_them(tmp_path):
   width = lambda ci: ci[1] - ci[0]  # noqa: E731
   assert width(a_loose["token_top1"]) < width(a_grp["token_top1"])
   text = report.render_markdown(grouped, grouped_result.positions, [])
-  assert "resamples over 6 groups" in text
+  assert "resamples of whole groups (6 groups" in text
 
   # Some samples with a group and some without: one line naming the sample.
   mixed = _write(

@@ -339,7 +339,7 @@ def test_the_table_says_what_its_cis_resample():
   def data(*units):
     return {
       "adapters": {
-        f"a{i}": {"ci_unit": u, "ci_units": n, "test_samples": 404}
+        f"a{i}": {"ci_resampling": u, "num_groups": n, "test_samples": 404}
         for i, (u, n) in enumerate(units)
       }
     }

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from egpt_align import eval_stats
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import fair_runs, media, sd_report, sd_results
@@ -453,8 +454,7 @@ def _config(s: BenchSettings, run: _Run, methods, device, ddev, dtype, adtype):
     "prompt_len": s.prompt_len if s.random_models else None,
     "bootstrap": s.bootstrap,
     # 'group': CIs resample whole groups (samples.jsonl `group`).
-    "ci_resampling": "sample" if groups is None else "group",
-    "num_groups": None if groups is None else len(set(groups.tolist())),
+    **eval_stats.resampling(groups),
     "tie_margin": s.tie_margin,
     "seed": s.seed,
     # Runs of one sample: the Williams design's orders or the rotation in

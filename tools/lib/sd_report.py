@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from egpt_align import eval_stats
+
 
 def fmt(x, nd=2):
   """A number for a table: nd decimals, or - for None."""
@@ -70,15 +72,6 @@ def _cost_lines(costs: dict) -> list[str]:
       + ", ".join(f"{m} {fmt(c, 3)}" for m, c in rel["c"].items())
     )
   return lines
-
-
-def _resampling(cfg: dict) -> str:
-  if cfg.get("ci_resampling") == "group":
-    return (
-      f"resampling whole groups ({cfg['num_groups']} groups of the samples "
-      "file's `group` field)"
-    )
-  return "resampling single samples (the samples file has no `group` field)"
 
 
 def _fairness_lines(results: dict) -> list[str]:
@@ -255,7 +248,8 @@ def write_report(path: str, results: dict) -> None:
     "- speedup = mean(baseline total) / mean(method total) over the same "
     "samples (ratio of mean totals); decode speedup = the same over the "
     "decode loop alone; 95% paired bootstrap CIs, "
-    + _resampling(cfg)
+    + "resampling "
+    + eval_stats.resampling_text(cfg)
     + "; alpha = accepted / drafted over all verifications; tau = tokens "
     "per verification (accepted drafts + the target's own token)",
     *_fairness_lines(results),

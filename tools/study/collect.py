@@ -56,10 +56,8 @@ def adapter_entry(study: dict, study_dir: str, name: str) -> dict:
     "unroll_steps": train.get("unroll_steps"),
     "test_samples": metrics["data"]["num_samples"],
     # What the CIs resample: samples, or groups (scenes) of samples.
-    "ci_unit": metrics["settings"].get("ci_unit", "sample"),
-    "ci_units": metrics["settings"].get(
-      "ci_units", metrics["data"]["num_samples"]
-    ),
+    "ci_resampling": metrics["settings"].get("ci_resampling", "sample"),
+    "num_groups": metrics["settings"].get("num_groups"),
     "test_positions": metrics["data"]["total_valid_positions"],
     "metrics": {
       k: _metric(res["adapter"][prim], extra["adapter"][prim], k)

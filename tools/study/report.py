@@ -472,7 +472,11 @@ def stage_table(study, stage: str) -> str:
 def ci_over(data: dict) -> str:
   """What the offline CIs resample, from the adapters' evaluations."""
   units = {
-    (a.get("ci_unit", "sample"), a.get("ci_units"), a.get("test_samples"))
+    (
+      a.get("ci_resampling", "sample"),
+      a.get("num_groups"),
+      a.get("test_samples"),
+    )
     for a in data["adapters"].values()
   }
   if len(units) != 1:
