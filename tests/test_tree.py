@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 
 from egpt_align.models import get_spec  # noqa: E402
 from tools.lib import sd_engine as sd  # noqa: E402
+from tools.lib import static_kv, tree_decode  # noqa: E402
 from tools.lib import tree as tr  # noqa: E402
-from tools.lib import tree_decode  # noqa: E402
 from tools.lib.backends import cache_length  # noqa: E402
 from tools.lib.random_models import TokenPromptBackend, random_llama  # noqa: E402
 from tools.lib.sd_methods import parse_method  # noqa: E402
@@ -146,8 +146,8 @@ def _fake_model(width, vocab, seed):
       paths = [()]
     else:
       prev = state["paths"]
-      rows = rows.tolist() if width > 1 else [0]
-      toks = tokens.tolist() if width > 1 else [None]
+      rows = list(rows) if width > 1 else [0]
+      toks = list(tokens) if width > 1 else [None]
       paths = [prev[r] + (t,) for r, t in zip(rows, toks, strict=True)]
     state["paths"] = paths
     top = torch.stack([logp(key_of(p)) for p in paths]).topk(k, -1)
@@ -177,21 +177,31 @@ def _reference_grow(logp, key_of, width, depth, topk, nodes):
   return {p for _, p in every[: nodes - 1]}
 
 
-@pytest.mark.parametrize("width", [1, 3])
-def test_growth_keeps_the_best_nodes_of_eagle2_expansion(width):
+@pytest.mark.parametrize("width,shared", [(1, True), (1, False), (3, False)])
+def test_growth_keeps_the_best_nodes_of_eagle2_expansion(width, shared):
   topk, depth, nodes = 3, 4, 12
   logp, key_of, run = _fake_model(width, 12, seed=width)
   first = logp("first").topk(topk)
+  runs = None
+  if shared:  # every run made beforehand, as B1's chain
+    made = [run(level, [7], [0], topk) for level in range(depth - 1)]
+    runs = tuple(torch.cat(x) for x in zip(*made, strict=True))
   tree = tr.grow(
-    torch.tensor([7]),
+    7,
     (first.values, first.indices),
-    lambda level, toks, rows: run(level, toks, rows, topk),
+    None if shared else lambda level, toks, rows: run(level, toks, rows, topk),
     depth=depth,
     topk=topk,
     nodes=nodes,
+    device="cpu",
+    shared=runs,
   )
   parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
   depths = tree.depths.tolist()
+  # The host's copies are the tree the device holds.
+  assert tree.host["tokens"] == tokens and tree.host["parents"] == parents
+  assert tree.host["depths"] == depths
+  assert tree.host["runs"] == tree.runs.tolist()
   assert tree.size == nodes and tokens[0] == 7 and parents[0] == -1
   paths = [()]
   for i in range(1, nodes):
@@ -296,6 +306,34 @@ def test_adapter_tree_steps_and_compaction_equal_a_chain():
   torch.testing.assert_close(y2[0], y[6], atol=1e-5, rtol=1e-5)
   torch.testing.assert_close(ta.k[:, :, :, :7], k[:, :, :, :7])
   torch.testing.assert_close(ta.v[:, :, :, :7], v[:, :, :, :7])
+
+
+def test_b1_tree_runs_are_its_chain_drafts():
+  """B1's runs (one causal chain made before growth) put the chain
+  drafter's tokens first and leave its cache as the chain's steps do."""
+  torch.manual_seed(4)
+  module = build_torch_adapter(
+    "b1", hidden_dim=D, num_heads=4, ffn_dim=64, alpha_init=1.0
+  ).eval()
+  head = torch.randn(V, D)
+  kw = {"device": "cpu", "dtype": torch.float32}
+  ta = tree_decode.TreeAdapter(module, head, 1, 32, topk=3, vocab=None, **kw)
+  sa = static_kv.StaticAdapter(module, head, 1, 32, **kw)
+  xs = torch.randn(1, 5, D)
+  with torch.inference_mode():
+    pos = ta.keys[:5]
+    y, _, _ = ta.step([xs], pos, pos, ta.keys[None] <= pos[:, None])
+    vals, toks = ta.chain(y[-1], 5, 3)
+    out, tok = sa.step([xs], 0)
+    chain = []
+    for p in range(5, 8):
+      out, tok = sa.step([out], p)
+      chain.append(int(tok))
+  assert vals.shape == toks.shape == (3, 3)
+  assert toks[:, 0].tolist() == chain
+  assert bool((vals[:, :1] >= vals).all())
+  torch.testing.assert_close(ta.k[:, :, :, :8], sa.k[:, :, :, :8])
+  torch.testing.assert_close(ta.v[:, :, :, :8], sa.v[:, :, :, :8])
 
 
 # ----------------------------------------------------------------------------

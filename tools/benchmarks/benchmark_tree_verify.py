@@ -94,17 +94,18 @@ def random_tree(size, depth, topk, vocab, device, seed) -> tr.Tree:
     return torch.log_softmax(logits, -1).topk(topk, -1)
 
   def run(level, tokens, rows):
-    t = top(tokens.shape[0])
+    t = top(len(tokens))
     return t.values, t.indices
 
   first = top(1)
   return tr.grow(
-    root,
+    3,
     (first.values[0], first.indices[0]),
     run,
     depth=depth,
     topk=topk,
     nodes=size,
+    device=device,
   )
 
 

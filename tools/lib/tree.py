@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from tools.lib.backends import crop_cache
@@ -69,6 +70,9 @@ class Tree:
   runs: torch.Tensor | None = None
   depth: int = 0  # the deepest node's depth (host)
   chain: bool = False  # parents are 0, 1, 2, ...: a chain verification
+  # The host's copies (lists: tokens, parents, depths, runs) where the
+  # tree was built on the host; then the decode loop reads only greedy.
+  host: dict[str, list[int]] | None = None
 
   @property
   def size(self) -> int:
@@ -193,82 +197,119 @@ def tree_allowed(tree: Tree, start: int, width: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 # Growth.
 
-# run(level, tokens [R], rows [R]) -> (log-probs [W, K], tokens [W, K]): the
-# drafting model on the frontier of depth `level` (level 0: the root, one
-# row), each node's inputs taken from row `rows[i]` of the previous run. W
-# is R for models that read the tokens, else 1 (one shared row).
-RunFn = Callable[[int, torch.Tensor, torch.Tensor], tuple]
+# run(level, tokens, rows) -> (log-probs [W, K], tokens [W, K]) on the
+# device: the drafting model on the frontier of depth `level` (level 0: the
+# root, one row), node i of the frontier (host list `tokens`) taking its
+# inputs from row `rows[i]` of the previous run. W is the frontier's size
+# for models that read the tokens, else 1 (one shared row per depth).
+RunFn = Callable[[int, list, list], tuple]
+
+
+def _to_host(parts: Sequence[torch.Tensor]) -> list[np.ndarray]:
+  """The tensors on the host: one copy of the floats, one of the rest."""
+  flat, at = {}, {}
+  for kind in {p.is_floating_point() for p in parts}:
+    same = [p.reshape(-1) for p in parts if p.is_floating_point() == kind]
+    flat[kind], at[kind] = torch.cat(same).cpu().numpy(), 0
+  out = []
+  for p in parts:
+    kind = p.is_floating_point()
+    out.append(flat[kind][at[kind] : at[kind] + p.numel()].reshape(p.shape))
+    at[kind] += p.numel()
+  return out
+
+
+def _best(score: np.ndarray, count: int) -> np.ndarray:
+  """Indices of the `count` highest scores, ties to the earlier index."""
+  return np.argsort(-score, kind="stable")[:count]
 
 
 def grow(
-  root: torch.Tensor,
+  root: int,
   first: tuple[torch.Tensor, torch.Tensor],
-  run: RunFn,
+  run: RunFn | None,
   *,
   depth: int,
   topk: int,
   nodes: int,
+  device,
+  shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Tree:
-  """An EAGLE-2 dynamic tree (see the module docstring).
+  """An EAGLE-2 dynamic tree (see the module docstring), grown on the host.
 
-  `root` [1] is the last accepted token; `first` = (log-probs [K], tokens
-  [K]) of the depth-1 candidates, best first. Children of a frontier node
-  at depth d come from the run on its parent (row `rows`): the adapters
-  here predict the state one token late, so a node's children depend on
-  its ancestors, not on its own token. The run on the frontier of depth
-  d - 1 is made only when depth d + 1 is grown.
+  `root` is the last accepted token; `first` = (log-probs [K], tokens [K])
+  of the depth-1 candidates on the device. Children of a frontier node at
+  depth d come from the run on its parent: the adapters here predict the
+  state one token late, so a node's children depend on its ancestors, not
+  on its own token. The run on the frontier of depth d - 1 is made only
+  when depth d + 1 is grown. A model whose runs read no tokens (one shared
+  row per depth, as B1) makes them all beforehand: `shared` = (log-probs
+  [depth - 1, K], tokens [depth - 1, K]), run r on depth r, and `run` is
+  not called. The device is read once per depth (once in all with
+  `shared`) and written once, with the finished tree on `device`; the
+  host's copies stay in `Tree.host`.
   """
-  dev = root.device
-  vals, toks = first
-  k = int(toks.shape[0])
+  vals, toks, *rows_run = _to_host(list(first) + list(shared or ()))
+  k = toks.shape[0]
   f_tok, f_score = toks, vals
-  f_rows = torch.zeros(k, dtype=torch.long, device=dev)
-  f_glob = torch.arange(k, device=dev)
-  scores, tokens, parents, depths = [vals], [toks], [f_glob * 0 - 1], [1]
+  f_rows, f_glob = np.zeros(k, np.int64), np.arange(k)
+  scores, tokens, parents = [vals], [toks], [np.full(k, -1)]
+  depths = [np.ones(k, np.int64)]
   total = k
-  run_of: list[torch.Tensor] = []  # global ids of each run's nodes
-  prev = run(0, root.reshape(1), f_rows[:1]) if depth >= 2 else None
+  run_of: list[np.ndarray] = []  # global ids of each run's nodes
   p_tok = p_rows = p_glob = None  # the frontier one depth up
   for d in range(1, depth):
+    if shared is not None:
+      pv, pt = rows_run[0][d - 1 : d], rows_run[1][d - 1 : d]
+    elif d == 1:
+      pv, pt = _to_host(run(0, [root], [0]))
+    else:
+      pv, pt = _to_host(run(d - 1, p_tok.tolist(), p_rows.tolist()))
     if d >= 2:
-      prev = run(d - 1, p_tok, p_rows)
       run_of.append(p_glob)
-    pv, pt = prev
-    rows = f_rows if pv.shape[0] > 1 else torch.zeros_like(f_rows)
+    rows = f_rows if pv.shape[0] > 1 else np.zeros_like(f_rows)
     cand = (f_score[:, None] + pv[rows]).reshape(-1)
     ctok = pt[rows].reshape(-1)
     scores.append(cand)
     tokens.append(ctok)
-    parents.append(f_glob.repeat_interleave(pt.shape[1]))
-    depths.append(d + 1)
-    top = cand.topk(min(topk, cand.shape[0]))
+    parents.append(np.repeat(f_glob, pt.shape[1]))
+    depths.append(np.full(cand.shape[0], d + 1))
+    top = _best(cand, min(topk, cand.shape[0]))
     p_tok, p_rows, p_glob = f_tok, f_rows, f_glob
-    f_tok, f_score = ctok[top.indices], top.values
-    f_rows = top.indices // pt.shape[1]
-    f_glob = total + top.indices
+    f_tok, f_score = ctok[top], cand[top]
+    f_rows, f_glob = top // pt.shape[1], total + top
     total += cand.shape[0]
-  score = torch.cat(scores)
-  order = torch.sort(score, descending=True, stable=True).indices
-  sel = torch.sort(order[: nodes - 1]).values
-  where = torch.full((total,), -1, dtype=torch.long, device=dev)
-  where[sel] = torch.arange(1, sel.shape[0] + 1, device=dev)
-  par = torch.cat(parents)[sel]
-  par = torch.where(par < 0, 0, where[par.clamp(min=0)])
-  depth_of = torch.cat(
-    [
-      torch.full((t.shape[0],), d, device=dev)
-      for t, d in zip(tokens, depths, strict=True)
-    ]
-  )
-  parents_t = torch.cat([par.new_full((1,), -1), par])
-  runs = torch.full((total,), -1, dtype=torch.long, device=dev)
+  sel = np.sort(_best(np.concatenate(scores), nodes - 1))
+  where = np.full(total, -1)
+  where[sel] = np.arange(1, sel.shape[0] + 1)
+  par = np.concatenate(parents)[sel]
+  par = np.where(par < 0, 0, where[np.clip(par, 0, None)])
+  runs = np.full(total, -1)
   for glob in run_of:
-    runs[glob] = torch.arange(glob.shape[0], device=dev)
+    runs[glob] = np.arange(glob.shape[0])
+  host = {
+    "tokens": [root] + np.concatenate(tokens)[sel].tolist(),
+    "parents": [-1] + par.tolist(),
+    "depths": [0] + np.concatenate(depths)[sel].tolist(),
+    "runs": [0 if depth >= 2 else -1] + runs[sel].tolist(),
+  }
+  size = len(host["tokens"])
+  anc = np.eye(size, dtype=bool)
+  up = np.clip(np.asarray(host["parents"]), 0, None)
+  for _ in range(depth):
+    anc = anc | anc[up]
+  packed = np.concatenate(
+    [np.asarray(host[f], np.int64) for f in ("tokens", "parents", "depths")]
+    + [np.asarray(host["runs"], np.int64), anc.reshape(-1).astype(np.int64)]
+  )
+  dev = torch.from_numpy(packed).to(device)
+  t, p, dd, r = dev[: 4 * size].view(4, size)
   return Tree(
-    tokens=torch.cat([root.reshape(1), torch.cat(tokens)[sel]]),
-    parents=parents_t,
-    depths=torch.cat([depth_of.new_zeros(1), depth_of[sel]]),
-    ancestors=ancestors_of(parents_t, depth),
-    runs=torch.cat([runs.new_full((1,), 0 if depth >= 2 else -1), runs[sel]]),
+    tokens=t,
+    parents=p,
+    depths=dd,
+    ancestors=dev[4 * size :].view(size, size).bool(),
+    runs=r,
     depth=depth,
+    host=host,
   )

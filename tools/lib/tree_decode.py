@@ -19,7 +19,8 @@ h_d[t] as in tools/lib/sd_engine.py; token n-1, the root, is not yet fed):
   at n-1), then one run per depth d = 1 .. depth-2 at position n + d on the
   frontier (h_d of the node / the parent run's output). A run on a node
   gives its children's children: these adapters predict the state one
-  token late. B1 reads no tokens, so its runs are one row per depth.
+  token late. B1 reads no tokens, so its runs are one row per depth,
+  made before the tree is grown as one causal chain (one CUDA graph).
 * target: root + tree nodes, slots P..P+T-1, positions P + depth.
 
 After the verification every cache keeps exactly the accepted path's
@@ -72,6 +73,7 @@ class TreeAdapter:
     device: torch.device,
     dtype: torch.dtype,
     lengths=(),
+    chains=(),
     compile_step: bool = True,
   ):
     self.module = module
@@ -85,6 +87,13 @@ class TreeAdapter:
     self.mode = "eager"
     self._compiled = None
     self.graphs = static_kv.capture_steps(self, lengths, compile_step)
+    # Chains of one-row runs (B1's: it reads no tokens), one graph each.
+    self.chains = static_kv.StepGraphs(
+      self._chain,
+      self._chain_example,
+      chains if self.mode != "eager" and num_inputs == 1 else (),
+      self.device,
+    )
 
   def _set_compiled(self, compiled: bool) -> None:
     self._compiled = (
@@ -127,6 +136,29 @@ class TreeAdapter:
   def step(self, inputs, slots, positions, allowed):
     return self.graphs(inputs[0].shape[1], slots, positions, allowed, *inputs)
 
+  def _chain_example(self, count: int) -> tuple:
+    dim = self.k.shape[2] * self.k.shape[4]
+    x = torch.zeros((1, 1, dim), dtype=self.dtype, device=self.device)
+    return (self.max_len - count + self.keys[:count], x)
+
+  @torch.inference_mode()
+  def _chain(self, positions, y):
+    """One causal step per position, each fed the previous step's output."""
+    vals, toks = [], []
+    for r in range(positions.shape[0]):
+      pos = positions[r : r + 1]
+      y, v, t = self._forward(pos, pos, self.keys[None] <= pos[:, None], y)
+      y = y.reshape(1, 1, -1)
+      vals.append(v)
+      toks.append(t)
+    return torch.cat(vals), torch.cat(toks)
+
+  def chain(self, y: torch.Tensor, start: int, count: int):
+    """`count` one-row runs at positions start.., the first fed y [1, D]:
+    (log-probs [count, K], tokens [count, K]); one graph on CUDA."""
+    positions = self.keys[start : start + count]
+    return self.chains(count, positions, y.reshape(1, 1, -1))
+
   def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copies the K/V entries at slots `src` to slots `dst`."""
     static_kv.move_slots((self.k, self.v), src, dst)
@@ -165,6 +197,7 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
     device=adapter.device,
     dtype=adapter.dtype,
     lengths=set(range(1, steps + 1)) | {cfg.tree_topk} if fast else (),
+    chains=range(1, cfg.tree_depth) if fast else (),
     compile_step=models.compile_layers and fast,
   )
   models._static[key] = ta
@@ -248,18 +281,25 @@ class TreeProposer:
     self.fed = n
     self.n, self.y, self.last = n, y[-1:], tokens[-1]
     nodes = tr.tree_size(depth, self.topk, self.nodes)
-    root = self.t.tokens_dev[n - 1 : n].to(self.a.device)
+    shared = None
+    if self.width == 1 and depth >= 2:  # B1: its runs read no tokens
+      with self.timer.span(
+        f"adapter:{self.a.name}", self.a.device, units=depth - 1
+      ):
+        shared = self.steps.chain(self.y, n, depth - 1)
     self.tree = tr.grow(
-      root,
+      tokens[-1],
       (vals[-1], toks[-1]),
       self._run,
       depth=depth,
       topk=self.topk,
       nodes=nodes,
-    ).to(self.t.device)
+      device=self.t.device,
+      shared=shared,
+    )
     return self.tree
 
-  def _run(self, level: int, tokens: torch.Tensor, rows: torch.Tensor):
+  def _run(self, level: int, tokens: list[int], rows: list[int]):
     """The drafter (if read) and the adapter on one depth's frontier."""
     n, keys = self.n, self.steps.keys
     src = None
@@ -269,7 +309,7 @@ class TreeProposer:
       tgt = self.y
       if self.src:
         d = self.d
-        d.feed(tokens, host=[self.last])
+        d.feed(self.t.tokens_dev[n - 1 : n], host=[self.last])
         src = d.states[n : n + 1]
         self.start = d.base + n - 1  # the drafter's root slot
         width = (
@@ -285,7 +325,8 @@ class TreeProposer:
           )
     else:
       width = self.width
-      rows = rows if width > 1 else rows[:1] * 0
+      both = torch.tensor(tokens + rows, device=self.steps.device)
+      tokens, rows = both[:width], both[width:]  # one host-to-device copy
       first = n + 1 + (level - 1) * width
       slots = keys[first : first + width]
       pos = torch.full_like(slots, n + level)
@@ -445,16 +486,14 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
     start = target.length
     h, g = verify(target, tree)
     k = tree.size - 1
-    parts = [tree.tokens, g]
-    if not tree.chain:
-      parts += [tree.parents, tree.depths, tree.runs]
-    host = torch.cat([p.to(target.device) for p in parts]).tolist()  # sync
-    toks, greedy = host[: k + 1], host[k + 1 : 2 * k + 2]
-    if tree.chain:
+    if tree.host is not None:  # grown on the host: read only greedy
+      greedy = g.tolist()  # the one sync
+      toks, parents = tree.host["tokens"], tree.host["parents"]
+      depths, runs = tree.host["depths"], tree.host["runs"]
+    else:  # a chain
+      host = torch.cat([tree.tokens.to(target.device), g]).tolist()  # sync
+      toks, greedy = host[: k + 1], host[k + 1 :]
       parents = list(range(-1, k))
-    else:
-      parents = host[2 * k + 2 : 3 * k + 3]
-      depths, runs = host[3 * k + 3 : 4 * k + 4], host[4 * k + 4 :]
     path = tr.accept_path(toks, parents, greedy)
     new = [toks[i] for i in path[1:]] + [greedy[path[-1]]]
     for i, t in enumerate(new):
