@@ -2,12 +2,14 @@
 
 `run_method(method, models, target_inputs, draft_inputs, cfg)` runs one
 method (a row of the table in tools/lib/sd_methods.py) on one sample: the
-target's prefill, with the drafter's prefill work overlapped where the
-method drafts in the prefill phase (tools/lib/sd_models.py), then one
-decode loop shared by all chain methods, fed by the method's proposer
-(tools/lib/sd_proposers.py), timed in named spans (tools/lib/sd_timing.py).
-Draft-tree methods run their own loop (tools/lib/tree_decode.py; the
-method table names it).
+run's wrappers (`Models.for_sample`, tools/lib/sd_models.py) run the
+target's prefill with the drafter's prefill work overlapped where the
+method runs the drafter (its prompt; with prefill hiding also K drafts),
+then one decode loop shared by all chain methods, fed by the
+method's proposer (tools/lib/sd_proposers.py), timed in named spans
+(tools/lib/sd_timing.py); last, untimed, each prefill side alone, so the
+overlap's saving is measured. Draft-tree methods run their own loop
+(tools/lib/tree_decode.py; the method table names it).
 
 Indexing convention (docs/DESIGN.md): h[t] is the state whose LM-head argmax
 is generated token t; h[0] is the last prompt position, h[t] (t >= 1) is the
@@ -48,15 +50,8 @@ import torch
 from tools.lib import tree as draft_tree
 from tools.lib.backends import Backend
 from tools.lib.sd_methods import check_method, needs_drafter
-from tools.lib.sd_models import (
-  Drafter,
-  Models,
-  Target,
-  alone_times,
-  overlapped,
-)
-from tools.lib.sd_proposers import DraftContext, FixedProposer, prefill_drafts
-from tools.lib.sd_timing import Timer
+from tools.lib.sd_models import Models, Target
+from tools.lib.sd_proposers import DraftContext, FixedProposer
 
 RUNTIMES = ("eager", "fast")
 
@@ -223,73 +218,41 @@ def run_method(
   parsed = check_method(method, models)
   kind = parsed.spec
   adapters = tuple(models.adapters[a] for a in parsed.adapters)
+  with_drafter = needs_drafter(parsed, models.adapters)
+  if with_drafter and draft_inputs is None:
+    raise ValueError(f"method {method!r} needs the drafter's prompt inputs")
   eos = set(
     models.target.eos_token_ids
     if cfg.eos_token_ids is None
     else cfg.eos_token_ids
   )
-  tdev = torch.device(models.target.device)
-  ddev = None if models.drafter is None else torch.device(models.drafter.device)
-  timer = Timer([tdev] + ([ddev] if ddev is not None else []))
   m = cfg.max_new_tokens
   extra = kind.extra_positions(cfg) if kind.extra_positions else 0
   max_states = m + max(cfg.gamma, cfg.k_prefill, extra) + 4
   fast = cfg.runtime == "fast"
   lengths = range(1, cfg.gamma + 2)
-  t_lm = d_lm = None
-  if fast:
-    need = target_inputs["input_ids"].shape[1] + max_states + 1
-    t_lm = models.static_lm("target", need, None, lengths)
-  target = Target(models.target, timer, max_states, t_lm)
-  drafter = None
-  if needs_drafter(parsed, models.adapters):
-    if draft_inputs is None:
-      raise ValueError(f"method {method!r} needs the drafter's prompt inputs")
-    dvocab = min(models.drafter.vocab_size, models.target.vocab_size)
-    if fast:
-      need = draft_inputs["input_ids"].shape[1] + max_states + 1
-      d_lm = models.static_lm("drafter", need, dvocab, lengths)
-    drafter = Drafter(
-      models.drafter, timer, max_states, models.target.vocab_size, d_lm
-    )
+  run = models.for_sample(
+    target_inputs,
+    draft_inputs if with_drafter else None,
+    max_states,
+    lengths if fast else None,
+    # Prefill hiding: the drafter drafts with the first adapter meanwhile.
+    prefill_adapter=adapters[0] if "prefill" in kind.phases else None,
+    prefill_k=min(cfg.k_prefill, m - 2),
+  )
+  target, drafter, timer = run.target, run.drafter, run.timer
   result = SampleResult([], 0.0, 0.0, 0.0)
 
   with torch.inference_mode():
     timer.sync()
     t0 = time.perf_counter()
-    # ---- prefill (with drafter work overlapped where the method has any).
-    drafter_fn = None
-    if drafter is not None and "prefill" in kind.phases:
-      pre = adapters[0]
-      k_pre = min(cfg.k_prefill, m - 2)
-
-      def drafter_fn(d=drafter, t=timer):
-        return prefill_drafts(
-          d, draft_inputs, pre, models.head_on(pre.device), k_pre, t
-        )
-
-    elif drafter is not None:
-
-      def drafter_fn(d=drafter, t=timer):
-        d.prefill(draft_inputs)
-
-    y0_t, pre_out, overlap = overlapped(
-      lambda: target.prefill(target_inputs),
-      drafter_fn,
-      tdev,
-      ddev,
-      cfg.overlap,
-      models.side_workers,
-    )
-    y0 = int(y0_t.item())
-    if drafter is not None:
-      timer.sync()
+    y0, pre_out, overlap = run.prefill_overlapped(cfg.overlap)
     t1 = time.perf_counter()
     first = None
-    if "prefill" in kind.phases and pre_out is not None:
+    if pre_out is not None:  # prefill hiding's (drafts, e0)
       drafts, e0 = pre_out
       if drafts is not None:
-        first = FixedProposer(drafts.to(tdev))
+        first = FixedProposer(drafts.to(target.device))
         result.first_draft_match = int(e0.item()) == y0
     proposer = None
     if kind.proposer is not None:
@@ -310,16 +273,7 @@ def run_method(
     tokens = loop(target, y0, cfg, eos, result, first, proposer)
     timer.sync()
     t2 = time.perf_counter()
-    if overlap is not None and overlap["concurrent"]:
-      alone = alone_times(
-        models, target_inputs, drafter_fn, max_states, timer, t_lm, d_lm
-      )
-      overlap.update(alone)
-      overlap["overlap_ms"] = (
-        alone["target_alone_ms"]
-        + alone["drafter_alone_ms"]
-        - overlap["wall_ms"]
-      )
+    run.measure_overlap(overlap)  # untimed: each prefill side alone
 
   result.tokens = tokens
   result.prefill_ms = (t1 - t0) * 1e3

@@ -1,4 +1,4 @@
-"""What the live SD loop drives: target, drafter, adapters, side workers.
+"""What the live SD loop drives: target, drafter, adapters.
 
 `Target` and `Drafter` wrap a backend with its KV cache, the tokens it was
 fed and its states h[t]; rolling back after a verification crops the HF
@@ -7,27 +7,24 @@ cache (eager runtime) or only moves the next position of the static decoder
 tools/lib/static_kv.py). `Models` holds everything a method may need and
 builds the static decoders and adapter steps once per size.
 
-Prefill overlap: the drafter's prefill work runs on a long-lived
-`SideWorker` (one thread per drafter device, kept by `Models`), on its own
-GPU when it has one, else on a second CUDA stream of the same GPU (on CPU:
-one after the other unless 'thread'). Afterwards, untimed, each side is run
-alone (`alone_times`), so the saving is measured: overlap = target alone +
-drafter alone - concurrent wall.
+`Models.for_sample` gives the wrappers of one method run on one sample, on
+one timer (`SampleModels`): it runs the target's prefill with the
+drafter's prefill work overlapped (tools/lib/sd_overlap.py) and, after the
+run, each side alone, so the saving is measured, not assumed.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from egpt_align.models import ADAPTERS, AdapterSpec
 from tools.lib import static_kv
 from tools.lib.backends import Backend, cache_length, crop_cache
+from tools.lib.sd_overlap import overlapped
 from tools.lib.sd_timing import Timer
 
 
@@ -95,6 +92,7 @@ class Target:
     self.b = backend
     self.timer = timer
     self.device = torch.device(backend.device)
+    self.span = timer.on(self.device)  # spans on its device
     self.cache = None
     self.base = 0
     self.length = 0  # positions in the cache
@@ -105,7 +103,7 @@ class Target:
 
   def prefill(self, inputs: dict) -> torch.Tensor:
     """Runs the prompt; returns token 0 (device tensor [1])."""
-    with self.timer.span("target_prefill", self.device):
+    with self.span("target_prefill"):
       h, logits, cache = self.b.forward(inputs, logits_to_keep=1)
       y0 = greedy_token(logits[0, -1:])
       self.lm = _prefill_into(self.static, cache, self.max_states + 1)
@@ -120,7 +118,7 @@ class Target:
 
   def forward(self, ids: torch.Tensor, name: str):
     """Feeds ids [1, T]; returns (hidden [T, D], argmax [T])."""
-    with self.timer.span(name, self.device, units=ids.shape[1]):
+    with self.span(name, units=ids.shape[1]):
       if self.lm is not None:
         h, g = self.lm.step(ids, self.length)
       else:
@@ -152,6 +150,7 @@ class Drafter:
     self.b = backend
     self.timer = timer
     self.device = torch.device(backend.device)
+    self.span = timer.on(self.device)  # spans on its device
     self.max_states = max_states
     self.vocab = min(int(backend.vocab_size), int(target_vocab))
     self.cache = None
@@ -168,7 +167,7 @@ class Drafter:
     self.prefix = ""  # span-name prefix ('prefill_' inside the prefill)
 
   def prefill(self, inputs: dict) -> None:
-    with self.timer.span("draft_prefill", self.device):
+    with self.span("draft_prefill"):
       h, logits, cache = self.b.forward(inputs, logits_to_keep=1)
       self.next_token = greedy_token(logits[0, -1:], self.vocab)
       self.lm = _prefill_into(self.static, cache, self.max_states + 1)
@@ -178,12 +177,39 @@ class Drafter:
     self.states[0] = h[0, -1]
     self.fed_host, self.fed_dev, self.num_fed = [], [], 0
 
+  def prefill_drafts(
+    self, inputs: dict, adapter: Adapter, lm_head: torch.Tensor, k: int
+  ):
+    """Prefill + k greedy steps; adapter + LM head -> drafts 1..k.
+
+    The drafter side of prefill hiding. Returns (drafts [k] or None, e0 [1]
+    or None): e_t = argmax(W a(h_d)[t]) predicts target token t. e_0 is not
+    verified: the target's own prefill yields token 0, so the k drafts are
+    e_1..e_k, made from h_d[0..k].
+    """
+    self.prefill(inputs)
+    if k < 1:
+      return None, None
+    nxt = self.next_token
+    self.prefix = "prefill_"
+    try:
+      for _ in range(k):  # the drafter's own tokens 0..k-1 give h_d[1..k]
+        nxt = self.feed(nxt)
+    finally:
+      self.prefix = ""
+    hs = self.states[: k + 1].to(adapter.device, adapter.dtype)[None]
+    name = f"prefill_adapter:{adapter.name}"
+    with self.timer.span(name, adapter.device, units=k + 1):
+      y = adapter.module(hs)
+      e = greedy_token(y[0].to(lm_head.dtype) @ lm_head.T)
+    return e[1:], e[:1]
+
   def feed(self, ids: torch.Tensor, host: list[int] | None = None):
     """Feeds ids [T] (`host`: their values if known); returns next [1]."""
     ids = ids.to(self.device).reshape(1, -1)
     steps = ids.shape[1]
     name = self.prefix + ("draft_decode" if steps == 1 else "draft_catchup")
-    with self.timer.span(name, self.device, units=steps):
+    with self.span(name, units=steps):
       if self.lm is not None:
         h, g = self.lm.step(ids, self.base + self.num_fed)
         nxt = g[-1:]
@@ -266,111 +292,6 @@ class Drafter:
 
 
 # ----------------------------------------------------------------------------
-# Overlap of the target prefill with drafter work.
-
-
-class SideWorker:
-  """One long-lived thread (and, on CUDA, one stream) for a drafter device.
-
-  The drafter's prefill work runs here while the main thread runs the
-  target's. The thread lives as long as the `Models`: a fresh thread per
-  sample pays CUDA's per-thread set-up (library handles, workspaces) on
-  every call, which on H100 added 50-300 ms to the drafter's side.
-  """
-
-  def __init__(self, device: torch.device):
-    self.device = device
-    self.stream = (
-      torch.cuda.Stream(device=device) if device.type == "cuda" else None
-    )
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-      max_workers=1, thread_name_prefix=f"drafter-{device}"
-    )
-
-  def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-    """Runs fn on the worker (its stream, inference mode); returns a future
-    of (output, perf_counter when its stream was done)."""
-
-    def work():
-      with torch.inference_mode():  # grad mode is per thread
-        if self.stream is None:
-          out = fn()
-        else:
-          with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            out = fn()
-          self.stream.synchronize()
-      return out, time.perf_counter()
-
-    return self._pool.submit(work)
-
-
-def overlapped(
-  target_fn: Callable[[], Any],
-  drafter_fn: Callable[[], Any] | None,
-  target_device: torch.device,
-  draft_device: torch.device | None,
-  mode: str,
-  workers: dict,
-):
-  """Runs target_fn and drafter_fn concurrently; returns outputs + timings.
-
-  The drafter side runs on the drafter device's `SideWorker` (a long-lived
-  thread with its own stream, on its own GPU when it lives on another
-  device); each side's time runs from the common start to its own stream
-  sync, the wall time to the later one. The saving (`overlap_ms`) is
-  measured against each side run alone (`alone_times`). Sequentially (CPU,
-  or mode 'sequential') the two run one after the other, the alone times
-  are the measured ones and the overlap is 0.
-  """
-  if drafter_fn is None:
-    return target_fn(), None, None
-  cuda = target_device.type == "cuda"
-  if mode == "sequential" or (mode == "auto" and not cuda):
-    t0 = time.perf_counter()
-    a = target_fn()
-    t1 = time.perf_counter()
-    b = drafter_fn()
-    t2 = time.perf_counter()
-    info = {
-      "target_ms": (t1 - t0) * 1e3,
-      "drafter_ms": (t2 - t1) * 1e3,
-      "wall_ms": (t2 - t0) * 1e3,
-      "target_alone_ms": (t1 - t0) * 1e3,
-      "drafter_alone_ms": (t2 - t1) * 1e3,
-      "overlap_ms": 0.0,
-      "concurrent": False,
-    }
-    return a, b, info
-  ddev = torch.device(draft_device or target_device)
-  key = str(ddev)
-  if key not in workers:
-    workers[key] = SideWorker(ddev)
-  worker = workers[key]
-  if cuda:
-    for d in {target_device, ddev}:
-      torch.cuda.synchronize(d)
-  t0 = time.perf_counter()
-  future = worker.submit(drafter_fn)
-  a = target_fn()
-  if cuda:
-    torch.cuda.current_stream(target_device).synchronize()
-  t_t = time.perf_counter()
-  b, t_d = future.result()  # re-raises the drafter's error here
-  if worker.stream is not None:
-    # Later work on the default stream reads what the side stream wrote.
-    torch.cuda.current_stream(ddev).wait_stream(worker.stream)
-  info = {
-    # Both include any slow-down from contention; the join latency is not
-    # part of the region.
-    "target_ms": (t_t - t0) * 1e3,
-    "drafter_ms": (t_d - t0) * 1e3,
-    "wall_ms": (max(t_t, t_d) - t0) * 1e3,
-    "concurrent": True,
-  }
-  return a, b, info
-
-
-# ----------------------------------------------------------------------------
 # Everything a method may need.
 
 
@@ -431,6 +352,41 @@ class Models:
     self._static[key] = lm
     return lm
 
+  def for_sample(
+    self,
+    target_inputs: dict,
+    draft_inputs: dict | None,
+    max_states: int,
+    lengths: range | None = None,
+    prefill_adapter: Adapter | None = None,
+    prefill_k: int = 0,
+  ) -> SampleModels:
+    """The wrappers of one method run on one sample (`SampleModels`).
+
+    The target, and the drafter if `draft_inputs` are given, each keeping
+    `max_states` states; with `lengths` (the fast runtime) on static
+    decoders sized for their prompts, with graphs for those input lengths.
+    With a `prefill_adapter` the drafter drafts `prefill_k` tokens while
+    the target prefills (prefill hiding).
+    """
+    lms = [None, None]
+    if lengths is not None:
+      need = target_inputs["input_ids"].shape[1] + max_states + 1
+      lms[0] = self.static_lm("target", need, None, lengths)
+      if draft_inputs is not None:
+        need = draft_inputs["input_ids"].shape[1] + max_states + 1
+        vocab = min(self.drafter.vocab_size, self.target.vocab_size)
+        lms[1] = self.static_lm("drafter", need, vocab, lengths)
+    return SampleModels(
+      self,
+      target_inputs,
+      draft_inputs,
+      max_states,
+      tuple(lms),
+      prefill_adapter,
+      prefill_k,
+    )
+
   def static_adapter(self, adapter: Adapter, needed: int, lengths):
     """The static step of a decode adapter (built once per size)."""
     key = ("adapter", adapter.name)
@@ -459,35 +415,98 @@ class Models:
     return sa
 
 
-def alone_times(
-  models: Models,
-  target_inputs: dict,
-  drafter_fn: Callable,
-  max_states: int,
-  timer: Timer,
-  t_lm=None,
-  d_lm=None,
-) -> dict:
-  """Times the two prefill sides alone, after the measured run (untimed).
+# ----------------------------------------------------------------------------
+# One method run on one sample.
 
-  The saving of running them concurrently is then measured, not assumed:
-  overlap = target_alone + drafter_alone - concurrent wall. It is negative
-  when contention makes the concurrent region slower than running the two
-  one after the other.
+
+@dataclasses.dataclass
+class SampleModels:
+  """The wrappers of one method run on one sample (`Models.for_sample`).
+
+  `prefill_overlapped` runs the target's prefill with the drafter's
+  prefill work overlapped (tools/lib/sd_overlap.py); after the run,
+  untimed, `measure_overlap` runs each side alone on fresh wrappers, so
+  the saving is measured, not assumed.
   """
-  scratch = Timer(timer.cuda_devices)
-  target = Target(models.target, scratch, max_states, t_lm)
-  drafter = Drafter(
-    models.drafter, scratch, max_states, target.b.vocab_size, d_lm
-  )
-  out = {}
-  for key, fn in (
-    ("target_alone_ms", lambda: target.prefill(target_inputs)),
-    ("drafter_alone_ms", lambda: drafter_fn(drafter, scratch)),
-  ):
-    scratch.sync()
-    t0 = time.perf_counter()
-    fn()
-    scratch.sync()
-    out[key] = (time.perf_counter() - t0) * 1e3
-  return out
+
+  models: Models
+  target_inputs: dict
+  draft_inputs: dict | None  # None: the method does not run the drafter LM
+  max_states: int
+  lms: tuple = (None, None)  # static decoders (target, drafter) or None
+  prefill_adapter: Adapter | None = None  # prefill hiding's adapter
+  prefill_k: int = 0  # the drafts it makes
+  # One timer for the run; it watches the devices of its wrappers.
+  timer: Timer = dataclasses.field(default_factory=Timer)
+  target: Target = dataclasses.field(init=False)
+  drafter: Drafter | None = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    self.target, self.drafter = self._wrappers(self.timer)
+
+  def _wrappers(self, timer: Timer) -> tuple[Target, Drafter | None]:
+    """Fresh target and drafter wrappers (none: no drafter) on `timer`."""
+    m, n = self.models, self.max_states
+    target = Target(m.target, timer, n, self.lms[0])
+    if self.draft_inputs is None:
+      return target, None
+    vocab = m.target.vocab_size
+    return target, Drafter(m.drafter, timer, n, vocab, self.lms[1])
+
+  def _drafter_side(self, drafter: Drafter):
+    """The drafter's prefill work: its prompt, then with a prefill adapter
+    (drafts, e0) of `Drafter.prefill_drafts`."""
+    adapter = self.prefill_adapter
+    if adapter is None:
+      drafter.prefill(self.draft_inputs)
+      return None
+    head = self.models.head_on(adapter.device)
+    return drafter.prefill_drafts(
+      self.draft_inputs, adapter, head, self.prefill_k
+    )
+
+  def prefill_overlapped(self, mode: str):
+    """The target's prefill, the drafter's prefill work overlapped.
+
+    `mode`: `SDConfig.overlap`. Returns (token 0 as an int, the drafter
+    side's output, the overlap record of `overlapped` or None).
+    """
+    drafter = self.drafter
+    y0, out, overlap = overlapped(
+      lambda: self.target.prefill(self.target_inputs),
+      None if drafter is None else lambda: self._drafter_side(drafter),
+      self.target.device,
+      None if drafter is None else drafter.device,
+      mode,
+      self.models.side_workers,
+    )
+    y0 = int(y0.item())
+    if drafter is not None:
+      self.timer.sync()
+    return y0, out, overlap
+
+  def measure_overlap(self, overlap: dict | None) -> None:
+    """Completes a concurrent prefill's `overlap` record (untimed).
+
+    Runs each prefill side alone, after the measured run, on fresh wrappers
+    and a scratch timer: overlap_ms = target alone + drafter alone -
+    concurrent wall. It is negative when contention makes the concurrent
+    region slower than running the two one after the other.
+    """
+    if overlap is None or not overlap["concurrent"]:
+      return  # none, or sequential: each side was measured alone
+    target, drafter = self._wrappers(Timer())
+    for key, fn in (
+      ("target_alone_ms", lambda: target.prefill(self.target_inputs)),
+      ("drafter_alone_ms", lambda: self._drafter_side(drafter)),
+    ):
+      target.timer.sync()
+      t0 = time.perf_counter()
+      fn()
+      target.timer.sync()
+      overlap[key] = (time.perf_counter() - t0) * 1e3
+    overlap["overlap_ms"] = (
+      overlap["target_alone_ms"]
+      + overlap["drafter_alone_ms"]
+      - overlap["wall_ms"]
+    )

@@ -12,9 +12,9 @@ i.e. it drafts token p+1. B1 is fed the target's true states h[0..n-1] and
 then its own predictions; L5 is fed the drafter's states h_d[p], with the
 drafter stepping in lockstep on the accepted and drafted tokens; L5F gets
 both (its target stream takes its own predictions beyond the accepted
-prefix). `prefill_drafts` is the drafter side of prefill hiding: drafter
-prefill + K greedy steps, mapped by a prefill adapter (L1-L4) through the
-target's LM head; `PrefillWindow` sizes K ('auto') from live timings.
+prefix). `FixedProposer` serves the K drafts of prefill hiding
+(`Drafter.prefill_drafts`, made while the target prefills);
+`PrefillWindow` sizes K ('auto') from live timings.
 """
 
 from __future__ import annotations
@@ -217,38 +217,6 @@ class FixedProposer:
 
 # ----------------------------------------------------------------------------
 # Prefill hiding: the drafts made while the target prefills.
-
-
-def prefill_drafts(
-  drafter: Drafter,
-  draft_inputs: dict,
-  adapter: Adapter,
-  lm_head: torch.Tensor,
-  k: int,
-  timer: Timer,
-):
-  """Drafter prefill + k greedy steps; adapter + LM head -> drafts 1..k.
-
-  Returns (drafts [k] or None, e0 [1] or None): e_t = argmax(W a(h_d)[t])
-  predicts target token t. e_0 is not verified: the target's own prefill
-  yields token 0, so the k drafts are e_1..e_k, made from h_d[0..k].
-  """
-  drafter.prefill(draft_inputs)
-  if k < 1:
-    return None, None
-  nxt = drafter.next_token
-  drafter.prefix = "prefill_"
-  try:
-    for _ in range(k):  # the drafter's own tokens 0..k-1 give h_d[1..k]
-      nxt = drafter.feed(nxt)
-  finally:
-    drafter.prefix = ""
-  hs = drafter.states[: k + 1].to(adapter.device, adapter.dtype)[None]
-  name = f"prefill_adapter:{adapter.name}"
-  with timer.span(name, adapter.device, units=k + 1):
-    y = adapter.module(hs)
-    e = greedy_token(y[0].to(lm_head.dtype) @ lm_head.T)
-  return e[1:], e[:1]
 
 
 # Most drafts the 'auto' prefill window asks for.

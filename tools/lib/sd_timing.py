@@ -11,6 +11,7 @@ prefill_draft_decode / prefill_adapter:NAME inside the prefill region.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -20,16 +21,31 @@ import torch
 
 
 class Timer:
-  """Named spans: CUDA events on the current stream, or perf_counter on CPU."""
+  """Named spans: CUDA events on the current stream, or perf_counter on CPU.
 
-  def __init__(self, devices: Sequence[torch.device]):
-    self.cuda_devices = sorted(
-      {torch.device(d) for d in devices if torch.device(d).type == "cuda"},
-      key=str,
-    )
+  A model wrapper binds it to its device once (`on`), and the timer then
+  watches that device (`sync`, `collect`); a span is recorded on the stream
+  that is the device's current one when it opens (a side worker's own).
+  """
+
+  def __init__(self, devices: Sequence[torch.device] = ()):
+    self.cuda_devices: list[torch.device] = []
+    for d in devices:
+      self.watch(d)
     self._pending: list[tuple[str, int, Any, Any]] = []
     self._lock = threading.Lock()
     self.totals: dict[str, list[float]] = {}  # name -> [ms, units, calls]
+
+  def watch(self, device: torch.device) -> torch.device:
+    """Adds `device` to the devices this timer waits for; returns it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device not in self.cuda_devices:
+      self.cuda_devices = sorted([*self.cuda_devices, device], key=str)
+    return device
+
+  def on(self, device: torch.device):
+    """`span` bound to one device, then watched: `on(device)(name, units)`."""
+    return functools.partial(self.span, device=self.watch(device))
 
   def sync(self) -> None:
     """Waits for every device this timer watches."""
