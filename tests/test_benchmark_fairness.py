@@ -198,6 +198,40 @@ def test_cost_model_uses_measured_tau():
   assert sd_results.cost_model([_rec(10.0, base=True)], costs, "x", 1.0) is None
 
 
+def test_tree_adapter_calls_count_as_drafting_not_as_chain_steps():
+  """A tree's adapter calls (B1's chain of 5 runs is one call) are drafting
+  time, never the chain's per-step cost the report quotes."""
+
+  def rec(phases, decode_ms):
+    spans = {k: {"ms": ms, "units": u, "calls": c} for k, (ms, u, c) in phases}
+    return {
+      "phases": spans,
+      "prefill_ms": 5.0,
+      "decode_ms": decode_ms,
+      "iterations": 2,
+      "drafted": 10,
+      "per_iteration": [("decode", 5, 2), ("decode", 5, 3)],
+    }
+
+  chain = rec(
+    [("target_verify[6]", (2.0, 12, 2)), ("adapter:b1", (1.0, 10, 10))], 4.0
+  )
+  tree = rec(
+    [
+      ("target_verify_tree[60]", (3.0, 120, 2)),
+      ("tree_adapter:b1", (2.0, 14, 4)),
+    ],
+    6.0,
+  )
+  base = rec([("target_decode", (2.0, 2, 2))], 2.5)
+  per = {"baseline": [base], "decode:b1": [chain], "tree:b1": [tree]}
+  costs = sd_results.costs_block(per, list(per), gamma=5)
+  assert costs["adapter_step_ms"] == {"b1": pytest.approx(0.1)}
+  assert sd_results.breakdown(tree)["adapter"] == pytest.approx(2.0)
+  assert sd_results.breakdown(tree)["overhead"] == pytest.approx(1.0)
+  assert costs["draft_ms_per_token_by_method"]["tree:b1"] == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 18])
 def test_williams_orders_balance_positions_and_neighbours(n):
   rows = fair_runs.williams_orders(n)

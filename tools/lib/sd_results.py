@@ -82,7 +82,7 @@ def breakdown(rec: dict) -> dict[str, float]:
   """Per-sample time split: prefill wall, decode-loop parts, overhead (ms)."""
   target = _phase_ms(rec, "target_decode") + _phase_ms(rec, "target_verify")
   drafter = _phase_ms(rec, "draft_decode") + _phase_ms(rec, "draft_catchup")
-  adapter = _phase_ms(rec, "adapter:")
+  adapter = _phase_ms(rec, "adapter:") + _phase_ms(rec, "tree_adapter:")
   return {
     "prefill": rec["prefill_ms"],
     "target_forward": target,
@@ -268,7 +268,9 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
       v["ms"]
       for r in ok[m]
       for k, v in r["phases"].items()
-      if k.startswith(("draft_decode", "draft_catchup", "adapter:"))
+      if k.startswith(
+        ("draft_decode", "draft_catchup", "adapter:", "tree_adapter:")
+      )
     )
     per_token[m] = ms / drafted
   prefill_overlap = {}

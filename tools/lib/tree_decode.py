@@ -31,7 +31,9 @@ beyond n are its own predictions; for L5 the root and path runs, up to
 position n + accepted - 1, like the chain).
 
 Span names: target_verify_tree[T], draft_decode_tree (one per depth),
-adapter:NAME (every adapter call), and the chain ones of sd_engine.
+tree_adapter:NAME (every adapter call: the catch-up, each run, B1's chain
+of runs; kept apart from the chains' adapter:NAME steps, whose cost the
+report gives), and the chain ones of sd_engine.
 """
 
 from __future__ import annotations
@@ -261,7 +263,9 @@ class TreeProposer:
       if name in self.inputs
     ]
     args = [x.to(a.device, a.dtype).reshape(1, -1, x.shape[-1]) for x in args]
-    with self.timer.span(f"adapter:{a.name}", a.device, units=slots.shape[0]):
+    with self.timer.span(
+      f"tree_adapter:{a.name}", a.device, units=slots.shape[0]
+    ):
       return self.steps.step(args, slots, positions, allowed)
 
   def propose(self, tokens: list[int], budget: int) -> tr.Tree:
@@ -284,7 +288,7 @@ class TreeProposer:
     shared = None
     if self.width == 1 and depth >= 2:  # B1: its runs read no tokens
       with self.timer.span(
-        f"adapter:{self.a.name}", self.a.device, units=depth - 1
+        f"tree_adapter:{self.a.name}", self.a.device, units=depth - 1
       ):
         shared = self.steps.chain(self.y, n, depth - 1)
     self.tree = tr.grow(
