@@ -29,9 +29,9 @@ test split, against B1 with objective next (k = 1): 24.2% [22.5, 25.9]:
 So no k tried beats k = 1 here (issue 32's goal was +10 points): with equal
 weights the first step gets a quarter of the loss and the chain's first
 draft, which every deeper one needs, gets worse (depth 1: 71.8% against
-75.3%). Live (one H100, fast runtime, gamma 5, 50 test samples), the
-chain's tau is 2.97 [2.86, 3.09] against 3.09 [2.92, 3.27] for k = 1, and
-the decode-phase speedup 1.977x against 2.055x. The validation loss
+75.3%). Live (one H100, fast runtime, gamma 5, 72 test samples of 19
+scenes), the chain's tau is 2.91 [2.80, 3.02] against 3.02 [2.87, 3.18] for
+k = 1, and the decode-phase speedup 2.001x against 2.131x. The validation loss
 (eval/loss) is the k-step loss, so it is not comparable with B1's; compare
 eval/next_token_top1 and the evaluation.
 """

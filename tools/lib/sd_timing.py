@@ -4,7 +4,8 @@ Every model call is a named span, timed with CUDA events on the stream it
 ran on (no host sync until `collect`) or with perf_counter on CPU. Span
 names: target_prefill, target_decode, target_verify[L] (L positions),
 draft_prefill, draft_decode (one token), draft_catchup (several accepted
-tokens at once), adapter:NAME (decode adapter step, LM head included), and
+tokens at once), adapter:NAME (decode adapter step, LM head included;
+draft trees time theirs as tree_adapter:NAME), and
 prefill_draft_decode / prefill_adapter:NAME inside the prefill region.
 """
 
