@@ -21,11 +21,12 @@ on it is refused.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -36,9 +37,10 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from egpt_align import checkpoint as checkpoint_lib
-from egpt_align import cli, losses, models, optim, sharding, unroll
+from egpt_align import cli, models, optim, sharding, train_meta
 from egpt_align import data as data_lib
 from egpt_align import metric_writer as writer_lib
+from egpt_align import train_config as config_lib
 from egpt_align import train_state as state_lib
 from egpt_align import workdir as workdir_lib
 from egpt_align.configs import base as base_config
@@ -46,115 +48,181 @@ from egpt_align.data import format as format_lib
 from egpt_align.data import splits
 from egpt_align.preemption import AgreedStop, SignalFlag, TrainingInterrupted
 
-
-def _resolve_data(config: ml_collections.ConfigDict) -> None:
-  """A given config.data.train wins over built-in synthetic data (demo)."""
-  syn = config.data.synthetic
-  if syn.enabled and config.data.train:
-    logging.info(
-      "config.data.train is set: training on %s, not on the built-in "
-      "synthetic data",
-      config.data.train,
-    )
-    with config.unlocked():
-      syn.enabled = False
+# Public here too, as train.early_stopping.
+from egpt_align.train_meta import early_stopping as early_stopping
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses a bad config before anything is written (synthetic data)."""
-  try:
-    models.get_spec(config.model.name)
-  except ValueError as e:
-    raise ValueError(f"config.model.name: {e}") from None
-  if config.num_epochs < 1:
-    raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
-  if config.log_every_steps < 1:
-    raise ValueError(
-      f"config.log_every_steps must be >= 1, got {config.log_every_steps}"
-    )
-  if config.loss.objective not in losses.OBJECTIVES:
-    raise ValueError(
-      f"config.loss.objective must be one of {losses.OBJECTIVES}, got "
-      f"{config.loss.objective!r}"
-    )
-  unroll.settings(config.loss, models.get_spec(config.model.name))
-  syn = config.data.synthetic
-  has_head = config.lm_head or (syn.enabled and syn.lm_head)
-  if config.loss.token_ce_weight > 0 and not has_head:
-    raise ValueError(
-      "config.loss.token_ce_weight > 0 needs config.lm_head (the target's LM "
-      "head file from tools/extract_lm_head.py)"
-    )
-  if not config.data.synthetic.enabled and not config.data.train:
-    raise ValueError(
-      "config.data.train is required: pass --config.data.train=DATASET_DIR "
-      "(written by tools/dump_hidden_states.py), or use experiments/demo.py "
-      "for built-in synthetic data"
-    )
-  for key in ("train", "val"):
-    path = config.data[key]
-    if path and not os.path.isdir(path):
-      raise ValueError(
-        f"config.data.{key}={path}: no such dataset directory (expected a "
-        "directory written by tools/dump_hidden_states.py or "
-        "python -m egpt_align.data)"
-      )
-  if config.data.val is None and not 0 < config.data.val_fraction < 1:
-    raise ValueError(
-      "without config.data.val, config.data.val_fraction must be in (0, 1) "
-      f"(a hold-out of the training samples); got {config.data.val_fraction}"
-    )
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  devices: Iterable[jax.Device] | None = None,
+) -> dict[str, Any]:
+  """Trains per `config` in `workdir` (resuming if it has a checkpoint).
 
-
-def early_stopping(
-  best: float | None, bad_epochs: int, val_loss: float, patience: int
-) -> tuple[bool, int, bool]:
-  """(improved, bad_epochs, stop) after an epoch, as the reference.
-
-  Improvement is a strict `<` on the validation loss; training stops once
-  `patience` epochs in a row brought none (patience 0 = never).
+  Returns {'step', 'epochs_run', 'best_epoch', 'best_val_loss',
+  'stopped_early', 'stopped_at_step', 'initial', 'final', 'best',
+  'history'}: 'initial', 'final' and 'best' are validation-metric dicts
+  (untrained, last epoch, best epoch), 'history' the per-epoch keys.
+  `devices` restricts the mesh (default: all devices). Multi-process callers
+  run `sharding.initialize_multihost()` first (the CLI does, given
+  `config.multihost`); every process then calls this with the same config.
+  The run owns the workdir (workdir.owned): a second run on it is refused.
   """
-  improved = best is None or val_loss < best
-  bad_epochs = 0 if improved else bad_epochs + 1
-  return improved, bad_epochs, bool(patience) and bad_epochs >= patience
+  config = copy.deepcopy(config)
+  config_lib.resolve_data(config)
+  config_lib.check(config)
+  workdir = os.path.abspath(workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.owned(workdir):
+    return _train(config, workdir, devices)
 
 
-def _prepare(config, workdir: str, train_ds, val_ds):
-  """Checks the data against the adapter; resolves the config's data keys.
+def _train(config, workdir: str, devices) -> dict[str, Any]:
+  """train_and_evaluate's body, run while the workdir is owned."""
+  run, state, meta = _build(config, workdir, devices)
+  meta = _start(run, state, meta)
+  step, stopped_at = _loop(run, state, meta)
+  _close(run)
+  return train_meta.summary(meta, step, stopped_at)
 
-  Returns (spec, hidden_dim); fills config.model.hidden_dim from the data,
-  resolves dtype 'auto' and points config.lm_head at the synthetic head.
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """The parts of a run that stay fixed while it trains."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  spec: models.AdapterSpec
+  train_pipe: data_lib.InputPipeline
+  val_pipe: data_lib.InputPipeline
+  train_step: Callable
+  eval_step: Callable
+  lm_weight: jax.Array | None
+  dropout_rng: jax.Array
+  writer: writer_lib.MetricWriter
+  ckpt: checkpoint_lib.Checkpointer | None
+  is_main: bool  # process 0: writes the workdir's files
+  progress: bool  # shows progress bars
+
+
+def _build(config, workdir: str, devices):
+  """(run, state, meta or None if fresh): everything the loop starts from.
+
+  Mesh, data, model, optimizer, LM head, config.json, the jitted steps, the
+  writer, and the state, restored from the newest checkpoint if there is one.
   """
-  spec = models.get_spec(config.model.name)
-  hidden_dim = int(train_ds.target_dim)
-  for name in spec.inputs:
-    dim = train_ds.source_dim if name == "source" else train_ds.target_dim
-    if dim != hidden_dim:
-      raise ValueError(
-        f"adapter {spec.name!r} maps {name} states (dim {dim}) into the "
-        f"target space (dim {hidden_dim}); the dims must match"
-      )
-  if (
-    val_ds.target_dim != hidden_dim or val_ds.source_dim != train_ds.source_dim
-  ):
-    raise ValueError(
-      f"val data {config.data.val} has dims (source {val_ds.source_dim}, "
-      f"target {val_ds.target_dim}); train has ({train_ds.source_dim}, "
-      f"{hidden_dim})"
+  is_main = jax.process_index() == 0
+  progress = is_main and config.progress_bar
+  mesh = sharding.make_mesh(devices=list(devices) if devices else None)
+  sharding.check_batch_size(config.batch_size, mesh)
+  spec, hidden_dim, model, train_pipe, val_pipe, example = _model_and_data(
+    config, workdir, mesh, progress=progress
+  )
+  spe = train_pipe.steps_per_epoch
+  tx, schedule = optim.create_optimizer(
+    config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
+  )
+  lm_weight = (
+    state_lib.load_lm_head(config.lm_head, hidden_dim, mesh)
+    if config.lm_head
+    else None
+  )
+  if is_main:
+    _write_config(config, workdir)
+
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  dropout_rng = state_lib.dropout_key(dropout_rng, config.dropout_rng_impl)
+  ckpt = (
+    checkpoint_lib.Checkpointer(
+      workdir, async_save=config.checkpoint.async_save
     )
-  with config.unlocked():
-    syn = config.data.synthetic
-    if syn.enabled and syn.lm_head and not config.lm_head:
-      config.lm_head = splits.synthetic_lm_head(workdir)
-    if config.model.hidden_dim is None:
-      config.model.hidden_dim = hidden_dim
-    config.model.dtype = state_lib.compute_dtype(config.model.dtype)
-  if config.model.hidden_dim != hidden_dim:
+    if config.checkpoint.enabled
+    else None
+  )
+  state, state_shard, meta = _create_state(
+    config,
+    workdir,
+    init_rng,
+    model=model,
+    tx=tx,
+    mesh=mesh,
+    ckpt=ckpt,
+    example_inputs=example,
+    steps_per_epoch=spe,
+  )
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("%s: %d parameters, %d steps/epoch", spec.name, n_params, spe)
+
+  train_step = state_lib.create_train_step(
+    config,
+    model=model,
+    spec=spec,
+    tx=tx,
+    schedule=schedule,
+    shardings=state_shard,
+    mesh=mesh,
+  )
+  eval_step = state_lib.create_eval_step(
+    config,
+    model=model,
+    spec=spec,
+    params_shardings=state_shard.params,
+    mesh=mesh,
+  )
+  run = _Run(
+    config=config,
+    workdir=workdir,
+    spec=spec,
+    train_pipe=train_pipe,
+    val_pipe=val_pipe,
+    train_step=train_step,
+    eval_step=eval_step,
+    lm_weight=lm_weight,
+    dropout_rng=dropout_rng,
+    writer=writer_lib.MetricWriter(
+      workdir, tensorboard=config.tensorboard, active=is_main
+    ),
+    ckpt=ckpt,
+    is_main=is_main,
+    progress=progress,
+  )
+  return run, state, meta
+
+
+def _model_and_data(config, workdir: str, mesh, *, progress: bool):
+  """(spec, hidden_dim, model, train and val pipelines, example inputs).
+
+  Opens the data, checks it against the adapter and completes the config
+  from it (train_config.complete_from_data); the example inputs, shaped like
+  a short batch of one, initialise the model.
+  """
+  train_ds, train_idx, val_ds, val_idx = splits.open_data(config, workdir)
+  spec, hidden_dim = config_lib.complete_from_data(
+    config, workdir, train_ds, val_ds
+  )
+  model = state_lib.create_model(config.model)
+  train_pipe, val_pipe = _pipelines(
+    config,
+    spec,
+    mesh,
+    (train_ds, train_idx),
+    (val_ds, val_idx),
+    progress=progress,
+  )
+  max_len = getattr(model, "max_seq_len", None)
+  longest = max(train_pipe.bucket_lengths[-1], val_pipe.bucket_lengths[-1])
+  if max_len is not None and longest > max_len:
     raise ValueError(
-      f"config.model.hidden_dim={config.model.hidden_dim} but the data's "
-      f"target dim is {hidden_dim}"
+      f"batches are padded to {longest} positions but adapter "
+      f"{spec.name!r} has max_seq_len={max_len}; raise "
+      "config.model.max_seq_len or set config.data.buckets"
     )
-  return spec, hidden_dim
+  example = tuple(
+    np.zeros((1, min(8, longest), hidden_dim), np.float32) for _ in spec.inputs
+  )
+  return spec, hidden_dim, model, train_pipe, val_pipe, example
 
 
 def _pipelines(config, spec, mesh, train, val, *, progress: bool):
@@ -186,48 +254,16 @@ def _pipelines(config, spec, mesh, train, val, *, progress: bool):
   return train_pipe, val_pipe
 
 
-def _fresh_meta(steps_per_epoch: int, seed: int) -> dict[str, Any]:
-  """The loop's checkpointed bookkeeping at step 0."""
-  return {
-    "epoch": 0,  # the epoch in progress (0-based)
-    "epoch_step": 0,  # steps of it already done
-    "train_sums": _zero_sums(),
-    "best_val_loss": None,
-    "best_epoch": None,
-    "best_metrics": None,
-    "bad_epochs": 0,
-    "done": False,
-    "stopped_early": False,
-    "history": {},
-    "initial_metrics": None,
-    "last_metrics": None,
-    "steps_per_epoch": steps_per_epoch,
-    "seed": seed,
-  }
-
-
-def _zero_sums() -> dict[str, Any]:
-  return {"loss": 0.0, "cos": 0.0, "steps": 0, "lr": None}
-
-
-def _restore(ckpt, workdir, abstract_state, steps_per_epoch):
-  """(state, meta) of the newest checkpoint that restores; checks epochs."""
-  latest, state, meta = ckpt.restore_newest_intact(abstract_state)
-  if meta["steps_per_epoch"] != steps_per_epoch:
-    raise ValueError(
-      f"{workdir}: the checkpoint was made with {meta['steps_per_epoch']} "
-      f"steps per epoch, this config gives {steps_per_epoch} (data or batch "
-      "size changed); use a new workdir"
-    )
-  logging.info(
-    "resumed from step %d: %d epochs completed%s",
-    latest,
-    meta["epoch"],
-    f", {meta['epoch_step']} steps into epoch {meta['epoch'] + 1}"
-    if meta["epoch_step"]
-    else "",
+def _write_config(config, workdir: str) -> None:
+  """Writes config.json and logs how the config differs from the base."""
+  format_lib.write_json_atomic(
+    os.path.join(workdir, checkpoint_lib.CONFIG_FILE), config.to_dict()
   )
-  return state, meta
+  logging.info(
+    "config (changed from configs/base.py; all of it in %s):\n  %s",
+    checkpoint_lib.CONFIG_FILE,
+    "\n  ".join(base_config.summary(config)),
+  )
 
 
 def _create_state(
@@ -272,178 +308,52 @@ def _create_state(
   return state, state_shard, meta
 
 
-def _validate(
-  config, spec, eval_step, pipe, params, lm_weight, desc: str, progress: bool
-) -> dict[str, float]:
-  """Validation metrics over the whole split: summed on device per batch,
-  added exactly on the host, finalized with the training loss."""
-  per_batch = []
-  it = tqdm(
-    pipe.batches(0),
-    total=pipe.steps_per_epoch,
-    desc=desc,
-    leave=False,
-    disable=not progress,
-  )
-  for batch in it:
-    per_batch.append(eval_step(params, batch, lm_weight))
-  host = jax.device_get(per_batch)
-  sums = {k: math.fsum(float(b[k]) for b in host) for k in host[0]}
-  return state_lib.finalize_eval(sums, spec=spec, loss_config=config.loss)
-
-
-def train_and_evaluate(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  *,
-  devices: Iterable[jax.Device] | None = None,
-) -> dict[str, Any]:
-  """Trains per `config` in `workdir` (resuming if it has a checkpoint).
-
-  Returns {'step', 'epochs_run', 'best_epoch', 'best_val_loss',
-  'stopped_early', 'stopped_at_step', 'initial', 'final', 'best'}, the last
-  three being validation-metric dicts (untrained, last epoch, best epoch).
-  `devices` restricts the mesh (default: all devices). Multi-process callers
-  run `sharding.initialize_multihost()` first (the CLI does, given
-  `config.multihost`); every process then calls this with the same config.
-  The run owns the workdir (workdir.owned): a second run on it is refused.
-  """
-  config = copy.deepcopy(config)
-  _resolve_data(config)
-  _check_config(config)
-  workdir = os.path.abspath(workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.owned(workdir):
-    return _train(config, workdir, devices)
-
-
-def _train(config, workdir: str, devices) -> dict[str, Any]:
-  """train_and_evaluate's body, run while the workdir is owned."""
-  is_main = jax.process_index() == 0
-  progress = is_main and config.progress_bar
-
-  mesh = sharding.make_mesh(devices=list(devices) if devices else None)
-  sharding.check_batch_size(config.batch_size, mesh)
-
-  # Data and model.
-  train_ds, train_idx, val_ds, val_idx = splits.open_data(config, workdir)
-  spec, hidden_dim = _prepare(config, workdir, train_ds, val_ds)
-  model = state_lib.create_model(config.model)
-  train_pipe, val_pipe = _pipelines(
-    config,
-    spec,
-    mesh,
-    (train_ds, train_idx),
-    (val_ds, val_idx),
-    progress=progress,
-  )
-  spe = train_pipe.steps_per_epoch
-  max_len = getattr(model, "max_seq_len", None)
-  longest = max(train_pipe.bucket_lengths[-1], val_pipe.bucket_lengths[-1])
-  if max_len is not None and longest > max_len:
+def _restore(ckpt, workdir, abstract_state, steps_per_epoch):
+  """(state, meta) of the newest checkpoint that restores; checks epochs."""
+  latest, state, meta = ckpt.restore_newest_intact(abstract_state)
+  if meta["steps_per_epoch"] != steps_per_epoch:
     raise ValueError(
-      f"batches are padded to {longest} positions but adapter "
-      f"{spec.name!r} has max_seq_len={max_len}; raise "
-      "config.model.max_seq_len or set config.data.buckets"
+      f"{workdir}: the checkpoint was made with {meta['steps_per_epoch']} "
+      f"steps per epoch, this config gives {steps_per_epoch} (data or batch "
+      "size changed); use a new workdir"
     )
-  tx, schedule = optim.create_optimizer(
-    config.optim, steps_per_epoch=spe, num_epochs=config.num_epochs
+  logging.info(
+    "resumed from step %d: %d epochs completed%s",
+    latest,
+    meta["epoch"],
+    f", {meta['epoch_step']} steps into epoch {meta['epoch'] + 1}"
+    if meta["epoch_step"]
+    else "",
   )
-  lm_weight = (
-    state_lib.load_lm_head(config.lm_head, hidden_dim, mesh)
-    if config.lm_head
-    else None
-  )
-  if is_main:
-    format_lib.write_json_atomic(
-      os.path.join(workdir, checkpoint_lib.CONFIG_FILE), config.to_dict()
+  return state, meta
+
+
+def _start(run: _Run, state, meta: dict | None) -> dict:
+  """The loop's meta: the restored one, with metrics.jsonl cut back to its
+  step, or a fresh one after the untrained evaluation (eval_at_start)."""
+  if meta is not None:
+    run.writer.truncate_after(int(meta["step"]))
+    return meta
+  meta = train_meta.fresh(run.train_pipe.steps_per_epoch, run.config.seed)
+  if run.is_main and os.path.exists(run.writer.path):
+    os.remove(run.writer.path)  # a fresh run in a reused workdir
+  if run.config.eval_at_start:
+    initial = _evaluate(run, state.params, "eval (untrained)")
+    meta["initial_metrics"] = initial
+    run.writer.write(
+      0, {"epoch": 0, **{f"eval/{k}": v for k, v in initial.items()}}
     )
-    logging.info(
-      "config (changed from configs/base.py; all of it in %s):\n  %s",
-      checkpoint_lib.CONFIG_FILE,
-      "\n  ".join(base_config.summary(config)),
-    )
+  return meta
 
-  # State: fresh, or restored from the newest checkpoint.
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  dropout_rng = state_lib.dropout_key(dropout_rng, config.dropout_rng_impl)
-  example = tuple(
-    np.zeros((1, min(8, longest), hidden_dim), np.float32) for _ in spec.inputs
-  )
-  ckpt = (
-    checkpoint_lib.Checkpointer(
-      workdir, async_save=config.checkpoint.async_save
-    )
-    if config.checkpoint.enabled
-    else None
-  )
-  state, state_shard, meta = _create_state(
-    config,
-    workdir,
-    init_rng,
-    model=model,
-    tx=tx,
-    mesh=mesh,
-    ckpt=ckpt,
-    example_inputs=example,
-    steps_per_epoch=spe,
-  )
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("%s: %d parameters, %d steps/epoch", spec.name, n_params, spe)
 
-  train_step = state_lib.create_train_step(
-    config,
-    model=model,
-    spec=spec,
-    tx=tx,
-    schedule=schedule,
-    shardings=state_shard,
-    mesh=mesh,
-  )
-  eval_step = state_lib.create_eval_step(
-    config,
-    model=model,
-    spec=spec,
-    params_shardings=state_shard.params,
-    mesh=mesh,
-  )
+def _loop(run: _Run, state, meta: dict) -> tuple[int, int | None]:
+  """(last step, step config.stop_after_steps stopped at, or None).
 
-  def evaluate(params, desc: str) -> dict[str, float]:
-    return _validate(
-      config, spec, eval_step, val_pipe, params, lm_weight, desc, progress
-    )
-
-  writer = writer_lib.MetricWriter(
-    workdir, tensorboard=config.tensorboard, active=is_main
-  )
-  if meta is None:
-    meta = _fresh_meta(spe, config.seed)
-    if is_main and os.path.exists(writer.path):
-      os.remove(writer.path)  # a fresh run in a reused workdir
-    if config.eval_at_start:
-      initial = evaluate(state.params, "eval (untrained)")
-      meta["initial_metrics"] = initial
-      writer.write(
-        0, {"epoch": 0, **{f"eval/{k}": v for k, v in initial.items()}}
-      )
-  else:
-    writer.truncate_after(int(meta["step"]))
-
-  def save(step: int, *, val_loss: float | None = None) -> None:
-    if ckpt is None:
-      return
-    meta["step"] = int(step)
-    meta["config"] = config.to_dict()
-    # Host copies: orbax then writes numpy arrays, with no per-array device
-    # slicing (each of which is a small XLA compile). Multi-host with the
-    # weight update sharded, no process holds every shard: orbax writes the
-    # global arrays from each process's shards instead.
-    saved = state_lib.without_compute_params(state)
-    if all(x.is_fully_addressable for x in jax.tree.leaves(saved)):
-      saved = jax.device_get(saved)
-    ckpt.save(step, saved, format_lib.to_jsonable(meta), val_loss=val_loss)
-
+  Trains epoch after epoch until the last, early stopping or
+  config.stop_after_steps; an agreed signal checkpoints, closes the run and
+  raises TrainingInterrupted.
+  """
+  config, spe = run.config, run.train_pipe.steps_per_epoch
   step = int(jax.device_get(state.step))
   if step != meta["epoch"] * spe + meta["epoch_step"]:
     raise RuntimeError(
@@ -455,135 +365,133 @@ def _train(config, workdir: str, devices) -> dict[str, Any]:
     agreed = AgreedStop(flag, config.distributed.stop_check_every_steps)
     logging.info("training from step %d (signals now stop it cleanly)", step)
     while not meta["done"] and meta["epoch"] < config.num_epochs:
-      epoch = meta["epoch"]
-      sums = meta["train_sums"]
-      bar = tqdm(
-        total=spe,
-        initial=meta["epoch_step"],
-        desc=f"epoch {epoch + 1}/{config.num_epochs}",
-        disable=not progress,
-      )
-      log = writer_lib.TrainLog(writer, sums, epoch, bar)
-      interrupted = False
-      for batch in train_pipe.batches(epoch, meta["epoch_step"]):
-        state, step_metrics = train_step(state, batch, dropout_rng, lm_weight)
-        log.pending.append(step_metrics)
-        step += 1
-        meta["epoch_step"] += 1
-        bar.update(1)
-        stop = config.stop_after_steps and step >= config.stop_after_steps
-        signum = agreed.check(step)
-        if step % config.log_every_steps == 0 or stop or signum:
-          log.flush(step)
-        every = config.checkpoint.every_steps
-        if every and step % every == 0 and meta["epoch_step"] < spe:
-          save(step)
-        if (stop or signum) and meta["epoch_step"] < spe:
-          interrupted = True
-          break
-      log.flush(step)
-      bar.close()
-
-      if not interrupted:
-        val = evaluate(state.params, f"eval epoch {epoch + 1}")
-        improved = _end_epoch(config, meta, epoch, val)
-        writer.write(step, _epoch_record(meta, epoch, val))
-        if is_main:
-          writer_lib.write_history(
-            workdir,
-            meta["history"],
-            title=f"{spec.name} ({os.path.basename(workdir)})",
-          )
-        train = meta["history"]
-        logging.info(
-          "epoch %d: train loss %.5f | val loss %.5f | %s%s",
-          epoch + 1,
-          train["train_loss"][-1],
-          val["loss"],
-          writer_lib.readings_text(val),
-          " (best)" if improved else "",
-        )
-        save(step, val_loss=val["loss"])
-        if meta["stopped_early"]:
-          logging.info(
-            "early stopping: no val-loss gain for %d epochs", meta["bad_epochs"]
-          )
+      state, step, interrupted = _train_epoch(run, state, meta, step, agreed)
+      if interrupted:
+        _save(run, state, meta, step)
       else:
-        save(step)
-
+        _end_epoch(run, state, meta, step)
       stop = config.stop_after_steps and step >= config.stop_after_steps
       signum = agreed.check(step, now=True)
       if signum is not None:
-        if ckpt:
-          ckpt.close()
-        writer.close()
+        _close(run)
         raise TrainingInterrupted(signum, step)
       if stop and not meta["done"]:
         stopped_at = step
         logging.info("config.stop_after_steps reached at step %d", step)
         break
-
-  if ckpt:
-    ckpt.close()
-  writer.close()
-  return {
-    "step": step,
-    "epochs_run": meta["epoch"],
-    "best_epoch": meta["best_epoch"],
-    "best_val_loss": meta["best_val_loss"],
-    "stopped_early": meta["stopped_early"],
-    "stopped_at_step": stopped_at,
-    "initial": meta["initial_metrics"],
-    "final": meta["last_metrics"],
-    "best": meta["best_metrics"],
-    "history": meta["history"],
-  }
+  return step, stopped_at
 
 
-def _end_epoch(config, meta: dict, epoch: int, val: dict) -> bool:
-  """Books a finished epoch into `meta`; True when validation improved."""
-  sums = meta["train_sums"]
-  train = {
-    "loss": sums["loss"] / max(sums["steps"], 1),
-    "cos": sums["cos"] / max(sums["steps"], 1),
-    "lr": sums["lr"],
-  }
-  if not math.isfinite(val["loss"]):
-    raise FloatingPointError(
-      f"validation loss is {val['loss']} after epoch {epoch + 1} "
-      f"(train loss {train['loss']}): training diverged; lower "
-      "config.optim.learning_rate or check the data for inf/NaN"
-    )
-  improved, meta["bad_epochs"], stop = early_stopping(
-    meta["best_val_loss"],
-    meta["bad_epochs"],
-    val["loss"],
-    config.early_stopping_patience,
+def _train_epoch(run: _Run, state, meta: dict, step: int, agreed: AgreedStop):
+  """(state, step, interrupted): trains the rest of the epoch in progress.
+
+  Logs every config.log_every_steps and checkpoints every
+  config.checkpoint.every_steps; leaves the epoch unfinished (interrupted)
+  at config.stop_after_steps or an agreed signal.
+  """
+  config, spe = run.config, run.train_pipe.steps_per_epoch
+  epoch = meta["epoch"]
+  bar = tqdm(
+    total=spe,
+    initial=meta["epoch_step"],
+    desc=f"epoch {epoch + 1}/{config.num_epochs}",
+    disable=not run.progress,
   )
-  if improved:
-    meta.update(
-      best_val_loss=val["loss"], best_epoch=epoch + 1, best_metrics=val
+  log = writer_lib.TrainLog(run.writer, meta["train_sums"], epoch, bar)
+  interrupted = False
+  for batch in run.train_pipe.batches(epoch, meta["epoch_step"]):
+    state, step_metrics = run.train_step(
+      state, batch, run.dropout_rng, run.lm_weight
     )
-  if stop:
-    meta["done"] = meta["stopped_early"] = True
-  writer_lib.history_append(meta["history"], epoch + 1, train, val)
-  meta["last_metrics"] = val
-  meta["epoch"], meta["epoch_step"] = epoch + 1, 0
-  meta["train_sums"] = _zero_sums()
-  return improved
+    log.pending.append(step_metrics)
+    step += 1
+    meta["epoch_step"] += 1
+    bar.update(1)
+    stop = config.stop_after_steps and step >= config.stop_after_steps
+    signum = agreed.check(step)
+    if step % config.log_every_steps == 0 or stop or signum:
+      log.flush(step)
+    every = config.checkpoint.every_steps
+    if every and step % every == 0 and meta["epoch_step"] < spe:
+      _save(run, state, meta, step)
+    if (stop or signum) and meta["epoch_step"] < spe:
+      interrupted = True
+      break
+  log.flush(step)
+  bar.close()
+  return state, step, interrupted
 
 
-def _epoch_record(meta: dict, epoch: int, val: dict) -> dict[str, Any]:
-  """The metrics.jsonl line of a finished epoch."""
-  history = meta["history"]
-  return {
-    "epoch": epoch + 1,
-    "epoch_train/loss": history["train_loss"][-1],
-    "epoch_train/cos": history["train_cos_sim"][-1],
-    "best/eval/loss": meta["best_val_loss"],
-    "best/epoch": meta["best_epoch"],
-    **{f"eval/{k}": v for k, v in val.items()},
-  }
+def _end_epoch(run: _Run, state, meta: dict, step: int) -> None:
+  """Evaluates the finished epoch, books and logs it, and checkpoints."""
+  epoch = meta["epoch"]
+  val = _evaluate(run, state.params, f"eval epoch {epoch + 1}")
+  improved = train_meta.end_epoch(
+    meta, epoch, val, patience=run.config.early_stopping_patience
+  )
+  run.writer.write(step, train_meta.epoch_record(meta, epoch, val))
+  if run.is_main:
+    writer_lib.write_history(
+      run.workdir,
+      meta["history"],
+      title=f"{run.spec.name} ({os.path.basename(run.workdir)})",
+    )
+  logging.info(
+    "epoch %d: train loss %.5f | val loss %.5f | %s%s",
+    epoch + 1,
+    meta["history"]["train_loss"][-1],
+    val["loss"],
+    writer_lib.readings_text(val),
+    " (best)" if improved else "",
+  )
+  _save(run, state, meta, step, val_loss=val["loss"])
+  if meta["stopped_early"]:
+    logging.info(
+      "early stopping: no val-loss gain for %d epochs", meta["bad_epochs"]
+    )
+
+
+def _evaluate(run: _Run, params, desc: str) -> dict[str, float]:
+  """Validation metrics over the whole split: summed on device per batch,
+  added exactly on the host, finalized with the training loss."""
+  per_batch = []
+  it = tqdm(
+    run.val_pipe.batches(0),
+    total=run.val_pipe.steps_per_epoch,
+    desc=desc,
+    leave=False,
+    disable=not run.progress,
+  )
+  for batch in it:
+    per_batch.append(run.eval_step(params, batch, run.lm_weight))
+  host = jax.device_get(per_batch)
+  sums = {k: math.fsum(float(b[k]) for b in host) for k in host[0]}
+  return state_lib.finalize_eval(
+    sums, spec=run.spec, loss_config=run.config.loss
+  )
+
+
+def _save(run: _Run, state, meta: dict, step: int, *, val_loss=None) -> None:
+  """Checkpoints `state` and `meta` at `step` (if checkpoints are enabled)."""
+  if run.ckpt is None:
+    return
+  meta["step"] = int(step)
+  meta["config"] = run.config.to_dict()
+  # Host copies: orbax then writes numpy arrays, with no per-array device
+  # slicing (each of which is a small XLA compile). Multi-host with the
+  # weight update sharded, no process holds every shard: orbax writes the
+  # global arrays from each process's shards instead.
+  saved = state_lib.without_compute_params(state)
+  if all(x.is_fully_addressable for x in jax.tree.leaves(saved)):
+    saved = jax.device_get(saved)
+  run.ckpt.save(step, saved, format_lib.to_jsonable(meta), val_loss=val_loss)
+
+
+def _close(run: _Run) -> None:
+  """Waits for pending checkpoint saves and closes the metric writer."""
+  if run.ckpt:
+    run.ckpt.close()
+  run.writer.close()
 
 
 # ------------------------------------------------------------------ CLI
