@@ -41,19 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from egpt_align import (
-  checkpoint,
-  cli,
-  eval_device,
-  models,
-  train_state,
-  unroll,
-)
+from egpt_align import checkpoint, cli, eval_device, eval_inputs, models, unroll
 from egpt_align import eval_stats as stats
 from egpt_align import lm_head as lm_head_lib
 from egpt_align import speedup as speedup_lib
 from egpt_align.data import format as format_lib
-from egpt_align.data import reader, splits
+
+# Also importable from here as before (tests use evaluate._init_params).
+from egpt_align.eval_inputs import init_params as _init_params  # noqa: F401
+from egpt_align.eval_inputs import run_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,89 +77,6 @@ class EvalResult:
   arrays: dict[str, Any]
 
 
-def _init_params(spec, module, dataset, seed: int):
-  """The trainer's initial params for this seed (the `untrained` floor)."""
-  dims = {"source": dataset.source_dim, "target": dataset.target_dim}
-  s = int(min(int(np.max(dataset.lengths)), 8))
-  dummy = tuple(jnp.zeros((1, s, dims[k]), jnp.float32) for k in spec.inputs)
-  # The trainer's init key for this seed (train.py: split(key(seed))[0]),
-  # so for a workdir this is the run's own starting point. Initialisers
-  # depend on parameter shapes only, not on the dummy input's length.
-  init_rng = jax.random.split(jax.random.key(seed))[0]
-  # One compiled program instead of one per op (much faster to build).
-  variables = jax.jit(module.init)(
-    {"params": init_rng}, *dummy, mask=jnp.ones((1, s), bool)
-  )
-  return variables["params"]
-
-
-def _unwrap(params):
-  if isinstance(params, dict) and set(params) == {"params"}:
-    return params["params"]
-  return params
-
-
-def _open(data):
-  """(dataset, path) from a directory or an opened dataset."""
-  if isinstance(data, str | os.PathLike):
-    path = os.fspath(data)
-    dataset = reader.open_dataset(path)
-  else:
-    dataset, path = data, getattr(data, "path", None)
-  if dataset.num_samples == 0:
-    raise ValueError(f"{path}: dataset has no samples")
-  return dataset, path
-
-
-def _load_head(lm_head, dataset, data_path):
-  if lm_head is None:
-    return None
-  head = (
-    lm_head
-    if isinstance(lm_head, lm_head_lib.LMHead)
-    else lm_head_lib.load_lm_head(lm_head)
-  )
-  if head.hidden_dim != dataset.target_dim:
-    raise ValueError(
-      f"LM head hidden dim {head.hidden_dim} != dataset target_dim "
-      f"{dataset.target_dim} ({data_path})"
-    )
-  return head
-
-
-def _select(indices, n_total, data_path, subset, max_samples):
-  """(sample indices, subset description)."""
-  if indices is None:
-    indices = np.arange(n_total)
-  else:
-    indices = np.asarray(indices, np.int64)
-    if indices.ndim != 1 or not len(indices):
-      raise ValueError("indices must be a non-empty 1-D list of samples")
-    if indices.min() < 0 or indices.max() >= n_total:
-      raise ValueError(
-        f"{data_path}: indices must lie in [0, {n_total}), got "
-        f"[{indices.min()}, {indices.max()}]"
-      )
-    if subset is None:
-      subset = f"{len(indices)} given samples"
-  if max_samples is not None:
-    indices = indices[:max_samples]
-  return indices, subset
-
-
-def run_data(config, workdir: str):
-  """(data, hold-out indices or None) a run is evaluated on by default.
-
-  Its data.test, else data.val, else the trainer's own hold-out of
-  data.train (synthetic data included), as an opened dataset.
-  """
-  data = config.data.get("test") or config.data.get("val")
-  if data:
-    return data, None
-  _, _, dataset, holdout = splits.open_data(config, workdir)
-  return dataset, holdout
-
-
 def evaluate(
   data=None,
   *,
@@ -188,195 +101,33 @@ def evaluate(
   `settings.max_samples` to the first N of them. `lm_head` is a path, an
   LMHead or None (then the run's config.lm_head, if any).
   """
-  subset = None
+  request = eval_inputs.Request(
+    data, adapter, overrides, params, seed, lm_head, indices
+  )
   if workdir is not None:
-    params, config = checkpoint.load_params(workdir, step)
-    model_cfg = dict(config.model)
-    adapter = model_cfg.pop("name")
-    overrides = {**model_cfg, **(overrides or {})}
-    if seed is None:
-      seed = int(config.get("seed", 0))
-    if lm_head is None and config.get("lm_head"):
-      lm_head = config.lm_head
-    if data is None:
-      data, holdout = run_data(config, workdir)
-      if holdout is not None and indices is None:
-        indices = holdout
-        subset = f"validation hold-out of data.train ({len(holdout)})"
+    request = eval_inputs.from_workdir(request, workdir, step)
   t_start = time.perf_counter()
-  if params is None:
-    raise ValueError(
-      "evaluate needs params (or a workdir to load them from; params='init' "
-      "evaluates a freshly initialised adapter)"
-    )
-  if adapter is None:
-    raise ValueError("evaluate needs an adapter name (or a workdir)")
-  if data is None:
-    raise ValueError("evaluate needs a dataset (data=DIR)")
-  seed = 0 if seed is None else seed
-  if settings.gamma < 1:
-    raise ValueError(f"gamma must be >= 1, got {settings.gamma}")
-  dataset, data_path = _open(data)
-
-  spec = models.get_spec(adapter)
-  cross_model = "source" in spec.inputs
-  # Before the device loop: a bad --bench_json costs no evaluation.
-  costs = speedup_lib.resolve_costs(
-    spec.name,
-    settings.gamma,
-    bench_json=settings.bench_json,
-    draft_cost=settings.draft_cost,
-    verify_cost=settings.verify_cost,
-    # Cross-model adapters draft through the drafter's own decode.
-    fallback="drafter" if cross_model else None,
-  )
-  overrides = dict(overrides or {})
-  if overrides.get("hidden_dim") is None:
-    overrides["hidden_dim"] = int(dataset.target_dim)
-  if overrides.get("dtype") is not None:  # 'auto' as the trainer reads it
-    overrides["dtype"] = train_state.compute_dtype(overrides["dtype"])
-  module = train_state.create_model({**overrides, "name": spec.name})
-  params0 = _init_params(spec, module, dataset, seed)
-  fresh = isinstance(params, str) and params == "init"
-  params = params0 if fresh else _unwrap(params)
-  if not fresh:
-    set_fields = {k: v for k, v in overrides.items() if v is not None}
-    models.check_param_shapes(
-      f"the parameters do not fit adapter {spec.name!r} ({set_fields})",
-      models.param_shapes(params),
-      models.param_shapes(params0),
-    )
-  head = _load_head(lm_head, dataset, data_path)
-
-  raw_source = cross_model and dataset.source_dim == dataset.target_dim
-  readings = eval_device.readings(spec, raw_source)
-  stored_tokens = bool(dataset.has_target_tokens)
-  fields = ["target"]
-  if "source" in spec.inputs or raw_source:
-    fields.insert(0, "source")
-  if head is not None and stored_tokens:
-    fields.append("target_tokens")
-
-  n_total = dataset.num_samples
-  indices, subset = _select(
-    indices, n_total, data_path, subset, settings.max_samples
-  )
-  # CIs resample the independent unit: the sample, or its group (a scene
-  # that several questions share) when the samples file named one.
-  groups = dataset.groups(indices)
-  # Acceptance at depth for decode adapters: free-running drafts need the
-  # adapter re-run on its own states (b1, l5f); L5's equal step 1.
-  depth_report = spec.role == "decode" and head is not None
-  fed_back = unroll.feeds_back(spec)
-  n_dev = jax.device_count()
-  # Divisible across devices.
-  batch_size = -(-settings.batch_size // n_dev) * n_dev
-  step_fn = eval_device.make_eval_step(
-    spec,
-    module,
-    readings,
-    use_head=head is not None,
-    stored_tokens=stored_tokens,
-    logits_dtype=jnp.dtype(settings.logits_dtype),
-    depth=settings.gamma if depth_report and fed_back else 0,
-  )
-  t_loop = time.perf_counter()
-  arrays, num_batches, compile_s = eval_device.run(
-    dataset,
-    indices,
-    step_fn,
-    params,
-    params0,
-    None if head is None else head.weight,
-    fields,
-    batch_size=batch_size,
-    pad_multiple=settings.pad_multiple,
-    progress=settings.progress,
-  )
-  t_loop = time.perf_counter() - t_loop
-
-  lengths = np.asarray(dataset.lengths)[indices].astype(np.int64)
-  results, positions, plot_arrays = stats.all_readings(
-    arrays,
-    readings,
-    lengths,
-    settings=settings,
-    costs=costs,
-    seed=seed,
-    groups=groups,
-  )
-  depth = None
-  if depth_report:
-    depth = stats.depth_acceptance(
-      arrays,
-      lengths,
-      gamma=settings.gamma,
-      fed_back=fed_back,
-      settings=settings,
-      costs=costs,
-      seed=seed,
-      groups=groups,
-    )
-  # The drafter's own greedy tokens against the target tokens (same position).
-  if cross_model and dataset.has_draft_tokens:
-    if stored_tokens or head is not None:
-      extra = ["draft_tokens"] + (["target_tokens"] if stored_tokens else [])
-      toks = _read_tokens(dataset, indices, int(lengths.max()), extra)
-      tgt = toks["target_tokens"] if stored_tokens else arrays["target_tokens"]
-      m, per_pos = stats.drafter_tokens(
-        toks["draft_tokens"],
-        tgt,
-        lengths,
-        settings=settings,
-        costs=costs,
-        seed=seed,
-        groups=groups,
-      )
-      results["drafter_tokens"] = {"same": m}
-      positions["drafter_tokens"] = {"same": per_pos}
-
-  metrics = {
-    "run": {
-      "workdir": workdir,
-      "step": step if workdir is not None else None,
-      "params": "workdir"
-      if workdir is not None
-      else ("fresh init (untrained)" if fresh else "given"),
-      "adapter": spec.name,
-      "overrides": dict(overrides),
-      "seed": seed,
-      "inputs": list(spec.inputs),
-      "predicts_next": spec.predicts_next,
-    },
-    "data": _data_info(dataset, data_path, indices, lengths, subset),
-    "lm_head": _head_info(head, lm_head, stored_tokens),
-    "settings": {
-      "batch_size": batch_size,
-      "num_batches": num_batches,
-      "devices": n_dev,
-      "logits_dtype": str(settings.logits_dtype),
-      "thresholds": list(stats.THRESHOLDS),
-      "cos_match_thresholds": list(stats.COS_MATCH_THRESHOLDS),
-      "bootstrap_resamples": settings.bootstrap,
-      **stats.resampling(groups),
-      "ci_level": 0.95,
-      "gamma": settings.gamma,
-      "costs": costs,
-    },
-    "primary_reading": "next" if spec.predicts_next else "same",
-    "timing": {
-      "device_loop_s": t_loop,
-      "compile_s": compile_s,
-      "evaluate_s": time.perf_counter() - t_start,
-    },
-    "results": results,
-    "notes": _notes(spec),
+  inputs = eval_inputs.prepare(request, settings)
+  arrays, loop = _device_loop(inputs, settings)
+  stat_args = {
+    "settings": settings,
+    "costs": inputs.costs,
+    "seed": inputs.seed,
+    "groups": inputs.groups,
   }
-  if depth is not None:
-    metrics["depth_acceptance"] = depth
-  plot_arrays["lengths"] = lengths
-  if groups is not None:
-    plot_arrays["groups"] = groups
+  results, positions, plot_arrays = stats.all_readings(
+    arrays, _readings(inputs), inputs.lengths, **stat_args
+  )
+  depth = _depth_acceptance(inputs, arrays, stat_args)
+  drafter = _drafter_tokens(inputs, arrays, stat_args)
+  if drafter is not None:
+    results["drafter_tokens"] = {"same": drafter[0]}
+    positions["drafter_tokens"] = {"same": drafter[1]}
+  loop["evaluate_s"] = time.perf_counter() - t_start
+  metrics = _metrics(inputs, workdir, step, settings, loop, results, depth)
+  plot_arrays["lengths"] = inputs.lengths
+  if inputs.groups is not None:
+    plot_arrays["groups"] = inputs.groups
   return EvalResult(
     metrics=format_lib.to_jsonable(metrics),
     positions=format_lib.to_jsonable(positions),
@@ -384,13 +135,144 @@ def evaluate(
   )
 
 
-def _data_info(dataset, data_path, indices, lengths, subset) -> dict:
+def _readings(inputs) -> dict[str, tuple]:
+  """Prediction name -> its readings (eval_device.readings)."""
+  return eval_device.readings(inputs.spec, inputs.raw_source)
+
+
+def _device_loop(inputs, settings: EvalSettings) -> tuple[dict, dict]:
+  """(per-position arrays of every batch, the loop's sizes and timings).
+
+  The jitted step reduces each batch to per-position cosines and token
+  ranks on device; with acceptance at depth for an adapter fed its own
+  predictions, it also drafts free-running (unroll.py).
+  """
+  fields = ["target"]
+  if inputs.cross_model:
+    fields.insert(0, "source")
+  if inputs.head is not None and inputs.stored_tokens:
+    fields.append("target_tokens")
+  fed_back = unroll.feeds_back(inputs.spec)
+  n_dev = jax.device_count()
+  # Divisible across devices.
+  batch_size = -(-settings.batch_size // n_dev) * n_dev
+  step_fn = eval_device.make_eval_step(
+    inputs.spec,
+    inputs.module,
+    _readings(inputs),
+    use_head=inputs.head is not None,
+    stored_tokens=inputs.stored_tokens,
+    logits_dtype=jnp.dtype(settings.logits_dtype),
+    # Free-running drafts need the adapter re-run on its own states (b1,
+    # l5f); L5's equal step 1.
+    depth=settings.gamma if inputs.depth_report and fed_back else 0,
+  )
+  t_loop = time.perf_counter()
+  arrays, num_batches, compile_s = eval_device.run(
+    inputs.dataset,
+    inputs.indices,
+    step_fn,
+    inputs.params,
+    inputs.params0,
+    None if inputs.head is None else inputs.head.weight,
+    fields,
+    batch_size=batch_size,
+    pad_multiple=settings.pad_multiple,
+    progress=settings.progress,
+  )
+  loop = {
+    "batch_size": batch_size,
+    "num_batches": num_batches,
+    "devices": n_dev,
+    "device_loop_s": time.perf_counter() - t_loop,
+    "compile_s": compile_s,
+  }
+  return arrays, loop
+
+
+def _depth_acceptance(inputs, arrays, stat_args: dict) -> dict | None:
+  """Chain-drafting acceptance at depth 1..gamma (decode adapters with an
+  LM head), free-running beside teacher-forced; else None."""
+  if not inputs.depth_report:
+    return None
+  return stats.depth_acceptance(
+    arrays,
+    inputs.lengths,
+    gamma=stat_args["settings"].gamma,
+    fed_back=unroll.feeds_back(inputs.spec),
+    **stat_args,
+  )
+
+
+def _drafter_tokens(inputs, arrays, stat_args: dict) -> tuple | None:
+  """The drafter's own greedy tokens against the target tokens (same
+  position): (metrics, per-position list), or None without them."""
+  dataset = inputs.dataset
+  if not (inputs.cross_model and dataset.has_draft_tokens):
+    return None
+  stored = inputs.stored_tokens
+  if not (stored or inputs.head is not None):
+    return None
+  lengths = inputs.lengths
+  extra = ["draft_tokens"] + (["target_tokens"] if stored else [])
+  toks = _read_tokens(dataset, inputs.indices, int(lengths.max()), extra)
+  tgt = toks["target_tokens"] if stored else arrays["target_tokens"]
+  return stats.drafter_tokens(toks["draft_tokens"], tgt, lengths, **stat_args)
+
+
+def _metrics(inputs, workdir, step, settings, loop, results, depth) -> dict:
+  """The metrics.json record: run, data, settings, timing and results."""
+  metrics = {
+    "run": _run_info(inputs, workdir, step),
+    "data": _data_info(inputs),
+    "lm_head": _head_info(inputs),
+    "settings": {
+      **{k: loop[k] for k in ("batch_size", "num_batches", "devices")},
+      "logits_dtype": str(settings.logits_dtype),
+      "thresholds": list(stats.THRESHOLDS),
+      "cos_match_thresholds": list(stats.COS_MATCH_THRESHOLDS),
+      "bootstrap_resamples": settings.bootstrap,
+      **stats.resampling(inputs.groups),
+      "ci_level": 0.95,
+      "gamma": settings.gamma,
+      "costs": inputs.costs,
+    },
+    "primary_reading": "next" if inputs.spec.predicts_next else "same",
+    "timing": {
+      k: loop[k] for k in ("device_loop_s", "compile_s", "evaluate_s")
+    },
+    "results": results,
+    "notes": _notes(inputs.spec),
+  }
+  if depth is not None:
+    metrics["depth_acceptance"] = depth
+  return metrics
+
+
+def _run_info(inputs, workdir, step) -> dict:
+  spec = inputs.spec
+  return {
+    "workdir": workdir,
+    "step": step if workdir is not None else None,
+    "params": "workdir"
+    if workdir is not None
+    else ("fresh init (untrained)" if inputs.fresh else "given"),
+    "adapter": spec.name,
+    "overrides": dict(inputs.overrides),
+    "seed": inputs.seed,
+    "inputs": list(spec.inputs),
+    "predicts_next": spec.predicts_next,
+  }
+
+
+def _data_info(inputs) -> dict:
+  dataset, lengths = inputs.dataset, inputs.lengths
   header = getattr(dataset, "header", {}) or {}
   return {
-    "path": data_path,
-    "num_samples": int(len(indices)),
+    "path": inputs.data_path,
+    "num_samples": int(len(inputs.indices)),
     "dataset_num_samples": int(dataset.num_samples),
-    "subset": subset,
+    "subset": inputs.subset,
     "total_valid_positions": int(lengths.sum()),
     "total_valid_next_positions": int(np.maximum(lengths - 1, 0).sum()),
     **{
@@ -405,7 +287,8 @@ def _data_info(dataset, data_path, indices, lengths, subset) -> dict:
   }
 
 
-def _head_info(head, lm_head, stored_tokens: bool) -> dict | None:
+def _head_info(inputs) -> dict | None:
+  head, lm_head = inputs.head, inputs.lm_head
   if head is None:
     return None
   return {
@@ -415,7 +298,7 @@ def _head_info(head, lm_head, stored_tokens: bool) -> dict | None:
       for k in ("model_id", "vocab_size", "hidden_dim", "dtype")
     },
     "token_targets": "stored target_tokens"
-    if stored_tokens
+    if inputs.stored_tokens
     else "argmax of target states through the LM head",
   }
 

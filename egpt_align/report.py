@@ -4,84 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
-
-import numpy as np
 
 from egpt_align import eval_stats as stats
 from egpt_align import metrics as metrics_lib
 from egpt_align.data import format as format_lib
-
-PRED_LABELS = {
-  "adapter": "adapter",
-  "untrained": "untrained adapter",
-  "raw_source": "raw drafter state",
-  "copy_target": "copy target[t]",
-  "drafter_tokens": "drafter's own tokens",
-}
-_TOKEN_ONLY = ("drafter_tokens",)
-
-
-def _columns(metrics: dict, reading: str) -> list[tuple[str, str]]:
-  """(prediction, reading) columns for a reading: adapter first, baselines."""
-  res = metrics["results"]
-  cols = [
-    (p, reading)
-    for p in ("adapter", "untrained", "copy_target")
-    if reading in res.get(p, {})
-  ]
-  # Cross-model floors exist only at the same position; show them next to
-  # the primary reading too, labelled.
-  for p in ("raw_source", "drafter_tokens"):
-    if "same" in res.get(p, {}):
-      cols.append((p, "same"))
-  return cols
-
-
-def _fmt(x: Any, pct: bool = False, digits: int = 3) -> str:
-  if x is None:
-    return "n/a"
-  if isinstance(x, int | np.integer) and not pct:
-    return str(int(x))
-  if pct:
-    return f"{100 * x:.1f}%"
-  return f"{x:.{digits}f}"
-
-
-def _with_ci(m: dict, key: str, pct: bool) -> str:
-  val = m.get(key)
-  if val is None:
-    return "–"
-  s = _fmt(val, pct)
-  ci = m.get("ci", {}).get(key)
-  if ci:
-    s += f" [{_fmt(ci[0], pct)}, {_fmt(ci[1], pct)}]"
-  return s
-
-
-_HEADLINE_ROWS = (
-  ("token_top1", "token top-1 agreement (α)", True),
-  ("token_top5", "token top-5 agreement", True),
-  ("token_top10", "token top-10 agreement", True),
-  ("token_consecutive_mean", "leading run of token matches (mean)", False),
-  ("cos_sim_mean", "cosine (mean)", False),
-  ("accept_90", "Accept@0.90 (cos > 0.90)", True),
-  ("consecutive_mean_90", "leading run of cos > 0.90 (mean)", False),
+from egpt_align.eval_format import (
+  HEADLINE_ROWS,
+  PRED_LABELS,
+  col_name,
+  columns,
+  fmt,
+  table,
+  with_ci,
 )
 
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-  out = [
-    "| " + " | ".join(header) + " |",
-    "|" + "|".join("---" for _ in header) + "|",
-  ]
-  out += ["| " + " | ".join(r) + " |" for r in rows]
-  return out
-
-
-def _col_name(p: str, r: str, primary: str) -> str:
-  label = PRED_LABELS.get(p, p)
-  return label + (f" ({r} pos.)" if r != primary else "")
+# Also importable from here as before (tests, tools/study).
+from egpt_align.eval_plots import make_plots, p_match_figure  # noqa: F401
 
 
 def verdict(metrics: dict) -> list[str]:
@@ -101,14 +39,14 @@ def verdict(metrics: dict) -> list[str]:
     key, what = "cos_sim_mean", "mean cosine"
   lines = []
   beaten, not_beaten = [], []
-  for p, r in _columns(metrics, primary)[1:]:
+  for p, r in columns(metrics, primary)[1:]:
     value = res[p][r].get(key)
     if value is None:
       continue
-    name = _col_name(p, r, primary)
-    entry = f"{name} ({_fmt(value, key == 'token_top1')})"
+    name = col_name(p, r, primary)
+    entry = f"{name} ({fmt(value, key == 'token_top1')})"
     (beaten if adapter[key] > value else not_beaten).append(entry)
-  mine = _fmt(adapter[key], key == "token_top1")
+  mine = fmt(adapter[key], key == "token_top1")
   if not_beaten:
     lines.append(
       f"The adapter does NOT beat {', '.join(not_beaten)} on {what} "
@@ -138,12 +76,32 @@ def verdict(metrics: dict) -> list[str]:
 
 def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
   """The human-readable report.md text."""
-  run, data, st = metrics["run"], metrics["data"], metrics["settings"]
-  primary = metrics["primary_reading"]
-  res = metrics["results"]
-  head = metrics.get("lm_head")
+  run, data = metrics["run"], metrics["data"]
   lines = [f"# Evaluation: adapter `{run['adapter']}` on `{data['path']}`", ""]
-  lines += [
+  lines += _run_section(metrics)
+  lines += _bullets("Notes", metrics["notes"])
+  lines += _headline_section(metrics)
+  lines += _bullets("Verdict", verdict(metrics))
+  lines += _speedup_section(metrics)
+  lines += _depth_section(metrics.get("depth_acceptance"))
+  lines += _adapter_sections(metrics, positions)
+  lines += _plots_section(plots)
+  lines += _definitions_section()
+  return "\n".join(lines)
+
+
+def _bullets(title: str, items: list[str]) -> list[str]:
+  """A section of bullet points; nothing without items."""
+  if not items:
+    return []
+  return [f"## {title}", ""] + [f"- {x}" for x in items] + [""]
+
+
+def _run_section(metrics: dict) -> list[str]:
+  """Run and data: checkpoint, adapter, data, LM head and settings."""
+  run, data, st = metrics["run"], metrics["data"], metrics["settings"]
+  head = metrics.get("lm_head")
+  lines = [
     "## Run and data",
     "",
     f"- Run: `{run['workdir']}` (checkpoint: {run['step']})"
@@ -157,9 +115,9 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     + f": {data['num_samples']} samples "
     f"(of {data['dataset_num_samples']}), {data['total_valid_positions']} "
     f"valid positions ({data['total_valid_next_positions']} with a next "
-    f"position); length mean {_fmt(data['num_hidden_tokens_mean'], digits=1)}"
-    f", min {_fmt(data['num_hidden_tokens_min'], digits=0)}, max "
-    f"{_fmt(data['num_hidden_tokens_max'], digits=0)}",
+    f"position); length mean {fmt(data['num_hidden_tokens_mean'], digits=1)}"
+    f", min {fmt(data['num_hidden_tokens_min'], digits=0)}, max "
+    f"{fmt(data['num_hidden_tokens_max'], digits=0)}",
     f"- Provenance: `{json.dumps(data.get('provenance'))}`",
   ]
   if head:
@@ -170,18 +128,21 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     )
   else:
     lines.append("- LM head: none given, so no token metrics from states")
-  lines += [
+  return lines + [
     f"- Settings: batch {st['batch_size']} on {st['devices']} device(s), "
     f"logits in {st['logits_dtype']}, {st['bootstrap_resamples']} bootstrap "
     f"resamples of {stats.resampling_text(st)}, 95% percentile CIs in "
     "brackets",
     "",
   ]
-  if metrics["notes"]:
-    lines += ["## Notes", ""] + [f"- {n}" for n in metrics["notes"]] + [""]
 
-  cols = _columns(metrics, primary)
-  lines += [
+
+def _headline_section(metrics: dict) -> list[str]:
+  """The headline table: the primary reading, adapter beside baselines."""
+  primary = metrics["primary_reading"]
+  res = metrics["results"]
+  cols = columns(metrics, primary)
+  lines = [
     f"## Headline ({primary}-position reading"
     + (
       ": output[t] vs target[t+1])"
@@ -191,32 +152,33 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     "",
   ]
   rows = []
-  for key, label, pct in _HEADLINE_ROWS:
-    cells = [_with_ci(res[p][r], key, pct) for p, r in cols]
+  for key, label, pct in HEADLINE_ROWS:
+    cells = [with_ci(res[p][r], key, pct) for p, r in cols]
     if any(c != "–" for c in cells):
       rows.append([label] + cells)
-  sp_cells = []
-  for p, r in cols:
-    sp = res[p][r].get("speedup")
-    if sp:
-      s = f"{sp['speedup']:.3f}x"
-      if sp.get("speedup_ci"):
-        s += f" [{sp['speedup_ci'][0]:.3f}, {sp['speedup_ci'][1]:.3f}]"
-      sp_cells.append(s)
-    else:
-      sp_cells.append("–")
+  sp_cells = [_speedup_cell(res[p][r].get("speedup")) for p, r in cols]
   if any(c != "–" for c in sp_cells):
-    rows.append([f"expected speedup (γ={st['gamma']})"] + sp_cells)
-  lines += _table(
-    ["metric"] + [_col_name(p, r, primary) for p, r in cols], rows
-  )
-  lines.append("")
-  plain = verdict(metrics)
-  if plain:
-    lines += ["## Verdict", ""] + [f"- {x}" for x in plain] + [""]
+    gamma = metrics["settings"]["gamma"]
+    rows.append([f"expected speedup (γ={gamma})"] + sp_cells)
+  lines += table(["metric"] + [col_name(p, r, primary) for p, r in cols], rows)
+  return lines + [""]
 
+
+def _speedup_cell(sp: dict | None) -> str:
+  """Expected speedup with its CI; '–' without one."""
+  if not sp:
+    return "–"
+  s = f"{sp['speedup']:.3f}x"
+  if sp.get("speedup_ci"):
+    s += f" [{sp['speedup_ci'][0]:.3f}, {sp['speedup_ci'][1]:.3f}]"
+  return s
+
+
+def _speedup_section(metrics: dict) -> list[str]:
+  """The speedup model, its costs, and a row per prediction and reading."""
+  st = metrics["settings"]
   costs = st["costs"]
-  lines += [
+  lines = [
     "## Expected speedup",
     "",
     "Standard model: tokens per cycle τ = (1 − α^(γ+1)) / (1 − α), speedup "
@@ -237,28 +199,9 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     + (f" **{costs['note']}**" if costs.get("note") else ""),
     "",
   ]
-  rows = []
-  for p, reads in res.items():
-    for r, m in reads.items():
-      sp = m.get("speedup")
-      if not sp:
-        continue
-      rows.append(
-        [
-          _col_name(p, r, primary if p != "drafter_tokens" else "same"),
-          r,
-          _fmt(sp["alpha"]),
-          _fmt(sp["tokens_per_cycle"]),
-          _fmt(sp.get("simulated_tokens_per_cycle")),
-          _with_ci(
-            {"s": sp["speedup"], "ci": {"s": sp.get("speedup_ci")}}, "s", False
-          ),
-          _fmt(sp.get("simulated_speedup")),
-          f"{sp['best_gamma']} ({sp['best_gamma_speedup']:.3f}x)",
-        ]
-      )
+  rows = _speedup_rows(metrics["results"], metrics["primary_reading"])
   if rows:
-    lines += _table(
+    lines += table(
       [
         "prediction",
         "reading",
@@ -273,30 +216,64 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     )
   else:
     lines.append("No token metrics (no LM head and no stored tokens).")
-  lines.append("")
+  return lines + [""]
 
-  lines += _depth_section(metrics.get("depth_acceptance"))
-  if "adapter" in res:
-    lines += _hidden_detail(res, primary)
-    if primary == "next" and "same" in res["adapter"]:
-      lines += [
-        "### Same-position reading (output[t] vs target[t])",
-        "",
-        "Shown for comparison with the reference's numbers. For adapters "
-        "whose input contains the target (b1, l5f) it is trivially high; "
-        "compare it with the untrained column.",
-        "",
-      ]
-      lines += _hidden_detail(res, "same", heading=False)
-    lines += _cos_match(res["adapter"][primary])
-    lines += _per_position(positions, primary)
-  if plots:
-    lines += (
-      ["## Plots", ""]
-      + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
-      + [""]
-    )
-  lines += [
+
+def _speedup_rows(res: dict, primary: str) -> list[list[str]]:
+  """One row per prediction and reading that has an expected speedup."""
+  rows = []
+  for p, reads in res.items():
+    for r, m in reads.items():
+      sp = m.get("speedup")
+      if not sp:
+        continue
+      rows.append(
+        [
+          col_name(p, r, primary if p != "drafter_tokens" else "same"),
+          r,
+          fmt(sp["alpha"]),
+          fmt(sp["tokens_per_cycle"]),
+          fmt(sp.get("simulated_tokens_per_cycle")),
+          with_ci(
+            {"s": sp["speedup"], "ci": {"s": sp.get("speedup_ci")}}, "s", False
+          ),
+          fmt(sp.get("simulated_speedup")),
+          f"{sp['best_gamma']} ({sp['best_gamma_speedup']:.3f}x)",
+        ]
+      )
+  return rows
+
+
+def _adapter_sections(metrics: dict, positions: dict) -> list[str]:
+  """The adapter in detail: hidden-state metrics (both readings), cosine vs
+  token match, and per position."""
+  res, primary = metrics["results"], metrics["primary_reading"]
+  if "adapter" not in res:
+    return []
+  lines = _hidden_detail(res, primary)
+  if primary == "next" and "same" in res["adapter"]:
+    lines += [
+      "### Same-position reading (output[t] vs target[t])",
+      "",
+      "Shown for comparison with the reference's numbers. For adapters "
+      "whose input contains the target (b1, l5f) it is trivially high; "
+      "compare it with the untrained column.",
+      "",
+    ]
+    lines += _hidden_detail(res, "same", heading=False)
+  lines += _cos_match(res["adapter"][primary])
+  return lines + _per_position(positions, primary)
+
+
+def _plots_section(plots: list[str]) -> list[str]:
+  if not plots:
+    return []
+  images = [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+  return ["## Plots", ""] + images + [""]
+
+
+def _definitions_section() -> list[str]:
+  return [
     "## Definitions",
     "",
     "- Valid positions are the dataset's; `next` uses positions t whose t+1 "
@@ -316,7 +293,6 @@ def render_markdown(metrics: dict, positions: dict, plots: list[str]) -> str:
     "each headline metric is a ratio of per-sample sums.",
     "",
   ]
-  return "\n".join(lines)
 
 
 def _depth_section(depth: dict | None) -> list[str]:
@@ -327,15 +303,15 @@ def _depth_section(depth: dict | None) -> list[str]:
   gamma = depth["gamma"]
   rows = [
     [f"first {d} drafts accepted"]
-    + [_with_ci(e, f"depth_{d}", True) for e in (free, tf)]
+    + [with_ci(e, f"depth_{d}", True) for e in (free, tf)]
     for d in range(1, gamma + 1)
   ]
   rows.append(
-    ["τ = 1 + Σ_d share_d"] + [_with_ci(e, "tau", False) for e in (free, tf)]
+    ["τ = 1 + Σ_d share_d"] + [with_ci(e, "tau", False) for e in (free, tf)]
   )
   rows.append(
     ["expected speedup τ / (γ·c + v)"]
-    + [_fmt(e.get("speedup")) for e in (free, tf)]
+    + [fmt(e.get("speedup")) for e in (free, tf)]
   )
   how = (
     "the adapter fed its own predicted states, with the attention of the "
@@ -353,7 +329,7 @@ def _depth_section(depth: dict | None) -> list[str]:
     "states before it. A share is the fraction of starts whose first d "
     "drafts all match the target's tokens.",
     "",
-    *_table(["", "free-running [CI]", "teacher-forced [CI]"], rows),
+    *table(["", "free-running [CI]", "teacher-forced [CI]"], rows),
     "",
   ]
 
@@ -383,14 +359,12 @@ def _hidden_detail(res, reading, heading=True) -> list[str]:
     pct = k.startswith("accept")
     rows.append(
       [k]
-      + [
-        _with_ci(res[p][r], k, pct) if k in res[p][r] else "–" for p, r in cols
-      ]
+      + [with_ci(res[p][r], k, pct) if k in res[p][r] else "–" for p, r in cols]
     )
   out = []
   if heading:
     out += [f"## Hidden-state metrics ({reading}-position reading)", ""]
-  out += _table(["metric"] + [PRED_LABELS[p] for p, _ in cols], rows)
+  out += table(["metric"] + [PRED_LABELS[p] for p, _ in cols], rows)
   return out + [""]
 
 
@@ -399,15 +373,15 @@ def _cos_match(m: dict) -> list[str]:
   if not cond:
     return []
   rows = [
-    [f"cos > 0.{k}", _fmt(v["p_match"]), str(v["count"])]
+    [f"cos > 0.{k}", fmt(v["p_match"]), str(v["count"])]
     for k, v in cond.items()
   ]
   return (
     ["## Cosine vs token match (adapter)", ""]
-    + _table(["condition", "P(top-1 match)", "positions"], rows)
+    + table(["condition", "P(top-1 match)", "positions"], rows)
     + [
       "",
-      f"Pearson r(cosine, match) = {_fmt(m.get('cos_token_pearson_r'))}",
+      f"Pearson r(cosine, match) = {fmt(m.get('cos_token_pearson_r'))}",
       "",
     ]
   )
@@ -436,149 +410,22 @@ def _per_position(positions: dict, reading: str, n: int = 20) -> list[str]:
     row = [
       str(t),
       str(e["num_samples"]),
-      _fmt(e.get("cos_mean")),
-      _fmt(e.get("accept_90"), pct=True),
+      fmt(e.get("cos_mean")),
+      fmt(e.get("accept_90"), pct=True),
     ]
     if has_tok:
-      row.append(_fmt(e.get("token_top1"), pct=True))
+      row.append(fmt(e.get("token_top1"), pct=True))
       for p, r in extra:
         lst = positions[p][r]
         row.append(
-          _fmt(lst[t].get("token_top1"), pct=True) if t < len(lst) else "–"
+          fmt(lst[t].get("token_top1"), pct=True) if t < len(lst) else "–"
         )
     rows.append(row)
   return (
     [f"## Per position ({reading} reading, first {n})", ""]
-    + _table(header, rows)
+    + table(header, rows)
     + [""]
   )
-
-
-def make_plots(result, out_dir: str) -> list[str]:
-  """Writes the PNG plots; returns their file names (relative to out_dir)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  metrics, positions, arrays = result.metrics, result.positions, result.arrays
-  primary = metrics["primary_reading"]
-  names = []
-
-  fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-  hists = [
-    (p, a, arrays.get(f"{p}/{primary}/cos"))
-    for p, a in (("adapter", 0.8), ("untrained", 0.4))
-  ]
-  hists = [(p, a, c) for p, a, c in hists if c is not None and c.size]
-  if hists:
-    # Shared bins so the two histograms compare bar for bar.
-    lo = min(float(c.min()) for _, _, c in hists)
-    hi = max(float(c.max()) for _, _, c in hists)
-    bins = np.linspace(lo, max(hi, lo + 1e-6), 51)
-  for p, alpha, cos in hists:
-    ax.hist(cos, bins=bins, alpha=alpha, label=PRED_LABELS[p])
-  for t in metrics_lib.THRESHOLDS:
-    ax.axvline(t, color="k", ls="--", lw=0.8)
-    ax.text(t, ax.get_ylim()[1] * 0.95, f"{t:.2f}", rotation=90, fontsize=7)
-  ax.set_xlabel(f"cosine ({primary} reading)")
-  ax.set_ylabel("positions")
-  ax.legend()
-  ax.set_title("Cosine histogram with Accept@τ thresholds")
-  names.append(_save(fig, out_dir, "cosine_hist.png"))
-
-  ad = positions["adapter"][primary]
-  t = np.arange(len(ad))
-  has_tok = bool(ad) and "token_top1" in ad[0]
-  fig, axes = plt.subplots(
-    1,
-    2 if has_tok else 1,
-    figsize=(12 if has_tok else 6, 4),
-    layout="constrained",
-  )
-  axes = np.atleast_1d(axes)
-  for th in metrics_lib.THRESHOLDS:
-    k = f"accept_{metrics_lib.threshold_key(th)}"
-    axes[0].plot(t, [_nan(e.get(k)) for e in ad], marker=".", label=f"τ={th}")
-  axes[0].set_xlabel("position")
-  axes[0].set_ylabel("Accept@τ")
-  axes[0].set_ylim(-0.02, 1.02)
-  axes[0].legend()
-  axes[0].set_title(f"Per-position acceptance ({primary})")
-  if has_tok:
-    for p in (
-      "adapter",
-      "untrained",
-      "copy_target",
-      "raw_source",
-      "drafter_tokens",
-    ):
-      for r in (primary, "same"):
-        lst = positions.get(p, {}).get(r)
-        if lst and "token_top1" in lst[0]:
-          axes[1].plot(
-            np.arange(len(lst)),
-            [_nan(e.get("token_top1")) for e in lst],
-            marker=".",
-            label=PRED_LABELS[p] + ("" if r == primary else f" ({r})"),
-          )
-          break
-    axes[1].set_xlabel("position")
-    axes[1].set_ylabel("token top-1 agreement")
-    axes[1].set_ylim(-0.02, 1.02)
-    axes[1].legend(fontsize=8)
-    axes[1].set_title("Per-position token agreement")
-  names.append(_save(fig, out_dir, "positions.png"))
-
-  adapter = metrics["results"]["adapter"][primary]
-  if adapter.get("p_match_given_cos"):
-    fig = p_match_figure(
-      adapter["p_match_given_cos"], adapter.get("cos_token_pearson_r")
-    )
-    names.append(_save(fig, out_dir, "p_match_given_cos.png"))
-  return names
-
-
-def p_match_figure(cond: dict, pearson_r: float | None):
-  """Bar chart of P(top-1 match | cos > τ) with each condition's count."""
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-  keys = list(cond)
-  # Empty conditions (n=0) have no P(match): a zero-height bar, labelled,
-  # so every threshold keeps its tick and label inside the axes.
-  vals = [np.nan_to_num(_nan(cond[k]["p_match"])) for k in keys]
-  x = np.arange(len(keys))
-  ax.bar(x, vals)
-  ax.set_xticks(x, [f">0.{k}" for k in keys])
-  ax.set_xlim(-0.5, len(keys) - 0.5)
-  for i, k in enumerate(keys):
-    ax.text(
-      i,
-      0.02,
-      f"n={cond[k]['count']}",
-      ha="center",
-      va="bottom",
-      fontsize=7,
-      rotation=90,
-    )
-  ax.set_ylim(0, 1.02)
-  ax.set_xlabel("cosine condition")
-  ax.set_ylabel("P(top-1 match | cos > τ)")
-  ax.set_title(f"P(match | cosine); Pearson r = {_fmt(pearson_r)}")
-  return fig
-
-
-def _nan(x):
-  return np.nan if x is None else x
-
-
-def _save(fig, out_dir: str, name: str) -> str:
-  fig.savefig(os.path.join(out_dir, name), dpi=110)
-  import matplotlib.pyplot as plt
-
-  plt.close(fig)
-  return name
 
 
 def write_outputs(result, out_dir: str) -> list[str]:
@@ -608,24 +455,24 @@ def summary_text(result) -> str:
   lines = [
     f"adapter {m['run']['adapter']} on {m['data']['path']} ({primary} reading)"
   ]
-  for p, r in _columns(m, primary):
+  for p, r in columns(m, primary):
     e = m["results"][p][r]
     parts = [
-      f"{k}={_with_ci(e, k, pct)}"
-      for k, _, pct in _HEADLINE_ROWS
+      f"{k}={with_ci(e, k, pct)}"
+      for k, _, pct in HEADLINE_ROWS
       if e.get(k) is not None
     ]
     sp = e.get("speedup")
     if sp:
       parts.append(f"speedup={sp['speedup']:.3f}x")
-    lines.append(f"  {_col_name(p, r, primary)}: " + ", ".join(parts))
+    lines.append(f"  {col_name(p, r, primary)}: " + ", ".join(parts))
   depth = m.get("depth_acceptance")
   if depth:
     free, tf = depth["free_running"], depth["teacher_forced"]
     lines.append(
       f"  acceptance at depth (γ={depth['gamma']}): τ free-running "
-      f"{_with_ci(free, 'tau', False)}, teacher-forced "
-      f"{_with_ci(tf, 'tau', False)}"
+      f"{with_ci(free, 'tau', False)}, teacher-forced "
+      f"{with_ci(tf, 'tau', False)}"
     )
   note = m["settings"]["costs"].get("note")
   lines += [f"note: {note}"] if note else []
