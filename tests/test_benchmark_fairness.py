@@ -27,7 +27,7 @@ class FakeRuntime:
     self.shapes = set()
     self.calls = []  # (sample inputs id, label)
 
-  def __call__(self, run, label, method, runtime, t_in, d_in):
+  def __call__(self, run, label, method, runtime, t_in, d_in, measure=True):
     ms = 10.0
     if id(t_in) != self.last:  # a new sample's prompt inputs
       self.last = id(t_in)
@@ -261,7 +261,7 @@ def test_balanced_order_moves_the_aa_copy_away_from_the_baseline(
   class AfterBaseline(FakeRuntime):
     prev = None
 
-    def __call__(self, run, label, method, runtime, t_in, d_in):
+    def __call__(self, run, label, method, runtime, t_in, d_in, measure=True):
       new_sample = id(t_in) != self.last
       r, k = super().__call__(run, label, method, runtime, t_in, d_in)
       if self.prev == "baseline" and not new_sample:
@@ -302,9 +302,9 @@ def test_timed_runs_run_without_the_garbage_collector(tmp_path, monkeypatch):
   seen = []
 
   class Watch(FakeRuntime):
-    def __call__(self, *a):
+    def __call__(self, *a, **kw):
       seen.append(gc.isenabled())
-      return super().__call__(*a)
+      return super().__call__(*a, **kw)
 
   monkeypatch.setattr(sd_bench, "_run_one", Watch())
   res = sd_bench.run_benchmark(_settings(tmp_path))

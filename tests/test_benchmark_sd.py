@@ -257,6 +257,7 @@ def test_cli_samples_file_plugin_and_exported_files(tmp_path):
     "--ignore_eos",
     "--methods=baseline,draft_tokens,prefill_hiding:l4,two_phase:l4+b1",
     "--overlap=thread",
+    "--overlap_every=2",
     f"--adapter=l4={f_l4}",
     f"--adapter=b1={f_b1}",
     "--bootstrap=20",
@@ -275,6 +276,11 @@ def test_cli_samples_file_plugin_and_exported_files(tmp_path):
   assert all(a["mismatched_samples"] == 0 for a in agg.values())
   ov = agg["prefill_hiding:l4"]["prefill_overlap"]
   assert ov["concurrent"] is True and ov["drafter_alone_ms"] > 0
+  # The saving is measured on measured samples 0, 2, ...: not on sample 1.
+  recs = res["per_sample"]["prefill_hiding:l4"]
+  assert [("overlap_ms" in r["overlap"]) for r in recs] == [True, False]
+  assert all(r["overlap"]["concurrent"] for r in recs)
+  assert ov["samples"] == 1 and res["config"]["overlap_every"] == 2
   assert "concurrent wall" in (out / "report.md").read_text()
   assert res["provenance"]["adapters"]["b1"]["kind"] == "b1"
   assert res["provenance"]["target"]["backend"] == "toy_plugin"

@@ -180,6 +180,14 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     help="prefill overlap: auto = a thread on the 2nd GPU or a 2nd CUDA "
     "stream (sequential on CPU); thread = a thread on any device",
   )
+  run.add_argument(
+    "--overlap_every",
+    type=int,
+    default=4,
+    metavar="N",
+    help="measure a concurrent prefill's saving (each side run again "
+    "alone, untimed) on measured samples 0, N, 2N, ...; 1 = every sample",
+  )
 
 
 def _fairness_args(p: argparse.ArgumentParser) -> None:
@@ -293,6 +301,7 @@ def settings(args: argparse.Namespace) -> BenchSettings:
     runtimes=[r.strip() for r in args.runtimes.split(",") if r.strip()],
     compile=not args.no_compile,
     overlap=args.overlap,
+    overlap_every=args.overlap_every,
     bootstrap=args.bootstrap,
     tie_margin=args.tie_margin,
     seed=args.seed,

@@ -82,6 +82,9 @@ class BenchSettings:
   runtimes: Sequence[str] = ("fast", "eager")
   compile: bool = True
   overlap: str = "auto"
+  # A concurrent prefill's saving is measured (each side again alone,
+  # untimed) on samples 0, N, 2N, ...: 1 = every sample.
+  overlap_every: int = 4
   bootstrap: int = 2000
   tie_margin: float = 0.1
   seed: int = 0
@@ -102,6 +105,8 @@ def _check(s: BenchSettings) -> tuple[list[str], list[str]]:
   """The methods (baseline first) and runtimes, checked."""
   if s.gamma < 1 or s.max_new_tokens < 1 or s.warmup < 0:
     raise ValueError("--gamma and --max_new_tokens must be >= 1, --warmup >= 0")
+  if s.overlap_every < 1:
+    raise ValueError(f"--overlap_every must be >= 1, got {s.overlap_every}")
   methods = ["baseline"] + [m for m in s.methods if m != "baseline"]
   if len(set(methods)) != len(methods):
     raise ValueError(f"--methods lists a method twice: {','.join(s.methods)}")
@@ -258,9 +263,12 @@ def _order(run: _Run, si: int) -> list[tuple[str, str, str]]:
   return run.runs[k:] + run.runs[:k]
 
 
-def _run_one(run: _Run, label: str, method: str, runtime: str, t_in, d_in):
-  """One labelled run on one sample: (SampleResult, prefill drafts)."""
-  cfg = dataclasses.replace(run.cfg, runtime=runtime)
+def _run_one(
+  run: _Run, label: str, method: str, runtime: str, t_in, d_in, measure=True
+):
+  """One labelled run on one sample: (SampleResult, prefill drafts);
+  `measure`: a concurrent prefill's saving too (each side alone)."""
+  cfg = dataclasses.replace(run.cfg, runtime=runtime, measure_overlap=measure)
   if run.s.prefill_gamma == "auto":
     cfg = dataclasses.replace(cfg, prefill_gamma=run.window.drafts(run.s.gamma))
   r = run_method(method, run.models, t_in, d_in, cfg)
@@ -293,7 +301,7 @@ def _warm_shape(run: _Run, sample: dict, order, t_in, d_in) -> None:
   t0 = time.perf_counter()
   for lab, m, rt in order:
     try:
-      _run_one(run, lab, m, rt, t_in, d_in)
+      _run_one(run, lab, m, rt, t_in, d_in, measure=False)
     except SDError:
       pass  # the timed run meets (and records) the same error
   run.shape_warmups.append(
@@ -310,10 +318,13 @@ def _run_sample(run: _Run, si: int, sample: dict, warm: bool, t_in, d_in):
   elif s.shape_warmup:
     _warm_shape(run, sample, order, t_in, d_in)
   done: dict[str, tuple] = {}
+  # Measured samples 0, N, 2N, ... (after the warm-up ones).
+  measure = not warm and (si - s.warmup) % s.overlap_every == 0
   for pos, (lab, m, rt) in enumerate(order):
     try:
       with fair_runs.no_gc():
-        done[lab] = (*_run_one(run, lab, m, rt, t_in, d_in), pos)
+        r = _run_one(run, lab, m, rt, t_in, d_in, measure=measure)
+        done[lab] = (*r, pos)
     except SDError as e:
       if m == "baseline":
         raise
@@ -451,6 +462,7 @@ def _config(s: BenchSettings, run: _Run, methods, device, ddev, dtype, adtype):
     "device": str(device),
     "draft_device": str(ddev),
     "overlap": s.overlap,
+    "overlap_every": s.overlap_every,
     "prompt_len": s.prompt_len if s.random_models else None,
     "bootstrap": s.bootstrap,
     # 'group': CIs resample whole groups (samples.jsonl `group`).

@@ -165,20 +165,21 @@ def _overlap_lines(agg: dict) -> list[str]:
     "",
     "## Measured prefill overlap (mean ms)",
     "",
-    "Each side is also timed alone after the run; saved = target alone + "
+    "Each side is also timed alone after the run (untimed, on every "
+    "--overlap_every-th sample: `samples`); saved = target alone + "
     "drafter alone - concurrent wall (negative: concurrency cost more "
     "than it hid). 'in region' = each side's time while running "
-    "concurrently, contention included.",
+    "concurrently, contention included. Means over those samples.",
     "",
     "| method | target alone | drafter alone | concurrent wall | saved | "
-    "target in region | drafter in region | concurrent |",
-    "|---|---|---|---|---|---|---|---|",
+    "target in region | drafter in region | concurrent | samples |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for m, o in ov.items():
     lines.append(
       f"| {m} | {o['target_alone_ms']:.2f} | {o['drafter_alone_ms']:.2f} | "
       f"{o['wall_ms']:.2f} | {o['overlap_ms']:.2f} | {o['target_ms']:.2f} "
-      f"| {o['drafter_ms']:.2f} | {o['concurrent']} |"
+      f"| {o['drafter_ms']:.2f} | {o['concurrent']} | {o.get('samples')} |"
     )
   return lines
 

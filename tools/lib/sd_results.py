@@ -150,7 +150,8 @@ def aggregate(
     k: float(np.mean([r["phases"].get(k, {}).get("ms", 0.0) for r in rs]))
     for k in names
   }
-  ov = [r["overlap"] for r in rs if r.get("overlap")]
+  # Only the samples whose saving was measured (BenchSettings.overlap_every).
+  ov = [r["overlap"] for r in rs if "overlap_ms" in (r.get("overlap") or {})]
   if ov:
     out["prefill_overlap"] = {
       k: float(np.mean([o[k] for o in ov]))
@@ -164,6 +165,7 @@ def aggregate(
       )
     }
     out["prefill_overlap"]["concurrent"] = bool(ov[0]["concurrent"])
+    out["prefill_overlap"]["samples"] = len(ov)
   fm = [
     r["first_draft_match"] for r in rs if r["first_draft_match"] is not None
   ]
@@ -275,7 +277,9 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
     per_token[m] = ms / drafted
   prefill_overlap = {}
   for m in methods:
-    ov = [r["overlap"] for r in ok[m] if r.get("overlap")]
+    ov = [
+      r["overlap"] for r in ok[m] if "overlap_ms" in (r.get("overlap") or {})
+    ]
     if ov:
       prefill_overlap[m] = float(np.mean([o["overlap_ms"] for o in ov]))
   # Wall time of the decode loop not covered by any timed model call,
