@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from egpt_align import data
+from egpt_align.data import device_cache
 
 D = 32
 
@@ -186,13 +187,13 @@ def test_device_gathers_several_batches_per_dispatch(ds, monkeypatch):
   want = list(host.batches(2, start_step=start))
   lens = collections.Counter(s for s, _ in host.plan(2)[start:])
   calls = []
-  original = data.pipeline._device_batches_at
+  original = device_cache._device_batches_at
 
   def counting(cache, plan, first, count, seq_len):
     calls.append((seq_len, count))
     return original(cache, plan, first, count, seq_len)
 
-  monkeypatch.setattr(data.pipeline, "_device_batches_at", counting)
+  monkeypatch.setattr(device_cache, "_device_batches_at", counting)
   for g in (1, 2, 5):
     calls.clear()
     pipe = _pipe(

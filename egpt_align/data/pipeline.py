@@ -19,41 +19,26 @@ process's position, so iteration resumes exactly from any step):
 
 With drop_remainder=False the last batch of each bucket is filled with
 padding rows (index -1, mask all False), so every sample is seen exactly
-once.
+once. Steps 1 and 2 are in buckets.py; with cache='device', batches are
+gathered on device by device_cache.py.
 """
 
 import concurrent.futures
-import functools
 import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from egpt_align.data import buckets
+from egpt_align.data.buckets import default_bucket_lengths
+from egpt_align.data.device_cache import DeviceCache
 from egpt_align.data.reader import HiddenStateDataset
 
 CACHE_MODES = ("auto", "device", "host", "none")
-
-
-def default_bucket_lengths(
-  lengths: np.ndarray, *, multiple: int = 8, max_buckets: int = 8
-) -> tuple[int, ...]:
-  """A few bucket lengths from length quantiles.
-
-  Quantiles are rounded up to multiples of `multiple`, except that none
-  exceeds the longest sample: dumps capped at max_new_tokens pile up at the
-  maximum (50), which would otherwise all be padded to 56.
-  """
-  if len(lengths) == 0:
-    return (multiple,)
-  q = np.quantile(lengths, np.linspace(0, 1, max_buckets + 1)[1:])
-  q = np.ceil(q / multiple).astype(np.int64) * multiple
-  q = np.minimum(q, int(np.max(lengths)))
-  return tuple(int(x) for x in np.unique(q))
 
 
 def _host_memory_bytes() -> int:
@@ -74,40 +59,42 @@ def _device_memory_bytes(device) -> int:
   return max(0, limit - stats.get("bytes_in_use", 0))
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _device_batches_at(
-  cache: dict, plan, first, count: int, seq_len: int
-) -> tuple:
-  """Batches of rows first .. first+count-1 of an on-device plan [steps, B].
-
-  One dispatch for `count` batches (one gather each, written straight into
-  its own output buffers): the host cost of a dispatch is shared.
-  """
-  return tuple(
-    _gather_batch(cache, plan[first + i], seq_len) for i in range(count)
-  )
-
-
-def _gather_batch(cache: dict, pos, seq_len: int) -> dict:
-  """A batch assembled on device from share positions pos [B] (-1 = pad).
-
-  `cache` holds each field flat ([T + 1, ...], the last row zeros) and the
-  per-sample `_start`, `_length`, `_index` arrays of the share.
-  """
-  valid = pos >= 0
-  safe = jnp.where(valid, pos, 0)
-  lengths = jnp.where(valid, cache["_length"][safe], 0)
-  index = jnp.where(valid, cache["_index"][safe], -1)
-  t = jnp.arange(seq_len, dtype=jnp.int32)
-  mask = t[None, :] < lengths[:, None]
-  out = {"mask": mask, "lengths": lengths, "index": index}
-  for k, v in cache.items():
-    if k.startswith("_"):
-      continue
-    zero_row = v.shape[0] - 1
-    rows = jnp.where(mask, cache["_start"][safe][:, None] + t, zero_row)
-    out[k] = jnp.take(v, rows, axis=0, mode="clip")
-  return out
+def _checked_indices(
+  dataset: HiddenStateDataset,
+  indices: Sequence[int] | None,
+  *,
+  global_batch_size: int,
+  gather_batches: int,
+  cache: str,
+  process_index: int,
+  process_count: int,
+) -> np.ndarray:
+  """The indices as a 1-D int64 array, once the arguments are checked."""
+  if gather_batches < 1:
+    raise ValueError(f"gather_batches must be >= 1, got {gather_batches}")
+  if indices is None:
+    indices = np.arange(dataset.num_samples)
+  indices = np.asarray(indices, np.int64)
+  if indices.ndim != 1:
+    raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
+  if indices.size and (
+    indices.min() < 0 or indices.max() >= dataset.num_samples
+  ):
+    raise IndexError(
+      f"{dataset.path}: indices must be in [0, {dataset.num_samples})"
+    )
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+      f"process_index {process_index} not in [0, {process_count})"
+    )
+  if global_batch_size % process_count:
+    raise ValueError(
+      f"global_batch_size {global_batch_size} is not divisible by "
+      f"process_count {process_count}"
+    )
+  if cache not in CACHE_MODES:
+    raise ValueError(f"cache={cache!r}; expected one of {CACHE_MODES}")
+  return indices
 
 
 class InputPipeline:
@@ -142,31 +129,16 @@ class InputPipeline:
     gather_batches: int = 4,
   ):
     self.dataset = dataset
-    if gather_batches < 1:
-      raise ValueError(f"gather_batches must be >= 1, got {gather_batches}")
+    indices = _checked_indices(
+      dataset,
+      indices,
+      global_batch_size=global_batch_size,
+      gather_batches=gather_batches,
+      cache=cache,
+      process_index=process_index,
+      process_count=process_count,
+    )
     self.gather_batches = int(gather_batches)
-    if indices is None:
-      indices = np.arange(dataset.num_samples)
-    indices = np.asarray(indices, np.int64)
-    if indices.ndim != 1:
-      raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
-    if indices.size and (
-      indices.min() < 0 or indices.max() >= dataset.num_samples
-    ):
-      raise IndexError(
-        f"{dataset.path}: indices must be in [0, {dataset.num_samples})"
-      )
-    if not 0 <= process_index < process_count:
-      raise ValueError(
-        f"process_index {process_index} not in [0, {process_count})"
-      )
-    if global_batch_size % process_count:
-      raise ValueError(
-        f"global_batch_size {global_batch_size} is not divisible by "
-        f"process_count {process_count}"
-      )
-    if cache not in CACHE_MODES:
-      raise ValueError(f"cache={cache!r}; expected one of {CACHE_MODES}")
     self.global_batch_size = int(global_batch_size)
     self.local_batch_size = self.global_batch_size // process_count
     self.seed = int(seed)
@@ -183,75 +155,120 @@ class InputPipeline:
     self.fields = tuple(fields or dataset.fields)
     for f in self.fields:
       dataset.field_spec(f)  # raises naming the field if absent
+    lengths, bucket = self._assign_buckets(indices, bucket_lengths)
+    self.row_offset = self._first_row()
+    self._deal(indices, lengths, bucket)
+    # None = reuse host batch buffers except on CPU (tests may force True).
+    self.recycle_buffers: bool | None = None
+    self._set_up_cache(cache, device_budget_bytes, host_budget_bytes)
 
-    lengths = dataset.lengths[indices]
+  # ------------------------------------------------------------------ plan
+
+  def _assign_buckets(
+    self, indices: np.ndarray, bucket_lengths: Sequence[int] | None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Sets bucket_lengths; (length, bucket) of each of the indices."""
+    lengths = self.dataset.lengths[indices]
     if bucket_lengths is None:
       bucket_lengths = default_bucket_lengths(lengths)
     self.bucket_lengths = tuple(sorted(int(b) for b in set(bucket_lengths)))
     if lengths.size and lengths.max() > self.bucket_lengths[-1]:
       j = int(np.argmax(lengths))
       raise ValueError(
-        f"{dataset.path}: sample {indices[j]} has length {lengths[j]}, "
+        f"{self.dataset.path}: sample {indices[j]} has length {lengths[j]}, "
         f"longer than the largest bucket {self.bucket_lengths[-1]}"
       )
-    bucket = np.searchsorted(self.bucket_lengths, lengths, side="left")
+    return lengths, np.searchsorted(self.bucket_lengths, lengths, side="left")
 
-    # Deal each bucket's samples round-robin over the rows ("slots") of the
-    # global batch; this process holds the slots of its batch rows.
-    gb = self.global_batch_size
-    self.row_offset = self._first_row()
-    # Dealt on across buckets (each starts at the slot after the previous
-    # one's last sample), so processes' shares differ by < one local batch.
-    order = np.lexsort((indices, bucket))
-    slot = np.arange(order.size) % gb - self.row_offset
-    mine = (slot >= 0) & (slot < self.local_batch_size)
-    self.share = indices[order[mine]]  # sorted by (bucket, index)
-    self.share_lengths = lengths[order[mine]].astype(np.int32)
-    counts = np.bincount(bucket, minlength=len(self.bucket_lengths))
-    if drop_remainder:
-      self._bucket_steps = counts // gb
-    else:
-      self._bucket_steps = -(-counts // gb)
+  def _first_row(self) -> int:
+    """The first global batch row this process feeds (its rows adjoin)."""
+    base = self.process_index * self.local_batch_size
+    if self.sharding is None:
+      return base
+    index_map = self.sharding.addressable_devices_indices_map(
+      (self.global_batch_size,)
+    )
+    rows = set()
+    for idx in index_map.values():
+      rows.update(range(*idx[0].indices(self.global_batch_size)))
+    first = min(rows)
+    if rows != set(range(first, first + self.local_batch_size)):
+      raise ValueError(
+        f"the batch sharding gives process {self.process_index} batch rows "
+        f"{sorted(rows)}; it must feed {self.local_batch_size} adjoining rows"
+      )
+    return first
+
+  def _deal(self, indices, lengths, bucket) -> None:
+    """Sets this process's share of the samples and the epoch's length."""
+    deal = buckets.deal(
+      indices,
+      lengths,
+      bucket,
+      num_buckets=len(self.bucket_lengths),
+      global_batch_size=self.global_batch_size,
+      row_offset=self.row_offset,
+      local_batch_size=self.local_batch_size,
+      drop_remainder=self.drop_remainder,
+    )
+    self.share = deal.share  # sorted by (bucket, index)
+    self.share_lengths = deal.share_lengths
+    self._bucket_steps = deal.bucket_steps
+    self._slot_members = deal.slot_members
     self.steps_per_epoch = int(self._bucket_steps.sum())
-    # Per bucket: share positions [local slot, k] (its k-th sample), -1 past
-    # the slot's last.
-    share_bucket, share_slot = bucket[order[mine]], slot[mine]
-    group = share_bucket * self.local_batch_size + share_slot
-    by_group = np.lexsort((np.arange(group.size), group))
-    sorted_group = group[by_group]
-    k = np.arange(group.size) - np.searchsorted(sorted_group, sorted_group)
-    self._slot_members = []
-    for b in range(len(self.bucket_lengths)):
-      width = -(-int(counts[b]) // gb)
-      members = np.full((self.local_batch_size, width), -1, np.int64)
-      sel = share_bucket[by_group] == b
-      members[share_slot[by_group][sel], k[sel]] = by_group[sel]
-      self._slot_members.append(members)
 
+  def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """[(bucket length, share positions [local_batch] or -1)] of an epoch.
+
+    Row r of every batch of a bucket comes from slot r's samples, in an
+    order drawn from (seed, epoch, bucket) for all slots at once, so the
+    global batch at each step is the same for any process count.
+    """
+    nb = len(self.bucket_lengths)
+    schedule = np.repeat(np.arange(nb), self._bucket_steps)
+    if self.shuffle:
+      schedule = np.random.default_rng([self.seed, epoch, 1]).permutation(
+        schedule
+      )
+    rows = slice(self.row_offset, self.row_offset + self.local_batch_size)
+    chunks = []
+    for b in range(nb):
+      members = self._slot_members[b]
+      if self.shuffle:
+        keys = np.random.default_rng([self.seed, epoch, 2, b]).random(
+          (self.global_batch_size, members.shape[1])
+        )[rows]
+        keys[members < 0] = 2.0  # past a slot's end: stays last
+        members = np.take_along_axis(members, np.argsort(keys, axis=1), 1)
+      chunks.append(members[:, : self._bucket_steps[b]].T)
+    taken = np.zeros(nb, np.int64)
+    out = []
+    for b in schedule:
+      out.append((self.bucket_lengths[b], chunks[b][taken[b]]))
+      taken[b] += 1
+    return out
+
+  # ---------------------------------------------------------------- caches
+
+  def _set_up_cache(self, cache, device_budget, host_budget) -> None:
+    """Resolves the cache mode and fills that cache."""
     self._row_start = np.zeros(self.share.size, np.int64)
     self.num_positions = int(self.share_lengths.sum())
-    self.cache = self._resolve_cache(
-      cache, device_budget_bytes, host_budget_bytes
-    )
+    self.cache = self._resolve_cache(cache, device_budget, host_budget)
     self._host_cache = None
-    self._device_caches = None
-    self._pieces = None
-    # None = reuse host batch buffers except on CPU (tests may force True).
-    self.recycle_buffers: bool | None = None
-    if host_budget_bytes is None:
-      host_budget_bytes = int(0.5 * _host_memory_bytes())
+    self._device_cache = None
+    if host_budget is None:
+      host_budget = int(0.5 * _host_memory_bytes())
     # Background read-ahead of whole files in streaming mode (see batches).
     self.readahead = (
       self.cache == "none"
-      and dataset.file_bytes(self.fields) <= host_budget_bytes
+      and self.dataset.file_bytes(self.fields) <= host_budget
     )
     if self.cache in ("host", "device"):
       self._build_host_cache()
     if self.cache == "device":
       self._build_device_cache()
       self._host_cache = None  # the device copy is all that is needed
-
-  # ---------------------------------------------------------------- caches
 
   def _bytes_per_position(self) -> int:
     total = 0
@@ -311,70 +328,20 @@ class InputPipeline:
     self._host_cache = cache
 
   def _build_device_cache(self) -> None:
-    views = {f: self._as_memory(f, v) for f, v in self._host_cache.items()}
-    # One extra zero entry each, so that padding rows (gathered at position
-    # 0) read something even from an empty share.
-    views["_start"] = np.append(self._row_start, 0).astype(np.int32)
-    views["_length"] = np.append(self.share_lengths, 0).astype(np.int32)
-    views["_index"] = np.append(self.share, 0).astype(np.int32)
-    self._device_caches = {
-      d: jax.device_put(views, d) for d in self._output_devices()
-    }
+    fields = {f: self._as_memory(f, v) for f, v in self._host_cache.items()}
+    self._device_cache = DeviceCache(
+      fields,
+      self.share,
+      self.share_lengths,
+      self._row_start,
+      devices=self._output_devices(),
+      sharding=self.sharding,
+      global_batch_size=self.global_batch_size,
+      rows=range(self.row_offset, self.row_offset + self.local_batch_size),
+    )
 
   def _as_memory(self, field: str, x: np.ndarray) -> np.ndarray:
     return x.view(self.dataset.field_spec(field)[1])
-
-  # ------------------------------------------------------------------ plan
-
-  def _first_row(self) -> int:
-    """The first global batch row this process feeds (its rows adjoin)."""
-    base = self.process_index * self.local_batch_size
-    if self.sharding is None:
-      return base
-    index_map = self.sharding.addressable_devices_indices_map(
-      (self.global_batch_size,)
-    )
-    rows = set()
-    for idx in index_map.values():
-      rows.update(range(*idx[0].indices(self.global_batch_size)))
-    first = min(rows)
-    if rows != set(range(first, first + self.local_batch_size)):
-      raise ValueError(
-        f"the batch sharding gives process {self.process_index} batch rows "
-        f"{sorted(rows)}; it must feed {self.local_batch_size} adjoining rows"
-      )
-    return first
-
-  def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-    """[(bucket length, share positions [local_batch] or -1)] of an epoch.
-
-    Row r of every batch of a bucket comes from slot r's samples, in an
-    order drawn from (seed, epoch, bucket) for all slots at once, so the
-    global batch at each step is the same for any process count.
-    """
-    nb = len(self.bucket_lengths)
-    schedule = np.repeat(np.arange(nb), self._bucket_steps)
-    if self.shuffle:
-      schedule = np.random.default_rng([self.seed, epoch, 1]).permutation(
-        schedule
-      )
-    rows = slice(self.row_offset, self.row_offset + self.local_batch_size)
-    chunks = []
-    for b in range(nb):
-      members = self._slot_members[b]
-      if self.shuffle:
-        keys = np.random.default_rng([self.seed, epoch, 2, b]).random(
-          (self.global_batch_size, members.shape[1])
-        )[rows]
-        keys[members < 0] = 2.0  # past a slot's end: stays last
-        members = np.take_along_axis(members, np.argsort(keys, axis=1), 1)
-      chunks.append(members[:, : self._bucket_steps[b]].T)
-    taken = np.zeros(nb, np.int64)
-    out = []
-    for b in schedule:
-      out.append((self.bucket_lengths[b], chunks[b][taken[b]]))
-      taken[b] += 1
-    return out
 
   # --------------------------------------------------------------- batches
 
@@ -467,84 +434,6 @@ class InputPipeline:
       return jax.device_put(x, target)
     return jax.make_array_from_process_local_data(target, x, global_shape)
 
-  def _device_pieces(self):
-    """[(device, local batch rows)] of the output sharding (cached)."""
-    if self._pieces is None:
-      if self.sharding is None:
-        self._pieces = [(self._output_devices()[0], 0, self.local_batch_size)]
-      else:
-        index_map = self.sharding.addressable_devices_indices_map(
-          (self.global_batch_size,)
-        )
-        base = self.row_offset
-        pieces = []
-        for d, idx in index_map.items():
-          sl = idx[0]
-          start = (sl.start or 0) - base
-          stop = (self.global_batch_size if sl.stop is None else sl.stop) - base
-          if start < 0 or stop > self.local_batch_size:
-            raise ValueError(
-              "cache='device' needs each process's devices to hold only "
-              f"that process's batch rows; device {d} holds rows {sl}"
-            )
-          pieces.append((d, start, stop))
-        self._pieces = pieces
-    return self._pieces
-
-  def _device_batches(self, plan) -> Iterator[dict]:
-    """The plan's batches gathered from the device-resident cache, in order.
-
-    The epoch's positions are uploaded once, grouped by bucket; a batch of
-    bucket b is gathered together with the next `gather_batches - 1` batches
-    of the same bucket in the plan (one dispatch for all of them), and each
-    is yielded at its own place in the plan. At most gather_batches - 1
-    gathered batches per bucket wait on the device.
-    """
-    seq_lens = np.array([s for s, _ in plan])
-    order = np.argsort(seq_lens, kind="stable")  # steps grouped by bucket
-    row_of = np.empty(len(plan), np.int64)
-    row_of[order] = np.arange(len(plan))
-    all_pos = np.stack([plan[i][1] for i in order]).astype(np.int32)
-    # The rows of each bucket end where the next bucket's begin.
-    end_of = {}
-    for row, i in enumerate(order):
-      end_of[int(seq_lens[i])] = row + 1
-    plans = [
-      (d, jax.device_put(all_pos[:, start:stop], d))
-      for d, start, stop in self._device_pieces()
-    ]
-    ready: dict[int, dict] = {}
-    for step, (seq_len, _) in enumerate(plan):
-      if step not in ready:
-        row = int(row_of[step])
-        count = min(self.gather_batches, end_of[seq_len] - row)
-        parts = [
-          _device_batches_at(
-            self._device_caches[d], p, np.int32(row), count, seq_len
-          )
-          for d, p in plans
-        ]
-        for i in range(count):
-          ready[int(order[row + i])] = self._global_batch(
-            [part[i] for part in parts]
-          )
-      yield ready.pop(step)
-
-  def _global_batch(self, parts: list) -> dict:
-    """One batch from the per-device pieces (in `_device_pieces` order)."""
-    if self.sharding is None or len(self.sharding.device_set) == 1:
-      # One device: its piece already is the batch (assembling a global
-      # array would cost ~50 us of host time per field and batch).
-      return parts[0]
-    return {
-      k: jax.make_array_from_single_device_arrays(
-        (self.global_batch_size,) + x.shape[1:],
-        self.sharding,
-        [p[k] for p in parts],
-      )
-      for k, x in parts[0].items()
-    }
-
   def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """Device batches of an epoch from start_step, prefetched in a thread."""
     plan = self.plan(epoch)[start_step:]
@@ -552,7 +441,7 @@ class InputPipeline:
       # Dispatch is asynchronous and the gather shares the device's stream
       # with the train step, so a prefetch thread would only add overhead.
       if plan:
-        yield from self._device_batches(plan)
+        yield from self._device_cache.batches(plan, self.gather_batches)
       return
     if self.cache == "none" and self.readahead:
       # Warm the page cache with large sequential reads in the background
@@ -561,6 +450,10 @@ class InputPipeline:
       threading.Thread(
         target=self.dataset.readahead, args=(self.fields,), daemon=True
       ).start()
+    yield from self._prefetched(plan)
+
+  def _prefetched(self, plan) -> Iterator[dict]:
+    """The plan's batches, assembled and uploaded ahead by worker threads."""
     q: queue.Queue = queue.Queue(maxsize=self.prefetch)
     stop = threading.Event()
     done = object()
@@ -576,31 +469,7 @@ class InputPipeline:
 
     workers = self.num_workers
     lookahead = workers + self.prefetch
-    # Host buffers are recycled once their transfer has finished: a fresh
-    # 30-60 MB allocation per batch costs page faults and munmap TLB
-    # shootdowns that stall every assembling thread. On CPU, device_put may
-    # alias the numpy memory, so buffers are never reused there.
-    on_cpu = self._output_devices()[0].platform == "cpu"
-    recycle = (
-      not on_cpu if self.recycle_buffers is None else self.recycle_buffers
-    )
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    if recycle:
-      for _ in range(lookahead + 1):
-        free.put(self._new_buffers())
-
-    def work(seq_len, pos):
-      # Assembly and transfer both run in the worker, so several batches
-      # are copied and uploaded concurrently.
-      buffers = free.get() if recycle else None
-      batch = self._host_batch(seq_len, pos, buffers)
-      if buffers is not None and on_cpu:
-        batch = {k: np.array(v) for k, v in batch.items()}  # no aliasing
-      device_batch = self._to_device(batch)
-      if buffers is not None:
-        jax.block_until_ready(device_batch)
-        free.put(buffers)
-      return device_batch
+    work = self._batch_worker(lookahead)
 
     def produce():
       try:
@@ -636,3 +505,33 @@ class InputPipeline:
     finally:
       stop.set()
       thread.join(timeout=10)
+
+  def _batch_worker(self, lookahead: int):
+    """work(seq_len, pos) -> device batch, for `lookahead` batches at once."""
+    # Host buffers are recycled once their transfer has finished: a fresh
+    # 30-60 MB allocation per batch costs page faults and munmap TLB
+    # shootdowns that stall every assembling thread. On CPU, device_put may
+    # alias the numpy memory, so buffers are never reused there.
+    on_cpu = self._output_devices()[0].platform == "cpu"
+    recycle = (
+      not on_cpu if self.recycle_buffers is None else self.recycle_buffers
+    )
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    if recycle:
+      for _ in range(lookahead + 1):
+        free.put(self._new_buffers())
+
+    def work(seq_len, pos):
+      # Assembly and transfer both run in the worker, so several batches
+      # are copied and uploaded concurrently.
+      buffers = free.get() if recycle else None
+      batch = self._host_batch(seq_len, pos, buffers)
+      if buffers is not None and on_cpu:
+        batch = {k: np.array(v) for k, v in batch.items()}  # no aliasing
+      device_batch = self._to_device(batch)
+      if buffers is not None:
+        jax.block_until_ready(device_batch)
+        free.put(buffers)
+      return device_batch
+
+    return work
