@@ -767,3 +767,31 @@ def test_wider_drafter_head_still_drafts_the_last_shared_id(
   assert drafts and all(d == [V - 1] * len(d) for d in drafts), drafts
   if runtime == "fast":
     assert models.fast_notes["drafter"].startswith("static")
+
+
+def test_a_span_makes_the_timer_wait_for_its_device(monkeypatch):
+  """A span on a device nobody bound (a tree adapter's, say) is still
+  waited for by `sync` and `collect` (CUDA calls faked: runs on CPU)."""
+  from tools.lib.sd_timing import Timer
+
+  synced = []
+
+  class Event:
+    def __init__(self, **_):
+      pass
+
+    def record(self, stream):
+      pass
+
+    def elapsed_time(self, end):
+      return 1.0
+
+  monkeypatch.setattr(torch.cuda, "Event", Event)
+  monkeypatch.setattr(torch.cuda, "current_stream", lambda d: None)
+  monkeypatch.setattr(torch.cuda, "synchronize", synced.append)
+  timer = Timer([torch.device("cuda:0")])
+  with timer.span("tree_adapter:b1", torch.device("cuda:1"), units=5):
+    pass
+  out = timer.collect()
+  assert out["tree_adapter:b1"] == {"ms": 1.0, "units": 5, "calls": 1}
+  assert [str(d) for d in synced] == ["cuda:0", "cuda:1"]

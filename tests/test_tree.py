@@ -75,7 +75,7 @@ def _hand_tree(tokens):
     tokens=torch.tensor(tokens),
     parents=parents,
     depths=torch.tensor(DEPTHS),
-    ancestors=tr.ancestors_of(parents, 3),
+    ancestors=torch.from_numpy(tr.ancestors_of(parents.tolist(), 3)),
     depth=3,
   )
 
@@ -106,7 +106,8 @@ def test_mask_and_positions_of_a_hand_drawn_tree():
   assert (5 + tree.depths).tolist() == [5, 6, 6, 7, 7, 7, 8]
   chain = tr.chain_tree(torch.tensor([4]), torch.tensor([5, 6]))
   assert chain.parents.tolist() == [-1, 0, 1] and chain.chain
-  assert torch.equal(chain.ancestors, tr.ancestors_of(chain.parents, 2))
+  want = tr.ancestors_of(chain.parents.tolist(), 2)
+  assert torch.equal(chain.ancestors, torch.from_numpy(want))
 
 
 def test_acceptance_picks_the_longest_matching_path():
@@ -210,7 +211,8 @@ def test_growth_keeps_the_best_nodes_of_eagle2_expansion(width, shared):
   assert set(paths[1:]) == _reference_grow(
     logp, key_of, width, depth, topk, nodes
   )
-  assert torch.equal(tree.ancestors, tr.ancestors_of(tree.parents, depth))
+  want = tr.ancestors_of(tree.parents.tolist(), depth)
+  assert torch.equal(tree.ancestors, torch.from_numpy(want))
 
 
 # ----------------------------------------------------------------------------

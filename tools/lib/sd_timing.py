@@ -61,8 +61,9 @@ class Timer:
 
   @contextlib.contextmanager
   def span(self, name: str, device: torch.device, units: int = 1):
-    """Times the work enqueued inside the block (units: tokens or steps)."""
-    device = torch.device(device)
+    """Times the work enqueued inside the block (units: tokens or steps);
+    its device is watched from then on (`sync`, `collect` wait for it)."""
+    device = self.watch(device)
     if device.type != "cuda":
       t0 = time.perf_counter()
       yield

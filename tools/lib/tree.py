@@ -87,11 +87,11 @@ class Tree:
     return Tree(**moved)
 
 
-def ancestors_of(parents: torch.Tensor, depth: int) -> torch.Tensor:
-  """[T, T] bool: row i marks node i and its ancestors (depth-order tree)."""
-  size = parents.shape[0]
-  anc = torch.eye(size, dtype=torch.bool, device=parents.device)
-  up = parents.clamp(min=0)
+def ancestors_of(parents, depth: int) -> np.ndarray:
+  """[T, T] bool: row i marks node i and its ancestors (depth-order tree;
+  `parents` on the host, -1 for the root)."""
+  anc = np.eye(len(parents), dtype=bool)
+  up = np.clip(np.asarray(parents), 0, None)
   for _ in range(depth):
     anc = anc | anc[up]
   return anc
@@ -294,10 +294,7 @@ def grow(
     "runs": [0 if depth >= 2 else -1] + runs[sel].tolist(),
   }
   size = len(host["tokens"])
-  anc = np.eye(size, dtype=bool)
-  up = np.clip(np.asarray(host["parents"]), 0, None)
-  for _ in range(depth):
-    anc = anc | anc[up]
+  anc = ancestors_of(host["parents"], depth)
   packed = np.concatenate(
     [np.asarray(host[f], np.int64) for f in ("tokens", "parents", "depths")]
     + [np.asarray(host["runs"], np.int64), anc.reshape(-1).astype(np.int64)]
