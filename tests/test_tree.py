@@ -446,16 +446,12 @@ class RecordingBackend(TokenPromptBackend):
 
   def static_decoder(self, max_len, **options):
     lm = super().static_decoder(max_len, **options)
-    step, tree_step, move = lm.step, lm.tree_step, lm.move_entries
+    forward, move = lm._tree_forward, lm.move_entries
     log, who = self.log, self.who
 
-    def logged(ids, position):
-      slots = range(position, position + ids.shape[1])
-      reads = [set(range(s + 1)) for s in slots]
-      log.call(who, slots, slots, ids[0].tolist(), reads)
-      return step(ids, position)
-
-    def logged_tree(ids, slots, positions, allowed):
+    # Every static step (chain, tree, a verified tree) ends here, with the
+    # slots, positions and mask it computed (eager on CPU).
+    def logged(ids, slots, positions, allowed):
       log.call(
         who,
         slots.tolist(),
@@ -463,13 +459,13 @@ class RecordingBackend(TokenPromptBackend):
         ids[0].tolist(),
         _reads_of(allowed),
       )
-      return tree_step(ids, slots, positions, allowed)
+      return forward(ids, slots, positions, allowed)
 
     def logged_move(src, dst):
       log.move(who, src.tolist(), dst.tolist())
       return move(src, dst)
 
-    lm.step, lm.tree_step, lm.move_entries = logged, logged_tree, logged_move
+    lm._tree_forward, lm.move_entries = logged, logged_move
     return lm
 
 

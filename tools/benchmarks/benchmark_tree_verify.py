@@ -150,7 +150,7 @@ def run(args) -> dict:
   models = Models(backend, compile_layers=not args.no_compile)
   need = args.prompt_len + max(args.nodes) + 8
   lm = models.static_lm("target", need, None, args.nodes)
-  lm.capture_tree(args.nodes)
+  lm.capture_verify(args.nodes)
   setup_s = time.perf_counter() - t0
   vocab = SHAPES[args.shape]["vocab_size"]
   sample = random_prompts(1, args.prompt_len, vocab, args.seed)[0]

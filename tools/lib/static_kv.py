@@ -17,7 +17,10 @@ one) from preallocated KV buffers [layers, 1, kv_heads, max_len, head_dim]:
 trees (tools/lib/tree.py): K/V written at `slots`, rotary `positions`, each
 query reading the cache slots `allowed` marks (the prefix and its
 ancestors); `move_entries` then moves the accepted path's entries into
-place. Tree steps are captured per length like the chain steps.
+place. Tree steps are captured per length like the chain steps. A whole
+draft tree is verified by `verify_tree(packed, start)`: the tree as one
+buffer (tokens, parents, depths, runs, ancestors; tools/lib/tree.py), its
+cache slots, rotary positions and mask made inside the captured graph.
 
 `StepGraphs` captures one step function per input length T once
 (`torch.cuda.CUDAGraph`) and replays it: a step costs one graph launch, no
@@ -36,6 +39,7 @@ of eager steps, then to eager steps; `mode` says which one runs.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
@@ -358,6 +362,7 @@ class StaticLM:
     self._layer, self._head = _layer_step, _head_step
     self.graphs = capture_steps(self, lengths, compile_layers)
     self.tree_graphs = None  # `capture_tree`
+    self.verify_graphs = None  # `capture_verify`
 
   def _set_compiled(self, compiled: bool) -> None:
     self._layer = cuda_compile(_layer_step, self.device, compiled)
@@ -414,6 +419,53 @@ class StaticLM:
         self._tree_forward, self._tree_example, todo, self.device
       )
       self.tree_graphs.graphs.update(more.graphs)
+
+  @torch.inference_mode()
+  def _verify_forward(self, packed, start):
+    """The tree in `packed` ([tokens, parents, depths, runs] [4, T] then
+    ancestors [T, T], long) at slots start..start+T-1, positions start +
+    depth; node i reads the prefix [0, start) and its ancestors' slots."""
+    size = math.isqrt(4 + packed.shape[0]) - 2
+    ids = packed[:size][None]
+    pos = start + packed[2 * size : 3 * size]
+    slots = start + self.positions[:size]
+    anc = packed[4 * size :].view(size, size) != 0
+    rel = self.positions[None] - start  # [1, max_len]: slot - start
+    cols = anc.gather(1, rel.clamp(0, size - 1).expand(size, -1))
+    allowed = (rel < 0) | (cols & (rel < size))
+    return self._tree_forward(ids, slots, pos, allowed)
+
+  def _verify_example(self, size: int) -> tuple:
+    packed = torch.zeros(
+      4 * size + size * size, dtype=torch.long, device=self.device
+    )
+    return packed, torch.full((1,), self.max_len - size, device=self.device)
+
+  def capture_verify(self, sizes: Iterable[int]) -> None:
+    """Captures `verify_tree` for tree sizes not captured yet (as
+    `capture_tree`)."""
+    if self.verify_graphs is None:
+      self.verify_graphs = StepGraphs(
+        self._verify_forward, self._verify_example, (), self.device
+      )
+    if self.mode == "eager":
+      return
+    todo = set(sizes) - set(self.verify_graphs.graphs)
+    if todo:
+      more = StepGraphs(
+        self._verify_forward, self._verify_example, todo, self.device
+      )
+      self.verify_graphs.graphs.update(more.graphs)
+
+  def verify_tree(self, packed: torch.Tensor, start: int, size: int):
+    """Feeds a draft tree of `size` nodes (`packed` as `_verify_forward`)
+    at cache slots start..; returns (hidden [T, D], argmax [T])."""
+    if start + size > self.max_len:
+      raise ValueError(
+        f"tree slots up to {start + size} exceed max_len {self.max_len}"
+      )
+    self.capture_verify(())
+    return self.verify_graphs(size, packed, int(start))
 
   def tree_step(self, ids, slots, positions, allowed):
     """Feeds ids [1, T] into cache `slots` [T] at rotary `positions` [T].

@@ -73,6 +73,9 @@ class Tree:
   # The host's copies (lists: tokens, parents, depths, runs) where the
   # tree was built on the host; then the decode loop reads only greedy.
   host: dict[str, list[int]] | None = None
+  # [tokens, parents, depths, runs, ancestors] in one long buffer on the
+  # device (`packed`), as grow writes it.
+  packed: torch.Tensor | None = None
 
   @property
   def size(self) -> int:
@@ -95,6 +98,18 @@ def ancestors_of(parents, depth: int) -> np.ndarray:
   for _ in range(depth):
     anc = anc | anc[up]
   return anc
+
+
+def packed(tree: Tree) -> torch.Tensor:
+  """The tree as one long buffer: [tokens, parents, depths, runs] [4, T]
+  then ancestors [T, T] (runs -1 where the tree has none)."""
+  if tree.packed is not None:
+    return tree.packed
+  runs = (
+    tree.runs if tree.runs is not None else torch.full_like(tree.tokens, -1)
+  )
+  parts = (tree.tokens, tree.parents, tree.depths, runs, tree.ancestors)
+  return torch.cat([x.reshape(-1).long() for x in parts])
 
 
 def chain_tree(root: torch.Tensor, drafts: torch.Tensor | None) -> Tree:
@@ -206,16 +221,14 @@ RunFn = Callable[[int, list, list], tuple]
 
 
 def _to_host(parts: Sequence[torch.Tensor]) -> list[np.ndarray]:
-  """The tensors on the host: one copy of the floats, one of the rest."""
-  flat, at = {}, {}
-  for kind in {p.is_floating_point() for p in parts}:
-    same = [p.reshape(-1) for p in parts if p.is_floating_point() == kind]
-    flat[kind], at[kind] = torch.cat(same).cpu().numpy(), 0
-  out = []
+  """The tensors on the host in one device read: float32 log-probs and
+  integer token ids travel together as float64 (exact both ways)."""
+  flat = torch.cat([p.reshape(-1).double() for p in parts]).cpu().numpy()
+  out, at = [], 0
   for p in parts:
-    kind = p.is_floating_point()
-    out.append(flat[kind][at[kind] : at[kind] + p.numel()].reshape(p.shape))
-    at[kind] += p.numel()
+    x = flat[at : at + p.numel()].reshape(p.shape)
+    at += p.numel()
+    out.append(x.astype(np.float32 if p.is_floating_point() else np.int64))
   return out
 
 
@@ -249,56 +262,57 @@ def grow(
   `shared`) and written once, with the finished tree on `device`; the
   host's copies stay in `Tree.host`.
   """
-  vals, toks, *rows_run = _to_host(list(first) + list(shared or ()))
+  vals, toks, *made = _to_host(list(first) + list(shared or ()))
   k = toks.shape[0]
-  f_tok, f_score = toks, vals
-  f_rows, f_glob = np.zeros(k, np.int64), np.arange(k)
-  scores, tokens, parents = [vals], [toks], [np.full(k, -1)]
-  depths = [np.ones(k, np.int64)]
-  total = k
+  # Candidates in global order, one block per depth; the frontier (the k
+  # best of the last block): its scores, tokens, rows and global ids.
+  scores, tokens, parents, ends = [vals], [toks], [np.full(k, -1)], [k]
+  f_score, f_tok, f_rows = vals, toks, np.zeros(k, np.int64)
+  f_glob = np.arange(k)
   run_of: list[np.ndarray] = []  # global ids of each run's nodes
   p_tok = p_rows = p_glob = None  # the frontier one depth up
   for d in range(1, depth):
-    if shared is not None:
-      pv, pt = rows_run[0][d - 1 : d], rows_run[1][d - 1 : d]
-    elif d == 1:
-      pv, pt = _to_host(run(0, [root], [0]))
+    if made:
+      pv, pt = made[0][d - 1], made[1][d - 1]  # one shared row
     else:
-      pv, pt = _to_host(run(d - 1, p_tok.tolist(), p_rows.tolist()))
+      if d == 1:
+        pv, pt = _to_host(run(0, [root], [0]))
+      else:
+        pv, pt = _to_host(run(d - 1, p_tok.tolist(), p_rows.tolist()))
+      pv, pt = (pv[f_rows], pt[f_rows]) if pv.shape[0] > 1 else (pv[0], pt[0])
     if d >= 2:
       run_of.append(p_glob)
-    rows = f_rows if pv.shape[0] > 1 else np.zeros_like(f_rows)
-    cand = (f_score[:, None] + pv[rows]).reshape(-1)
-    ctok = pt[rows].reshape(-1)
+    cand = f_score[:, None] + pv  # [frontier, children]
+    ctok = np.broadcast_to(pt, cand.shape).reshape(-1)
+    n_child = cand.shape[1]
+    cand = cand.reshape(-1)
     scores.append(cand)
     tokens.append(ctok)
-    parents.append(np.repeat(f_glob, pt.shape[1]))
-    depths.append(np.full(cand.shape[0], d + 1))
+    parents.append(np.repeat(f_glob, n_child))
     top = _best(cand, min(topk, cand.shape[0]))
     p_tok, p_rows, p_glob = f_tok, f_rows, f_glob
     f_tok, f_score = ctok[top], cand[top]
-    f_rows, f_glob = top // pt.shape[1], total + top
-    total += cand.shape[0]
+    f_rows, f_glob = top // n_child, ends[-1] + top
+    ends.append(ends[-1] + cand.shape[0])
   sel = np.sort(_best(np.concatenate(scores), nodes - 1))
-  where = np.full(total, -1)
-  where[sel] = np.arange(1, sel.shape[0] + 1)
+  size = sel.shape[0] + 1
+  where = np.full(ends[-1], -1)
+  where[sel] = np.arange(1, size)
+  # [tokens, parents, depths, runs, ancestors]: one host-to-device copy.
+  packed = np.empty(4 * size + size * size, np.int64)
+  tree = packed[: 4 * size].reshape(4, size)
+  tree[:, 0] = (root, -1, 0, 0 if depth >= 2 else -1)
+  tree[0, 1:] = np.concatenate(tokens)[sel]
   par = np.concatenate(parents)[sel]
-  par = np.where(par < 0, 0, where[np.clip(par, 0, None)])
-  runs = np.full(total, -1)
+  tree[1, 1:] = np.where(par < 0, 0, where[np.maximum(par, 0)])
+  tree[2, 1:] = np.searchsorted(ends, sel, side="right") + 1
+  runs = np.full(ends[-1], -1)
   for glob in run_of:
     runs[glob] = np.arange(glob.shape[0])
-  host = {
-    "tokens": [root] + np.concatenate(tokens)[sel].tolist(),
-    "parents": [-1] + par.tolist(),
-    "depths": [0] + np.concatenate(depths)[sel].tolist(),
-    "runs": [0 if depth >= 2 else -1] + runs[sel].tolist(),
-  }
-  size = len(host["tokens"])
-  anc = ancestors_of(host["parents"], depth)
-  packed = np.concatenate(
-    [np.asarray(host[f], np.int64) for f in ("tokens", "parents", "depths")]
-    + [np.asarray(host["runs"], np.int64), anc.reshape(-1).astype(np.int64)]
-  )
+  tree[3, 1:] = runs[sel]
+  packed[4 * size :] = ancestors_of(tree[1], depth).reshape(-1)
+  fields = ("tokens", "parents", "depths", "runs")
+  host = dict(zip(fields, tree.tolist(), strict=True))
   dev = torch.from_numpy(packed).to(device)
   t, p, dd, r = dev[: 4 * size].view(4, size)
   return Tree(
@@ -309,4 +323,5 @@ def grow(
     runs=r,
     depth=depth,
     host=host,
+    packed=dev,
   )

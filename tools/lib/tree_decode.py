@@ -89,6 +89,14 @@ class TreeAdapter:
     self.mode = "eager"
     self._compiled = None
     self.graphs = static_kv.capture_steps(self, lengths, compile_step)
+    # Catch-up runs (true inputs at positions start..), slots, positions
+    # and causal mask made in-graph.
+    self.catchups = static_kv.StepGraphs(
+      self._catch_up,
+      self._catch_up_example,
+      lengths if self.mode != "eager" else (),
+      self.device,
+    )
     # Chains of one-row runs (B1's: it reads no tokens), one graph each.
     self.chains = static_kv.StepGraphs(
       self._chain,
@@ -137,6 +145,20 @@ class TreeAdapter:
 
   def step(self, inputs, slots, positions, allowed):
     return self.graphs(inputs[0].shape[1], slots, positions, allowed, *inputs)
+
+  def _catch_up_example(self, steps: int) -> tuple:
+    start = torch.full((1,), self.max_len - steps, device=self.device)
+    return (start,) + self._example(steps)[3:]
+
+  @torch.inference_mode()
+  def _catch_up(self, start, *inputs):
+    pos = start + self.keys[: inputs[0].shape[1]]
+    return self._forward(pos, pos, self.keys[None] <= pos[:, None], *inputs)
+
+  def catch_up(self, inputs, start: int):
+    """`step` on [1, T, D] inputs at slots = positions start..start+T-1,
+    each reading the slots up to its own."""
+    return self.catchups(inputs[0].shape[1], int(start), *inputs)
 
   def _chain_example(self, count: int) -> tuple:
     dim = self.k.shape[2] * self.k.shape[4]
@@ -246,7 +268,7 @@ class TreeProposer:
     steps = tree_adapter(ctx.models, ad, cfg, vocab, ctx.fast)
     lm = ctx.target.lm
     if lm is not None:
-      lm.capture_tree(
+      lm.capture_verify(
         {
           tr.tree_size(d, cfg.tree_topk, cfg.tree_nodes)
           for d in range(1, cfg.tree_depth + 1)
@@ -255,18 +277,21 @@ class TreeProposer:
     drafter = ctx.drafter if src else None
     return cls(ad, ctx.target, drafter, steps, ctx.timer, cfg)
 
-  def _adapter(self, slots, positions, allowed, srcs, tgts):
+  def _args(self, srcs, tgts) -> list[torch.Tensor]:
     a = self.a
     args = [
       x
       for x, name in ((srcs, "source"), (tgts, "target"))
       if name in self.inputs
     ]
-    args = [x.to(a.device, a.dtype).reshape(1, -1, x.shape[-1]) for x in args]
+    return [x.to(a.device, a.dtype).reshape(1, -1, x.shape[-1]) for x in args]
+
+  def _adapter(self, slots, positions, allowed, srcs, tgts):
+    a = self.a
     with self.timer.span(
       f"tree_adapter:{a.name}", a.device, units=slots.shape[0]
     ):
-      return self.steps.step(args, slots, positions, allowed)
+      return self.steps.step(self._args(srcs, tgts), slots, positions, allowed)
 
   def propose(self, tokens: list[int], budget: int) -> tr.Tree:
     n = len(tokens)
@@ -279,9 +304,10 @@ class TreeProposer:
       srcs = self.d.states[p0:n]
     if "target" in self.inputs:
       tgts = self.t.states[p0:n]
-    pos = p0 + self.steps.keys[: n - p0]
-    allowed = self.steps.keys[None] <= pos[:, None]
-    y, vals, toks = self._adapter(pos, pos, allowed, srcs, tgts)
+    with self.timer.span(
+      f"tree_adapter:{self.a.name}", self.a.device, units=n - p0
+    ):
+      y, vals, toks = self.steps.catch_up(self._args(srcs, tgts), p0)
     self.fed = n
     self.n, self.y, self.last = n, y[-1:], tokens[-1]
     nodes = tr.tree_size(depth, self.topk, self.nodes)
@@ -431,41 +457,51 @@ def verify(target, tree: tr.Tree):
     name = f"target_verify[{k + 1}]" if k else "target_decode"
     return target.forward(tree.tokens.view(1, -1), name)
   start, size = target.length, tree.size
-  slots = start + torch.arange(size, device=target.device)
-  pos = start + tree.depths
-  ids = tree.tokens.view(1, -1)
   with target.timer.span(
     f"target_verify_tree[{size}]", target.device, units=size
   ):
-    if target.lm is not None:
-      allowed = tr.tree_allowed(tree, start, target.lm.max_len)
-      h, g = target.lm.tree_step(ids, slots, pos, allowed)
+    if target.lm is not None:  # slots, positions and mask made in-graph
+      h, g = target.lm.verify_tree(tr.packed(tree), start, size)
     else:
       allowed = tr.tree_allowed(tree, start, start + size)
       h, logits, target.cache = target.b.forward(
-        input_ids=ids,
+        input_ids=tree.tokens.view(1, -1),
         past_key_values=target.cache,
         attention_mask=tr.hf_tree_mask(allowed, target.b.dtype),
-        position_ids=pos[None],
+        position_ids=(start + tree.depths)[None],
       )
       h, g = h[0], logits[0].argmax(-1)
   target.length += size
   return h, g
 
 
-def keep_path(target, path: list[int], start: int) -> None:
-  """The target's cache keeps the prefix, the root and the accepted path."""
+def keep_path(target, path: list[int], start: int, moves=None) -> None:
+  """The target's cache keeps the prefix, the root and the accepted path
+  (`moves`: the path's (src, dst) slots on the device, if made already)."""
   src, dst = tr.path_moves(path)
   keep = start + len(path)
   if target.lm is not None:
     if src:
-      s = torch.tensor(src, device=target.device) + start
-      target.lm.move_entries(s, torch.tensor(dst, device=target.device) + start)
+      if moves is None:
+        moves = torch.tensor(
+          [start + x for x in src + dst], device=target.device
+        ).view(2, -1)
+      target.lm.move_entries(*moves)
   else:
     target.cache = tr.move_cache_entries(
       target.cache, [start + s for s in src], [start + d for d in dst], keep
     )
   target.length = keep
+
+
+def _path_indices(path, count: int, start: int, device):
+  """One host-to-device copy: the first `count` path nodes (their states
+  and greedy tokens are kept) and the target's cache moves (src, dst)."""
+  src, dst = tr.path_moves(path)
+  idx = torch.tensor(
+    path[:count] + [start + x for x in src + dst], device=device
+  )
+  return idx[:count], idx[count:].view(2, -1)
 
 
 def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
@@ -507,7 +543,7 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
         break
     if len(new) > m - n:
       raise AssertionError("budget overrun")  # depth <= m - n - 1
-    idx = torch.tensor(path[: len(new)], device=target.device)
+    idx, moves = _path_indices(path, len(new), start, target.device)
     target.states[n : n + len(new)] = h[idx]
     target.tokens_dev[n : n + len(new)] = g[idx]
     tokens.extend(new)
@@ -516,7 +552,7 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
       done = True
     if done:
       break
-    keep_path(target, path, start)
+    keep_path(target, path, start, moves)
     if phase == "decode" and proposer is not None and not tree.chain:
       proposer.after_verify(tokens, n, path, runs, depths)
   return tokens
