@@ -130,7 +130,7 @@ def test_live_methods_draft_with_the_objective_next_adapters(study):
   assert set(bench["provenance"]["adapters"]) == {"l4", "b1_next", "b1_ttt"}
   # The study's gamma and tree flags reached the benchmark.
   assert bench["config"]["gamma"] == GAMMA
-  assert bench["config"]["tree"] == TREE
+  assert bench["config"]["options"] == {f"tree_{k}": v for k, v in TREE.items()}
 
 
 def test_results_json_has_every_adapter_method_and_claim(study):

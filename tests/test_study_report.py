@@ -65,7 +65,7 @@ def _data(gamma=3):
       "gpus1": {
         "device": "NVIDIA H100",
         "gamma": 3,
-        "tree": {"depth": 3, "topk": 2, "nodes": 5},
+        "options": {"tree_depth": 3, "tree_topk": 2, "tree_nodes": 5},
         "runtimes": ["fast"],
         "by_runtime": {"fast": {"methods": rows}},
       }
@@ -127,14 +127,20 @@ def test_offline_prediction_against_live_tau():
   assert row["note"] == "offline at γ = 5, live at γ = 3"
 
 
-def _bench_7b(**config):
+# The 7B run's tree flags as a results.json records them, and as one from
+# before the method options recorded them (still read).
+OPTIONS_7B = {"options": {"tree_depth": 3, "tree_topk": 2, "tree_nodes": 5}}
+OLD_TREE_7B = {"tree": {"depth": 3, "topk": 2, "nodes": 5}}
+
+
+def _bench_7b(record=OPTIONS_7B, **config):
   return {
     "format": "egpt_align.benchmark_sd",
     "config": {
       "target": "random:vicuna7b",
       "runtimes": ["fast"],
       "gamma": 3,
-      "tree": {"depth": 3, "topk": 2, "nodes": 5},
+      **record,
       **config,
     },
     "environment": {"device": "NVIDIA H100"},
@@ -150,11 +156,12 @@ def _bench_7b(**config):
   }
 
 
-def test_the_7b_projection_is_tau_over_the_7b_costs(tmp_path):
+@pytest.mark.parametrize("record", [OPTIONS_7B, OLD_TREE_7B])
+def test_the_7b_projection_is_tau_over_the_7b_costs(tmp_path, record):
   import json
 
   path = tmp_path / "7b.json"
-  path.write_text(json.dumps(_bench_7b()))
+  path.write_text(json.dumps(_bench_7b(record)))
   p = projection.project(_data(), str(path))
   assert p["available"]
   m = p["methods"]
@@ -172,7 +179,12 @@ def test_the_7b_projection_is_tau_over_the_7b_costs(tmp_path):
   "config, why",
   [
     ({"gamma": 5}, "its γ is 5, this study's 3"),
-    ({"tree": {"depth": 6}}, "its tree flags are"),
+    (
+      {"options": {"tree_depth": 6, "tree_topk": 2, "tree_nodes": 5}},
+      "it ran with --tree_depth 6 --tree_topk 2 --tree_nodes 5, this study "
+      "with --tree_depth 3 --tree_topk 2 --tree_nodes 5",
+    ),
+    ({"record": {"tree": {"depth": 6}}}, "it ran with --tree_depth 6 "),
     ({"target": "video_llava:x"}, "not run on a random-weight pair"),
     ({"runtimes": ["eager"]}, "not fast"),
   ],

@@ -629,9 +629,7 @@ def test_trees_are_lossless_and_feed_each_model_only_its_path(
     max_new_tokens=20,
     eos_token_ids=(),
     runtime=runtime,
-    tree_depth=4,
-    tree_topk=3,
-    tree_nodes=10,
+    options={"tree_depth": 4, "tree_topk": 3, "tree_nodes": 10},
   )
   partial = {}
   for seed in (11, 12):
@@ -654,7 +652,7 @@ def test_trees_are_lossless_and_feed_each_model_only_its_path(
       _check_reads(log, name, states, _close)
       assert r.accepted > 0, m
       partial[m] = partial.get(m, 0) + sum(
-        0 < acc < cfg.tree_depth
+        0 < acc < cfg.options["tree_depth"]
         for phase, _, acc in r.per_iteration
         if phase == "decode"
       )
@@ -680,9 +678,7 @@ def test_eos_inside_the_tree_stops(
   cfg = sd.SDConfig(
     max_new_tokens=16,
     runtime=runtime,
-    tree_depth=5,
-    tree_topk=3,
-    tree_nodes=12,
+    options={"tree_depth": 5, "tree_topk": 3, "tree_nodes": 12},
   )
   base = _run(models, log, "baseline", _prompt(31), cfg).tokens
   assert base == toks[: idx + 1]
@@ -707,9 +703,7 @@ def test_max_new_tokens_reached_inside_the_tree(recording, max_new, runtime):
     max_new_tokens=max_new,
     eos_token_ids=(),
     runtime=runtime,
-    tree_depth=5,
-    tree_topk=3,
-    tree_nodes=12,
+    options={"tree_depth": 5, "tree_topk": 3, "tree_nodes": 12},
   )
   s = _prompt(40)
   base = _run(models, log, "baseline", s, cfg).tokens
@@ -767,7 +761,8 @@ def test_benchmark_cli_runs_tree_methods(tmp_path):
   argv += [f"--adapter={a}=random" for a in ("l4", "b1", "l5", "l5f")]
   assert bench.main(argv) == 0
   res = json.loads((out / "results.json").read_text())
-  assert res["config"]["tree"] == {"depth": 3, "topk": 2, "nodes": 7}
+  want = {"tree_depth": 3, "tree_topk": 2, "tree_nodes": 7}
+  assert res["config"]["options"] == want
   for m in methods.split(","):
     for label in (m, f"{m}@eager"):
       agg = res["aggregate"][label]

@@ -53,7 +53,12 @@ from tools.lib.sd_bench import (
   BenchSettings,
   run_benchmark,
 )
-from tools.lib.sd_methods import method_forms, method_help
+from tools.lib.sd_methods import (
+  add_method_flags,
+  method_forms,
+  method_help,
+  method_options,
+)
 from tools.lib.sd_report import summary_text
 
 
@@ -110,21 +115,7 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     help=f"comma list of {method_forms()} (baseline always runs)",
   )
   run.add_argument("--gamma", type=int, default=5, help="drafts per iteration")
-  run.add_argument(
-    "--tree_depth", type=int, default=6, help="tree methods: draft depth"
-  )
-  run.add_argument(
-    "--tree_topk",
-    type=int,
-    default=10,
-    help="tree methods: children per expanded node, nodes expanded per depth",
-  )
-  run.add_argument(
-    "--tree_nodes",
-    type=int,
-    default=60,
-    help="tree methods: tokens per verification, the root included",
-  )
+  add_method_flags(run)  # the method kinds' own (the tree flags)
   run.add_argument(
     "--prefill_gamma",
     default=None,
@@ -288,9 +279,7 @@ def settings(args: argparse.Namespace) -> BenchSettings:
     methods=methods,
     gamma=args.gamma,
     prefill_gamma=args.prefill_gamma,
-    tree_depth=args.tree_depth,
-    tree_topk=args.tree_topk,
-    tree_nodes=args.tree_nodes,
+    options=method_options(args),
     max_new_tokens=args.max_new_tokens,
     ignore_eos=args.ignore_eos,
     warmup=args.warmup,

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from tools.lib.sd_engine import (
   run_method,
   token_margins,
 )
-from tools.lib.sd_methods import check_method, parse_method
+from tools.lib.sd_methods import check_method, method_options, parse_method
 from tools.lib.sd_models import Models, SDError
 
 # AUTO_K_MAX: the bound of every 'auto' prefill_gamma this run reports.
@@ -69,9 +70,9 @@ class BenchSettings:
   methods: Sequence[str] = ("baseline", "draft_tokens")
   gamma: int = 5
   prefill_gamma: int | str | None = None  # None: gamma; 'auto'
-  tree_depth: int = 6  # tree methods: draft depth,
-  tree_topk: int = 10  # children per expanded node,
-  tree_nodes: int = 60  # verified tokens (the root included)
+  # The method kinds' own settings by name (tools/lib/sd_methods.py
+  # `method_options`; the tree flags); what it lacks takes the default.
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   max_new_tokens: int = 50
   ignore_eos: bool = False
   warmup: int = 2  # discarded samples
@@ -112,6 +113,7 @@ def _check(s: BenchSettings) -> tuple[list[str], list[str]]:
     raise ValueError(f"--methods lists a method twice: {','.join(s.methods)}")
   for m in methods:
     parse_method(m)
+  method_options(s.options)  # before the models load
   runtimes = list(s.runtimes)
   if not runtimes or len(set(runtimes)) != len(runtimes):
     raise ValueError(f"--runtimes: give each runtime once, not {runtimes}")
@@ -453,7 +455,7 @@ def _config(s: BenchSettings, run: _Run, methods, device, ddev, dtype, adtype):
     "compile": s.compile,
     "gamma": s.gamma,
     "prefill_gamma": "auto" if s.prefill_gamma == "auto" else run.cfg.k_prefill,
-    "tree": {"depth": s.tree_depth, "topk": s.tree_topk, "nodes": s.tree_nodes},
+    "options": dict(run.cfg.options),
     "max_new_tokens": s.max_new_tokens,
     "ignore_eos": s.ignore_eos,
     "warmup": s.warmup,
@@ -522,9 +524,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     prefill_gamma=int(s.prefill_gamma) if fixed_k else None,
     overlap=s.overlap,
     eos_token_ids=() if s.ignore_eos else None,
-    tree_depth=s.tree_depth,
-    tree_topk=s.tree_topk,
-    tree_nodes=s.tree_nodes,
+    options=s.options,
   )
   runs = []
   for rt in runtimes:

@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from tools.lib import tree as draft_tree
 from tools.lib.backends import Backend
-from tools.lib.sd_methods import check_method, needs_drafter
+from tools.lib.sd_methods import check_method, method_options, needs_drafter
 from tools.lib.sd_models import Models, Target
 from tools.lib.sd_proposers import DraftContext, FixedProposer
 
@@ -107,11 +107,10 @@ class SDConfig:
   # 'eager': HF forwards with HF KV caches; 'fast': static KV buffers and
   # captured steps (tools/lib/static_kv.py) where a model supports them.
   runtime: str = "eager"
-  # Draft trees (tree:A, two_phase_tree:P+A; tools/lib/tree_decode.py):
-  # depth, children per expanded node, verified tokens (root included).
-  tree_depth: int = 6
-  tree_topk: int = 10
-  tree_nodes: int = 60
+  # The method kinds' own settings by name (their flags: `options` in
+  # tools/lib/sd_methods.py; the draft trees' tree_depth, tree_topk,
+  # tree_nodes): every one, defaults filled in and checked, read-only.
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.gamma < 1:
@@ -130,7 +129,7 @@ class SDConfig:
       raise ValueError(
         f"runtime must be one of {RUNTIMES}, not {self.runtime!r}"
       )
-    draft_tree.check_config(self.tree_depth, self.tree_topk, self.tree_nodes)
+    object.__setattr__(self, "options", method_options(self.options))
 
   @property
   def k_prefill(self) -> int:

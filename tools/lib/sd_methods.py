@@ -8,18 +8,53 @@ the drafter and the first adapter; 'decode' = drafts in every decode-loop
 iteration, by its proposer), whether it runs the drafter LM, and its flags.
 Adding a method is one entry here plus its proposer
 (tools/lib/sd_proposers.py or a module of its own).
+
+A kind's own settings are its `options` (`Option`: the flag --NAME, a type,
+a default, help), checked together by its `check_options`. Only this module
+knows how they are stored: `add_method_flags` adds every kind's flags to a
+command line, `method_options` gives all of them, defaults filled in and
+checked (SDConfig.options), `option_flags` their command-line form, and
+`recorded_options` reads them back from a results.json config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from egpt_align.models import ADAPTERS
+from tools.lib import tree as draft_tree
 from tools.lib import tree_decode
 from tools.lib.sd_models import Adapter, Models
 from tools.lib.sd_proposers import AdapterProposer, TokenProposer
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """One setting of a method kind: the flag --NAME, in SDConfig.options."""
+
+  name: str
+  type: Callable[[str], Any]  # parses the flag's value
+  default: Any
+  help: str  # --help names the kinds that declare it before this
+
+  @property
+  def flag(self) -> str:
+    return f"--{self.name}"
+
+
+# The draft trees' options (tree:A, two_phase_tree:P+A).
+TREE_OPTIONS = (
+  Option("tree_depth", int, 6, "draft depth"),
+  Option(
+    "tree_topk",
+    int,
+    10,
+    "children per expanded node, nodes expanded per depth",
+  ),
+  Option("tree_nodes", int, 60, "tokens per verification, the root included"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +79,10 @@ class MethodKind:
   # (None: gamma / prefill_gamma).
   loop: Callable[..., list[int]] | None = None
   extra_positions: Callable[[Any], int] | None = None
+  # Its own settings, and their check: called with their values in this
+  # order, it raises a one-line ValueError naming the flag at fault.
+  options: tuple[Option, ...] = ()
+  check_options: Callable[..., None] | None = None
 
 
 METHODS: dict[str, MethodKind] = {
@@ -94,6 +133,8 @@ METHODS: dict[str, MethodKind] = {
       proposer=tree_decode.TreeProposer.create,
       loop=tree_decode.decode_loop,
       extra_positions=tree_decode.extra_positions,
+      options=TREE_OPTIONS,
+      check_options=draft_tree.check_config,
     ),
     MethodKind(
       "two_phase_tree",
@@ -104,6 +145,8 @@ METHODS: dict[str, MethodKind] = {
       uses_drafter=True,
       loop=tree_decode.decode_loop,
       extra_positions=tree_decode.extra_positions,
+      options=TREE_OPTIONS,
+      check_options=draft_tree.check_config,
     ),
   )
 }
@@ -190,3 +233,100 @@ def check_method(method: str, models: Models) -> Method:
   if models.drafter is None and needs_drafter(parsed, models.adapters):
     raise ValueError(f"method {method!r} needs a drafter model (--draft)")
   return parsed
+
+
+# ----------------------------------------------------------------------------
+# The kinds' options (module docstring).
+
+
+class OptionValues(Mapping[str, Any]):
+  """Method options by name: read-only, hashable (SDConfig is frozen)."""
+
+  def __init__(self, values: Mapping[str, Any]):
+    self._values = dict(values)
+
+  def __getitem__(self, name: str) -> Any:
+    return self._values[name]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._values)
+
+  def __len__(self) -> int:
+    return len(self._values)
+
+  def __hash__(self) -> int:
+    return hash(tuple(self._values.items()))
+
+  def __repr__(self) -> str:
+    return f"OptionValues({self._values!r})"
+
+
+def all_options(kinds: Iterable[str] | None = None) -> tuple[Option, ...]:
+  """The options of `kinds` (default: every kind), each once, in table
+  order. Two kinds that share one declare the same Option."""
+  seen: dict[str, Option] = {}
+  specs = METHODS.values() if kinds is None else (METHODS[k] for k in kinds)
+  for kind in specs:
+    for o in kind.options:
+      if seen.setdefault(o.name, o) != o:
+        raise ValueError(f"method option {o.flag}: two different declarations")
+  return tuple(seen.values())
+
+
+def add_method_flags(parser) -> None:
+  """Adds every kind's option flags to an argparse parser (or group), each
+  once; its help names the kinds that take it."""
+  for o in all_options():
+    kinds = [k.name for k in METHODS.values() if o in k.options]
+    parser.add_argument(
+      o.flag,
+      type=o.type,
+      default=o.default,
+      help=f"{', '.join(kinds)}: {o.help}",
+    )
+
+
+def method_options(values: Any = None) -> OptionValues:
+  """Every kind's options, by name, from a mapping or an argparse namespace
+  (what it lacks takes the default), checked by each kind's check_options.
+  A one-line ValueError on a bad value or an unknown name."""
+  options = all_options()
+  values = {} if values is None else values
+  if isinstance(values, Mapping):
+    unknown = sorted(set(values) - {o.name for o in options})
+    if unknown:
+      raise ValueError(
+        f"unknown method option(s) {unknown}; the method kinds take "
+        f"{[o.name for o in options]}"
+      )
+    out = OptionValues({o.name: values.get(o.name, o.default) for o in options})
+  else:
+    out = OptionValues(
+      {o.name: getattr(values, o.name, o.default) for o in options}
+    )
+  checked = set()
+  for kind in METHODS.values():
+    key = (kind.check_options, kind.options)
+    if kind.check_options is not None and key not in checked:
+      checked.add(key)
+      kind.check_options(*(out[o.name] for o in kind.options))
+  return out
+
+
+def option_flags(values: Mapping[str, Any]) -> list[str]:
+  """The options' command-line form: ['--tree_depth', '6', ...]."""
+  flags = {o.name: o.flag for o in all_options()}
+  out = []
+  for name, value in values.items():
+    out += [flags[name], str(value)]
+  return out
+
+
+def recorded_options(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The method options a benchmark's results.json `config` records: its
+  `options`, or from a run before them, its draft-tree record `tree`:
+  {depth, topk, nodes}."""
+  if "options" in config:
+    return dict(config["options"] or {})
+  tree = config.get("tree") or {}
+  return {f"tree_{k}": tree[k] for k in ("depth", "topk", "nodes") if k in tree}

@@ -9,7 +9,7 @@ runs the methods and calls these; tools/lib/sd_report.py writes them up.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -373,12 +373,14 @@ def amdahl(base: list[dict]) -> dict[str, float | None]:
   }
 
 
-def verify_cost(costs: dict, method: str, tree_nodes: int | None):
+def verify_cost(costs: dict, method: str, options: Mapping[str, Any]):
   """One verification of `method`, in target decode steps: a chain's
-  gamma + 1 tokens, or a tree's `tree_nodes` (tree mask)."""
+  gamma + 1 tokens, or a tree's `tree_nodes` (tree mask), from the run's
+  method options."""
   base = costs.get("target_decode_ms")
   if method.split(":")[0] in ("tree", "two_phase_tree"):
-    ms = (costs.get("target_verify_tree_ms") or {}).get(str(tree_nodes))
+    nodes = options.get("tree_nodes")
+    ms = (costs.get("target_verify_tree_ms") or {}).get(str(nodes))
   else:
     ms = (costs.get("target_verify_ms") or {}).get("gamma+1")
   return ms / base if ms and base else None

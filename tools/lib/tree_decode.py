@@ -49,7 +49,8 @@ METHOD_KINDS = ("tree", "two_phase_tree")
 
 def extra_positions(cfg) -> int:
   """Cache positions a tree iteration may use beyond the accepted tokens."""
-  return max(cfg.tree_nodes, (cfg.tree_depth - 1) * cfg.tree_topk + 1)
+  o = cfg.options  # the tree options (tools/lib/sd_methods.py)
+  return max(o["tree_nodes"], (o["tree_depth"] - 1) * o["tree_topk"] + 1)
 
 
 class TreeAdapter:
@@ -196,8 +197,9 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
       f"adapter {adapter.name!r}: draft trees need the module's "
       "static_step (the L5 / B1 / L5F twins have it)"
     )
-  width = cfg.tree_topk if "source" in adapter.spec.inputs else 1
-  need = cfg.max_new_tokens + 2 + (cfg.tree_depth - 1) * width
+  o = cfg.options  # the tree options (tools/lib/sd_methods.py)
+  width = o["tree_topk"] if "source" in adapter.spec.inputs else 1
+  need = cfg.max_new_tokens + 2 + (o["tree_depth"] - 1) * width
   cap = getattr(module, "max_seq_len", need)
   if need > cap:
     raise ValueError(
@@ -205,23 +207,23 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
       f"(max_new_tokens + 2 + (tree_depth - 1) * {width}), its table has "
       f"{cap}; lower --max_new_tokens, --tree_depth or --tree_topk"
     )
-  key = ("tree_adapter", adapter.name, vocab, cfg.tree_topk, fast)
+  key = ("tree_adapter", adapter.name, vocab, o["tree_topk"], fast)
   ta = models._static.get(key)
   if ta is not None and ta.max_len >= need:
     return ta
   models._static.pop(key, None)
-  steps = max(cfg.tree_depth, cfg.k_prefill) + 2
+  steps = max(o["tree_depth"], cfg.k_prefill) + 2
   ta = TreeAdapter(
     module,
     models.head_on(adapter.device),
     len(adapter.spec.inputs),
     min(static_kv.static_length(need), cap),
-    topk=cfg.tree_topk,
+    topk=o["tree_topk"],
     vocab=vocab,
     device=adapter.device,
     dtype=adapter.dtype,
-    lengths=set(range(1, steps + 1)) | {cfg.tree_topk} if fast else (),
-    chains=range(1, cfg.tree_depth) if fast else (),
+    lengths=set(range(1, steps + 1)) | {o["tree_topk"]} if fast else (),
+    chains=range(1, o["tree_depth"]) if fast else (),
     compile_step=models.compile_layers and fast,
   )
   models._static[key] = ta
@@ -248,9 +250,9 @@ class TreeProposer:
     if self.src and drafter is None:
       raise ValueError(f"adapter {adapter.name!r} needs a drafter (--draft)")
     self.depth, self.topk, self.nodes = (
-      cfg.tree_depth,
-      cfg.tree_topk,
-      cfg.tree_nodes,
+      cfg.options["tree_depth"],
+      cfg.options["tree_topk"],
+      cfg.options["tree_nodes"],
     )
     self.width = self.topk if self.src else 1
     self.fed = 0  # leading adapter positions fed with true inputs
@@ -263,6 +265,7 @@ class TreeProposer:
     """The proposer of one run (a `DraftContext`; tools/lib/sd_proposers.py)
     with the method's last (decode) adapter and the run's SDConfig."""
     cfg, ad = ctx.config, ctx.adapters[-1]
+    o = cfg.options  # the tree options (tools/lib/sd_methods.py)
     src = "source" in ad.spec.inputs
     vocab = ctx.drafter.vocab if src else None
     steps = tree_adapter(ctx.models, ad, cfg, vocab, ctx.fast)
@@ -270,8 +273,8 @@ class TreeProposer:
     if lm is not None:
       lm.capture_verify(
         {
-          tr.tree_size(d, cfg.tree_topk, cfg.tree_nodes)
-          for d in range(1, cfg.tree_depth + 1)
+          tr.tree_size(d, o["tree_topk"], o["tree_nodes"])
+          for d in range(1, o["tree_depth"] + 1)
         }
       )
     drafter = ctx.drafter if src else None

@@ -75,6 +75,7 @@ import sys
 import time
 
 from tools.lib.environment import environment
+from tools.lib.sd_methods import add_method_flags
 from tools.study import layout, live, pair, stages, state
 from tools.study.pair import StudyError
 
@@ -238,13 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--bench_max_new_tokens", type=int, default=None, help="default: pair's"
   )
   b.add_argument("--gamma", type=int, default=5, help="drafts per iteration")
-  b.add_argument("--tree_depth", type=int, default=6, help="tree methods")
-  b.add_argument(
-    "--tree_topk", type=int, default=10, help="tree methods: children/node"
-  )
-  b.add_argument(
-    "--tree_nodes", type=int, default=60, help="tree methods: node budget"
-  )
+  add_method_flags(b)  # the method kinds' options (the tree flags)
   b.add_argument(
     "--costs_7b",
     default=None,

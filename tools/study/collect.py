@@ -7,6 +7,7 @@ import os
 
 from egpt_align import metrics as metrics_lib
 from tools.lib import sd_results
+from tools.lib.sd_methods import recorded_options
 from tools.study import layout
 from tools.study.pair import StudyError
 
@@ -94,7 +95,7 @@ def _depth(entry: dict) -> dict:
   return {k: _metric(entry, {}, k) for k in keys}
 
 
-def _decode_costs(a: dict, costs: dict, m: str, nodes) -> dict:
+def _decode_costs(a: dict, costs: dict, m: str, options: dict) -> dict:
   """Per decode-phase verification, in target decode steps: drafting
   (drafts per verification x cost per draft) and the verification."""
   model = a.get("cost_model") or {}
@@ -102,11 +103,11 @@ def _decode_costs(a: dict, costs: dict, m: str, nodes) -> dict:
   return {
     "drafts_per_verification": g,
     "draft_cost": None if g is None or c is None else g * c,
-    "verify_cost": sd_results.verify_cost(costs, m, nodes),
+    "verify_cost": sd_results.verify_cost(costs, m, options),
   }
 
 
-def _method_row(a: dict, rt: str, costs: dict, m: str, nodes=None) -> dict:
+def _method_row(a: dict, rt: str, costs: dict, m: str, options: dict) -> dict:
   rel = costs.get("relative") or {}
   if not a.get("n"):
     return {"n": 0, "failed": a.get("failed")}
@@ -125,7 +126,7 @@ def _method_row(a: dict, rt: str, costs: dict, m: str, nodes=None) -> dict:
     "alpha_ci95": a.get("alpha_ci95"),
     "tau": a.get("tau"),
     "tau_ci95": a.get("tau_ci95"),
-    **_decode_costs(a, costs, m, nodes),
+    **_decode_costs(a, costs, m, options),
     "c": (rel.get("c") or {}).get(m),
     "v": rel.get("v"),
     "prefill_overlap_ms": None if ov is None else ov["overlap_ms"],
@@ -170,7 +171,8 @@ def live_entry(benches: dict[str, dict]) -> dict:
     "draft_device": cfg.get("draft_device"),
     "dtype": cfg.get("dtype"),
     "gamma": cfg.get("gamma"),
-    "tree": cfg.get("tree"),
+    # The method kinds' options (the draft trees' flags).
+    "options": recorded_options(cfg),
     "max_new_tokens": cfg.get("max_new_tokens"),
     "warmup": cfg.get("warmup"),
     "runtimes": list(benches),
@@ -181,7 +183,7 @@ def live_entry(benches: dict[str, dict]) -> dict:
   }
   for rt, bench in benches.items():
     costs = (bench.get("costs_by_runtime") or {}).get(rt) or bench["costs"]
-    nodes = (bench["config"].get("tree") or {}).get("nodes")
+    options = recorded_options(bench["config"])
     agg = bench["aggregate"]
     if rt == "fast":
       out["fast_path"] = bench.get("fast_path")
@@ -196,7 +198,7 @@ def live_entry(benches: dict[str, dict]) -> dict:
       "target_prefill_ms": costs.get("target_prefill_ms"),
       "amdahl": bench.get("amdahl"),
       "methods": {
-        m: _method_row(agg.get(m, {}), rt, costs, m, nodes)
+        m: _method_row(agg.get(m, {}), rt, costs, m, options)
         for m in bench["config"]["methods"]
       },
     }

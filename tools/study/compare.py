@@ -151,10 +151,10 @@ def _drafting(data: dict, row: dict) -> str:
   live = data["live"][s["setting"]] if s else {}
   if row["drafting"] == "chain":
     return f"chain, γ = {live.get('gamma')}"
-  t = live.get("tree") or {}
+  o = live.get("options") or {}
   return (
-    f"tree, depth {t.get('depth')}, top-k {t.get('topk')}, "
-    f"{t.get('nodes')} nodes"
+    f"tree, depth {o.get('tree_depth')}, top-k {o.get('tree_topk')}, "
+    f"{o.get('tree_nodes')} nodes"
   )
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from tools.lib.sd_methods import method_options, option_flags
 from tools.study import layout
 from tools.study.pair import StudyError
 from tools.study.stages import max_new_tokens, run_tool
@@ -31,7 +32,7 @@ def run_benchmark(
   num_samples: int,
   runtime: str,
   gamma: int,
-  tree: tuple[int, int, int],
+  options: dict,
   max_new: int,
   warmup: int,
   seed: int,
@@ -42,7 +43,8 @@ def run_benchmark(
   time_budget_s: float | None = None,
   progress: bool = True,
 ) -> tuple[dict, bool]:
-  """One benchmark run; returns (its results.json, lossless)."""
+  """One benchmark run; returns (its results.json, lossless). `options`:
+  the method kinds' (tools/lib/sd_methods.py `method_options`)."""
   cmd = [
     sys.executable,
     "-m",
@@ -57,12 +59,7 @@ def run_benchmark(
     ",".join(methods),
     "--gamma",
     str(gamma),
-    "--tree_depth",
-    str(tree[0]),
-    "--tree_topk",
-    str(tree[1]),
-    "--tree_nodes",
-    str(tree[2]),
+    *option_flags(options),
     "--max_new_tokens",
     str(max_new),
     "--warmup",
@@ -137,6 +134,10 @@ def stage_bench(study, stage: str) -> dict:
   if stage == "bench1" and not args.draft_device1:
     args.draft_device1 = args.device or ("cuda:0" if _has_cuda() else "cpu")
   methods = layout.methods_of(study.adapters)
+  try:
+    options = method_options(args)
+  except ValueError as e:
+    raise StudyError(str(e)) from e
   adapters = {
     n: study.p("exports", f"{n}.pt")
     for n in layout.live_adapters(study.adapters)
@@ -168,7 +169,7 @@ def stage_bench(study, stage: str) -> dict:
       num_samples=n,
       runtime=rt,
       gamma=args.gamma,
-      tree=(args.tree_depth, args.tree_topk, args.tree_nodes),
+      options=options,
       max_new=max_new_tokens(study, "bench_max_new_tokens"),
       warmup=args.warmup,
       seed=args.seed,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 
+from tools.lib.sd_methods import all_options, option_flags, recorded_options
 from tools.lib.sd_results import verify_cost
 from tools.study import layout
 from tools.study.verdicts import num
@@ -28,25 +29,29 @@ from tools.study.verdicts import num
 COMMAND = (
   "python -m tools.benchmark_sd --random_models vicuna7b --prompt_len 600 "
   "--max_new_tokens 64 --ignore_eos --num_samples 20 --gamma {gamma} "
-  "--tree_depth {depth} --tree_topk {topk} --tree_nodes {nodes} --methods "
+  "{options} --methods "
   "baseline,decode:b1,tree:b1,decode:l5f,tree:l5f --adapter b1=random "
   "--adapter l5f=random --runtimes fast --device cuda --out OUT"
 )
 
 
+PROJECTED_KINDS = ("decode", "tree")
+
+
+def _options(options: dict, missing: str | None = None) -> dict:
+  """The projected kinds' options (the tree flags) in `options`; one it
+  lacks reads `missing` (default: its placeholder, NAME)."""
+  return {
+    o.name: options.get(o.name, missing or o.name.upper())
+    for o in all_options(PROJECTED_KINDS)
+  }
+
+
 def command(data: dict) -> str:
   """The 7B run that fits this study (its gamma and tree flags)."""
   live = (data.get("live") or {}).get("gpus1") or {}
-  tree = live.get("tree") or {}
-  return COMMAND.format(
-    gamma=live.get("gamma", "G"),
-    depth=tree.get("depth", "D"),
-    topk=tree.get("topk", "K"),
-    nodes=tree.get("nodes", "N"),
-  )
-
-
-PROJECTED_KINDS = ("decode", "tree")
+  flags = option_flags(_options(live.get("options") or {}))
+  return COMMAND.format(gamma=live.get("gamma", "G"), options=" ".join(flags))
 
 
 def _absent(why: str) -> dict:
@@ -87,9 +92,13 @@ def _mismatch(bench: dict, live: dict) -> str | None:
     return f"its first runtime is {cfg.get('runtimes')}, not fast"
   if cfg.get("gamma") != live.get("gamma"):
     return f"its γ is {cfg.get('gamma')}, this study's {live.get('gamma')}"
-  tree, here = cfg.get("tree") or {}, live.get("tree") or {}
-  if tree != here:
-    return f"its tree flags are {tree}, this study's {here}"
+  theirs = _options(recorded_options(cfg), missing="?")
+  here = _options(live.get("options") or {}, missing="?")
+  if theirs != here:
+    return (
+      f"it ran with {' '.join(option_flags(theirs))}, this study with "
+      f"{' '.join(option_flags(here))}"
+    )
   return None
 
 
@@ -108,7 +117,7 @@ def project(data: dict, path: str | None) -> dict:
   if why := _mismatch(bench, live):
     return _absent(f"the 7B run does not fit: {why}")
   costs = bench["costs"]
-  nodes = (bench["config"].get("tree") or {}).get("nodes")
+  options = recorded_options(bench["config"])
   out = {
     "available": True,
     "why": None,
@@ -123,7 +132,7 @@ def project(data: dict, path: str | None) -> dict:
     m7 = seven_b_method(m)
     model = (bench["aggregate"].get(m7) or {}).get("cost_model") or {}
     g, c = model.get("drafts_per_verification"), model.get("c")
-    v = verify_cost(costs, m7, nodes)
+    v = verify_cost(costs, m7, options)
     entry = {"method_7b": m7, "tau": r["tau"], "decode_speedup": None}
     if g is None or c is None or v is None or r["tau"] is None:
       entry["why"] = f"the 7B run has no drafting or verification cost of {m7}"

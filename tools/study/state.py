@@ -9,6 +9,7 @@ import os
 import shutil
 import tarfile
 
+from tools.lib.sd_methods import all_options
 from tools.study import layout
 from tools.study.pair import StudyError
 
@@ -18,10 +19,7 @@ BENCH_SETTINGS = (
   "gamma",
   "bench_max_new_tokens",
   "runtimes",
-  "tree_depth",
-  "tree_topk",
-  "tree_nodes",
-)
+)  # and the method kinds' options (the tree flags): `Study.settings`
 # The settings each stage's outputs depend on: a finished stage run with
 # other values is refused (use another --out or --redo it).
 STAGE_SETTINGS = {
@@ -83,9 +81,10 @@ class Study:
     return [a for a in self.adapters if a not in have]
 
   def settings(self, stage: str) -> dict:
-    return {
-      k: getattr(self.args, k, None) for k in STAGE_SETTINGS.get(stage, ())
-    }
+    names = STAGE_SETTINGS.get(stage, ())
+    if stage in layout.BENCH_DIRS:
+      names += tuple(o.name for o in all_options())
+    return {k: getattr(self.args, k, None) for k in names}
 
   def check(self, stage: str) -> None:
     """Refuses a finished stage whose settings differ from this run's (a
