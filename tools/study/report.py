@@ -28,8 +28,18 @@ def _fmt_metric(key: str, m: dict) -> str:
   return ci_num(m["value"], m["ci95"], nd)
 
 
+def _epochs(a: dict) -> str:
+  """'39 / 40': the best-validation epoch of the epochs run (a best epoch
+  at the end says the validation loss was still falling)."""
+  if a.get("best_epoch") is None:
+    return f"{a['epochs']}"
+  return f"{a['best_epoch']} / {a['epochs']}"
+
+
 def seed_table(data: dict) -> list[str]:
-  cols = ["params", "epochs", "best val loss"] + [c for _, c in SEED_COLUMNS]
+  cols = ["params", "best epoch / epochs", "best val loss"] + [
+    c for _, c in SEED_COLUMNS
+  ]
   lines = [
     "| adapter | reading | " + " | ".join(cols) + " |",
     "|---|---|" + "---|" * len(cols),
@@ -38,7 +48,7 @@ def seed_table(data: dict) -> list[str]:
     lines.append(
       f"| {layout.title(name)} | {a['primary_reading']} | "
       f"{a['params'] if a['params'] is not None else '–'} | "
-      f"{a['epochs']} | {num(a['best_val_loss'], 4)} | "
+      f"{_epochs(a)} | {num(a['best_val_loss'], 4)} | "
       + " | ".join(_fmt_metric(k, a["metrics"][k]) for k, _ in SEED_COLUMNS)
       + " |"
     )
