@@ -153,8 +153,11 @@ class TreeAdapter:
 
   @torch.inference_mode()
   def _catch_up(self, start, *inputs):
-    pos = start + self.keys[: inputs[0].shape[1]]
-    return self._forward(pos, pos, self.keys[None] <= pos[:, None], *inputs)
+    # Slots and positions as two tensors: the compiled step is traced on
+    # unaliased ones (`_example`), and an aliased pair would recompile it.
+    keys = self.keys[: inputs[0].shape[1]]
+    slots, pos = start + keys, start + keys
+    return self._forward(slots, pos, self.keys[None] <= pos[:, None], *inputs)
 
   def catch_up(self, inputs, start: int):
     """`step` on [1, T, D] inputs at slots = positions start..start+T-1,
