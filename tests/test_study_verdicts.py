@@ -287,3 +287,23 @@ def test_ratio_ci_contains_the_ratio_and_is_none_without_resamples():
   lo, hi = stages.ratio_ci(num, den, resamples=200, seed=1)
   assert lo <= num.sum() / den.sum() <= hi
   assert stages.ratio_ci(num, den, resamples=0, seed=1) is None
+
+
+@pytest.mark.parametrize(
+  "reliable, verdict", [(True, "holds"), (False, "not shown")]
+)
+def test_speed_claims_are_not_judged_on_a_run_whose_aa_control_failed(
+  reliable, verdict
+):
+  aa = {"speedup": 0.97, "speedup_ci95": [0.95, 0.99], "reliable": reliable}
+  if reliable:
+    aa = {"speedup": 1.0, "speedup_ci95": [0.99, 1.01], "reliable": True}
+  rows = {
+    "two_phase:l4+b1_next": _row(decode_speedup_ci95=[1.5, 2.0]),
+    "prefill_hiding:l4": _row(speedup_ci95=[1.1, 1.5]),
+  }
+  data = _data(rows=rows, aa=aa)
+  for claim in (verdicts.claim_two_phase, verdicts.claim_prefill):
+    c = claim(data)
+    assert c["verdict"] == verdict, c["text"]
+    assert ("judge no speed claim" in c["text"]) == (not reliable)

@@ -275,6 +275,28 @@ def _aa_line(data: dict, sub: str, rt: str) -> tuple[float, str]:
   return 1.0, "1 (no A/A control measured)"
 
 
+def _unreliable(data: dict, sub: str, rt: str) -> str | None:
+  """Why the run's timings cannot judge a speed claim: its A/A control
+  failed (None: it held, or none was measured)."""
+  aa = data["live"][sub]["by_runtime"][rt].get("aa_control") or {}
+  if aa.get("reliable") is not False:
+    return None
+  return (
+    f"The live run's A/A control (baseline against itself) read "
+    f"{ci_num(aa.get('speedup'), aa.get('speedup_ci95'))}, outside "
+    "[0.98, 1.02] or its CI excluding 1, so its timings judge no speed "
+    "claim: not shown. "
+  )
+
+
+def _speed_claim(data, sub, rt, name, verdict, text, rule) -> dict:
+  """A speed claim's verdict, "not shown" when the run is unreliable."""
+  why = _unreliable(data, sub, rt)
+  if why:
+    return _claim(name, "not shown", why + text, rule)
+  return _claim(name, verdict, text, rule)
+
+
 def claim_prefill(data: dict) -> dict:
   name = "Prefill hiding gives accepted tokens for free"
   rule = (
@@ -284,8 +306,8 @@ def claim_prefill(data: dict) -> dict:
     "tokens drafted during the target's prefill are accepted; (2) "
     "end-to-end time is saved: its speedup CI lies above the A/A control "
     "(above 1 when none was measured). Holds: both; partly: (1) and the "
-    "CI lies wholly below the line; not shown: (1) and the CI crosses it; "
-    "fails: no prefill draft accepted."
+    "CI lies wholly below the line; not shown: (1) and the CI crosses it, "
+    "or the run's A/A control failed; fails: no prefill draft accepted."
   )
   sub, rt, rows = headline_live(data)
   ph = {
@@ -314,7 +336,7 @@ def claim_prefill(data: dict) -> dict:
     )
     + f". Best: {best}; its speedup CI lies {saved} {line_text}."
   )
-  return _claim(name, verdict, text, rule)
+  return _speed_claim(data, sub, rt, name, verdict, text, rule)
 
 
 def claim_two_phase(data: dict) -> dict:
@@ -323,7 +345,8 @@ def claim_two_phase(data: dict) -> dict:
     "Rule (two GPUs if measured, else one; first runtime; lossless "
     "methods, near-tie flips allowed): judged on the decode-phase speedup "
     "of the best two_phase method: holds when its 95% CI lies wholly "
-    "above 1; fails when wholly below 1; not shown when it crosses 1."
+    "above 1; fails when wholly below 1; not shown when it crosses 1, or "
+    "when the run's A/A control failed."
   )
   sub, rt, rows = headline_live(data)
   tp = {
@@ -347,7 +370,7 @@ def claim_two_phase(data: dict) -> dict:
     )
     + f". Best: {best}."
   )
-  return _claim(name, verdict, text, rule)
+  return _speed_claim(data, sub, rt, name, verdict, text, rule)
 
 
 CLAIMS = (
