@@ -19,19 +19,22 @@ A step unrolls 4 forwards and backwards: at hidden 4096 on one H100 it took
 `python -m tools.benchmarks.benchmark_train --levels= --torch= --unroll b1`).
 
 Expected, as measured on the scenes pair (`gpu` preset, hidden 128;
-docs/RESULTS.md, "Multi-step training"; 10 epochs, batch 64, seed 2,
-trained on a CPU, 2026-12-07), free-running acceptance at depth 5 on the
-test split, against B1 with objective next (k = 1): 24.2% [22.5, 25.9]:
-  this recipe (k = 4, equal weights)            18.0% [16.7, 19.5]
-  k = 4, weights (1, 0.5, 0.25, 0.125)          24.0%
-    (--config.loss.unroll_weights='(1.0,0.5,0.25,0.125)')
-  k = 2 (--config.loss.unroll_steps=2)          24.1%
-So no k tried beats k = 1 here (issue 32's goal was +10 points): with equal
-weights the first step gets a quarter of the loss and the chain's first
-draft, which every deeper one needs, gets worse (depth 1: 71.8% against
-75.3%). Live (one H100, fast runtime, gamma 5, 72 test samples of 19
-scenes), the chain's tau is 2.91 [2.80, 3.02] against 3.02 [2.87, 3.18] for
-k = 1, and the decode-phase speedup 2.001x against 2.131x. The validation loss
+docs/RESULTS.md, "Multi-step training"; 40 epochs, batch 64, seed 2,
+trained on one H100, k = 1 on a CPU, 2026-12-07), free-running acceptance
+at depth 5 on the test split, against B1 with objective next (k = 1):
+37.2% [35.4, 39.3]:
+  this recipe (k = 4, equal weights)            35.2% [33.4, 37.1]
+So k = 4 does not beat k = 1 for B1 here (issue 32's goal was +10 points):
+with equal weights the first step gets a quarter of the loss and the
+chain's first draft, which every deeper one needs, gets worse (depth 1:
+79.2% against 81.8%). L5F's multi-step recipe (experiments/l5f_ttt.py) does
+gain at depth: 43.2% [40.7, 45.8] against 40.3% [38.3, 42.6]. Live (one
+H100, fast runtime, gamma 5, 67 test samples of 18 scenes), B1's chain tau
+is 3.53 [3.29, 3.75] against 3.59 [3.37, 3.83] for k = 1. At 10 epochs
+(the adapters still improving) the same comparison read 18.0% against
+24.2% at depth 5, and k = 2 or weights (1, 0.5, 0.25, 0.125)
+(--config.loss.unroll_steps=2, --config.loss.unroll_weights=...) tied k = 1.
+The validation loss
 (eval/loss) is the k-step loss, so it is not comparable with B1's; compare
 eval/next_token_top1 and the evaluation.
 """
