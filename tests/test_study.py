@@ -117,6 +117,31 @@ def test_every_method_is_lossless_in_fp32(study):
       assert a["n"] == 4 and a["mismatched_samples"] == 0, lab
 
 
+def test_the_headline_methods_also_run_alone_on_every_test_sample(study):
+  with open(
+    os.path.join(
+      study["out"], "bench", "gpus1", "fast_headline", "results.json"
+    )
+  ) as f:
+    head = json.load(f)
+  # 6 test samples, 1 warm-up: every other one measured.
+  assert head["num_measured"] == 5 and head["config"]["runtimes"] == ["fast"]
+  assert set(head["aggregate"]) == {
+    "baseline",
+    "baseline_aa",
+    "decode:b1_next",
+    "tree:b1_next",
+  }
+  h = _results(study["out"])["live"]["gpus1"]["headline"]
+  assert h["runtime"] == "fast" and h["num_measured"] == 5
+  assert h["methods"]["tree:b1_next"]["n"] == 5
+  assert h["aa_control"]["speedup_ci95"] is not None
+  with open(os.path.join(study["out"], "report", "RESULTS.md")) as f:
+    text = f.read()
+  assert "the headline methods on more samples" in text
+  assert "alone, run first, on 5 test samples" in text
+
+
 def test_live_methods_draft_with_the_objective_next_adapters(study):
   decode = [m for m in layout.METHODS if m.split(":")[0] == "decode"]
   assert decode == [f"decode:{n}" for n in layout.LIVE_DECODE_ADAPTERS]
@@ -345,14 +370,28 @@ def test_bench2_hands_the_second_device_to_the_benchmark(
   argv += [",".join(ADAPTERS), "--gamma", str(GAMMA), "--tree_nodes", "5"]
   argv += ["--tree_depth", "3", "--tree_topk", "2", "--bench_samples", "4"]
   argv += ["--eager_samples", "4", "--warmup", "1", "--draft_device2", "cpu"]
+  argv += ["--bench_time_budget_s", "100", "--headline_share", "0.25"]
   assert cli.main(argv) == 0
-  assert len(cmds) == 2
+  assert len(cmds) == 3
+
+  def flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+  # First the headline methods alone, on every test sample but the warm-up
+  # one (6 - 1), with their share of the budget; then every method.
+  head, *full = cmds
+  assert flag(head, "--methods") == "baseline,decode:b1_next,tree:b1_next"
+  assert flag(head, "--num_samples") == "5"
+  assert flag(head, "--runtimes") == "fast"
+  assert float(flag(head, "--time_budget_s")) == 25.0
+  assert flag(head, "--out").endswith(os.path.join("gpus2", "fast_headline"))
+  assert [flag(c, "--runtimes") for c in full] == ["fast", "eager"]
   for cmd in cmds:
-    assert cmd[cmd.index("--draft_device") + 1] == "cpu"
-    assert cmd[cmd.index("--tree_nodes") + 1] == "5"
-    assert cmd[cmd.index("--methods") + 1] == ",".join(
-      layout.methods_of(ADAPTERS)
-    )
+    assert flag(cmd, "--draft_device") == "cpu"
+    assert flag(cmd, "--tree_nodes") == "5"
+  for cmd in full:
+    assert float(flag(cmd, "--time_budget_s")) == 100.0
+    assert flag(cmd, "--methods") == ",".join(layout.methods_of(ADAPTERS))
   with open(os.path.join(copy, "report", "RESULTS.md")) as f:
     text = f.read()
   assert "### CPU, drafter as a second device, eager runtime" in text

@@ -32,7 +32,9 @@ skipped on the next run, so a run cut off by a time limit resumes):
   bench1    every live method on the test samples, drafter on the
             target's GPU (tools/benchmark_sd.py; the decode adapters are
             the objective-next ones, as chains and as draft trees), one
-            run per runtime
+            run per runtime; first, the headline methods (B1's chain and
+            tree) alone on up to --headline_samples samples, so their CIs
+            rest on every test scene
   bench2    the same with the drafter on a second GPU (--draft_device2)
   results   DIR/report/RESULTS.md, results/results.json and plots (with
             --costs_7b, the decode methods projected for a 7B pair)
@@ -167,6 +169,30 @@ def versions() -> dict:
   return environment(("jax", "flax", "optax", "torch", "transformers", "numpy"))
 
 
+def _sample_flags(b) -> None:
+  """How many test samples each live run measures."""
+  b.add_argument(
+    "--bench_samples", type=int, default=400, help="fast runtime's samples"
+  )
+  b.add_argument(
+    "--eager_samples", type=int, default=100, help="eager runtime's samples"
+  )
+  b.add_argument(
+    "--headline_samples",
+    type=int,
+    default=400,
+    help="the headline methods (B1's chain and tree) and the baseline also "
+    "run alone, first, on this many samples of the first runtime, so their "
+    "CIs rest on every test scene (0 = no headline run)",
+  )
+  b.add_argument(
+    "--headline_share",
+    type=float,
+    default=0.35,
+    help="share of a bench stage's time budget the headline run may sample",
+  )
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m tools.study",
@@ -232,12 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     "the seed's ratios at hidden 4096 (tools/study/widths.py); recipe = "
     "experiments/*.py's",
   )
-  b.add_argument(
-    "--bench_samples", type=int, default=400, help="fast runtime's samples"
-  )
-  b.add_argument(
-    "--eager_samples", type=int, default=100, help="eager runtime's samples"
-  )
+  _sample_flags(b)
   b.add_argument(
     "--bench_max_new_tokens", type=int, default=None, help="default: pair's"
   )

@@ -206,6 +206,15 @@ def live_entry(benches: dict[str, dict]) -> dict:
   return out
 
 
+def headline_entry(study_dir: str, rec: dict) -> dict:
+  """The headline run of a bench stage (the headline methods alone on
+  more samples), as one runtime's block of `live_entry` plus its runtime."""
+  h = rec["headline"]
+  bench = load(os.path.join(study_dir, h["dir"], "results.json"))
+  block = live_entry({h["runtime"]: bench})["by_runtime"][h["runtime"]]
+  return {"runtime": h["runtime"], **block}
+
+
 def collect(study_dir: str, pair, costs_7b: str | None = None) -> dict:
   """results.json: everything RESULTS.md and the plots state (`costs_7b`:
   the 7B-shaped pair's benchmark results.json, for the projection)."""
@@ -248,6 +257,8 @@ def collect(study_dir: str, pair, costs_7b: str | None = None) -> dict:
           for rt, r in rec["runtimes"].items()
         }
       )
+      if rec.get("headline"):
+        data["live"][sub]["headline"] = headline_entry(study_dir, rec)
   data["prefill_widths"] = stages.get("train", {}).get("prefill_widths")
   data["comparisons"] = compare.comparisons(data)
   data["projection_7b"] = projection.project(data, costs_7b)

@@ -65,6 +65,11 @@ METHODS = (
 )
 
 
+# The methods also run alone on every test sample (the stage's headline
+# run, `--headline_samples`): B1's chain and tree, the study's fastest.
+HEADLINE_METHODS = ("decode:b1_next", "tree:b1_next")
+
+
 def method_kind(method: str) -> str:
   """A live method's kind ('two_phase:l4+b1_next' -> 'two_phase')."""
   return method.partition(":")[0]
@@ -80,6 +85,11 @@ def methods_of(adapters) -> tuple[str, ...]:
   """The live methods whose adapters are all in `adapters`, table order."""
   have = set(adapters)
   return tuple(m for m in METHODS if set(method_adapters(m)) <= have)
+
+
+def headline_of(adapters) -> tuple[str, ...]:
+  """The headline methods whose adapters are all in `adapters`."""
+  return tuple(m for m in methods_of(adapters) if m in HEADLINE_METHODS)
 
 
 def live_adapters(adapters) -> tuple[str, ...]:

@@ -120,7 +120,27 @@ def _has_cuda() -> bool:
     return False
 
 
+def _budget_share(study, share: float) -> float | None:
+  """`share` of what `_budget` allows now (None: no budget)."""
+  budget = _budget(study)
+  return None if budget is None else max(1.0, budget * share)
+
+
+def _record(study, out: str, res: dict, lossless: bool) -> dict:
+  return {
+    "dir": os.path.relpath(out, study.out),
+    "lossless": lossless,
+    "draft_device": res["config"].get("draft_device"),
+    "device": res["environment"].get("device"),
+    "num_measured": res.get("num_measured"),
+    "mismatches": len(res.get("mismatches", [])),
+  }
+
+
 def stage_bench(study, stage: str) -> dict:
+  """Every method of the study on the test samples, one run per runtime;
+  first, the headline methods alone on up to --headline_samples samples of
+  the first runtime (DIR/bench/gpusN/RUNTIME_headline)."""
   args = study.args
   if stage == "bench2" and not args.draft_device2:
     import torch
@@ -151,20 +171,18 @@ def stage_bench(study, stage: str) -> dict:
   samples = study.pair.samples(study, "test")
   with open(samples) as f:
     available = sum(1 for line in f if line.strip())
-  info = {"methods": list(methods), "runtimes": {}}
-  for rt, n in runtime_samples(args).items():
-    if n + args.warmup > available:
-      raise StudyError(
-        f"--{'eager' if rt == 'eager' else 'bench'}_samples {n} + --warmup "
-        f"{args.warmup} exceed the {available} test samples ({samples})"
-      )
-    out = study.p("bench", layout.BENCH_DIRS[stage], rt)
-    res, lossless = run_benchmark(
+
+  def run(rt, chosen, n, out, budget):
+    return run_benchmark(
       target=study.pair.target_spec(),
       draft=study.pair.draft_spec(),
       samples=samples,
-      adapters=adapters,
-      methods=methods,
+      adapters={
+        a: adapters[a]
+        for a in adapters
+        if any(a in layout.method_adapters(m) for m in chosen)
+      },
+      methods=chosen,
       out=out,
       num_samples=n,
       runtime=rt,
@@ -177,15 +195,32 @@ def stage_bench(study, stage: str) -> dict:
       draft_device=getattr(args, f"draft_device{stage[-1]}"),
       dtype=args.dtype,
       no_compile=args.no_compile,
-      time_budget_s=_budget(study),
+      time_budget_s=budget,
       progress=not args.no_progress,
     )
-    info["runtimes"][rt] = {
-      "dir": os.path.relpath(out, study.out),
-      "lossless": lossless,
-      "draft_device": res["config"].get("draft_device"),
-      "device": res["environment"].get("device"),
-      "num_measured": res.get("num_measured"),
-      "mismatches": len(res.get("mismatches", [])),
+
+  info = {"methods": list(methods), "runtimes": {}}
+  runtimes = runtime_samples(args)
+  for rt, n in runtimes.items():
+    if n + args.warmup > available:
+      raise StudyError(
+        f"--{'eager' if rt == 'eager' else 'bench'}_samples {n} + --warmup "
+        f"{args.warmup} exceed the {available} test samples ({samples})"
+      )
+  headline = layout.headline_of(study.adapters)
+  if args.headline_samples > 0 and headline:
+    rt = next(iter(runtimes))
+    n = min(args.headline_samples, available - args.warmup)
+    out = study.p("bench", layout.BENCH_DIRS[stage], f"{rt}_headline")
+    share = _budget_share(study, args.headline_share)
+    res, lossless = run(rt, ("baseline",) + headline, n, out, share)
+    info["headline"] = {
+      "runtime": rt,
+      "methods": ["baseline", *headline],
+      **_record(study, out, res, lossless),
     }
+  for rt, n in runtimes.items():
+    out = study.p("bench", layout.BENCH_DIRS[stage], rt)
+    res, lossless = run(rt, methods, n, out, _budget(study))
+    info["runtimes"][rt] = _record(study, out, res, lossless)
   return info

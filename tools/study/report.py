@@ -142,6 +142,8 @@ def live_tables(data: dict) -> list[str]:
           f"{ci_num(r['decode_speedup'], r['decode_speedup_ci95'])} | "
           f"{r['mismatches']} ({r['near_tie_flips']}) |"
         )
+    if live.get("headline"):
+      lines += headline_table(data, sub, live["headline"])
     mism = live["mismatch_list"]
     if mism:
       lines += ["", f"Mismatches vs greedy ({setting(data, sub)}):", ""]
@@ -151,6 +153,52 @@ def live_tables(data: dict) -> list[str]:
           f"{x['index']}, top-2 margin {num(x['margin'], 4)}"
           + (" (near-tie)" if x["near_tie"] else " (NOT a near-tie)")
         )
+  return lines
+
+
+def headline_table(data: dict, sub: str, h: dict) -> list[str]:
+  """The headline methods alone on more samples (the stage's first run)."""
+  amdahl = (h.get("amdahl") or {}).get(h["runtime"]) or {}
+  ceiling = amdahl.get("end_to_end_ceiling")
+  lines = [
+    "",
+    f"#### {setting(data, sub)}, {h['runtime']} runtime: the headline "
+    "methods on more samples",
+    "",
+    f"The baseline and {', '.join(m for m in h['methods'] if m != 'baseline')}"
+    f" alone, run first, on {h['num_measured']} test samples "
+    + (
+      f"({h['num_groups']} groups; CIs resample whole groups)"
+      if h.get("ci_resampling") == "group"
+      else "(CIs resample samples)"
+    )
+    + f"; target decode {num(h['target_decode_ms'], 3)} ms/token, prefill "
+    f"{num(h['target_prefill_ms'], 2)} ms"
+    + (
+      f" ({pct(amdahl.get('baseline_prefill_share'))} of the baseline's "
+      f"time: no decode speedup can exceed {num(ceiling, 2)}× end to end)."
+      if ceiling
+      else "."
+    )
+    + aa_text(h.get("aa_control")),
+    "",
+    "| method | α | τ | decode-phase speedup | speedup (end to end) | "
+    "mismatches (near-tie) |",
+    "|---|---|---|---|---|---|",
+  ]
+  for m, r in h["methods"].items():
+    if m == "baseline":
+      continue
+    if not r.get("n"):
+      lines.append(f"| {m} | failed: {r.get('failed')} |")
+      continue
+    lines.append(
+      f"| {m} | {ci_num(r['alpha'], r['alpha_ci95'])} | "
+      f"{ci_num(r['tau'], r['tau_ci95'], 2)} | "
+      f"{ci_num(r['decode_speedup'], r['decode_speedup_ci95'])} | "
+      f"{ci_num(r['speedup'], r['speedup_ci95'])} | "
+      f"{r['mismatches']} ({r['near_tie_flips']}) |"
+    )
   return lines
 
 

@@ -16,6 +16,8 @@ from tools.study.pair import StudyError
 BENCH_SETTINGS = (
   "bench_samples",
   "eager_samples",
+  "headline_samples",
+  "headline_share",
   "gamma",
   "bench_max_new_tokens",
   "runtimes",
