@@ -139,7 +139,7 @@ def test_the_headline_methods_also_run_alone_on_every_test_sample(study):
   with open(os.path.join(study["out"], "report", "RESULTS.md")) as f:
     text = f.read()
   assert "the headline methods on more samples" in text
-  assert "alone, run first, on 5 test samples" in text
+  assert "in a run of their own, on 5 test samples" in text
 
 
 def test_live_methods_draft_with_the_objective_next_adapters(study):

@@ -307,3 +307,15 @@ def test_speed_claims_are_not_judged_on_a_run_whose_aa_control_failed(
     c = claim(data)
     assert c["verdict"] == verdict, c["text"]
     assert ("judge no speed claim" in c["text"]) == (not reliable)
+
+
+@pytest.mark.parametrize("reliable", [True, False])
+def test_the_2x_goal_says_when_its_run_is_unreliable(reliable):
+  from tools.study import report
+
+  aa = {"speedup": 0.97, "speedup_ci95": [0.95, 0.99], "reliable": reliable}
+  data = _data(rows={"decode:b1_next": _row()}, aa=aa)
+  data["goal"] = verdicts.goal(data)
+  assert data["goal"]["by_setting"]["gpus1/fast"]["reliable"] is reliable
+  text = "\n".join(report.goal_lines(data))
+  assert ("timings are unreliable" in text) == (not reliable)

@@ -166,7 +166,7 @@ def headline_table(data: dict, sub: str, h: dict) -> list[str]:
     "methods on more samples",
     "",
     f"The baseline and {', '.join(m for m in h['methods'] if m != 'baseline')}"
-    f" alone, run first, on {h['num_measured']} test samples "
+    f" in a run of their own, on {h['num_measured']} test samples "
     + (
       f"({h['num_groups']} groups; CIs resample whole groups)"
       if h.get("ci_resampling") == "group"
@@ -284,6 +284,11 @@ def goal_lines(data: dict) -> list[str]:
       f"end to end (decode phase "
       f"{ci_num(e['decode_speedup'], e['decode_speedup_ci95'])}×) "
       + ("— reaches 2× (CI above 2)." if e["reached"] else "— 2× not shown.")
+      + (
+        " This run's A/A control failed: its timings are unreliable."
+        if e.get("reliable") is False
+        else ""
+      )
     )
     x = e.get("analysis")
     if x:

@@ -448,6 +448,8 @@ def goal(data: dict) -> dict:
         "decode_speedup": rows[best]["decode_speedup"],
         "decode_speedup_ci95": rows[best]["decode_speedup_ci95"],
         "reached": side(rows[best]["speedup_ci95"], 2.0) == ABOVE,
+        # False when the run's A/A control failed (its timings unreliable).
+        "reliable": (block.get("aa_control") or {}).get("reliable"),
       }
       costed = {
         m: r
