@@ -19,6 +19,10 @@ import pytest
 from tools.study import cli, layout, state
 from tools.study.collect import SEED_COLUMNS
 
+# Every test here on one pytest-xdist worker (`--dist loadgroup`): the
+# others run the rest of the suite instead of waiting for the study.
+pytestmark = pytest.mark.xdist_group("study_e2e")
+
 TARGET = "tests.toy_plugin:make_backend:0"
 DRAFT = "tests.toy_plugin:make_backend:1"
 
