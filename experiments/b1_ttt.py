@@ -24,11 +24,14 @@ trained on one H100, k = 1 on a CPU, 2026-12-07), free-running acceptance
 at depth 5 on the test split, against B1 with objective next (k = 1):
 37.2% [35.4, 39.3]:
   this recipe (k = 4, equal weights)            35.2% [33.4, 37.1]
-So k = 4 does not beat k = 1 for B1 here (issue 32's goal was +10 points):
-with equal weights the first step gets a quarter of the loss and the
-chain's first draft, which every deeper one needs, gets worse (depth 1:
-79.2% against 81.8%). L5F's multi-step recipe (experiments/l5f_ttt.py) does
-gain at depth: 43.2% [40.7, 45.8] against 40.3% [38.3, 42.6]. Live (one
+  k = 4, weights (1, 0.5, 0.25, 0.125)          38.3% [36.2, 40.4]
+    (--config.loss.unroll_weights='(1.0,0.5,0.25,0.125)'; on a CPU)
+So k = 4 does not beat k = 1 for B1 here (issue 32's goal was +10 points;
+decaying weights tie it): with equal weights the first step gets a
+quarter of the loss and the chain's first draft, which every deeper one
+needs, gets worse (depth 1: 79.2% against 81.8%). L5F's multi-step
+recipe (experiments/l5f_ttt.py) does gain at depth: 43.2% [40.7, 45.8]
+against 40.3% [38.3, 42.6]. Live (one
 H100, fast runtime, gamma 5, 67 test samples of 18 scenes), B1's chain tau
 is 3.53 [3.29, 3.75] against 3.59 [3.37, 3.83] for k = 1. At 10 epochs
 (the adapters still improving) the same comparison read 18.0% against
