@@ -292,18 +292,19 @@ def method_options(values: Any = None) -> OptionValues:
   A one-line ValueError on a bad value or an unknown name."""
   options = all_options()
   values = {} if values is None else values
-  if isinstance(values, Mapping):
-    unknown = sorted(set(values) - {o.name for o in options})
-    if unknown:
-      raise ValueError(
-        f"unknown method option(s) {unknown}; the method kinds take "
-        f"{[o.name for o in options]}"
-      )
-    out = OptionValues({o.name: values.get(o.name, o.default) for o in options})
-  else:
-    out = OptionValues(
-      {o.name: getattr(values, o.name, o.default) for o in options}
+  if not isinstance(values, Mapping):  # a namespace: its option attributes
+    values = {
+      o.name: getattr(values, o.name)
+      for o in options
+      if hasattr(values, o.name)
+    }
+  unknown = sorted(set(values) - {o.name for o in options})
+  if unknown:
+    raise ValueError(
+      f"unknown method option(s) {unknown}; the method kinds take "
+      f"{[o.name for o in options]}"
     )
+  out = OptionValues({o.name: values.get(o.name, o.default) for o in options})
   checked = set()
   for kind in METHODS.values():
     key = (kind.check_options, kind.options)

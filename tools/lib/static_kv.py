@@ -243,7 +243,7 @@ class StepGraphs:
     lengths: Iterable[int],
     device: torch.device,
   ):
-    self.fn = fn
+    self.fn, self.example = fn, example
     self.device = torch.device(device)
     self.graphs: dict[int, tuple] = {}
     if torch.device(device).type != "cuda":
@@ -262,6 +262,13 @@ class StepGraphs:
         out = fn(*static)
       self.graphs[steps] = (graph, static, out)
     torch.cuda.current_stream(device).wait_stream(side)
+
+  def extend(self, lengths: Iterable[int]) -> None:
+    """Captures the lengths not captured yet (into a pool of their own)."""
+    todo = set(lengths) - set(self.graphs)
+    if todo:
+      more = StepGraphs(self.fn, self.example, todo, self.device)
+      self.graphs.update(more.graphs)
 
   def __call__(self, steps: int, *inputs):
     """Runs length `steps`; an int input fills a one-element long tensor."""
@@ -401,24 +408,22 @@ class StaticLM:
     slots = start + self.positions[:steps]
     return ids, slots, slots.clone(), self.positions[None] <= slots[:, None]
 
-  def capture_tree(self, lengths: Iterable[int]) -> None:
-    """Captures `tree_step` for input lengths not captured yet.
+  def _extend(self, name: str, fn, example, lengths) -> StepGraphs:
+    """The StepGraphs kept as `name`, made on first use (so it steps the
+    `fn` of that moment) and extended by `lengths`: graphs (of compiled
+    layers, if those are compiled) on CUDA as the chain steps, eager on
+    CPU."""
+    graphs = getattr(self, name)
+    if graphs is None:
+      graphs = StepGraphs(fn, example, (), self.device)
+      setattr(self, name, graphs)
+    if self.mode != "eager":
+      graphs.extend(lengths)
+    return graphs
 
-    Same mode as the chain steps: graphs (of compiled layers, if those are
-    compiled) on CUDA, eager on CPU.
-    """
-    if self.tree_graphs is None:
-      self.tree_graphs = StepGraphs(
-        self._tree_forward, self._tree_example, (), self.device
-      )
-    if self.mode == "eager":
-      return
-    todo = set(lengths) - set(self.tree_graphs.graphs)
-    if todo:
-      more = StepGraphs(
-        self._tree_forward, self._tree_example, todo, self.device
-      )
-      self.tree_graphs.graphs.update(more.graphs)
+  def capture_tree(self, lengths: Iterable[int]) -> None:
+    """Captures `tree_step` for input lengths not captured yet."""
+    self._extend("tree_graphs", self._tree_forward, self._tree_example, lengths)
 
   @torch.inference_mode()
   def _verify_forward(self, packed, start):
@@ -442,20 +447,10 @@ class StaticLM:
     return packed, torch.full((1,), self.max_len - size, device=self.device)
 
   def capture_verify(self, sizes: Iterable[int]) -> None:
-    """Captures `verify_tree` for tree sizes not captured yet (as
-    `capture_tree`)."""
-    if self.verify_graphs is None:
-      self.verify_graphs = StepGraphs(
-        self._verify_forward, self._verify_example, (), self.device
-      )
-    if self.mode == "eager":
-      return
-    todo = set(sizes) - set(self.verify_graphs.graphs)
-    if todo:
-      more = StepGraphs(
-        self._verify_forward, self._verify_example, todo, self.device
-      )
-      self.verify_graphs.graphs.update(more.graphs)
+    """Captures `verify_tree` for tree sizes not captured yet."""
+    self._extend(
+      "verify_graphs", self._verify_forward, self._verify_example, sizes
+    )
 
   def verify_tree(self, packed: torch.Tensor, start: int, size: int):
     """Feeds a draft tree of `size` nodes (`packed` as `_verify_forward`)

@@ -489,9 +489,7 @@ def keep_path(target, path: list[int], start: int, moves=None) -> None:
   if target.lm is not None:
     if src:
       if moves is None:
-        moves = torch.tensor(
-          [start + x for x in src + dst], device=target.device
-        ).view(2, -1)
+        moves = _path_indices(path, 0, start, target.device)[1]
       target.lm.move_entries(*moves)
   else:
     target.cache = tr.move_cache_entries(
