@@ -12,6 +12,7 @@ one).
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -144,6 +145,10 @@ def test_the_headline_methods_also_run_alone_on_every_test_sample(study):
     text = f.read()
   assert "the headline methods on more samples" in text
   assert "in a run of their own, on 5 test samples" in text
+  # Where the adapters trained and were evaluated (the stages' records).
+  assert re.search(
+    r"Adapters trained on \d+ x cpu; evaluated on \d+ x cpu\.", text
+  )
 
 
 def test_live_methods_draft_with_the_objective_next_adapters(study):

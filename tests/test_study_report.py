@@ -361,3 +361,26 @@ def test_the_table_says_what_its_cis_resample():
   assert "404 in all" in text
   assert report.ci_over(data(("sample", 404))) == "the 404 test samples"
   assert "differ" in report.ci_over(data(("group", 101), ("sample", 404)))
+
+
+def test_training_devices_are_named_per_adapter_when_they_differ():
+  one = {"l1": {"device": "1 x cpu"}, "b1": {"device": "1 x cpu"}}
+  assert stages.devices_text(one) == "1 x cpu"
+  two = {
+    "l1": {"device": "1 x cpu"},
+    "b1": {"device": "1 x H100"},
+    "l5": {"device": "1 x H100"},
+    "l4": {},
+  }
+  assert stages.devices_text(two) == "1 x cpu (l1), 1 x H100 (b1, l5), ? (l4)"
+
+
+def test_a_stage_that_gains_adapters_adds_up_its_time(tmp_path):
+  study = state.Study(str(tmp_path), argparse.Namespace(), None)
+  study.record("train", 10.0, adapters={"l1": {}})
+  study.record("train", 5.0, adapters={"l1": {}, "b1": {}})
+  assert study.state["stages"]["train"]["seconds"] == 15.0
+  # A bench stage reruns every method: its time is the last run's.
+  study.record("bench1", 10.0)
+  study.record("bench1", 5.0)
+  assert study.state["stages"]["bench1"]["seconds"] == 5.0

@@ -234,6 +234,7 @@ def collect(study_dir: str, pair, costs_7b: str | None = None) -> dict:
       "settings": {k: v.get("settings") for k, v in stages.items()},
       "dump": stages.get("dump"),
       "train_device": stages.get("train", {}).get("device"),
+      "evaluate_device": stages.get("evaluate", {}).get("device"),
       "pair_kind": pair.name,
     },
     "pair": pair.results_info(study_dir),

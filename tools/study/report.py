@@ -94,6 +94,16 @@ def aa_text(aa: dict | None) -> str:
   )
 
 
+def samples_text(block: dict) -> str:
+  """'67 test samples (18 groups; CIs resample whole groups)'."""
+  unit = (
+    f"{block['num_groups']} groups; CIs resample whole groups"
+    if block.get("ci_resampling") == "group"
+    else "CIs resample samples"
+  )
+  return f"{block['num_measured']} test samples ({unit})"
+
+
 def live_tables(data: dict) -> list[str]:
   lines = []
   for sub, live in data["live"].items():
@@ -106,13 +116,8 @@ def live_tables(data: dict) -> list[str]:
         f"Target on {live['target_device']}, drafter on "
         f"{live['draft_device']} ({live['device']}); {live['dtype']}; "
         f"γ = {live['gamma']}; max_new_tokens {live['max_new_tokens']}; "
-        f"{block['num_measured']} test samples "
-        + (
-          f"({block['num_groups']} groups; CIs resample whole groups) "
-          if block.get("ci_resampling") == "group"
-          else "(CIs resample samples) "
-        )
-        + f"after {live['warmup']} warm-up; target decode "
+        f"{samples_text(block)} after {live['warmup']} warm-up; target "
+        "decode "
         f"{num(block['target_decode_ms'], 3)} ms/token, prefill "
         f"{num(block['target_prefill_ms'], 2)} ms."
         + aa_text(block.get("aa_control"))
@@ -166,12 +171,7 @@ def headline_table(data: dict, sub: str, h: dict) -> list[str]:
     "methods on more samples",
     "",
     f"The baseline and {', '.join(m for m in h['methods'] if m != 'baseline')}"
-    f" in a run of their own, on {h['num_measured']} test samples "
-    + (
-      f"({h['num_groups']} groups; CIs resample whole groups)"
-      if h.get("ci_resampling") == "group"
-      else "(CIs resample samples)"
-    )
+    f" in a run of their own, on {samples_text(h)}"
     + f"; target decode {num(h['target_decode_ms'], 3)} ms/token, prefill "
     f"{num(h['target_prefill_ms'], 2)} ms"
     + (
@@ -354,8 +354,8 @@ def regenerate_lines(data: dict) -> list[str]:
   )
   lines += [
     "",
-    f"Adapters trained and evaluated on "
-    f"{data['study'].get('train_device') or '–'}. Live: "
+    f"Adapters trained on {data['study'].get('train_device') or '–'}; "
+    f"evaluated on {data['study'].get('evaluate_device') or '–'}. Live: "
     f"{', '.join(devices) or '–'}; versions as listed per run above"
     + ". Stage times (s): "
     + ", ".join(

@@ -170,8 +170,6 @@ class _DropTrackedMetricWarning(logging.Filter):
 def stage_train(study) -> dict:
   """Trains the selected adapters not trained yet (a study that gains
   adapters keeps the ones it has)."""
-  import jax
-
   from egpt_align import train
 
   logging.getLogger("absl").addFilter(_DropTrackedMetricWarning())
@@ -197,6 +195,7 @@ def stage_train(study) -> dict:
       "val_accept_90_best": best.get("accept_90"),
       "unroll_steps": int(config.loss.unroll_steps),
       "objective": config.loss.objective,
+      "device": jax_device(),
     }
     study.state["stages"]["train_partial"] = done
     study.save()
@@ -206,12 +205,31 @@ def stage_train(study) -> dict:
       f"{done[name]['seconds']} s"
     )
   study.state["stages"].pop("train_partial", None)
-  dev = jax.devices()[0]
+  adapters = {n: done[n] for n in layout.ADAPTERS if n in done}
   return {
-    "adapters": {n: done[n] for n in layout.ADAPTERS if n in done},
+    "adapters": adapters,
     "prefill_widths": widths,
-    "device": f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev)}",
+    "device": devices_text(adapters),
   }
+
+
+def jax_device() -> str:
+  """'1 x NVIDIA H100 80GB HBM3': the devices JAX runs on here."""
+  import jax
+
+  dev = jax.devices()[0]
+  return f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev)}"
+
+
+def devices_text(adapters: dict) -> str:
+  """Where the adapters trained: one device, or each with its adapters (a
+  stage resumed on another machine); '?' for records without one."""
+  by: dict[str, list[str]] = {}
+  for name, rec in adapters.items():
+    by.setdefault(rec.get("device") or "?", []).append(name)
+  if len(by) == 1:
+    return next(iter(by))
+  return ", ".join(f"{d} ({', '.join(names)})" for d, names in by.items())
 
 
 def ratio_ci(num, den, *, resamples: int, seed: int, groups=None):
@@ -335,6 +353,7 @@ def stage_evaluate(study) -> dict:
     n: info["adapters"][n] for n in layout.ADAPTERS if n in info["adapters"]
   }
   info["target"] = earlier.get("target") or target_predictability(study)
+  info["device"] = jax_device()
   return info
 
 

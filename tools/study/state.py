@@ -32,6 +32,9 @@ STAGE_SETTINGS = {
   "bench1": BENCH_SETTINGS,
   "bench2": BENCH_SETTINGS,
 }
+# Stages that keep their earlier adapters when a run adds more (`missing`):
+# their time is the sum of those runs'.
+ADDITIVE_STAGES = ("train", "evaluate", "export")
 # What each stage writes under DIR: a --redo removes it first, so the stage
 # starts clean (a dump resumes only what this run began).
 STAGE_OUTPUTS = {
@@ -105,6 +108,11 @@ class Study:
         )
 
   def record(self, stage: str, seconds: float, **info) -> None:
+    """Marks the stage done. A run that adds adapters to a stage that keeps
+    its earlier ones (ADDITIVE_STAGES) adds its seconds to theirs."""
+    earlier = self.state["stages"].get(stage, {})
+    if stage in ADDITIVE_STAGES and earlier.get("done"):
+      seconds += earlier.get("seconds") or 0.0
     self.state["stages"][stage] = {
       "done": True,
       "seconds": round(seconds, 1),
