@@ -183,26 +183,33 @@ def test_growth_keeps_the_best_nodes_of_eagle2_expansion(width, shared):
   topk, depth, nodes = 3, 4, 12
   logp, key_of, run = _fake_model(width, 12, seed=width)
   first = logp("first").topk(topk)
-  runs = None
-  if shared:  # every run made beforehand, as B1's chain
+  if shared:  # every run made beforehand (B1's chain), grown on the device
     made = [run(level, [7], [0], topk) for level in range(depth - 1)]
     runs = tuple(torch.cat(x) for x in zip(*made, strict=True))
-  tree = tr.grow(
-    7,
-    (first.values, first.indices),
-    None if shared else lambda level, toks, rows: run(level, toks, rows, topk),
-    depth=depth,
-    topk=topk,
-    nodes=nodes,
-    device="cpu",
-    shared=runs,
-  )
+    packed = tr.grow_shared(
+      torch.tensor([7]),
+      (first.values, first.indices),
+      runs,
+      topk=topk,
+      nodes=nodes,
+    )
+    tree = tr.from_packed(packed, nodes, depth)
+  else:
+    tree = tr.grow(
+      7,
+      (first.values, first.indices),
+      lambda level, toks, rows: run(level, toks, rows, topk),
+      depth=depth,
+      topk=topk,
+      nodes=nodes,
+      device="cpu",
+    )
   parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
   depths = tree.depths.tolist()
-  # The host's copies are the tree the device holds.
-  assert tree.host["tokens"] == tokens and tree.host["parents"] == parents
-  assert tree.host["depths"] == depths
-  assert tree.host["runs"] == tree.runs.tolist()
+  if not shared:  # the host's copies are the tree the device holds
+    assert tree.host["tokens"] == tokens and tree.host["parents"] == parents
+    assert tree.host["depths"] == depths
+    assert tree.host["runs"] == tree.runs.tolist()
   assert tree.size == nodes and tokens[0] == 7 and parents[0] == -1
   paths = [()]
   for i in range(1, nodes):
@@ -213,6 +220,42 @@ def test_growth_keeps_the_best_nodes_of_eagle2_expansion(width, shared):
   )
   want = tr.ancestors_of(tree.parents.tolist(), depth)
   assert torch.equal(tree.ancestors, torch.from_numpy(want))
+
+
+def test_device_growth_makes_the_host_growths_tree_ties_included():
+  """grow_shared (B1's trees, on the device) packs exactly the tree that
+  grow makes from the same runs, over random sizes; rounded log-probs
+  make ties, which both must break towards the earlier candidate."""
+  g = torch.Generator().manual_seed(5)
+  for trial in range(60):
+    topk = int(torch.randint(1, 5, (), generator=g))
+    depth = int(torch.randint(2, 6, (), generator=g))
+    most = 1 + topk + (depth - 1) * topk * topk
+    nodes = int(torch.randint(2, most + 1, (), generator=g))
+    logp = torch.log_softmax(torch.randn(depth, 9, generator=g), -1)
+    if trial % 2:
+      logp = torch.round(logp * 2) / 2
+    top = logp.topk(topk, -1)
+    runs = (top.values[1:], top.indices[1:])
+    host = tr.grow(
+      7,
+      (top.values[0], top.indices[0]),
+      lambda level, toks, rows, r=runs: (
+        (r[0][level : level + 1],) + (r[1][level : level + 1],)
+      ),
+      depth=depth,
+      topk=topk,
+      nodes=nodes,
+      device="cpu",
+    )
+    dev = tr.grow_shared(
+      torch.tensor([7]),
+      (top.values[0], top.indices[0]),
+      runs,
+      topk=topk,
+      nodes=nodes,
+    )
+    assert torch.equal(dev, host.packed), (topk, depth, nodes)
 
 
 # ----------------------------------------------------------------------------

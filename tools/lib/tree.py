@@ -15,6 +15,10 @@ again the k best candidates. The tree is then the `nodes - 1` best
 candidates over all depths, by cumulative log-probability. A child's score
 is its parent's plus a log-probability <= 0, and ties are broken towards
 the earlier (shallower) candidate, so every kept node's parent is kept.
+`grow` works on the host, reading each depth's run as it goes;
+`grow_shared` makes the same tree on the device, in fixed-shape tensor
+operations, for a model whose runs read no tokens (B1: one run per depth,
+all made beforehand).
 
 Acceptance (`accept_path`): the longest root path along which each node's
 token equals the target's greedy token at its parent; the new tokens are
@@ -246,7 +250,6 @@ def grow(
   topk: int,
   nodes: int,
   device,
-  shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Tree:
   """An EAGLE-2 dynamic tree (see the module docstring), grown on the host.
 
@@ -255,14 +258,12 @@ def grow(
   depth d come from the run on its parent: the adapters here predict the
   state one token late, so a node's children depend on its ancestors, not
   on its own token. The run on the frontier of depth d - 1 is made only
-  when depth d + 1 is grown. A model whose runs read no tokens (one shared
-  row per depth, as B1) makes them all beforehand: `shared` = (log-probs
-  [depth - 1, K], tokens [depth - 1, K]), run r on depth r, and `run` is
-  not called. The device is read once per depth (once in all with
-  `shared`) and written once, with the finished tree on `device`; the
-  host's copies stay in `Tree.host`.
+  when depth d + 1 is grown. The device is read once per depth and
+  written once, with the finished tree on `device`; the host's copies stay
+  in `Tree.host`. (A model whose runs read no tokens, as B1, makes them
+  all beforehand and grows its tree on the device: `grow_shared`.)
   """
-  vals, toks, *made = _to_host(list(first) + list(shared or ()))
+  vals, toks = _to_host(first)
   k = toks.shape[0]
   # Candidates in global order, one block per depth; the frontier (the k
   # best of the last block): its scores, tokens, rows and global ids.
@@ -272,14 +273,11 @@ def grow(
   run_of: list[np.ndarray] = []  # global ids of each run's nodes
   p_tok = p_rows = p_glob = None  # the frontier one depth up
   for d in range(1, depth):
-    if made:
-      pv, pt = made[0][d - 1], made[1][d - 1]  # one shared row
+    if d == 1:
+      pv, pt = _to_host(run(0, [root], [0]))
     else:
-      if d == 1:
-        pv, pt = _to_host(run(0, [root], [0]))
-      else:
-        pv, pt = _to_host(run(d - 1, p_tok.tolist(), p_rows.tolist()))
-      pv, pt = (pv[f_rows], pt[f_rows]) if pv.shape[0] > 1 else (pv[0], pt[0])
+      pv, pt = _to_host(run(d - 1, p_tok.tolist(), p_rows.tolist()))
+    pv, pt = (pv[f_rows], pt[f_rows]) if pv.shape[0] > 1 else (pv[0], pt[0])
     if d >= 2:
       run_of.append(p_glob)
     cand = f_score[:, None] + pv  # [frontier, children]
@@ -311,17 +309,94 @@ def grow(
     runs[glob] = np.arange(glob.shape[0])
   tree[3, 1:] = runs[sel]
   packed[4 * size :] = ancestors_of(tree[1], depth).reshape(-1)
-  fields = ("tokens", "parents", "depths", "runs")
-  host = dict(zip(fields, tree.tolist(), strict=True))
-  dev = torch.from_numpy(packed).to(device)
-  t, p, dd, r = dev[: 4 * size].view(4, size)
+  host = dict(zip(FIELDS, tree.tolist(), strict=True))
+  return from_packed(torch.from_numpy(packed).to(device), size, depth, host)
+
+
+FIELDS = ("tokens", "parents", "depths", "runs")  # the packed [4, T] rows
+
+
+def from_packed(packed: torch.Tensor, size: int, depth: int, host=None):
+  """The Tree whose fields are views of one packed buffer (`packed`)."""
+  t, p, d, r = packed[: 4 * size].view(4, size)
   return Tree(
     tokens=t,
     parents=p,
-    depths=dd,
-    ancestors=dev[4 * size :].view(size, size).bool(),
+    depths=d,
+    ancestors=packed[4 * size :].view(size, size).bool(),
     runs=r,
     depth=depth,
     host=host,
-    packed=dev,
+    packed=packed,
   )
+
+
+def _best_dev(score: torch.Tensor, count: int) -> torch.Tensor:
+  """`_best` on the device: a stable sort, ties to the earlier index."""
+  return torch.sort(score, descending=True, stable=True).indices[:count]
+
+
+def grow_shared(
+  root: torch.Tensor,
+  first: tuple[torch.Tensor, torch.Tensor],
+  shared: tuple[torch.Tensor, torch.Tensor],
+  *,
+  topk: int,
+  nodes: int,
+) -> torch.Tensor:
+  """`grow` for a model whose runs read no tokens (B1), on the device.
+
+  Such a model has one run per depth, the same for every node, all made
+  beforehand: `shared` = (log-probs [depth - 1, K], tokens [depth - 1,
+  K]), row r the run on depth r. The tree is the one `grow` makes from
+  those runs (the same float32 sums and tie order), built of fixed-shape
+  tensor operations with no host read, so it can be captured in a CUDA
+  graph behind the runs that feed it. `root` [1] is the last accepted
+  token, `first` as in `grow`; depth = 1 + the rows of `shared` (>= 2).
+  Returns the packed tree (`packed`): [tokens, parents, depths, runs]
+  [4, T], then ancestors [T, T], all long.
+  """
+  vals, toks = first
+  dev, k = vals.device, vals.shape[0]
+  depth = shared[0].shape[0] + 1
+  scores, tokens, parents = [vals.float()], [toks], [toks.new_full((k,), -1)]
+  f_score, f_glob, end = scores[0], torch.arange(k, device=dev), k
+  f_prev, ends, run_of = f_glob, [k], []
+  for d in range(1, depth):
+    pv, pt = shared[0][d - 1].float(), shared[1][d - 1]
+    if d >= 2:
+      run_of.append(f_prev)
+    cand = (f_score[:, None] + pv[None, :]).reshape(-1)
+    scores.append(cand)
+    shape = (f_score.shape[0], pv.shape[0])
+    tokens.append(pt[None].expand(shape).reshape(-1))
+    parents.append(f_glob[:, None].expand(shape).reshape(-1))
+    top = _best_dev(cand, min(topk, cand.shape[0]))
+    f_prev, f_score, f_glob = f_glob, cand[top], end + top
+    end += cand.shape[0]
+    ends.append(end)
+  sel = torch.sort(_best_dev(torch.cat(scores), nodes - 1)).values
+  size = sel.shape[0] + 1
+  where = torch.zeros(end, dtype=torch.long, device=dev)
+  where[sel] = torch.arange(1, size, device=dev)
+  par = torch.cat(parents)[sel]
+  runs = torch.full((end,), -1, dtype=torch.long, device=dev)
+  for glob in run_of:
+    runs[glob] = torch.arange(glob.shape[0], device=dev)
+  # A candidate's depth: 1 + the depth blocks that end at or before it.
+  depths = 1 + sum(sel >= e for e in ends[:-1])
+  tree = torch.stack(
+    [
+      torch.cat([root.reshape(1), torch.cat(tokens)[sel]]),
+      torch.cat(
+        [par.new_full((1,), -1), torch.where(par < 0, 0, where[par.clamp(0)])]
+      ),
+      torch.cat([sel.new_zeros(1), depths]),
+      torch.cat([sel.new_full((1,), 0), runs[sel]]),
+    ]
+  ).long()
+  anc = torch.eye(size, dtype=torch.bool, device=dev)
+  up = tree[1].clamp(min=0)
+  for _ in range(depth):
+    anc = anc | anc[up]
+  return torch.cat([tree.reshape(-1), anc.reshape(-1).long()])

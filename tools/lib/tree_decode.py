@@ -20,7 +20,9 @@ h_d[t] as in tools/lib/sd_engine.py; token n-1, the root, is not yet fed):
   frontier (h_d of the node / the parent run's output). A run on a node
   gives its children's children: these adapters predict the state one
   token late. B1 reads no tokens, so its runs are one row per depth,
-  made before the tree is grown as one causal chain (one CUDA graph).
+  made as one causal chain; its tree is grown from them on the device
+  (`tr.grow_shared`), chain and growth one CUDA graph, and the loop reads
+  the tree back with the target's greedy tokens (one sync an iteration).
 * target: root + tree nodes, slots P..P+T-1, positions P + depth.
 
 After the verification every cache keeps exactly the accepted path's
@@ -61,7 +63,10 @@ class TreeAdapter:
   `allowed` [T, max_len]; returns (outputs [T, D], log-probs [T, K],
   tokens [T, K]) of the target's LM head (the first `vocab` ids). On CUDA
   every length in `lengths` is a captured graph; lengths 1 and K (the
-  catch-up after a full accept and a depth's run) are compiled.
+  catch-up after a full accept and a depth's run) are compiled. For an
+  adapter that reads no tokens (B1), `grow_tree` makes its runs and grows
+  the tree from them in one graph per depth in `chains`; `nodes` is the
+  trees' node budget.
   """
 
   def __init__(
@@ -77,12 +82,13 @@ class TreeAdapter:
     dtype: torch.dtype,
     lengths=(),
     chains=(),
+    nodes: int = 0,
     compile_step: bool = True,
   ):
     self.module = module
     self.lm_head = lm_head.detach()
     self.num_inputs = num_inputs
-    self.topk, self.vocab = topk, vocab
+    self.topk, self.vocab, self.nodes = topk, vocab, nodes
     self.device, self.dtype = torch.device(device), dtype
     self.k, self.v = module.static_cache(max_len, device, dtype)
     self.max_len = int(max_len)
@@ -98,10 +104,11 @@ class TreeAdapter:
       lengths if self.mode != "eager" else (),
       self.device,
     )
-    # Chains of one-row runs (B1's: it reads no tokens), one graph each.
-    self.chains = static_kv.StepGraphs(
-      self._chain,
-      self._chain_example,
+    # B1's runs (one row each: it reads no tokens) and its tree, one
+    # graph per tree depth - 1.
+    self.trees = static_kv.StepGraphs(
+      self._grow_tree,
+      self._tree_example,
       chains if self.mode != "eager" and num_inputs == 1 else (),
       self.device,
     )
@@ -164,10 +171,13 @@ class TreeAdapter:
     each reading the slots up to its own."""
     return self.catchups(inputs[0].shape[1], int(start), *inputs)
 
-  def _chain_example(self, count: int) -> tuple:
+  def _tree_example(self, count: int) -> tuple:
     dim = self.k.shape[2] * self.k.shape[4]
     x = torch.zeros((1, 1, dim), dtype=self.dtype, device=self.device)
-    return (self.max_len - count + self.keys[:count], x)
+    root = torch.zeros(1, dtype=torch.long, device=self.device)
+    vals = torch.zeros(self.topk, device=self.device)
+    toks = torch.zeros(self.topk, dtype=torch.long, device=self.device)
+    return (self.max_len - count + self.keys[:count], x, root, vals, toks)
 
   @torch.inference_mode()
   def _chain(self, positions, y):
@@ -183,9 +193,33 @@ class TreeAdapter:
 
   def chain(self, y: torch.Tensor, start: int, count: int):
     """`count` one-row runs at positions start.., the first fed y [1, D]:
-    (log-probs [count, K], tokens [count, K]); one graph on CUDA."""
-    positions = self.keys[start : start + count]
-    return self.chains(count, positions, y.reshape(1, 1, -1))
+    (log-probs [count, K], tokens [count, K])."""
+    return self._chain(self.keys[start : start + count], y.reshape(1, 1, -1))
+
+  @torch.inference_mode()
+  def _grow_tree(self, positions, y, root, vals, toks):
+    count = positions.shape[0]
+    return tr.grow_shared(
+      root,
+      (vals, toks),
+      self._chain(positions, y),
+      topk=self.topk,
+      nodes=tr.tree_size(count + 1, self.topk, self.nodes),
+    )
+
+  def grow_tree(self, y, start: int, count: int, root, first) -> tr.Tree:
+    """B1's tree of depth count + 1: `chain(y, start, count)` and
+    `tr.grow_shared` on it (root [1] the last accepted token, `first` the
+    depth-1 candidates), one graph on CUDA; the tree on the device."""
+    packed = self.trees(
+      count,
+      self.keys[start : start + count],
+      y.reshape(1, 1, -1),
+      root.reshape(1),
+      *first,
+    )
+    size = tr.tree_size(count + 1, self.topk, self.nodes)
+    return tr.from_packed(packed, size, count + 1)
 
   def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copies the K/V entries at slots `src` to slots `dst`."""
@@ -210,7 +244,8 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
       f"(max_new_tokens + 2 + (tree_depth - 1) * {width}), its table has "
       f"{cap}; lower --max_new_tokens, --tree_depth or --tree_topk"
     )
-  key = ("tree_adapter", adapter.name, vocab, o["tree_topk"], fast)
+  key = ("tree_adapter", adapter.name, vocab, o["tree_topk"], o["tree_nodes"])
+  key += (fast,)
   ta = models._static.get(key)
   if ta is not None and ta.max_len >= need:
     return ta
@@ -227,6 +262,7 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
     dtype=adapter.dtype,
     lengths=set(range(1, steps + 1)) | {o["tree_topk"]} if fast else (),
     chains=range(1, o["tree_depth"]) if fast else (),
+    nodes=o["tree_nodes"],
     compile_step=models.compile_layers and fast,
   )
   models._static[key] = ta
@@ -316,22 +352,24 @@ class TreeProposer:
       y, vals, toks = self.steps.catch_up(self._args(srcs, tgts), p0)
     self.fed = n
     self.n, self.y, self.last = n, y[-1:], tokens[-1]
-    nodes = tr.tree_size(depth, self.topk, self.nodes)
-    shared = None
     if self.width == 1 and depth >= 2:  # B1: its runs read no tokens
       with self.timer.span(
         f"tree_adapter:{self.a.name}", self.a.device, units=depth - 1
       ):
-        shared = self.steps.chain(self.y, n, depth - 1)
+        root = self.t.tokens_dev[n - 1 : n].to(self.a.device)
+        tree = self.steps.grow_tree(
+          self.y, n, depth - 1, root, (vals[-1], toks[-1])
+        )
+      self.tree = tree.to(self.t.device)
+      return self.tree
     self.tree = tr.grow(
       tokens[-1],
       (vals[-1], toks[-1]),
       self._run,
       depth=depth,
       topk=self.topk,
-      nodes=nodes,
+      nodes=tr.tree_size(depth, self.topk, self.nodes),
       device=self.t.device,
-      shared=shared,
     )
     return self.tree
 
@@ -534,10 +572,16 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
       greedy = g.tolist()  # the one sync
       toks, parents = tree.host["tokens"], tree.host["parents"]
       depths, runs = tree.host["depths"], tree.host["runs"]
-    else:  # a chain
+    elif tree.chain:
       host = torch.cat([tree.tokens.to(target.device), g]).tolist()  # sync
       toks, greedy = host[: k + 1], host[k + 1 :]
       parents = list(range(-1, k))
+    else:  # grown on the device: its rows and greedy in one read
+      size = k + 1
+      host = torch.cat([tree.packed[: 4 * size], g]).tolist()
+      toks, parents, depths, runs, greedy = (
+        host[i * size : (i + 1) * size] for i in range(5)
+      )
     path = tr.accept_path(toks, parents, greedy)
     new = [toks[i] for i in path[1:]] + [greedy[path[-1]]]
     for i, t in enumerate(new):
