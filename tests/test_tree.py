@@ -258,6 +258,40 @@ def test_device_growth_makes_the_host_growths_tree_ties_included():
     assert torch.equal(dev, host.packed), (topk, depth, nodes)
 
 
+def test_a_replayed_step_returns_what_its_function_returns():
+  """StepGraphs hands back a replay's outputs as the function returns
+  them: a tensor (B1's packed tree) or a tuple. No CUDA here, so the
+  captured entry is stood in for: `replay` recomputes into the outputs."""
+
+  def packed_tree(x):
+    return torch.cat([x, x + 1])
+
+  def pair(x):
+    return x * 2, x.sum(0, keepdim=True)
+
+  for fn in (packed_tree, pair):
+    graphs = static_kv.StepGraphs(fn, None, (), "cpu")
+    static = (torch.zeros(3),)
+    out = fn(*static)
+
+    class Replay:
+      def replay(self, fn=fn, static=static, out=out):
+        def parts(v):
+          return (v,) if torch.is_tensor(v) else v
+
+        for o, n in zip(parts(out), parts(fn(*static)), strict=True):
+          o.copy_(n)
+
+    graphs.graphs[3] = (Replay(), static, out)
+    x = torch.arange(3.0)
+    got, want = graphs(3, x), fn(x)
+    assert type(got) is type(want)
+    if torch.is_tensor(want):
+      assert torch.equal(got, want)
+    else:
+      assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 # ----------------------------------------------------------------------------
 # Verification and compaction on the target (static and HF caches).
 

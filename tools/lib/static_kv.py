@@ -230,7 +230,8 @@ class StepGraphs:
 
   `fn` reads only its static inputs and module state; each call copies the
   given inputs into the static buffers, replays, and returns clones of the
-  outputs (so a later replay cannot overwrite what the caller holds).
+  outputs (so a later replay cannot overwrite what the caller holds), a
+  tensor or a tuple as `fn` returns them.
   `example(T)` returns example inputs of length T; capturing runs `fn` on
   them, so their values must be harmless (e.g. positions past any length
   in use). Lengths not captured run `fn` eagerly on the caller's inputs.
@@ -287,6 +288,8 @@ class StepGraphs:
       elif dst.data_ptr() != src.data_ptr():
         dst.copy_(src)
     graph.replay()
+    if isinstance(out, torch.Tensor):
+      return out.clone()
     return tuple(t.clone() for t in out)
 
 
