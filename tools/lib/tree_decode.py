@@ -65,8 +65,8 @@ class TreeAdapter:
   every length in `lengths` is a captured graph; lengths 1 and K (the
   catch-up after a full accept and a depth's run) are compiled. For an
   adapter that reads no tokens (B1), `grow_tree` makes its runs and grows
-  the tree from them in one graph per depth in `chains`; `nodes` is the
-  trees' node budget.
+  the tree from them, one graph per run count in `tree_runs` (a tree's
+  depth - 1); `nodes` is the trees' node budget.
   """
 
   def __init__(
@@ -81,7 +81,7 @@ class TreeAdapter:
     device: torch.device,
     dtype: torch.dtype,
     lengths=(),
-    chains=(),
+    tree_runs=(),
     nodes: int = 0,
     compile_step: bool = True,
   ):
@@ -109,7 +109,7 @@ class TreeAdapter:
     self.trees = static_kv.StepGraphs(
       self._grow_tree,
       self._tree_example,
-      chains if self.mode != "eager" and num_inputs == 1 else (),
+      tree_runs if self.mode != "eager" and num_inputs == 1 else (),
       self.device,
     )
 
@@ -244,8 +244,14 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
       f"(max_new_tokens + 2 + (tree_depth - 1) * {width}), its table has "
       f"{cap}; lower --max_new_tokens, --tree_depth or --tree_topk"
     )
-  key = ("tree_adapter", adapter.name, vocab, o["tree_topk"], o["tree_nodes"])
-  key += (fast,)
+  key = (
+    "tree_adapter",
+    adapter.name,
+    vocab,
+    o["tree_topk"],
+    o["tree_nodes"],
+    fast,
+  )
   ta = models._static.get(key)
   if ta is not None and ta.max_len >= need:
     return ta
@@ -261,7 +267,7 @@ def tree_adapter(models, adapter, cfg, vocab, fast: bool) -> TreeAdapter:
     device=adapter.device,
     dtype=adapter.dtype,
     lengths=set(range(1, steps + 1)) | {o["tree_topk"]} if fast else (),
-    chains=range(1, o["tree_depth"]) if fast else (),
+    tree_runs=range(1, o["tree_depth"]) if fast else (),
     nodes=o["tree_nodes"],
     compile_step=models.compile_layers and fast,
   )
