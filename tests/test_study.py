@@ -533,6 +533,25 @@ def test_a_single_headline_record_of_an_older_study_still_renders(
   assert "#### CPU, eager runtime: the headline" not in text
 
 
+@pytest.mark.parametrize(
+  "argv, error",
+  [
+    (["--headline_budget_s", "-1"], "--headline_budget_s -1.0: expected "),
+    (["--bench_time_budget_s", "-5"], "--bench_time_budget_s -5.0: expected"),
+    (["--headline_samples", "-1"], "--headline_samples -1: expected a "),
+    (["--eager_samples", "0"], "--eager_samples 0: expected a number of "),
+  ],
+)
+def test_a_bad_live_sample_count_or_budget_is_one_error_line(
+  tmp_path, capsys, argv, error
+):
+  out = str(tmp_path / "none")
+  assert cli.main(["--out", out, *argv]) == cli.EXIT_USAGE
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and err.startswith(f"error: {error}")
+  assert not os.path.exists(out)  # refused before the study opened
+
+
 def test_results_without_a_live_stage_say_so(study, tmp_path):
   copy = _copy(study, tmp_path)
   shutil.rmtree(os.path.join(copy, "bench"))

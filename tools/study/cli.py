@@ -356,6 +356,7 @@ def run(args) -> int:
     layout.parse_adapters(args.adapters)
   except ValueError as e:
     raise StudyError(str(e)) from e
+  live.check_flags(args)
   stage_list = parse_stages(args.stages)
   redo = parse_stages(args.redo) if args.redo else []
   study = _open(args)

@@ -110,6 +110,28 @@ def run_benchmark(
     return json.load(f), rc == 0
 
 
+def check_flags(args) -> None:
+  """One StudyError for a bad sample count or time budget of the live
+  stages (before any stage runs)."""
+  for flag in ("bench_samples", "eager_samples"):
+    if getattr(args, flag) < 1:
+      raise StudyError(
+        f"--{flag} {getattr(args, flag)}: expected a number of test "
+        "samples >= 1"
+      )
+  if args.headline_samples < 0:
+    raise StudyError(
+      f"--headline_samples {args.headline_samples}: expected a number of "
+      "test samples >= 0 (0 = no headline runs)"
+    )
+  for flag in ("headline_budget_s", "bench_time_budget_s"):
+    if getattr(args, flag) < 0:
+      raise StudyError(
+        f"--{flag} {getattr(args, flag)}: expected seconds >= 0 (0 = no "
+        "budget of its own)"
+      )
+
+
 def _runtimes(args) -> list[str]:
   return [r for r in args.runtimes.split(",") if r] or ["eager"]
 
