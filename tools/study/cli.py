@@ -203,8 +203,8 @@ def _sample_flags(b) -> None:
     type=float,
     default=150.0,
     help="per headline run: start no new sample after this (0 = none); "
-    "with --time_limit_s, a headline run also takes at most an equal part "
-    "of what is left with the headline runs after it",
+    "with --time_limit_s, also at most what is left divided by the headline "
+    "runs still to come, itself included",
   )
   b.add_argument(
     "--bench_time_budget_s",
