@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import types
 
 import pytest
 
@@ -122,29 +123,49 @@ def test_every_method_is_lossless_in_fp32(study):
       assert a["n"] == 4 and a["mismatched_samples"] == 0, lab
 
 
-def test_the_headline_methods_also_run_alone_on_every_test_sample(study):
-  with open(
-    os.path.join(
-      study["out"], "bench", "gpus1", "fast_headline", "results.json"
-    )
-  ) as f:
-    head = json.load(f)
-  # 6 test samples, 1 warm-up: every other one measured.
-  assert head["num_measured"] == 5 and head["config"]["runtimes"] == ["fast"]
-  assert set(head["aggregate"]) == {
-    "baseline",
-    "baseline_aa",
-    "decode:b1_next",
-    "tree:b1_next",
-  }
-  h = _results(study["out"])["live"]["gpus1"]["headline"]
-  assert h["runtime"] == "fast" and h["num_measured"] == 5
-  assert h["methods"]["tree:b1_next"]["n"] == 5
-  assert h["aa_control"]["speedup_ci95"] is not None
+def test_each_runtime_first_runs_the_headline_methods_alone(study):
+  heads = {}
+  for rt in ("fast", "eager"):
+    with open(
+      os.path.join(
+        study["out"], "bench", "gpus1", f"{rt}_headline", "results.json"
+      )
+    ) as f:
+      heads[rt] = json.load(f)
+    assert heads[rt]["config"]["runtimes"] == [rt]
+    assert set(heads[rt]["aggregate"]) == {
+      "baseline",
+      "baseline_aa",
+      "decode:b1_next",
+      "tree:b1_next",
+    }
+  # 6 test samples, 1 warm-up: fast, every other one measured; eager, its
+  # own sample count (--eager_samples 4).
+  assert heads["fast"]["num_measured"] == 5
+  assert heads["eager"]["num_measured"] == 4
+  with open(os.path.join(study["out"], layout.STUDY_FILE)) as f:
+    rec = json.load(f)["stages"]["bench1"]
+  assert list(rec["headline"]) == ["fast", "eager"]
+  assert rec["headline"]["eager"]["dir"].endswith("eager_headline")
+  assert "left_out" not in rec  # no time limit: every run ran
+  # Each run's wall time, start-up included (to size the budgets by).
+  for r in [*rec["headline"].values(), *rec["runtimes"].values()]:
+    assert r["seconds"] > 0, r["dir"]
+  hs = _results(study["out"])["live"]["gpus1"]["headlines"]
+  assert list(hs) == ["fast", "eager"]
+  assert [h["num_measured"] for h in hs.values()] == [5, 4]
+  assert hs["fast"]["runtime"] == "fast"
+  assert hs["eager"]["methods"]["tree:b1_next"]["n"] == 4
+  assert hs["fast"]["aa_control"]["speedup_ci95"] is not None
   with open(os.path.join(study["out"], "report", "RESULTS.md")) as f:
     text = f.read()
-  assert "the headline methods on more samples" in text
-  assert "in a run of their own, on 5 test samples" in text
+  # A table per runtime, the fast one first.
+  fast = text.index("#### CPU, fast runtime: the headline methods on more")
+  eager = text.index("#### CPU, eager runtime: the headline methods on more")
+  assert fast < eager
+  assert "in a run of their own, on 5 test samples" in text[fast:eager]
+  assert "in a run of their own, on 4 test samples" in text[eager:]
+  assert "was left out:" not in text
   # Where the adapters trained and were evaluated (the stages' records).
   assert re.search(
     r"Adapters trained on \d+ x cpu; evaluated on \d+ x cpu\.", text
@@ -357,14 +378,15 @@ def test_the_7b_projection_reads_costs_7b_and_is_kept(study, tmp_path, capsys):
   assert err.count("\n") == 0 and "expected a tools/benchmark_sd.py" in err
 
 
-def test_bench2_hands_the_second_device_to_the_benchmark(
-  study, tmp_path, monkeypatch
-):
-  """bench2 on a CPU, the benchmark replaced by a copy of bench1's run:
-  what the study asks of it, and the two-setting report."""
+def _fake_benchmark(monkeypatch, copy, clock=None):
+  """The benchmark replaced by a copy of bench1's run of the same runtime;
+  returns the commands the study ran. With `clock` ({'s': 0.0}), the
+  stage's clock moves on by each run's whole --time_budget_s, the slowest
+  a run may be."""
+  import time
+
   from tools.study import live
 
-  copy = _copy(study, tmp_path)
   cmds = []
 
   def fake_tool(cmd, what, ok=(0,)):
@@ -372,39 +394,162 @@ def test_bench2_hands_the_second_device_to_the_benchmark(
     out = cmd[cmd.index("--out") + 1]
     rt = cmd[cmd.index("--runtimes") + 1]
     shutil.copytree(os.path.join(copy, "bench", "gpus1", rt), out)
+    if clock is not None:
+      clock["s"] += float(cmd[cmd.index("--time_budget_s") + 1])
     return 0
 
   monkeypatch.setattr(live, "run_tool", fake_tool)
+  if clock is not None:
+    fake_time = types.SimpleNamespace(
+      perf_counter=lambda: time.perf_counter() + clock["s"]
+    )
+    monkeypatch.setattr(live, "time", fake_time)
+  return cmds
+
+
+def _flag(cmd, name):
+  return cmd[cmd.index(name) + 1]
+
+
+def test_bench2_hands_the_second_device_to_the_benchmark(
+  study, tmp_path, monkeypatch
+):
+  """bench2 on a CPU, the benchmark faked: what the study asks of it (each
+  runtime's headline run first, with its own samples), and the
+  two-setting report."""
+  copy = _copy(study, tmp_path)
+  cmds = _fake_benchmark(monkeypatch, copy)
   argv = ["--out", copy, "--stages", "bench2,results", "--adapters"]
   argv += [",".join(ADAPTERS), "--gamma", str(GAMMA), "--tree_nodes", "5"]
   argv += ["--tree_depth", "3", "--tree_topk", "2", "--bench_samples", "4"]
-  argv += ["--eager_samples", "4", "--warmup", "1", "--draft_device2", "cpu"]
-  argv += ["--bench_time_budget_s", "100", "--headline_share", "0.25"]
+  argv += ["--eager_samples", "3", "--warmup", "1", "--draft_device2", "cpu"]
+  argv += ["--bench_time_budget_s", "100", "--headline_budget_s", "25"]
   assert cli.main(argv) == 0
-  assert len(cmds) == 3
-
-  def flag(cmd, name):
-    return cmd[cmd.index(name) + 1]
-
-  # First the headline methods alone, on every test sample but the warm-up
-  # one (6 - 1), with their share of the budget; then every method.
-  head, *full = cmds
-  assert flag(head, "--methods") == "baseline,decode:b1_next,tree:b1_next"
-  assert flag(head, "--num_samples") == "5"
-  assert flag(head, "--runtimes") == "fast"
-  assert float(flag(head, "--time_budget_s")) == 25.0
-  assert flag(head, "--out").endswith(os.path.join("gpus2", "fast_headline"))
-  assert [flag(c, "--runtimes") for c in full] == ["fast", "eager"]
-  for cmd in cmds:
-    assert flag(cmd, "--draft_device") == "cpu"
-    assert flag(cmd, "--tree_nodes") == "5"
+  # First the headline methods alone on each runtime: on the fast one,
+  # every test sample but the warm-up one (6 - 1); on the eager one,
+  # --eager_samples. Then every method, on each runtime.
+  outs = [os.path.relpath(_flag(c, "--out"), copy) for c in cmds]
+  assert outs == [
+    os.path.join("bench", "gpus2", d)
+    for d in ("fast_headline", "eager_headline", "fast", "eager")
+  ]
+  heads, full = cmds[:2], cmds[2:]
+  assert [_flag(c, "--runtimes") for c in cmds] == ["fast", "eager"] * 2
+  assert [_flag(c, "--num_samples") for c in cmds] == ["5", "3", "4", "3"]
+  for cmd in heads:
+    assert _flag(cmd, "--methods") == "baseline,decode:b1_next,tree:b1_next"
+    assert float(_flag(cmd, "--time_budget_s")) == 25.0
   for cmd in full:
-    assert float(flag(cmd, "--time_budget_s")) == 100.0
-    assert flag(cmd, "--methods") == ",".join(layout.methods_of(ADAPTERS))
+    assert float(_flag(cmd, "--time_budget_s")) == 100.0
+    assert _flag(cmd, "--methods") == ",".join(layout.methods_of(ADAPTERS))
+  for cmd in cmds:
+    assert _flag(cmd, "--draft_device") == "cpu"
+    assert _flag(cmd, "--tree_nodes") == "5"
   with open(os.path.join(copy, "report", "RESULTS.md")) as f:
     text = f.read()
   assert "### CPU, drafter as a second device, eager runtime" in text
   assert "The two-GPU table is absent" not in text
+  for rt in ("fast", "eager"):
+    assert (
+      f"#### CPU, drafter as a second device, {rt} runtime: the headline"
+    ) in text
+
+
+def test_the_live_budgets_follow_the_time_limit(study, tmp_path, monkeypatch):
+  """With --time_limit_s, each run's budget taken as it starts, every run
+  using all of it: a headline run leaves the headline runs after it an
+  equal part, the first runtime's all-methods run gets what is left, and a
+  later one is left out when under 60 s would be left for it."""
+  from tools.study import live, verdicts
+
+  argv = ["--stages", "bench2", "--adapters", ",".join(ADAPTERS)]
+  argv += ["--gamma", str(GAMMA), "--bench_samples", "4"]
+  argv += ["--eager_samples", "4", "--warmup", "1", "--draft_device2", "cpu"]
+  reserve = live.MIN_BENCH_S / 2  # kept for the results and the pack
+
+  def budgets(limit, name):
+    copy = _copy(study, tmp_path, name)
+    clock = {"s": 0.0}
+    cmds = _fake_benchmark(monkeypatch, copy, clock)
+    assert cli.main(["--out", copy, "--time_limit_s", str(limit)] + argv) == 0
+    return copy, cmds, [float(_flag(c, "--time_budget_s")) for c in cmds]
+
+  # 540 s and the default caps (150 s per headline run, 200 s per
+  # all-methods run): both headline runs get their whole cap, the fast
+  # all-methods run the rest (540 - 45 - 2 x 150), the eager one nothing.
+  copy, cmds, got = budgets(540, "limit540")
+  assert [_flag(c, "--runtimes") for c in cmds] == ["fast", "eager", "fast"]
+  assert got[:2] == [150.0, 150.0]
+  assert got[2] == pytest.approx(540 - reserve - 300, abs=5)
+  with open(os.path.join(copy, layout.STUDY_FILE)) as f:
+    rec = json.load(f)["stages"]["bench2"]
+  assert list(rec["headline"]) == ["fast", "eager"]
+  assert list(rec["runtimes"]) == ["fast"]
+  assert list(rec["left_out"]) == ["eager"]
+  assert rec["headline"]["fast"]["seconds"] >= 150  # the stage's clock
+  assert cli.main(["--out", copy, "--stages", "results"]) == 0
+  data = _results(copy)
+  assert list(data["live"]["gpus2"]["headlines"]) == ["fast", "eager"]
+  # The verdicts still read the first runtime's run of every method.
+  assert verdicts.headline_live(data)[:2] == ("gpus2", "fast")
+  with open(os.path.join(copy, "report", "RESULTS.md")) as f:
+    text = f.read()
+  assert "drafter as a second device, eager runtime: the headline" in text
+  assert "### CPU, drafter as a second device, eager runtime\n" not in text
+  assert (
+    "The eager runtime's run of every method on CPU, drafter as a second "
+    "device was left out: only "
+  ) in text
+  # 240 s: the fast headline run may not take the whole limit, as the
+  # eager headline run is still to come: each takes half.
+  _, cmds, got = budgets(240, "limit240")
+  half = (240 - reserve) / 2
+  assert got[0] == pytest.approx(half, abs=3) and got[0] <= half
+  assert got[1] == pytest.approx(half, abs=3)
+  assert got[2] == 1.0  # nothing left: the first all-methods run still runs
+  assert len(cmds) == 3
+
+
+def test_a_single_headline_record_of_an_older_study_still_renders(
+  study, tmp_path
+):
+  """study.json from before every runtime had a headline run: bench1's
+  `headline` is one record, its runtime inside."""
+  copy = _copy(study, tmp_path)
+  path = os.path.join(copy, layout.STUDY_FILE)
+  with open(path) as f:
+    st = json.load(f)
+  st["stages"]["bench1"]["headline"] = st["stages"]["bench1"]["headline"][
+    "fast"
+  ]
+  assert st["stages"]["bench1"]["headline"]["runtime"] == "fast"
+  with open(path, "w") as f:
+    json.dump(st, f)
+  assert cli.main(["--out", copy, "--stages", "results"]) == 0
+  assert list(_results(copy)["live"]["gpus1"]["headlines"]) == ["fast"]
+  with open(os.path.join(copy, "report", "RESULTS.md")) as f:
+    text = f.read()
+  assert "#### CPU, fast runtime: the headline methods on more" in text
+  assert "#### CPU, eager runtime: the headline" not in text
+
+
+@pytest.mark.parametrize(
+  "argv, error",
+  [
+    (["--headline_budget_s", "-1"], "--headline_budget_s -1.0: expected "),
+    (["--bench_time_budget_s", "-5"], "--bench_time_budget_s -5.0: expected"),
+    (["--headline_samples", "-1"], "--headline_samples -1: expected a "),
+    (["--eager_samples", "0"], "--eager_samples 0: expected a number of "),
+  ],
+)
+def test_a_bad_live_sample_count_or_budget_is_one_error_line(
+  tmp_path, capsys, argv, error
+):
+  out = str(tmp_path / "none")
+  assert cli.main(["--out", out, *argv]) == cli.EXIT_USAGE
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and err.startswith(f"error: {error}")
+  assert not os.path.exists(out)  # refused before the study opened
 
 
 def test_results_without_a_live_stage_say_so(study, tmp_path):

@@ -33,8 +33,10 @@ skipped on the next run, so a run cut off by a time limit resumes):
             target's GPU (tools/benchmark_sd.py; the decode adapters are
             the objective-next ones, as chains and as draft trees), one
             run per runtime; first, the headline methods (B1's chain and
-            tree) alone on up to --headline_samples samples, so their CIs
-            rest on every test scene
+            tree) alone on each runtime: up to --headline_samples samples
+            of the fast one and --eager_samples of the eager one, so their
+            CIs rest on every test scene (time budgets: --help of
+            --headline_budget_s and --bench_time_budget_s)
   bench2    the same with the drafter on a second GPU (--draft_device2)
   results   DIR/report/RESULTS.md, results/results.json and plots (with
             --costs_7b, the decode methods projected for a 7B pair)
@@ -170,29 +172,48 @@ def versions() -> dict:
 
 
 def _sample_flags(b) -> None:
-  """How many test samples each live run measures."""
+  """How many test samples each live run measures, and for how long."""
   b.add_argument(
-    "--bench_samples", type=int, default=400, help="fast runtime's samples"
+    "--bench_samples",
+    type=int,
+    default=400,
+    help="the fast runtime's all-methods run's samples",
   )
   b.add_argument(
-    "--eager_samples", type=int, default=100, help="eager runtime's samples"
+    "--eager_samples",
+    type=int,
+    default=100,
+    help="the eager runtime's samples, in its headline run and in its "
+    "all-methods run (100: 25 scenes of 4 questions)",
   )
   b.add_argument(
     "--headline_samples",
     type=int,
     default=400,
-    help="the headline methods (B1's chain and tree) and the baseline also "
-    "run alone, first, on this many samples of the first runtime, so their "
-    "CIs rest on every test scene (0 = no headline run)",
+    help="before the all-methods runs, the headline methods (B1's chain and "
+    "tree) and the baseline run alone on each runtime, so their CIs rest on "
+    "every test scene: on this many samples of the fast runtime (the eager "
+    "one: --eager_samples; 0 = no headline runs)",
   )
-  # 0.6 of the default 200 s: on one H100 the headline run measured 275
-  # samples in 75 s, so 120 s covers the 404 test samples of the gpu pair.
+  # 150 s: on one H100 the fast headline run measured 275 samples in 75 s,
+  # so 400 take about 110 s, and 100 eager ones at ~4x slower per sample
+  # about as long; the cap leaves room for a slower eager runtime.
   b.add_argument(
-    "--headline_share",
+    "--headline_budget_s",
     type=float,
-    default=0.6,
-    help="the headline run's sampling budget, as a share of "
-    "--bench_time_budget_s (or of what --time_limit_s leaves)",
+    default=150.0,
+    help="per headline run: start no new sample after this (0 = none); "
+    "with --time_limit_s, also at most what is left divided by the headline "
+    "runs still to come, itself included",
+  )
+  b.add_argument(
+    "--bench_time_budget_s",
+    type=float,
+    default=200.0,
+    help="per all-methods run: start no new sample after this (0 = none); "
+    "with --time_limit_s, at most what is left, and an all-methods run "
+    "after the first runtime's is left out (RESULTS.md says so) when less "
+    f"than {live.MIN_LATER_RUN_S} s is left for it",
   )
 
 
@@ -284,16 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     f"with {live.MIN_BENCH_S} s left and stops sampling in time; stages "
     "left give exit status 3 (0 = no limit)",
   )
-  b.add_argument(
-    "--bench_time_budget_s",
-    type=float,
-    default=200.0,
-    help="per benchmark run: start no new sample after this (0 = none)",
-  )
   r = p.add_argument_group("runtime")
   r.add_argument("--device", default=None, help="torch device (cuda if any)")
   r.add_argument("--dtype", default=None, help="torch dtype (tools' default)")
-  r.add_argument("--runtimes", default="fast,eager", help="benchmark runtimes")
+  r.add_argument(
+    "--runtimes",
+    default="fast,eager",
+    help="benchmark runtimes, in run order (the verdicts read the first)",
+  )
   r.add_argument("--no_compile", action="store_true", help="benchmark_sd")
   r.add_argument(
     "--draft_device1", default=None, help="bench1 drafter (default: --device)"
@@ -337,6 +356,7 @@ def run(args) -> int:
     layout.parse_adapters(args.adapters)
   except ValueError as e:
     raise StudyError(str(e)) from e
+  live.check_flags(args)
   stage_list = parse_stages(args.stages)
   redo = parse_stages(args.redo) if args.redo else []
   study = _open(args)

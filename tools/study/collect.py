@@ -206,10 +206,16 @@ def live_entry(benches: dict[str, dict]) -> dict:
   return out
 
 
-def headline_entry(study_dir: str, rec: dict) -> dict:
-  """The headline run of a bench stage (the headline methods alone on
-  more samples), as one runtime's block of `live_entry` plus its runtime."""
-  h = rec["headline"]
+def headline_records(rec: dict) -> dict[str, dict]:
+  """A bench stage's headline runs, runtime -> its record, in run order. A
+  study.json from before every runtime had one holds a single record."""
+  h = rec.get("headline") or {}
+  return {h["runtime"]: h} if "dir" in h else h
+
+
+def headline_entry(study_dir: str, h: dict) -> dict:
+  """One headline run of a bench stage (the headline methods alone on more
+  samples), as one runtime's block of `live_entry` plus its runtime."""
   bench = load(os.path.join(study_dir, h["dir"], "results.json"))
   block = live_entry({h["runtime"]: bench})["by_runtime"][h["runtime"]]
   return {"runtime": h["runtime"], **block}
@@ -258,8 +264,13 @@ def collect(study_dir: str, pair, costs_7b: str | None = None) -> dict:
           for rt, r in rec["runtimes"].items()
         }
       )
-      if rec.get("headline"):
-        data["live"][sub]["headline"] = headline_entry(study_dir, rec)
+      # Runtime -> its headline run's block, and why a runtime's
+      # all-methods run was left out (--time_limit_s).
+      data["live"][sub]["headlines"] = {
+        rt: headline_entry(study_dir, h)
+        for rt, h in headline_records(rec).items()
+      }
+      data["live"][sub]["left_out"] = rec.get("left_out") or {}
   data["prefill_widths"] = stages.get("train", {}).get("prefill_widths")
   data["comparisons"] = compare.comparisons(data)
   data["projection_7b"] = projection.project(data, costs_7b)

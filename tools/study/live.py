@@ -3,7 +3,21 @@
 `run_benchmark` is the study's one call into the live runtime
 (tools/benchmark_sd.py); everything else here decides what to ask of it.
 Each runtime is its own run with its own sample count (the fast runtime
-affords more samples than the eager one): DIR/bench/gpusN/RUNTIME/.
+affords more samples than the eager one). A stage runs, in order:
+
+1. a headline run per runtime (the baseline and the headline methods
+   alone; DIR/bench/gpusN/RUNTIME_headline): --headline_samples samples
+   on the fast runtime, --eager_samples on the eager one;
+2. an all-methods run per runtime (DIR/bench/gpusN/RUNTIME):
+   --bench_samples on the fast runtime, --eager_samples on the eager one.
+
+Budgets, in seconds of sampling, taken when each run starts (`left`: what
+--time_limit_s leaves after MIN_BENCH_S / 2 for the results and the pack):
+a headline run samples at most --headline_budget_s and left / (the
+headline runs still to come, itself included), so it never takes the time
+of a headline run after it; an all-methods run samples at most
+--bench_time_budget_s and left, and one after the first runtime's is left
+out (and named in RESULTS.md) when left is under MIN_LATER_RUN_S.
 """
 
 from __future__ import annotations
@@ -19,6 +33,9 @@ from tools.study.pair import StudyError
 from tools.study.stages import max_new_tokens, run_tool
 
 MIN_BENCH_S = 90  # a benchmark stage starts only with this much time left
+# An all-methods run after the first runtime's starts only with this much
+# sampling time left (eager, every method: a few samples at least).
+MIN_LATER_RUN_S = 60
 
 
 def run_benchmark(
@@ -93,21 +110,71 @@ def run_benchmark(
     return json.load(f), rc == 0
 
 
+def check_flags(args) -> None:
+  """One StudyError for a bad sample count or time budget of the live
+  stages (before any stage runs)."""
+  for flag in ("bench_samples", "eager_samples"):
+    if getattr(args, flag) < 1:
+      raise StudyError(
+        f"--{flag} {getattr(args, flag)}: expected a number of test "
+        "samples >= 1"
+      )
+  if args.headline_samples < 0:
+    raise StudyError(
+      f"--headline_samples {args.headline_samples}: expected a number of "
+      "test samples >= 0 (0 = no headline runs)"
+    )
+  for flag in ("headline_budget_s", "bench_time_budget_s"):
+    if getattr(args, flag) < 0:
+      raise StudyError(
+        f"--{flag} {getattr(args, flag)}: expected seconds >= 0 (0 = no "
+        "budget of its own)"
+      )
+
+
+def _runtimes(args) -> list[str]:
+  return [r for r in args.runtimes.split(",") if r] or ["eager"]
+
+
 def runtime_samples(args) -> dict[str, int]:
-  """Samples per runtime: --bench_samples (fast), --eager_samples (eager)."""
-  out = {}
-  for rt in [r for r in args.runtimes.split(",") if r] or ["eager"]:
-    out[rt] = args.eager_samples if rt == "eager" else args.bench_samples
-  return out
+  """The all-methods runs' samples per runtime, in --runtimes order:
+  --bench_samples (fast), --eager_samples (eager)."""
+  return {
+    rt: args.eager_samples if rt == "eager" else args.bench_samples
+    for rt in _runtimes(args)
+  }
 
 
-def _budget(study) -> float | None:
-  """Seconds one benchmark run may sample: --bench_time_budget_s, and what
-  --time_limit_s leaves after room for the results and the pack."""
-  budget = study.args.bench_time_budget_s or None
-  if study.deadline is not None:
-    left = study.deadline - time.perf_counter() - MIN_BENCH_S / 2
-    budget = max(1.0, left if budget is None else min(budget, left))
+def headline_samples(args, available: int) -> dict[str, int]:
+  """The headline runs' samples per runtime, in --runtimes order:
+  --headline_samples (fast), --eager_samples (eager), each at most the
+  test samples after the warm-up; {} with --headline_samples 0."""
+  if args.headline_samples <= 0:
+    return {}
+  return {
+    rt: min(
+      args.eager_samples if rt == "eager" else args.headline_samples,
+      available - args.warmup,
+    )
+    for rt in _runtimes(args)
+  }
+
+
+def _left(study) -> float | None:
+  """Seconds --time_limit_s leaves for sampling now, after room for the
+  results and the pack (None: no limit)."""
+  if study.deadline is None:
+    return None
+  return study.deadline - time.perf_counter() - MIN_BENCH_S / 2
+
+
+def _budget(cap: float, left: float | None, runs: int = 1) -> float | None:
+  """A run's sampling budget: at most `cap` (0: none) and `left` / `runs`
+  (None: no budget)."""
+  budget = cap or None
+  if left is not None:
+    part = left / runs
+    budget = max(1.0, part if budget is None else min(budget, part))
   return budget
 
 
@@ -120,15 +187,10 @@ def _has_cuda() -> bool:
     return False
 
 
-def _budget_share(study, share: float) -> float | None:
-  """`share` of what `_budget` allows now (None: no budget)."""
-  budget = _budget(study)
-  return None if budget is None else max(1.0, budget * share)
-
-
-def _record(study, out: str, res: dict, lossless: bool) -> dict:
+def _record(study, out: str, res: dict, lossless: bool, seconds) -> dict:
   return {
     "dir": os.path.relpath(out, study.out),
+    "seconds": round(seconds, 1),  # the run's wall time, start-up included
     "lossless": lossless,
     "draft_device": res["config"].get("draft_device"),
     "device": res["environment"].get("device"),
@@ -138,9 +200,9 @@ def _record(study, out: str, res: dict, lossless: bool) -> dict:
 
 
 def stage_bench(study, stage: str) -> dict:
-  """Every method of the study on the test samples, one run per runtime;
-  first, the headline methods alone on up to --headline_samples samples of
-  the first runtime (DIR/bench/gpusN/RUNTIME_headline)."""
+  """The headline methods alone, one run per runtime, then every method
+  of the study, one run per runtime (the module's docstring: samples and
+  budgets)."""
   args = study.args
   if stage == "bench2" and not args.draft_device2:
     import torch
@@ -172,8 +234,10 @@ def stage_bench(study, stage: str) -> dict:
   with open(samples) as f:
     available = sum(1 for line in f if line.strip())
 
-  def run(rt, chosen, n, out, budget):
-    return run_benchmark(
+  def run(rt, chosen, n, out, budget) -> dict:
+    """One benchmark run; its record for study.json."""
+    t0 = time.perf_counter()
+    res, lossless = run_benchmark(
       target=study.pair.target_spec(),
       draft=study.pair.draft_spec(),
       samples=samples,
@@ -198,6 +262,7 @@ def stage_bench(study, stage: str) -> dict:
       time_budget_s=budget,
       progress=not args.no_progress,
     )
+    return _record(study, out, res, lossless, time.perf_counter() - t0)
 
   info = {"methods": list(methods), "runtimes": {}}
   runtimes = runtime_samples(args)
@@ -208,19 +273,30 @@ def stage_bench(study, stage: str) -> dict:
         f"{args.warmup} exceed the {available} test samples ({samples})"
       )
   headline = layout.headline_of(study.adapters)
-  if args.headline_samples > 0 and headline:
-    rt = next(iter(runtimes))
-    n = min(args.headline_samples, available - args.warmup)
+  heads = headline_samples(args, available) if headline else {}
+  if heads:
+    info["headline"] = {}
+  for i, (rt, n) in enumerate(heads.items()):
     out = study.p("bench", layout.BENCH_DIRS[stage], f"{rt}_headline")
-    share = _budget_share(study, args.headline_share)
-    res, lossless = run(rt, ("baseline",) + headline, n, out, share)
-    info["headline"] = {
+    # Each headline run leaves the ones after it an equal part of the time.
+    budget = _budget(args.headline_budget_s, _left(study), len(heads) - i)
+    info["headline"][rt] = {
       "runtime": rt,
       "methods": ["baseline", *headline],
-      **_record(study, out, res, lossless),
+      **run(rt, ("baseline",) + headline, n, out, budget),
     }
-  for rt, n in runtimes.items():
+  for i, (rt, n) in enumerate(runtimes.items()):
+    left = _left(study)
+    if i and left is not None and left < MIN_LATER_RUN_S:
+      why = (
+        f"only {max(0.0, left):.0f} s of --time_limit_s were left for it "
+        f"(an all-methods run after the first runtime's needs "
+        f"{MIN_LATER_RUN_S} s)"
+      )
+      info.setdefault("left_out", {})[rt] = why
+      print(f"{stage}: the {rt} runtime's all-methods run left out: {why}")
+      continue
     out = study.p("bench", layout.BENCH_DIRS[stage], rt)
-    res, lossless = run(rt, methods, n, out, _budget(study))
-    info["runtimes"][rt] = _record(study, out, res, lossless)
+    budget = _budget(args.bench_time_budget_s, left)
+    info["runtimes"][rt] = run(rt, methods, n, out, budget)
   return info

@@ -147,8 +147,14 @@ def live_tables(data: dict) -> list[str]:
           f"{ci_num(r['decode_speedup'], r['decode_speedup_ci95'])} | "
           f"{r['mismatches']} ({r['near_tie_flips']}) |"
         )
-    if live.get("headline"):
-      lines += headline_table(data, sub, live["headline"])
+    for rt, why in (live.get("left_out") or {}).items():
+      lines += [
+        "",
+        f"The {rt} runtime's run of every method on {setting(data, sub)} was "
+        f"left out: {why}. Its headline run is below.",
+      ]
+    for h in (live.get("headlines") or {}).values():
+      lines += headline_table(data, sub, h)
     mism = live["mismatch_list"]
     if mism:
       lines += ["", f"Mismatches vs greedy ({setting(data, sub)}):", ""]
@@ -162,7 +168,7 @@ def live_tables(data: dict) -> list[str]:
 
 
 def headline_table(data: dict, sub: str, h: dict) -> list[str]:
-  """The headline methods alone on more samples (the stage's first run)."""
+  """The headline methods alone on more samples (a runtime's first run)."""
   amdahl = (h.get("amdahl") or {}).get(h["runtime"]) or {}
   ceiling = amdahl.get("end_to_end_ceiling")
   lines = [

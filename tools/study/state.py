@@ -17,7 +17,7 @@ BENCH_SETTINGS = (
   "bench_samples",
   "eager_samples",
   "headline_samples",
-  "headline_share",
+  "headline_budget_s",
   "gamma",
   "bench_max_new_tokens",
   "runtimes",
