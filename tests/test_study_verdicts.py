@@ -319,3 +319,21 @@ def test_the_2x_goal_says_when_its_run_is_unreliable(reliable):
   assert data["goal"]["by_setting"]["gpus1/fast"]["reliable"] is reliable
   text = "\n".join(report.goal_lines(data))
   assert ("timings are unreliable" in text) == (not reliable)
+
+
+@pytest.mark.parametrize(
+  "ci, words",
+  [
+    ([2.1, 2.4], "reaches 2× (CI above 2)"),
+    ([1.3, 1.5], "misses 2× (CI below 2)"),
+    ([1.8, 2.2], "2× not shown (CI crosses 2)"),
+  ],
+)
+def test_the_2x_goal_reads_the_ci_against_2(ci, words):
+  from tools.study import report
+
+  row = _row(speedup=sum(ci) / 2, speedup_ci95=ci)
+  data = _data(rows={"decode:b1_next": row})
+  data["goal"] = verdicts.goal(data)
+  text = "\n".join(report.goal_lines(data))
+  assert words in text
