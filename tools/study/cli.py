@@ -195,9 +195,9 @@ def _sample_flags(b) -> None:
     "every test scene: on this many samples of the fast runtime (the eager "
     "one: --eager_samples; 0 = no headline runs)",
   )
-  # 150 s: on one H100 the fast headline run measured 275 samples in 75 s,
-  # so 400 take about 110 s, and 100 eager ones at ~4x slower per sample
-  # about as long; the cap leaves room for a slower eager runtime.
+  # 150 s: on one H200 the fast headline run measured 381 samples in 115 s
+  # (400 take about 120 s); the eager one, 37 in 115 s (the gpu pair's
+  # eager runtime decodes 29x slower than the fast one).
   b.add_argument(
     "--headline_budget_s",
     type=float,
