@@ -1,4 +1,4 @@
-"""Tests of draft trees (tools/lib/tree.py, tools/lib/tree_decode.py), CPU."""
+"""Draft trees (tools/lib/tree.py, tree_steps.py, tree_decode.py), on CPU."""
 
 import copy
 import json
@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from egpt_align.models import get_spec  # noqa: E402
 from tools.lib import sd_engine as sd  # noqa: E402
-from tools.lib import static_kv, tree_decode  # noqa: E402
+from tools.lib import static_kv, tree_decode, tree_steps  # noqa: E402
 from tools.lib import tree as tr  # noqa: E402
 from tools.lib.backends import cache_length  # noqa: E402
 from tools.lib.random_models import TokenPromptBackend, random_llama  # noqa: E402
@@ -356,7 +356,7 @@ def test_adapter_tree_steps_and_compaction_equal_a_chain():
     "l5", hidden_dim=D, num_heads=4, ffn_dim=64, alpha_init=1.0
   ).eval()
   head = torch.randn(V, D)
-  ta = tree_decode.TreeAdapter(
+  ta = tree_steps.TreeAdapter(
     module, head, 1, 32, topk=3, vocab=None, device="cpu", dtype=torch.float32
   )
   keys = ta.keys
@@ -396,7 +396,7 @@ def test_b1_tree_runs_are_its_chain_drafts():
   ).eval()
   head = torch.randn(V, D)
   kw = {"device": "cpu", "dtype": torch.float32}
-  ta = tree_decode.TreeAdapter(module, head, 1, 32, topk=3, vocab=None, **kw)
+  ta = tree_steps.TreeAdapter(module, head, 1, 32, topk=3, vocab=None, **kw)
   sa = static_kv.StaticAdapter(module, head, 1, 32, **kw)
   xs = torch.randn(1, 5, D)
   with torch.inference_mode():
@@ -668,7 +668,7 @@ def recording(target_model, noisy_model, monkeypatch):
 
 def _patch_moves(monkeypatch, log):
   hf_move = tr.move_cache_entries
-  adapter_move = tree_decode.TreeAdapter.move
+  adapter_move = tree_steps.TreeAdapter.move
 
   def logged_hf(cache, src, dst, keep):
     log.move(log.owner[id(cache)], src, dst)
@@ -679,7 +679,7 @@ def _patch_moves(monkeypatch, log):
     return adapter_move(self, src, dst)
 
   monkeypatch.setattr(tr, "move_cache_entries", logged_hf)
-  monkeypatch.setattr(tree_decode.TreeAdapter, "move", logged_adapter)
+  monkeypatch.setattr(tree_steps.TreeAdapter, "move", logged_adapter)
 
 
 TREE_METHODS = ("tree:ob1", "tree:ol5", "tree:ol5f", "two_phase_tree:l4+ol5")
