@@ -402,7 +402,7 @@ def test_b1_tree_runs_are_its_chain_drafts():
   with torch.inference_mode():
     pos = ta.keys[:5]
     y, _, _ = ta.step([xs], pos, pos, ta.keys[None] <= pos[:, None])
-    vals, toks = ta.chain(y[-1], 5, 3)
+    vals, toks = ta._chain(ta.keys[5:8], y[-1].reshape(1, 1, -1))
     out, tok = sa.step([xs], 0)
     chain = []
     for p in range(5, 8):

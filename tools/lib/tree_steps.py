@@ -155,11 +155,6 @@ class TreeAdapter:
       toks.append(t)
     return torch.cat(vals), torch.cat(toks)
 
-  def chain(self, y: torch.Tensor, start: int, count: int):
-    """`count` one-row runs at positions start.., the first fed y [1, D]:
-    (log-probs [count, K], tokens [count, K])."""
-    return self._chain(self.keys[start : start + count], y.reshape(1, 1, -1))
-
   @torch.inference_mode()
   def _grow_tree(self, positions, y, root, vals, toks):
     count = positions.shape[0]
@@ -172,9 +167,10 @@ class TreeAdapter:
     )
 
   def grow_tree(self, y, start: int, count: int, root, first) -> tr.Tree:
-    """B1's tree of depth count + 1: `chain(y, start, count)` and
-    `tr.grow_shared` on it (root [1] the last accepted token, `first` the
-    depth-1 candidates), one graph on CUDA; the tree on the device."""
+    """B1's tree of depth count + 1: `count` one-row runs at positions
+    start.., the first fed y [1, D] (`_chain`), and `tr.grow_shared` on
+    them (root [1] the last accepted token, `first` the depth-1
+    candidates); one graph on CUDA, the tree on the device."""
     packed = self.trees(
       count,
       self.keys[start : start + count],
