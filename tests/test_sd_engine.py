@@ -464,7 +464,8 @@ class RecordingBackend(TokenPromptBackend):
 
 
 class RecordingAdapter(torch.nn.Module):
-  """Logs the position and input states of every adapter step."""
+  """Logs the position and input states of every adapter step, then its
+  output states as ("out:" + who, position, [outputs])."""
 
   def __init__(self, inner, log, who):
     super().__init__()
@@ -483,16 +484,21 @@ class RecordingAdapter(torch.nn.Module):
   def static_cache(self, *args, **kw):
     return self.inner.static_cache(*args, **kw)
 
+  def _logged(self, pos, inputs, y):
+    self.log.append((self.who, pos, [x[0].clone() for x in inputs]))
+    self.log.append(("out:" + self.who, pos, [y[0].clone()]))
+
   def decode_step(self, *inputs, cache, position=None):
-    self.log.append((self.who, position, [x[0].clone() for x in inputs]))
-    return self.inner.decode_step(*inputs, cache=cache, position=position)
+    y, cache = self.inner.decode_step(*inputs, cache=cache, position=position)
+    self._logged(position, inputs, y)
+    return y, cache
 
   def _static_step(self, *inputs, k_cache, v_cache, positions):
-    pos = int(positions[0])
-    self.log.append((self.who, pos, [x[0].clone() for x in inputs]))
-    return self.inner.static_step(
+    y = self.inner.static_step(
       *inputs, k_cache=k_cache, v_cache=v_cache, positions=positions
     )
+    self._logged(int(positions[0]), inputs, y)
+    return y
 
 
 def _check_fed(log, who, truths, same):
@@ -525,6 +531,24 @@ def _check_fed(log, who, truths, same):
       seen[s] = prev + [(v, rnd) for v in values]
     if name == "target":
       rnd += 1
+
+
+def _check_fed_back(log, who, stream):
+  """Each drafting step of `who` (a call after the round's first) is fed,
+  on input `stream`, exactly the output of its step before (B1 and L5F
+  draft from their own predicted states)."""
+  rnd, prev, steps = 0, None, 0
+  for name, pos, items in log:
+    if name == "target":
+      rnd, prev = rnd + 1, None
+    elif name == "out:" + who:
+      prev = items[0][-1]
+    elif name == who:
+      if prev is not None:
+        assert items[stream].shape[0] == 1, (who, rnd, pos)
+        assert torch.equal(items[stream][0], prev), (who, rnd, pos)
+        steps += 1
+  assert steps > 0, who  # some round drafted more than one token
 
 
 def items_of(items, truths):
@@ -643,6 +667,10 @@ def test_every_model_is_fed_only_accepted_text(
         ]
         assert any(x[0] == names[-1] for x in log), m
         _check_fed(log, names[-1], truths, _close)
+        if "target" in get_spec(ad.kind).inputs:
+          _check_fed_back(
+            log, names[-1], get_spec(ad.kind).inputs.index("target")
+          )
       partial[m] = partial.get(m, 0) + sum(
         0 < acc < k for _, k, acc in r.per_iteration
       )

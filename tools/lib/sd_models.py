@@ -408,6 +408,9 @@ class Models:
       device=adapter.device,
       dtype=adapter.dtype,
       lengths=lengths,
+      # B1 reads only its own outputs while drafting (chains of 1..γ-1).
+      self_fed=adapter.spec.inputs == ("target",),
+      chains=range(1, max(lengths, default=1) - 1),
       compile_step=self.compile_layers,
     )
     self._static[key] = sa

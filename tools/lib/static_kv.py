@@ -508,6 +508,9 @@ class StaticAdapter:
   `step(inputs, position)` decodes [1, T, D] inputs (one per stream the
   adapter reads) at positions position..; returns (last output [1, 1, D],
   its argmax token [1]). Rollback: a smaller position at the next step.
+  An adapter that reads only its own outputs while drafting (B1,
+  `self_fed`) has `chain(y, position, count)`: `count` one-position steps
+  in one call, a graph per count in `chains`.
   """
 
   def __init__(
@@ -520,6 +523,8 @@ class StaticAdapter:
     device: torch.device,
     dtype: torch.dtype,
     lengths: Iterable[int] = (),
+    self_fed: bool = False,
+    chains: Iterable[int] = (),
     compile_step: bool = True,
   ):
     self.module = module
@@ -532,6 +537,13 @@ class StaticAdapter:
     self.mode = "eager"
     self._compiled = None
     self.graphs = capture_steps(self, lengths, compile_step)
+    self.self_fed = self_fed
+    self.chains = StepGraphs(
+      self._chain,
+      self._chain_example,
+      chains if self_fed and self.mode != "eager" else (),
+      self.device,
+    )
 
   def _set_compiled(self, compiled: bool) -> None:
     # Only the one-position step (all drafting steps but the catch-up) is
@@ -568,6 +580,35 @@ class StaticAdapter:
         f"adapter positions up to {position + steps} exceed {self.max_len}"
       )
     return self.graphs(steps, int(position), *inputs)
+
+  def _chain_example(self, count: int) -> tuple:
+    y = torch.zeros(
+      (1, 1, self.k.shape[2] * self.k.shape[4]),
+      dtype=self.dtype,
+      device=self.device,
+    )
+    return (self.positions[self.max_len - count :].clone(), y)
+
+  @torch.inference_mode()
+  def _chain(self, positions: torch.Tensor, y: torch.Tensor):
+    tokens = []
+    for r in range(positions.shape[0]):
+      y, tok = self._forward(positions[r : r + 1], y)
+      tokens.append(tok)
+    return torch.cat(tokens)
+
+  def chain(self, y: torch.Tensor, position: int, count: int):
+    """`count` steps at positions position.., the first fed y [1, 1, D],
+    each later one the step before's output; their tokens [count]."""
+    if not self.self_fed:
+      raise ValueError("chain: the adapter reads more than its own outputs")
+    if position + count > self.max_len:
+      raise ValueError(
+        f"adapter positions up to {position + count} exceed {self.max_len}"
+      )
+    return self.chains(
+      count, self.positions[position : position + count], y.to(self.dtype)
+    )
 
 
 def move_slots(buffers, src: torch.Tensor, dst: torch.Tensor) -> None:
