@@ -12,6 +12,8 @@ it: tools/lib/tree_decode.py.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -69,13 +71,29 @@ class TreeAdapter:
       self.device,
     )
     # B1's runs (one row each: it reads no tokens) and its tree, one
-    # graph per tree depth - 1.
-    self.trees = static_kv.StepGraphs(
-      self._grow_tree,
-      self._tree_example,
-      tree_runs if self.mode != "eager" and num_inputs == 1 else (),
-      self.device,
+    # graph per tree depth - 1; the deepest tree's growth compiled (fused:
+    # ~90 small kernels in eager), falling back to eager if that fails.
+    runs = tree_runs if self.mode != "eager" and num_inputs == 1 else ()
+    self._grown = max(runs, default=0)
+    self._grow = static_kv.cuda_compile(
+      tr.grow_shared, self.device, compile_step and bool(runs)
     )
+    try:
+      self.trees = static_kv.StepGraphs(
+        self._grow_tree, self._tree_example, runs, self.device
+      )
+    except Exception as e:  # noqa: BLE001 - any failure: eager growth
+      if self._grow is tr.grow_shared:
+        raise
+      warnings.warn(
+        f"TreeAdapter: compiled tree growth failed ({type(e).__name__}: "
+        f"{e}); growing eagerly",
+        stacklevel=2,
+      )
+      self._grow = tr.grow_shared
+      self.trees = static_kv.StepGraphs(
+        self._grow_tree, self._tree_example, runs, self.device
+      )
 
   def _set_compiled(self, compiled: bool) -> None:
     self._compiled = (
@@ -158,7 +176,8 @@ class TreeAdapter:
   @torch.inference_mode()
   def _grow_tree(self, positions, y, root, vals, toks):
     count = positions.shape[0]
-    return tr.grow_shared(
+    grow = self._grow if count == self._grown else tr.grow_shared
+    return grow(
       root,
       (vals, toks),
       self._chain(positions, y),
