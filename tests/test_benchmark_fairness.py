@@ -312,3 +312,30 @@ def test_timed_runs_run_without_the_garbage_collector(tmp_path, monkeypatch):
   assert gc.isenabled()
   assert "garbage collector" in (tmp_path / "bench" / "report.md").read_text()
   assert res["config"]["gc"].startswith("off")
+
+
+def test_grouped_samples_run_one_per_group_in_turn(tmp_path, monkeypatch):
+  """3 scenes of 3 questions each, file order scene by scene: a run of
+  warm-up 1 + 3 samples measures one question of 3 scenes, not 3
+  questions of one; ungrouped samples keep the file's order."""
+  lines = [
+    {"id": f"s{g}q{q}", "question": "?", "group": f"s{g}"}
+    for g in range(3)
+    for q in range(3)
+  ]
+  path = tmp_path / "samples.jsonl"
+  path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+  monkeypatch.setattr(sd_bench.bk, "load_backend", lambda *a, **k: None)
+  s = _settings(
+    tmp_path, random_models=None, target="t", samples=str(path), warmup=1
+  )
+  s.num_samples = 3
+  _, _, got = sd_bench._pair(s, "cpu", "cpu", "float32")
+  assert [x["id"] for x in got] == ["s0q0", "s1q0", "s2q0", "s0q1"]
+  path.write_text(
+    "".join(
+      json.dumps({k: x[k] for k in ("id", "question")}) + "\n" for x in lines
+    )
+  )
+  _, _, got = sd_bench._pair(s, "cpu", "cpu", "float32")
+  assert [x["id"] for x in got] == ["s0q0", "s0q1", "s0q2", "s1q0"]

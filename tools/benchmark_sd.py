@@ -88,7 +88,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     "--num_samples",
     type=int,
     default=None,
-    help="measured samples (default: all of --samples; 20 random)",
+    help="measured samples (default: all of --samples; 20 random); "
+    "samples with a `group` run one of each group in turn",
   )
   src.add_argument("--media_root", default=None, help="base of media paths")
   src.add_argument(

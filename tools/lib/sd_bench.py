@@ -172,7 +172,9 @@ def _pair(s: BenchSettings, device, ddev, dtype):
     return target, drafter, samples
   if not s.target or not s.samples:
     raise ValueError("give --target and --samples (or --random_models)")
-  samples = media.read_samples(s.samples, s.media_root)
+  samples = media.one_per_group_in_turn(
+    media.read_samples(s.samples, s.media_root)
+  )
   if s.num_samples is not None:
     samples = samples[: s.warmup + s.num_samples]
   target = bk.load_backend(s.target, device=device, dtype=dtype)
@@ -477,6 +479,8 @@ def _config(s: BenchSettings, run: _Run, methods, device, ddev, dtype, adtype):
     "order": s.order,
     "order_start": None if s.order == "fixed" else run.order_start,
     "gc": "off in timed runs, objects loaded before them frozen",
+    # Samples run one of each group in turn (media.one_per_group_in_turn).
+    "sample_order": "file order" if groups is None else "one per group in turn",
     "runs_per_sample": [x[0] for x in run.runs],
     "aa_control": s.aa_control,
     "shape_warmup": s.shape_warmup,

@@ -99,6 +99,11 @@ def _fairness_lines(results: dict) -> list[str]:
     )
   elif cfg.get("order"):
     lines.append("- run order: fixed (the listed order on every sample)")
+  if cfg.get("sample_order") == "one per group in turn":
+    lines.append(
+      "- sample order: one sample of each group in turn (a run cut short "
+      "covers as many groups as it can)"
+    )
   if cfg.get("gc"):
     lines.append(f"- Python's garbage collector: {cfg['gc']}")
   warm = results.get("shape_warmups") or []
