@@ -184,7 +184,8 @@ def _sample_flags(b) -> None:
     type=int,
     default=100,
     help="the eager runtime's samples, in its headline run and in its "
-    "all-methods run (100: 25 scenes of 4 questions)",
+    "all-methods run (samples run one of each scene in turn, so a run cut "
+    "short by its time budget still spans as many scenes as samples)",
   )
   b.add_argument(
     "--headline_samples",
