@@ -465,8 +465,9 @@ class TreeOracle(torch.nn.Module):
 
 
 class Log:
-  """Every model call as (who, slots, positions, values, reads) rows, and
-  every cache move as (who, 'move', src, dst)."""
+  """Every model call as (who, slots, positions, values, reads) rows,
+  every cache move as (who, 'move', src, dst), and an adapter's outputs
+  after its call as (who, 'out', outputs [T, D])."""
 
   def __init__(self):
     self.rows = []
@@ -568,7 +569,7 @@ class RecordingAdapter(torch.nn.Module):
     self.log.call(
       self.who, slots.tolist(), positions.tolist(), values, _reads_of(mask)
     )
-    return self.inner.static_step(
+    out = self.inner.static_step(
       *inputs,
       k_cache=k_cache,
       v_cache=v_cache,
@@ -576,6 +577,8 @@ class RecordingAdapter(torch.nn.Module):
       slots=slots,
       mask=mask,
     )
+    self.log.rows.append((self.who, "out", out[0].clone()))
+    return out
 
 
 def _check_reads(log, who, truth, same):
@@ -594,6 +597,8 @@ def _check_reads(log, who, truth, same):
     if name != who:
       if name == "target" and row[1] != "move":
         rnd += 1
+      continue
+    if row[1] == "out":
       continue
     if row[1] == "move":
       ids = [slot_of[s] for s in row[2]]
@@ -621,6 +626,29 @@ def _check_reads(log, who, truth, same):
     if who == "target":
       rnd += 1
   assert calls > 0, who
+
+
+def _check_runs_fed_back(log, who, head):
+  """B1's runs (one row each) are fed, each, exactly the last output of
+  the call before it in the round: the catch-up's, then each run's; and
+  the tree the target verifies next has as node 1 the token `head` (the
+  LM head [V, D]) ranks first from the catch-up's last output."""
+  prev, first, runs = None, None, 0
+  for row in log.rows:
+    if row[0] == "target" and row[1] != "move":
+      if first is not None and len(row[3]) > 1:
+        assert row[3][1] == first, (who, "node 1 is not the catch-up's top")
+      prev = first = None
+    elif row[0] == who and row[1] == "out":
+      if prev is None:
+        first = int((head.detach() @ row[2][-1]).argmax())
+      prev = row[2][-1]
+    elif row[0] == who and row[1] != "move":
+      if prev is not None:
+        assert len(row[1]) == 1, (who, "a run of more than one row")
+        assert torch.equal(row[3][0][-1], prev), (who, row[2])
+        runs += 1
+  assert runs > 0, who
 
 
 def _close(a, b):
@@ -727,6 +755,8 @@ def test_trees_are_lossless_and_feed_each_model_only_its_path(
       streams = {"source": h_d, "target": h_t}
       states = [[streams[x][p] for x in spec.inputs] for p in range(len(base))]
       _check_reads(log, name, states, _close)
+      if spec.inputs == ("target",):
+        _check_runs_fed_back(log, name, models.target.lm_head_weight())
       assert r.accepted > 0, m
       partial[m] = partial.get(m, 0) + sum(
         0 < acc < cfg.options["tree_depth"]

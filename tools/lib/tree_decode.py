@@ -130,22 +130,21 @@ class TreeProposer:
       srcs = self.d.states[p0:n]
     if "target" in self.inputs:
       tgts = self.t.states[p0:n]
+    args = self._args(srcs, tgts)
+    self.fed = n
+    if self.width == 1 and depth >= 2:  # B1: its runs read no tokens
+      with self.timer.span(
+        f"tree_adapter:{self.a.name}", self.a.device, units=n - p0 + depth - 1
+      ):
+        root = self.t.tokens_dev[n - 1 : n].to(self.a.device)
+        tree = self.steps.draft_tree(args, p0, depth - 1, root)
+      self.tree = tree.to(self.t.device)
+      return self.tree
     with self.timer.span(
       f"tree_adapter:{self.a.name}", self.a.device, units=n - p0
     ):
-      y, vals, toks = self.steps.catch_up(self._args(srcs, tgts), p0)
-    self.fed = n
+      y, vals, toks = self.steps.catch_up(args, p0)
     self.n, self.y, self.last = n, y[-1:], tokens[-1]
-    if self.width == 1 and depth >= 2:  # B1: its runs read no tokens
-      with self.timer.span(
-        f"tree_adapter:{self.a.name}", self.a.device, units=depth - 1
-      ):
-        root = self.t.tokens_dev[n - 1 : n].to(self.a.device)
-        tree = self.steps.grow_tree(
-          self.y, n, depth - 1, root, (vals[-1], toks[-1])
-        )
-      self.tree = tree.to(self.t.device)
-      return self.tree
     self.tree = tr.grow(
       tokens[-1],
       (vals[-1], toks[-1]),

@@ -73,8 +73,8 @@ class TreeAdapter:
     # B1's runs (one row each: it reads no tokens) and its tree, one
     # graph per tree depth - 1; the deepest tree's growth compiled (fused:
     # ~90 small kernels in eager), falling back to eager if that fails.
-    runs = tree_runs if self.mode != "eager" and num_inputs == 1 else ()
-    self._grown = max(runs, default=0)
+    self._grown = max(tree_runs, default=0) if num_inputs == 1 else 0
+    runs = tree_runs if self.mode != "eager" and self._grown else ()
     self._grow = static_kv.cuda_compile(
       tr.grow_shared, self.device, compile_step and bool(runs)
     )
@@ -94,6 +94,14 @@ class TreeAdapter:
       self.trees = static_kv.StepGraphs(
         self._grow_tree, self._tree_example, runs, self.device
       )
+    # The deepest tree with the catch-up before it, one graph per catch-up
+    # length (1 .. the tree's depth + 1 accepted tokens).
+    self.drafts = static_kv.StepGraphs(
+      self._draft_tree,
+      self._draft_example,
+      range(1, self._grown + 3) if runs else (),
+      self.device,
+    )
 
   def _set_compiled(self, compiled: bool) -> None:
     self._compiled = (
@@ -199,6 +207,44 @@ class TreeAdapter:
     )
     size = tr.tree_size(count + 1, self.topk, self.nodes)
     return tr.from_packed(packed, size, count + 1)
+
+  def _draft_example(self, steps: int) -> tuple:
+    count = self._grown
+    start = self.max_len - steps - count
+    return (
+      torch.full((1,), start, device=self.device),
+      self.keys[start + steps :].clone(),
+      torch.zeros(1, dtype=torch.long, device=self.device),
+    ) + self._example(steps)[3:]
+
+  @torch.inference_mode()
+  def _draft_tree(self, start, positions, root, *inputs):
+    y, vals, toks = self._catch_up(start, *inputs)
+    return self._grow_tree(
+      positions, y[-1:].reshape(1, 1, -1), root, vals[-1], toks[-1]
+    )
+
+  def draft_tree(self, inputs, start: int, count: int, root) -> tr.Tree:
+    """`catch_up(inputs, start)` then `grow_tree` on its last output:
+    B1's tree of depth count + 1 after the T = inputs' length true inputs
+    at positions start..; one graph on CUDA for the deepest tree."""
+    steps = inputs[0].shape[1]
+    if count != self._grown:
+      y, vals, toks = self.catch_up(inputs, start)
+      return self.grow_tree(
+        y[-1:], start + steps, count, root, (vals[-1], toks[-1])
+      )
+    first = start + steps
+    packed = self.drafts(
+      steps,
+      int(start),
+      self.keys[first : first + count],
+      root.reshape(1),
+      *inputs,
+    )
+    return tr.from_packed(
+      packed, tr.tree_size(count + 1, self.topk, self.nodes), count + 1
+    )
 
   def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copies the K/V entries at slots `src` to slots `dst`."""
