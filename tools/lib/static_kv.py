@@ -509,8 +509,10 @@ class StaticAdapter:
   adapter reads) at positions position..; returns (last output [1, 1, D],
   its argmax token [1]). Rollback: a smaller position at the next step.
   An adapter that reads only its own outputs while drafting (B1,
-  `self_fed`) has `chain(y, position, count)`: `count` one-position steps
-  in one call, a graph per count in `chains`.
+  `self_fed`) has `draft(inputs, position, count)`: the step, then `count`
+  one-position steps each fed the one before's output, in one call: a
+  graph per count in `chains` after the step's, and one per input length
+  in `lengths` for the whole of the longest chain's.
   """
 
   def __init__(
@@ -538,10 +540,19 @@ class StaticAdapter:
     self._compiled = None
     self.graphs = capture_steps(self, lengths, compile_step)
     self.self_fed = self_fed
+    chains = set(chains) if self_fed else set()
+    self._longest = max(chains, default=0)
+    captured = self.mode != "eager"
     self.chains = StepGraphs(
       self._chain,
       self._chain_example,
-      chains if self_fed and self.mode != "eager" else (),
+      chains if captured else (),
+      self.device,
+    )
+    self.drafts = StepGraphs(
+      self._draft,
+      self._draft_example,
+      lengths if captured and self._longest else (),
       self.device,
     )
 
@@ -597,18 +608,36 @@ class StaticAdapter:
       tokens.append(tok)
     return torch.cat(tokens)
 
-  def chain(self, y: torch.Tensor, position: int, count: int):
-    """`count` steps at positions position.., the first fed y [1, 1, D],
-    each later one the step before's output; their tokens [count]."""
+  def _draft_example(self, steps: int) -> tuple:
+    example = self._example(steps + self._longest)
+    return (example[0],) + tuple(x[:, :steps] for x in example[1:])
+
+  @torch.inference_mode()
+  def _draft(self, start: torch.Tensor, *inputs: torch.Tensor):
+    y, tok = self._forward(start, *inputs)
+    first = start + inputs[0].shape[1]
+    rest = self._chain(first + self.positions[: self._longest], y)
+    return torch.cat([tok, rest])
+
+  def draft(self, inputs: Sequence[torch.Tensor], position: int, count: int):
+    """`step(inputs, position)`, then `count` steps at the positions after
+    it, the first fed the step's output, each later one the output before;
+    the 1 + count tokens [1 + count]."""
     if not self.self_fed:
-      raise ValueError("chain: the adapter reads more than its own outputs")
-    if position + count > self.max_len:
+      raise ValueError("draft: the adapter reads more than its own outputs")
+    steps = inputs[0].shape[1]
+    first = position + steps
+    if first + count > self.max_len:
       raise ValueError(
-        f"adapter positions up to {position + count} exceed {self.max_len}"
+        f"adapter positions up to {first + count} exceed {self.max_len}"
       )
-    return self.chains(
-      count, self.positions[position : position + count], y.to(self.dtype)
+    if count == self._longest:
+      return self.drafts(steps, int(position), *inputs)
+    y, tok = self.step(inputs, position)
+    rest = self.chains(
+      count, self.positions[first : first + count], y.to(self.dtype)
     )
+    return torch.cat([tok, rest])
 
 
 def move_slots(buffers, src: torch.Tensor, dst: torch.Tensor) -> None:
