@@ -317,7 +317,8 @@ def test_timed_runs_run_without_the_garbage_collector(tmp_path, monkeypatch):
 def test_grouped_samples_run_one_per_group_in_turn(tmp_path, monkeypatch):
   """3 scenes of 3 questions each, file order scene by scene: a run of
   warm-up 1 + 3 samples measures one question of 3 scenes, not 3
-  questions of one; ungrouped samples keep the file's order."""
+  questions of one, and 3 question types, not one (scene i starts at its
+  question i); ungrouped samples keep the file's order."""
   lines = [
     {"id": f"s{g}q{q}", "question": "?", "group": f"s{g}"}
     for g in range(3)
@@ -331,7 +332,7 @@ def test_grouped_samples_run_one_per_group_in_turn(tmp_path, monkeypatch):
   )
   s.num_samples = 3
   _, _, got = sd_bench._pair(s, "cpu", "cpu", "float32")
-  assert [x["id"] for x in got] == ["s0q0", "s1q0", "s2q0", "s0q1"]
+  assert [x["id"] for x in got] == ["s0q0", "s1q1", "s2q2", "s0q1"]
   path.write_text(
     "".join(
       json.dumps({k: x[k] for k in ("id", "question")}) + "\n" for x in lines

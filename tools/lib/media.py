@@ -163,17 +163,22 @@ def read_samples(path: str, media_root: str | None = None) -> list[dict]:
 
 def one_per_group_in_turn(samples: list[dict]) -> list[dict]:
   """The samples reordered so each round takes the next sample of every
-  group (groups in order of first appearance, file order within a group):
-  a run cut short by its sample count or time budget covers as many groups,
-  the units its CIs resample, as it can. Ungrouped samples keep their
-  order."""
+  group, groups in order of first appearance: a run cut short by its
+  sample count or time budget covers as many groups, the units its CIs
+  resample, as it can. Group i starts at its (i mod size)-th sample (file
+  order, wrapping), so the first round mixes the questions as the file
+  does (a scene's questions come in a fixed order of types). Ungrouped
+  samples keep their order."""
   groups: dict[str, list[dict]] = {}
   for x in samples:
     if "group" not in x:
       return list(samples)
     groups.setdefault(x["group"], []).append(x)
-  rounds = max((len(g) for g in groups.values()), default=0)
-  return [g[r] for r in range(rounds) for g in groups.values() if r < len(g)]
+  turns = [
+    g[i % len(g) :] + g[: i % len(g)] for i, g in enumerate(groups.values())
+  ]
+  rounds = max((len(g) for g in turns), default=0)
+  return [g[r] for r in range(rounds) for g in turns if r < len(g)]
 
 
 def role_view(sample: dict, role: str) -> dict:
