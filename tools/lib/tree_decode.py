@@ -302,21 +302,26 @@ def verify(target, tree: tr.Tree):
   return h, g
 
 
-def keep_path(target, path: list[int], start: int, moves=None) -> None:
+def keep_path(target, path: list[int], start: int, moves=None, defer=False):
   """The target's cache keeps the prefix, the root and the accepted path
-  (`moves`: the path's (src, dst) slots on the device, if made already)."""
+  (`moves`: the path's (src, dst) slots on the device, if made already).
+  With `defer`, the static cache's moves are returned, not made (None if
+  there are none): the caller makes them before the target's next call."""
   src, dst = tr.path_moves(path)
   keep = start + len(path)
+  target.length = keep
   if target.lm is not None:
     if src:
       if moves is None:
         moves = _path_indices(path, 0, start, target.device)[1]
+      if defer:
+        return moves
       target.lm.move_entries(*moves)
   else:
     target.cache = tr.move_cache_entries(
       target.cache, [start + s for s in src], [start + d for d in dst], keep
     )
-  target.length = keep
+  return None
 
 
 def _path_indices(path, count: int, start: int, device):
@@ -324,8 +329,9 @@ def _path_indices(path, count: int, start: int, device):
   and greedy tokens are kept) and the target's cache moves (src, dst)."""
   src, dst = tr.path_moves(path)
   idx = torch.tensor(
-    path[:count] + [start + x for x in src + dst], device=device
-  )
+    path[:count] + [start + x for x in src + dst],
+    pin_memory=torch.device(device).type == "cuda",
+  ).to(device, non_blocking=True)  # no host wait
   return idx[:count], idx[count:].view(2, -1)
 
 
@@ -334,6 +340,7 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
   tokens = [y0]
   m = cfg.max_new_tokens
   done = y0 in eos or m == 1
+  moves = None  # the target's cache moves of the last accepted path
   while not done:
     n = len(tokens)
     budget = m - n - 1  # tree depth that can still be followed by a token
@@ -348,6 +355,8 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
       tree = proposer.propose(tokens, budget)
     else:
       tree = tr.chain_tree(root, None)
+    if moves is not None:  # made once the drafting is under way
+      target.lm.move_entries(*moves)
     start = target.length
     h, g = verify(target, tree)
     k = tree.size - 1
@@ -375,15 +384,15 @@ def decode_loop(target, y0, cfg, eos, result, first, proposer) -> list[int]:
     if len(new) > m - n:
       raise AssertionError("budget overrun")  # depth <= m - n - 1
     idx, moves = _path_indices(path, len(new), start, target.device)
-    target.states[n : n + len(new)] = h[idx]
-    target.tokens_dev[n : n + len(new)] = g[idx]
+    torch.index_select(h, 0, idx, out=target.states[n : n + len(new)])
+    torch.index_select(g, 0, idx, out=target.tokens_dev[n : n + len(new)])
     tokens.extend(new)
     result.count(phase, k, min(len(path) - 1, len(new)))
     if len(tokens) >= m:
       done = True
     if done:
       break
-    keep_path(target, path, start, moves)
+    moves = keep_path(target, path, start, moves, defer=True)
     if phase == "decode" and proposer is not None and not tree.chain:
       proposer.after_verify(tokens, n, path, runs, depths)
   return tokens

@@ -209,17 +209,16 @@ class TreeAdapter:
     return tr.from_packed(packed, size, count + 1)
 
   def _draft_example(self, steps: int) -> tuple:
-    count = self._grown
-    start = self.max_len - steps - count
+    start = self.max_len - steps - self._grown
     return (
       torch.full((1,), start, device=self.device),
-      self.keys[start + steps :].clone(),
       torch.zeros(1, dtype=torch.long, device=self.device),
     ) + self._example(steps)[3:]
 
   @torch.inference_mode()
-  def _draft_tree(self, start, positions, root, *inputs):
+  def _draft_tree(self, start, root, *inputs):
     y, vals, toks = self._catch_up(start, *inputs)
+    positions = start + inputs[0].shape[1] + self.keys[: self._grown]
     return self._grow_tree(
       positions, y[-1:].reshape(1, 1, -1), root, vals[-1], toks[-1]
     )
@@ -229,19 +228,16 @@ class TreeAdapter:
     B1's tree of depth count + 1 after the T = inputs' length true inputs
     at positions start..; one graph on CUDA for the deepest tree."""
     steps = inputs[0].shape[1]
+    if start + steps + count > self.max_len:
+      raise ValueError(
+        f"adapter positions up to {start + steps + count} exceed {self.max_len}"
+      )
     if count != self._grown:
       y, vals, toks = self.catch_up(inputs, start)
       return self.grow_tree(
         y[-1:], start + steps, count, root, (vals[-1], toks[-1])
       )
-    first = start + steps
-    packed = self.drafts(
-      steps,
-      int(start),
-      self.keys[first : first + count],
-      root.reshape(1),
-      *inputs,
-    )
+    packed = self.drafts(steps, int(start), root.reshape(1), *inputs)
     return tr.from_packed(
       packed, tr.tree_size(count + 1, self.topk, self.nodes), count + 1
     )
