@@ -200,7 +200,8 @@ def test_cost_model_uses_measured_tau():
 
 def test_tree_adapter_calls_count_as_drafting_not_as_chain_steps():
   """A tree's adapter calls (B1's chain of 5 runs is one call) are drafting
-  time, never the chain's per-step cost the report quotes."""
+  time, never the chain's per-step cost the report quotes; that cost is per
+  position (a chain's call covers its catch-up and all its steps)."""
 
   def rec(phases, decode_ms):
     spans = {k: {"ms": ms, "units": u, "calls": c} for k, (ms, u, c) in phases}
@@ -214,7 +215,7 @@ def test_tree_adapter_calls_count_as_drafting_not_as_chain_steps():
     }
 
   chain = rec(
-    [("target_verify[6]", (2.0, 12, 2)), ("adapter:b1", (1.0, 10, 10))], 4.0
+    [("target_verify[6]", (2.0, 12, 2)), ("adapter:b1", (1.0, 10, 2))], 4.0
   )
   tree = rec(
     [

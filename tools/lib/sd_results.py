@@ -244,9 +244,11 @@ def costs_block(per_sample: dict, methods: list[str], gamma: int) -> dict:
       if k.startswith("adapter:")
     }
     for a in names:
+      # Per position: B1's catch-up and chain are one call of T + γ - 1.
       adapter_step[a] = _span_rate(
         [r for mm in methods for r in ok[mm]],
         lambda k, a=a: k == f"adapter:{a}",
+        per="units",
       )
   prefill_adapter: dict[str, float] = {}
   for m in methods:
