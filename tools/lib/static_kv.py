@@ -510,9 +510,10 @@ class StaticAdapter:
   its argmax token [1]). Rollback: a smaller position at the next step.
   An adapter that reads only its own outputs while drafting (B1,
   `self_fed`) has `draft(inputs, position, count)`: the step, then `count`
-  one-position steps each fed the one before's output, in one call: a
-  graph per count in `chains` after the step's, and one per input length
-  in `lengths` for the whole of the longest chain's.
+  one-position steps, each fed the one before's output, as one call. On
+  CUDA the longest chain (the largest of `chains`) and its step are one
+  graph per input length in `lengths`; a shorter chain is one graph per
+  count, after the step's own.
   """
 
   def __init__(
