@@ -734,7 +734,7 @@ def test_static_lm_rollback_never_reads_stale_entries(target_model):
 
 
 def test_static_adapter_rollback_never_reads_stale_entries():
-  from tools.lib import static_kv
+  from tools.lib import adapter_steps
 
   for kind in ("b1", "l5f"):
     ad = _adapter(kind, alpha=1.0)
@@ -742,7 +742,7 @@ def test_static_adapter_rollback_never_reads_stale_entries():
     n_in = len(get_spec(kind).inputs)
     xs = [torch.randn(1, 6, D) for _ in range(n_in)]
     with torch.inference_mode():
-      sa = static_kv.StaticAdapter(
+      sa = adapter_steps.StaticAdapter(
         ad.module, w, n_in, 16, device="cpu", dtype=torch.float32
       )
       sa.step([x[:, :4] for x in xs], 0)

@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from egpt_align.models import get_spec  # noqa: E402
+from tools.lib import adapter_steps, static_kv, tree_decode, tree_steps  # noqa: E402
 from tools.lib import sd_engine as sd  # noqa: E402
-from tools.lib import static_kv, tree_decode, tree_steps  # noqa: E402
 from tools.lib import tree as tr  # noqa: E402
 from tools.lib.backends import cache_length  # noqa: E402
 from tools.lib.random_models import TokenPromptBackend, random_llama  # noqa: E402
@@ -397,7 +397,7 @@ def test_b1_tree_runs_are_its_chain_drafts():
   head = torch.randn(V, D)
   kw = {"device": "cpu", "dtype": torch.float32}
   ta = tree_steps.TreeAdapter(module, head, 1, 32, topk=3, vocab=None, **kw)
-  sa = static_kv.StaticAdapter(module, head, 1, 32, **kw)
+  sa = adapter_steps.StaticAdapter(module, head, 1, 32, **kw)
   xs = torch.randn(1, 5, D)
   with torch.inference_mode():
     pos = ta.keys[:5]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from egpt_align.models import ADAPTERS, AdapterSpec
-from tools.lib import static_kv
+from tools.lib import adapter_steps, static_kv
 from tools.lib.backends import Backend, cache_length, crop_cache
 from tools.lib.sd_overlap import overlapped
 from tools.lib.sd_timing import Timer
@@ -400,7 +400,7 @@ class Models:
       )
       return None
     cap = getattr(adapter.module, "max_seq_len", needed)
-    sa = static_kv.StaticAdapter(
+    sa = adapter_steps.StaticAdapter(
       adapter.module,
       self.head_on(adapter.device),
       len(adapter.spec.inputs),

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tools.lib import static_kv
+from tools.lib import adapter_steps
 from tools.lib.sd_models import (
   Adapter,
   Drafter,
@@ -94,7 +94,7 @@ class AdapterProposer:
     lm_head: torch.Tensor,
     timer: Timer,
     max_len: int,
-    static: static_kv.StaticAdapter | None = None,
+    static: adapter_steps.StaticAdapter | None = None,
   ):
     self.a = adapter
     self.t = target

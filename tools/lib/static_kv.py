@@ -29,9 +29,8 @@ Python per kernel. On CUDA the per-layer computation is also compiled with
 every layer of every model of that shape). Lengths without a graph, and CPU,
 run the same function eagerly.
 
-`StaticAdapter` does the same for a decode adapter (L5 / B1 / L5F): its
-cached step and the target's LM head + argmax in one captured graph per T
-(the one-position step, every drafting step after the first, compiled).
+A decode adapter's steps use the same machinery: tools/lib/adapter_steps.py
+(chains), tools/lib/tree_steps.py (draft trees).
 
 A capture or compilation that fails falls back (with a warning) to graphs
 of eager steps, then to eager steps; `mode` says which one runs.
@@ -500,145 +499,6 @@ class StaticLM:
         f"positions up to {position + steps} exceed max_len {self.max_len}"
       )
     return self.graphs(steps, ids.to(self.device), int(position))
-
-
-class StaticAdapter:
-  """A decode adapter's cached step + LM head + argmax on static buffers.
-
-  `step(inputs, position)` decodes [1, T, D] inputs (one per stream the
-  adapter reads) at positions position..; returns (last output [1, 1, D],
-  its argmax token [1]). Rollback: a smaller position at the next step.
-  An adapter that reads only its own outputs while drafting (B1,
-  `self_fed`) has `draft(inputs, position, count)`: the step, then `count`
-  one-position steps, each fed the one before's output, as one call. On
-  CUDA the longest chain (the largest of `chains`) and its step are one
-  graph per input length in `lengths`; a shorter chain is one graph per
-  count, after the step's own.
-  """
-
-  def __init__(
-    self,
-    module: torch.nn.Module,
-    lm_head: torch.Tensor,
-    num_inputs: int,
-    max_len: int,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    lengths: Iterable[int] = (),
-    self_fed: bool = False,
-    chains: Iterable[int] = (),
-    compile_step: bool = True,
-  ):
-    self.module = module
-    self.lm_head = lm_head.detach()
-    self.num_inputs = num_inputs
-    self.device, self.dtype = torch.device(device), dtype
-    self.k, self.v = module.static_cache(max_len, device, dtype)
-    self.max_len = int(max_len)
-    self.positions = torch.arange(self.max_len, device=self.device)
-    self.mode = "eager"
-    self._compiled = None
-    self.graphs = capture_steps(self, lengths, compile_step)
-    self.self_fed = self_fed
-    chains = set(chains) if self_fed else set()
-    self._longest = max(chains, default=0)
-    captured = self.mode != "eager"
-    self.chains = StepGraphs(
-      self._chain,
-      self._chain_example,
-      chains if captured else (),
-      self.device,
-    )
-    self.drafts = StepGraphs(
-      self._draft,
-      self._draft_example,
-      lengths if captured and self._longest else (),
-      self.device,
-    )
-
-  def _set_compiled(self, compiled: bool) -> None:
-    # Only the one-position step (all drafting steps but the catch-up) is
-    # compiled: one compilation per adapter.
-    self._compiled = (
-      cuda_compile(self._step, self.device, True) if compiled else None
-    )
-
-  def _example(self, steps: int) -> tuple:
-    dim = self.k.shape[2] * self.k.shape[4]
-    x = torch.zeros((1, steps, dim), dtype=self.dtype, device=self.device)
-    start = torch.full((1,), self.max_len - steps, device=self.device)
-    return (start,) + tuple(x.clone() for _ in range(self.num_inputs))
-
-  @torch.inference_mode()
-  def _forward(self, start: torch.Tensor, *inputs: torch.Tensor):
-    if self._compiled is not None and inputs[0].shape[1] == 1:
-      return self._compiled(start, *inputs)
-    return self._step(start, *inputs)
-
-  def _step(self, start: torch.Tensor, *inputs: torch.Tensor):
-    pos = start + self.positions[: inputs[0].shape[1]]
-    y = self.module.static_step(
-      *inputs, k_cache=self.k, v_cache=self.v, positions=pos
-    )
-    y = y[:, -1:]
-    logits = F.linear(y[0].to(self.lm_head.dtype), self.lm_head)
-    return y, logits.argmax(-1)
-
-  def step(self, inputs: Sequence[torch.Tensor], position: int):
-    steps = inputs[0].shape[1]
-    if position + steps > self.max_len:
-      raise ValueError(
-        f"adapter positions up to {position + steps} exceed {self.max_len}"
-      )
-    return self.graphs(steps, int(position), *inputs)
-
-  def _chain_example(self, count: int) -> tuple:
-    y = torch.zeros(
-      (1, 1, self.k.shape[2] * self.k.shape[4]),
-      dtype=self.dtype,
-      device=self.device,
-    )
-    return (self.positions[self.max_len - count :].clone(), y)
-
-  @torch.inference_mode()
-  def _chain(self, positions: torch.Tensor, y: torch.Tensor):
-    tokens = []
-    for r in range(positions.shape[0]):
-      y, tok = self._forward(positions[r : r + 1], y)
-      tokens.append(tok)
-    return torch.cat(tokens)
-
-  def _draft_example(self, steps: int) -> tuple:
-    example = self._example(steps + self._longest)
-    return (example[0],) + tuple(x[:, :steps] for x in example[1:])
-
-  @torch.inference_mode()
-  def _draft(self, start: torch.Tensor, *inputs: torch.Tensor):
-    y, tok = self._forward(start, *inputs)
-    first = start + inputs[0].shape[1]
-    rest = self._chain(first + self.positions[: self._longest], y)
-    return torch.cat([tok, rest])
-
-  def draft(self, inputs: Sequence[torch.Tensor], position: int, count: int):
-    """`step(inputs, position)`, then `count` steps at the positions after
-    it, the first fed the step's output, each later one the output before;
-    the 1 + count tokens [1 + count]."""
-    if not self.self_fed:
-      raise ValueError("draft: the adapter reads more than its own outputs")
-    steps = inputs[0].shape[1]
-    first = position + steps
-    if first + count > self.max_len:
-      raise ValueError(
-        f"adapter positions up to {first + count} exceed {self.max_len}"
-      )
-    if count == self._longest:
-      return self.drafts(steps, int(position), *inputs)
-    y, tok = self.step(inputs, position)
-    rest = self.chains(
-      count, self.positions[first : first + count], y.to(self.dtype)
-    )
-    return torch.cat([tok, rest])
 
 
 def move_slots(buffers, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -40,8 +40,8 @@ import time
 import torch
 
 from egpt_align.data.format import write_json_atomic
+from tools.lib import adapter_steps, static_kv, twins
 from tools.lib import backends as bk
-from tools.lib import static_kv, twins
 from tools.scenes import models, text, world
 from tools.scenes import pair as pair_lib
 
@@ -161,7 +161,7 @@ def fast_b1_ms(hidden: int, lm_head, repeats: int) -> tuple[float, str]:
   device, dtype = lm_head.device, lm_head.dtype
   adapter = _b1(hidden, device, dtype)
   length = static_kv.static_length(B1_POSITION + 1)
-  step = static_kv.StaticAdapter(
+  step = adapter_steps.StaticAdapter(
     adapter,
     lm_head,
     1,
