@@ -19,7 +19,25 @@ import torch.nn.functional as F
 from tools.lib.static_kv import StepGraphs, capture_steps, cuda_compile
 
 
-class StaticAdapter:
+class AdapterBuffers:
+  """A decode adapter on static buffers: its module, its KV cache
+  [layers, 1, heads, max_len, head_dim] (`k`, `v`), the target's LM head,
+  the cache's positions 0..max_len-1 (`keys`), and the capture mode the
+  subclass's steps run in (`mode`)."""
+
+  def __init__(self, module, lm_head, num_inputs, max_len, device, dtype):
+    self.module = module
+    self.lm_head = lm_head.detach()
+    self.num_inputs = num_inputs
+    self.device, self.dtype = torch.device(device), dtype
+    self.k, self.v = module.static_cache(max_len, device, dtype)
+    self.max_len = int(max_len)
+    self.keys = torch.arange(self.max_len, device=self.device)
+    self.mode = "eager"
+    self._compiled = None
+
+
+class StaticAdapter(AdapterBuffers):
   """A decode adapter's cached step + LM head + argmax on static buffers.
 
   `step(inputs, position)` decodes [1, T, D] inputs (one per stream the
@@ -47,15 +65,7 @@ class StaticAdapter:
     chains: Iterable[int] = (),
     compile_step: bool = True,
   ):
-    self.module = module
-    self.lm_head = lm_head.detach()
-    self.num_inputs = num_inputs
-    self.device, self.dtype = torch.device(device), dtype
-    self.k, self.v = module.static_cache(max_len, device, dtype)
-    self.max_len = int(max_len)
-    self.positions = torch.arange(self.max_len, device=self.device)
-    self.mode = "eager"
-    self._compiled = None
+    super().__init__(module, lm_head, num_inputs, max_len, device, dtype)
     self.graphs = capture_steps(self, lengths, compile_step)
     self.self_fed = self_fed
     chains = set(chains) if self_fed else set()
@@ -94,7 +104,7 @@ class StaticAdapter:
     return self._step(start, *inputs)
 
   def _step(self, start: torch.Tensor, *inputs: torch.Tensor):
-    pos = start + self.positions[: inputs[0].shape[1]]
+    pos = start + self.keys[: inputs[0].shape[1]]
     y = self.module.static_step(
       *inputs, k_cache=self.k, v_cache=self.v, positions=pos
     )
@@ -116,7 +126,7 @@ class StaticAdapter:
       dtype=self.dtype,
       device=self.device,
     )
-    return (self.positions[self.max_len - count :].clone(), y)
+    return (self.keys[self.max_len - count :].clone(), y)
 
   @torch.inference_mode()
   def _chain(self, positions: torch.Tensor, y: torch.Tensor):
@@ -134,7 +144,7 @@ class StaticAdapter:
   def _draft(self, start: torch.Tensor, *inputs: torch.Tensor):
     y, tok = self._forward(start, *inputs)
     first = start + inputs[0].shape[1]
-    rest = self._chain(first + self.positions[: self._longest], y)
+    rest = self._chain(first + self.keys[: self._longest], y)
     return torch.cat([tok, rest])
 
   def draft(self, inputs: Sequence[torch.Tensor], position: int, count: int):
@@ -153,6 +163,6 @@ class StaticAdapter:
       return self.drafts(steps, int(position), *inputs)
     y, tok = self.step(inputs, position)
     rest = self.chains(
-      count, self.positions[first : first + count], y.to(self.dtype)
+      count, self.keys[first : first + count], y.to(self.dtype)
     )
     return torch.cat([tok, rest])

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from tools.lib import static_kv
 from tools.lib import tree as tr
+from tools.lib.adapter_steps import AdapterBuffers
 
 
-class TreeAdapter:
+class TreeAdapter(AdapterBuffers):
   """A decode adapter's tree steps on static buffers, top-k log-probs out.
 
   `step(inputs, slots, positions, allowed)` decodes [1, T, D] inputs into
@@ -51,16 +52,8 @@ class TreeAdapter:
     nodes: int = 0,
     compile_step: bool = True,
   ):
-    self.module = module
-    self.lm_head = lm_head.detach()
-    self.num_inputs = num_inputs
+    super().__init__(module, lm_head, num_inputs, max_len, device, dtype)
     self.topk, self.vocab, self.nodes = topk, vocab, nodes
-    self.device, self.dtype = torch.device(device), dtype
-    self.k, self.v = module.static_cache(max_len, device, dtype)
-    self.max_len = int(max_len)
-    self.keys = torch.arange(self.max_len, device=self.device)
-    self.mode = "eager"
-    self._compiled = None
     self.graphs = static_kv.capture_steps(self, lengths, compile_step)
     # Catch-up runs (true inputs at positions start..), slots, positions
     # and causal mask made in-graph.
