@@ -258,10 +258,30 @@ def test_device_growth_makes_the_host_growths_tree_ties_included():
     assert torch.equal(dev, host.packed), (topk, depth, nodes)
 
 
+class _Replay:
+  """A captured CUDA graph stood in for on CPU: `replay` runs the captured
+  function again on its static inputs and writes what it returns into the
+  captured outputs (a tensor or a tuple), as a graph replay would."""
+
+  def __init__(self, fn, static, out):
+    self.fn, self.static, self.out = fn, static, out
+    self.calls = 0
+
+  def replay(self):
+    def parts(v):
+      return (v,) if torch.is_tensor(v) else v
+
+    self.calls += 1
+    with torch.inference_mode():
+      new = self.fn(*self.static)
+      for o, n in zip(parts(self.out), parts(new), strict=True):
+        o.copy_(n)
+
+
 def test_a_replayed_step_returns_what_its_function_returns():
   """StepGraphs hands back a replay's outputs as the function returns
   them: a tensor (B1's packed tree) or a tuple. No CUDA here, so the
-  captured entry is stood in for: `replay` recomputes into the outputs."""
+  captured entry is stood in for (`_Replay`)."""
 
   def packed_tree(x):
     return torch.cat([x, x + 1])
@@ -273,16 +293,7 @@ def test_a_replayed_step_returns_what_its_function_returns():
     graphs = static_kv.StepGraphs(fn, None, (), "cpu")
     static = (torch.zeros(3),)
     out = fn(*static)
-
-    class Replay:
-      def replay(self, fn=fn, static=static, out=out):
-        def parts(v):
-          return (v,) if torch.is_tensor(v) else v
-
-        for o, n in zip(parts(out), parts(fn(*static)), strict=True):
-          o.copy_(n)
-
-    graphs.graphs[3] = (Replay(), static, out)
+    graphs.graphs[3] = (_Replay(fn, static, out), static, out)
     x = torch.arange(3.0)
     got, want = graphs(3, x), fn(x)
     assert type(got) is type(want)
@@ -472,12 +483,19 @@ class Log:
   def __init__(self):
     self.rows = []
     self.owner = {}  # id(cache object) -> who
+    self.paused = False  # while a graph is captured (`_replayed_graphs`)
 
   def call(self, who, slots, positions, values, reads):
-    self.rows.append((who, list(slots), list(positions), values, reads))
+    if not self.paused:
+      self.rows.append((who, list(slots), list(positions), values, reads))
 
   def move(self, who, src, dst):
-    self.rows.append((who, "move", list(src), list(dst)))
+    if not self.paused:
+      self.rows.append((who, "move", list(src), list(dst)))
+
+  def out(self, who, outputs):
+    if not self.paused:
+      self.rows.append((who, "out", outputs))
 
 
 def _reads_of(allowed):
@@ -577,7 +595,7 @@ class RecordingAdapter(torch.nn.Module):
       slots=slots,
       mask=mask,
     )
-    self.log.rows.append((self.who, "out", out[0].clone()))
+    self.log.out(self.who, out[0].clone())
     return out
 
 
@@ -629,10 +647,11 @@ def _check_reads(log, who, truth, same):
 
 
 def _check_runs_fed_back(log, who, head):
-  """B1's runs (one row each) are fed, each, exactly the last output of
-  the call before it in the round: the catch-up's, then each run's; and
-  the tree the target verifies next has as node 1 the token `head` (the
-  LM head [V, D]) ranks first from the catch-up's last output."""
+  """B1's runs (a tree's or a chain's steps, one row each) are fed, each,
+  exactly the last output of the call before it in the round: the
+  catch-up's, then each run's; and what the target verifies next (a tree
+  or a chain) has as node 1 the token `head` (the LM head [V, D]) ranks
+  first from the catch-up's last output."""
   prev, first, runs = None, None, 0
   for row in log.rows:
     if row[0] == "target" and row[1] != "move":
@@ -879,3 +898,79 @@ def test_benchmark_cli_runs_tree_methods(tmp_path):
   assert "- target tree verify: " in report and "7 tokens" in report
   bad = argv[:-4] + ["--tree_nodes=99"] + argv[-4:]
   assert bench.main(bad) == 2
+
+
+def _replayed_graphs(monkeypatch, log):
+  """Every static step object in graph mode on CPU: each length it would
+  capture on CUDA is 'captured' from its example inputs (not logged) and
+  stood in for by a `_Replay`, so the CUDA path's input copies into the
+  captured buffers, its replays and its read-backs run here. Returns the
+  replays."""
+  replays = []
+
+  class Graphs(static_kv.StepGraphs):
+    def __init__(self, fn, example, lengths, device):
+      self.fn, self.example = fn, example
+      self.device = torch.device(device)
+      self.graphs = {}
+      paused, log.paused = log.paused, True  # captures may nest
+      try:
+        for steps in sorted(set(lengths)):
+          static = example(steps)
+          with torch.inference_mode():
+            out = fn(*static)
+          replays.append(_Replay(fn, static, out))
+          self.graphs[steps] = (replays[-1], static, out)
+      finally:
+        log.paused = paused
+
+  def capture(owner, lengths, compile_layers):
+    owner._set_compiled(False)
+    owner.mode = "graphs"
+    return Graphs(owner._forward, owner._example, lengths, owner.device)
+
+  for module in (static_kv, adapter_steps):
+    monkeypatch.setattr(module, "StepGraphs", Graphs)
+    monkeypatch.setattr(module, "capture_steps", capture)
+  return replays
+
+
+def test_replayed_graphs_decode_and_feed_as_the_eager_steps(
+  target_model, noisy_model, monkeypatch
+):
+  """The fast runtime's graph path, on CPU: B1's chain and tree (the
+  catch-up and all drafting one graph an iteration), L5F's tree and the
+  target's verifications replayed from captured buffers stay lossless and
+  feed each model only what they should."""
+  models, log = _setup(target_model, noisy_model)
+  _patch_moves(monkeypatch, log)
+  replays = _replayed_graphs(monkeypatch, log)
+  cfg = sd.SDConfig(
+    gamma=3,
+    max_new_tokens=20,
+    eos_token_ids=(),
+    runtime="fast",
+    options={"tree_depth": 4, "tree_topk": 3, "tree_nodes": 10},
+  )
+  s = _prompt(11)
+  prompt = s["input_ids"]
+  base = _run(models, log, "baseline", s, cfg).tokens
+  truth = prompt + base
+  h_t = _true_states(target_model, prompt, base)
+  h_d = _true_states(noisy_model, prompt, base)
+  head = models.target.lm_head_weight()
+  for m in ("decode:ob1", "tree:ob1", "tree:ol5f"):
+    r = _run(models, log, m, s, cfg)
+    assert r.tokens == base, m
+    assert r.accepted > 0, m
+    _check_reads(log, "target", truth, int.__eq__)
+    name = parse_method(m)[1][-1]
+    spec = get_spec(models.adapters[name].kind)
+    streams = {"source": h_d, "target": h_t}
+    states = [[streams[x][p] for x in spec.inputs] for p in range(len(base))]
+    _check_reads(log, name, states, _close)
+    if name == "ob1":  # chain or tree: each step fed the one before
+      _check_runs_fed_back(log, name, head)
+  replayed = {r.fn.__name__ for r in replays if r.calls}
+  assert {"_draft", "_draft_tree", "_verify_forward"} <= replayed, replayed
+  assert models.fast_notes["adapter:ob1"] == "static (graphs)"

@@ -23,7 +23,8 @@ class AdapterBuffers:
   """A decode adapter on static buffers: its module, its KV cache
   [layers, 1, heads, max_len, head_dim] (`k`, `v`), the target's LM head,
   the cache's positions 0..max_len-1 (`keys`), and the capture mode the
-  subclass's steps run in (`mode`)."""
+  subclass's steps run in (`mode`). Its inputs are states of the width
+  the LM head reads (both models' hidden size)."""
 
   def __init__(self, module, lm_head, num_inputs, max_len, device, dtype):
     self.module = module
@@ -35,6 +36,12 @@ class AdapterBuffers:
     self.keys = torch.arange(self.max_len, device=self.device)
     self.mode = "eager"
     self._compiled = None
+
+  def zeros(self, steps: int) -> torch.Tensor:
+    """[1, steps, D] zero states: a captured step's example input."""
+    return torch.zeros(
+      (1, steps, self.lm_head.shape[1]), dtype=self.dtype, device=self.device
+    )
 
 
 class StaticAdapter(AdapterBuffers):
@@ -92,8 +99,7 @@ class StaticAdapter(AdapterBuffers):
     )
 
   def _example(self, steps: int) -> tuple:
-    dim = self.k.shape[2] * self.k.shape[4]
-    x = torch.zeros((1, steps, dim), dtype=self.dtype, device=self.device)
+    x = self.zeros(steps)
     start = torch.full((1,), self.max_len - steps, device=self.device)
     return (start,) + tuple(x.clone() for _ in range(self.num_inputs))
 
@@ -121,12 +127,7 @@ class StaticAdapter(AdapterBuffers):
     return self.graphs(steps, int(position), *inputs)
 
   def _chain_example(self, count: int) -> tuple:
-    y = torch.zeros(
-      (1, 1, self.k.shape[2] * self.k.shape[4]),
-      dtype=self.dtype,
-      device=self.device,
-    )
-    return (self.keys[self.max_len - count :].clone(), y)
+    return (self.keys[self.max_len - count :].clone(), self.zeros(1))
 
   @torch.inference_mode()
   def _chain(self, positions: torch.Tensor, y: torch.Tensor):

@@ -104,8 +104,7 @@ class TreeAdapter(AdapterBuffers):
     )
 
   def _example(self, steps: int) -> tuple:
-    dim = self.k.shape[2] * self.k.shape[4]
-    x = torch.zeros((1, steps, dim), dtype=self.dtype, device=self.device)
+    x = self.zeros(steps)
     slots = self.max_len - steps + self.keys[:steps]
     allowed = self.keys[None] <= slots[:, None]
     return (slots, slots.clone(), allowed) + tuple(
@@ -155,8 +154,7 @@ class TreeAdapter(AdapterBuffers):
     return self.catchups(inputs[0].shape[1], int(start), *inputs)
 
   def _tree_example(self, count: int) -> tuple:
-    dim = self.k.shape[2] * self.k.shape[4]
-    x = torch.zeros((1, 1, dim), dtype=self.dtype, device=self.device)
+    x = self.zeros(1)
     root = torch.zeros(1, dtype=torch.long, device=self.device)
     vals = torch.zeros(self.topk, device=self.device)
     toks = torch.zeros(self.topk, dtype=torch.long, device=self.device)
