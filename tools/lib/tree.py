@@ -94,11 +94,16 @@ class Tree:
     return Tree(**moved)
 
 
-def ancestors_of(parents, depth: int) -> np.ndarray:
+def ancestors_of(parents, depth: int):
   """[T, T] bool: row i marks node i and its ancestors (depth-order tree;
-  `parents` on the host, -1 for the root)."""
-  anc = np.eye(len(parents), dtype=bool)
-  up = np.clip(np.asarray(parents), 0, None)
+  -1 the root's parent). A torch tensor of `parents` gives a tensor on its
+  device (`grow_shared`), anything else a numpy array."""
+  if isinstance(parents, torch.Tensor):
+    anc = torch.eye(len(parents), dtype=torch.bool, device=parents.device)
+    up = parents.clamp(min=0)
+  else:
+    anc = np.eye(len(parents), dtype=bool)
+    up = np.clip(np.asarray(parents), 0, None)
   for _ in range(depth):
     anc = anc | anc[up]
   return anc
@@ -395,8 +400,5 @@ def grow_shared(
       torch.cat([sel.new_full((1,), 0), runs[sel]]),
     ]
   ).long()
-  anc = torch.eye(size, dtype=torch.bool, device=dev)
-  up = tree[1].clamp(min=0)
-  for _ in range(depth):
-    anc = anc | anc[up]
+  anc = ancestors_of(tree[1], depth)
   return torch.cat([tree.reshape(-1), anc.reshape(-1).long()])
