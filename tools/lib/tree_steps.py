@@ -63,17 +63,27 @@ class TreeAdapter(AdapterBuffers):
       lengths if self.mode != "eager" else (),
       self.device,
     )
-    # B1's runs (one row each: it reads no tokens) and its tree, one
-    # graph per tree depth - 1; the deepest tree's growth compiled (fused:
-    # ~90 small kernels in eager), falling back to eager if that fails.
+    # B1's runs (one row each: it reads no tokens) and its tree. The
+    # deepest tree (depth - 1 = the largest of `tree_runs`) with the
+    # catch-up before it: one graph per catch-up length (1 .. depth + 1
+    # accepted tokens), its growth compiled (~90 small kernels eager),
+    # eager if compiling fails. A shallower tree (the last tokens of a
+    # budget): one graph per depth - 1, after the catch-up's own.
     self._grown = max(tree_runs, default=0) if num_inputs == 1 else 0
     runs = tree_runs if self.mode != "eager" and self._grown else ()
+    self.trees = static_kv.StepGraphs(
+      self._grow_tree,
+      self._tree_example,
+      [c for c in runs if c < self._grown],
+      self.device,
+    )
     self._grow = static_kv.cuda_compile(
       tr.grow_shared, self.device, compile_step and bool(runs)
     )
+    catch_ups = range(1, self._grown + 3) if runs else ()
     try:
-      self.trees = static_kv.StepGraphs(
-        self._grow_tree, self._tree_example, runs, self.device
+      self.drafts = static_kv.StepGraphs(
+        self._draft_tree, self._draft_example, catch_ups, self.device
       )
     except Exception as e:  # noqa: BLE001 - any failure: eager growth
       if self._grow is tr.grow_shared:
@@ -84,17 +94,9 @@ class TreeAdapter(AdapterBuffers):
         stacklevel=2,
       )
       self._grow = tr.grow_shared
-      self.trees = static_kv.StepGraphs(
-        self._grow_tree, self._tree_example, runs, self.device
+      self.drafts = static_kv.StepGraphs(
+        self._draft_tree, self._draft_example, catch_ups, self.device
       )
-    # The deepest tree with the catch-up before it, one graph per catch-up
-    # length (1 .. the tree's depth + 1 accepted tokens).
-    self.drafts = static_kv.StepGraphs(
-      self._draft_tree,
-      self._draft_example,
-      range(1, self._grown + 3) if runs else (),
-      self.device,
-    )
 
   def _set_compiled(self, compiled: bool) -> None:
     self._compiled = (
