@@ -14,19 +14,27 @@ import subprocess
 from collections.abc import Sequence
 
 
-def git_commit() -> str | None:
-  """The checkout's HEAD commit, or None outside a git checkout."""
-  try:
-    out = subprocess.run(
-      ["git", "rev-parse", "HEAD"],
-      cwd=os.path.dirname(os.path.abspath(__file__)),
-      capture_output=True,
-      text=True,
-      timeout=5,
+def git_commit(where: str | None = None) -> str | None:
+  """The HEAD commit of the checkout holding `where` (default: this
+  file), with "+dirty" appended when its tracked files differ from that
+  commit (so a results file never names code that did not run); None
+  outside a git checkout."""
+  where = where or os.path.dirname(os.path.abspath(__file__))
+
+  def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+      ["git", *args], cwd=where, capture_output=True, text=True, timeout=30
     )
+
+  try:
+    head = git("rev-parse", "HEAD").stdout.strip()
+    if not head:
+      return None
+    # Exit status 1: a tracked file differs from HEAD (0: none).
+    dirty = git("diff", "--quiet", "HEAD", "--").returncode == 1
   except (OSError, subprocess.SubprocessError):
     return None
-  return out.stdout.strip() or None
+  return head + "+dirty" if dirty else head
 
 
 def _version(module: str) -> str | None:
