@@ -341,3 +341,34 @@ def test_grouped_samples_run_one_per_group_in_turn(tmp_path, monkeypatch):
   )
   _, _, got = sd_bench._pair(s, "cpu", "cpu", "float32")
   assert [x["id"] for x in got] == ["s0q0", "s0q1", "s0q2", "s1q0"]
+
+
+def test_compilation_inside_timed_runs_is_counted_and_reported(
+  tmp_path, monkeypatch
+):
+  """decode:b1 compiles on the warm-up sample (not counted) and on the
+  third measured sample (a shape it has not met: counted, reported and
+  warned of); the baseline never compiles."""
+  import torch._dynamo
+
+  step = torch.compile(lambda x: x * 2, dynamic=False, backend="eager")
+  seen = []
+
+  class Compiling(FakeRuntime):
+    def __call__(self, run, label, method, *a, **kw):
+      if label == "decode:b1":
+        seen.append(label)
+        width = 5 if len(seen) == 4 else 4  # samples 0 (warm-up) and 3
+        step(torch.zeros(width))
+      return super().__call__(run, label, method, *a, **kw)
+
+  torch._dynamo.reset()
+  monkeypatch.setattr(sd_bench, "_run_one", Compiling())
+  res = sd_bench.run_benchmark(_settings(tmp_path, warmup=1))
+  ids = [r["id"] for r in res["per_sample"]["baseline"]]
+  assert res["timed_compiles"] == [
+    {"method": "decode:b1", "id": ids[2], "graphs": 1}
+  ]
+  report = (tmp_path / "bench" / "report.md").read_text()
+  assert "decode:b1: torch.compile compiled 1 graph(s) inside" in report
+  assert ids[2] in report

@@ -755,6 +755,44 @@ def test_static_adapter_rollback_never_reads_stale_entries():
     assert tok.tolist() == (want[0, -1:] @ w.T).argmax(-1).tolist()
 
 
+def test_b1_chain_traces_its_compiled_step_once_whatever_the_catch_up(
+  monkeypatch,
+):
+  """The compiled one-position step of B1's chain is traced once: a
+  catch-up of a new length (the prompt, or the prompt and the tokens
+  accepted during it) must not hand the step after it an output whose
+  strides differ (each new stride would compile again, in a timed run).
+  Dynamo with its eager backend stands in for the CUDA compile."""
+  import torch._dynamo
+  from torch._dynamo.utils import counters
+
+  from tools.lib import adapter_steps
+
+  def compile_anywhere(fn, device, enabled):
+    if not enabled:
+      return fn
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend="eager")
+
+  monkeypatch.setattr(adapter_steps, "cuda_compile", compile_anywhere)
+  ad = _adapter("b1", alpha=1.0)
+  w = torch.randn(V, D)
+  xs = torch.randn(1, 40, D)
+  kw = {"device": "cpu", "dtype": torch.float32, "self_fed": True}
+  plain = adapter_steps.StaticAdapter(ad.module, w, 1, 64, **kw, chains=[3])
+  sa = adapter_steps.StaticAdapter(ad.module, w, 1, 64, **kw, chains=[3])
+  sa._set_compiled(True)
+  torch._dynamo.reset()
+  counters.clear()
+  position = 0
+  with torch.inference_mode():
+    for steps in (7, 3, 12, 5):  # each catch-up length new
+      x = xs[:, position : position + steps]
+      got = sa.draft([x], position, 3)
+      assert got.tolist() == plain.draft([x], position, 3).tolist()
+      position += steps
+  assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 @pytest.mark.parametrize("runtime", sd.RUNTIMES)
 def test_wider_drafter_head_still_drafts_the_last_shared_id(
   target_model, runtime

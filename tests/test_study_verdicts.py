@@ -309,6 +309,30 @@ def test_speed_claims_are_not_judged_on_a_run_whose_aa_control_failed(
     assert ("judge no speed claim" in c["text"]) == (not reliable)
 
 
+@pytest.mark.parametrize("compiled", ["none", "other", "best"])
+def test_speed_claims_are_not_judged_on_runs_that_compiled(compiled):
+  """A method whose timed runs compiled (its times hold compilation) is
+  not judged; a compile in another method's runs does not matter."""
+  rows = {
+    "two_phase:l4+b1_next": _row(decode_speedup_ci95=[1.5, 2.0]),
+    "prefill_hiding:l4": _row(speedup_ci95=[1.1, 1.5]),
+    "decode:b1_next": _row(),
+  }
+  data = _data(rows=rows)
+  for claim, best in (
+    (verdicts.claim_two_phase, "two_phase:l4+b1_next"),
+    (verdicts.claim_prefill, "prefill_hiding:l4"),
+  ):
+    method = {"none": None, "other": "decode:b1_next", "best": best}
+    block = data["live"]["gpus1"]["by_runtime"]["fast"]
+    block["timed_compiles"] = [
+      {"method": method[compiled], "id": "s3", "graphs": 1}
+    ][: compiled != "none"]
+    c = claim(data)
+    assert c["verdict"] == ("not shown" if compiled == "best" else "holds")
+    assert ("include compilation" in c["text"]) == (compiled == "best")
+
+
 @pytest.mark.parametrize("reliable", [True, False])
 def test_the_2x_goal_says_when_its_run_is_unreliable(reliable):
   from tools.study import report

@@ -935,6 +935,46 @@ def _replayed_graphs(monkeypatch, log):
   return replays
 
 
+def test_b1_chain_after_an_uncaptured_catch_up_replays_its_graph(
+  monkeypatch,
+):
+  """A catch-up of a length with no graph (the prompt, or the prompt and
+  the tokens accepted during it) runs eagerly, and the chain after it
+  replays the chain's own graph, not the chain's steps one by one; the
+  tokens are those of the captured path and of the eager steps."""
+  log = type("Log", (), {"paused": False})()
+  replays = _replayed_graphs(monkeypatch, log)
+  torch.manual_seed(5)
+  module = build_torch_adapter(
+    "b1", hidden_dim=D, num_heads=4, ffn_dim=64, alpha_init=1.0
+  ).eval()
+  head = torch.randn(V, D)
+  kw = {"device": "cpu", "dtype": torch.float32, "self_fed": True}
+  sa = adapter_steps.StaticAdapter(
+    module, head, 1, 32, **kw, lengths=range(1, 5), chains=[3]
+  )
+  xs = torch.randn(1, 12, D)
+  chain = next(r for r in replays if r.fn.__name__ == "_chain")
+  with torch.inference_mode():
+    got = sa.draft([xs[:, :9]], 0, 3)  # 9: not captured
+    assert chain.calls == 1
+    captured = sa.draft([xs[:, 9:12]], 9, 3)  # 3: one graph, chain in it
+    assert chain.calls == 1
+    steps = []
+    y, tok = sa.step([xs[:, :9]], 0)
+    for p in range(9, 12):
+      steps.append(int(tok))
+      y, tok = sa.step([y], p)
+    steps.append(int(tok))
+    y, tok = sa.step([xs[:, 9:12]], 9)
+    again = [int(tok)]
+    for p in range(12, 15):
+      y, tok = sa.step([y], p)
+      again.append(int(tok))
+  assert got.tolist() == steps
+  assert captured.tolist() == again
+
+
 def test_replayed_graphs_decode_and_feed_as_the_eager_steps(
   target_model, noisy_model, monkeypatch
 ):

@@ -54,8 +54,8 @@ class StaticAdapter(AdapterBuffers):
   `self_fed`) has `draft(inputs, position, count)`: the step, then `count`
   one-position steps, each fed the one before's output, as one call. On
   CUDA the longest chain (the largest of `chains`) and its step are one
-  graph per input length in `lengths`; a shorter chain is one graph per
-  count, after the step's own.
+  graph per input length in `lengths`; a shorter chain, or one after a
+  step of a length not captured, is one graph per count, after the step.
   """
 
   def __init__(
@@ -114,7 +114,10 @@ class StaticAdapter(AdapterBuffers):
     y = self.module.static_step(
       *inputs, k_cache=self.k, v_cache=self.v, positions=pos
     )
-    y = y[:, -1:]
+    # [1, 1, D] with a [1, T, D] tensor's strides would retrace the
+    # compiled one-position step for each T that feeds it (its guards
+    # read strides); reshaped, every T hands it the same strides.
+    y = y[:, -1:].reshape(1, 1, -1)
     logits = F.linear(y[0].to(self.lm_head.dtype), self.lm_head)
     return y, logits.argmax(-1)
 
@@ -160,8 +163,11 @@ class StaticAdapter(AdapterBuffers):
       raise ValueError(
         f"adapter positions up to {first + count} exceed {self.max_len}"
       )
-    if count == self._longest:
+    if count == self._longest and steps in self.drafts:
       return self.drafts(steps, int(position), *inputs)
+    # A shorter chain, or a catch-up of a length not captured (the prompt,
+    # or the prompt and the tokens accepted during it): the step, then the
+    # chain's own graph.
     y, tok = self.step(inputs, position)
     rest = self.chains(
       count, self.keys[first : first + count], y.to(self.dtype)

@@ -1,6 +1,7 @@
 """What keeps one timed run from biasing another in the live benchmark: the
-order of a sample's runs (a Williams design) and Python's garbage collector
-kept out of the timed region."""
+order of a sample's runs (a Williams design), Python's garbage collector
+kept out of the timed region, and a count of what torch.compile compiles
+inside it."""
 
 from __future__ import annotations
 
@@ -50,3 +51,39 @@ def frozen_heap():
     yield
   finally:
     gc.unfreeze()
+
+
+def _graphs_compiled() -> int:
+  try:
+    from torch._dynamo.utils import counters
+  except ImportError:  # no torch.compile here: nothing compiles
+    return 0
+  return int(counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def counting_compiles():
+  """Counts the graphs torch.compile makes while open: a dict whose
+  "graphs" is set on exit. A timed run that compiles (a shape its warm-up
+  did not meet) times the compilation, not the method."""
+  made = {"graphs": 0}
+  before = _graphs_compiled()
+  try:
+    yield made
+  finally:
+    made["graphs"] = _graphs_compiled() - before
+
+
+def compile_warnings(compiles: list[dict]) -> list[str]:
+  """One warning per method whose timed runs compiled (a shape the
+  warm-ups did not meet): its times include the compilation."""
+  by: dict[str, list[dict]] = {}
+  for c in compiles:
+    by.setdefault(c["method"], []).append(c)
+  return [
+    f"{m}: torch.compile compiled {sum(c['graphs'] for c in cs)} graph(s) "
+    f"inside its timed runs on {len(cs)} sample(s) "
+    f"({', '.join(c['id'] for c in cs[:3])}{', ...' if len(cs) > 3 else ''})"
+    ": its times include the compilation"
+    for m, cs in by.items()
+  ]

@@ -245,6 +245,8 @@ class _Run:
   mismatches: list[dict] = dataclasses.field(default_factory=list)
   shapes: set = dataclasses.field(default_factory=set)  # input shapes seen
   shape_warmups: list[dict] = dataclasses.field(default_factory=list)
+  # Timed runs in which torch.compile compiled ({method, id, graphs}).
+  timed_compiles: list[dict] = dataclasses.field(default_factory=list)
 
 
 def _order(run: _Run, si: int) -> list[tuple[str, str, str]]:
@@ -326,13 +328,17 @@ def _run_sample(run: _Run, si: int, sample: dict, warm: bool, t_in, d_in):
   measure = not warm and (si - s.warmup) % s.overlap_every == 0
   for pos, (lab, m, rt) in enumerate(order):
     try:
-      with fair_runs.no_gc():
+      with fair_runs.no_gc(), fair_runs.counting_compiles() as made:
         r = _run_one(run, lab, m, rt, t_in, d_in, measure=measure)
         done[lab] = (*r, pos)
     except SDError as e:
       if m == "baseline":
         raise
       done[lab] = (e, None, pos)
+    if made["graphs"] and not warm:
+      run.timed_compiles.append(
+        {"method": lab, "id": sample["id"], "graphs": made["graphs"]}
+      )
   if warm:
     return
   # Each method is checked against its own runtime's baseline, and each
@@ -545,7 +551,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     t_in, d_in = _loop(run, samples, device, ddev)
   agg = _aggregate(run, methods)
   reliable, warnings = _reliability(agg["aa"])
-  for w in warnings:
+  for w in warnings + fair_runs.compile_warnings(run.timed_compiles):
     print(f"warning: {w}", file=sys.stderr)
   os.makedirs(s.out, exist_ok=True)
   results = {
@@ -568,6 +574,8 @@ def run_benchmark(s: BenchSettings) -> dict:
     "amdahl": agg["amdahl"],
     # Untimed runs on samples of a new input shape (per sample, wall ms).
     "shape_warmups": run.shape_warmups,
+    # Timed runs that compiled: their times include the compilation.
+    "timed_compiles": run.timed_compiles,
     "aggregate": agg["aggregate"],
     "costs": agg["costs"][runtimes[0]],
     "costs_by_runtime": agg["costs"],

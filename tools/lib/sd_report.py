@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from egpt_align import eval_stats
+from tools.lib import fair_runs
 
 
 def fmt(x, nd=2):
@@ -112,6 +113,16 @@ def _fairness_lines(results: dict) -> list[str]:
       f"- work done once per new input shape: {len(warm)} samples of a new "
       f"shape ran every method once untimed first "
       f"({sum(w['ms'] for w in warm):.1f} ms in all, not in any timing)"
+    )
+  compiled = results.get("timed_compiles")
+  if compiled is not None:
+    lines.append(
+      "- torch.compile inside timed runs: "
+      + (
+        "none"
+        if not compiled
+        else "; ".join(fair_runs.compile_warnings(compiled))
+      )
     )
   for rt, c in (results.get("aa_control") or {}).items():
     lines.append(

@@ -270,6 +270,10 @@ class StepGraphs:
       more = StepGraphs(self.fn, self.example, todo, self.device)
       self.graphs.update(more.graphs)
 
+  def __contains__(self, steps: int) -> bool:
+    """Whether length `steps` is captured (else it runs eagerly)."""
+    return steps in self.graphs
+
   def __call__(self, steps: int, *inputs):
     """Runs length `steps`; an int input fills a one-element long tensor."""
     entry = self.graphs.get(steps)

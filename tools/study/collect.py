@@ -190,6 +190,9 @@ def live_entry(benches: dict[str, dict]) -> dict:
     out["by_runtime"][rt] = {
       # The benchmark's A/A control (a second baseline), when it runs one.
       "aa_control": aa_entry(bench, rt),
+      # Timed runs that compiled (None: a run from before they were
+      # counted).
+      "timed_compiles": bench.get("timed_compiles"),
       "num_measured": bench.get("num_measured"),
       # What the CIs resample: 'group' (scenes) or 'sample'.
       "ci_resampling": bench["config"].get("ci_resampling", "sample"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from tools.lib import fair_runs
 from tools.study import collect, compare, layout, plots, projection, verdicts
 from tools.study.collect import PCT, SEED_COLUMNS
 from tools.study.verdicts import ci_num, ci_pct, num, pct, setting
@@ -94,6 +95,16 @@ def aa_text(aa: dict | None) -> str:
   )
 
 
+def compiles_text(compiles: list[dict] | None) -> str:
+  """The sentence on compilation inside timed runs ('' for a run from
+  before they were counted)."""
+  if compiles is None:
+    return ""
+  if not compiles:
+    return " No timed run compiled."
+  return " " + "; ".join(fair_runs.compile_warnings(compiles)) + "."
+
+
 def samples_text(block: dict) -> str:
   """'67 test samples (18 groups; CIs resample whole groups)'."""
   unit = (
@@ -121,6 +132,7 @@ def live_tables(data: dict) -> list[str]:
         f"{num(block['target_decode_ms'], 3)} ms/token, prefill "
         f"{num(block['target_prefill_ms'], 2)} ms."
         + aa_text(block.get("aa_control"))
+        + compiles_text(block.get("timed_compiles"))
         + (
           " Fast path per model: "
           + "; ".join(f"{k}: {v}" for k, v in fast.items())
@@ -186,7 +198,8 @@ def headline_table(data: dict, sub: str, h: dict) -> list[str]:
       if ceiling
       else "."
     )
-    + aa_text(h.get("aa_control")),
+    + aa_text(h.get("aa_control"))
+    + compiles_text(h.get("timed_compiles")),
     "",
     "| method | α | τ | decode-phase speedup | speedup (end to end) | "
     "mismatches (near-tie) |",

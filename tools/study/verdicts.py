@@ -275,23 +275,35 @@ def _aa_line(data: dict, sub: str, rt: str) -> tuple[float, str]:
   return 1.0, "1 (no A/A control measured)"
 
 
-def _unreliable(data: dict, sub: str, rt: str) -> str | None:
-  """Why the run's timings cannot judge a speed claim: its A/A control
-  failed (None: it held, or none was measured)."""
-  aa = data["live"][sub]["by_runtime"][rt].get("aa_control") or {}
-  if aa.get("reliable") is not False:
-    return None
-  return (
-    f"The live run's A/A control (baseline against itself) read "
-    f"{ci_num(aa.get('speedup'), aa.get('speedup_ci95'))}, outside "
-    "[0.98, 1.02] or its CI excluding 1, so its timings judge no speed "
-    "claim: not shown. "
-  )
+def _unreliable(data: dict, sub: str, rt: str, method: str) -> str | None:
+  """Why the run's timings cannot judge a speed claim about `method`: its
+  A/A control failed, or torch.compile compiled inside the method's timed
+  runs (None: neither)."""
+  block = data["live"][sub]["by_runtime"][rt]
+  aa = block.get("aa_control") or {}
+  if aa.get("reliable") is False:
+    return (
+      f"The live run's A/A control (baseline against itself) read "
+      f"{ci_num(aa.get('speedup'), aa.get('speedup_ci95'))}, outside "
+      "[0.98, 1.02] or its CI excluding 1, so its timings judge no speed "
+      "claim: not shown. "
+    )
+  compiled = [
+    c for c in block.get("timed_compiles") or [] if c["method"] == method
+  ]
+  if compiled:
+    return (
+      f"torch.compile compiled inside {method}'s timed runs on "
+      f"{len(compiled)} sample(s), so its times include compilation: "
+      "not shown. "
+    )
+  return None
 
 
-def _speed_claim(data, sub, rt, name, verdict, text, rule) -> dict:
-  """A speed claim's verdict, "not shown" when the run is unreliable."""
-  why = _unreliable(data, sub, rt)
+def _speed_claim(data, sub, rt, method, name, verdict, text, rule) -> dict:
+  """A speed claim's verdict about `method`, "not shown" when its timings
+  are unreliable (`_unreliable`)."""
+  why = _unreliable(data, sub, rt, method)
   if why:
     return _claim(name, "not shown", why + text, rule)
   return _claim(name, verdict, text, rule)
@@ -307,7 +319,8 @@ def claim_prefill(data: dict) -> dict:
     "end-to-end time is saved: its speedup CI lies above the A/A control "
     "(above 1 when none was measured). Holds: both; partly: (1) and the "
     "CI lies wholly below the line; not shown: (1) and the CI crosses it, "
-    "or the run's A/A control failed; fails: no prefill draft accepted."
+    "or the run's A/A control failed, or the method compiled inside its timed "
+    "runs; fails: no prefill draft accepted."
   )
   sub, rt, rows = headline_live(data)
   ph = {
@@ -336,7 +349,7 @@ def claim_prefill(data: dict) -> dict:
     )
     + f". Best: {best}; its speedup CI lies {saved} {line_text}."
   )
-  return _speed_claim(data, sub, rt, name, verdict, text, rule)
+  return _speed_claim(data, sub, rt, best, name, verdict, text, rule)
 
 
 def claim_two_phase(data: dict) -> dict:
@@ -345,8 +358,9 @@ def claim_two_phase(data: dict) -> dict:
     "Rule (two GPUs if measured, else one; first runtime; lossless "
     "methods, near-tie flips allowed): judged on the decode-phase speedup "
     "of the best two_phase method: holds when its 95% CI lies wholly "
-    "above 1; fails when wholly below 1; not shown when it crosses 1, or "
-    "when the run's A/A control failed."
+    "above 1; fails when wholly below 1; not shown when it crosses 1, "
+    "when the run's A/A control failed, or when the method compiled inside "
+    "its timed runs."
   )
   sub, rt, rows = headline_live(data)
   tp = {
@@ -370,7 +384,7 @@ def claim_two_phase(data: dict) -> dict:
     )
     + f". Best: {best}."
   )
-  return _speed_claim(data, sub, rt, name, verdict, text, rule)
+  return _speed_claim(data, sub, rt, best, name, verdict, text, rule)
 
 
 CLAIMS = (
