@@ -196,9 +196,9 @@ def _sample_flags(b) -> None:
     "every test scene: on this many samples of the fast runtime (the eager "
     "one: --eager_samples; 0 = no headline runs)",
   )
-  # 160 s: on one H100 the fast headline run measured 319 samples in 120 s
-  # (the 402 past the warm-up take about 151 s); the eager one, on an H200,
-  # 37 in 115 s (the gpu pair's eager runtime decodes 29x slower).
+  # 160 s: in the study's stage on one H100 (docs/PERFORMANCE.md §10) the
+  # fast headline run measured its 400 samples within it, the eager one 80
+  # (the gpu pair's eager runtime decodes 22-28x slower).
   b.add_argument(
     "--headline_budget_s",
     type=float,
