@@ -37,6 +37,13 @@ class AdapterBuffers:
     self.mode = "eager"
     self._compiled = None
 
+  def _set_compiled(self, compiled: bool) -> None:
+    # The subclass's `_step`, compiled (`capture_steps` sets the mode);
+    # its `_forward` picks the input lengths that run it.
+    self._compiled = (
+      cuda_compile(self._step, self.device, True) if compiled else None
+    )
+
   def zeros(self, steps: int) -> torch.Tensor:
     """[1, steps, D] zero states: a captured step's example input."""
     return torch.zeros(
@@ -89,13 +96,6 @@ class StaticAdapter(AdapterBuffers):
       self._draft_example,
       lengths if captured and self._longest else (),
       self.device,
-    )
-
-  def _set_compiled(self, compiled: bool) -> None:
-    # Only the one-position step (all drafting steps but the catch-up) is
-    # compiled: one compilation per adapter.
-    self._compiled = (
-      cuda_compile(self._step, self.device, True) if compiled else None
     )
 
   def _example(self, steps: int) -> tuple:

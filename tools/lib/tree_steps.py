@@ -98,13 +98,6 @@ class TreeAdapter(AdapterBuffers):
         self._draft_tree, self._draft_example, catch_ups, self.device
       )
 
-  def _set_compiled(self, compiled: bool) -> None:
-    self._compiled = (
-      static_kv.cuda_compile(self._step, self.device, True)
-      if compiled
-      else None
-    )
-
   def _example(self, steps: int) -> tuple:
     x = self.zeros(steps)
     slots = self.max_len - steps + self.keys[:steps]
