@@ -104,13 +104,13 @@ PRESETS = {
     vocab_size=1024,
     tokenizer_scenes=2000,
     pool_scenes=12000,
-    target_steps=4500,
+    target_steps=6000,
     drafter_steps=2000,
     batch_size=64,
     turns=4,
     turn_room=96,
     cell_turns=2,
-    lr=1e-3,
+    lr=2e-3,
     lr_floor=0.1,
     pos_init="grid",
     pos_scale=1.0,
@@ -166,6 +166,8 @@ PRESETS["gpu16x3"] = dataclasses.replace(
   intermediate=768,
   target_layers=16,
   drafter_layers=3,
+  target_steps=4500,
+  lr=1e-3,
 )
 
 
