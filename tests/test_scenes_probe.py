@@ -101,7 +101,38 @@ def test_probe_command_writes_every_probe(tiny_scenes_pair, tmp_path, capsys):
   assert got["evaluate"]["eval_scenes_per_qtype"] == 2
   assert set(got["planted"]) == {"scenes", "true", "planted"}
   assert set(got["cell_attention"]) == {"right", "wrong"}
+  assert set(got["readout"]) == {"cell", "shape", "objects"}
   assert got["fingerprint"]["preset"]["name"] == "tiny"
+
+
+def test_probe_command_runs_only_the_probes_asked_for(
+  tiny_scenes_pair, tmp_path, capsys, monkeypatch
+):
+  out, _ = tiny_scenes_pair
+  path = tmp_path / "probe.json"
+  ran = []
+  for name in ("cell_attention", "planted"):
+    monkeypatch.setattr(
+      probe, name, lambda *a, name=name, **k: ran.append(name)
+    )
+  monkeypatch.setattr(
+    probe.pair_lib, "evaluate", lambda *a, **k: ran.append("evaluate")
+  )
+  argv = ["--pair", out, "--scenes", "2", "--device", "cpu"]
+  argv += ["--probes", "readout", "--json", str(path)]
+  assert probe.main(argv) == 0
+  assert ran == []
+  got = json.loads(path.read_text())
+  assert set(got) == {"pair", "fingerprint", "split", "dtype", "readout"}
+  assert set(got["readout"]) == {"cell", "shape", "objects"}
+  assert "shape: language model" in capsys.readouterr().out
+
+
+def test_probe_refuses_an_unknown_probe(tiny_scenes_pair, capsys):
+  out, _ = tiny_scenes_pair
+  assert probe.main(["--pair", out, "--probes", "readout,shapes"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "shapes" in err and len(err.splitlines()) == 1
 
 
 def test_probe_refuses_a_directory_without_a_pair(tmp_path, capsys):
@@ -235,14 +266,17 @@ def test_ridge_accuracy_reads_a_linear_label_and_not_noise():
 def test_object_features_are_the_objects_first_frame_tokens(tiny_scenes_pair):
   """Stage 0 of the language model is the projector's output at the
   object's first-frame patches; the tower's stages are its hidden states
-  there; the labels are the objects' start cells."""
+  there; the labels are the objects' start cells and shapes."""
   out, _ = tiny_scenes_pair
   target = bk.load_backend(f"video_llava:{out}/target")
   model = target.model
   seeds = world.split_seeds("test", 3)
-  feats, cells = probe.object_features(target, seeds)
+  feats, labels = probe.object_features(target, seeds)
   things = [t for s in seeds for t in world.make_scene(s).things]
-  assert cells.tolist() == [world.CELLS.index(t.cell) for t in things]
+  assert labels["cell"].tolist() == [world.CELLS.index(t.cell) for t in things]
+  assert labels["shape"].tolist() == [
+    world.SHAPES.index(t.shape) for t in things
+  ]
   vision = model.config.vision_config
   assert len(feats["tower"]) == vision.num_hidden_layers + 1
   assert len(feats["lm"]) == model.config.text_config.num_hidden_layers + 1
@@ -271,8 +305,9 @@ def test_object_features_are_the_objects_first_frame_tokens(tiny_scenes_pair):
         )
         k += 1
   assert k == len(things)
-  got = probe.position(target, seeds, world.split_seeds("test", 2, offset=3))
-  assert len(got["tower"]) == len(feats["tower"])
-  assert len(got["lm"]) == len(feats["lm"])
-  assert all(0.0 <= v <= 1.0 for v in got["tower"] + got["lm"])
+  got = probe.readout(target, seeds, world.split_seeds("test", 2, offset=3))
+  for name in ("cell", "shape"):
+    assert len(got[name]["tower"]) == len(feats["tower"])
+    assert len(got[name]["lm"]) == len(feats["lm"])
+    assert all(0.0 <= v <= 1.0 for v in got[name]["tower"] + got[name]["lm"])
   assert got["objects"][0] == len(things)

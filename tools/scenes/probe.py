@@ -1,10 +1,11 @@
 """Probes of a trained scenes pair: what its target gets wrong, and why.
 
   python -m tools.scenes.probe --pair DIR [--split test] [--scenes 100]
-      [--device D] [--dtype float16|float32] [--json PATH]
+      [--probes evaluate,attention,readout,planted] [--device D]
+      [--dtype float16|float32] [--json PATH]
 
-Four probes, through the backends (`video_llava:DIR/target`,
-`tools.scenes.drafter:make_backend:DIR`):
+Four probes (`--probes` picks some; all by default), through the backends
+(`video_llava:DIR/target`, `tools.scenes.drafter:make_backend:DIR`):
   evaluate  make_pair's held-out evaluation on `--scenes` scenes of
             `--split`: accuracy per question type, per attribute, the
             kinds of wrong cells in `describe` answers (`text.cell_misses`:
@@ -23,11 +24,11 @@ Four probes, through the backends (`video_llava:DIR/target`,
             answer that puts the static objects in cells no object starts
             in: does it answer from the video (the true cells) or copy the
             conversation (the planted ones)?
-  position  how well an object's start cell can be read linearly from its
-            first-frame tokens at each stage: the vision tower's layers,
-            the projector's output (the language model's input), the
-            language model's layers (a ridge read-out fit on the next
-            `--scenes` scenes of the split, `position`)
+  readout   how well an object's start cell and its shape can be read
+            linearly from its first-frame tokens at each stage: the vision
+            tower's layers, the projector's output (the language model's
+            input), the language model's layers (a ridge read-out fit on
+            the next `--scenes` scenes of the split, `readout`)
 """
 
 from __future__ import annotations
@@ -232,20 +233,25 @@ def ridge_accuracy(x_fit, y_fit, x_eval, y_eval, classes: int) -> float:
   return float(((design(x_eval) @ w).argmax(1) == y_eval).mean())
 
 
+# What `readout` reads from an object's tokens: a label's classes.
+ATTRIBUTES = {"cell": world.CELLS, "shape": world.SHAPES}
+PROBES = ("evaluate", "attention", "readout", "planted")
+
+
 @torch.inference_mode()
 def object_features(target, seeds):
   """Per object of the scenes `seeds`, the mean of its first-frame patch
   tokens at each stage of the target: the vision tower's embeddings and
   each of its layers (`tower`), then the language model's input (the
   projector's output) and each of its layers (`lm`), the clip asked
-  `describe`. Returns ({"tower": [stage][objects, dim], "lm": ...}, start
-  cells [objects] as indices of `world.CELLS`)."""
+  `describe`. Returns ({"tower": [stage][objects, dim], "lm": ...},
+  {attribute: [objects] class indices} for each of `ATTRIBUTES`)."""
   model = target.model
   prompts = pair_lib.target_prompts(target)
   first, _ = prompts.media_span()
   vision = model.config.vision_config
   side = vision.image_size // vision.patch_size
-  feats, cells = {"tower": [], "lm": []}, []
+  feats, labels = {"tower": [], "lm": []}, {k: [] for k in ATTRIBUTES}
   for s in seeds:
     scene, frames = world.render(s)
     inputs = pair_lib.target_inputs(
@@ -263,45 +269,54 @@ def object_features(target, seeds):
       own = object_tokens(thing, 0, side, 0)  # in frame 0's own tokens
       feats["tower"].append([h[0, own].mean(0) for h in tower.hidden_states])
       feats["lm"].append([h[0, seq].mean(0) for h in out.hidden_states])
-      cells.append(world.CELLS.index(thing.cell))
+      for k, classes in ATTRIBUTES.items():
+        labels[k].append(classes.index(getattr(thing, k)))
   stacked = {
     k: [
       torch.stack(stage).float().cpu().numpy() for stage in zip(*v, strict=True)
     ]
     for k, v in feats.items()
   }
-  return stacked, np.array(cells)
+  return stacked, {k: np.array(v) for k, v in labels.items()}
 
 
-def position(target, fit_seeds, eval_seeds) -> dict:
-  """How well an object's start cell can be read linearly from its
-  first-frame tokens, stage by stage (`object_features`): a ridge read-out
-  fit on the objects of `fit_seeds`, its accuracy on those of
-  `eval_seeds`. {"tower": [embeddings, layer 1, ...], "lm": [input,
-  layer 1, ...], "objects": [fit, eval]}."""
+def readout(target, fit_seeds, eval_seeds) -> dict:
+  """How well each of `ATTRIBUTES` (an object's start cell, its shape)
+  can be read linearly from its first-frame tokens, stage by stage
+  (`object_features`): a ridge read-out fit on the objects of `fit_seeds`,
+  its accuracy on those of `eval_seeds`. {attribute: {"tower":
+  [embeddings, layer 1, ...], "lm": [input, layer 1, ...]}, "objects":
+  [fit, eval]}."""
   fit, y_fit = object_features(target, fit_seeds)
   got, y_eval = object_features(target, eval_seeds)
   out = {
-    k: [
-      round(ridge_accuracy(a, y_fit, b, y_eval, len(world.CELLS)), 4)
-      for a, b in zip(fit[k], got[k], strict=True)
-    ]
-    for k in fit
+    name: {
+      k: [
+        round(ridge_accuracy(a, y_fit[name], b, y_eval[name], len(classes)), 4)
+        for a, b in zip(fit[k], got[k], strict=True)
+      ]
+      for k in fit
+    }
+    for name, classes in ATTRIBUTES.items()
   }
-  out["objects"] = [len(y_fit), len(y_eval)]
+  out["objects"] = [len(y_fit["cell"]), len(y_eval["cell"])]
   return out
 
 
-def position_lines(got: dict) -> list[str]:
+def readout_lines(got: dict) -> list[str]:
   fit, scored = got["objects"]
-  return [
-    f"start cell read linearly from an object's first-frame tokens (ridge, "
-    f"fit on {fit} objects, scored on {scored}):",
-    "  vision tower (embeddings, layers 1..) "
-    + " ".join(f"{x:.2f}" for x in got["tower"]),
-    "  language model (input, layers 1..)   "
-    + " ".join(f"{x:.2f}" for x in got["lm"]),
+  lines = [
+    f"read linearly from an object's first-frame tokens (ridge, fit on "
+    f"{fit} objects, scored on {scored}):"
   ]
+  for name in ATTRIBUTES:
+    lines += [
+      f"  {name}: vision tower (embeddings, layers 1..) "
+      + " ".join(f"{x:.2f}" for x in got[name]["tower"]),
+      f"  {name}: language model (input, layers 1..)   "
+      + " ".join(f"{x:.2f}" for x in got[name]["lm"]),
+    ]
+  return lines
 
 
 def attention_lines(got: dict) -> list[str]:
@@ -331,6 +346,11 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="float32", choices=["float16", "float32"])
   p.add_argument("--max_new_tokens", type=int, default=96)
   p.add_argument("--json", default=None, help="write the results here")
+  p.add_argument(
+    "--probes",
+    default=",".join(PROBES),
+    help=f"which probes to run, comma-separated (default: all of {PROBES})",
+  )
   args = p.parse_args(argv)
   path = os.path.join(args.pair, pair_lib.PAIR_FILE)
   if not os.path.isfile(path):
@@ -341,6 +361,14 @@ def main(argv=None) -> int:
     return 2
   if args.scenes < 1:
     print(f"error: --scenes {args.scenes}: expected >= 1", file=sys.stderr)
+    return 2
+  chosen = [x for x in args.probes.split(",") if x]
+  unknown = [x for x in chosen if x not in PROBES]
+  if unknown or not chosen:
+    print(
+      f"error: --probes {args.probes}: expected some of {', '.join(PROBES)}",
+      file=sys.stderr,
+    )
     return 2
   device = bk.torch_device(args.device)
   try:
@@ -358,23 +386,32 @@ def main(argv=None) -> int:
   seeds = world.split_seeds(args.split, args.scenes)
   with open(path) as f:
     info = json.load(f)
-  results = pair_lib.evaluate(target, drafter, seeds, args.max_new_tokens)
-  print("\n".join(pair_lib.accuracy_table(results)))
-  print(
-    f"{args.split} scenes per type: {len(seeds)}; target mean next-token "
-    f"entropy {results['target_mean_entropy_nats']:.3f} nats"
-  )
-  attention = cell_attention(target, seeds, args.max_new_tokens)
-  print("\n".join(attention_lines(attention)))
-  fit_seeds = world.split_seeds(args.split, args.scenes, offset=args.scenes)
-  located = position(target, fit_seeds, seeds)
-  print("\n".join(position_lines(located)))
-  got = planted(target, seeds, args.max_new_tokens)
-  print(
-    f"planted: of {got['scenes']} scenes, `still` after a describe answer "
-    f"with the static objects moved states the true cells {got['true']} "
-    f"times, the planted ones {got['planted']} times"
-  )
+  got = {}
+  if "evaluate" in chosen:
+    got["evaluate"] = pair_lib.evaluate(
+      target, drafter, seeds, args.max_new_tokens
+    )
+    print("\n".join(pair_lib.accuracy_table(got["evaluate"])))
+    entropy = got["evaluate"]["target_mean_entropy_nats"]
+    print(
+      f"{args.split} scenes per type: {len(seeds)}; target mean next-token "
+      f"entropy {entropy:.3f} nats"
+    )
+  if "attention" in chosen:
+    got["cell_attention"] = cell_attention(target, seeds, args.max_new_tokens)
+    print("\n".join(attention_lines(got["cell_attention"])))
+  if "readout" in chosen:
+    fit_seeds = world.split_seeds(args.split, args.scenes, offset=args.scenes)
+    got["readout"] = readout(target, fit_seeds, seeds)
+    print("\n".join(readout_lines(got["readout"])))
+  if "planted" in chosen:
+    got["planted"] = planted(target, seeds, args.max_new_tokens)
+    print(
+      f"planted: of {got['planted']['scenes']} scenes, `still` after a "
+      "describe answer with the static objects moved states the true cells "
+      f"{got['planted']['true']} times, the planted ones "
+      f"{got['planted']['planted']} times"
+    )
   if args.json:
     write_json_atomic(
       args.json,
@@ -383,10 +420,7 @@ def main(argv=None) -> int:
         "fingerprint": info.get("fingerprint"),
         "split": args.split,
         "dtype": args.dtype,
-        "evaluate": results,
-        "planted": got,
-        "cell_attention": attention,
-        "position": located,
+        **got,
       },
     )
   return 0
