@@ -1,5 +1,6 @@
 """The tiny scenes pair: trains, saves, loads through both backends, dumps."""
 
+import dataclasses
 import json
 import os
 import types
@@ -210,12 +211,24 @@ def test_preset_overrides(tmp_path, capsys):
     ("fact_weight=0", "fact_weight=0.0: expected > 0"),
     ("cell_turns=-1", "cell_turns=-1: expected >= 0"),
     ("ema=1.0", "ema=1.0: expected 0 <= ema < 1"),
+    ("tower_lr=0", "tower_lr=0.0: expected > 0"),
   ):
     argv = ["--out", out, "--preset", "tiny", "--set", bad]
     assert make_pair.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert names in err and len(err.splitlines()) == 1, err
   assert not (tmp_path / "p").exists()
+
+
+def test_a_field_at_its_default_leaves_the_fingerprint_as_it_was():
+  """A preset field with a default (added after pairs were made) is in the
+  fingerprint only away from it: an older pair's pair.json still matches."""
+  older = dataclasses.asdict(TINY)
+  del older["tower_lr"]
+  assert pair_lib.fingerprint(TINY, 3) == {"preset": older, "seed": 3}
+  changed = models.override(TINY, ["tower_lr=0.5"])
+  got = pair_lib.fingerprint(changed, 3)["preset"]
+  assert got == {**older, "tower_lr": 0.5}
 
 
 @pytest.mark.parametrize(

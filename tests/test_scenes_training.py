@@ -261,3 +261,38 @@ def test_train_follows_the_presets_fact_weight():
     training.train("target", model, batches, preset, frames, cpu, None, "none")
     got[w] = model.lm_head.weight.detach().clone()
   assert not torch.equal(got[1.0], got[5.0])
+
+
+def _one_step(share: float):
+  """The tiny target's weights (named) before and after one `make_step`
+  step at tower_lr `share`, from one init, on one batch; its rates."""
+  cpu = torch.device("cpu")
+  model, batches, frames, preset = _tiny_target(tower_lr=share, ema=0.0)
+  before = {n: p.detach().clone() for n, p in model.named_parameters()}
+  step = training.make_step(
+    "target", model, frames, batches, preset, 4, cpu, "none"
+  )
+  step(batches(0))
+  after = dict(model.named_parameters())
+  moved = {n: (after[n] - p).detach() for n, p in before.items()}
+  return moved, step.sched.get_last_lr()
+
+
+def test_the_vision_tower_trains_at_its_share_of_the_rate():
+  """With tower_lr s, one step moves the vision tower's weights s times as
+  far as at s = 1 (AdamW's step is linear in the rate) and every other
+  weight as at s = 1; the schedule keeps the two rates in that ratio."""
+  same, rates = _one_step(1.0)
+  got, scaled = _one_step(0.25)
+  assert scaled[1] == pytest.approx(0.25 * scaled[0], rel=1e-6)
+  assert rates[0] == pytest.approx(scaled[0], rel=1e-6)
+  towers = 0
+  for name, d in got.items():
+    if not same[name].any():
+      continue
+    if ".video_tower." in f".{name}":
+      towers += 1
+      torch.testing.assert_close(d, 0.25 * same[name], rtol=1e-3, atol=1e-9)
+    else:
+      torch.testing.assert_close(d, same[name], rtol=1e-5, atol=1e-9)
+  assert towers > 10

@@ -76,6 +76,12 @@ class Preset:
   max_new_tokens: int
   workers: int  # processes rendering the training pool
   save_dtype: str  # dtype of the saved weights
+  # Fields with a default came after pairs had been made: at the default
+  # they stay out of a pair's fingerprint (`pair.fingerprint`), so those
+  # pairs keep theirs.
+  # The target's vision tower's learning rate as a share of `lr` (1: the
+  # rate of the rest; see training.optimizer).
+  tower_lr: float = 1.0
 
 
 POS_INITS = ("grid", "normal")
@@ -202,6 +208,8 @@ def override(preset: Preset, assignments) -> Preset:
     raise ValueError(f"--set fact_weight={out.fact_weight}: expected > 0")
   if not out.pos_scale > 0:
     raise ValueError(f"--set pos_scale={out.pos_scale}: expected > 0")
+  if not out.tower_lr > 0:
+    raise ValueError(f"--set tower_lr={out.tower_lr}: expected > 0")
   if not 0 <= out.ema < 1:
     raise ValueError(f"--set ema={out.ema}: expected 0 <= ema < 1")
   if not 1 <= out.turns <= len(text.QTYPES):

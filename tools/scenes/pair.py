@@ -172,7 +172,15 @@ def evaluate(target, drafter, seeds, max_new_tokens, batch_size=50) -> dict:
 
 
 def fingerprint(preset: models.Preset, seed: int) -> dict:
-  return {"preset": dataclasses.asdict(preset), "seed": seed}
+  """What makes a pair: the preset's fields and the seed. A field with a
+  default (added to `Preset` after pairs were made) is left out at its
+  default, so a pair made before it keeps its fingerprint."""
+  fields = {
+    f.name: getattr(preset, f.name)
+    for f in dataclasses.fields(preset)
+    if f.default is dataclasses.MISSING or getattr(preset, f.name) != f.default
+  }
+  return {"preset": fields, "seed": seed}
 
 
 def check_out(out: str, fp: dict) -> dict | None:

@@ -128,19 +128,35 @@ def compiled(fn, model, device, mode: str):
 
 
 def optimizer(
-  model, preset: models.Preset, steps: int, device, capturable=False
+  model,
+  preset: models.Preset,
+  steps: int,
+  device,
+  capturable=False,
+  tower=None,
 ):
   """AdamW (fused on CUDA) and its warm-up/cosine schedule over `steps`.
+  The parameters of `tower` (a submodule of `model`, or None) are a group
+  of their own at `preset.tower_lr` times the rate of the rest, under the
+  same schedule.
 
   capturable: the learning rate and the step count live on the device
   (the schedule writes into the rate), so a CUDA graph can replay the step.
   """
-  lr = preset.lr
-  if capturable:
-    lr = torch.tensor(preset.lr, dtype=torch.float32, device=device)
+  tower_params = [] if tower is None else list(tower.parameters())
+  in_tower = {id(p) for p in tower_params}
+  groups = [([p for p in model.parameters() if id(p) not in in_tower], 1.0)]
+  if tower_params:
+    groups.append((tower_params, preset.tower_lr))
+
+  def rate(share):
+    if capturable:
+      return torch.tensor(preset.lr * share, dtype=torch.float32, device=device)
+    return preset.lr * share
+
   opt = torch.optim.AdamW(
-    model.parameters(),
-    lr=lr,
+    [{"params": params, "lr": rate(share)} for params, share in groups],
+    lr=rate(1.0),
     betas=(0.9, 0.98),
     weight_decay=0.01,
     fused=device.type == "cuda",
@@ -181,11 +197,13 @@ class TrainStep:
 
   WARMUP = 3
 
-  def __init__(self, model, loss_fn, preset, steps, device, mode="none"):
+  def __init__(
+    self, model, loss_fn, preset, steps, device, mode="none", tower=None
+  ):
     self.loss_fn, self.device = loss_fn, device
     self.graphs = mode in GRAPH_MODES and device.type == "cuda"
     self.opt, self.sched = optimizer(
-      model, preset, steps, device, capturable=self.graphs
+      model, preset, steps, device, capturable=self.graphs, tower=tower
     )
     self.params = [p for p in model.parameters() if p.requires_grad]
     self.ema = preset.ema
@@ -341,11 +359,15 @@ def make_step(
   name, model, media, batches, preset, steps, device, compile_mode
 ) -> TrainStep:
   """The `TrainStep` of model `name` over `steps`, with its loss
-  (`make_loss`, answer tokens weighted by `preset.fact_weight`)."""
+  (`make_loss`, answer tokens weighted by `preset.fact_weight`); the
+  target's vision tower trains at `preset.tower_lr` times the rate."""
   loss_fn = make_loss(
     name, model, media, batches, device, compile_mode, preset.fact_weight
   )
-  return TrainStep(model, loss_fn, preset, steps, device, compile_mode)
+  tower = model.model.video_tower if name == "target" else None
+  return TrainStep(
+    model, loss_fn, preset, steps, device, compile_mode, tower=tower
+  )
 
 
 def train(
