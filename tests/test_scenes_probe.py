@@ -5,7 +5,6 @@ import json
 import types
 
 import numpy as np
-import pytest
 import torch
 
 from tools.lib import backends as bk
@@ -320,51 +319,3 @@ def test_object_features_are_the_objects_first_frame_tokens(tiny_scenes_pair):
     assert len(got[name]["lm"]) == len(feats["lm"])
     assert all(0.0 <= v <= 1.0 for v in got[name]["tower"] + got[name]["lm"])
   assert got["objects"][0] == len(things)
-
-
-def test_tower_health_reads_the_towers_attention_and_tokens(tiny_scenes_pair):
-  """Layer 1's entropy and class-token share are those of the attention
-  written out from its weights (heads from the patches' queries to the
-  class token's key); common part and spread are those of the patch
-  tokens; the tower's attention implementation comes back."""
-  out, _ = tiny_scenes_pair
-  target = bk.load_backend(f"video_llava:{out}/target")
-  tower = target.model.model.video_tower
-  before = tower.config._attn_implementation
-  layer = tower.encoder.layers[0]
-  torch.manual_seed(0)
-  with torch.no_grad():  # sharp attention, unlike from scene to scene
-    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-      proj.weight.normal_(0.0, 0.6)
-  seeds = world.split_seeds("test", 3)
-  got = probe.tower_health(target, seeds)
-  assert tower.config._attn_implementation == before
-  first = np.stack([world.render(s)[1][0] for s in seeds])
-  pix = models.pixels(torch.from_numpy(first)[:, None])[:, 0]
-  with torch.no_grad():
-    states = tower(pix, output_hidden_states=True).hidden_states
-    x = layer.layer_norm1(states[0])
-    b, n, _ = x.shape
-    heads = tower.config.num_attention_heads
-
-    def split(t):
-      return t.view(b, n, heads, -1).transpose(1, 2)
-
-    q, k = split(layer.self_attn.q_proj(x)), split(layer.self_attn.k_proj(x))
-    att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
-  ent = -(att * att.clamp_min(1e-12).log()).sum(-1).mean((0, 2))
-  assert ent.max() < 0.9 * np.log(n)  # far from even
-  np.testing.assert_allclose(got["entropy"][0], ent.numpy(), atol=2e-3)
-  share = att[:, :, 1:, 0].mean((0, 2))
-  np.testing.assert_allclose(got["on_class"][0], share.numpy(), atol=2e-3)
-  assert got["uniform"] == pytest.approx(np.log(n), abs=1e-3)
-  assert len(got["common"]) == len(got["spread"]) == len(states)
-  for i, h in enumerate(states):
-    p = h[:, 1:]
-    mean = p.mean(1, keepdim=True)
-    common = float(mean.norm(dim=-1).mean())
-    spread = float((p - mean).norm(dim=-1).pow(2).mean(1).sqrt().mean())
-    assert got["common"][i] == pytest.approx(common, abs=0.01)
-    assert got["spread"][i] == pytest.approx(spread, abs=0.01)
-  lines = probe.tower_lines(got)
-  assert len(lines) == 1 + len(got["entropy"])

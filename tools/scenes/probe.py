@@ -32,7 +32,7 @@ Five probes (`--probes` picks some; all by default), through the backends
   tower     the vision tower's health on the clips' first frames: per
             layer, each head's attention entropy and share on the class
             token, and the patch tokens' common part against their spread
-            (`tower_health`)
+            (tools/scenes/tower.py)
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ import tqdm
 from egpt_align.data.format import write_json_atomic
 from tools.lib import backends as bk
 from tools.lib import generation
-from tools.scenes import models, text, token_ids, world
 from tools.scenes import pair as pair_lib
+from tools.scenes import text, token_ids, world
+from tools.scenes import tower as tower_lib
 
 
 def planted_scene(scene: world.Scene) -> world.Scene | None:
@@ -307,76 +308,6 @@ def readout(target, fit_seeds, eval_seeds) -> dict:
   return out
 
 
-@torch.inference_mode()
-def tower_health(target, seeds) -> dict:
-  """Per layer of the target's vision tower, over the first frames of the
-  clips of `seeds`: each head's attention entropy (nats; `uniform` = ln n
-  when spread evenly over the n tokens) and its share of attention on the
-  class token; and, at the input and after each layer, the patch tokens'
-  common part (the norm of their mean) and their spread (the root mean
-  square distance from that mean). A tower whose heads put nearly all
-  their attention on the class token while the common part outgrows the
-  spread has lost what tells its patches apart (docs/SCENES.md).
-
-  Returns {"entropy": [layer][head], "on_class": [layer][head],
-  "common": [input, layer 1, ...], "spread": [...], "uniform": ln n}.
-  """
-  tower = target.model.model.video_tower
-  clips = np.stack([world.render(s)[1][0] for s in seeds])  # first frames
-  pix = models.pixels(torch.from_numpy(clips[:, None]))[:, 0]
-  dtype = next(tower.parameters()).dtype
-  previous = tower.config._attn_implementation
-  tower.set_attn_implementation("eager")  # the only one that returns them
-  try:
-    out = tower(
-      pix.to(target.device, dtype),
-      output_hidden_states=True,
-      output_attentions=True,
-    )
-  finally:
-    tower.set_attn_implementation(previous)
-  entropy, on_class = [], []
-  for a in out.attentions:  # [scenes, heads, tokens, tokens]
-    a = a.float()
-    h = -(a * a.clamp_min(1e-12).log()).sum(-1)
-    entropy.append([round(x, 3) for x in h.mean((0, 2)).tolist()])
-    on_class.append([round(x, 3) for x in a[:, :, 1:, 0].mean((0, 2)).tolist()])
-  common, spread = [], []
-  for h in out.hidden_states:
-    patches = h[:, 1:].float()
-    mean = patches.mean(1, keepdim=True)
-    common.append(round(float(mean.norm(dim=-1).mean()), 2))
-    dist = (patches - mean).pow(2).sum(-1).mean(1).sqrt()
-    spread.append(round(float(dist.mean()), 2))
-  tokens = out.attentions[0].shape[-1]
-  return {
-    "entropy": entropy,
-    "on_class": on_class,
-    "common": common,
-    "spread": spread,
-    "uniform": round(float(np.log(tokens)), 3),
-  }
-
-
-def tower_lines(got: dict) -> list[str]:
-  lines = [
-    f"vision tower, per layer: attention entropy of each head (nats; even "
-    f"spread {got['uniform']:.2f}), its share on the class token, and the "
-    f"patch tokens' common part / spread at the layer's output (input: "
-    f"{got['common'][0]:.1f} / {got['spread'][0]:.1f}):"
-  ]
-  for i, (h, c) in enumerate(zip(got["entropy"], got["on_class"], strict=True)):
-    lines.append(
-      f"  layer {i + 1}: entropy "
-      + " ".join(f"{x:.2f}" for x in h)
-      + "; on class "
-      + " ".join(f"{x:.2f}" for x in c)
-      + f"; common / spread {got['common'][i + 1]:.1f} / "
-      f"{got['spread'][i + 1]:.1f}"
-    )
-  return lines
-
-
 def readout_lines(got: dict) -> list[str]:
   fit, scored = got["objects"]
   lines = [
@@ -487,8 +418,11 @@ def main(argv=None) -> int:
       f"{got['planted']['planted']} times"
     )
   if "tower" in chosen:
-    got["tower"] = tower_health(target, seeds)
-    print("\n".join(tower_lines(got["tower"])))
+    clips = np.stack([world.render(s)[1] for s in seeds])
+    got["tower"] = tower_lib.health(
+      target.model.model.video_tower, tower_lib.first_frames(clips)
+    )
+    print("\n".join(tower_lib.lines(got["tower"])))
   if args.json:
     write_json_atomic(
       args.json,

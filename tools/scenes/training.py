@@ -35,6 +35,7 @@ import torch
 import tqdm
 
 from tools.scenes import models, train_losses
+from tools.scenes import tower as tower_lib
 from tools.scenes.train_data import Batches, device_batch, stream
 
 COMPILE_MODES = (
@@ -49,6 +50,8 @@ COMPILE_MODES = (
 GRAPH_MODES = ("graphs", "eager-graphs", "layers-graphs")
 # Modes that compile each transformer layer in place (`compiled`).
 LAYER_MODES = ("layers", "layers-graphs")
+# Training clips whose first frames the target's tower is read on (`train`).
+MONITORED = 16
 
 
 # --------------------------------------------------------------------------
@@ -266,14 +269,15 @@ class TrainStep:
     return loss.detach()
 
 
-def fit(model, step: TrainStep, batches, name, steps, executor):
+def fit(model, step: TrainStep, batches, name, steps, executor, monitor=None):
   """Trains `model` for `steps` of `batches` with `step` (see the module
   docstring), leaving the step's average of the weights in it
   (`TrainStep.finish`).
 
   Returns the final loss, the loss every 100 steps and at the last, the
   first step's seconds (compilation, on CUDA) and the mean ms of the steps
-  after it.
+  after it; with a `monitor` (`tower.Monitor`), its readings at the same
+  steps (`tower_every_100_steps`), each also printed as one line.
   """
   model.train()
   bar = tqdm.tqdm(
@@ -283,7 +287,7 @@ def fit(model, step: TrainStep, batches, name, steps, executor):
     unit="step",
   )
   loss_val = float("nan")
-  curve = []
+  curve, readings = [], []
   t_start = t_first = time.perf_counter()
   for i, batch in enumerate(bar):
     loss = step(batch)
@@ -292,17 +296,24 @@ def fit(model, step: TrainStep, batches, name, steps, executor):
       bar.set_postfix(loss=f"{loss_val:.4f}")
       if i % 100 == 0 or i == steps - 1:
         curve.append([i, round(loss_val, 4)])
+        if monitor is not None:
+          got = monitor()
+          readings.append([i, got])
+          bar.write(f"{name} step {i}: {tower_lib.summary(got)}")
     if i == 0:
       t_first = time.perf_counter()
   step.finish()
   model.eval()
   t_end = time.perf_counter()
-  return {
+  out = {
     "loss": loss_val,
     "loss_every_100_steps": curve,
     "first_step_s": round(t_first - t_start, 2),
     "ms_per_step": round(1e3 * (t_end - t_first) / max(1, steps - 1), 2),
   }
+  if monitor is not None:
+    out["tower_every_100_steps"] = readings
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -381,14 +392,20 @@ def train(
   compile_mode="model",
 ):
   """Trains model `name` ('target' or 'drafter') for its preset steps; the
-  model leaves with the attention implementation it came with."""
+  model leaves with the attention implementation it came with. The
+  target's vision tower is read every 100 steps on the first frames of
+  the pool's first `MONITORED` clips (`tower.Monitor`)."""
   steps = preset.target_steps if name == "target" else preset.drafter_steps
   lm = train_losses.language_model(name, model)
   previous = lm.config._attn_implementation
+  monitor = None
+  if name == "target":  # before make_step compiles layers in place
+    pixels = tower_lib.first_frames(media[:MONITORED])
+    monitor = tower_lib.Monitor(model.model.video_tower, pixels)
   step = make_step(
     name, model, media, batches, preset, steps, device, compile_mode
   )
   try:
-    return fit(model, step, batches, name, steps, executor)
+    return fit(model, step, batches, name, steps, executor, monitor)
   finally:
     lm.set_attn_implementation(previous)
