@@ -14,10 +14,11 @@ through the backends (`video_llava:DIR/target` and
 `tools.scenes.drafter:make_backend:DIR`) and prints, per question type, the
 share of held-out (test) scenes whose greedy answer states exactly the true
 facts, plus the target's mean next-token entropy on its answers. The results
-go into DIR/pair.json, the loss curves into DIR/training.png. A DIR that
-already holds the same finished pair is reported and kept; a run of the same
-pair that was cut off goes on from the last saved model; a DIR holding
-anything else is refused.
+go into DIR/pair.json, with the target's vision tower read every 100 steps
+(tools/scenes/tower.py; one log line each), the loss curves into
+DIR/training.png. A DIR that already holds the same finished pair is
+reported and kept; a run of the same pair that was cut off goes on from
+the last saved model; a DIR holding anything else is refused.
 
 Presets: `gpu` (the study's: both language models 40 layers of 128, the
 target with 520 visual tokens, the drafter with 64 event tokens, so that
