@@ -127,6 +127,7 @@ PRESETS = {
     max_new_tokens=96,
     workers=12,
     save_dtype="float16",
+    tower_lr=0.25,
   ),
   "tiny": Preset(
     name="tiny",
@@ -174,6 +175,7 @@ PRESETS["gpu16x3"] = dataclasses.replace(
   drafter_layers=3,
   target_steps=4500,
   lr=1e-3,
+  tower_lr=1.0,
 )
 
 
