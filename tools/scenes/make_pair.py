@@ -42,10 +42,11 @@ two meet 95% on every type (2 and 7); most misses are objects of the wrong
 kind named in `moving` and `still` answers. A different GPU or torch gives
 different bits and so, possibly, a different accuracy. `gpu`, measured
 (H100, 2026-12-07, seed 2, deterministic kernels; lr 2e-3, 6,000 target
-steps): 473.9 s in all; the decode-cost goals met, the prefill ratio not
-(docs/SCENES.md says why); target describe/moving/still/count
-53/70/78/100%, under the 95% goal: objects' cells right, their shapes
-named wrong for 30% of objects. docs/SCENES.md has the runs.
+steps, the vision tower at a quarter of the rate): 466.7 s in all; target
+describe/moving/still/count 99/97/100/99%; the decode-cost goals met, the
+prefill ratio not (docs/SCENES.md says why). At the tower's full rate its
+attention collapsed at the end of the warm-up and the target named 30% of
+objects' shapes wrong (53/70/78/100%). docs/SCENES.md has the runs.
 """
 
 from __future__ import annotations
