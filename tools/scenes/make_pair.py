@@ -43,10 +43,11 @@ kind named in `moving` and `still` answers. A different GPU or torch gives
 different bits and so, possibly, a different accuracy. `gpu`, measured
 (H100, 2026-12-07, seed 2, deterministic kernels; lr 2e-3, 6,000 target
 steps, the vision tower at a quarter of the rate): 466.7 s in all; target
-describe/moving/still/count 99/97/100/99%; the decode-cost goals met, the
-prefill ratio not (docs/SCENES.md says why). At the tower's full rate its
-attention collapsed at the end of the warm-up and the target named 30% of
-objects' shapes wrong (53/70/78/100%). docs/SCENES.md has the runs.
+describe/moving/still/count 99/97/100/99% (seed 3: 65/77/76/100%, objects'
+cells swapped); the decode-cost goals met, the prefill ratio not
+(docs/SCENES.md says why). At the tower's full rate its attention collapsed
+at the end of the warm-up and the target named 30% of objects' shapes
+wrong (53/70/78/100%). docs/SCENES.md has the runs.
 """
 
 from __future__ import annotations
