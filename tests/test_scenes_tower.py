@@ -118,3 +118,34 @@ def test_training_records_the_tower_and_trains_as_without_it():
     got[monitored] = [p.detach().clone() for p in model.parameters()]
   for a, b in zip(got[True], got[False], strict=True):
     assert torch.equal(a, b)
+
+
+def test_step_times_leave_the_readings_out(monkeypatch):
+  """On a clock where each step takes 1 s and each reading 100 s, `fit`
+  reports 1 s a step, the first step's 1 s, and 300 s of readings (steps
+  0, 100 and the last of 150)."""
+  now = [0.0]
+  monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+
+  def step(batch):
+    now[0] += 1.0
+    return torch.tensor(0.5)
+
+  step.finish = lambda: None
+
+  def monitor():
+    now[0] += 100.0
+    return {
+      "entropy": [[1.0]],
+      "on_class": [[0.0]],
+      "common": [1.0, 1.0],
+      "spread": [1.0, 1.0],
+      "uniform": 1.0,
+    }
+
+  model = torch.nn.Linear(1, 1)
+  fit = training.fit(model, step, lambda i: i, "target", 150, None, monitor)
+  assert fit["ms_per_step"] == pytest.approx(1000.0)
+  assert fit["first_step_s"] == pytest.approx(1.0)
+  assert fit["monitor_s"] == pytest.approx(300.0)
+  assert [i for i, _ in fit["tower_every_100_steps"]] == [0, 100, 149]
