@@ -20,9 +20,10 @@ Expected (the reference's reported numbers, seed doc results table):
   (REFERENCE_NOTES D1, D2) and selected the checkpoint on them; our numbers come
   from a real held-out split over all of it, so expect them close, not equal.
 
-On the scenes pair (tools/scenes, docs/RESULTS.md) add
---config.model.hidden_dim=256 (the pair's hidden size); 10 epochs there
-gave next-position token top-1 28.0% on its test split (one H100,
+On a scenes pair (tools/scenes) add --config.model.hidden_dim=H, the
+pair's hidden size (tools.study does; its results on the `gpu` pair,
+hidden 128: docs/RESULTS.md). On an earlier pair of hidden 256, 10
+epochs gave next-position token top-1 28.0% on its test split (one H100,
 2026-11-27).
 With --config.loss.objective=next (output[t] towards target[t+1] only,
 the fix of REFERENCE_NOTES D8) the same recipe reached 79.9% there,
