@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tools.lib import fair_runs, sd_bench, sd_results  # noqa: E402
+from tools.lib import fair_runs, sd_bench, sd_report, sd_results  # noqa: E402
 from tools.lib.sd_engine import SampleResult  # noqa: E402
 
 
@@ -231,6 +231,43 @@ def test_tree_adapter_calls_count_as_drafting_not_as_chain_steps():
   assert sd_results.breakdown(tree)["adapter"] == pytest.approx(2.0)
   assert sd_results.breakdown(tree)["overhead"] == pytest.approx(1.0)
   assert costs["draft_ms_per_token_by_method"]["tree:b1"] == pytest.approx(0.2)
+
+
+def test_drafter_prefill_cost_is_read_alone_not_beside_the_target():
+  """A concurrent prefill's drafter span carries the target's contention;
+  the cost is the drafter's prompt timed alone (the overlap record), or
+  the span of a prefill run one after the other. A side that also drafted
+  (prefill adapter) or was not timed alone does not count."""
+
+  def rec(span_ms, overlap, adapter=False):
+    phases = {"draft_prefill": {"ms": span_ms, "units": 1, "calls": 1}}
+    if adapter:
+      phases["prefill_adapter:l4"] = {"ms": 1.0, "units": 1, "calls": 1}
+    return {
+      "phases": phases,
+      "prefill_ms": 70.0,
+      "decode_ms": 10.0,
+      "iterations": 1,
+      "drafted": 0,
+      "per_iteration": [],
+      "overlap": overlap,
+    }
+
+  both = {"concurrent": True, "drafter_ms": 68.0}
+  per = {
+    "decode:l5": [
+      rec(68.0, {**both, "drafter_alone_ms": 30.0}),
+      rec(68.0, dict(both)),  # not timed alone on this sample
+    ],
+    "prefill_hiding:l4": [
+      rec(70.0, {**both, "drafter_alone_ms": 45.0}, adapter=True)
+    ],
+    "draft_tokens": [rec(20.0, {"concurrent": False})],
+  }
+  costs = sd_results.costs_block(per, list(per), gamma=5)
+  assert costs["draft_model_prefill_ms"] == pytest.approx(25.0)
+  report = "\n".join(sd_report._cost_lines(costs))
+  assert "drafter 25.00 ms (timed alone)" in report
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 18])
