@@ -57,8 +57,13 @@ def _cost_lines(costs: dict) -> list[str]:
   lines += [
     f"- drafter decode: {fmt(costs.get('draft_model_decode_ms'), 3)} ms/token",
     "- prefill (prompt and media): target "
-    f"{fmt(costs.get('target_prefill_ms'), 2)} ms (the baseline's), drafter "
-    f"{fmt(costs.get('draft_model_prefill_ms'), 2)} ms (timed alone)",
+    f"{fmt(costs.get('target_prefill_ms'), 2)} ms (the baseline's)"
+    + (
+      ""
+      if costs.get("draft_model_prefill_ms") is None
+      else f", drafter {fmt(costs['draft_model_prefill_ms'], 2)} ms "
+      "(timed alone)"
+    ),
     "- SD-loop overhead beyond the model calls (ms per loop iteration): "
     + ", ".join(
       f"{m} {fmt(v, 3)}"
