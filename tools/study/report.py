@@ -324,8 +324,16 @@ def goal_lines(data: dict) -> list[str]:
         f" Best drafting method {x['method']}: measured τ "
         f"{num(x['tau'], 2)}, c {num(x['c'])}, v {num(x['v'])} ({k:g} "
         f"drafts per verification); the decode-phase cost model τ/(kc + v) "
-        f"gives {num(x['model_decode_speedup'])}× and at most "
-        f"{num(x['decode_ceiling_full_acceptance'])}× at full acceptance"
+        f"gives {num(x['model_decode_speedup'])}×"
+      )
+      if x.get("model_error") is not None:
+        s += (
+          f" ({100 * x['model_error']:+.1f}% from the measured "
+          f"{num(x['measured_decode_speedup'])}×)"
+        )
+      s += (
+        f" and at most {num(x['decode_ceiling_full_acceptance'])}× at full "
+        "acceptance"
       )
       if x.get("end_to_end_ceiling") is not None:
         s += (

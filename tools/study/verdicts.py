@@ -415,11 +415,13 @@ def best_lossless(rows: dict) -> str | None:
 
 def _limit(method: str, r: dict, amdahl: dict) -> dict:
   """What stops a drafting method short of 2x end to end: the decode-phase
-  cost model tau / (drafts c + v) with its measured tau, c and v; its
-  ceiling at full acceptance (tau = drafts + 1); and the prefill's
-  ceiling (Amdahl: 1 / the baseline's prefill share)."""
+  cost model tau / (drafts c + v) with its measured tau, c and v, and how
+  far it lies from the measured decode-phase speedup; its ceiling at full
+  acceptance (tau = drafts + 1); and the prefill's ceiling (Amdahl: 1 / the
+  baseline's prefill share)."""
   k, c, v = r["drafts_per_verification"], r["c"], r["v"]
   cost = k * c + v
+  model, measured = r["tau"] / cost, r.get("decode_speedup")
   full = (k + 1) / cost
   prefill = amdahl.get("end_to_end_ceiling")
   if prefill is not None and prefill < 2.0:
@@ -437,7 +439,11 @@ def _limit(method: str, r: dict, amdahl: dict) -> dict:
     "drafts_per_verification": k,
     "c": c,
     "v": v,
-    "model_decode_speedup": r["tau"] / cost,
+    "model_decode_speedup": model,
+    "measured_decode_speedup": measured,
+    # model / measured - 1: what the model leaves out (loop overhead, plain
+    # decode steps, the prefill-phase verification).
+    "model_error": model / measured - 1.0 if measured else None,
     "decode_ceiling_full_acceptance": full,
     "prefill_share": amdahl.get("baseline_prefill_share"),
     "end_to_end_ceiling": prefill,
