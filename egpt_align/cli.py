@@ -152,7 +152,7 @@ def _load_error(error: OSError) -> str:
   return f"--config: {lines[-1]}"
 
 
-def _traceback_wanted() -> bool:
+def traceback_wanted() -> bool:
   return os.environ.get("EGPT_ALIGN_TRACEBACK", "") not in ("", "0")
 
 
@@ -163,7 +163,7 @@ def exit_now(error: BaseException) -> NoReturn:
   jax.distributed's shutdown for peers: a user error is one `error:` line
   (status 2), anything else its traceback (status 1).
   """
-  if isinstance(error, USER_ERRORS) and not _traceback_wanted():
+  if isinstance(error, USER_ERRORS) and not traceback_wanted():
     print(f"error: {one_line(error)}", file=sys.stderr)
     code = EXIT_USER_ERROR
   else:
@@ -179,7 +179,7 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
   try:
     app.run(main, flags_parser=parse_flags)
   except USER_ERRORS as e:
-    if _traceback_wanted():
+    if traceback_wanted():
       raise
     fail(one_line(e))
 
@@ -190,7 +190,7 @@ def run(main: Callable[..., Any], *args: Any) -> Any:
   try:
     return main(*args)
   except USER_ERRORS as e:
-    if _traceback_wanted():
+    if traceback_wanted():
       raise
     fail(one_line(e))
   except SystemExit as e:

@@ -606,6 +606,21 @@ def test_an_interrupt_is_one_line_naming_what_finished(
     run = json.load(f)["runs"][-1]
   assert run["outcome"] == "interrupted during lm_head" and run["ran"] == []
 
+  # A bad input the library finds inside a stage (it raises ValueError with
+  # a message naming it) is one error line, and the run records the stage.
+  def bad_input(s):
+    raise ValueError("16 training samples give no full batch of 64")
+
+  monkeypatch.setitem(cli.RUNNERS, "lm_head", bad_input)
+  assert cli.main(argv) == cli.EXIT_USAGE
+  err = capsys.readouterr().err.strip()
+  assert err == (
+    "error: stage lm_head: 16 training samples give no full batch of 64"
+  )
+  with open(os.path.join(copy, "study.json")) as f:
+    run = json.load(f)["runs"][-1]
+  assert run["outcome"] == "failed in stage lm_head"
+
   def broken(s):
     raise RuntimeError("a bug")
 

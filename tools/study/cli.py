@@ -42,7 +42,8 @@ skipped on the next run, so a run cut off by a time limit resumes):
             --costs_7b, the decode methods projected for a 7B pair)
 Groups: A = pair..bench1 + results (one GPU); B = bench1, bench2, results
 (two GPUs); all = every stage. --redo STAGE removes the stage's outputs
-and runs it again from the start.
+(every adapter's, whatever --adapters names) and runs it again from the
+start.
 
 --pack PARTS writes the small outputs (study.json, LM head, exports,
 eval and benchmark JSON, the report, and a pair made in DIR/pair) as a tar
@@ -78,6 +79,7 @@ import json
 import sys
 import time
 
+from egpt_align import cli as egpt_cli
 from tools.lib.environment import environment
 from tools.lib.sd_methods import add_method_flags
 from tools.study import layout, live, pair, stages, state
@@ -242,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     help="change one field of the scenes preset (make_pair --set)",
   )
   p.add_argument("--stages", default="A", help="comma list of stages/groups")
-  p.add_argument("--redo", default="", help="stages to rerun from scratch")
+  p.add_argument(
+    "--redo",
+    default="",
+    help="stages to rerun from scratch (all of a stage's outputs: every "
+    "adapter's, not only --adapters')",
+  )
   p.add_argument("--unpack", default=None, help="restore packed parts first")
   p.add_argument("--pack", default=None, help="write packed parts here")
   p.add_argument("--part_mib", type=float, default=15.0, help="part size")
@@ -421,6 +428,13 @@ def _run_stages(study, stage_list, redo, t_start) -> int:
     record["outcome"] = (
       f"failed in stage {current}" if current else "failed before a stage ran"
     )
+    # The library raises these for a bad input, with a message that names
+    # it (egpt_align/cli.py): one line, not a traceback.
+    if isinstance(e, egpt_cli.USER_ERRORS) and not isinstance(e, StudyError):
+      if egpt_cli.traceback_wanted():
+        raise
+      where = f"stage {current}" if current else "before any stage"
+      raise StudyError(f"{where}: {egpt_cli.one_line(e)}") from e
     raise
   finally:
     if left:
