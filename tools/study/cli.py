@@ -430,7 +430,7 @@ def _run_stages(study, stage_list, redo, t_start) -> int:
     )
     # The library raises these for a bad input, with a message that names
     # it (egpt_align/cli.py): one line, not a traceback.
-    if isinstance(e, egpt_cli.USER_ERRORS) and not isinstance(e, StudyError):
+    if isinstance(e, egpt_cli.USER_ERRORS):
       if egpt_cli.traceback_wanted():
         raise
       where = f"stage {current}" if current else "before any stage"
